@@ -53,13 +53,13 @@ def shift_special_ids(tokenizer_config: dict, n_ranks: int) -> dict:
     return out
 
 
-def _chunks(text: str) -> Iterable[str]:
+def _chunks(text: str, block_chars: int = _MAX_ENCODE_CHARS, run_chars: int = _MAX_RUN_CHARS) -> Iterable[str]:
     """Split as tokenization_kimi.py does: 400k-char blocks, then cut runs of >25k (non-)space chars."""
-    for i in range(0, len(text), _MAX_ENCODE_CHARS):
-        block = text[i : i + _MAX_ENCODE_CHARS]
+    for i in range(0, len(text), block_chars):
+        block = text[i : i + block_chars]
         start = 0
         for run in _RUNS.finditer(block):
-            for cut in range(run.start() + _MAX_RUN_CHARS, run.end(), _MAX_RUN_CHARS):
+            for cut in range(run.start() + run_chars, run.end(), run_chars):
                 yield block[start:cut]
                 start = cut
         if start < len(block):
