@@ -1,0 +1,181 @@
+"""DeepSeek-V3 / Kimi K2 forward pass as pure math over a plain config and a dict of weights.
+
+Owns RMSNorm, YaRN rope (interleaved pairs), MLA (naive for prefill, absorbed over the 576-value
+latent cache for decode), the sigmoid router, the shared expert and the dense layer. Routed experts
+go through an injected backend (submit / wait), so where they live is not this file's business.
+Letters: T new tokens, S cached + new positions, D hidden, H heads, Q q_lora_rank, L kv_lora_rank,
+P qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, E routed experts, K experts per token.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
+ABSORB_MAX_TOKENS = 8  # at or below this many new tokens, attend in the absorbed (latent) form
+
+AttnMode = Literal["auto", "naive", "absorbed"]
+
+
+class ExpertBackend(Protocol):
+    """Routed experts of one MoE layer: y[T, D] = sum_k weights[t, k] * Expert_ids[t, k](x[t])."""
+
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Any: ...
+
+    def wait(self, handle: Any) -> torch.Tensor: ...
+
+
+class KVCache:
+    """The compressed MLA cache: per layer, per position, the normed latent [L] and the roped k_pe [R]."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        n = cfg.num_hidden_layers
+        self.kv = torch.zeros(n, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)  # [layers, S, L]
+        self.pe = torch.zeros(n, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)  # [layers, S, R]
+        self.length = 0  # positions filled (all layers)
+        self.max_len = max_len
+
+    def truncate(self, n: int) -> None:
+        """Forget positions >= n (prefix reuse keeps the common prefix)."""
+        self.length = min(self.length, n)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """[R/2] rotation frequencies; YaRN blends extrapolated and interpolated ones by a ramp over pairs."""
+    R = cfg.qk_rope_head_dim
+    pos_freqs = cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float32) / R)
+    extra = 1.0 / pos_freqs
+    rs = cfg.rope_scaling
+    if not rs:
+        return extra
+    factor, orig = rs["factor"], rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def corr_dim(rot: float) -> float:
+        return R * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low = max(math.floor(corr_dim(beta_fast)), 0)
+    high = min(math.ceil(corr_dim(beta_slow)), R - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(R // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return extra / factor * ramp + extra * (1 - ramp)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]). x [T, ..., R]; cos/sin [T, R/2]."""
+    shape = x.shape
+    x = x.reshape(shape[0], -1, shape[-1] // 2, 2)  # [T, *, R/2, 2]
+    c, s = cos[:, None, :], sin[:, None, :]
+    x0, x1 = x[..., 0], x[..., 1]
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).reshape(shape)
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+class Model:
+    """The transformer. `weights` maps Hugging Face tensor names to tensors on the compute device."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], experts: ExpertBackend):
+        self.cfg = cfg
+        self.w = weights
+        self.experts = experts
+        self.device = weights["model.norm.weight"].device
+        self.inv_freq = yarn_inv_freq(cfg).to(self.device)
+
+    def new_cache(self, max_len: int) -> KVCache:
+        return KVCache(self.cfg, max_len, self.device, self.w["model.norm.weight"].dtype)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache, attn: AttnMode = "auto") -> torch.Tensor:
+        """ids [T] at positions cache.length .. cache.length+T-1 -> logits [T, vocab] (fp32)."""
+        T, s0 = ids.shape[0], cache.length
+        if s0 + T > cache.max_len:
+            raise ValueError(f"{s0 + T} positions exceed the KV cache of {cache.max_len}; raise the context size")
+        pos = torch.arange(s0, s0 + T, device=self.device, dtype=torch.float32)
+        ang = pos[:, None] * self.inv_freq[None, :]  # [T, R/2]
+        cos, sin = ang.cos(), ang.sin()
+        h = self.w["model.embed_tokens.weight"][ids.to(self.device)]  # [T, D]
+        if attn == "auto":
+            attn = "absorbed" if T <= ABSORB_MAX_TOKENS else "naive"
+        for i in range(self.cfg.num_hidden_layers):
+            h = h + self.attention(i, rms_norm(h, self.w[f"model.layers.{i}.input_layernorm.weight"], self.cfg.rms_norm_eps),
+                                   cache, s0, cos, sin, attn)
+            x = rms_norm(h, self.w[f"model.layers.{i}.post_attention_layernorm.weight"], self.cfg.rms_norm_eps)
+            h = h + (self.moe(i, x) if self.cfg.is_moe_layer(i) else self.dense_mlp(i, x))
+        cache.length = s0 + T
+        h = rms_norm(h, self.w["model.norm.weight"], self.cfg.rms_norm_eps)
+        return (h @ self.w["lm_head.weight"].T).float()
+
+    def attention(self, i: int, x: torch.Tensor, cache: KVCache, s0: int, cos: torch.Tensor,
+                  sin: torch.Tensor, mode: AttnMode) -> torch.Tensor:
+        c, w, p = self.cfg, self.w, f"model.layers.{i}.self_attn."
+        T, H, P, R, L, Vd = x.shape[0], c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank, c.v_head_dim
+        cq = rms_norm(x @ w[p + "q_a_proj.weight"].T, w[p + "q_a_layernorm.weight"], LATENT_NORM_EPS)  # [T, Q]
+        q = (cq @ w[p + "q_b_proj.weight"].T).view(T, H, P + R)
+        q_nope, q_pe = q[..., :P], apply_rope(q[..., P:], cos, sin)  # [T, H, P], [T, H, R]
+        kv = x @ w[p + "kv_a_proj_with_mqa.weight"].T  # [T, L + R]
+        S = s0 + T
+        cache.kv[i, s0:S] = rms_norm(kv[:, :L], w[p + "kv_a_layernorm.weight"], LATENT_NORM_EPS)
+        cache.pe[i, s0:S] = apply_rope(kv[:, L:], cos, sin)
+        kv_latent, k_pe = cache.kv[i, :S], cache.pe[i, :S]  # [S, L], [S, R]
+        w_kv_b = w[p + "kv_b_proj.weight"].view(H, P + Vd, L)
+        # scores [T, H, S]; the rope part is MQA: one k_pe shared by all heads
+        scores = torch.einsum("thr,sr->ths", q_pe, k_pe)
+        if mode == "absorbed":
+            q_lat = torch.einsum("thp,hpl->thl", q_nope, w_kv_b[:, :P])  # [T, H, L]
+            scores = scores + torch.einsum("thl,sl->ths", q_lat, kv_latent)
+        else:
+            kvb = (kv_latent @ w[p + "kv_b_proj.weight"].T).view(S, H, P + Vd)
+            scores = scores + torch.einsum("thp,shp->ths", q_nope, kvb[..., :P])
+        causal = torch.arange(S, device=x.device)[None, :] > torch.arange(s0, S, device=x.device)[:, None]  # [T, S]
+        scores = (scores * c.softmax_scale).masked_fill(causal[:, None, :], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
+        if mode == "absorbed":
+            o_lat = torch.einsum("ths,sl->thl", probs, kv_latent)  # [T, H, L]
+            o = torch.einsum("thl,hvl->thv", o_lat, w_kv_b[:, P:])
+        else:
+            o = torch.einsum("ths,shv->thv", probs, kvb[..., P:])  # [T, H, V]
+        return o.reshape(T, H * Vd) @ w[p + "o_proj.weight"].T
+
+    def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (ids [T, K], weights [T, K]); DeepSeek-V3: the bias picks experts but does not weight them."""
+        c, p = self.cfg, f"model.layers.{i}.mlp.gate."
+        scores = torch.sigmoid(x.float() @ self.w[p + "weight"].float().T)  # [T, E]
+        choice = scores + self.w[p + "e_score_correction_bias"].float()
+        if c.n_group > 1:
+            T, G = x.shape[0], c.n_group
+            grouped = choice.view(T, G, -1)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(c.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(T, -1)
+        ids = choice.topk(c.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if c.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * c.routed_scaling_factor
+
+    def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.route(i, x)
+        handle = self.experts.submit(i, x, ids, weights)  # routed experts start on the CPU workers
+        p = f"model.layers.{i}.mlp.shared_experts."
+        shared = swiglu(x, self.w[p + "gate_proj.weight"], self.w[p + "up_proj.weight"], self.w[p + "down_proj.weight"]) \
+            if self.cfg.n_shared_experts else torch.zeros_like(x)
+        return shared + self.experts.wait(handle).to(x.dtype)
+
+    def dense_mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        p = f"model.layers.{i}.mlp."
+        return swiglu(x, self.w[p + "gate_proj.weight"], self.w[p + "up_proj.weight"], self.w[p + "down_proj.weight"])
