@@ -31,7 +31,7 @@ class Cli(click.Group):
         except USER_ERRORS as e:
             if ctx.params.get("debug"):
                 raise
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             sys.exit(1)
 
 
