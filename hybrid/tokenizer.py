@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
@@ -30,6 +31,13 @@ REAL_N_RANKS = 163_584  # the real checkpoint's BPE ranks; its specials are 1635
 _MAX_ENCODE_CHARS = 400_000
 _MAX_RUN_CHARS = 25_000
 _RUNS = re.compile(r"\s+|\S+")  # re's \s and str.isspace agree (both Py_UNICODE_ISSPACE)
+# private-use markers around special-token strings found in user-supplied text (see mark_user_text)
+MARK_OPEN, MARK_CLOSE = "\U000f0000", "\U000f0001"
+
+
+def strip_marks(text: str) -> str:
+    """Text with the user-text markers removed (for display of a marked, rendered chat)."""
+    return text.replace(MARK_OPEN, "").replace(MARK_CLOSE, "")
 
 
 class TokenizerError(Exception):
@@ -114,6 +122,10 @@ class Tokenizer:
         self.n_ranks = len(ranks)
         self.special_tokens = dict(special_tokens)
         self._skip_ids = frozenset(skip_ids if skip_ids is not None else special_tokens.values())
+        names = "|".join(re.escape(n) for n in sorted(special_tokens, key=len, reverse=True))
+        self._special_re = re.compile(names)
+        # a marked name -> group 1; a lone marker (a template cut a marked name apart) -> group None
+        self._marked_re = re.compile(f"{MARK_OPEN}({names}){MARK_CLOSE}|[{MARK_OPEN}{MARK_CLOSE}]")
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
@@ -138,9 +150,28 @@ class Tokenizer:
                 ids += self.encoding.encode_ordinary(chunk)
         return ids
 
+    def mark_user_text(self, obj: Any) -> Any:
+        """Copy of messages / tools (str, dict, list, tuple; other values as is) with every special-token
+        string inside their strings wrapped in private-use markers. Render the marked copy, then
+        encode_chat() keeps those as plain text while the template's own control strings become ids."""
+        if isinstance(obj, str):
+            return self._special_re.sub(lambda m: MARK_OPEN + m.group(0) + MARK_CLOSE, strip_marks(obj))
+        if isinstance(obj, dict):
+            return {k: self.mark_user_text(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.mark_user_text(v) for v in obj)
+        return obj
+
     def encode_chat(self, rendered: str) -> list[int]:
-        """Ids of a rendered chat template (its control strings become special ids)."""
-        return self.encode(rendered, allow_special=True)
+        """Ids of a rendered chat: control strings become special ids, except those marked by
+        mark_user_text, which stay text (their markers are dropped, as are lone markers)."""
+        pieces = self._marked_re.split(rendered)  # [text, marked name or None, text, ...]
+        ids = self.encode(pieces[0], allow_special=True)
+        for i in range(1, len(pieces), 2):
+            if pieces[i] is not None:
+                ids += self.encode(pieces[i], allow_special=False)
+            ids += self.encode(pieces[i + 1], allow_special=True)
+        return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         """Text of ids; invalid UTF-8 becomes U+FFFD. skip_special drops ids flagged special: true
