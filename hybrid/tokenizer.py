@@ -1,9 +1,10 @@
 """Kimi's tiktoken tokenizer, loaded from a checkpoint directory, and a streaming detokenizer.
 
 Owns: reading `tiktoken.model` + `tokenizer_config.json`, the 256 reserved special ids after the BPE
-ranks, special-token policy (user/tool text never becomes control tokens), the real tokenizer's chunking
-of long inputs, and UTF-8-safe streaming decode. Must not: render chat templates or parse model output
-(hybrid/chat.py, hybrid/parser.py); it never touches the network.
+ranks, special-token policy (user/tool text never becomes control tokens, also through the template via
+mark_user_text + encode_chat), the real tokenizer's chunking of long inputs, and UTF-8-safe streaming
+decode. Must not: render chat templates or parse model output (hybrid/chat.py, hybrid/parser.py); it
+never touches the network.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def _load_ranks(path: Path) -> dict[bytes, int]:
         raise TokenizerError(f"malformed {path}: expected lines 'base64(token) rank' ({exc})") from exc
     if not ranks or sorted(ranks.values()) != list(range(len(ranks))):
         raise TokenizerError(f"malformed {path}: ranks must be the integers 0..n-1, each once")
+    if any(bytes([b]) not in ranks for b in range(256)):
+        raise TokenizerError(f"malformed {path}: every single byte needs a rank (byte-level BPE)")
     return ranks
 
 

@@ -169,6 +169,7 @@ def test_missing_files(tok_dir, tmp_path):
         ("not base64 at all!\n", None, "tiktoken.model"),
         ("QQ==\n", None, "tiktoken.model"),
         ("QQ== 0\nQg== 5\n", None, "tiktoken.model"),
+        ("QQ== 0\nQg== 1\n", None, "every single byte"),
         (None, "{not json", "tokenizer_config.json"),
         (None, '{"added_tokens_decoder": {"1200": {}}}', "tokenizer_config.json"),
         (None, json.dumps({"added_tokens_decoder": {"163586": {"content": "<|im_end|>"}}}), "shift_special_ids"),
