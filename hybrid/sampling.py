@@ -2,8 +2,8 @@
 
 Owns: SamplingParams (validated, K2 Thinking defaults: temperature 1.0, top_p 1.0), the filter order
 temperature -> top_k -> top_p -> min_p (as transformers applies its warpers), and seeded draws on a CPU
-generator so a seed reproduces the same tokens whatever device made the logits. Must not: know token
-ids or text; stop conditions live in generate.py / the engine.
+generator so a seed reproduces the same tokens whatever device made the logits, and StopMatcher for
+stop strings in streamed text. Must not: know token ids; the decode loop and stop ids live in generate.py.
 """
 
 from __future__ import annotations
@@ -111,3 +111,35 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         return int(torch.argmax(x))
     probs = filtered_probs(logits, params)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text. feed() returns the text safe to show now (holding back a
+    tail that could begin a stop string) and whether a stop was hit; the stop string itself and all
+    after it are dropped. flush() returns the held-back tail at the end of a stream without a stop."""
+
+    def __init__(self, stops: tuple[str, ...] | list[str]):
+        self.stops = tuple(stops)
+        self._buf = ""
+        self.stopped: str | None = None  # the stop string that ended the stream
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if self.stopped is not None:
+            return "", True
+        buf = self._buf + text
+        hits = [(i, s) for s in self.stops if (i := buf.find(s)) >= 0]
+        if hits:
+            i, self.stopped = min(hits)
+            self._buf = ""
+            return buf[:i], True
+        keep = 0
+        for k in range(min(len(buf), max(map(len, self.stops), default=1) - 1), 0, -1):
+            if any(s.startswith(buf[-k:]) for s in self.stops):
+                keep = k
+                break
+        self._buf = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self._buf = self._buf, ""
+        return out

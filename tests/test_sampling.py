@@ -113,3 +113,20 @@ def test_bad_logits():
         sample(torch.tensor([0.0, math.nan]), SamplingParams(), g)
     with pytest.raises(SamplingError, match="no finite"):
         sample(torch.full((3,), -math.inf), SamplingParams(), g)
+
+
+def test_stop_matcher_every_split_point():
+    from hybrid.sampling import StopMatcher
+
+    text = "abc STOP? no, STOP! tail"
+    for k in range(len(text) + 1):
+        m = StopMatcher(["STOP!", "xyz"])
+        a, hit_a = m.feed(text[:k])
+        b, hit_b = m.feed(text[k:])
+        assert a + b == "abc STOP? no, " and hit_b and m.stopped == "STOP!"
+        assert m.feed("more") == ("", True)
+    m = StopMatcher(["</end>"])
+    assert m.feed("x </en") == ("x ", False)
+    assert m.feed("x") == ("</enx", False)
+    assert m.feed("</e") == ("", False) and m.flush() == "</e"
+    assert StopMatcher([]).feed("anything") == ("anything", False)
