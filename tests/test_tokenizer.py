@@ -202,3 +202,21 @@ def test_user_text_stays_plain_through_the_template(tok):
     assert tok.mark_user_text(messages)[1] == {"role": "tool", "tool_call_id": "x", "content": tok.mark_user_text("[EOS]")}
     # without marks, the same rendered text gives control ids (the real tokenizer's default)
     assert len([i for i in tok.encode_chat(strip_marks(rendered)) if tok.is_special(i)]) > len(control)
+
+
+def test_token_by_token_into_the_parser(tok):
+    """The engine's path: generated ids -> StreamDecoder -> OutputParser, one token at a time."""
+    from hybrid.parser import OutputParser, coalesce, parse_output
+
+    output = (
+        "<think>天气？ Let me call 🌦️</think>Checking.<|tool_calls_section_begin|><|tool_call_begin|>"
+        'functions.get_weather:0<|tool_call_argument_begin|>{"city": "北京"}<|tool_call_end|><|tool_calls_section_end|>'
+    )
+    ids = tok.encode_chat(output)
+    assert tok.think_id in ids and tok.tool_call_end_id in ids
+    dec, parser, events = tok.stream(), OutputParser(tool_names=["get_weather"]), []
+    for i in ids:
+        events += parser.feed(dec.push(i))
+    events += parser.feed(dec.finish()) + parser.finish()
+    assert coalesce(events) == parse_output(output, tool_names=["get_weather"])
+    assert len(coalesce(events)) == 3
