@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
+from .chat import load_chat_template, render_chat
 from .checkpoint import Checkpoint, CheckpointError
+from .conversation import Done, run_chat
+from .generate import Sampler, Step, generate
 from .model import AttnMode, ExpertBackend, Model
+from .parser import Event
 from .reference import ReferenceExperts
+from .sampling import SamplingParams, sample
 from .synth import PRESETS, ensure_preset
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +37,7 @@ def resolve_model(model: str | Path) -> Path:
 
 class Engine:
     def __init__(self, ckpt: Checkpoint, experts: ExpertBackend, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, context: int = 4096):
         self.checkpoint = ckpt
         self.config = ckpt.config
         self.device = torch.device(device)
@@ -39,6 +46,11 @@ class Engine:
                    for name in ckpt.tensors if ".mlp.experts." not in name and not name.endswith("inv_freq")}
         weights = {k: (v.float() if k.endswith("e_score_correction_bias") else v) for k, v in weights.items()}
         self.model = Model(self.config, weights, experts)
+        self.context = context
+        self.tokenizer = Tokenizer.from_dir(ckpt.path)
+        self.chat_template = load_chat_template(ckpt.path)
+        self._cache = self.model.new_cache(context)  # persistent across requests, for prefix reuse
+        self._cached_ids: list[int] = []  # the tokens whose KV the cache holds, in order
 
     @torch.inference_mode()
     def logits(self, token_ids, attn: AttnMode = "auto") -> torch.Tensor:
@@ -53,7 +65,56 @@ class Engine:
         return self.model.forward(ids, cache, attn=attn)
 
 
-def load(model: str | Path = "tiny", *, backend: str = "reference", device: str = "cpu") -> Engine:
+    # ---- generation with KV prefix reuse ----------------------------------------------------
+    def generate(self, token_ids: list[int], max_new_tokens: int, temperature: float = 1.0, seed: int | None = None,
+                 *, sampling: SamplingParams | None = None, sampler: Sampler | None = None,
+                 stop_ids: frozenset[int] = frozenset()) -> Iterator[Step]:
+        """Stream Steps. The KV cache keeps the longest common prefix with the previous request,
+        so only the new tail of `token_ids` is prefilled (Step.prefill_tokens counts it)."""
+        prompt = [int(t) for t in token_ids]
+        if not prompt:
+            raise ValueError("token_ids is empty; a prompt needs at least one token")
+        if len(prompt) >= self.context:
+            raise ValueError(f"the prompt has {len(prompt)} tokens but the context is {self.context}; "
+                             "shorten it or load with a larger context=")
+        params = sampling or SamplingParams(temperature=temperature, seed=seed)
+        if sampler is None:
+            gen = params.make_generator()
+            sampler = lambda logits: sample(logits, params, gen)  # noqa: E731
+        common = 0
+        for a, b in zip(self._cached_ids, prompt):
+            if a != b:
+                break
+            common += 1
+        self._cache.truncate(common)
+        self._cached_ids = self._cached_ids[:self._cache.length]
+        generated: list[int] = []
+        try:
+            for step in generate(self.model, self._cache, prompt, max_new_tokens, sampler, stop_ids):
+                generated.append(step.token)
+                yield step
+        finally:  # also when the consumer stops early or a forward fails: keep ids and cache in step
+            self._cached_ids = (prompt + generated)[:self._cache.length]
+
+    # ---- chat ---------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            add_generation_prompt: bool = True, tokenize: bool = False, **kwargs) -> str | list[int]:
+        """Render with the checkpoint's own chat_template.jinja; tokenize=True returns the ids."""
+        text = render_chat(self.chat_template, messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.tokenizer.encode_chat(text) if tokenize else text
+
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, **sampling) -> Iterator[Event | Done]:
+        """Yield ReasoningDelta / ContentDelta / ToolCall / ToolCallError events, then one Done."""
+        max_tokens = sampling.pop("max_tokens", None)
+        params = SamplingParams(**sampling, max_tokens=max_tokens)
+        prompt = self.apply_chat_template(messages, tools=tools, tokenize=True)
+        budget = self.context - len(prompt)
+        names = [t["function"]["name"] for t in tools or [] if isinstance(t, dict) and "function" in t] or None
+        yield from run_chat(self, prompt, params, names, min(max_tokens or budget, budget))
+
+
+def load(model: str | Path = "tiny", *, backend: str = "reference", device: str = "cpu",
+         context: int = 4096) -> Engine:
     """Open a checkpoint (directory or preset name) and return an Engine.
 
     backend: 'reference' (torch, dequantised fp32; the oracle).
@@ -63,4 +124,4 @@ def load(model: str | Path = "tiny", *, backend: str = "reference", device: str 
         experts: ExpertBackend = ReferenceExperts(ckpt)
     else:
         raise ValueError(f"backend {backend!r} is not known; use 'reference'")
-    return Engine(ckpt, experts, device=device)
+    return Engine(ckpt, experts, device=device, context=context)

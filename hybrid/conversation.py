@@ -1,0 +1,91 @@
+"""One chat request: messages -> prompt ids -> generated tokens -> parsed events, with stop strings.
+
+Owns turning the generation stream into OpenAI-style events (reasoning, content, tool calls) and the
+closing `Done` record (finish reason, token counts, timings). The engine owns the model and the KV
+cache; the template, tokenizer and parser are used as they are, never re-implemented here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from .parser import ContentDelta, Event, OutputParser, ReasoningDelta, ToolCall
+from .sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: str  # 'stop', 'length' or 'tool_calls'
+    prompt_tokens: int
+    prefill_tokens: int  # prompt tokens computed; the rest came from the KV cache
+    completion_tokens: int
+    reasoning_tokens: int
+    prefill_s: float
+    decode_s: float
+
+
+class StopStrings:
+    """Holds back text that might be the start of a stop string; reports when one completes."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.buf = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """-> (text safe to emit, stopped)."""
+        self.buf += text
+        if self.stops:
+            hits = [self.buf.find(s) for s in self.stops if s in self.buf]
+            if hits:
+                out, self.buf = self.buf[:min(hits)], ""
+                return out, True
+        cut = max(0, len(self.buf) - self.hold)
+        out, self.buf = self.buf[:cut], self.buf[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+def run_chat(engine, prompt: list[int], params: SamplingParams, tool_names: list[str] | None,
+             max_tokens: int) -> Iterator[Event | Done]:
+    tok = engine.tokenizer
+    parser = OutputParser(tool_names)
+    stream = tok.stream()
+    stops = StopStrings(params.stop)
+    n_gen = n_reasoning = prefill = 0
+    t_first = t_end = 0.0
+    finish, by_string = "length", False
+    saw_call = False
+    for step in engine.generate(prompt, max_tokens, sampling=params, stop_ids=tok.stop_ids):
+        if step.index == 0:
+            prefill, t_first = step.prefill_tokens, step.elapsed_s
+        t_end = step.elapsed_s
+        n_gen += 1
+        if step.finish == "stop":  # <|im_end|>: not part of the answer
+            finish = "stop"
+            break
+        text, stopped = stops.push(stream.push(step.token))
+        events = parser.feed(text)
+        if events and all(isinstance(e, ReasoningDelta) for e in events):
+            n_reasoning += 1
+        saw_call = saw_call or any(isinstance(e, ToolCall) for e in events)
+        yield from events
+        if stopped:
+            finish, by_string = "stop", True
+            break
+        if step.finish:
+            finish = step.finish
+    # text held back for a stop string that never completed is part of the answer
+    tail = [] if by_string else parser.feed(stops.flush() + stream.finish())
+    events = tail + parser.finish()
+    saw_call = saw_call or any(isinstance(e, ToolCall) for e in events)
+    yield from events
+    if saw_call and finish == "stop":
+        finish = "tool_calls"
+    yield Done(finish, len(prompt), prefill, n_gen, n_reasoning, t_first, t_end - t_first)
+
+
+__all__ = ["Done", "run_chat", "StopStrings", "ContentDelta", "ReasoningDelta", "ToolCall"]

@@ -1,0 +1,85 @@
+"""Engine chat: template -> tokens -> generation -> parsed events, stop handling, and KV prefix reuse."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hybrid
+from hybrid.conversation import Done, StopStrings
+from hybrid.parser import ContentDelta, ReasoningDelta, assistant_message
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_path):
+    return hybrid.load(tiny_path, context=512)
+
+
+def collect(engine, msgs, **kw):
+    events = list(engine.chat(msgs, **kw))
+    assert isinstance(events[-1], Done)
+    return events[:-1], events[-1]
+
+
+def common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def test_second_turn_prefills_only_new_tokens_and_matches_fresh_logits(engine, tiny_path):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt1 = engine.apply_chat_template(msgs, tokenize=True)
+    events, done = collect(engine, msgs, temperature=0, max_tokens=6)
+    assert done.prefill_tokens == len(prompt1)  # only the first request's shared prefix was cached before
+    generated = [s for s in engine._cached_ids[len(prompt1):]]
+    turn2 = msgs + [assistant_message(events), {"role": "user", "content": "And of Italy?"}]
+    prompt2 = engine.apply_chat_template(turn2, tokenize=True)
+    held = prompt1 + generated
+    expect_reused = common_prefix(held, prompt2)
+    assert expect_reused >= len(prompt1) - 8  # the history re-renders identically up to the last turn
+
+    seen = []
+    steps = list(engine.generate(prompt2, 1, sampler=lambda lg: seen.append(lg.clone()) or int(lg.argmax())))
+    assert steps[0].prefill_tokens == len(prompt2) - expect_reused < len(prompt2) // 2
+
+    fresh = hybrid.load(tiny_path, context=512)
+    ref = []
+    list(fresh.generate(prompt2, 1, sampler=lambda lg: ref.append(lg.clone()) or int(lg.argmax())))
+    assert torch.allclose(seen[0], ref[0], rtol=0, atol=1e-4 * float(ref[0].abs().max()))
+
+
+def test_greedy_chat_is_deterministic_and_counts_tokens(engine):
+    msgs = [{"role": "user", "content": "hi"}]
+    a, da = collect(engine, msgs, temperature=0, max_tokens=10)
+    b, db = collect(engine, msgs, temperature=0, max_tokens=10)
+    assert a == b and da.completion_tokens == db.completion_tokens
+    assert da.finish_reason in ("stop", "length") and da.completion_tokens <= 10
+    assert db.prefill_tokens == 1  # the identical prompt is reused but for its last token
+    text = "".join(e.text for e in a if isinstance(e, (ReasoningDelta, ContentDelta)))
+    ids = engine.apply_chat_template(msgs, tokenize=True)
+    steps = list(engine.generate(ids, 10, temperature=0))
+    assert engine.tokenizer.decode([s.token for s in steps if s.finish != "stop"]).startswith(text[:5])
+
+
+def test_seeded_sampling_reproducible(engine):
+    msgs = [{"role": "user", "content": "tell me a story"}]
+    a, _ = collect(engine, msgs, temperature=1.0, seed=7, max_tokens=8)
+    b, _ = collect(engine, msgs, temperature=1.0, seed=7, max_tokens=8)
+    assert a == b
+
+
+def test_prompt_over_context_is_refused(engine):
+    with pytest.raises(ValueError, match="context is 512"):
+        list(engine.generate(list(range(600)), 1))
+
+
+def test_stop_strings_hold_back_partial_matches():
+    s = StopStrings(("STOP",))
+    assert s.push("abcST") == ("ab", False)
+    assert s.push("O") == ("c", False)  # holds the last len(stop)-1 characters
+    assert s.push("Pxyz") == ("", True)  # the stop string and what follows are dropped
+    s = StopStrings(("STOP",))
+    assert s.push("abST") == ("a", False) and s.push("x") == ("b", False) and s.flush() == "STx"
