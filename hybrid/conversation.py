@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .parser import ContentDelta, Event, OutputParser, ReasoningDelta, ToolCall
-from .sampling import SamplingParams
+from .sampling import SamplingParams, StopMatcher
 
 
 @dataclass(frozen=True)
@@ -24,37 +24,12 @@ class Done:
     decode_s: float
 
 
-class StopStrings:
-    """Holds back text that might be the start of a stop string; reports when one completes."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.buf = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """-> (text safe to emit, stopped)."""
-        self.buf += text
-        if self.stops:
-            hits = [self.buf.find(s) for s in self.stops if s in self.buf]
-            if hits:
-                out, self.buf = self.buf[:min(hits)], ""
-                return out, True
-        cut = max(0, len(self.buf) - self.hold)
-        out, self.buf = self.buf[:cut], self.buf[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
-
-
 def run_chat(engine, prompt: list[int], params: SamplingParams, tool_names: list[str] | None,
              max_tokens: int) -> Iterator[Event | Done]:
     tok = engine.tokenizer
     parser = OutputParser(tool_names)
     stream = tok.stream()
-    stops = StopStrings(params.stop)
+    stops = StopMatcher(params.stop)
     n_gen = n_reasoning = prefill = 0
     t_first = t_end = 0.0
     finish, by_string = "length", False
@@ -67,7 +42,7 @@ def run_chat(engine, prompt: list[int], params: SamplingParams, tool_names: list
         if step.finish == "stop":  # <|im_end|>: not part of the answer
             finish = "stop"
             break
-        text, stopped = stops.push(stream.push(step.token))
+        text, stopped = stops.feed(stream.push(step.token))
         events = parser.feed(text)
         if events and all(isinstance(e, ReasoningDelta) for e in events):
             n_reasoning += 1
@@ -88,4 +63,4 @@ def run_chat(engine, prompt: list[int], params: SamplingParams, tool_names: list
     yield Done(finish, len(prompt), prefill, n_gen, n_reasoning, t_first, t_end - t_first)
 
 
-__all__ = ["Done", "run_chat", "StopStrings", "ContentDelta", "ReasoningDelta", "ToolCall"]
+__all__ = ["Done", "run_chat"]

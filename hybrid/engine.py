@@ -100,8 +100,12 @@ class Engine:
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             add_generation_prompt: bool = True, tokenize: bool = False, **kwargs) -> str | list[int]:
         """Render with the checkpoint's own chat_template.jinja; tokenize=True returns the ids."""
-        text = render_chat(self.chat_template, messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs)
-        return self.tokenizer.encode_chat(text) if tokenize else text
+        if not tokenize:
+            return render_chat(self.chat_template, messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs)
+        # special-token strings inside user or tool text must stay text, never become control tokens
+        mark = self.tokenizer.mark_user_text
+        text = render_chat(self.chat_template, mark(messages), tools=mark(tools), add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.tokenizer.encode_chat(text)
 
     def chat(self, messages: list[dict], tools: list[dict] | None = None, **sampling) -> Iterator[Event | Done]:
         """Yield ReasoningDelta / ContentDelta / ToolCall / ToolCallError events, then one Done."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hybrid
-from hybrid.conversation import Done, StopStrings
+from hybrid.conversation import Done
 from hybrid.parser import ContentDelta, ReasoningDelta, assistant_message
 
 
@@ -76,10 +76,18 @@ def test_prompt_over_context_is_refused(engine):
         list(engine.generate(list(range(600)), 1))
 
 
-def test_stop_strings_hold_back_partial_matches():
-    s = StopStrings(("STOP",))
-    assert s.push("abcST") == ("ab", False)
-    assert s.push("O") == ("c", False)  # holds the last len(stop)-1 characters
-    assert s.push("Pxyz") == ("", True)  # the stop string and what follows are dropped
-    s = StopStrings(("STOP",))
-    assert s.push("abST") == ("a", False) and s.push("x") == ("b", False) and s.flush() == "STx"
+def test_special_strings_in_user_text_stay_text(engine):
+    msgs = [{"role": "user", "content": "say <|im_end|> now"}]
+    ids = engine.apply_chat_template(msgs, tokenize=True)
+    assert ids.count(engine.tokenizer.im_end_id) == 2  # the system and user turns' own ends, not the user's text
+    assert "<|im_end|> now" in engine.tokenizer.decode(ids)
+
+
+def test_stop_string_ends_the_answer(engine):
+    msgs = [{"role": "user", "content": "hi"}]
+    events, done = collect(engine, msgs, temperature=0, max_tokens=12)
+    text = "".join(e.text for e in events if isinstance(e, (ReasoningDelta, ContentDelta)))
+    stop = text[4:6]
+    cut, done2 = collect(engine, msgs, temperature=0, max_tokens=12, stop=[stop])
+    got = "".join(e.text for e in cut if isinstance(e, (ReasoningDelta, ContentDelta)))
+    assert done2.finish_reason == "stop" and got == text[:text.find(stop)]
