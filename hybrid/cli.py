@@ -120,6 +120,36 @@ def info(model: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("prompt")
+@click.option("--model", "-m", default="tiny", show_default=True, help="Checkpoint directory or preset name.")
+@click.option("--max-tokens", default=64, show_default=True, help="Tokens to generate at most.")
+@click.option("--temperature", default=1.0, show_default=True, help="0 = greedy; 1.0 is Moonshot's recommendation.")
+@click.option("--seed", type=int, help="Seed for reproducible sampling.")
+@click.option("--hide-thinking", is_flag=True, help="Do not print the reasoning.")
+def run(prompt: str, model: str, max_tokens: int, temperature: float, seed: int | None, hide_thinking: bool) -> None:
+    """Answer one prompt: reasoning dim, content plain, tool calls as blocks, then speed."""
+    from . import load
+    from .conversation import Done
+    from .parser import ContentDelta, ReasoningDelta, ToolCall, ToolCallError
+
+    engine = load(resolve_with_progress(model))
+    for ev in engine.chat([{"role": "user", "content": prompt}], temperature=temperature, seed=seed, max_tokens=max_tokens):
+        if isinstance(ev, ReasoningDelta) and not hide_thinking:
+            console.print(ev.text, style="dim", end="", markup=False, highlight=False)
+        elif isinstance(ev, ContentDelta):
+            console.print(ev.text, end="", markup=False, highlight=False)
+        elif isinstance(ev, ToolCall):
+            console.print(f"\n[bold]tool call[/] {ev.name} {ev.arguments}", highlight=False)
+        elif isinstance(ev, ToolCallError):
+            console.print(f"\n[red]malformed tool call[/] ({ev.reason}): {ev.raw!r}", highlight=False)
+        elif isinstance(ev, Done):
+            pre = ev.prefill_tokens / ev.prefill_s if ev.prefill_s else 0.0
+            dec = (ev.completion_tokens - 1) / ev.decode_s if ev.decode_s else 0.0
+            err_console.print(f"\n[{ev.finish_reason}] prompt {ev.prompt_tokens} tokens, {pre:.1f} tok/s prefill; "
+                              f"{ev.completion_tokens} generated, {dec:.1f} tok/s decode", style="cyan", highlight=False, markup=False)
+
+
+@main.command()
 @click.option("--kernels", is_flag=True, help="Benchmark the CPU expert kernels on Kimi K2 shapes.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--small", is_flag=True, help="Tiny shapes (a smoke run, seconds).")

@@ -47,3 +47,9 @@ def test_bad_path_is_one_clear_line(tmp_path):
     (tmp_path / "broken" / "config.json").write_text("{}")
     r = CliRunner().invoke(main, ["info", "-m", str(tmp_path / "broken")])
     assert r.exit_code == 1 and "missing required field" in r.output
+
+
+def test_run_answers_a_prompt(tiny_path):
+    r = CliRunner().invoke(main, ["run", "hello", "-m", str(tiny_path), "--max-tokens", "5", "--temperature", "0"])
+    assert r.exit_code == 0, r.output
+    assert "prompt" in r.output and (("[length]" in r.output and "5 generated" in r.output) or "[stop]" in r.output)
