@@ -1,0 +1,278 @@
+"""The placement planner on the real K2 Thinking config and hypothetical workstations.
+
+Sizes are recomputed here from the config's numbers (not through hybrid.layout or the planner);
+only the planner's policy constants (GPU reserve, RAM reserve) are imported. GB = 1e9 bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from hybrid.config import ModelConfig
+from hybrid.hardware import Hardware, detect
+from hybrid.layout import size_report
+from hybrid.placement import GPU_RESERVE, PlanError, plan, projected_decode_tps, ram_reserve
+from hybrid.synth import preset_config
+
+from .conftest import REAL_CONFIG
+
+GB = 10**9
+
+
+@pytest.fixture(scope="module")
+def k2() -> ModelConfig:
+    return ModelConfig.from_file(REAL_CONFIG)
+
+
+# ---- K2 Thinking sizes, by hand from config.json ------------------------------------------
+D, H, Q, L, R, P, V_HEAD = 7168, 64, 1536, 512, 64, 128, 128
+F, I, E, K, VOCAB = 18432, 2048, 384, 8, 163840
+LAYERS, MOE = 61, 60
+
+ATTN = D * Q + H * (P + R) * Q + (L + R) * D + H * (P + V_HEAD) * L + D * H * V_HEAD  # params per layer
+ATTN_ROWS = Q + H * (P + R) + (L + R) + H * (P + V_HEAD) + D  # output rows: int8 keeps one bf16 scale each
+SHARED, SHARED_ROWS = 3 * D * I, 2 * I + D
+DENSE, DENSE_ROWS = 3 * D * F, 2 * F + D
+NORMS = LAYERS * (2 * D + Q + L) + D
+ROUTER_BF16 = MOE * (E * D * 2 + E * 4)  # gate weight bf16, e_score_correction_bias fp32
+HEAD = VOCAB * D
+EXPERT = 3 * (D * I // 2 + D * I // 32 * 2 + 16)  # int4 nibbles + bf16 scale per 32 + int64 weight_shape
+SLOT = -(-EXPERT // 4096) * 4096
+KV_VALUES = LAYERS * (L + R)  # 576 per layer
+
+BF16_SIDE = 2 * (LAYERS * ATTN + MOE * SHARED + DENSE + NORMS + HEAD) + ROUTER_BF16
+INT8_SIDE = (LAYERS * (ATTN + 2 * ATTN_ROWS) + MOE * (SHARED + 2 * SHARED_ROWS) + DENSE + 2 * DENSE_ROWS
+             + HEAD + 2 * VOCAB + 2 * NORMS + ROUTER_BF16)
+FP32_SIDE = 4 * (LAYERS * ATTN + MOE * SHARED + DENSE + NORMS + HEAD + MOE * (E * D + E))
+EMBED = VOCAB * D * 2
+
+
+def test_hand_sizes_match_the_design_figures(k2):
+    assert EXPERT / 1e6 == pytest.approx(24.8, abs=0.05)
+    assert MOE * E * EXPERT / GB == pytest.approx(571, abs=0.5)
+    assert K * MOE * EXPERT / GB == pytest.approx(11.9, abs=0.05)
+    assert (FP32_SIDE / 4 + EMBED / 2) / 1e9 == pytest.approx(11.7, abs=0.1)  # "~11.5 B" non-expert params
+    # the plan's per-token figure is size_report's
+    assert plan(k2, Hardware.hypothetical(768, [48])).expert_bytes_per_token == size_report(k2).expert_bytes_per_token
+
+
+def short_gb(e: PlanError) -> float:
+    return float(re.search(r"short by ([\d.]+) GB", str(e)).group(1))
+
+
+# ---- 24 GB GPU + 128 GB RAM ----------------------------------------------------------------
+def test_24gb_gpu_128gb_ram_bf16_fits_at_8k_with_a_slot_cache(k2):
+    hw = Hardware.hypothetical(128, [24], cores=16)
+    p = plan(k2, hw)
+    kv = 8192 * LAYERS * 576 * 2
+    budget = 24 * GB - GPU_RESERVE
+    # bf16 GPU side is 21.1 GB; with the 8K KV cache (0.58 GB) it fits 22.5 GB with 0.83 GB left,
+    # less than one hot expert per layer (60 x 24.8 MB = 1.49 GB)
+    assert BF16_SIDE + kv <= budget < BF16_SIDE + kv + MOE * EXPERT
+    assert (p.device, p.gpu_precision, p.hot_experts_per_layer) == ("cuda", "bf16", 0)
+    assert p.entry("kv_cache").nbytes == kv == p.context * KV_VALUES * 2
+    assert p.entry("attention").nbytes == 2 * LAYERS * ATTN
+    assert p.gpu_bytes == BF16_SIDE + kv
+    # 571 GB of experts do not fit 128 GB: a cache of slots in what the embedding and reserve leave
+    expert_budget = 128 * GB - EMBED - ram_reserve(128 * GB)
+    assert p.expert_mode == "cache"
+    assert p.cache_slots == expert_budget // SLOT == 4887
+    assert p.slots_per_layer == pytest.approx(81.45, abs=0.01)  # 21% of each layer's 384 experts
+    assert p.entry("routed_experts").nbytes == p.cache_slots * SLOT
+    assert p.entry("embedding").where == "ram" and p.entry("embedding").nbytes == EMBED
+    assert p.cpu_threads == 16
+
+
+def test_24gb_gpu_long_context_switches_to_int8_with_hot_experts(k2):
+    hw = Hardware.hypothetical(128, [24], cores=16)
+    longest_bf16 = (24 * GB - GPU_RESERVE - BF16_SIDE) // (KV_VALUES * 2)
+    assert 19_000 < longest_bf16 < 21_000
+    p = plan(k2, hw, context=32768)
+    kv = 32768 * LAYERS * 576 * 2
+    assert p.gpu_precision == "int8"
+    assert [p.entry(w).precision for w in ("attention", "shared_experts", "dense_mlp", "lm_head", "router", "norms")] \
+        == ["int8"] * 4 + ["bf16"] * 2
+    assert p.gpu_bytes - p.entry("hot_experts").nbytes == INT8_SIDE + kv
+    assert p.hot_experts_per_layer == (24 * GB - GPU_RESERVE - INT8_SIDE - kv) // (MOE * EXPERT) == 6
+    assert p.gpu_bytes <= 24 * GB - GPU_RESERVE
+
+
+def test_forced_bf16_at_32k_is_refused_naming_vram_and_int8(k2):
+    hw = Hardware.hypothetical(128, [24], cores=16)
+    with pytest.raises(PlanError) as ei:
+        plan(k2, hw, context=32768, gpu_precision="bf16")
+    short = BF16_SIDE + 32768 * KV_VALUES * 2 - (24 * GB - GPU_RESERVE)
+    e = ei.value
+    assert e.budget == "VRAM" and e.short_bytes == short
+    assert short_gb(e) == pytest.approx(short / GB, abs=0.01)
+    assert "--gpu-precision int8" in str(e) and "--context" in str(e)
+
+
+def test_context_too_long_for_vram_names_the_longest_that_fits(k2):
+    hw = Hardware.hypothetical(128, [24], cores=16)
+    with pytest.raises(PlanError) as ei:
+        plan(k2, hw, context=262144)
+    short = INT8_SIDE + 262144 * KV_VALUES * 2 - (24 * GB - GPU_RESERVE)
+    assert ei.value.budget == "VRAM" and short_gb(ei.value) == pytest.approx(short / GB, abs=0.01)
+    assert short / GB == pytest.approx(6.6, abs=0.1)
+    ctx = int(re.search(r"--context (\d+)", str(ei.value)).group(1))
+    assert 160_000 < ctx <= (24 * GB - GPU_RESERVE - INT8_SIDE) // (KV_VALUES * 2)
+    assert plan(k2, hw, context=ctx).gpu_precision == "int8"  # the suggestion works
+
+
+def test_gpu_memory_cap(k2):
+    hw = Hardware.hypothetical(128, [24], cores=16)
+    with pytest.raises(PlanError, match=r"VRAM is short by 6\.00 GB.*--gpu-memory"):
+        plan(k2, hw, gpu_memory=30)
+    p = plan(k2, hw, gpu_memory=12)  # int8 weights (10.7 GB) + 8K KV fit a 12 GB cap
+    assert p.gpu_precision == "int8" and p.gpu_budget == 12 * GB and p.gpu_bytes <= 12 * GB
+    with pytest.raises(PlanError, match="--gpu-memory up to 22.5"):
+        plan(k2, hw, gpu_memory=8)
+
+
+# ---- 48 GB GPU + 768 GB RAM ----------------------------------------------------------------
+def test_48gb_gpu_768gb_ram_bf16_mmap_and_hot_experts(k2):
+    hw = Hardware.hypothetical(768, [48], cores=32)
+    p = plan(k2, hw)
+    kv = 8192 * KV_VALUES * 2
+    assert (p.gpu_precision, p.expert_mode, p.cache_slots) == ("bf16", "mmap", 0)
+    hot = (48 * GB - GPU_RESERVE - BF16_SIDE - kv) // (MOE * EXPERT)
+    assert p.hot_experts_per_layer == hot == 16
+    assert p.entry("hot_experts").nbytes == 16 * MOE * EXPERT
+    assert p.gpu_bytes == BF16_SIDE + kv + 16 * MOE * EXPERT <= 48 * GB - GPU_RESERVE
+    assert p.entry("routed_experts").nbytes == MOE * E * EXPERT
+    assert p.ram_bytes == MOE * E * EXPERT + EMBED
+    d = projected_decode_tps(p, k2, mem_read_gbps=80)
+    cpu_bytes = K * MOE * EXPERT * (1 - 16 / 384)
+    assert d["tok_s"] == pytest.approx(80 * GB / cpu_bytes, rel=1e-6)  # ~7.0 tok/s, RAM bound
+    assert d["bottleneck"] == "ram" and d["gpu_s"] is None and d["disk_bytes"] == 0
+    d = projected_decode_tps(p, k2, mem_read_gbps=80, gpu_gbps=1000)
+    assert d["gpu_s"] == pytest.approx((BF16_SIDE + kv + K * MOE * EXPERT * 16 / 384) / (1000 * GB))
+    assert d["tok_s_serial"] == pytest.approx(1 / (d["ram_s"] + d["gpu_s"]))
+
+
+def test_hot_experts_option(k2):
+    hw = Hardware.hypothetical(768, [48], cores=32)
+    assert plan(k2, hw, hot_experts=0).entry("hot_experts").nbytes == 0
+    with pytest.raises(PlanError, match="VRAM is short by 1.49 GB.*--hot-experts 16 or less"):
+        plan(k2, hw, hot_experts=17)
+
+
+# ---- CPU-only ------------------------------------------------------------------------------
+def test_cpu_only_24gb_is_refused_for_k2(k2):
+    hw = Hardware.hypothetical(24, cores=2)
+    with pytest.raises(PlanError) as ei:
+        plan(k2, hw)
+    need = FP32_SIDE + EMBED + 8192 * KV_VALUES * 4 + 2 * K * SLOT + ram_reserve(24 * GB)
+    e = ei.value
+    assert e.budget == "RAM" and e.short_bytes == need - 24 * GB
+    assert short_gb(e) == pytest.approx((need - 24 * GB) / GB, abs=0.01)
+    assert FP32_SIDE / GB == pytest.approx(42.2, abs=0.1)
+    assert "fp32" in str(e) and "GPU" in str(e)
+
+
+def test_cpu_only_768gb_holds_fp32_side_and_mmaps_experts(k2):
+    p = plan(k2, Hardware.hypothetical(768, cores=32))
+    kv = 8192 * KV_VALUES * 4
+    assert (p.device, p.gpu_precision, p.expert_mode, p.gpu_index) == ("cpu", "fp32", "mmap", None)
+    assert {e.where for e in p.entries} == {"ram", "mmap"} and p.gpu_bytes == 0
+    assert p.entry("kv_cache").precision == "fp32" and p.entry("kv_cache").nbytes == kv
+    assert p.ram_bytes == FP32_SIDE + kv + EMBED + MOE * E * EXPERT
+    d = projected_decode_tps(p, k2, mem_read_gbps=80)
+    assert d["tok_s"] == pytest.approx(80 * GB / (K * MOE * EXPERT + FP32_SIDE + kv), rel=1e-6)
+
+
+def test_cpu_only_512gb_caches(k2):
+    p = plan(k2, Hardware.hypothetical(512, cores=32))
+    budget = 512 * GB - FP32_SIDE - EMBED - 8192 * KV_VALUES * 4 - ram_reserve(512 * GB)
+    assert p.expert_mode == "cache" and p.cache_slots == budget // SLOT
+
+
+def test_precision_options_need_a_gpu(k2):
+    with pytest.raises(ValueError, match="fp32"):
+        plan(k2, Hardware.hypothetical(768), gpu_precision="bf16")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        plan(k2, Hardware.hypothetical(768), device="cuda")
+    assert plan(k2, Hardware.hypothetical(768, [48]), device="cpu").device == "cpu"
+
+
+# ---- other refusals ------------------------------------------------------------------------
+def test_tiny_ram_refused(k2):
+    with pytest.raises(PlanError) as ei:
+        plan(k2, Hardware.hypothetical(4, [24]))
+    short = EMBED + ram_reserve(4 * GB) + 2 * K * SLOT - 4 * GB
+    assert ei.value.budget == "RAM" and ei.value.short_bytes == short
+    assert short_gb(ei.value) == pytest.approx(short / GB, abs=0.01)
+
+
+def test_ram_budget_option(k2):
+    hw = Hardware.hypothetical(128, [24])
+    p = plan(k2, hw, ram_budget=50)
+    assert p.cache_slots == 50 * GB // SLOT and p.ram_budget == 50 * GB
+    with pytest.raises(PlanError, match=r"RAM is short by .* --ram-budget 121\.1 or less"):
+        plan(k2, hw, ram_budget=127)
+    with pytest.raises(PlanError, match=r"RAM is short by 0\.30 GB.*--ram-budget 0\.4 or more"):
+        plan(k2, hw, ram_budget=0.1)
+    with pytest.raises(PlanError) as ei:
+        plan(k2, hw, expert_mode="mmap")
+    assert ei.value.short_bytes == MOE * E * EXPERT - (128 * GB - EMBED - ram_reserve(128 * GB))
+    assert "--expert-mode cache" in str(ei.value)
+
+
+def test_disk_short_for_a_missing_checkpoint(k2, tmp_path):
+    hw = Hardware.hypothetical(768, [48], disk_free_gb=100)
+    total = BF16_SIDE - ROUTER_BF16 + MOE * (E * D * 2 + E * 4) + EMBED + MOE * E * EXPERT
+    with pytest.raises(PlanError) as ei:
+        plan(k2, hw, checkpoint_dir=tmp_path)
+    assert ei.value.budget == "disk" and ei.value.short_bytes == total - 100 * GB
+    assert total / GB == pytest.approx(594.2, abs=0.1)
+    p = plan(k2, Hardware.hypothetical(768, [48], disk_free_gb=700), checkpoint_dir=tmp_path)
+    assert p.disk.free_bytes == 700 * GB
+
+
+def test_bad_options(k2):
+    hw = Hardware.hypothetical(128, [24])
+    for kw in (dict(context=0), dict(context=262145), dict(gpu_precision="fp8"), dict(expert_mode="ssd"),
+               dict(cpu_threads=0), dict(hot_experts=-1)):
+        with pytest.raises(ValueError):
+            plan(k2, hw, **kw)
+
+
+# ---- projections, rows, and the tiny model ---------------------------------------------------
+def test_projection_in_cache_mode(k2):
+    p = plan(k2, Hardware.hypothetical(128, [24], cores=16))
+    with pytest.raises(ValueError, match="disk_gbps"):
+        projected_decode_tps(p, k2, mem_read_gbps=80)
+    per_token = K * MOE * EXPERT
+    d = projected_decode_tps(p, k2, mem_read_gbps=80, disk_gbps=7)
+    assert d["hit_rate"] == pytest.approx(4887 / 23040)  # i.i.d. routing: the cache's share of experts
+    assert d["disk_s"] == pytest.approx(per_token * (1 - 4887 / 23040) / (7 * GB), rel=1e-6)
+    assert d["bottleneck"] == "disk" and d["tok_s"] == pytest.approx(0.75, abs=0.01)
+    d = projected_decode_tps(p, k2, mem_read_gbps=80, disk_gbps=7, hit_rate=0.9)
+    assert d["tok_s"] == pytest.approx(7 * GB / (per_token * 0.1), rel=1e-6)
+    assert any("hit rate 90%" in line for line in d["explain"])
+
+
+def test_rows_and_frozen(k2):
+    p = plan(k2, Hardware.hypothetical(768, [48]))
+    rows = p.rows()
+    assert len(rows) == 10 and all(len(r) == 4 for r in rows)
+    assert {r[1] for r in rows} == {"gpu", "ram", "mmap"}
+    assert sum(r[3] for r in rows) == pytest.approx((p.gpu_bytes + p.ram_bytes) / GB)
+    assert any(r[0].startswith("hot experts (16/layer") and r[2] == "int4" for r in rows)
+    assert "mmap" in p.summary()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.context = 1
+
+
+def test_tiny_config_cpu_only_on_this_machine_is_mmap():
+    cfg = ModelConfig.from_dict(preset_config("tiny"))
+    p = plan(cfg, detect(), context=512)
+    assert p.expert_mode == "mmap" and p.cache_slots == 0
+    assert p.entry("kv_cache").nbytes == 512 * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    # every tensor of the checkpoint is accounted for exactly once (bf16 GPU plan adds them up to the disk bytes)
+    g = plan(cfg, Hardware.hypothetical(64, [8]), context=1, hot_experts=0)
+    on_disk = sum(e.nbytes for e in g.entries if e.what not in ("kv_cache", "hot_experts"))
+    assert on_disk == size_report(cfg).disk_bytes
