@@ -1,0 +1,50 @@
+"""Per-group int16 quantisation of fp32 activations into the layout the SIMD row kernel reads.
+
+Owns the activation side of the INT4 x INT16 dot product only (see simd.py for the layout).
+Group = 32 columns, symmetric: dg = amax / 32767, xa = rint(x / dg) in [-32767, 32767]. The
+relative error this adds to a dot product is ~3e-5 (tolerance of the kernels' tests: 1e-4).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+GROUP = 32
+CHUNK = 64  # columns per 32-byte weight load
+QMAX = 32767
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _quantize_row(x, xa, dg, xs):
+    # x f32 [din] -> xa i16 [din] (chunk-transposed, see simd.py), dg f32 [din/32], xs f32 [din/32]
+    din = x.shape[0]
+    for g in range(din // GROUP):
+        amax = np.float32(0.0)
+        for i in range(GROUP):
+            amax = max(amax, abs(x[g * GROUP + i]))
+        d = amax / np.float32(QMAX)
+        inv = np.float32(QMAX) / amax if amax > 0 else np.float32(0.0)
+        s = 0
+        c, half = g // 2, g % 2  # group `half` of chunk c holds columns 64c + 32*half + i
+        for i in range(GROUP):
+            q = np.int32(np.rint(x[g * GROUP + i] * inv))
+            q = min(QMAX, max(-QMAX, q))
+            s += q
+            col = half * GROUP + i                     # column 4i' + k within the chunk
+            xa[c * CHUNK + (col % 4) * 16 + col // 4] = q
+        dg[g] = d
+        xs[g] = np.float32(-8 * s)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def quantize_rows(x, xa, dg, xs):
+    """x f32 [N, din] -> xa int16 [N, din], dg f32 [N, din/32], xs f32 [N, din/32] (outputs given)."""
+    for n in prange(x.shape[0]):
+        _quantize_row(x[n], xa[n], dg[n], xs[n])
+
+
+@njit(nogil=True, cache=True)
+def quantize_rows_serial(x, xa, dg, xs):
+    """Same as quantize_rows, on the calling thread (for a handful of rows)."""
+    for n in range(x.shape[0]):
+        _quantize_row(x[n], xa[n], dg[n], xs[n])
