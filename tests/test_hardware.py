@@ -118,3 +118,23 @@ def test_hypothetical_machine():
         Hardware(ram_total=10, ram_available=20, physical_cores=1, logical_cores=1)
     with pytest.raises(ValueError):
         Hardware.hypothetical(ram_gb=64, gpus_gb=[24], gpu_free_gb=[])
+
+
+def test_cuda_devices_are_read_through_torch(monkeypatch):
+    """No GPU here: stand in for torch.cuda to check what detect() makes of two devices."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: ((20 + i) * 10**9, 24 * 10**9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"Fake GPU {i}")
+    hw = detect()
+    assert hw.gpus == (("Fake GPU 0", 24 * 10**9, 20 * 10**9), ("Fake GPU 1", 24 * 10**9, 21 * 10**9))
+    assert hw.gpus[1].free_bytes == 21 * 10**9 and hw.has_cuda
+
+
+def test_broken_cuda_reads_as_no_gpu(monkeypatch):
+    def boom(i):
+        raise RuntimeError("CUDA driver version is insufficient")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", boom)
+    assert detect().gpus == ()

@@ -276,3 +276,11 @@ def test_tiny_config_cpu_only_on_this_machine_is_mmap():
     g = plan(cfg, Hardware.hypothetical(64, [8]), context=1, hot_experts=0)
     on_disk = sum(e.nbytes for e in g.entries if e.what not in ("kv_cache", "hot_experts"))
     assert on_disk == size_report(cfg).disk_bytes
+
+
+def test_this_machine_refuses_k2_cpu_only(k2):
+    hw = detect()
+    if hw.gpus or hw.ram_available > 60 * GB:
+        pytest.skip("this machine could hold the fp32 GPU side")
+    with pytest.raises(PlanError, match="RAM is short by"):
+        plan(k2, hw)
