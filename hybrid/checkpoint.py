@@ -178,6 +178,10 @@ class Checkpoint:
             self._maps[file] = m
         return m
 
+    def file_buffer(self, file: Path) -> np.ndarray:
+        """The whole shard `file` as a zero-copy 1-D uint8 array (for kernels that take byte offsets)."""
+        return np.frombuffer(self._map(file), dtype=np.uint8)
+
     def info(self, name: str) -> TensorInfo:
         try:
             return self.tensors[name]

@@ -121,11 +121,16 @@ def load(model: str | Path = "tiny", *, backend: str = "reference", device: str 
          context: int = 4096) -> Engine:
     """Open a checkpoint (directory or preset name) and return an Engine.
 
-    backend: 'reference' (torch, dequantised fp32; the oracle).
+    backend: 'numba' (INT4 kernels reading the memory-mapped shards) or 'reference' (torch,
+    dequantised fp32; the oracle).
     """
     ckpt = Checkpoint(resolve_model(model))
     if backend == "reference":
         experts: ExpertBackend = ReferenceExperts(ckpt)
+    elif backend == "numba":
+        from .experts import NumbaExperts
+
+        experts = NumbaExperts(ckpt)
     else:
-        raise ValueError(f"backend {backend!r} is not known; use 'reference'")
+        raise ValueError(f"backend {backend!r} is not known; use 'numba' or 'reference'")
     return Engine(ckpt, experts, device=device, context=context)
