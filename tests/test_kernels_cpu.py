@@ -1,0 +1,197 @@
+"""kernels_cpu.moe_forward against a slow reference: compressed-tensors dequantisation + fp32 matmuls.
+
+Activations are quantised to int16 per group of 32 inside the kernels, so the tolerance is 1e-4
+relative (Frobenius norm over the whole output). Shapes are small: D = 256 exercises the 4-chunk
+main loop, I = 192 the 1-chunk tail; qlen 128 over 6 experts exercises every token-block size.
+"""
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+import pytest
+
+from hybrid.quant import dequantize_int4, pack_int4, quantize_int4, unpack_int4
+from kernels_cpu import ExpertTable, moe_forward
+from kernels_cpu.actq import quantize_rows
+from kernels_cpu.table import PARTS, part_shapes
+
+D, I, E, K = 256, 192, 6, 4
+TOL = 1e-4
+
+
+def make_experts(seed: int = 0, n: int = E) -> list[dict[str, np.ndarray]]:
+    """Random experts quantised with hybrid.quant; ~3% of codes forced to -8 (nibble 0)."""
+    rng = np.random.default_rng(seed)
+    experts = []
+    for _ in range(n):
+        ex = {}
+        for proj, shape in (("gate_proj", (I, D)), ("up_proj", (I, D)), ("down_proj", (D, I))):
+            packed, scale = quantize_int4(rng.standard_normal(shape).astype(np.float32) * 0.05)
+            q = unpack_int4(packed)
+            q[rng.random(q.shape) < 0.03] = -8
+            ex[f"{proj}.weight_packed"], ex[f"{proj}.weight_scale"] = pack_int4(q), scale
+        experts.append(ex)
+    return experts
+
+
+def reference(x, ids, weights, experts):
+    """fp32 reference: out[t] = sum_k w * down(silu(gate x) * up x), weights dequantised."""
+    dense = [{p: dequantize_int4(ex[f"{p}.weight_packed"], ex[f"{p}.weight_scale"],
+                                 (D, I) if p == "down_proj" else (I, D))
+              for p in ("gate_proj", "up_proj", "down_proj")} for ex in experts]
+    out = np.zeros((x.shape[0], D), np.float64)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            d = dense[ids[t, k]]
+            g, u = d["gate_proj"] @ x[t], d["up_proj"] @ x[t]
+            out[t] += weights[t, k] * (d["down_proj"] @ (g / (1 + np.exp(-g)) * u))
+    return out.astype(np.float32)
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def experts():
+    return make_experts()
+
+
+@pytest.fixture(scope="module")
+def table(experts):
+    return ExpertTable.from_arrays(experts, D, I)
+
+
+def routing(T: int, seed: int):
+    """ids with a repeated expert in every row and some zero weights."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, E, (T, K))
+    ids[:, 1] = ids[:, 0]                              # repeats allowed
+    w = rng.random((T, K)).astype(np.float32)
+    w[rng.random((T, K)) < 0.2] = 0.0
+    w[0, :] = [0.0, 0.5, 0.0, 0.25]
+    return ids, w
+
+
+def test_codes_include_minus_8(experts):
+    assert (unpack_int4(experts[0]["gate_proj.weight_packed"]) == -8).any()
+    assert (unpack_int4(experts[0]["down_proj.weight_packed"]) == -8).any()
+
+
+@pytest.mark.parametrize("T", [1, 3, 16, 128])
+def test_moe_matches_reference(T, experts, table):
+    ids, w = routing(T, seed=T)
+    x = np.random.default_rng(100 + T).standard_normal((T, D)).astype(np.float32)
+    out = moe_forward(x, ids.astype(np.int32), w, table)
+    assert out.dtype == np.float32 and out.shape == (T, D)
+    assert rel_err(out, reference(x, ids, w, experts)) <= TOL
+
+
+def test_out_is_overwritten_and_threads_agree(table):
+    ids, w = routing(16, seed=7)
+    x = np.random.default_rng(7).standard_normal((16, D)).astype(np.float32)
+    out = np.full((16, D), np.nan, np.float32)
+    assert moe_forward(x, ids, w, table, out=out) is out
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        one = moe_forward(x, ids, w, table)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(out, one)            # the thread split never reorders sums
+
+
+def test_zero_weights_and_empty(table):
+    x = np.ones((2, D), np.float32)
+    ids = np.zeros((2, K), np.int64)
+    np.testing.assert_array_equal(moe_forward(x, ids, np.zeros((2, K), np.float32), table), 0)
+    assert moe_forward(np.zeros((0, D), np.float32), ids[:0], np.zeros((0, K), np.float32),
+                       table).shape == (0, D)
+
+
+def test_from_arrays_places_each_part_at_its_offset(experts, table):
+    shapes = part_shapes(D, I, 32)
+    arena = table.arenas[0]
+    for e, ex in enumerate(experts):
+        for m, name in enumerate(PARTS):
+            a, off = table.loc[e, m]
+            assert a == 0 and off % 64 == 0
+            raw = np.ascontiguousarray(ex[name]).view(np.uint8).reshape(-1)
+            assert raw.size == shapes[m][0][0] * shapes[m][0][1] * shapes[m][1]
+            np.testing.assert_array_equal(arena[off:off + raw.size], raw)
+
+
+def test_table_over_memmap_with_unaligned_offsets(tmp_path, experts, table):
+    """Two shard files, odd offsets (like safetensors' 8 + header bytes), reversed expert order."""
+    loc = np.zeros((E, 6, 2), np.int64)
+    files = [tmp_path / "a.bin", tmp_path / "b.bin"]
+    blobs = [bytearray(b"\x07" * 13), bytearray(b"\x09" * 5)]
+    for e in reversed(range(E)):
+        f = e % 2
+        for m, name in enumerate(PARTS):
+            loc[e, m] = (f, len(blobs[f]))
+            blobs[f] += np.ascontiguousarray(experts[e][name]).tobytes() + b"\x01" * 3
+    for path, blob in zip(files, blobs):
+        path.write_bytes(bytes(blob))
+    mapped = ExpertTable([np.memmap(p, np.uint8, "r") for p in files], loc, D, I)
+    ids, w = routing(16, seed=3)
+    x = np.random.default_rng(3).standard_normal((16, D)).astype(np.float32)
+    np.testing.assert_array_equal(moe_forward(x, ids, w, mapped), moe_forward(x, ids, w, table))
+
+
+def test_loc_updated_in_place_is_followed(experts):
+    tab = ExpertTable.from_arrays(experts, D, I)
+    ids, w = routing(3, seed=5)
+    x = np.random.default_rng(5).standard_normal((3, D)).astype(np.float32)
+    ref = moe_forward(x, ids, w, tab)
+    tab.loc[[0, 1]] = tab.loc[[1, 0]]                  # a cache slot refill swaps two experts
+    swapped = np.where(ids == 0, 1, np.where(ids == 1, 0, ids))
+    np.testing.assert_array_equal(moe_forward(x, swapped, w, tab), ref)
+
+
+def test_validation(experts, table):
+    x = np.zeros((1, D), np.float32)
+    w = np.ones((1, K), np.float32)
+    with pytest.raises(ValueError, match="expert ids"):
+        moe_forward(x, np.full((1, K), E), w, table)
+    with pytest.raises(ValueError, match=r"x must be"):
+        moe_forward(np.zeros((1, D + 1), np.float32), np.zeros((1, K), np.int64), w, table)
+    with pytest.raises(ValueError, match="out must be"):
+        moe_forward(x, np.zeros((1, K), np.int64), w, table, out=np.zeros((1, D), np.float64))
+    short = ExpertTable.from_arrays(experts[:1], D, I)
+    with pytest.raises(ValueError, match="outside arena"):
+        ExpertTable([short.arenas[0][:-1]], short.loc, D, I)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        ExpertTable(table.arenas, table.loc, D, 96)
+
+
+def test_activation_layout_round_trips():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 192)).astype(np.float32)
+    x[1, :32] = 0.0                                    # an all-zero group
+    xa = np.empty((3, 192), np.int16)
+    dg = np.empty((3, 6), np.float32)
+    xs = np.empty((3, 6), np.float32)
+    quantize_rows(x, xa, dg, xs)
+    col = np.arange(192)
+    c, within = col // 64, col % 64
+    pos = c * 64 + (within % 4) * 16 + within // 4    # documented in kernels_cpu/simd.py
+    q = xa[:, pos].astype(np.float32)                  # back in column order
+    np.testing.assert_allclose(q * np.repeat(dg, 32, axis=1), x, atol=np.abs(x).max() / 32767)
+    np.testing.assert_array_equal(xs, -8 * q.reshape(3, 6, 32).sum(-1))
+
+
+def test_runs_beside_python_threads(experts, table):
+    """nogil: two Python threads calling at once both get the right answer."""
+    ids, w = routing(16, seed=11)
+    x = np.random.default_rng(11).standard_normal((16, D)).astype(np.float32)
+    want = moe_forward(x, ids, w, table)
+    got = []
+    ts = [threading.Thread(target=lambda: got.append(moe_forward(x, ids, w, table))) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(got) == 2 and all(np.array_equal(g, want) for g in got)
