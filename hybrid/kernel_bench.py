@@ -1,0 +1,269 @@
+"""`kimi-hybrid bench --kernels`: CPU expert kernel figures against this machine's own ceilings.
+
+Owns the measurement only (returns one JSON-able dict; cli.py prints it). Everything is measured in
+the same run: DRAM read bandwidth with all threads, torch's fp32 matmul, our moe_forward at decode
+and prefill, thread scaling, and peers (torch int4pack; KTransformers' AVX2RawInt4_MOE if present).
+Timings are the best of several repetitions, interleaved with the bandwidth probe, because other
+processes share the cores; ratios within one run are what to compare.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import llvmlite.binding as llvm_binding
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+from kernels_cpu import ExpertTable, moe_forward
+
+log = logging.getLogger(__name__)
+
+K2 = dict(hidden=7168, inter=2048, experts=32, topk=8, model_experts=384)
+SMALL = dict(hidden=256, inter=128, experts=8, topk=4, model_experts=96)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _read_sum(buf, nblocks):
+    # buf uint64 [n]; each block summed with unit stride (vectorised), blocks spread over threads
+    n = buf.shape[0] // nblocks
+    part = np.zeros(nblocks, np.uint64)
+    for b in prange(nblocks):
+        s = buf[b * n:(b + 1) * n]
+        acc = np.uint64(0)
+        for i in range(s.shape[0]):
+            acc += s[i]
+        part[b] = acc
+    return part.sum()
+
+
+def _best(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
+@dataclass
+class _Experts:
+    """E random experts in one arena, part-major (all gate.packed, then all gate.scale, ...)."""
+    table: ExpertTable
+    parts: list[np.ndarray]     # views [E, rows, bytes per row] of the arena, order of PARTS
+    expert_bytes: int
+
+
+def _random_experts(D: int, I: int, E: int, rng: np.random.Generator) -> _Experts:
+    # uniform random nibbles (all 16 codes) and bf16 scales in [2^-7, 2^-6): speed does not
+    # depend on the values, and quantising 1.4 G weights would dominate the run
+    shapes = [(I, D // 2), (I, D // 16), (I, D // 2), (I, D // 16), (D, I // 2), (D, I // 16)]
+    sizes = [E * r * c for r, c in shapes]
+    arena = np.empty(sum(sizes), np.uint8)
+    words = arena.view(np.uint64)
+    for s in range(0, words.size, 1 << 24):
+        words[s:s + (1 << 24)] = rng.integers(0, 2**63, min(1 << 24, words.size - s), dtype=np.uint64)
+    loc = np.zeros((E, 6, 2), np.int64)
+    parts, pos = [], 0
+    for m, ((r, c), size) in enumerate(zip(shapes, sizes)):
+        view = arena[pos:pos + size].reshape(E, r, c)
+        if m % 2:
+            view.view(np.uint16).reshape(-1)[:] = 0x3C00 + rng.integers(0, 128, view.size // 2, dtype=np.uint16)
+        loc[:, m, 1] = pos + np.arange(E) * r * c
+        parts.append(view)
+        pos += size
+    per = sum(r * c for r, c in shapes)
+    return _Experts(ExpertTable([arena], loc, D, I), parts, per)
+
+
+def _routing(T: int, E: int, K: int, rng: np.random.Generator):
+    ids = np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int64)   # K distinct per token
+    w = rng.random((T, K)).astype(np.float32)
+    return ids, w / w.sum(1, keepdims=True)
+
+
+def _prefill_entry(ex: _Experts, table: ExpertTable, T: int, K: int, reps: int,
+                   rng: np.random.Generator) -> dict:
+    D, I, E = table.hidden, table.inter, table.num_experts
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    ids, w = _routing(T, E, K, rng)
+    out = np.empty((T, D), np.float32)
+    moe_forward(x, ids, w, table, out)
+    dt = _best(lambda: moe_forward(x, ids, w, table, out), reps)
+    return {"ms": dt * 1e3, "tokens_per_s": T / dt, "gflops": 6 * D * I * T * K / dt / 1e9,
+            "tokens_per_expert": T * K / E}
+
+
+def _torch_peer(ex: _Experts, D: int, I: int, K: int, T_prefill: int, reps: int,
+                rng: np.random.Generator) -> dict:
+    """Same experts through torch's int4pack GEMM (fp32 activations, fp32 scales), expert by expert."""
+    E = ex.table.num_experts
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+
+    def convert(packed_u8: np.ndarray, scale_u16: np.ndarray):
+        rows = packed_u8.shape[0]
+        words = torch.from_numpy(packed_u8.view(np.int32))
+        codes = ((words.unsqueeze(-1) >> shifts) & 15).reshape(rows, -1)   # [N, K] in 0..15
+        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        scale = torch.from_numpy((scale_u16.astype(np.uint32) << 16).view(np.float32))
+        sz = torch.stack([scale.t(), torch.zeros_like(scale.t())], dim=-1).contiguous()  # [K/G, N, 2]
+        return w, sz
+
+    mats = [[convert(ex.parts[2 * j][e], ex.parts[2 * j + 1][e]) for j in range(3)] for e in range(E)]
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+    def forward(x, ids, w):
+        out = torch.zeros_like(x)
+        for e in torch.unique(ids).tolist():
+            t, k = torch.nonzero(ids == e, as_tuple=True)
+            xe = x[t]
+            (gw, gs), (uw, us), (dw, ds) = mats[e]
+            h = torch.nn.functional.silu(mm(xe, gw, 32, gs)) * mm(xe, uw, 32, us)
+            out.index_add_(0, t, mm(h, dw, 32, ds) * w[t, k, None])
+        return out
+
+    res = {}
+    for name, T in (("decode", 1), ("prefill_" + str(T_prefill), T_prefill)):
+        ids, w = _routing(T, E, K, rng)
+        x, ids_t, w_t = torch.randn(T, D), torch.from_numpy(ids), torch.from_numpy(w)
+        forward(x, ids_t, w_t)
+        dt = _best(lambda: forward(x, ids_t, w_t), reps)
+        res[name] = {"ms": dt * 1e3, "gbps": min(E, T * K) * ex.expert_bytes / dt / 1e9 if T == 1 else None,
+                     "tokens_per_s": T / dt, "gflops": 6 * D * I * T * K / dt / 1e9}
+    return res
+
+
+def _load_kt_ext():
+    spec = importlib.util.find_spec("kt_kernel")
+    if spec is None or not spec.submodule_search_locations:
+        return None, "kt-kernel is not installed (its wheel pins torch==2.9.1 with CUDA; not a dependency)"
+    found = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "_kt_kernel_ext_avx2*.so"))
+    if not found:
+        return None, "kt-kernel has no avx2 extension module"
+    loader = importlib.machinery.ExtensionFileLoader("kt_kernel_ext", found[0])
+    mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location("kt_kernel_ext", found[0], loader=loader))
+    loader.exec_module(mod)
+    return mod, ""
+
+
+def _kt_peer(ex: _Experts, D: int, I: int, K: int, T_prefill: int, threads: int, reps: int,
+             rng: np.random.Generator) -> dict:
+    """KTransformers' AVX2RawInt4_MOE over the same bytes (its RAWINT4 layout is the checkpoint's)."""
+    try:
+        kt, reason = _load_kt_ext()
+    except (ImportError, OSError) as e:
+        kt, reason = None, f"loading kt-kernel's avx2 module failed: {e}"
+    if kt is None:
+        return {"available": False, "reason": reason}
+    E = ex.table.num_experts
+    cpu = kt.CPUInfer(threads)
+    cfg = kt.moe.MOEConfig(E, K, D, I, 0)
+    cfg.max_len = max(T_prefill, 1)
+    cfg.gate_proj, cfg.gate_scale = ex.parts[0].ctypes.data, ex.parts[1].ctypes.data
+    cfg.up_proj, cfg.up_scale = ex.parts[2].ctypes.data, ex.parts[3].ctypes.data
+    cfg.down_proj, cfg.down_scale = ex.parts[4].ctypes.data, ex.parts[5].ctypes.data
+    cfg.quant_config.bits, cfg.quant_config.group_size, cfg.quant_config.zero_point = 4, 32, False
+    cfg.pool = cpu.backend_
+    moe = kt.moe.AVX2RawInt4_MOE(cfg)
+    p2l = np.arange(E, dtype=np.int64)
+    cpu.submit(moe.load_weights_task(p2l.ctypes.data))
+    cpu.sync()
+    res: dict = {"available": True, "class": "AVX2RawInt4_MOE", "variant": getattr(kt, "__cpu_variant__", "avx2")}
+    for name, T in (("decode", 1), ("prefill_" + str(T_prefill), T_prefill)):
+        ids, w = _routing(T, E, K, rng)
+        x = torch.randn(T, D).to(torch.bfloat16)
+        out = torch.empty(T, D, dtype=torch.bfloat16)
+        bsz = np.array([T], np.int32)
+
+        def run():
+            cpu.submit(moe.forward_task(bsz.ctypes.data, K, ids.ctypes.data, w.ctypes.data,
+                                        x.data_ptr(), out.data_ptr(), False))
+            cpu.sync()
+        run()
+        dt = _best(run, reps)
+        res[name] = {"ms": dt * 1e3, "gbps": T * K * ex.expert_bytes / dt / 1e9 if T == 1 else None,
+                     "tokens_per_s": T / dt, "gflops": 6 * D * I * T * K / dt / 1e9}
+    return res
+
+
+def run_kernel_bench(small: bool = False, threads: int | None = None) -> dict:
+    """Measure and return the figures of issue 3 as a JSON-able dict (see module docstring)."""
+    shp = SMALL if small else K2
+    D, I, E, K = shp["hidden"], shp["inter"], shp["experts"], shp["topk"]
+    nt = threads or numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(nt)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(nt)
+    rng = np.random.default_rng(0)
+    reps = 3 if small else 15
+    try:
+        ex = _random_experts(D, I, E, rng)
+        probe = np.ones((16 if small else 1024) << 17, np.uint64)      # 16 MiB / 1 GiB
+
+        def decode(n_threads: int) -> tuple[float, float]:
+            """-> (best decode seconds, best read-sum GB/s), interleaved so both see the same noise."""
+            numba.set_num_threads(n_threads)
+            x = rng.standard_normal((1, D)).astype(np.float32)
+            out = np.empty((1, D), np.float32)
+            moe_forward(x, *_routing(1, E, K, rng), ex.table, out)
+            _read_sum(probe, 64)
+            td, tb = [], []
+            for _ in range(reps * 2):
+                ids, w = _routing(1, E, K, rng)
+                td.append(_best(lambda: moe_forward(x, ids, w, ex.table, out), 1))
+                tb.append(_best(lambda: _read_sum(probe, 64), 1))
+            numba.set_num_threads(nt)
+            return min(td), probe.nbytes / min(tb) / 1e9
+
+        dec_s, bw = decode(nt)
+        dec_gbps = K * ex.expert_bytes / dec_s / 1e9
+        result: dict = {
+            "config": {"hidden": D, "inter": I, "group": 32, "experts": E, "topk": K, "threads": nt,
+                       "small": small, "expert_mb": ex.expert_bytes / 1e6,
+                       "working_set_mb": E * ex.expert_bytes / 1e6,
+                       "activations": "int16 per group of 32 (tolerance 1e-4)",
+                       "host_cpu": llvm_binding.get_host_cpu_name(),
+                       "host_avx512": bool(llvm_binding.get_host_cpu_features().get("avx512f", False)),
+                       "loadavg_1min": os.getloadavg()[0]},
+            "mem_read_gbps": bw,
+            "moe_decode": {"ms": dec_s * 1e3, "gbps": dec_gbps, "pct_of_mem_read": 100 * dec_gbps / bw},
+        }
+        result["moe_prefill"] = {str(T): _prefill_entry(ex, ex.table, T, K, max(2, reps // 4), rng)
+                                 for T in (16, 128, 512)}
+        a, b = torch.randn(512, D), torch.randn(D, I)
+        torch.mm(a, b)
+        fp32 = 2 * 512 * D * I / _best(lambda: torch.mm(a, b), reps) / 1e9
+        result["fp32_matmul_gflops"] = fp32
+        dense = _prefill_entry(ex, ex.table, 64 * E // K, K, max(2, reps // 4), rng)
+        result["prefill_64_per_expert"] = dict(dense, pct_of_fp32_matmul=100 * dense["gflops"] / fp32)
+        # the real model's density: 512 tokens over 384 experts, aliased onto the E stored ones
+        M = shp["model_experts"]
+        alias = ExpertTable(ex.table.arenas, np.ascontiguousarray(ex.table.loc[np.arange(M) % E]), D, I)
+        model = _prefill_entry(ex, alias, 512, K, max(2, reps // 4), rng)
+        result["prefill_model_density"] = dict(model, experts=M, pct_of_fp32_matmul=100 * model["gflops"] / fp32)
+
+        scaling = {}
+        for n in sorted({1, nt}):
+            d_s, d_bw = decode(n)
+            numba.set_num_threads(n)
+            pre = _prefill_entry(ex, ex.table, 64 * E // K, K, 2, rng)
+            numba.set_num_threads(nt)
+            scaling[str(n)] = {"mem_read_gbps": d_bw, "decode_ms": d_s * 1e3,
+                               "decode_gbps": K * ex.expert_bytes / d_s / 1e9,
+                               "prefill_64_per_expert_gflops": pre["gflops"]}
+        result["threads"] = scaling
+        result["peers"] = {
+            "torch_int4pack": _torch_peer(ex, D, I, K, 16, max(2, reps // 3), rng),
+            "ktransformers": ({"available": False, "reason": "not run by the small smoke configuration"}
+                              if small else _kt_peer(ex, D, I, K, 16, nt, max(2, reps // 3), rng)),
+        }
+        return result
+    finally:
+        torch.set_num_threads(torch_threads)
