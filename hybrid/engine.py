@@ -51,6 +51,54 @@ class Engine:
         self.chat_template = load_chat_template(ckpt.path)
         self._cache = self.model.new_cache(context)  # persistent across requests, for prefix reuse
         self._cached_ids: list[int] = []  # the tokens whose KV the cache holds, in order
+        self.plan = None  # the placement plan, set by load()
+        if hasattr(experts, "predict"):
+            experts.predict = experts.predict or (lambda layer, x, k: self.model.route(layer, x, k)[0])
+        self._tokens = {"prefill": 0, "decode": 0}
+
+    # ---- statistics (bench) -----------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.model.times.clear()
+        self._tokens = {"prefill": 0, "decode": 0}
+        if hasattr(self.model.experts, "reset_stats"):
+            self.model.experts.reset_stats()
+        cache = getattr(self.model.experts, "cache", None)
+        if cache is not None:
+            for layer in cache.stats:
+                cache.stats[layer] = type(cache.stats[layer])()
+
+    def stats(self) -> dict:
+        """Where the time went since reset_stats(): GPU-side work, waits on the CPU experts, IO."""
+        t = self.model.times
+        ex = self.model.experts
+        gpu_side = t["attention"] + t["router"] + t["shared"] + t["dense"] + t["lm_head"]
+        out = {
+            "forward_s": t["forward"], "gpu_side_s": gpu_side, "attention_s": t["attention"],
+            "shared_s": t["shared"], "experts_wait_s": t["experts_wait"], "submit_s": t["submit"],
+            "experts_compute_s": getattr(ex, "compute_s", 0.0), "io_wait_s": getattr(ex, "io_wait_s", 0.0),
+            "expert_bytes": getattr(ex, "expert_bytes", 0), "tokens": dict(self._tokens),
+            "io_s": 0.0, "bytes_read": 0, "cache": None,
+        }
+        out["overhead_s"] = max(0.0, t["forward"] - gpu_side - t["experts_wait"])
+        cache = getattr(ex, "cache", None)
+        if cache is not None:
+            hits = sum(s.hits for s in cache.stats.values())
+            misses = sum(s.misses for s in cache.stats.values())
+            out["io_s"] = sum(s.io_s for s in cache.stats.values())
+            out["bytes_read"] = sum(s.bytes_read for s in cache.stats.values())
+            out["cache"] = {
+                "slots": cache.n_slots, "hits": hits, "misses": misses,
+                "hit_rate": hits / (hits + misses) if hits + misses else None,
+                "prefetched": sum(s.prefetched for s in cache.stats.values()),
+                "prefetch_used": sum(s.prefetch_used for s in cache.stats.values()),
+                "per_layer": {l: vars(s).copy() for l, s in cache.stats.items()},
+            }
+        return out
+
+    def close(self) -> None:
+        if hasattr(self.model.experts, "close"):
+            self.model.experts.close()
+        self.checkpoint.close()
 
     @torch.inference_mode()
     def logits(self, token_ids, attn: AttnMode = "auto") -> torch.Tensor:
@@ -81,6 +129,7 @@ class Engine:
         if sampler is None:
             gen = params.make_generator()
             sampler = lambda logits: sample(logits, params, gen)  # noqa: E731
+        self.checkpoint.check_files()  # a shard shrunk under the map would be a SIGBUS, not an error
         common = 0
         for a, b in zip(self._cached_ids, prompt):
             if a != b:
@@ -91,6 +140,10 @@ class Engine:
         generated: list[int] = []
         try:
             for step in generate(self.model, self._cache, prompt, max_new_tokens, sampler, stop_ids):
+                if step.index == 0:
+                    self._tokens["prefill"] += step.prefill_tokens
+                else:
+                    self._tokens["decode"] += 1
                 generated.append(step.token)
                 yield step
         finally:  # also when the consumer stops early or a forward fails: keep ids and cache in step
@@ -117,20 +170,57 @@ class Engine:
         yield from run_chat(self, prompt, params, names, min(max_tokens or budget, budget))
 
 
-def load(model: str | Path = "tiny", *, backend: str = "reference", device: str = "cpu",
-         context: int = 4096) -> Engine:
-    """Open a checkpoint (directory or preset name) and return an Engine.
+def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "cpu", context: int = 4096,
+         expert_mode: str = "auto", cache_slots: int | None = None, ram_budget: float | None = None,
+         gpu_memory: float | None = None, cpu_threads: int | None = None, prefetch: bool = True,
+         prefetch_width: int | None = None, cache_policy: str = "lrfu", io_threads: int = 2,
+         trace: str | Path | None = None) -> Engine:
+    """Open a checkpoint (directory or preset name), plan placement, and return an Engine.
 
-    backend: 'numba' (INT4 kernels reading the memory-mapped shards) or 'reference' (torch,
-    dequantised fp32; the oracle).
+    backend: 'numba' (INT4 kernels over mmap'd shards or the RAM expert cache), 'reference'
+    (torch, dequantised fp32; the oracle), or 'auto' (numba where the CPU has AVX2).
+    expert_mode: 'mmap', 'cache' (RAM slots fed by explicit reads; cache_slots overrides the
+    planned count) or 'auto' (the planner decides from RAM). ram_budget / gpu_memory in GB.
+    prefetch: load the next layer's predicted experts during this layer (cache mode, decode).
+    trace: write routing decisions as JSON lines to this file (scripts/replay_traces.py reads it).
     """
+    from .hardware import detect
+    from .placement import plan as make_plan
+
     ckpt = Checkpoint(resolve_model(model))
+    cfg = ckpt.config
+    if expert_mode not in ("auto", "mmap", "cache"):
+        raise ValueError(f"expert_mode must be 'auto', 'mmap' or 'cache', got {expert_mode!r}")
+    if cache_slots is not None:
+        expert_mode = "cache"
+    plan = make_plan(cfg, detect(), gpu_memory=gpu_memory, ram_budget=ram_budget, context=context,
+                     cpu_threads=cpu_threads, expert_mode=expert_mode, device=device if device != "cpu" else "cpu")
+    if backend == "auto":
+        from kernels_cpu.simd import host_has_avx2
+
+        backend = "numba" if host_has_avx2() else "reference"
     if backend == "reference":
         experts: ExpertBackend = ReferenceExperts(ckpt)
     elif backend == "numba":
-        from .experts import NumbaExperts
-
-        experts = NumbaExperts(ckpt)
+        experts = _numba_backend(ckpt, plan, cache_slots, prefetch, prefetch_width, cache_policy, io_threads, trace)
     else:
-        raise ValueError(f"backend {backend!r} is not known; use 'numba' or 'reference'")
-    return Engine(ckpt, experts, device=device, context=context)
+        raise ValueError(f"backend {backend!r} is not known; use 'numba', 'reference' or 'auto'")
+    engine = Engine(ckpt, experts, device=device, context=context)
+    engine.plan = plan
+    return engine
+
+
+def _numba_backend(ckpt: Checkpoint, plan, cache_slots, prefetch, prefetch_width, cache_policy, io_threads, trace):
+    from .expert_cache import ExpertCache
+    from .experts import mmap_tables
+    from .scheduler import Scheduler
+
+    cfg = ckpt.config
+    trace_file = open(trace, "w") if trace else None  # noqa: SIM115 (closed by Scheduler.close)
+    width = prefetch_width or 2 * cfg.num_experts_per_tok
+    if plan.expert_mode == "cache":
+        slots = cache_slots or plan.cache_slots
+        cache = ExpertCache(ckpt, slots, io_threads=io_threads, policy=cache_policy)
+        return Scheduler(cfg.moe_layers, cache=cache, prefetch_width=width if prefetch else 0,
+                         trace=trace_file, threads=plan.cpu_threads)
+    return Scheduler(cfg.moe_layers, tables=mmap_tables(ckpt), trace=trace_file, threads=plan.cpu_threads)

@@ -1,19 +1,14 @@
-"""Routed-expert storage and the Numba expert backend (mmap mode).
+"""Routed-expert storage in mmap mode: ExpertTables straight over the memory-mapped shard files.
 
-Owns where routed experts live for the CPU kernels: each MoE layer gets a kernels_cpu.ExpertTable
-pointing straight into the memory-mapped shard files (no copies; the page cache is the store).
-The backend runs the kernel on a worker thread (the kernel releases the GIL) so the shared expert
-on the GPU side overlaps with it. Cache mode (a RAM slot cache fed by explicit reads) is not built yet.
+Owns describing where each routed expert lies for the CPU kernels, with no copies: the page cache
+is the store. Cache mode (RAM slots fed by explicit reads) lives in expert_cache.py.
 """
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from kernels_cpu.moe import moe_forward
 from kernels_cpu.table import PARTS, ExpertTable
 
 from .checkpoint import Checkpoint
@@ -38,24 +33,3 @@ def mmap_tables(ckpt: Checkpoint) -> dict[int, ExpertTable]:
                 loc[e, m] = (files[info.file], info.offset)
         tables[layer] = ExpertTable(arenas, loc, cfg.hidden_size, cfg.moe_intermediate_size, cfg.group_size)
     return tables
-
-
-class NumbaExperts:
-    """Expert backend: submit() starts the INT4 kernel on a worker thread; wait() returns y [T, D]."""
-
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-        self.tables = mmap_tables(ckpt)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
-
-    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Future:
-        xn = x.detach().float().cpu().numpy()
-        idn = ids.cpu().numpy().astype(np.int64)
-        wn = weights.detach().float().cpu().numpy()
-        return self._pool.submit(moe_forward, xn, idn, wn, self.tables[layer])
-
-    def wait(self, handle: Future) -> torch.Tensor:
-        return torch.from_numpy(handle.result())
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)

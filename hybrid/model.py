@@ -9,6 +9,8 @@ P qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, E routed experts, K expert
 from __future__ import annotations
 
 import math
+import time
+from collections import defaultdict
 from typing import Any, Literal, Protocol
 
 import torch
@@ -95,6 +97,7 @@ class Model:
         self.experts = experts
         self.device = weights["model.norm.weight"].device
         self.inv_freq = yarn_inv_freq(cfg).to(self.device)
+        self.times: defaultdict[str, float] = defaultdict(float)  # seconds by part, for the bench's split
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.cfg, max_len, self.device, self.w["model.norm.weight"].dtype)
@@ -110,14 +113,21 @@ class Model:
         h = self.w["model.embed_tokens.weight"][ids.to(self.device)]  # [T, D]
         if attn == "auto":
             attn = "absorbed" if T <= ABSORB_MAX_TOKENS else "naive"
+        t_start = time.perf_counter()
         for i in range(self.cfg.num_hidden_layers):
+            t0 = time.perf_counter()
             h = h + self.attention(i, rms_norm(h, self.w[f"model.layers.{i}.input_layernorm.weight"], self.cfg.rms_norm_eps),
                                    cache, s0, cos, sin, attn)
             x = rms_norm(h, self.w[f"model.layers.{i}.post_attention_layernorm.weight"], self.cfg.rms_norm_eps)
+            self.times["attention"] += time.perf_counter() - t0
             h = h + (self.moe(i, x) if self.cfg.is_moe_layer(i) else self.dense_mlp(i, x))
         cache.length = s0 + T
+        t0 = time.perf_counter()
         h = rms_norm(h, self.w["model.norm.weight"], self.cfg.rms_norm_eps)
-        return (h @ self.w["lm_head.weight"].T).float()
+        logits = (h @ self.w["lm_head.weight"].T).float()
+        self.times["lm_head"] += time.perf_counter() - t0
+        self.times["forward"] += time.perf_counter() - t_start
+        return logits
 
     def attention(self, i: int, x: torch.Tensor, cache: KVCache, s0: int, cos: torch.Tensor,
                   sin: torch.Tensor, mode: AttnMode) -> torch.Tensor:
@@ -150,8 +160,9 @@ class Model:
             o = torch.einsum("ths,shv->thv", probs, kvb[..., P:])  # [T, H, V]
         return o.reshape(T, H * Vd) @ w[p + "o_proj.weight"].T
 
-    def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> (ids [T, K], weights [T, K]); DeepSeek-V3: the bias picks experts but does not weight them."""
+    def route(self, i: int, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (ids [T, K], weights [T, K]); DeepSeek-V3: the bias picks experts but does not weight them.
+        k: how many to pick (default top-K; prefetch asks for a wider candidate set)."""
         c, p = self.cfg, f"model.layers.{i}.mlp.gate."
         scores = torch.sigmoid(x.float() @ self.w[p + "weight"].float().T)  # [T, E]
         choice = scores + self.w[p + "e_score_correction_bias"].float()
@@ -162,20 +173,33 @@ class Model:
             keep = torch.zeros_like(group_score, dtype=torch.bool)
             keep.scatter_(1, group_score.topk(c.topk_group, dim=-1).indices, True)
             choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(T, -1)
-        ids = choice.topk(c.num_experts_per_tok, dim=-1).indices
+        ids = choice.topk(min(k or c.num_experts_per_tok, c.n_routed_experts), dim=-1).indices
         weights = scores.gather(1, ids)
         if c.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return ids, weights * c.routed_scaling_factor
 
     def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
         ids, weights = self.route(i, x)
+        t1 = time.perf_counter()
         handle = self.experts.submit(i, x, ids, weights)  # routed experts start on the CPU workers
+        t2 = time.perf_counter()
         p = f"model.layers.{i}.mlp.shared_experts."
         shared = swiglu(x, self.w[p + "gate_proj.weight"], self.w[p + "up_proj.weight"], self.w[p + "down_proj.weight"]) \
             if self.cfg.n_shared_experts else torch.zeros_like(x)
-        return shared + self.experts.wait(handle).to(x.dtype)
+        t3 = time.perf_counter()
+        routed = self.experts.wait(handle).to(x.dtype)
+        t4 = time.perf_counter()
+        self.times["router"] += t1 - t0
+        self.times["submit"] += t2 - t1
+        self.times["shared"] += t3 - t2
+        self.times["experts_wait"] += t4 - t3
+        return shared + routed
 
     def dense_mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
         p = f"model.layers.{i}.mlp."
-        return swiglu(x, self.w[p + "gate_proj.weight"], self.w[p + "up_proj.weight"], self.w[p + "down_proj.weight"])
+        y = swiglu(x, self.w[p + "gate_proj.weight"], self.w[p + "up_proj.weight"], self.w[p + "down_proj.weight"])
+        self.times["dense"] += time.perf_counter() - t0
+        return y

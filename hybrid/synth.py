@@ -44,7 +44,7 @@ def _preset_overrides() -> dict[str, dict]:
     tiny_vocab = 1280  # 1024 BPE ranks + 256 reserved specials, like the real 163584 + 256
     return {
         # seconds to write; small enough for HF reference runs in tests
-        "tiny": dict(vocab_size=tiny_vocab, hidden_size=64, intermediate_size=96, moe_intermediate_size=64,
+        "tiny": dict(vocab_size=tiny_vocab, hidden_size=128, intermediate_size=96, moe_intermediate_size=128,
                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
                      kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                      n_routed_experts=16, num_experts_per_tok=4, bos_token_id=1024, eos_token_id=1026,

@@ -43,17 +43,18 @@ def rewrite(path, name, fn):
 
 def test_views_are_zero_copy(tiny_path):
     c = Checkpoint(tiny_path)
+    D, I, Q = c.config.hidden_size, c.config.moe_intermediate_size, c.config.q_lora_rank
     t = c.tensor("model.layers.0.self_attn.q_a_proj.weight")
-    assert t.dtype == torch.bfloat16 and t.shape == (32, 64)
+    assert t.dtype == torch.bfloat16 and t.shape == (Q, D)
     info = c.info("model.layers.0.self_attn.q_a_proj.weight")
     raw = np.fromfile(info.file, dtype=np.uint16, count=info.nbytes // 2, offset=info.offset)
     assert np.array_equal(t.view(torch.int16).numpy().view(np.uint16).ravel(), raw)
     a = c.array("model.layers.0.self_attn.q_a_proj.weight")
     assert not a.flags.owndata and a.base is not None  # a view of the map, not a copy
     w = c.expert(1, 3, "up_proj")
-    assert w.packed.dtype == np.int32 and w.packed.shape == (64, 8) and w.scale.shape == (64, 2)
-    assert w.shape == (64, 64)
-    assert unpack_int4(w.packed).min() >= -8 and dequantize_int4(w.packed, w.scale, w.shape).shape == (64, 64)
+    assert w.packed.dtype == np.int32 and w.packed.shape == (I, D // 8) and w.scale.shape == (I, D // 32)
+    assert w.shape == (I, D)
+    assert unpack_int4(w.packed).min() >= -8 and dequantize_int4(w.packed, w.scale, w.shape).shape == (I, D)
 
 
 def test_weight_shape_int32_and_bias_bf16_accepted(broken):
@@ -61,7 +62,7 @@ def test_weight_shape_int32_and_bias_bf16_accepted(broken):
     rewrite(broken, EXPERT + ".weight_shape", lambda d: {**d, EXPERT + ".weight_shape": d[EXPERT + ".weight_shape"].to(torch.int32),
                                                          bias: d[bias].bfloat16()})
     c = Checkpoint(broken)
-    assert c.expert(1, 3, "up_proj").shape == (64, 64)
+    assert c.expert(1, 3, "up_proj").shape == (c.config.moe_intermediate_size, c.config.hidden_size)
 
 
 @pytest.mark.parametrize("cut", [1, 4096, "header"])
@@ -121,16 +122,17 @@ def test_index_lists_tensor_the_shard_lacks(broken):
 
 def test_wrong_dtype(broken):
     name = "model.layers.0.self_attn.q_a_proj.weight"
-    rewrite(broken, name, lambda d: {**d, name: torch.zeros(32, 64)})
+    rewrite(broken, name, lambda d: {**d, name: torch.zeros(d[name].shape)})
     with pytest.raises(CheckpointError, match=rf"tensor {name} has dtype F32, expected BF16"):
         Checkpoint(broken)
 
 
 def test_wrong_shape_against_config(broken):
     cfg = json.loads((broken / "config.json").read_text())
-    cfg["q_lora_rank"] = 48
+    q, d = cfg["q_lora_rank"], cfg["hidden_size"]
+    cfg["q_lora_rank"] = q + 16
     (broken / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"q_a_proj.weight has shape \[32, 64\], config.json implies \[48, 64\]"):
+    with pytest.raises(CheckpointError, match=rf"q_a_proj.weight has shape \[{q}, {d}\], config.json implies \[{q + 16}, {d}\]"):
         Checkpoint(broken)
 
 
@@ -175,7 +177,8 @@ def test_weight_shape_contents_checked(broken):
     name = EXPERT + ".weight_shape"
     rewrite(broken, name, lambda d: {**d, name: torch.tensor([32, 32])})
     c = Checkpoint(broken)
-    with pytest.raises(CheckpointError, match=rf"{name} holds \[32, 32\], config.json implies \[64, 64\]"):
+    I, D = c.config.moe_intermediate_size, c.config.hidden_size
+    with pytest.raises(CheckpointError, match=rf"{name} holds \[32, 32\], config.json implies \[{I}, {D}\]"):
         c.expert(1, 3, "up_proj")
 
 

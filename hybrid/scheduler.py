@@ -1,0 +1,148 @@
+"""Per-layer scheduling of the routed experts: the expert backend the model calls (submit / wait).
+
+Owns the order of work for one MoE layer: experts already in RAM run first on the CPU worker while
+misses load; loads start in waves when the cache is smaller than the layer's working set; the next
+layer's experts are prefetched (its router applied to this layer's input, a candidate set wider
+than top-k, at low IO priority, never evicting what this layer pinned). Also routing traces and
+timing counters. The kernels compute; expert_cache moves bytes; this file only orders them.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from typing import Callable, TextIO
+
+import numba
+import numpy as np
+import torch
+
+from kernels_cpu.moe import moe_forward
+from kernels_cpu.table import ExpertTable
+
+from .expert_cache import DEMAND, PREFETCH, ExpertCache
+
+Predict = Callable[[int, torch.Tensor, int], torch.Tensor]  # (layer, x [T, D], width) -> candidate ids [T, width]
+
+
+class Scheduler:
+    def __init__(self, moe_layers: list[int], tables: dict[int, ExpertTable] | None = None,
+                 cache: ExpertCache | None = None, predict: Predict | None = None, prefetch_width: int = 0,
+                 trace: TextIO | None = None, threads: int | None = None):
+        if (tables is None) == (cache is None):
+            raise ValueError("Scheduler needs either mmap tables or a cache")
+        self.cache = cache
+        self.tables = cache.tables if cache else tables
+        self.next_layer = dict(zip(moe_layers, moe_layers[1:]))
+        self.first_layer = moe_layers[0] if moe_layers else -1
+        self.predict = predict  # the engine supplies the model's router when None
+        self.prefetch = cache is not None and prefetch_width > 0
+        self.prefetch_width = prefetch_width
+        self.trace = trace
+        self._predicted: dict[int, list[int]] = {}
+        self._token = 0
+        # numba's thread count is per calling thread: set it on the worker that runs the kernels
+        init = (lambda: numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))) if threads else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts", initializer=init)
+        self._lock = threading.Lock()
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.compute_s = self.io_wait_s = self.wait_s = 0.0
+        self.expert_bytes = 0  # expert bytes the kernels read (unique experts per call)
+
+    # ---- the seam ---------------------------------------------------------------------------
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Future:
+        xn = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        idn = ids.cpu().numpy().astype(np.int64)
+        wn = np.ascontiguousarray(weights.detach().float().cpu().numpy())
+        used = sorted(set(idn[wn != 0].tolist()))
+        self._record(layer, idn, wn)
+        if self.cache is None:
+            return self._pool.submit(self._run_mmap, layer, xn, idn, wn, len(used))
+        # pin what is resident and start the misses before any prefetch can take their slots
+        resident, missing = self.cache.pin_ready(layer, used)
+        started, waiting = {}, []
+        for e in missing:
+            fut = self.cache.load(layer, e, DEMAND, pin=True)
+            if fut is None:
+                waiting.append(e)
+            else:
+                started[e] = fut
+        if self.prefetch and self.predict is not None and x.shape[0] == 1 and layer in self.next_layer:
+            nxt = self.next_layer[layer]
+            cand = self.predict(nxt, x, self.prefetch_width)[0].tolist()
+            self._predicted[nxt] = cand
+            for e in cand:
+                self.cache.load(nxt, e, PREFETCH)
+        return self._pool.submit(self._run_cached, layer, xn, idn, wn, resident, started, waiting)
+
+    def wait(self, handle: Future) -> torch.Tensor:
+        t0 = time.perf_counter()
+        y = handle.result()
+        self.wait_s += time.perf_counter() - t0
+        return torch.from_numpy(y)
+
+    # ---- worker side --------------------------------------------------------------------------
+    def _kernel(self, layer: int, x: np.ndarray, ids: np.ndarray, w: np.ndarray, n_experts: int) -> np.ndarray:
+        t0 = time.perf_counter()
+        y = moe_forward(x, ids, w, self.tables[layer])
+        self.compute_s += time.perf_counter() - t0
+        self.expert_bytes += n_experts * self.tables[layer].expert_nbytes
+        return y
+
+    def _run_mmap(self, layer: int, x: np.ndarray, ids: np.ndarray, w: np.ndarray, n: int) -> np.ndarray:
+        return self._kernel(layer, x, ids, w, n)
+
+    def _run_cached(self, layer: int, x: np.ndarray, ids: np.ndarray, w: np.ndarray, resident: list[int],
+                    started: dict[int, Future], waiting: list[int]) -> np.ndarray:
+        cache = self.cache
+        out = np.zeros_like(x)
+        try:
+            if resident:  # resident experts run first while the misses load
+                out += self._kernel(layer, x, ids, np.where(np.isin(ids, resident), w, 0).astype(np.float32), len(resident))
+                cache.unpin(layer, resident)
+                resident = []
+            while started or waiting:
+                while waiting:  # a cache smaller than the layer's working set: load in waves
+                    fut = cache.load(layer, waiting[0], DEMAND, pin=True)
+                    if fut is None:
+                        break
+                    started[waiting.pop(0)] = fut
+                if not started:
+                    raise RuntimeError(f"expert cache of {cache.n_slots} slots has no slot free for layer {layer}")
+                t0 = time.perf_counter()
+                done, _ = wait_futures(list(started.values()), return_when=FIRST_COMPLETED)
+                self.io_wait_s += time.perf_counter() - t0
+                group = [e for e, f in started.items() if f in done]
+                for e in group:
+                    del started[e]
+                try:
+                    for f in done:
+                        f.result()  # a read error surfaces here, to the caller of wait()
+                    out += self._kernel(layer, x, ids, np.where(np.isin(ids, group), w, 0).astype(np.float32), len(group))
+                finally:
+                    cache.unpin(layer, group)
+        finally:
+            cache.unpin(layer, resident)
+            cache.unpin(layer, list(started))  # on error, let go of what is still loading
+        return out
+
+    # ---- traces -------------------------------------------------------------------------------
+    def _record(self, layer: int, ids: np.ndarray, w: np.ndarray) -> None:
+        if layer == self.first_layer:
+            self._token += ids.shape[0]
+        if self.trace is None:
+            return
+        rec = {"layer": layer, "token": self._token - ids.shape[0], "experts": ids.tolist(),
+               "weights": np.round(w, 5).tolist(), "predicted": self._predicted.pop(layer, None)}
+        self.trace.write(json.dumps(rec) + "\n")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self.cache is not None:
+            self.cache.close()
+        if self.trace is not None:
+            self.trace.flush()
