@@ -1,0 +1,166 @@
+"""The HTTP face: an OpenAI- and Anthropic-compatible server over one engine (FastAPI + uvicorn).
+
+Owns the app (routes, API-key check, error bodies in each API's style, /health, /v1/models) and
+serve(). Must not: render terminal output (cli.py does), or run generation outside the one worker of
+api_common.EngineRunner; no request may take the server down.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from . import api_anthropic, api_openai
+from .api_common import ApiError, EngineRunner, ServerState, check_model, server_state
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 32 << 20  # a 256K-token history with tools is a few MB of JSON
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+_OPENAI_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 500: "server_error", 503: "server_error"}
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                    503: "overloaded_error"}
+
+
+def error_response(path: str, status: int, message: str, param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    """An error body in the style of the API the path belongs to."""
+    if path.startswith("/v1/messages"):
+        kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+        return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status_code=status)
+    kind = _OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status)
+
+
+class ApiKeyCheck:
+    """ASGI middleware: every HTTP request must carry the key, as `Authorization: Bearer KEY` (OpenAI
+    clients) or `x-api-key: KEY` (Anthropic clients); otherwise 401 before anything else runs."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            bearer = headers.get(b"authorization", b"")
+            given = headers.get(b"x-api-key") or (bearer[7:].strip() if bearer[:7].lower() == b"bearer " else b"")
+            if not hmac.compare_digest(given, self.key):
+                why = "the API key is wrong" if given else "an API key is required (Authorization: Bearer KEY or x-api-key)"
+                log.warning("401 for %s %s: %s", scope["method"], scope["path"], why)
+                await error_response(scope["path"], 401, why, None, "invalid_api_key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-k2-thinking",
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_tokens: int | None = None) -> FastAPI:
+    """The app over a loaded engine (hybrid.load(...), or anything with its generate /
+    apply_chat_template / tokenizer / context). Requests run one at a time, in arrival order."""
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
+    runner = EngineRunner(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runner.start()
+        log.info("serving %r (context %d tokens)", model_name, engine.context)
+        try:
+            yield
+        finally:
+            runner.stop()
+
+    app = FastAPI(title="kimi-hybrid", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = ServerState(engine, runner, model_name, max_body_bytes, max_prompt_tokens)
+    if api_key:
+        app.add_middleware(ApiKeyCheck, api_key=api_key)
+    app.include_router(api_openai.router)
+    app.include_router(api_anthropic.router)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        log.info("%d for %s %s: %s", exc.status, request.method, request.url.path, exc.message)
+        return error_response(request.url.path, exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(request.url.path, exc.status_code, message, None, None)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request.url.path, 400, f"invalid request: {exc.errors()[:1]}", None, "invalid_request")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("500 for %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(request.url.path, 500, f"internal error: {type(exc).__name__}: {exc}", None, "server_error")
+
+    @app.get("/health")
+    async def health(request: Request) -> dict:
+        st = server_state(request)
+        return {"status": "ok", "model": st.model_name, "busy": st.runner.active is not None,
+                "waiting": st.runner.waiting, "served": st.runner.served, "cancelled": st.runner.cancelled}
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "kimi-hybrid",
+                "context_length": engine.context}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> dict:
+        check_model(server_state(request), model_id)
+        return model_card()
+
+    return app
+
+
+def default_model_name(model: str | Path) -> str:
+    """The name clients use: a preset's name, or the checkpoint directory's name."""
+    return Path(model).name or str(model)
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          backend: str = "auto", context: int | None = 32768, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          max_prompt_tokens: int | None = None, log_level: str = "info", model_name: str | None = None,
+          **load_options: Any) -> None:
+    """Load the model (checkpoint directory or preset; load_options go to hybrid.load) and serve it
+    until interrupted. Binds to loopback unless told otherwise."""
+    import uvicorn
+
+    from .engine import load
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hybrid").setLevel(log_level.upper())  # queue positions and per-request figures
+    if host not in LOOPBACK and not api_key:
+        log.warning("listening on %s without an API key: anyone who can reach this port can use the model", host)
+    options = {"backend": backend, **load_options}
+    if context is not None:
+        options["context"] = context
+    engine = load(model, **options)
+    app = create_app(engine, api_key=api_key, model_name=model_name or default_model_name(model),
+                     max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
