@@ -9,8 +9,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .simd import vector_lanes
+
 GROUP = 32
-CHUNK = 64  # columns per 32-byte weight load
+CHUNK = 4 * vector_lanes()  # columns per weight vector load: 64 (AVX2) or 128 (AVX-512)
 QMAX = 32767
 
 
@@ -25,13 +27,13 @@ def _quantize_row(x, xa, dg, xs):
         d = amax / np.float32(QMAX)
         inv = np.float32(QMAX) / amax if amax > 0 else np.float32(0.0)
         s = 0
-        c, half = g // 2, g % 2  # group `half` of chunk c holds columns 64c + 32*half + i
         for i in range(GROUP):
             q = np.int32(np.rint(x[g * GROUP + i] * inv))
             q = min(QMAX, max(-QMAX, q))
             s += q
-            col = half * GROUP + i                     # column 4i' + k within the chunk
-            xa[c * CHUNK + (col % 4) * 16 + col // 4] = q
+            col = g * GROUP + i
+            c, j = col // CHUNK, col % CHUNK               # column j = 4i' + k of chunk c
+            xa[c * CHUNK + (j % 4) * (CHUNK // 4) + j // 4] = q
         dg[g] = d
         xs[g] = np.float32(-8 * s)
 

@@ -17,18 +17,20 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from .actq import _quantize_row
-from .simd import host_has_avx2, make_rowblock_kernel
+from .simd import fetch_add, host_has_avx2, make_rowblock_kernel, vector_lanes
 from .table import PARTS, ExpertTable
 
 __all__ = ["ExpertTable", "moe_forward", "PARTS"]
 
-RB = 64  # rows per work item (a multiple of 4; D and I are multiples of 64)
+RB = 64  # rows per work item (a multiple of 4; D and I are multiples of 128)
 
 # R rows x TB tokens per call; token blocks of 8, then 4, 2, 1 (measured best on AVX2 + FMA).
-_k41 = make_rowblock_kernel(4, 1)
-_k42 = make_rowblock_kernel(4, 2)
-_k44 = make_rowblock_kernel(4, 4)
-_k28 = make_rowblock_kernel(2, 8)
+_L = vector_lanes()
+_k41 = make_rowblock_kernel(4, 1, _L)
+_k42 = make_rowblock_kernel(4, 2, _L)
+_k44 = make_rowblock_kernel(4, 4, _L)
+_k28 = make_rowblock_kernel(2, 8, _L)
+_CH = 4 * _L  # columns per chunk
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -89,51 +91,37 @@ def _group_pairs(ids, wts, E):
     return slot_e, slot_p, pair_tok, pair_w
 
 
-@njit(nogil=True, cache=True)
-def _split(cost, nt):
-    """Contiguous split of items with the given costs into nt ranges of ~equal total cost."""
-    n = cost.shape[0]
-    bounds = np.empty(nt + 1, np.int64)
-    total = cost.sum()
-    acc, j = 0, 0
-    bounds[0] = 0
-    for th in range(1, nt):
-        target = total * th // nt
-        while j < n and acc + cost[j] <= target:
-            acc += cost[j]
-            j += 1
-        bounds[th] = j
-    bounds[nt] = n
-    return bounds
-
-
 @njit(nogil=True, cache=True, parallel=True)
 def _moe(x, ids, wts, base, loc, D, I, out, nt):
     # x f32 [T, D], ids int64 [T, K], wts f32 [T, K], base int64 [arenas], loc int64 [E, 6, 2]
+    # Work items are handed out through an atomic counter, so a thread whose core is busy with
+    # other work (torch, IO, other processes) simply takes fewer of them.
     T = x.shape[0]
     slot_e, slot_p, pair_tok, pair_w = _group_pairs(ids, wts, loc.shape[0])
     S, P = slot_e.shape[0], pair_tok.shape[0]
     maxn = 1
     for s in range(S):
         maxn = max(maxn, slot_p[s + 1] - slot_p[s])
+    queue = np.zeros(2 * 8, np.int64)                # two counters, a cache line apart
 
     xa = np.empty((T, D), np.int16)                 # int16 activations, chunk-transposed
     dg = np.empty((T, D // 32), np.float32)
     xs = np.empty((T, D // 32), np.float32)
-    for t in prange(T):
-        _quantize_row(x[t], xa[t], dg[t], xs[t])
+    if T >= 16:
+        for t in prange(T):
+            _quantize_row(x[t], xa[t], dg[t], xs[t])
+    else:                                           # each parallel region costs a thread wake-up
+        for t in range(T):
+            _quantize_row(x[t], xa[t], dg[t], xs[t])
 
-    # gate/up: items = (slot, block of RB rows of I), split by cost across threads
+    # gate/up: items = (slot, block of RB rows of I)
     nb = I // RB
-    cost = np.empty(S * nb, np.int64)
-    for it in range(S * nb):
-        cost[it] = slot_p[it // nb + 1] - slot_p[it // nb] + 2   # + weight streaming
-    bounds = _split(cost, nt)
     h = np.empty((P, I), np.float32)                # SiLU(gate x) * (up x) per pair
     for th in prange(nt):
         rg = np.empty(4 * maxn, np.float32)
         ru = np.empty(4 * maxn, np.float32)
-        for it in range(bounds[th], bounds[th + 1]):
+        it = fetch_add(queue.ctypes.data, 1)
+        while it < S * nb:
             s, o0 = it // nb, (it % nb) * RB
             e, p0, n = slot_e[s], slot_p[s], slot_p[s + 1] - slot_p[s]
             gw = base[loc[e, 0, 0]] + loc[e, 0, 1]
@@ -142,42 +130,48 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt):
             us = base[loc[e, 3, 0]] + loc[e, 3, 1]
             toks = pair_tok.ctypes.data + 8 * p0
             for o in range(o0, o0 + RB, 4):
-                _dot4(gw + o * (D // 2), D // 2, gs + o * (D // 16), D // 16, D // 64,
+                _dot4(gw + o * (D // 2), D // 2, gs + o * (D // 16), D // 16, D // _CH,
                       xa.ctypes.data, dg.ctypes.data, xs.ctypes.data, toks, n, D, rg.ctypes.data)
-                _dot4(uw + o * (D // 2), D // 2, us + o * (D // 16), D // 16, D // 64,
+                _dot4(uw + o * (D // 2), D // 2, us + o * (D // 16), D // 16, D // _CH,
                       xa.ctypes.data, dg.ctypes.data, xs.ctypes.data, toks, n, D, ru.ctypes.data)
                 for j in range(n):
                     for r in range(4):
                         g = rg[4 * j + r]
                         h[p0 + j, o + r] = g / (np.float32(1.0) + np.exp(-g)) * ru[4 * j + r]
+            it = fetch_add(queue.ctypes.data, 1)
 
     ha = np.empty((P, I), np.int16)
     hg = np.empty((P, I // 32), np.float32)
     hs = np.empty((P, I // 32), np.float32)
-    for p in prange(P):
-        _quantize_row(h[p], ha[p], hg[p], hs[p])
+    if P >= 64:
+        for p in prange(P):
+            _quantize_row(h[p], ha[p], hg[p], hs[p])
+    else:
+        for p in range(P):
+            _quantize_row(h[p], ha[p], hg[p], hs[p])
 
-    # down: each thread owns a contiguous range of output rows (no write conflicts)
+    # down: items = blocks of RB output rows, each over every slot (no write conflicts)
     pidx = np.arange(P)
     nb = D // RB
     for th in prange(nt):
         rd = np.empty(4 * maxn, np.float32)
-        b0, b1 = th * nb // nt, (th + 1) * nb // nt
-        out[:, b0 * RB:b1 * RB] = 0
-        for blk in range(b0, b1):
+        blk = fetch_add(queue.ctypes.data + 64, 1)
+        while blk < nb:
             o0 = blk * RB
+            out[:, o0:o0 + RB] = 0
             for s in range(S):
                 e, p0, n = slot_e[s], slot_p[s], slot_p[s + 1] - slot_p[s]
                 dw = base[loc[e, 4, 0]] + loc[e, 4, 1]
                 ds = base[loc[e, 5, 0]] + loc[e, 5, 1]
                 for o in range(o0, o0 + RB, 4):
-                    _dot4(dw + o * (I // 2), I // 2, ds + o * (I // 16), I // 16, I // 64,
+                    _dot4(dw + o * (I // 2), I // 2, ds + o * (I // 16), I // 16, I // _CH,
                           ha.ctypes.data, hg.ctypes.data, hs.ctypes.data, pidx.ctypes.data + 8 * p0,
                           n, I, rd.ctypes.data)
                     for j in range(n):
                         t, wj = pair_tok[p0 + j], pair_w[p0 + j]
                         for r in range(4):
                             out[t, o + r] += wj * rd[4 * j + r]
+            blk = fetch_add(queue.ctypes.data + 64, 1)
 
 
 def moe_forward(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, table: ExpertTable,

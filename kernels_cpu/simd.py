@@ -1,18 +1,19 @@
-"""Hand-written LLVM IR for the INT4 x INT16 row-block dot product (AVX2 vpmaddwd).
+"""Hand-written LLVM IR for the INT4 x INT16 row-block dot product (vpmaddwd, AVX2 or AVX-512BW).
 
 Owns only the innermost loop: R weight rows x TB tokens over the whole input dimension, written
 into a small fp32 result buffer. Row blocks, expert routing and threading live in moe.py.
 Numba's vectoriser widens int32 arithmetic to int64 and never emits vpmaddwd, so the loop is
-built directly as LLVM vector IR and inlined into the calling @njit function.
+built directly as LLVM vector IR and inlined into the calling @njit function. L = int16 lanes per
+vector: 16 (ymm, AVX2) or 32 (zmm, where AVX-512BW exists; see vector_lanes).
 
-Weight row (compressed-tensors pack-quantized, read in place):
-  packed bytes [in/2]: as 16-bit words, word i of a 32-byte chunk holds columns 4i..4i+3 in its
-  4 nibbles (stored as q + 8, 0..15); scale bf16 [in/32]. A chunk = 64 columns = 2 groups.
-  Nibble k of all 16 words (shift 4k, mask 15) is one vector of 16 int16: lane i = column 4i + k.
-Activations of one token (prepared by actq.quantize_rows):
-  xa int16 [in]: per chunk c, xa[64c + 16k + i] = column 64c + 4i + k (k < 4, i < 16), so
-  vpmaddwd(nibble k, xa[64c + 16k : +16]) gives int32 lane l = columns 8l + k and 8l + 4 + k;
-  lanes 0-3 belong to group 2c, lanes 4-7 to group 2c + 1.
+Weight row (compressed-tensors pack-quantized, read in place, any byte alignment):
+  packed bytes [in/2]: as 16-bit words, word i of a chunk of 2L bytes holds columns 4i..4i+3 in
+  its 4 nibbles (stored as q + 8, 0..15); scale bf16 [in/32]. A chunk = 4L columns = L/8 groups.
+  Nibble k of the chunk's L words (shift 4k, mask 15) is one vector: lane i = column 4i + k.
+Activations of one token (prepared by actq.quantize_rows, CHUNK = 4L):
+  xa int16 [in]: xa[4L c + L k + i] = column 4L c + 4i + k (k < 4, i < L), so
+  vpmaddwd(nibble k, xa[4L c + L k : +L]) gives int32 lane l = columns 8l + k and 8l + 4 + k:
+  lanes 4g'..4g'+3 belong to group g' of the chunk.
   dg f32 [in/32]: group scale (x ~= xa * dg); xs f32 [in/32]: -8 * sum(xa over the group).
 Per group g: dot = ws[g] * dg[g] * (sum(nibble * xa) + xs[g]), since (nibble - 8) * xa sums to
 sum(nibble * xa) - 8 * sum(xa). Per chunk the int32 lanes stay below 8 * 15 * 32767 < 2**24, so
@@ -20,22 +21,49 @@ their conversion to fp32 is exact.
 """
 from __future__ import annotations
 
+import functools
+
 import llvmlite.binding as llvm_binding
 from llvmlite import ir
 from numba import types
+from numba.core import config as numba_config
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-V16I16, V8I32, V8F32 = ir.VectorType(I16, 16), ir.VectorType(I32, 8), ir.VectorType(F32, 8)
-UNROLL = 4  # chunks per main-loop step: 8 bf16 scales = one 16-byte load
-PREFETCH = 1024  # bytes ahead in each weight row stream (software prefetch; 0 = off)
+STEP_GROUPS = 8  # groups per main-loop step: 8 bf16 scales = one 16-byte load
+# Software prefetch of the next PF_BLOCKS blocks of R rows (rows are contiguous in the checkpoint):
+# a row is only 1-3.5 KB, too short for the hardware prefetchers to train on each 4 KB page.
+PF_BLOCKS = 2
+
+
+@functools.lru_cache(maxsize=None)
+def host_features() -> dict[str, bool]:
+    """CPU features the kernels may use: numba's target (NUMBA_CPU_FEATURES if set) else the host.
+
+    Setting NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=+avx2,+fma,... on an AVX-512 machine runs
+    (and tests) the AVX2 path; numba keys its cache on the same setting, so nothing stale is reused.
+    """
+    if numba_config.CPU_FEATURES:
+        on = {f[1:] for f in numba_config.CPU_FEATURES.split(",") if f.startswith("+")}
+    else:
+        on = {k for k, v in llvm_binding.get_host_cpu_features().items() if v}
+    return {k: k in on for k in ("avx2", "fma", "avx512f", "avx512bw")}
 
 
 def host_has_avx2() -> bool:
     """The kernels use AVX2 instructions (vpmaddwd) through an LLVM x86 intrinsic."""
-    feats = llvm_binding.get_host_cpu_features()
-    return bool(feats.get("avx2", False)) and bool(feats.get("fma", False))
+    f = host_features()
+    return f["avx2"] and f["fma"]
+
+
+def vector_lanes() -> int:
+    """int16 lanes per vector: 32 (zmm) where AVX-512BW exists, else 16 (ymm).
+
+    Fixed per process; the activation layout (actq.CHUNK) follows it.
+    """
+    f = host_features()
+    return 32 if f["avx512f"] and f["avx512bw"] else 16
 
 
 def _splat(ty: ir.VectorType, val) -> ir.Constant:
@@ -51,16 +79,21 @@ def _load(b: ir.IRBuilder, addr, ty):
 
 
 class _Emitter:
-    """Builds one inlined R x TB kernel body; state is only the IR values of the current call."""
+    """Builds one inlined R x TB kernel body; state is only the IR values of the current call.
 
-    def __init__(self, b: ir.IRBuilder, R: int, TB: int):
-        self.b, self.R, self.TB = b, R, TB
+    L int16 lanes per vector; a chunk = 2L bytes of one row = 4L columns = L/8 groups.
+    """
+
+    def __init__(self, b: ir.IRBuilder, R: int, TB: int, L: int):
+        self.b, self.R, self.TB, self.L = b, R, TB, L
+        self.CB, self.GPC = 2 * L, L // 8                      # chunk bytes, groups per chunk
+        self.VW, self.VD, self.VF = ir.VectorType(I16, L), ir.VectorType(I32, L // 2), ir.VectorType(F32, L // 2)
         mod = b.module
-        self.maddwd = cgutils.get_or_insert_function(
-            mod, ir.FunctionType(V8I32, [V16I16, V16I16]), "llvm.x86.avx2.pmadd.wd")
+        name = "llvm.x86.avx2.pmadd.wd" if L == 16 else "llvm.x86.avx512.pmaddw.d.512"
+        self.maddwd = cgutils.get_or_insert_function(mod, ir.FunctionType(self.VD, [self.VW, self.VW]), name)
         self.fma = cgutils.get_or_insert_function(
-            mod, ir.FunctionType(V8F32, [V8F32, V8F32, V8F32]), "llvm.fma.v8f32")
-        self.m0f = _splat(V16I16, 0x0F)
+            mod, ir.FunctionType(self.VF, [self.VF] * 3), f"llvm.fma.v{L // 2}f32")
+        self.m0f = _splat(self.VW, 0x0F)
         self.prefetch = cgutils.get_or_insert_function(
             mod, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0")
 
@@ -78,58 +111,68 @@ class _Emitter:
         return b.bitcast(wide, ir.VectorType(F32, n))
 
     def widen(self, v, n: int):
-        """<n x float> -> <8 x float> padded with zeros (n <= 8)."""
-        if n == 8:
+        """<n x float> -> <L/2 x float> padded with zeros (only the lanes' sum counts)."""
+        b, m = self.b, self.L // 2                             # n <= STEP_GROUPS <= m
+        if n == m:
             return v
         zero = ir.Constant(ir.VectorType(F32, n), None)
-        return self.b.shuffle_vector(v, zero, ir.Constant(V8I32, [i if i < n else n for i in range(8)]))
+        return b.shuffle_vector(v, zero, ir.Constant(ir.VectorType(I32, m), [i if i < n else n for i in range(m)]))
 
     def step(self, accs, wrow, srow, xrow, grow, chunk, U: int):
-        """U chunks starting at `chunk` (an i64 value); accs[r][t] are <8 x float> allocas."""
-        b, R, TB = self.b, self.R, self.TB
-        ng = 2 * U
-        goff = b.mul(chunk, _i64(8))       # 2 groups x 4 bytes of f32 per chunk
-        if U == UNROLL and PREFETCH:
-            for r in range(R):
-                for line in range(0, 32 * U, 64):
-                    self.prefetch_line(b.add(wrow[r], b.add(b.mul(chunk, _i64(32)), _i64(PREFETCH + line))))
-                self.prefetch_line(b.add(srow[r], b.add(b.mul(chunk, _i64(4)), _i64(PREFETCH // 8))))
+        """U chunks starting at `chunk` (an i64 value); accs[r][t] are <L/2 x float> allocas."""
+        b, R, TB, CB, GPC = self.b, self.R, self.TB, self.CB, self.GPC
+        ng = GPC * U
+        goff = b.mul(chunk, _i64(4 * GPC))                    # f32 per group
+        if U * GPC == STEP_GROUPS and PF_BLOCKS:
+            # this step consumes CB * U bytes of each of R rows: fetch as many of the block ahead
+            wpos = b.add(self.wnext, b.mul(chunk, _i64(CB * R)))
+            for line in range(0, CB * U * R, 64):
+                self.prefetch_line(b.add(wpos, _i64(line)))
+            self.prefetch_line(b.add(self.snext, b.mul(chunk, _i64(2 * GPC * R))))
         sdx = [[None] * TB for _ in range(R)]
-        dgs = [self.scales_f32(b.add(grow[t][0], goff), ng) for t in range(TB)]
-        xss = [self.scales_f32(b.add(grow[t][1], goff), ng) for t in range(TB)]
+        dgs = [_load(b, b.add(grow[t][0], goff), ir.VectorType(F32, ng)) for t in range(TB)]
+        xss = [_load(b, b.add(grow[t][1], goff), ir.VectorType(F32, ng)) for t in range(TB)]
         for r in range(R):
-            ws = self.scales(b.add(srow[r], b.mul(chunk, _i64(4))), ng)
+            ws = self.scales(b.add(srow[r], b.mul(chunk, _i64(2 * GPC))), ng)
             for t in range(TB):
                 sdx[r][t] = b.fmul(ws, dgs[t])                    # per-group ws * dg
                 corr = self.widen(b.fmul(sdx[r][t], xss[t]), ng)  # -8 offset, folded in
                 b.store(b.fadd(b.load(accs[r][t]), corr), accs[r][t])
         for j in range(U):
-            coff = b.mul(b.add(chunk, _i64(j)), _i64(32))
+            coff = b.mul(b.add(chunk, _i64(j)), _i64(CB))
             nibs = []                                             # nibs[r][k]: lane i = column 4i + k
             for r in range(R):
-                wv = _load(b, b.add(wrow[r], coff), V16I16)
-                nibs.append([b.and_(wv if k == 0 else b.lshr(wv, _splat(V16I16, 4 * k)), self.m0f)
+                wv = _load(b, b.add(wrow[r], coff), self.VW)
+                nibs.append([b.and_(wv if k == 0 else b.lshr(wv, _splat(self.VW, 4 * k)), self.m0f)
                              for k in range(4)])
-            sel = ir.Constant(V8I32, [2 * j] * 4 + [2 * j + 1] * 4)
+            sel = ir.Constant(ir.VectorType(I32, self.L // 2), [GPC * j + i // 4 for i in range(self.L // 2)])
             for t in range(TB):
-                xoff = b.add(xrow[t], b.mul(coff, _i64(4)))     # 64 int16 per chunk
-                xv = [_load(b, b.add(xoff, _i64(32 * k)), V16I16) for k in range(4)]
+                xoff = b.add(xrow[t], b.mul(coff, _i64(4)))     # 4L int16 per chunk
+                xv = [_load(b, b.add(xoff, _i64(CB * k)), self.VW) for k in range(4)]
                 for r in range(R):
                     p = [b.call(self.maddwd, [nibs[r][k], xv[k]]) for k in range(4)]
                     q = b.add(b.add(p[0], p[1]), b.add(p[2], p[3]))
-                    f = b.sitofp(q, V8F32)
+                    f = b.sitofp(q, self.VF)
                     sc = b.shuffle_vector(sdx[r][t], ir.Constant(sdx[r][t].type, None), sel)
                     b.store(b.call(self.fma, [f, sc, b.load(accs[r][t])]), accs[r][t])
 
-    def scales_f32(self, addr, n: int):
-        return _load(self.b, addr, ir.VectorType(F32, n))
+
+@intrinsic
+def fetch_add(typingctx, addr, val):
+    """Atomic *(int64 *)addr += val, returning the old value (a work queue shared by threads)."""
+    sig = types.int64(types.intp, types.int64)
+
+    def codegen(context, b, signature, args):
+        return b.atomic_rmw("add", b.inttoptr(args[0], I64.as_pointer()), args[1], "monotonic")
+
+    return sig, codegen
 
 
-def make_rowblock_kernel(R: int, TB: int):
+def make_rowblock_kernel(R: int, TB: int, L: int):
     """An intrinsic rowblock(w, wstride, s, sstride, nch, xa, dg, xs, toks, din, res, rstride) -> None.
 
     w, s: addresses of the first weight row's packed bytes and bf16 scales; row r is at
-    w + r * wstride, s + r * sstride (bytes). nch = din / 64 chunks. xa int16 [N, din], dg and xs
+    w + r * wstride, s + r * sstride (bytes). nch = din / (4L) chunks. xa int16 [N, din], dg, xs
     f32 [N, din/32]: activation rows, of which token t of this block is row toks[t] (int64 array
     address). res: f32 written as res[t * rstride + r] = dot(weight row r, token t).
     """
@@ -139,27 +182,30 @@ def make_rowblock_kernel(R: int, TB: int):
 
         def codegen(context, b, signature, args):
             w, wstride, s, sstride, nch, xa, dg, xs, toks, din, res, rstride = args
-            em = _Emitter(b, R, TB)
-            accs = [[cgutils.alloca_once_value(b, ir.Constant(V8F32, None)) for _ in range(TB)]
+            em = _Emitter(b, R, TB, L)
+            accs = [[cgutils.alloca_once_value(b, ir.Constant(em.VF, None)) for _ in range(TB)]
                     for _ in range(R)]
             wrow = [b.add(w, b.mul(_i64(r), wstride)) for r in range(R)]
             srow = [b.add(s, b.mul(_i64(r), sstride)) for r in range(R)]
+            em.wnext = b.add(w, b.mul(_i64(R * PF_BLOCKS), wstride))
+            em.snext = b.add(s, b.mul(_i64(R * PF_BLOCKS), sstride))
             gbytes = b.mul(b.udiv(din, _i64(32)), _i64(4))
             xrow, grow = [], []
             for t in range(TB):
                 tok = _load(b, b.add(toks, _i64(8 * t)), I64)
                 xrow.append(b.add(xa, b.mul(tok, b.mul(din, _i64(2)))))
                 grow.append((b.add(dg, b.mul(tok, gbytes)), b.add(xs, b.mul(tok, gbytes))))
-            nmain = b.udiv(nch, _i64(UNROLL))
+            U = STEP_GROUPS // em.GPC
+            nmain = b.udiv(nch, _i64(U))
             with cgutils.for_range(b, nmain) as loop:
-                em.step(accs, wrow, srow, xrow, grow, b.mul(loop.index, _i64(UNROLL)), UNROLL)
-            with cgutils.for_range(b, b.sub(nch, b.mul(nmain, _i64(UNROLL)))) as loop:
-                em.step(accs, wrow, srow, xrow, grow, b.add(b.mul(nmain, _i64(UNROLL)), loop.index), 1)
+                em.step(accs, wrow, srow, xrow, grow, b.mul(loop.index, _i64(U)), U)
+            with cgutils.for_range(b, b.sub(nch, b.mul(nmain, _i64(U)))) as loop:
+                em.step(accs, wrow, srow, xrow, grow, b.add(b.mul(nmain, _i64(U)), loop.index), 1)
             for r in range(R):
                 for t in range(TB):
                     v = b.load(accs[r][t])
                     tot = b.extract_element(v, ir.Constant(I32, 0))
-                    for lane in range(1, 8):
+                    for lane in range(1, L // 2):
                         tot = b.fadd(tot, b.extract_element(v, ir.Constant(I32, lane)))
                     roff = b.mul(b.add(b.mul(_i64(t), rstride), _i64(r)), _i64(4))
                     b.store(tot, b.inttoptr(b.add(res, roff), F32.as_pointer()))

@@ -35,7 +35,7 @@ class ExpertTable:
             up.scale, down.packed, down.scale (order of PARTS). Each part is stored row-major:
             gate/up packed int32 [I, D/8], scale bf16 [I, D/G]; down packed int32 [D, I/8],
             scale bf16 [D, I/G]; packed column 8j+k sits in bits 4k..4k+3 of word j as q + 8.
-    hidden, inter, group: D, I, G. The fast kernels need G == 32 and D, I multiples of 64.
+    hidden, inter, group: D, I, G. The kernels need G == 32 and D, I multiples of 128.
     loc may be updated in place between calls (a RAM cache refilling a slot); moe_forward
     re-checks the byte ranges of the experts it is given on every call.
     """
@@ -48,8 +48,8 @@ class ExpertTable:
 
     def __post_init__(self) -> None:
         D, I, G = self.hidden, self.inter, self.group
-        if G != 32 or D % 64 or I % 64:
-            raise ValueError(f"ExpertTable: need group 32 and hidden, inter multiples of 64; "
+        if G != 32 or D % 128 or I % 128:
+            raise ValueError(f"ExpertTable: need group 32 and hidden, inter multiples of 128; "
                              f"got hidden={D} inter={I} group={G}")
         for i, a in enumerate(self.arenas):
             if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 1 or not a.flags.c_contiguous:

@@ -1,12 +1,17 @@
 """kernels_cpu.moe_forward against a slow reference: compressed-tensors dequantisation + fp32 matmuls.
 
 Activations are quantised to int16 per group of 32 inside the kernels, so the tolerance is 1e-4
-relative (Frobenius norm over the whole output). Shapes are small: D = 256 exercises the 4-chunk
-main loop, I = 192 the 1-chunk tail; qlen 128 over 6 experts exercises every token-block size.
+relative (Frobenius norm over the whole output). Shapes are small: D = 256 exercises the main loop
+(8 groups a step), I = 384 also the one-chunk tail; qlen 128 over 6 experts every token-block size.
+On an AVX-512 machine the whole file runs a second time in a subprocess that targets AVX2 only.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -14,10 +19,11 @@ import pytest
 
 from hybrid.quant import dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from kernels_cpu import ExpertTable, moe_forward
-from kernels_cpu.actq import quantize_rows
+from kernels_cpu.actq import CHUNK, quantize_rows
+from kernels_cpu.simd import host_features
 from kernels_cpu.table import PARTS, part_shapes
 
-D, I, E, K = 256, 192, 6, 4
+D, I, E, K = 256, 384, 6, 4
 TOL = 1e-4
 
 
@@ -163,24 +169,24 @@ def test_validation(experts, table):
     short = ExpertTable.from_arrays(experts[:1], D, I)
     with pytest.raises(ValueError, match="outside arena"):
         ExpertTable([short.arenas[0][:-1]], short.loc, D, I)
-    with pytest.raises(ValueError, match="multiples of 64"):
-        ExpertTable(table.arenas, table.loc, D, 96)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        ExpertTable(table.arenas, table.loc, D, 192)
 
 
 def test_activation_layout_round_trips():
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, 192)).astype(np.float32)
+    x = rng.standard_normal((3, 384)).astype(np.float32)
     x[1, :32] = 0.0                                    # an all-zero group
-    xa = np.empty((3, 192), np.int16)
-    dg = np.empty((3, 6), np.float32)
-    xs = np.empty((3, 6), np.float32)
+    xa = np.empty((3, 384), np.int16)
+    dg = np.empty((3, 12), np.float32)
+    xs = np.empty((3, 12), np.float32)
     quantize_rows(x, xa, dg, xs)
-    col = np.arange(192)
-    c, within = col // 64, col % 64
-    pos = c * 64 + (within % 4) * 16 + within // 4    # documented in kernels_cpu/simd.py
+    col = np.arange(384)
+    c, within = col // CHUNK, col % CHUNK
+    pos = c * CHUNK + (within % 4) * (CHUNK // 4) + within // 4   # documented in kernels_cpu/simd.py
     q = xa[:, pos].astype(np.float32)                  # back in column order
     np.testing.assert_allclose(q * np.repeat(dg, 32, axis=1), x, atol=np.abs(x).max() / 32767)
-    np.testing.assert_array_equal(xs, -8 * q.reshape(3, 6, 32).sum(-1))
+    np.testing.assert_array_equal(xs, -8 * q.reshape(3, 12, 32).sum(-1))
 
 
 def test_runs_beside_python_threads(experts, table):
@@ -195,3 +201,19 @@ def test_runs_beside_python_threads(experts, table):
     for t in ts:
         t.join()
     assert len(got) == 2 and all(np.array_equal(g, want) for g in got)
+
+
+HASWELL = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fsgsbase,+lzcnt,+mmx,+movbe,+pclmul,"
+           "+popcnt,+rdrnd,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt")
+
+
+@pytest.mark.skipif(not host_features()["avx512bw"] or os.environ.get("NUMBA_CPU_FEATURES") is not None,
+                    reason="this process already runs the AVX2 kernels")
+def test_avx2_kernels_in_a_subprocess():
+    """The ymm (AVX2) kernels, compiled for a Haswell target, pass this whole file too."""
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=HASWELL)
+    here = Path(__file__)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here),
+                          "-k", "not avx2_kernels_in_a_subprocess"],
+                         cwd=here.parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]   # 5 would mean no test ran
