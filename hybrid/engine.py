@@ -174,7 +174,7 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "cp
          expert_mode: str = "auto", cache_slots: int | None = None, ram_budget: float | None = None,
          gpu_memory: float | None = None, cpu_threads: int | None = None, prefetch: bool = True,
          prefetch_width: int | None = None, cache_policy: str = "lrfu", io_threads: int = 2,
-         trace: str | Path | None = None) -> Engine:
+         trace: str | Path | None = None, defer_experts: int = 0) -> Engine:
     """Open a checkpoint (directory or preset name), plan placement, and return an Engine.
 
     backend: 'numba' (INT4 kernels over mmap'd shards or the RAM expert cache), 'reference'
@@ -183,6 +183,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "cp
     planned count) or 'auto' (the planner decides from RAM). ram_budget / gpu_memory in GB.
     prefetch: load the next layer's predicted experts during this layer (cache mode, decode).
     trace: write routing decisions as JSON lines to this file (scripts/replay_traces.py reads it).
+    defer_experts: add the N lowest-weight experts of each MoE layer one layer later (KTransformers'
+    deferral: more overlap, slightly different outputs; 0, the default, is exact).
     """
     from .hardware import detect
     from .placement import plan as make_plan
@@ -205,7 +207,10 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "cp
         experts = _numba_backend(ckpt, plan, cache_slots, prefetch, prefetch_width, cache_policy, io_threads, trace)
     else:
         raise ValueError(f"backend {backend!r} is not known; use 'numba', 'reference' or 'auto'")
+    if not 0 <= defer_experts < cfg.num_experts_per_tok:
+        raise ValueError(f"defer_experts must lie in 0..{cfg.num_experts_per_tok - 1}, got {defer_experts}")
     engine = Engine(ckpt, experts, device=device, context=context)
+    engine.model.defer_experts = defer_experts
     engine.plan = plan
     return engine
 

@@ -98,6 +98,8 @@ class Model:
         self.device = weights["model.norm.weight"].device
         self.inv_freq = yarn_inv_freq(cfg).to(self.device)
         self.times: defaultdict[str, float] = defaultdict(float)  # seconds by part, for the bench's split
+        self.defer_experts = 0  # experts per token whose output is added one MoE layer late (0 = exact)
+        self._deferred: Any = None
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.cfg, max_len, self.device, self.w["model.norm.weight"].dtype)
@@ -183,13 +185,25 @@ class Model:
         t0 = time.perf_counter()
         ids, weights = self.route(i, x)
         t1 = time.perf_counter()
-        handle = self.experts.submit(i, x, ids, weights)  # routed experts start on the CPU workers
+        deferred = None
+        if self.defer_experts and i != self.cfg.moe_layers[-1]:
+            # KTransformers' deferral: the lowest-weight experts are added one MoE layer later, so the
+            # next layer's attention does not wait for them. Changes the outputs; off by default.
+            low = weights.argsort(dim=-1)[:, :self.defer_experts]  # [T, d]
+            late = torch.zeros_like(weights).scatter(1, low, 1.0).bool()
+            handle = self.experts.submit(i, x, ids, weights.masked_fill(late, 0.0))
+            deferred = self.experts.submit(i, x, ids, weights.masked_fill(~late, 0.0))
+        else:
+            handle = self.experts.submit(i, x, ids, weights)  # routed experts start on the CPU workers
         t2 = time.perf_counter()
         p = f"model.layers.{i}.mlp.shared_experts."
         shared = swiglu(x, self.w[p + "gate_proj.weight"], self.w[p + "up_proj.weight"], self.w[p + "down_proj.weight"]) \
             if self.cfg.n_shared_experts else torch.zeros_like(x)
         t3 = time.perf_counter()
         routed = self.experts.wait(handle).to(x.dtype)
+        if self._deferred is not None:  # the previous MoE layer's late experts
+            routed = routed + self.experts.wait(self._deferred).to(x.dtype)
+        self._deferred = deferred
         t4 = time.perf_counter()
         self.times["router"] += t1 - t0
         self.times["submit"] += t2 - t1

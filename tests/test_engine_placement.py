@@ -118,3 +118,14 @@ def test_mmap_mode_vanished_shard_is_an_error_not_sigbus(tiny_path, tmp_path):
     os.truncate(shard, 1000)
     with pytest.raises(CheckpointError, match="shrank"):
         greedy(e, 2, prompt=PROMPT + [9])
+
+
+def test_expert_deferral_is_off_by_default_and_consistent_across_backends(tiny_path):
+    exact = hybrid.load(tiny_path, backend="reference").logits(PROMPT)
+    ref = hybrid.load(tiny_path, backend="reference", defer_experts=1)
+    fast = hybrid.load(tiny_path, backend="numba", defer_experts=1, expert_mode="mmap")
+    a, b = ref.logits(PROMPT), fast.logits(PROMPT)
+    assert (a - exact).abs().max() > 1e-2 * exact.abs().max()  # it does change the model's math
+    assert (a - b).abs().max() <= 1e-3 * a.abs().max()  # the same deferral on both backends
+    with pytest.raises(ValueError, match="defer_experts"):
+        hybrid.load(tiny_path, backend="reference", defer_experts=99)
