@@ -116,6 +116,7 @@ class Model:
         if attn == "auto":
             attn = "absorbed" if T <= ABSORB_MAX_TOKENS else "naive"
         t_start = time.perf_counter()
+        self._deferred = None  # nothing carries over from a forward that failed midway
         for i in range(self.cfg.num_hidden_layers):
             t0 = time.perf_counter()
             h = h + self.attention(i, rms_norm(h, self.w[f"model.layers.{i}.input_layernorm.weight"], self.cfg.rms_norm_eps),
