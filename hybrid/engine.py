@@ -52,8 +52,6 @@ class Engine:
         self._cache = self.model.new_cache(context)  # persistent across requests, for prefix reuse
         self._cached_ids: list[int] = []  # the tokens whose KV the cache holds, in order
         self.plan = None  # the placement plan, set by load()
-        if hasattr(experts, "predict"):
-            experts.predict = experts.predict or (lambda layer, x, k: self.model.route(layer, x, k)[0])
         self._tokens = {"prefill": 0, "decode": 0}
 
     # ---- statistics (bench) -----------------------------------------------------------------
@@ -212,6 +210,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "cp
     engine = Engine(ckpt, experts, device=device, context=context)
     engine.model.defer_experts = defer_experts
     engine.plan = plan
+    if getattr(experts, "prefetch", False):  # the next layer's router predicts what to prefetch
+        experts.predict = lambda layer, x, k: engine.model.route(layer, x, k)[0]
     return engine
 
 
