@@ -231,12 +231,14 @@ class JobStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             if not self.job.finished.is_set():
+                log.info("request %s: the client disconnected", self.job.id)
                 self.job.cancel()
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+    log.info("request %s: the client disconnected", job.id)
     job.cancel()
 
 
@@ -273,6 +275,8 @@ class EngineRunner:
         self.active: Job | None = None
         self.served = self.cancelled = 0
         self._stopping = False
+        self._lock = threading.Lock()
+        self._in_line = 0  # submitted and not yet finished, the running job included
 
     @property
     def waiting(self) -> int:
@@ -298,7 +302,8 @@ class EngineRunner:
     def submit(self, job: Job) -> Job:
         """Queue a job (from the event loop); its items arrive through events(job)."""
         job._loop, job._out = asyncio.get_running_loop(), asyncio.Queue()
-        ahead = self._jobs.qsize() + (self.active is not None)
+        with self._lock:
+            ahead, self._in_line = self._in_line, self._in_line + 1
         log.info("request %s: %d prompt tokens, queue position %d (%s)", job.id, len(job.prompt), ahead + 1,
                  "starts now" if ahead == 0 else f"{ahead} ahead")
         self._jobs.put(job)
@@ -319,8 +324,7 @@ class EngineRunner:
             if job.cancelled.is_set() or self._stopping:
                 log.info("request %s: cancelled while queued", job.id)
                 self.cancelled += 1
-                job.finished.set()
-                job.emit(_END)
+                self._done(job)
                 continue
             self.active = job
             try:
@@ -330,11 +334,16 @@ class EngineRunner:
                 job.emit(Failed(f"generation failed: {type(exc).__name__}: {exc}"))
             finally:
                 self.active = None
-                job.finished.set()
-                job.emit(_END)
+                self._done(job)
         while not self._jobs.empty():  # stopping: tell whoever still waits
             if (job := self._jobs.get()) is not None:
                 job.emit(_END)
+
+    def _done(self, job: Job) -> None:
+        with self._lock:
+            self._in_line -= 1
+        job.finished.set()
+        job.emit(_END)
 
     def _run(self, job: Job) -> None:
         tokens: list[int] = []

@@ -1,0 +1,252 @@
+"""The server through real HTTP on loopback, driven by the official `openai` client (and raw httpx for
+malformed requests): answers with reasoning, a tool loop, queueing, cancellation, prefix reuse, errors.
+The tiny checkpoint has random weights, so scripted outputs (tests/server_harness.py) stand in for a
+model that calls tools; everything after generate() is the real path."""
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from hybrid.checkpoint import Checkpoint
+from hybrid.server import create_app
+
+from .server_harness import (ANSWER, API_KEY, CALL_WEATHER, HOLD_S, WEATHER_TOOL, ScriptedEngine, raw_post, running,
+                             watching_submissions)
+
+MODEL = "kimi-test"
+MAX_PROMPT = 400
+MAX_BODY = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_path):
+    return ScriptedEngine(Checkpoint(tiny_path), context=1024)
+
+
+@pytest.fixture(scope="module")
+def app(engine):
+    return create_app(engine, api_key=API_KEY, model_name=MODEL, max_body_bytes=MAX_BODY, max_prompt_tokens=MAX_PROMPT)
+
+
+@pytest.fixture(scope="module")
+def base_url(app):
+    with running(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    with openai.OpenAI(base_url=base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=HOLD_S) as c:
+        yield c
+
+
+def ask(client, content, **kw):
+    kw.setdefault("max_tokens", 8)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_models_and_health(client, base_url):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    health = httpx.get(base_url + "/health", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert health["status"] == "ok" and health["model"] == MODEL
+
+
+def test_scripted_answer_splits_reasoning_from_content(client, engine):
+    engine.play("<think>Paris is in France.</think>The capital is Paris.<|im_end|>")
+    r = ask(client, "Capital of France?", max_tokens=100)
+    msg = r.choices[0].message
+    assert (msg.reasoning_content, msg.content, msg.tool_calls) == ("Paris is in France.", "The capital is Paris.", None)
+    assert r.choices[0].finish_reason == "stop"
+    script = engine.tokenizer.encode("<think>Paris is in France.</think>The capital is Paris.<|im_end|>", allow_special=True)
+    assert r.usage.completion_tokens == len(script)
+    assert r.usage.prompt_tokens == len(engine.prompts[-1])
+
+
+def test_real_model_streams_what_it_answers(client):
+    plain = ask(client, "hello there", max_tokens=12)
+    chunks = list(ask(client, "hello there", max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert reasoning == plain.choices[0].message.reasoning_content and reasoning  # greedy: the same tokens
+    assert content == plain.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.completion_tokens == plain.usage.completion_tokens
+    assert usage.completion_tokens_details.reasoning_tokens == plain.usage.completion_tokens_details.reasoning_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_tool_loop(client, engine):
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    engine.play(CALL_WEATHER)
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=200)
+    msg, finish = r.choices[0].message, r.choices[0].finish_reason
+    assert finish == "tool_calls" and msg.reasoning_content == "I should check the weather."
+    (call,) = msg.tool_calls
+    assert (call.id, call.function.name, json.loads(call.function.arguments)) == \
+        ("functions.get_weather:0", "get_weather", {"city": "Paris"})
+    assert "tool_declare" in engine.decode_prompt()
+
+    messages += [msg.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "sunny, 24 C"}]
+    engine.play(ANSWER)
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=200)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("It is sunny in Paris.", "stop")
+    prompt = engine.decode_prompt()  # the current tool loop keeps its reasoning; the call comes back verbatim
+    assert "<think>I should check the weather.</think><|tool_calls_section_begin|><|tool_call_begin|>functions." \
+           'get_weather:0<|tool_call_argument_begin|>{"city":"Paris"}<|tool_call_end|>' in prompt
+    assert "## Return of functions.get_weather:0\nsunny, 24 C<|im_end|>" in prompt
+
+
+def test_streamed_tool_call_deltas(client, engine):
+    engine.play(CALL_WEATHER)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Paris?"}],
+                                                 tools=[WEATHER_TOOL], stream=True, max_tokens=200))
+    calls = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
+    assert [(tc.index, tc.id, tc.function.name, tc.function.arguments) for tc in calls] == \
+        [(0, "functions.get_weather:0", "get_weather", '{"city":"Paris"}')]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_none_and_named(client, engine):
+    engine.play(CALL_WEATHER)
+    r = ask(client, "Paris?", tools=[WEATHER_TOOL], tool_choice="none", max_tokens=200)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+    assert "<|tool_call_begin|>" in r.choices[0].message.content  # the stray call comes back as text
+    assert "tool_declare" not in engine.decode_prompt()
+    engine.play(ANSWER)  # the model answers without calling the named function: a plain stop
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = ask(client, "Paris?", tools=[WEATHER_TOOL], tool_choice=named, max_tokens=200)
+    assert (r.choices[0].finish_reason, r.choices[0].message.tool_calls) == ("stop", None)
+    assert engine.decode_prompt().endswith("Answer by calling the function get_weather.<|im_end|>"
+                                           "<|im_assistant|>assistant<|im_middle|>")
+
+
+def test_stop_string_and_length(client, engine):
+    engine.play("<think>ok</think>Hello STOP world<|im_end|>")
+    r = ask(client, "hi", stop=["STOP"], max_tokens=100)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("Hello ", "stop")
+    engine.play("<think>ok</think>Hello world<|im_end|>")
+    r = ask(client, "hi", max_completion_tokens=3)
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 3)
+
+
+def test_growing_conversation_prefills_only_the_new_tokens(client):
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6)
+    messages += [first.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "And rivers?"}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    new = second.usage.prompt_tokens - first.usage.prompt_tokens
+    assert cached >= first.usage.prompt_tokens  # the whole first prompt came from the KV cache
+    assert 0 < second.usage.prompt_tokens - cached <= new
+    again = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6)
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1  # logits of the last
+
+
+def test_eight_clients_queue_in_order_and_all_complete(client, engine, app):
+    hold = threading.Event()
+    engine.play("<think>busy", hold=hold)  # keeps the engine busy until all eight are queued
+    with watching_submissions() as seen, ThreadPoolExecutor(9) as pool:
+        blocker = pool.submit(ask, client, "first", max_tokens=20)
+        assert seen.wait_for(1)
+        futures = [pool.submit(ask, client, f"question {i}", max_tokens=5, stream=False) for i in range(8)]
+        assert seen.wait_for(9)
+        hold.set()
+        results = [f.result(timeout=HOLD_S) for f in futures]
+        assert blocker.result(timeout=HOLD_S).choices[0].finish_reason == "length"
+    assert sorted(seen.positions()) == list(range(1, 10))  # one running, eight waiting
+    assert all(r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1 for r in results)
+    ids = [m.split()[1].rstrip(":") for m in seen.records]
+    started, finished = [i for i, m in zip(ids, seen.records) if "queue position" in m], \
+        [i for i, m in zip(ids, seen.records) if "prefilled" in m]
+    assert finished == started  # first in, first out
+
+
+def test_client_leaving_mid_stream_frees_the_engine(client, engine, app):
+    runner = app.state.server.runner
+    hold, cancelled_before = threading.Event(), runner.cancelled
+    engine.play("<think>a long line of thought", hold=hold)
+    stream = ask(client, "think long", stream=True, max_tokens=900)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    job = runner.active
+    stream.close()  # the client hangs up while the engine is mid-answer
+    assert job.cancelled.wait(HOLD_S)  # the server noticed the disconnect
+    hold.set()  # the engine finishes the token it was computing...
+    assert engine.closed.wait(HOLD_S) and job.finished.wait(HOLD_S)  # ...and the generation is closed after it
+    assert engine.last_steps < 900 and runner.cancelled == cancelled_before + 1
+    r = ask(client, "next")  # the next request runs at once
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_leaving_clients_of_plain_and_queued_requests_cancel_them(base_url, client, engine, app):
+    runner = app.state.server.runner
+    hold, cancelled_before = threading.Event(), runner.cancelled
+    engine.play("<think>working", hold=hold)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "wait"}], "max_tokens": 900}
+    with watching_submissions() as seen:
+        running_client = raw_post(base_url, "/v1/chat/completions", body)
+        assert engine.started.wait(HOLD_S)
+        job = runner.active
+        queued_client = raw_post(base_url, "/v1/chat/completions", body)
+        assert seen.wait_for(2)
+        prompts = len(engine.prompts)
+        queued_client.close()
+        running_client.close()
+        assert seen.wait_for(2, "the client disconnected") and job.cancelled.is_set()
+        hold.set()
+        assert job.finished.wait(HOLD_S) and engine.last_steps < 900
+    assert ask(client, "after").choices[0].finish_reason in ("stop", "length")
+    assert runner.cancelled == cancelled_before + 2
+    assert len(engine.prompts) == prompts + 1  # the queued request never reached the engine
+
+
+@pytest.mark.parametrize("body, status, param, code", [
+    (b"{not json", 400, None, "invalid_json"),
+    (b"[1, 2]", 400, None, "invalid_json"),
+    ({"model": MODEL}, 400, "messages", None),
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model", None),
+    ({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", None),
+    ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].tool_call_id", None),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content[0]", None),
+    ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "model_not_found"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature", None),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p", None),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens", None),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n", None),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, 400, "tool_choice", None),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 500}]}, 400, "messages", "context_length_exceeded"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x" * (MAX_BODY + 1)}]}, 413, None, "request_too_large"),
+])
+def test_invalid_requests_get_openai_errors(base_url, body, status, param, code):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(base_url + "/v1/chat/completions", content=raw,
+                   headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param and (code is None or err["code"] == code)
+    if code == "context_length_exceeded":
+        assert str(MAX_PROMPT) in err["message"]
+
+
+def test_wrong_or_missing_api_key_is_401(base_url):
+    with openai.OpenAI(base_url=base_url + "/v1", api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    r = httpx.post(base_url + "/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_server_survives_everything_above(client, app):
+    assert app.state.server.runner.active is None and app.state.server.runner.waiting == 0
+    assert ask(client, "still there?").choices[0].finish_reason in ("stop", "length")
