@@ -1,6 +1,7 @@
-"""The `kimi-hybrid` command: the terminal face. Rendering (click, rich) lives only here.
+"""The `kimi-hybrid` command: the terminal face. Rendering (click, rich) lives only in the cli* modules.
 
-Every user mistake becomes one clear line and a non-zero exit; `--debug` shows the traceback.
+This file holds the group (every user mistake becomes one clear line and exit 1; `--debug` shows the
+traceback) and the small commands: generate, info, run. chat, bench and plan live in their own files.
 """
 from __future__ import annotations
 
@@ -10,18 +11,13 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
-from .checkpoint import CheckpointError
-from .config import ConfigError, ModelConfig
+from .cli_bench import bench
+from .cli_common import USER_ERRORS, console, engine_options, err_console, load_engine, progress_bar, resolve_model
+from .config import ModelConfig
 from .layout import size_report
 from .synth import PRESETS, GeneratorError
-
-console = Console()
-err_console = Console(stderr=True)
-USER_ERRORS = (CheckpointError, ConfigError, GeneratorError, ValueError, OSError)
 
 
 class Cli(click.Group):
@@ -31,7 +27,7 @@ class Cli(click.Group):
         except USER_ERRORS as e:
             if ctx.params.get("debug"):
                 raise
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
             sys.exit(1)
 
 
@@ -42,27 +38,6 @@ def main(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _progress_bar(label: str):
-    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                   console=err_console, transient=True)
-    task = bar.add_task(label, total=None)
-    return bar, lambda done, total: bar.update(task, completed=done, total=total)
-
-
-def resolve_with_progress(model: str) -> Path:
-    from .engine import resolve_model
-    from .synth import cache_dir
-
-    if model in PRESETS and not any(cache_dir().glob(f"{model}-seed0-*/.kimi-hybrid-synthetic")):
-        err_console.print(f"generating the built-in '{model}' checkpoint into {cache_dir()} (first use only)")
-        bar, cb = _progress_bar(model)
-        from .synth import ensure_preset
-
-        with bar:
-            return ensure_preset(model, progress=cb)
-    return resolve_model(model)
-
-
 @main.command()
 @click.argument("preset", type=click.Choice(PRESETS))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Directory to write (default: the cache).")
@@ -71,7 +46,7 @@ def generate(preset: str, out: Path | None, seed: int) -> None:
     """Write a synthetic checkpoint in the exact Kimi K2 Thinking on-disk format."""
     from .synth import ensure_preset, preset_config, write_checkpoint
 
-    bar, cb = _progress_bar(preset)
+    bar, cb = progress_bar(preset)
     with bar:
         if out is None:
             path = ensure_preset(preset, seed=seed, progress=cb)
@@ -95,7 +70,7 @@ def info(model: str, as_json: bool) -> None:
     else:
         from .checkpoint import Checkpoint
 
-        ckpt = Checkpoint(resolve_with_progress(model))
+        ckpt = Checkpoint(resolve_model(model))
         cfg, n_tensors = ckpt.config, len(ckpt.tensors)
     r = size_report(cfg)
     out = {
@@ -121,62 +96,29 @@ def info(model: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("prompt")
-@click.option("--model", "-m", default="tiny", show_default=True, help="Checkpoint directory or preset name.")
-@click.option("--max-tokens", default=64, show_default=True, help="Tokens to generate at most.")
-@click.option("--temperature", default=1.0, show_default=True, help="0 = greedy; 1.0 is Moonshot's recommendation.")
-@click.option("--seed", type=int, help="Seed for reproducible sampling.")
-@click.option("--hide-thinking", is_flag=True, help="Do not print the reasoning.")
-def run(prompt: str, model: str, max_tokens: int, temperature: float, seed: int | None, hide_thinking: bool) -> None:
+@click.option("--model", "-m", default="tiny", show_default=True,
+              help="Checkpoint directory, Hugging Face repo id in the local cache, or preset.")
+@engine_options
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens to generate at most.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="0 = greedy; 1.0 is Moonshot's recommendation.")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed for reproducible sampling.")
+@click.option("--hide-thinking", is_flag=True, help="Fold the reasoning to one line.")
+def run(prompt: str, model: str, max_tokens: int, temperature: float, seed: int | None, hide_thinking: bool,
+        **engine_opts) -> None:
     """Answer one prompt: reasoning dim, content plain, tool calls as blocks, then speed."""
-    from . import load
+    from .chat_ui import Turn, status_line
     from .conversation import Done
-    from .parser import ContentDelta, ReasoningDelta, ToolCall, ToolCallError
 
-    engine = load(resolve_with_progress(model))
+    engine = load_engine(resolve_model(model), **engine_opts)
+    turn = Turn(console, show_thinking=not hide_thinking)
     for ev in engine.chat([{"role": "user", "content": prompt}], temperature=temperature, seed=seed, max_tokens=max_tokens):
-        if isinstance(ev, ReasoningDelta) and not hide_thinking:
-            console.print(ev.text, style="dim", end="", markup=False, highlight=False)
-        elif isinstance(ev, ContentDelta):
-            console.print(ev.text, end="", markup=False, highlight=False)
-        elif isinstance(ev, ToolCall):
-            console.print(f"\n[bold]tool call[/] {ev.name} {ev.arguments}", highlight=False)
-        elif isinstance(ev, ToolCallError):
-            console.print(f"\n[red]malformed tool call[/] ({ev.reason}): {ev.raw!r}", highlight=False)
-        elif isinstance(ev, Done):
-            pre = ev.prefill_tokens / ev.prefill_s if ev.prefill_s else 0.0
-            dec = (ev.completion_tokens - 1) / ev.decode_s if ev.decode_s else 0.0
-            err_console.print(f"\n[{ev.finish_reason}] prompt {ev.prompt_tokens} tokens, {pre:.1f} tok/s prefill; "
-                              f"{ev.completion_tokens} generated, {dec:.1f} tok/s decode", style="cyan", highlight=False, markup=False)
-
-
-@main.command()
-@click.option("--kernels", is_flag=True, help="Benchmark the CPU expert kernels on Kimi K2 shapes.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--small", is_flag=True, help="Tiny shapes (a smoke run, seconds).")
-@click.option("--threads", type=int, help="CPU threads (default: all).")
-def bench(kernels: bool, as_json: bool, small: bool, threads: int | None) -> None:
-    """Measure speed and print figures."""
-    if not kernels:
-        raise click.UsageError("only --kernels is available so far: kimi-hybrid bench --kernels [--json]")
-    try:
-        from .kernel_bench import run_kernel_bench
-    except ImportError as e:  # the benchmark module is its own piece of work (issue 3)
-        raise click.ClickException(f"the kernel benchmark is not available in this build ({e})") from None
-    result = run_kernel_bench(small=small, threads=threads)
-    if as_json:
-        click.echo(json.dumps(result))
-        return
-    t = Table(title="CPU expert kernels")
-    t.add_column("figure")
-    t.add_column("value", justify="right")
-    for k, v in _flatten(result):
-        t.add_row(k, f"{v:,.2f}" if isinstance(v, float) else str(v))
-    console.print(t)
-
-
-def _flatten(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}.")
+        if isinstance(ev, Done):
+            turn.finish()
+            err_console.print(status_line(ev), highlight=False)
         else:
-            yield f"{prefix}{k}", v
+            turn.feed(ev)
+
+
+for command in (bench,):
+    main.add_command(command)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from hybrid.checkpoint import Checkpoint
@@ -53,3 +56,130 @@ def test_run_answers_a_prompt(tiny_path):
     r = CliRunner().invoke(main, ["run", "hello", "-m", str(tiny_path), "--max-tokens", "5", "--temperature", "0"])
     assert r.exit_code == 0, r.output
     assert "prompt" in r.output and (("[length]" in r.output and "5 generated" in r.output) or "[stop]" in r.output)
+
+
+# ---- --model resolution -------------------------------------------------------------------------
+
+def test_model_from_the_hf_cache_and_the_fetch_command_when_missing(tiny_path, tmp_path, monkeypatch):
+    snap = tmp_path / "hub" / "models--someorg--Tiny-K2" / "snapshots" / "0123abc"
+    snap.parent.mkdir(parents=True)
+    snap.symlink_to(tiny_path, target_is_directory=True)  # HF snapshots are links into blobs
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0123abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    r = CliRunner().invoke(main, ["info", "-m", "someorg/Tiny-K2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["tensors"] == 331
+    r = CliRunner().invoke(main, ["run", "hi", "-m", "moonshotai/Kimi-K2-Thinking"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "not in the Hugging Face cache" in r.output and "hf download moonshotai/Kimi-K2-Thinking" in r.output
+
+
+def test_preset_generated_on_first_use(tmp_path, monkeypatch):
+    monkeypatch.setenv("KIMI_HYBRID_CACHE", str(tmp_path / "cache"))
+    r = CliRunner().invoke(main, ["info", "-m", "tiny", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "generating the built-in 'tiny' checkpoint" in r.output
+    r = CliRunner().invoke(main, ["info", "-m", "tiny", "--json"])  # the second time it is there
+    assert r.exit_code == 0 and "generating" not in r.output
+
+
+def test_model_mistakes_are_one_line(tmp_path):
+    (tmp_path / "f.json").write_text("{}")
+    for args, says in ((["run", "hi", "-m", str(tmp_path / "f.json")], "is a file"),
+                       (["run", "hi", "-m", "no-such-thing"], "no such checkpoint directory")):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
+
+
+# ---- bench ----------------------------------------------------------------------------------------
+
+SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "bench_schema.md"
+TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array of number": list}
+
+
+def documented_fields() -> dict[str, tuple[str, bool]]:
+    """field path -> (type, nullable) from the table in docs/bench_schema.md."""
+    out = {}
+    for line in SCHEMA_DOC.read_text().splitlines():
+        m = re.match(r"\| `([\w.]+)` \| ([a-z ]+?) \|", line)
+        if m:
+            typ, nullable = m.group(2).removesuffix(" or null"), m.group(2).endswith(" or null")
+            assert typ in TYPES, f"unknown type {typ!r} in the schema doc"
+            out[m.group(1)] = (typ, nullable)
+    return out
+
+
+def check_schema(out: dict) -> None:
+    fields = documented_fields()
+    seen, null = set(), set()
+
+    def walk(obj: dict, prefix: str) -> None:
+        for k, v in obj.items():
+            path = prefix + k
+            assert path in fields, f"{path} is in the output but not in docs/bench_schema.md"
+            seen.add(path)
+            typ, nullable = fields[path]
+            if v is None:
+                null.add(path)
+                assert nullable, f"{path} is null but not documented as nullable"
+                continue
+            assert isinstance(v, TYPES[typ]) and not (typ != "boolean" and isinstance(v, bool)), f"{path}: {v!r}"
+            if typ == "array of number":
+                assert all(isinstance(x, (int, float)) for x in v)
+            if typ == "object":
+                walk(v, path + ".")
+
+    walk(out, "")
+    missing = {p for p in set(fields) - seen if not any(p.startswith(q + ".") for q in null)}
+    assert not missing, f"documented but missing from the output: {missing}"
+
+
+def test_bench_json_follows_the_documented_schema(tiny_path):
+    args = ["bench", "-m", str(tiny_path), "--prompt-tokens", "8", "--gen-tokens", "4", "--runs", "2", "--probe-mb", "16"]
+    r = CliRunner().invoke(main, args + ["--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    check_schema(out)
+    assert out["schema"] == "kimi-hybrid.bench/1" and out["settings"]["runs"] == 2
+    assert len(out["decode"]["runs_tok_s"]) == 2 and out["decode"]["tok_s"]["min"] <= out["decode"]["tok_s"]["max"]
+    d = out["decode"]
+    assert d["bytes_per_token"] == d["expert_bytes_per_token"] + d["weight_bytes_per_token"] > 0
+    assert abs(d["achieved_gbps"] - d["bytes_per_token"] * d["tok_s"]["median"] / 1e9) < 1e-9
+    # decode reads top-4 distinct experts in each of the 2 MoE layers
+    ck = Checkpoint(tiny_path)
+    expert = sum(ck.info(f"model.layers.1.mlp.experts.0.{p}_proj.weight_{s}").nbytes
+                 for p in ("gate", "up", "down") for s in ("packed", "scale"))
+    assert d["expert_bytes_per_token"] == 4 * 2 * expert
+
+
+def test_bench_table_and_mistakes(tiny_path):
+    args = ["bench", "-m", str(tiny_path), "--prompt-tokens", "8", "--gen-tokens", "3", "--runs", "1", "--probe-mb", "16"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    for text in ("prompt processing (pp8)", "generation (tg3)", "where the time goes", "measured in this run"):
+        assert text in r.output
+    r = CliRunner().invoke(main, args + ["--context", "16", "--prompt-tokens", "20"])
+    assert r.exit_code == 1 and "exceed the context of 16 tokens" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["bench", "--small"])
+    assert r.exit_code == 1 and "go with --kernels" in r.output
+
+
+def test_the_schema_check_catches_drift():
+    with pytest.raises(AssertionError, match="not in docs"):
+        check_schema({"schema": "x", "surprise": 1})
+    with pytest.raises(AssertionError, match="missing"):
+        check_schema({"schema": "x"})
+
+
+def test_bench_kernels_is_still_there(monkeypatch):
+    import hybrid.kernel_bench as kb
+
+    monkeypatch.setattr(kb, "run_kernel_bench", lambda small, threads: {"mem_read_gbps": 25.0, "moe_decode": {"ms": 48.0}})
+    r = CliRunner().invoke(main, ["bench", "--kernels", "--small", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output) == {"mem_read_gbps": 25.0, "moe_decode": {"ms": 48.0}}
+    r = CliRunner().invoke(main, ["bench", "--kernels", "--small"])
+    assert r.exit_code == 0 and "moe_decode.ms" in r.output and "48.00" in r.output
+
+

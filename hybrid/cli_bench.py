@@ -1,0 +1,134 @@
+"""`kimi-hybrid bench`: the model's prompt processing and generation speed as tables (or --json), and
+`bench --kernels` for the CPU expert kernels alone.
+
+Owns rendering the figures of hybrid.bench (schema: docs/bench_schema.md) and hybrid.kernel_bench.
+With no --model it runs the built-in k2-slice: real K2 layer shapes, generated on first use.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+from rich.table import Table
+
+from .cli_common import UserError, console, engine_options, err_console, load_engine, resolve_model
+
+SPLIT_LABELS = {"gpu_side": "GPU-side layers (attention, router, shared expert, dense, lm_head)",
+                "experts_compute": "CPU experts computing (worker threads, overlapping)",
+                "experts_wait": "forward pass waiting for the CPU experts",
+                "io_wait": "expert workers waiting for disk reads",
+                "overhead": "Python overhead in the forward pass",
+                "unaccounted": "outside the forward pass (sampling, loop)"}
+
+
+@click.command()
+@click.option("--model", "-m", default="k2-slice", show_default=True,
+              help="Checkpoint directory, Hugging Face repo id in the local cache, or preset.")
+@engine_options
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Prompt length for the prompt-processing test.")
+@click.option("--gen-tokens", type=click.IntRange(min=2), default=32, show_default=True,
+              help="Tokens generated per run.")
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Measured runs (after a warm-up).")
+@click.option("--probe-mb", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Buffer for the RAM bandwidth probe (well past the CPU caches).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema: docs/bench_schema.md).")
+@click.option("--kernels", is_flag=True, help="Benchmark the CPU expert kernels alone, on Kimi K2 shapes.")
+@click.option("--small", is_flag=True, help="With --kernels: tiny shapes (a smoke run, seconds).")
+@click.option("--threads", type=click.IntRange(min=1), help="With --kernels: CPU threads (default: all).")
+def bench(model: str, prompt_tokens: int, gen_tokens: int, runs: int, probe_mb: int, as_json: bool, kernels: bool, small: bool,
+          threads: int | None, **engine_opts: Any) -> None:
+    """Measure tokens/s: prompt processing and generation, where the time goes, bandwidth achieved."""
+    if kernels:
+        return _kernels(as_json, small, threads)
+    if small or threads:
+        raise UserError("--small and --threads go with --kernels; for the model use --cpu-threads")
+    from .bench import bench_engine
+
+    path = resolve_model(model)
+    with err_console.status(f"loading {model}..."):
+        engine = load_engine(path, **engine_opts)
+    with err_console.status("warming up (compiling kernels, reading weights)...") as status:
+        def progress(r: int, res: dict) -> None:
+            status.update(f"run {r + 2}/{runs}: prefill {res['prefill_tokens']} tokens, then {gen_tokens} generated...")
+
+        status.update(f"run 1/{runs}...")
+        result = bench_engine(engine, prompt_tokens, gen_tokens, runs, name=model, on_run=progress,
+                              probe_bytes=probe_mb << 20,
+                              backend=engine_opts.get("backend") or "auto")
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        render(result)
+    if hasattr(engine, "close"):
+        engine.close()
+
+
+def _num(x: float | None, fmt: str = ",.1f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def render(r: dict) -> None:
+    m, s, pre, dec = r["model"], r["settings"], r["prefill"], r["decode"]
+    console.print(f"[bold]{m['name']}[/]: {m['layers']} layers ({m['moe_layers']} MoE x {m['routed_experts']} experts, "
+                  f"top-{m['experts_per_token']}); {s['backend']} backend, experts "
+                  f"{s['expert_mode'] or '?'}; {r['machine']['cpu_threads']} CPU threads; "
+                  f"load average {r['machine']['loadavg_1min']:.2f}", highlight=False)
+    t = Table(title=f"speed over {s['runs']} runs (tokens/s)", title_justify="left")
+    for col in ("test", "median", "min", "max"):
+        t.add_column(col, justify="left" if col == "test" else "right")
+    for label, ph in ((f"prompt processing (pp{s['prompt_tokens']})", pre), (f"generation (tg{s['gen_tokens']})", dec)):
+        t.add_row(label, *(_num(ph["tok_s"][k], ",.2f") for k in ("median", "min", "max")))
+    console.print(t)
+
+    if pre["split_ms_per_token"] or dec["split_ms_per_token"]:
+        t = Table(title="where the time goes (ms per token)", title_justify="left")
+        t.add_column("component")
+        t.add_column("prefill", justify="right")
+        t.add_column("decode", justify="right")
+        for key, label in SPLIT_LABELS.items():
+            t.add_row(label, *(_num((ph["split_ms_per_token"] or {}).get(key), ",.2f") for ph in (pre, dec)))
+        console.print(t)
+
+    t = Table(title="bandwidth (decode)", title_justify="left", show_header=False)
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_row("routed expert bytes per token", f"{dec['expert_bytes_per_token'] / 1e6:,.1f} MB")
+    t.add_row("other weights read per token", f"{dec['weight_bytes_per_token'] / 1e6:,.1f} MB")
+    t.add_row("achieved (bytes per token x tok/s)", f"{dec['achieved_gbps']:,.2f} GB/s")
+    t.add_row("RAM read bandwidth, measured in this run", f"{r['machine']['mem_read_gbps']:,.1f} GB/s")
+    t.add_row("share of the measured bandwidth", f"{dec['pct_of_mem_read']:.1f}%")
+    t.add_row("expert kernel (expert bytes / compute time)", _num(dec["expert_kernel_gbps"], ",.2f") + " GB/s")
+    if dec.get("disk_bytes_per_token") is not None:
+        t.add_row("read from disk per token", f"{dec['disk_bytes_per_token'] / 1e6:,.1f} MB")
+    cache = r["cache"]
+    t.add_row("expert cache hit rate", "- (mmap: no cache)" if cache is None else
+              f"{_num(None if cache['hit_rate'] is None else 100 * cache['hit_rate'])}% "
+              f"({cache['hits']:,} hits, {cache['misses']:,} misses)")
+    console.print(t)
+
+
+def _kernels(as_json: bool, small: bool, threads: int | None) -> None:
+    try:
+        from .kernel_bench import run_kernel_bench
+    except ImportError as e:  # the benchmark module is its own piece of work (issue 3)
+        raise UserError(f"the kernel benchmark is not available in this build ({e})") from None
+    result = run_kernel_bench(small=small, threads=threads)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    t = Table(title="CPU expert kernels")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for k, v in _flatten(result):
+        t.add_row(k, f"{v:,.2f}" if isinstance(v, float) else str(v))
+    console.print(t)
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
