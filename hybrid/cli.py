@@ -14,6 +14,7 @@ import click
 from rich.table import Table
 
 from .cli_bench import bench
+from .cli_chat import chat
 from .cli_common import USER_ERRORS, console, engine_options, err_console, load_engine, progress_bar, resolve_model
 from .config import ModelConfig
 from .layout import size_report
@@ -120,5 +121,5 @@ def run(prompt: str, model: str, max_tokens: int, temperature: float, seed: int 
             turn.feed(ev)
 
 
-for command in (bench,):
+for command in (chat, bench):
     main.add_command(command)

@@ -87,7 +87,8 @@ def test_preset_generated_on_first_use(tmp_path, monkeypatch):
 def test_model_mistakes_are_one_line(tmp_path):
     (tmp_path / "f.json").write_text("{}")
     for args, says in ((["run", "hi", "-m", str(tmp_path / "f.json")], "is a file"),
-                       (["run", "hi", "-m", "no-such-thing"], "no such checkpoint directory")):
+                       (["run", "hi", "-m", "no-such-thing"], "no such checkpoint directory"),
+                       (["chat", "-m", str(tmp_path / "nope")], "no such checkpoint directory")):
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1
@@ -183,3 +184,39 @@ def test_bench_kernels_is_still_there(monkeypatch):
     assert r.exit_code == 0 and "moe_decode.ms" in r.output and "48.00" in r.output
 
 
+# ---- chat (the pseudo-terminal tests are in test_cli_chat.py) ----------------------------------
+
+def test_chat_commands_through_piped_input(tiny_path, tmp_path):
+    saved = tmp_path / "conv.json"
+    script = "\n".join([
+        "hello", "/system You are terse.", "/system", "/think off", "second\\", "line two",
+        f"/save {saved}", "/reset", f"/load {saved}", "/think", "/stats", "/bogus", "/load /no/such/file",
+        '"""', "a", "block", '"""', "/exit", "never read"]) + "\n"
+    r = CliRunner().invoke(main, ["chat", "-m", str(tiny_path), "--max-tokens", "6", "--temperature", "0"], input=script)
+    assert r.exit_code == 0, r.output
+    assert r.output.count("[length] prompt") == 3  # hello, the continued line, the block
+    for text in ("system prompt: You are terse.", "conversation cleared (system prompt kept)", "loaded 4 messages",
+                 "unknown command /bogus", "answers,", "thought:"):
+        assert text in r.output, text
+    assert "No such file" in r.output or "no such file" in r.output.lower()
+    data = json.loads(saved.read_text())
+    roles = [m["role"] for m in data["messages"]]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    assert data["messages"][3]["content"] == "second\nline two"
+    assert all("reasoning_content" in m for m in data["messages"] if m["role"] == "assistant")
+
+
+def test_chat_loads_a_conversation_and_rejects_a_bad_one(tiny_path, tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([{"role": "user", "content": "hi"},
+                                {"role": "assistant", "content": "hello", "reasoning_content": "greet back"}]))
+    r = CliRunner().invoke(main, ["chat", "-m", str(tiny_path), "--load", str(good), "--max-tokens", "3"],
+                           input="and now?\n")  # Ctrl-D (end of input) leaves
+    assert r.exit_code == 0, r.output
+    assert "loaded 2 messages" in r.output and "[length] prompt" in r.output
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"messages": [{"role": "wizard", "content": "x"}]}))
+    r = CliRunner().invoke(main, ["chat", "-m", str(tiny_path), "--load", str(bad)])
+    assert r.exit_code == 1 and "message 0 needs a \"role\"" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["chat", "-m", str(tiny_path), "--top-p", "0"])
+    assert r.exit_code == 2 and "--top-p" in r.output
