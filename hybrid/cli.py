@@ -16,6 +16,7 @@ from rich.table import Table
 from .cli_bench import bench
 from .cli_chat import chat
 from .cli_common import USER_ERRORS, console, engine_options, err_console, load_engine, progress_bar, resolve_model
+from .cli_plan import plan
 from .config import ModelConfig
 from .layout import size_report
 from .synth import PRESETS, GeneratorError
@@ -121,5 +122,5 @@ def run(prompt: str, model: str, max_tokens: int, temperature: float, seed: int 
             turn.feed(ev)
 
 
-for command in (chat, bench):
+for command in (chat, bench, plan):
     main.add_command(command)

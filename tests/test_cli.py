@@ -184,6 +184,58 @@ def test_bench_kernels_is_still_there(monkeypatch):
     assert r.exit_code == 0 and "moe_decode.ms" in r.output and "48.00" in r.output
 
 
+# ---- plan -----------------------------------------------------------------------------------------
+
+WORKSTATION = ["--ram-gb", "768", "--gpu-gb", "24", "--mem-gbps", "300", "--gpu-gbps", "1000"]
+
+
+def test_plan_for_a_workstation_to_buy():
+    r = CliRunner().invoke(main, ["plan", *WORKSTATION, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["machine"]["hypothetical"] and out["machine"]["measured_here"] == []
+    rows = {row["what"].split(" (")[0]: row for row in out["plan"]["rows"]}
+    assert rows["attention"]["where"] == "gpu" and rows["routed experts"]["where"] == "mmap"
+    assert round(rows["routed experts"]["gb"]) == 571
+    proj = out["projection"]
+    # all 571 GB of experts in RAM: 11.9 GB per token over 300 GB/s is the ceiling, ~25 tok/s (DESIGN.md)
+    assert proj["bottleneck"] == "ram" and proj["tok_s"] == pytest.approx(300e9 / proj["routed_bytes_per_token"])
+    assert 24 < proj["tok_s"] < 26
+    r = CliRunner().invoke(main, ["plan", *WORKSTATION])
+    assert r.exit_code == 0
+    for text in ("hypothetical machine", "placement plan", "routed experts", "projected decode speed", "bottleneck"):
+        assert text in r.output
+
+
+def test_plan_with_an_expert_cache_counts_the_disk():
+    r = CliRunner().invoke(main, ["plan", "--ram-gb", "128", "--gpu-gb", "24", "--mem-gbps", "100",
+                                  "--gpu-gbps", "1000", "--disk-gbps", "7", "--hit-rate", "0.9", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["plan"]["expert_mode"] == "cache"
+    proj = out["projection"]
+    assert proj["disk_bytes"] == pytest.approx(0.1 * proj["cpu_expert_bytes"], rel=1e-6)
+    assert proj["bottleneck"] == "disk" and proj["tok_s"] == pytest.approx(7e9 / proj["disk_bytes"], rel=1e-6)
+
+
+def test_plan_refusals_are_one_line():
+    r = CliRunner().invoke(main, ["plan", "--ram-gb", "32", "--mem-gbps", "20"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "the plan does not fit: RAM is short" in r.output
+    r = CliRunner().invoke(main, ["plan", *WORKSTATION, "--context", "9999999"])
+    assert r.exit_code == 1 and "context 9999999 must lie in" in r.output
+    r = CliRunner().invoke(main, ["plan", "--expert-mode", "sometimes"])
+    assert r.exit_code == 2 and "'sometimes' is not one of" in r.output
+
+
+def test_plan_a_preset_on_this_machine():
+    r = CliRunner().invoke(main, ["plan", "-m", "tiny", "--mem-gbps", "20", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["model"] == "preset tiny" and not out["machine"]["hypothetical"]
+    assert out["projection"]["tok_s"] > 0
+
+
 # ---- chat (the pseudo-terminal tests are in test_cli_chat.py) ----------------------------------
 
 def test_chat_commands_through_piped_input(tiny_path, tmp_path):
