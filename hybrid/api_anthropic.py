@@ -171,6 +171,8 @@ def _tools(req: MessagesRequest, messages: list[dict]) -> tuple[list[dict] | Non
         messages.append({"role": "system", "content": "Answer by calling one of the declared functions."})
         return tools, names
     name = req.tool_choice.name
+    if not name:
+        raise ApiError(400, "tool_choice of type 'tool' needs the tool's name", "tool_choice.name")
     if name not in names:
         raise ApiError(400, f"tool_choice names tool {name!r}, which is not among the tools", "tool_choice.name")
     messages.append({"role": "system", "content": f"Answer by calling the function {name}."})

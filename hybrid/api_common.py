@@ -31,6 +31,8 @@ from .tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
 
+MAX_JSON_DEPTH = 100
+
 
 class ApiError(Exception):
     """An invalid request: HTTP status, a message naming the problem, and the offending field."""
@@ -81,7 +83,19 @@ async def read_json(request: Request, max_bytes: int) -> dict:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(data).__name__}", None, "invalid_json")
+    if _depth(data) > MAX_JSON_DEPTH:  # the template and tokenizer walk it recursively
+        raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json")
     return data
+
+
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|dict|list|literal|tagged-union)\b|[\[\-]")
@@ -102,7 +116,7 @@ def validate(model: type[BaseModel], data: dict) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        err = max(exc.errors(), key=lambda e: len(e["loc"]))  # the deepest is the most specific
         param = _param(tuple(err["loc"]))
         where = f"{param}: " if param else ""
         raise ApiError(400, f"{where}{err['msg']}", param or None, "invalid_request") from None

@@ -10,7 +10,6 @@ import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -132,17 +131,12 @@ def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-
     return app
 
 
-def default_model_name(model: str | Path) -> str:
-    """The name clients use: a preset's name, or the checkpoint directory's name."""
-    return Path(model).name or str(model)
-
-
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           backend: str = "auto", context: int | None = 32768, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-          max_prompt_tokens: int | None = None, log_level: str = "info", model_name: str | None = None,
+          max_prompt_tokens: int | None = None, log_level: str = "info", model_name: str = "kimi-k2-thinking",
           **load_options: Any) -> None:
     """Load the model (checkpoint directory or preset; load_options go to hybrid.load) and serve it
-    until interrupted. Binds to loopback unless told otherwise."""
+    until interrupted, as `model_name`. Binds to loopback unless told otherwise."""
     import uvicorn
 
     from .engine import load
@@ -156,7 +150,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     if context is not None:
         options["context"] = context
     engine = load(model, **options)
-    app = create_app(engine, api_key=api_key, model_name=model_name or default_model_name(model),
+    app = create_app(engine, api_key=api_key, model_name=model_name,
                      max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

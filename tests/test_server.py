@@ -5,6 +5,10 @@ model that calls tools; everything after generate() is the real path."""
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -226,6 +230,8 @@ def test_leaving_clients_of_plain_and_queued_requests_cancel_them(base_url, clie
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, 400, "tool_choice", None),
     ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 500}]}, 400, "messages", "context_length_exceeded"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x" * (MAX_BODY + 1)}]}, 413, None, "request_too_large"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": json.loads('{"a":' * 150 + "1" + "}" * 150)}}]}, 400, None, "invalid_json"),
 ])
 def test_invalid_requests_get_openai_errors(base_url, body, status, param, code):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -250,3 +256,32 @@ def test_wrong_or_missing_api_key_is_401(base_url):
 def test_server_survives_everything_above(client, app):
     assert app.state.server.runner.active is None and app.state.server.runner.waiting == 0
     assert ask(client, "still there?").choices[0].finish_reason in ("stop", "length")
+
+
+def test_serve_starts_uvicorn_on_loopback_and_stops_on_ctrl_c(tiny_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (f"from hybrid.server import serve; serve({str(tiny_path)!r}, port={port}, api_key='k', "
+            "backend='reference', context=256, model_name='m')")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(2 * HOLD_S, proc.kill)  # a hung server ends the reads below
+    watchdog.start()
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "Uvicorn running on" in line:
+                break
+        assert f"http://127.0.0.1:{port}" in lines[-1], "".join(lines)
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0) as c:
+            r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert r.usage.completion_tokens <= 3
+        proc.send_signal(signal.SIGINT)
+        log = "".join(lines) + proc.stderr.read()
+        assert proc.wait(HOLD_S) == 0, log
+        assert "queue position 1" in log
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
