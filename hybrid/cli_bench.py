@@ -49,14 +49,13 @@ def bench(model: str, prompt_tokens: int, gen_tokens: int, runs: int, probe_mb: 
     path = resolve_model(model)
     with err_console.status(f"loading {model}..."):
         engine = load_engine(path, **engine_opts)
-    with err_console.status("warming up (compiling kernels, reading weights)...") as status:
-        def progress(r: int, res: dict) -> None:
-            status.update(f"run {r + 2}/{runs}: prefill {res['prefill_tokens']} tokens, then {gen_tokens} generated...")
+    with err_console.status("warming up (compiling kernels, reading weights), then measuring...") as status:
+        def progress(r: int) -> None:
+            if r + 1 < runs:
+                status.update(f"run {r + 2}/{runs}: {prompt_tokens} prompt tokens, then {gen_tokens} generated...")
 
-        status.update(f"run 1/{runs}...")
         result = bench_engine(engine, prompt_tokens, gen_tokens, runs, name=model, on_run=progress,
-                              probe_bytes=probe_mb << 20,
-                              backend=engine_opts.get("backend") or "auto")
+                              probe_bytes=probe_mb << 20, backend=engine_opts.get("backend") or "auto")
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -73,7 +72,7 @@ def render(r: dict) -> None:
     m, s, pre, dec = r["model"], r["settings"], r["prefill"], r["decode"]
     console.print(f"[bold]{m['name']}[/]: {m['layers']} layers ({m['moe_layers']} MoE x {m['routed_experts']} experts, "
                   f"top-{m['experts_per_token']}); {s['backend']} backend, experts "
-                  f"{s['expert_mode'] or '?'}; {r['machine']['cpu_threads']} CPU threads; "
+                  f"{s['expert_mode']}; {r['machine']['cpu_threads']} CPU threads; "
                   f"load average {r['machine']['loadavg_1min']:.2f}", highlight=False)
     t = Table(title=f"speed over {s['runs']} runs (tokens/s)", title_justify="left")
     for col in ("test", "median", "min", "max"):
@@ -82,14 +81,13 @@ def render(r: dict) -> None:
         t.add_row(label, *(_num(ph["tok_s"][k], ",.2f") for k in ("median", "min", "max")))
     console.print(t)
 
-    if pre["split_ms_per_token"] or dec["split_ms_per_token"]:
-        t = Table(title="where the time goes (ms per token)", title_justify="left")
-        t.add_column("component")
-        t.add_column("prefill", justify="right")
-        t.add_column("decode", justify="right")
-        for key, label in SPLIT_LABELS.items():
-            t.add_row(label, *(_num((ph["split_ms_per_token"] or {}).get(key), ",.2f") for ph in (pre, dec)))
-        console.print(t)
+    t = Table(title="where the time goes (ms per token)", title_justify="left")
+    t.add_column("component")
+    t.add_column("prefill", justify="right")
+    t.add_column("decode", justify="right")
+    for key, label in SPLIT_LABELS.items():
+        t.add_row(label, *(_num(ph["split_ms_per_token"][key], ",.2f") for ph in (pre, dec)))
+    console.print(t)
 
     t = Table(title="bandwidth (decode)", title_justify="left", show_header=False)
     t.add_column("figure")
@@ -100,8 +98,7 @@ def render(r: dict) -> None:
     t.add_row("RAM read bandwidth, measured in this run", f"{r['machine']['mem_read_gbps']:,.1f} GB/s")
     t.add_row("share of the measured bandwidth", f"{dec['pct_of_mem_read']:.1f}%")
     t.add_row("expert kernel (expert bytes / compute time)", _num(dec["expert_kernel_gbps"], ",.2f") + " GB/s")
-    if dec.get("disk_bytes_per_token") is not None:
-        t.add_row("read from disk per token", f"{dec['disk_bytes_per_token'] / 1e6:,.1f} MB")
+    t.add_row("read from disk per token", f"{dec['disk_bytes_per_token'] / 1e6:,.1f} MB")
     cache = r["cache"]
     t.add_row("expert cache hit rate", "- (mmap: no cache)" if cache is None else
               f"{_num(None if cache['hit_rate'] is None else 100 * cache['hit_rate'])}% "

@@ -92,11 +92,7 @@ class ChatSession:
         self.messages: list[dict] = []  # without the system prompt
         self.last_reasoning = ""
         self.turns, self.generated, self.last_done = 0, 0, None
-        self._reset_stats()
-
-    def _reset_stats(self) -> None:
-        if hasattr(self.engine, "reset_stats"):
-            self.engine.reset_stats()
+        engine.reset_stats()
 
     def request(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
@@ -242,18 +238,15 @@ class ChatSession:
             pre, dec = speeds(d)
             console.print(f"last answer: prefill {pre:,.1f} tok/s, decode {dec:,.1f} tok/s; context used "
                           f"{d.prompt_tokens + d.completion_tokens:,} of {self.engine.context:,} tokens", highlight=False)
-        stats = self.engine.stats() if hasattr(self.engine, "stats") else None
-        if stats:
-            tok = stats.get("tokens") or {}
-            n = max(1, sum(tok.values()) if isinstance(tok, dict) else 0)
-            parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {1e3 * stats[k] / n:.2f}"
-                              for k in ("gpu_side_s", "experts_compute_s", "experts_wait_s", "io_wait_s", "overhead_s")
-                              if k in stats)
-            console.print(f"ms per token over {n:,} tokens: {parts}", highlight=False)
-            cache = stats.get("cache")
-            if cache and cache.get("hit_rate") is not None:
-                console.print(f"expert cache hit rate {cache['hit_rate']:.1%} ({cache['hits']:,} hits, "
-                              f"{cache['misses']:,} misses)", highlight=False)
+        stats = self.engine.stats()
+        n = max(1, sum(stats["tokens"].values()))
+        parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {1e3 * stats[k] / n:.2f}"
+                          for k in ("gpu_side_s", "experts_compute_s", "experts_wait_s", "io_wait_s", "overhead_s"))
+        console.print(f"ms per token over {n:,} tokens: {parts}")
+        cache = stats["cache"]
+        if cache and cache["hit_rate"] is not None:
+            console.print(f"expert cache hit rate {cache['hit_rate']:.1%} ({cache['hits']:,} hits, "
+                          f"{cache['misses']:,} misses)")
 
     # ---- the loop ------------------------------------------------------------------------
     def loop(self) -> None:

@@ -120,14 +120,6 @@ ENGINE_KEYS = ("backend", "context", "cpu_threads", "ram_budget", "gpu_memory", 
 
 def load_engine(path: Path, **options: Any):
     """hybrid.load with only the options the user gave (the rest keep the engine's defaults)."""
-    import inspect
-
     from . import load
 
-    given = {k: v for k, v in options.items() if k in ENGINE_KEYS and v is not None}
-    accepted = inspect.signature(load).parameters
-    missing = [k for k in given if k not in accepted]
-    if missing:
-        flags = ", ".join("--" + k.replace("_", "-") for k in missing)
-        raise UserError(f"{flags}: not supported by this engine build yet")
-    return load(path, **given)
+    return load(path, **{k: v for k, v in options.items() if k in ENGINE_KEYS and v is not None})

@@ -153,6 +153,18 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
     expert = sum(ck.info(f"model.layers.1.mlp.experts.0.{p}_proj.weight_{s}").nbytes
                  for p in ("gate", "up", "down") for s in ("packed", "scale"))
     assert d["expert_bytes_per_token"] == 4 * 2 * expert
+    assert out["cache"] is None and out["settings"]["expert_mode"] == "mmap" and d["disk_bytes_per_token"] == 0
+
+
+def test_bench_reports_the_expert_cache(tiny_path):
+    args = ["bench", "-m", str(tiny_path), "--prompt-tokens", "8", "--gen-tokens", "4", "--runs", "1", "--probe-mb", "16",
+            "--expert-mode", "cache", "--ram-budget", "0.0005", "--json"]  # 0.5 MB: about half of tiny's 32 experts
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    check_schema(out)
+    c = out["cache"]
+    assert out["settings"]["expert_mode"] == "cache" and c["misses"] > 0 and c["hit_rate"] == c["hits"] / (c["hits"] + c["misses"])
 
 
 def test_bench_table_and_mistakes(tiny_path):
