@@ -275,14 +275,14 @@ async def _stream(state: ServerState, job: Job, show_thinking: bool) -> AsyncIte
             continue
         if isinstance(item, Failed):
             yield _event("error", {"error": {"type": "api_error", "message": item.message}})
-            return
+            continue  # the end of the job's events follows
         if isinstance(item, Finished):
             if open_kind is not None:
                 yield _event("content_block_stop", {"index": index})
             usage = {"output_tokens": item.done.completion_tokens}
             yield _event("message_delta", {"delta": _stop(item), "usage": usage})
             yield _event("message_stop", {})
-            return
+            continue
         kind, piece = _piece(item, show_thinking)
         if kind is None:
             continue

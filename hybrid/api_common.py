@@ -184,7 +184,6 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
-    generated: int = 0
     _loop: asyncio.AbstractEventLoop | None = None
     _out: asyncio.Queue | None = None
 
@@ -271,7 +270,6 @@ class _Cancellable:
                 if step.index == 0:
                     self.job.emit(Started(step.prefill_tokens))
                 self.tokens.append(step.token)
-                self.job.generated = len(self.tokens)
                 yield step
                 if self.job.cancelled.is_set():
                     return
@@ -361,6 +359,7 @@ class EngineRunner:
 
     def _run(self, job: Job) -> None:
         tokens: list[int] = []
+        answered = False
         chat = run_chat(_Cancellable(self.engine, job, tokens), job.prompt, job.params, job.tool_names, job.max_tokens)
         try:
             for item in chat:
@@ -368,6 +367,7 @@ class EngineRunner:
                     break
                 if isinstance(item, Done):
                     item = Finished(item, self._stop_sequence(job, item, tokens))
+                    answered = True
                     self.served += 1
                     log.info("request %s: %s after %d tokens (%d reasoning); prefilled %d of %d prompt tokens "
                              "in %.2f s; %.1f tokens/s", job.id, item.done.finish_reason, item.done.completion_tokens,
@@ -376,7 +376,7 @@ class EngineRunner:
                 job.emit(item)
         finally:
             chat.close()
-        if job.cancelled.is_set():
+        if job.cancelled.is_set() and not answered:
             self.cancelled += 1
             log.info("request %s: the client left; stopped after %d tokens", job.id, len(tokens))
 

@@ -37,19 +37,19 @@ class ScriptedEngine(Engine):
     """generate() replays scripts queued with play() (one per call), else runs the model as usual.
 
     hold: after its tokens, the script waits for this event, then repeats a filler token until
-    max_new_tokens, as if the model were in the middle of a long answer.
+    max_new_tokens, as if the model were in the middle of a long answer. fail: raised after its tokens.
     """
 
     def __init__(self, ckpt: Checkpoint, context: int):
         super().__init__(ckpt, ReferenceExperts(ckpt), context=context)
-        self.scripts: deque[tuple[list[int], threading.Event | None]] = deque()
+        self.scripts: deque[tuple[list[int], threading.Event | None, Exception | None]] = deque()
         self.prompts: list[list[int]] = []  # every prompt generate() was given
         self.last_steps = 0  # steps the last scripted generation yielded before it was closed
         self.started = threading.Event()  # set when a scripted generation begins
         self.closed = threading.Event()  # set when a scripted generation's generator is closed
 
-    def play(self, text: str, hold: threading.Event | None = None) -> None:
-        self.scripts.append((self.tokenizer.encode(text, allow_special=True), hold))
+    def play(self, text: str, hold: threading.Event | None = None, fail: Exception | None = None) -> None:
+        self.scripts.append((self.tokenizer.encode(text, allow_special=True), hold, fail))
 
     def generate(self, token_ids, max_new_tokens, temperature=1.0, seed=None, *, sampling=None, sampler=None,
                  stop_ids=frozenset()):
@@ -58,13 +58,15 @@ class ScriptedEngine(Engine):
             yield from super().generate(token_ids, max_new_tokens, temperature, seed, sampling=sampling,
                                         sampler=sampler, stop_ids=stop_ids)
             return
-        ids, hold = self.scripts.popleft()
+        ids, hold, fail = self.scripts.popleft()
         filler = self.tokenizer.encode("x")[0]
         self.closed.clear()
         self.last_steps = 0
         self.started.set()
         try:
             for i in range(max_new_tokens):
+                if i == len(ids) and fail is not None:
+                    raise fail
                 if i == len(ids) and hold is not None:
                     assert hold.wait(HOLD_S), "the test never released the scripted generation"
                 tok = ids[i] if i < len(ids) else filler

@@ -253,6 +253,16 @@ def test_wrong_or_missing_api_key_is_401(base_url):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_a_failing_generation_is_a_500_or_an_error_event_and_the_server_goes_on(client, engine):
+    engine.play("<think>so far", fail=RuntimeError("the GPU fell off"))
+    with pytest.raises(openai.InternalServerError, match="the GPU fell off"):
+        ask(client, "hi")
+    engine.play("<think>so far", fail=RuntimeError("the GPU fell off again"))
+    with pytest.raises(openai.APIError, match="fell off again"):
+        list(ask(client, "hi", stream=True))
+    assert ask(client, "and now?").choices[0].finish_reason in ("stop", "length")
+
+
 def test_server_survives_everything_above(client, app):
     assert app.state.server.runner.active is None and app.state.server.runner.waiting == 0
     assert ask(client, "still there?").choices[0].finish_reason in ("stop", "length")
