@@ -203,10 +203,13 @@ def make_rowblock_kernel(R: int, TB: int, L: int):
                 em.step(accs, wrow, srow, xrow, grow, b.add(b.mul(nmain, _i64(U)), loop.index), 1)
             for r in range(R):
                 for t in range(TB):
-                    v = b.load(accs[r][t])
+                    v, n = b.load(accs[r][t]), L // 2
+                    while n > 1:                    # pairwise tree: log2(n) shuffles and adds
+                        n //= 2
+                        lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), list(range(n))))
+                        hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), list(range(n, 2 * n))))
+                        v = b.fadd(lo, hi)
                     tot = b.extract_element(v, ir.Constant(I32, 0))
-                    for lane in range(1, L // 2):
-                        tot = b.fadd(tot, b.extract_element(v, ir.Constant(I32, lane)))
                     roff = b.mul(b.add(b.mul(_i64(t), rstride), _i64(r)), _i64(4))
                     b.store(tot, b.inttoptr(b.add(res, roff), F32.as_pointer()))
             return context.get_dummy_value()
