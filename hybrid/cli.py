@@ -1,7 +1,7 @@
 """The `kimi-hybrid` command: the terminal face. Rendering (click, rich) lives only in the cli* modules.
 
 This file holds the group (every user mistake becomes one clear line and exit 1; `--debug` shows the
-traceback) and the small commands: generate, info, run. chat, bench and plan live in their own files.
+traceback) and the small commands: generate, info, run, serve. chat, bench and plan live in their own files.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .cli_bench import bench
 from .cli_chat import chat
-from .cli_common import USER_ERRORS, console, engine_options, err_console, load_engine, progress_bar, resolve_model
+from .cli_common import REAL_MODEL, USER_ERRORS, console, engine_options, err_console, load_engine, progress_bar, resolve_model
 from .cli_plan import plan
 from .config import ModelConfig
 from .layout import size_report
@@ -120,6 +120,26 @@ def run(prompt: str, model: str, max_tokens: int, temperature: float, seed: int 
             err_console.print(status_line(ev), highlight=False)
         else:
             turn.feed(ev)
+
+
+@main.command()
+@click.option("--model", "-m", default=REAL_MODEL, show_default=True,
+              help="Checkpoint directory, Hugging Face repo id in the local cache, or preset.")
+@engine_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="KIMI_HYBRID_API_KEY", help="Require this key on every request [env KIMI_HYBRID_API_KEY].")
+@click.option("--model-name", default="kimi-k2-thinking", show_default=True, help="The model name clients ask for.")
+@click.option("--max-prompt-tokens", type=click.IntRange(min=1), help="Refuse longer prompts (default: the context).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+def serve(model: str, host: str, port: int, api_key: str | None, model_name: str, max_prompt_tokens: int | None,
+          log_level: str, **engine_opts) -> None:
+    """Serve the model over OpenAI- and Anthropic-compatible HTTP APIs (see README: Serve)."""
+    from .server import serve as run_server
+
+    options = {k: v for k, v in engine_opts.items() if v is not None}  # serve() keeps its own defaults
+    run_server(str(resolve_model(model)), host=host, port=port, api_key=api_key, model_name=model_name,
+               max_prompt_tokens=max_prompt_tokens, log_level=log_level, **options)
 
 
 for command in (chat, bench, plan):

@@ -284,3 +284,16 @@ def test_chat_loads_a_conversation_and_rejects_a_bad_one(tiny_path, tmp_path):
     assert r.exit_code == 1 and "message 0 needs a \"role\"" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["chat", "-m", str(tiny_path), "--top-p", "0"])
     assert r.exit_code == 2 and "--top-p" in r.output
+
+
+def test_serve_hands_the_options_to_the_server(tiny_path, monkeypatch):
+    import hybrid.server
+
+    seen = {}
+    monkeypatch.setattr(hybrid.server, "serve", lambda model, **kw: seen.update(kw, model=model))
+    r = CliRunner().invoke(main, ["serve", "-m", str(tiny_path), "--port", "9001", "--api-key", "K", "--context", "2048"])
+    assert r.exit_code == 0, r.output
+    assert seen["model"] == str(tiny_path) and seen["port"] == 9001 and seen["api_key"] == "K"
+    assert seen["context"] == 2048 and seen["host"] == "127.0.0.1" and "backend" not in seen
+    r = CliRunner().invoke(main, ["serve", "-m", "someorg/not-here"])
+    assert r.exit_code == 1 and "hf download someorg/not-here" in r.output
