@@ -2,7 +2,7 @@
 
 Owns the Anthropic wire format: system, thinking / text / tool_use / tool_result blocks turned into the
 K2 template's messages, the response blocks, stop_reason, usage (cache reads from KV prefix reuse), and
-the streaming events in Anthropic's order. Must not: queue or run generation itself (api_common does).
+the streaming events in Anthropic's order. Must not: queue or run generation itself (engine_runner does).
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .api_common import (ApiError, Failed, Finished, Job, JobStream, ServerState, Started, check_model, collect,
+from .api_common import (ApiError, JobStream, ServerState, check_model, collect,
                          normalize_tool_ids, prepare, read_json, sampling_params, server_state, validate)
+from .engine_runner import Failed, Finished, Job, Started
 from .parser import ContentDelta, ReasoningDelta, ToolCall, ToolCallError
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Owns the OpenAI wire format: request validation, messages and tools for the K2 template, tool_choice,
 `reasoning_content` in messages and deltas, tool_calls, finish_reason and usage (cached prompt tokens,
-reasoning tokens). Must not: queue or run generation itself (api_common.EngineRunner does).
+reasoning tokens). Must not: queue or run generation itself (engine_runner.EngineRunner does).
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .api_common import (ApiError, Failed, Finished, Job, JobStream, ServerState, Started, check_model, collect,
+from .api_common import (ApiError, JobStream, ServerState, check_model, collect,
                          normalize_tool_ids, prepare, read_json, sampling_params, server_state, validate)
+from .engine_runner import Failed, Finished, Job, Started
 from .parser import ContentDelta, ReasoningDelta, ToolCall, ToolCallError
 
 log = logging.getLogger(__name__)

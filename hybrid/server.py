@@ -1,8 +1,8 @@
 """The HTTP face: an OpenAI- and Anthropic-compatible server over one engine (FastAPI + uvicorn).
 
-Owns the app (routes, API-key check, error bodies in each API's style, /health, /v1/models) and
+Owns the app (routes, API-key and Host checks, error bodies in each API's style, /health, /v1/models), and
 serve(). Must not: render terminal output (cli.py does), or run generation outside the one worker of
-api_common.EngineRunner; no request may take the server down.
+engine_runner.EngineRunner; no request may take the server down.
 """
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import api_anthropic, api_openai
-from .api_common import ApiError, EngineRunner, ServerState, check_model, server_state
+from .api_common import ApiError, ServerState, check_model, server_state
+from .engine_runner import EngineRunner
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20  # a 256K-token history with tools is a few MB of JSON
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # bound here, the server answers only requests addressed here
 
 _OPENAI_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 500: "server_error", 503: "server_error"}
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -43,30 +44,47 @@ def error_response(path: str, status: int, message: str, param: str | None = Non
                         status_code=status)
 
 
-class ApiKeyCheck:
-    """ASGI middleware: every HTTP request must carry the key, as `Authorization: Bearer KEY` (OpenAI
-    clients) or `x-api-key: KEY` (Anthropic clients); otherwise 401 before anything else runs."""
+class RequestGuard:
+    """ASGI middleware, before any route runs: with allowed_hosts, the Host header must name one of them
+    (403: a web page that rebinds its DNS name to 127.0.0.1 cannot reach the model); with api_key,
+    every request must carry it as `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic)."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
-        self.app, self.key = app, api_key.encode()
+    def __init__(self, app: ASGIApp, api_key: str | None, allowed_hosts: tuple[str, ...] | None):
+        self.app, self.hosts = app, allowed_hosts
+        self.key = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            headers = dict(scope["headers"])
+            refusal = self._refusal(dict(scope["headers"]))
+            if refusal is not None:
+                status, why, code = refusal
+                log.warning("%d for %s %s: %s", status, scope["method"], scope["path"], why)
+                await error_response(scope["path"], status, why, None, code)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, headers: dict[bytes, bytes]) -> tuple[int, str, str] | None:
+        if self.hosts is not None:
+            host = headers.get(b"host", b"").decode("latin-1")
+            name = host.rsplit("]", 1)[0].lstrip("[") if host.startswith("[") else host.split(":")[0]
+            if name not in self.hosts:
+                return 403, f"Host {host!r} is not allowed here; address the server as {' or '.join(self.hosts)}", \
+                    "host_not_allowed"
+        if self.key is not None:
             bearer = headers.get(b"authorization", b"")
             given = headers.get(b"x-api-key") or (bearer[7:].strip() if bearer[:7].lower() == b"bearer " else b"")
             if not hmac.compare_digest(given, self.key):
                 why = "the API key is wrong" if given else "an API key is required (Authorization: Bearer KEY or x-api-key)"
-                log.warning("401 for %s %s: %s", scope["method"], scope["path"], why)
-                await error_response(scope["path"], 401, why, None, "invalid_api_key")(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+                return 401, why, "invalid_api_key"
+        return None
 
 
 def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-k2-thinking",
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_tokens: int | None = None) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_tokens: int | None = None,
+               allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
     """The app over a loaded engine (hybrid.load(...), or anything with its generate /
-    apply_chat_template / tokenizer / context). Requests run one at a time, in arrival order."""
+    apply_chat_template / tokenizer / context). Requests run one at a time, in arrival order.
+    allowed_hosts: host names the Host header may give (None: any)."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
@@ -84,8 +102,8 @@ def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-
 
     app = FastAPI(title="kimi-hybrid", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = ServerState(engine, runner, model_name, max_body_bytes, max_prompt_tokens)
-    if api_key:
-        app.add_middleware(ApiKeyCheck, api_key=api_key)
+    if api_key or allowed_hosts:
+        app.add_middleware(RequestGuard, api_key=api_key, allowed_hosts=allowed_hosts)
     app.include_router(api_openai.router)
     app.include_router(api_anthropic.router)
     created = int(time.time())
@@ -150,8 +168,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     if context is not None:
         options["context"] = context
     engine = load(model, **options)
-    app = create_app(engine, api_key=api_key, model_name=model_name,
-                     max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens)
+    app = create_app(engine, api_key=api_key, model_name=model_name, max_body_bytes=max_body_bytes,
+                     max_prompt_tokens=max_prompt_tokens, allowed_hosts=LOOPBACK if host in LOOPBACK else None)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:

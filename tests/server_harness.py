@@ -113,7 +113,7 @@ def running(app) -> Iterator[str]:
 
 
 class Submissions(logging.Handler):
-    """The runner's log lines; wait_for(n) blocks until n requests were queued, wait_for(n, text)
+    """The server's log lines; wait_for(n) blocks until n requests were queued, wait_for(n, text)
     until n lines held text."""
 
     def __init__(self) -> None:
@@ -137,7 +137,7 @@ class Submissions(logging.Handler):
 
 @contextmanager
 def watching_submissions() -> Iterator[Submissions]:
-    logger = logging.getLogger("hybrid.api_common")
+    logger = logging.getLogger("hybrid")
     handler, level = Submissions(), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -34,7 +34,8 @@ def engine(tiny_path):
 
 @pytest.fixture(scope="module")
 def app(engine):
-    return create_app(engine, api_key=API_KEY, model_name=MODEL, max_body_bytes=MAX_BODY, max_prompt_tokens=MAX_PROMPT)
+    return create_app(engine, api_key=API_KEY, model_name=MODEL, max_body_bytes=MAX_BODY, max_prompt_tokens=MAX_PROMPT,
+                      allowed_hosts=("127.0.0.1", "localhost"))
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +169,8 @@ def test_eight_clients_queue_in_order_and_all_complete(client, engine, app):
         assert blocker.result(timeout=HOLD_S).choices[0].finish_reason == "length"
     assert sorted(seen.positions()) == list(range(1, 10))  # one running, eight waiting
     assert all(r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1 for r in results)
-    ids = [m.split()[1].rstrip(":") for m in seen.records]
-    started, finished = [i for i, m in zip(ids, seen.records) if "queue position" in m], \
-        [i for i, m in zip(ids, seen.records) if "prefilled" in m]
+    started = [m.split()[1] for m in seen.records if "queue position" in m]  # "request ID: ..."
+    finished = [m.split()[1] for m in seen.records if "prefilled" in m]
     assert finished == started  # first in, first out
 
 
@@ -261,6 +261,16 @@ def test_a_failing_generation_is_a_500_or_an_error_event_and_the_server_goes_on(
     with pytest.raises(openai.APIError, match="fell off again"):
         list(ask(client, "hi", stream=True))
     assert ask(client, "and now?").choices[0].finish_reason in ("stop", "length")
+
+
+def test_other_hosts_and_non_json_posts_are_refused(base_url):
+    # a page that rebinds its own DNS name to 127.0.0.1 sends its name as Host; browsers' simple posts are not JSON
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.get(base_url + "/v1/models", headers={**auth, "Host": "evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    assert httpx.get(base_url + "/v1/models", headers={**auth, "Host": "localhost:1234"}).status_code == 200
+    r = httpx.post(base_url + "/v1/chat/completions", content=b'{"model": "x"}', headers={**auth, "Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
 
 
 def test_server_survives_everything_above(client, app):

@@ -1,0 +1,199 @@
+"""One engine, one worker thread: chat jobs run one at a time, in the order they were submitted.
+
+Owns the FIFO queue (queue positions logged), handing each job's events from the worker thread to its
+asyncio consumer, and stopping a generation between tokens once its job is cancelled (the client left).
+Must not: know HTTP or any wire format, or touch the model other than through engine.generate.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator
+
+from .conversation import Done, run_chat
+from .parser import Event
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Started:
+    """The prompt is in the KV cache; prefill_tokens of it were computed (the rest was reused)."""
+    prefill_tokens: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    done: Done
+    stop_sequence: str | None  # the stop string that ended the answer, if one did
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+_END = object()  # the last item of every job
+
+
+@dataclass(eq=False)
+class Job:
+    """One chat request for the worker: a tokenized prompt, sampling, and the tools the parser accepts."""
+    prompt: list[int]
+    params: SamplingParams
+    tool_names: list[str] | None
+    max_tokens: int
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _out: asyncio.Queue | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def emit(self, item: object) -> None:  # from the worker thread
+        try:
+            self._loop.call_soon_threadsafe(self._out.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancel()
+
+
+class _Cancellable:
+    """The engine as run_chat sees it, but its token stream ends between tokens once the job is
+    cancelled, and it reports when the prompt is in the cache."""
+
+    def __init__(self, engine: Any, job: Job, tokens: list[int]):
+        self.engine, self.job, self.tokens = engine, job, tokens
+        self.tokenizer = engine.tokenizer
+
+    def generate(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        steps = self.engine.generate(*args, **kwargs)
+        try:
+            for step in steps:
+                if step.index == 0:
+                    self.job.emit(Started(step.prefill_tokens))
+                self.tokens.append(step.token)
+                yield step
+                if self.job.cancelled.is_set():
+                    return
+        finally:
+            steps.close()  # the engine trims its KV bookkeeping to what was computed
+
+
+class EngineRunner:
+    """One worker thread runs jobs one at a time, in the order they were submitted."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.active: Job | None = None
+        self.served = self.cancelled = 0
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._in_line = 0  # submitted and not yet finished, the running job included
+
+    @property
+    def waiting(self) -> int:
+        return self._jobs.qsize()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._work, name="kimi-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel what runs and what waits, then end the worker."""
+        if self._thread is None:
+            return
+        self._stopping = True
+        if self.active is not None:
+            self.active.cancel()
+        self._jobs.put(None)
+        self._thread.join(timeout)
+        self._thread = None
+
+    def submit(self, job: Job) -> Job:
+        """Queue a job (from the event loop); its items arrive through events(job)."""
+        job._loop, job._out = asyncio.get_running_loop(), asyncio.Queue()
+        with self._lock:
+            ahead, self._in_line = self._in_line, self._in_line + 1
+        log.info("request %s: %d prompt tokens, queue position %d (%s)", job.id, len(job.prompt), ahead + 1,
+                 "starts now" if ahead == 0 else f"{ahead} ahead")
+        self._jobs.put(job)
+        return job
+
+    async def events(self, job: Job) -> AsyncIterator[Event | Started | Finished | Failed]:
+        """The job's events, Started, then Finished or Failed. Leaving early (the client went away)
+        cancels the job: it stops at the next token, or never starts."""
+        try:
+            while (item := await job._out.get()) is not _END:
+                yield item
+        finally:
+            if not job.finished.is_set():
+                job.cancel()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if job.cancelled.is_set() or self._stopping:
+                log.info("request %s: cancelled while queued", job.id)
+                self.cancelled += 1
+                self._done(job)
+                continue
+            self.active = job
+            try:
+                self._run(job)
+            except Exception as exc:  # a request must never take the worker down
+                log.exception("request %s failed", job.id)
+                job.emit(Failed(f"generation failed: {type(exc).__name__}: {exc}"))
+            finally:
+                self.active = None
+                self._done(job)
+        while not self._jobs.empty():  # stopping: tell whoever still waits
+            if (job := self._jobs.get()) is not None:
+                job.emit(_END)
+
+    def _done(self, job: Job) -> None:
+        with self._lock:
+            self._in_line -= 1
+        job.finished.set()
+        job.emit(_END)
+
+    def _run(self, job: Job) -> None:
+        tokens: list[int] = []
+        answered = False
+        chat = run_chat(_Cancellable(self.engine, job, tokens), job.prompt, job.params, job.tool_names, job.max_tokens)
+        try:
+            for item in chat:
+                if job.cancelled.is_set():
+                    break
+                if isinstance(item, Done):
+                    item = Finished(item, self._stop_sequence(job, item, tokens))
+                    answered = True
+                    self.served += 1
+                    log.info("request %s: %s after %d tokens (%d reasoning); prefilled %d of %d prompt tokens "
+                             "in %.2f s; %.1f tokens/s", job.id, item.done.finish_reason, item.done.completion_tokens,
+                             item.done.reasoning_tokens, item.done.prefill_tokens, item.done.prompt_tokens,
+                             item.done.prefill_s, item.done.completion_tokens / max(item.done.decode_s, 1e-9))
+                job.emit(item)
+        finally:
+            chat.close()
+        if job.cancelled.is_set() and not answered:
+            self.cancelled += 1
+            log.info("request %s: the client left; stopped after %d tokens", job.id, len(tokens))
+
+    def _stop_sequence(self, job: Job, done: Done, tokens: list[int]) -> str | None:
+        """Which stop string ended the answer (run_chat only says 'stop')."""
+        tok = self.engine.tokenizer
+        if done.finish_reason != "stop" or not job.params.stop or not tokens or tokens[-1] in tok.stop_ids:
+            return None
+        text = tok.decode(tokens)
+        hits = [(i, s) for s in job.params.stop if (i := text.find(s)) >= 0]
+        return min(hits)[1] if hits else None
