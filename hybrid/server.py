@@ -25,7 +25,7 @@ from .engine_runner import EngineRunner
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20  # a 256K-token history with tools is a few MB of JSON
-LOOPBACK = ("127.0.0.1", "localhost", "::1")  # bound here, the server answers only requests addressed here
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # bound here without a key, it answers only requests addressed here
 
 _OPENAI_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 500: "server_error", 503: "server_error"}
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -68,8 +68,8 @@ class RequestGuard:
             host = headers.get(b"host", b"").decode("latin-1")
             name = host.rsplit("]", 1)[0].lstrip("[") if host.startswith("[") else host.split(":")[0]
             if name not in self.hosts:
-                return 403, f"Host {host!r} is not allowed here; address the server as {' or '.join(self.hosts)}", \
-                    "host_not_allowed"
+                return 403, (f"Host {host!r} is not allowed here; address the server as {' or '.join(self.hosts)} "
+                             "(or start it with an API key)"), "host_not_allowed"
         if self.key is not None:
             bearer = headers.get(b"authorization", b"")
             given = headers.get(b"x-api-key") or (bearer[7:].strip() if bearer[:7].lower() == b"bearer " else b"")
@@ -169,7 +169,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         options["context"] = context
     engine = load(model, **options)
     app = create_app(engine, api_key=api_key, model_name=model_name, max_body_bytes=max_body_bytes,
-                     max_prompt_tokens=max_prompt_tokens, allowed_hosts=LOOPBACK if host in LOOPBACK else None)
+                     max_prompt_tokens=max_prompt_tokens,
+                     allowed_hosts=LOOPBACK if host in LOOPBACK and not api_key else None)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:

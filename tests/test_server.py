@@ -278,12 +278,12 @@ def test_server_survives_everything_above(client, app):
     assert ask(client, "still there?").choices[0].finish_reason in ("stop", "length")
 
 
-def test_serve_starts_uvicorn_on_loopback_and_stops_on_ctrl_c(tiny_path):
+def test_serve_binds_loopback_checks_host_and_stops_on_ctrl_c(tiny_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = (f"from hybrid.server import serve; serve({str(tiny_path)!r}, port={port}, api_key='k', "
-            "backend='reference', context=256, model_name='m')")
+    code = (f"from hybrid.server import serve; serve({str(tiny_path)!r}, port={port}, backend='reference', "
+            "context=256, model_name='m')")
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(2 * HOLD_S, proc.kill)  # a hung server ends the reads below
     watchdog.start()
@@ -294,9 +294,12 @@ def test_serve_starts_uvicorn_on_loopback_and_stops_on_ctrl_c(tiny_path):
             if "Uvicorn running on" in line:
                 break
         assert f"http://127.0.0.1:{port}" in lines[-1], "".join(lines)
-        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0) as c:
+        with openai.OpenAI(base_url=f"http://localhost:{port}/v1", api_key="none", max_retries=0) as c:
             r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert r.usage.completion_tokens <= 3
+        # no key on loopback: only requests addressed to loopback names are answered
+        r = httpx.get(f"http://127.0.0.1:{port}/health", headers={"Host": f"rebound.example:{port}"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
         proc.send_signal(signal.SIGINT)
         log = "".join(lines) + proc.stderr.read()
         assert proc.wait(HOLD_S) == 0, log
