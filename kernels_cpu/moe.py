@@ -91,6 +91,14 @@ def _group_pairs(ids, wts, E):
     return slot_e, slot_p, pair_tok, pair_w
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _silu_mul_quantize(g, u, ha, hg, hs):
+    # g, u f32 [I] -> SiLU(g) * u written over g, then quantised into ha, hg, hs
+    for i in range(g.shape[0]):
+        g[i] = g[i] / (np.float32(1.0) + np.exp(-g[i])) * u[i]
+    _quantize_row(g, ha, hg, hs)
+
+
 @njit(nogil=True, cache=True, parallel=True)
 def _moe(x, ids, wts, base, loc, D, I, out, nt):
     # x f32 [T, D], ids int64 [T, K], wts f32 [T, K], base int64 [arenas], loc int64 [E, 6, 2]
@@ -114,41 +122,35 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt):
         for t in range(T):
             _quantize_row(x[t], xa[t], dg[t], xs[t])
 
-    # gate/up: items = (slot, block of RB rows of I)
+    # gate and up: items = (slot, matrix, block of RB rows), in memory order, so a thread's
+    # consecutive items continue one stream of rows; gu[m, p, i] = row i of matrix m times pair p
     nb = I // RB
-    h = np.empty((P, I), np.float32)                # SiLU(gate x) * (up x) per pair
+    gu = np.empty((2, P, I), np.float32)
     for th in prange(nt):
-        rg = np.empty(4 * maxn, np.float32)
-        ru = np.empty(4 * maxn, np.float32)
+        res = np.empty(4 * maxn, np.float32)
         it = fetch_add(queue.ctypes.data, 1)
-        while it < S * nb:
-            s, o0 = it // nb, (it % nb) * RB
+        while it < S * 2 * nb:
+            s, m, o0 = it // (2 * nb), (it // nb) % 2, (it % nb) * RB
             e, p0, n = slot_e[s], slot_p[s], slot_p[s + 1] - slot_p[s]
-            gw = base[loc[e, 0, 0]] + loc[e, 0, 1]
-            gs = base[loc[e, 1, 0]] + loc[e, 1, 1]
-            uw = base[loc[e, 2, 0]] + loc[e, 2, 1]
-            us = base[loc[e, 3, 0]] + loc[e, 3, 1]
-            toks = pair_tok.ctypes.data + 8 * p0
+            w = base[loc[e, 2 * m, 0]] + loc[e, 2 * m, 1]
+            sc = base[loc[e, 2 * m + 1, 0]] + loc[e, 2 * m + 1, 1]
             for o in range(o0, o0 + RB, 4):
-                _dot4(gw + o * (D // 2), D // 2, gs + o * (D // 16), D // 16, D // _CH,
-                      xa.ctypes.data, dg.ctypes.data, xs.ctypes.data, toks, n, D, rg.ctypes.data)
-                _dot4(uw + o * (D // 2), D // 2, us + o * (D // 16), D // 16, D // _CH,
-                      xa.ctypes.data, dg.ctypes.data, xs.ctypes.data, toks, n, D, ru.ctypes.data)
+                _dot4(w + o * (D // 2), D // 2, sc + o * (D // 16), D // 16, D // _CH, xa.ctypes.data,
+                      dg.ctypes.data, xs.ctypes.data, pair_tok.ctypes.data + 8 * p0, n, D, res.ctypes.data)
                 for j in range(n):
                     for r in range(4):
-                        g = rg[4 * j + r]
-                        h[p0 + j, o + r] = g / (np.float32(1.0) + np.exp(-g)) * ru[4 * j + r]
+                        gu[m, p0 + j, o + r] = res[4 * j + r]
             it = fetch_add(queue.ctypes.data, 1)
 
-    ha = np.empty((P, I), np.int16)
+    ha = np.empty((P, I), np.int16)                 # SiLU(gate x) * (up x), quantised
     hg = np.empty((P, I // 32), np.float32)
     hs = np.empty((P, I // 32), np.float32)
     if P >= 64:
         for p in prange(P):
-            _quantize_row(h[p], ha[p], hg[p], hs[p])
+            _silu_mul_quantize(gu[0, p], gu[1, p], ha[p], hg[p], hs[p])
     else:
         for p in range(P):
-            _quantize_row(h[p], ha[p], hg[p], hs[p])
+            _silu_mul_quantize(gu[0, p], gu[1, p], ha[p], hg[p], hs[p])
 
     # down: items = blocks of RB output rows, each over every slot (no write conflicts)
     pidx = np.arange(P)
