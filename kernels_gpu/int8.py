@@ -1,0 +1,57 @@
+"""Int8 weight-only linear layers for the GPU side when the planner picks gpu_precision 'int8'.
+
+Owns symmetric per-output-row quantisation (int8 codes, one bf16 scale per row, as placement.py
+sizes it) and the matmul over it. Activations stay in the compute dtype; nothing is quantised at
+run time. Pure functions on tensors; imports nothing from hybrid/.
+Letters: O out features, I in features.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+_FUSED_WORKS: dict[tuple[str, torch.dtype], bool] = {}  # (device type, dtype) -> aten op usable, learned once
+
+def _ceil_bf16(x: torch.Tensor) -> torch.Tensor:
+    """Positive finite fp32 -> the smallest bf16 >= x (so that |w| / scale <= 127 holds after rounding)."""
+    bits = x.float().contiguous().view(torch.int32)
+    up = (bits + 0xFFFF) & ~0xFFFF  # drop the low 16 bits, rounding the magnitude up
+    return up.view(torch.float32).to(torch.bfloat16)  # exact: the low bits are zero
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [O, I] (bf16/fp16/fp32) -> (qweight int8 [O, I], scale bf16 [O]); w ~ qweight * scale[:, None].
+
+    scale = absmax(row) / 127 rounded up to bf16, codes = round(w / scale) in [-127, 127], so each
+    weight is off by at most scale / 2 (an all-zero row gets scale 1 and codes 0).
+    """
+    w32 = w.float()
+    amax = w32.abs().amax(dim=1)
+    scale = _ceil_bf16(torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)))
+    q = torch.round(w32 / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
+                fused: bool | None = None) -> torch.Tensor:
+    """x [..., I] -> x @ (qweight * scale[:, None]).T [..., O], in x's dtype on x's device.
+
+    fused: use aten._weight_int8pack_mm (CPU kernels; CUDA in recent torch), which reads the int8
+    codes without materialising a dequantised copy. None: when it runs for this device and dtype
+    (tried once, then remembered); False: the plain path, which applies the per-row scale to the
+    output ((x @ q.T) * s is the same product; |q| <= 127 converts to bf16 exactly).
+    """
+    key = (x.device.type, x.dtype)
+    if fused is not False and _FUSED_WORKS.get(key, True) and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        try:
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, scale.to(x.dtype))
+            _FUSED_WORKS[key] = True
+            return y.view(*x.shape[:-1], qweight.shape[0])
+        except (RuntimeError, NotImplementedError) as e:
+            if fused:
+                raise
+            _FUSED_WORKS[key] = False
+            log.info("aten._weight_int8pack_mm unavailable for %s %s (%s); dequantising instead", *key, e)
+    return (x @ qweight.to(x.dtype).T) * scale.to(x.dtype)

@@ -1,0 +1,207 @@
+"""kernels_gpu against slow, obviously-correct references, on whatever device is present.
+
+MLA: a full-softmax naive attention in float64 (keys and values expanded per head, a [T, H, S] score
+matrix). INT4: hybrid.quant's numpy dequantisation and an all-CPU fp32 MoE. int8: an analytic error
+bound. Offload: hand-computed thresholds and byte equality of uploads. Graphs: eager == graph.
+CUDA-only tests are marked; everything else runs on the CPU in a few seconds (small shapes).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybrid.quant import dequantize_int4, pack_int4, quantize_int4, unpack_int4
+from kernels_gpu.int4 import DeviceInt4, dequantize, hot_expert_moe, int4_expert, int4_linear
+from kernels_gpu.int8 import int8_linear, quantize_int8
+from kernels_gpu.mla import absorb_query, chunked_prefill_attention, mla_decode
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+H, P, R, L, V = 4, 16, 8, 32, 16  # heads, nope, rope, latent, value
+SCALE = 0.19
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- MLA ------------------------------------------------------------------------------------
+
+def mla_inputs(T: int, S: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    t = {"q_nope": (T, H, P), "q_pe": (T, H, R), "kv": (S, L), "k_pe": (S, R), "w_uk": (H, P, L), "w_uv": (H, V, L)}
+    return {k: (torch.randn(*s, generator=g) * 0.5).to(DEV, dtype) for k, s in t.items()}
+
+
+def ref_attention(q_nope, q_pe, kv, k_pe, w_uk, w_uv, scale, offset):
+    """Naive MLA in float64: expand K and V per head, full [T, H, S] scores, causal mask, softmax."""
+    q_nope, q_pe, kv, k_pe, w_uk, w_uv = (t.double().cpu() for t in (q_nope, q_pe, kv, k_pe, w_uk, w_uv))
+    T, S = q_nope.shape[0], kv.shape[0]
+    k_nope = torch.einsum("sl,hpl->shp", kv, w_uk)
+    v = torch.einsum("sl,hvl->shv", kv, w_uv)
+    scores = (torch.einsum("thp,shp->ths", q_nope, k_nope) + torch.einsum("thr,sr->ths", q_pe, k_pe)) * scale
+    future = torch.arange(S)[None, :] > (offset + torch.arange(T))[:, None]  # [T, S]
+    p = torch.softmax(scores.masked_fill(future[:, None, :], float("-inf")), dim=-1)
+    return torch.einsum("ths,shv->thv", p, v)
+
+
+def close(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
+    torch.testing.assert_close(out.double().cpu(), ref.double().cpu(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("T,offset,pad", [(1, 0, 0), (1, 40, 0), (1, 40, 9), (3, 37, 0), (3, 37, 5)])
+@pytest.mark.parametrize("block", [None, 7, 64])
+def test_mla_decode_matches_naive_reference(T, offset, pad, block):
+    # pad: the cache slice is longer than offset + T (a length bucket); those rows must be masked
+    x = mla_inputs(T, offset + T + pad)
+    out = mla_decode(x["q_nope"], x["q_pe"], x["kv"], x["k_pe"], x["w_uk"], x["w_uv"], SCALE, offset, block=block)
+    assert out.shape == (T, H, V) and out.device.type == DEV.type
+    close(out, ref_attention(**x, scale=SCALE, offset=offset))
+
+
+@pytest.mark.parametrize("block", [None, 16])
+def test_mla_decode_device_offset_and_absorbed_query(block):
+    T, offset, pad = 2, 30, 12
+    x = mla_inputs(T, offset + T + pad, seed=1)
+    ref = ref_attention(**x, scale=SCALE, offset=offset)
+    pos = torch.tensor(offset, device=DEV)  # length on the device, as a captured graph holds it
+    close(mla_decode(x["q_nope"], x["q_pe"], x["kv"], x["k_pe"], x["w_uk"], x["w_uv"], SCALE, pos, block=block), ref)
+    q_lat = absorb_query(x["q_nope"], x["w_uk"])
+    close(mla_decode(q_lat, x["q_pe"], x["kv"], x["k_pe"], None, x["w_uv"], SCALE, offset, absorbed=True,
+                     block=block), ref)
+
+
+@pytest.mark.parametrize("offset", [0, 23])
+@pytest.mark.parametrize("q_chunk,k_block", [(1024, 4096), (5, 4096), (7, 16), (64, 9), (3, 1)])
+def test_chunked_prefill_matches_full_softmax(offset, q_chunk, k_block):
+    # (.., 4096): one key block -> scaled_dot_product_attention per query chunk; small k_block -> online softmax
+    T = 37
+    x = mla_inputs(T, offset + T, seed=2)
+    out = chunked_prefill_attention(x["q_nope"], x["q_pe"], x["kv"], x["k_pe"], x["w_uk"], x["w_uv"], SCALE, offset,
+                                    q_chunk=q_chunk, k_block=k_block)
+    assert out.shape == (T, H, V)
+    close(out, ref_attention(**x, scale=SCALE, offset=offset))
+
+
+def test_prefill_then_decode_agree_on_the_same_positions():
+    # the last prompt token attended by prefill == the same token decoded (absorbed == naive)
+    x = mla_inputs(20, 20, seed=3)
+    pre = chunked_prefill_attention(x["q_nope"], x["q_pe"], x["kv"], x["k_pe"], x["w_uk"], x["w_uv"], SCALE, 0,
+                                    q_chunk=8, k_block=6)
+    dec = mla_decode(x["q_nope"][-1:], x["q_pe"][-1:], x["kv"], x["k_pe"], x["w_uk"], x["w_uv"], SCALE, 19)
+    close(dec[0], pre[-1])
+
+
+def test_mla_bf16_close_to_fp32():
+    x = mla_inputs(2, 50, seed=4, dtype=torch.bfloat16)
+    ref = ref_attention(**x, scale=SCALE, offset=48)
+    close(mla_decode(x["q_nope"], x["q_pe"], x["kv"], x["k_pe"], x["w_uk"], x["w_uv"], SCALE, 48, block=16), ref, 5e-2)
+    close(chunked_prefill_attention(x["q_nope"], x["q_pe"], x["kv"], x["k_pe"], x["w_uk"], x["w_uv"], SCALE, 48,
+                                    k_block=16), ref, 5e-2)
+
+
+# ---- INT4 -------------------------------------------------------------------------------------
+
+D, FF, E, K = 64, 32, 6, 3  # hidden, expert intermediate, experts, slots
+
+
+def int4_arrays(shape, seed):
+    """quantize_int4 of random weights with ~5% of codes forced to -8 and 7 (both nibble extremes)."""
+    rng = np.random.default_rng(seed)
+    packed, scale = quantize_int4(rng.standard_normal(shape).astype(np.float32) * 0.05)
+    q = unpack_int4(packed)
+    q[rng.random(q.shape) < 0.03] = -8
+    q[rng.random(q.shape) < 0.02] = 7
+    return pack_int4(q), scale
+
+
+def test_dequantize_matches_compressed_tensors_rule_bit_for_bit():
+    packed, scale = int4_arrays((48, 96), 0)
+    w = DeviceInt4.from_arrays(packed, scale, (48, 96), DEV)
+    ours = dequantize(w.packed, w.scale, 48, 96).cpu().numpy()
+    np.testing.assert_array_equal(ours, dequantize_int4(packed, scale, (48, 96)))
+
+
+def test_int4_linear_matches_reference():
+    packed, scale = int4_arrays((40, 128), 1)
+    w = DeviceInt4.from_arrays(packed, scale, (40, 128), DEV)
+    x = torch.randn(5, 128).to(DEV)
+    ref = x.double().cpu() @ torch.from_numpy(dequantize_int4(packed, scale, (40, 128))).double().T
+    close(int4_linear(x, w.packed, w.scale, 40, 128), ref)
+    close(int4_linear(x[:1], w.packed, w.scale.view(torch.int16), 40, 128), ref[:1])  # GEMV, scales as bits
+    with pytest.raises(ValueError, match="group"):
+        int4_linear(x, w.packed, w.scale, 40, 128, group=64)
+
+
+def make_experts(seed: int = 0):
+    """E experts: the arrays (as on disk) and fp32 dequantised weights for the reference."""
+    arrays, dense = [], []
+    for e in range(E):
+        ex = {proj: int4_arrays(shape, seed * 100 + 3 * e + j)
+              for j, (proj, shape) in enumerate((("gate", (FF, D)), ("up", (FF, D)), ("down", (D, FF))))}
+        arrays.append(ex)
+        dense.append({p: torch.from_numpy(dequantize_int4(*ex[p], ex[p][0].shape[:1] + (ex[p][0].shape[1] * 8,)))
+                      for p in ex})
+    return arrays, dense
+
+
+def ref_moe(x, ids, weights, dense):
+    """All-CPU fp32 routed experts: sum_k weights[t, k] * E_ids[t, k](x[t])."""
+    y = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            w = dense[int(ids[t, k])]
+            y[t] += weights[t, k] * ((F.silu(x[t] @ w["gate"].T) * (x[t] @ w["up"].T)) @ w["down"].T)
+    return y
+
+
+def hot_set(arrays, which):
+    return {e: tuple(DeviceInt4.from_arrays(*arrays[e][p], (arrays[e][p][0].shape[0], arrays[e][p][0].shape[1] * 8),
+                                            DEV) for p in ("gate", "up", "down")) for e in which}
+
+
+def test_int4_expert_matches_reference():
+    arrays, dense = make_experts()
+    x = torch.randn(4, D)
+    w = dense[2]
+    ref = (F.silu(x @ w["gate"].T) * (x @ w["up"].T)) @ w["down"].T
+    close(int4_expert(x.to(DEV), *hot_set(arrays, [2])[2]), ref, 1e-5)
+
+
+@pytest.mark.parametrize("hot_ids", [[1, 4], [0, 1, 2, 3, 4, 5], [], [5]])
+def test_hot_split_plus_cpu_rest_equals_full_moe(hot_ids):
+    arrays, dense = make_experts(1)
+    g = torch.Generator().manual_seed(0)
+    T = 7
+    x = torch.randn(T, D, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])  # [T, K]
+    ids[0, 1] = ids[0, 0]  # a repeated expert within one token is two pairs
+    weights = torch.rand(T, K, generator=g) * 2.8
+    y_hot, cold = hot_expert_moe(x.to(DEV), ids.to(DEV), weights.to(DEV), hot_set(arrays, hot_ids))
+    assert y_hot.dtype == torch.float32 and cold.dtype == torch.bool and cold.shape == (T, K)
+    assert torch.equal(cold.cpu(), ~torch.isin(ids, torch.tensor(hot_ids, dtype=ids.dtype)))
+    y_cpu = ref_moe(x, ids, weights * cold.cpu(), dense)  # what the CPU backend gets: cold pairs only
+    full = ref_moe(x, ids, weights, dense)
+    torch.testing.assert_close(y_hot.cpu() + y_cpu, full, rtol=1e-5, atol=1e-6)
+
+
+# ---- int8 -------------------------------------------------------------------------------------
+
+def test_int8_quantise_and_error_bound():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(33, 80, generator=g) * torch.logspace(-3, 1, 33)[:, None]  # rows of very different size
+    w[5] = 0.0
+    q, scale = quantize_int8(w.to(DEV))
+    assert q.dtype == torch.int8 and scale.dtype == torch.bfloat16 and scale.shape == (33,)
+    assert int(q.abs().max()) <= 127 and int(q[5].abs().max()) == 0
+    err = (q.float() * scale.float()[:, None]).cpu() - w
+    assert bool((err.abs() <= scale.float().cpu()[:, None] / 2 * (1 + 1e-6)).all())
+    x = torch.randn(2, 3, 80, generator=g)
+    exact = x.double() @ w.double().T
+    bound = 0.5 * x.double().abs() @ scale.double().cpu()[None, :].expand(80, -1) + 1e-5 * exact.abs() + 1e-6
+    for fused in (None, False):  # aten's int8 kernel where it runs, and the dequantising path
+        y = int8_linear(x.to(DEV), q, scale, fused=fused).cpu()
+        assert y.shape == (2, 3, 33) and bool(((y.double() - exact).abs() <= bound).all())
+        torch.testing.assert_close(y, x @ (q.float() * scale.float()[:, None]).cpu().T, rtol=1e-5, atol=1e-5)
