@@ -7,6 +7,7 @@ CUDA-only tests are marked; everything else runs on the CPU in a few seconds (sm
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from hybrid.quant import dequantize_int4, pack_int4, quantize_int4, unpack_int4
+from kernels_gpu.graphs import GraphCache, GraphedStep
 from kernels_gpu.int4 import DeviceInt4, dequantize, hot_expert_moe, int4_expert, int4_linear
 from kernels_gpu.int8 import int8_linear, quantize_int8
 from kernels_gpu.mla import absorb_query, chunked_prefill_attention, mla_decode
+from kernels_gpu.offload import (LayerUploader, PrefillSpeeds, expert_flops_per_token, measure_pcie_gbps,
+                                 offload_threshold, prefill_on_gpu)
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -205,3 +209,86 @@ def test_int8_quantise_and_error_bound():
         y = int8_linear(x.to(DEV), q, scale, fused=fused).cpu()
         assert y.shape == (2, 3, 33) and bool(((y.double() - exact).abs() <= bound).all())
         torch.testing.assert_close(y, x @ (q.float() * scale.float()[:, None]).cpu().T, rtol=1e-5, atol=1e-5)
+
+
+# ---- offload ----------------------------------------------------------------------------------
+
+def test_offload_threshold_formula():
+    B, flops = 24_772_608, expert_flops_per_token(7168, 2048, 8)
+    assert flops == 2 * 3 * 7168 * 2048 * 8
+    sp = PrefillSpeeds(pcie_gbps=25.0, cpu_tokens_per_s=1000.0, gpu_flops=200e12)
+    n = offload_threshold(sp, 384, B, flops)
+    assert n == pytest.approx(1000 * 384 * B / 25e9)  # = 380.5 tokens
+    assert prefill_on_gpu(381, sp, 384, B, flops) and not prefill_on_gpu(380, sp, 384, B, flops)
+    assert offload_threshold(sp, 40, B, flops) == pytest.approx(n * 40 / 384)  # fewer experts touched
+    slow_gpu = PrefillSpeeds(25.0, 1000.0, gpu_flops=1000 * flops)  # the GPU is no faster than the CPU
+    assert offload_threshold(slow_gpu, 384, B, flops) == math.inf and not prefill_on_gpu(10**9, slow_gpu, 384, B, flops)
+
+
+def test_measure_pcie():
+    got = measure_pcie_gbps(nbytes=1 << 20, repeats=2)
+    assert (got is None) if not CUDA else got > 0
+
+
+def test_layer_uploader_yields_the_sources():
+    rng = np.random.default_rng(0)
+    layers = []
+    for i in range(5):
+        packed = rng.integers(-2**31, 2**31, (8 + i, 4), dtype=np.int64).astype(np.int32)
+        scale = rng.integers(0, 2**16, (8 + i, 3), dtype=np.int64).astype(np.uint16)
+        scale.flags.writeable = False  # as a checkpoint memmap is
+        layers.append([packed, scale, torch.randn(3, 5).to(torch.bfloat16), torch.arange(7)])
+    up = LayerUploader(capacity=4096, device=DEV)
+    n = 0
+    for got, src in zip(up.stream(iter(layers)), layers):
+        for g, s in zip(got, src):
+            assert g.device.type == DEV.type
+            s = torch.from_numpy(s.copy()) if isinstance(s, np.ndarray) else s
+            assert g.dtype == s.dtype and g.shape == s.shape and torch.equal(g.cpu(), s)
+        n += 1
+    assert n == 5 and list(up.stream([])) == []
+    with pytest.raises(ValueError, match="capacity"):
+        next(LayerUploader(64, DEV).stream([[np.zeros(100, np.uint8)]]))
+
+
+# ---- graphs -----------------------------------------------------------------------------------
+
+def decode_step_inputs(S=64, seed=5):
+    x = mla_inputs(1, S, seed=seed)
+    fn = lambda q, qpe, pos: mla_decode(q, qpe, x["kv"], x["k_pe"], x["w_uk"], x["w_uv"], SCALE, pos)  # noqa: E731
+    return x, fn
+
+
+def test_graphed_step_falls_back_to_eager_on_cpu():
+    x, fn = decode_step_inputs()
+    cpu = {k: v.cpu() for k, v in x.items()}
+    fn_cpu = lambda q, qpe, pos: mla_decode(q, qpe, cpu["kv"], cpu["k_pe"], cpu["w_uk"], cpu["w_uv"], SCALE, pos)  # noqa: E731
+    step = GraphedStep(fn_cpu, cpu["q_nope"], cpu["q_pe"], torch.tensor(10), enabled=True)
+    assert not step.graphed
+    for pos in (10, 30, 63):
+        q = torch.randn(1, H, P)
+        torch.testing.assert_close(step(q, cpu["q_pe"], torch.tensor(pos)), fn_cpu(q, cpu["q_pe"], torch.tensor(pos)),
+                                   rtol=0, atol=0)
+    cache = GraphCache(lambda a: a * 2, enabled=False)
+    assert torch.equal(cache("bucket", torch.ones(3)), torch.full((3,), 2.0))
+
+
+@cuda_only
+def test_cuda_graph_replay_equals_eager():
+    x, fn = decode_step_inputs()
+    step = GraphedStep(fn, x["q_nope"], x["q_pe"], torch.tensor(10, device=DEV))
+    assert step.graphed
+    for seed, pos in ((1, 10), (2, 40), (3, 63)):
+        y = mla_inputs(1, 1, seed=seed)
+        p = torch.tensor(pos, device=DEV)
+        torch.testing.assert_close(step(y["q_nope"], y["q_pe"], p).clone(), fn(y["q_nope"], y["q_pe"], p),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@cuda_only
+def test_int4_linear_bf16_on_cuda_close_to_fp32():
+    packed, scale = int4_arrays((256, 512), 7)
+    w = DeviceInt4.from_arrays(packed, scale, (256, 512), "cuda")
+    x = torch.randn(3, 512, device="cuda")
+    ref = x.double().cpu() @ torch.from_numpy(dequantize_int4(packed, scale, (256, 512))).double().T
+    close(int4_linear(x.bfloat16(), w.packed, w.scale, 256, 512).float(), ref, 3e-2)
