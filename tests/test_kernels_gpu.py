@@ -7,7 +7,10 @@ CUDA-only tests are marked; everything else runs on the CPU in a few seconds (sm
 """
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +295,18 @@ def test_int4_linear_bf16_on_cuda_close_to_fp32():
     x = torch.randn(3, 512, device="cuda")
     ref = x.double().cpu() @ torch.from_numpy(dequantize_int4(packed, scale, (256, 512))).double().T
     close(int4_linear(x.bfloat16(), w.packed, w.scale, 256, 512).float(), ref, 3e-2)
+
+
+# ---- the timing script ------------------------------------------------------------------------
+
+def test_bench_small_prints_json():
+    out = subprocess.run([sys.executable, "-m", "kernels_gpu.bench", "--small", "--repeats", "1", "--cpu-tps", "1",
+                          "--pcie-gbps", "25"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert set(res) >= {"device", "mla_decode", "int4_expert", "int8_linear", "pcie_gbps", "offload"}
+    assert res["mla_decode"]["ctx128"]["ms"] > 0 and res["offload"]["threshold_tokens"] is not None
+
+
+def test_gpu_check_script_is_valid_bash():
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")]).returncode == 0
