@@ -116,9 +116,10 @@ def speeds(done: Done) -> tuple[float, float]:
 
 
 def status_line(done: Done) -> Text:
+    """One line: why it stopped, prompt tokens (reused from the KV cache) and both speeds."""
     pre, dec = speeds(done)
     reused = done.prompt_tokens - done.prefill_tokens
-    cached = f", {reused:,} reused" if reused > 0 else ""
+    cached = f" ({reused:,} cached)" if reused > 0 else ""
     return Text(f"[{done.finish_reason}] prompt {done.prompt_tokens:,} tokens{cached}, prefill {pre:,.1f} tok/s | "
                 f"{done.completion_tokens:,} generated ({done.reasoning_tokens:,} thinking), decode {dec:,.1f} tok/s",
                 style="cyan")

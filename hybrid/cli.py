@@ -117,7 +117,7 @@ def run(prompt: str, model: str, max_tokens: int, temperature: float, seed: int 
     for ev in engine.chat([{"role": "user", "content": prompt}], temperature=temperature, seed=seed, max_tokens=max_tokens):
         if isinstance(ev, Done):
             turn.finish()
-            err_console.print(status_line(ev), highlight=False)
+            err_console.print(status_line(ev), soft_wrap=True)
         else:
             turn.feed(ev)
 

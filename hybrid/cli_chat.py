@@ -121,7 +121,7 @@ class ChatSession:
         if done is not None:
             self.messages.append(turn.message())
             self.turns, self.generated, self.last_done = self.turns + 1, self.generated + done.completion_tokens, done
-            console.print(status_line(done), highlight=False)
+            console.print(status_line(done), soft_wrap=True)
             if done.finish_reason == "tool_calls":
                 console.print("(answer the tool call with /tool TEXT, or just write)", style="dim", highlight=False)
             return
