@@ -119,8 +119,9 @@ def _render_machine(hw: Hardware, hypothetical: bool, m: dict) -> None:
                      f"{' '.join(sorted(hw.cpu_flags)) or 'no notable flags'}")
     t.add_row("GPUs", ", ".join(f"{g.name}: {g.free_bytes / GB:,.1f} GB free of {g.total_bytes / GB:,.1f}"
                                 for g in hw.gpus) or "none (the GPU side runs on the CPU, in fp32)")
-    where = " (measured on this machine)" if hypothetical and "mem_read_gbps" in m["measured_here"] else ""
-    t.add_row("RAM read", f"{m['mem_read_gbps']:,.1f} GB/s" + (where or (" measured" if m["measured_here"] else "")))
+    how = ("given" if "mem_read_gbps" not in m["measured_here"] else
+           "measured on THIS machine" if hypothetical else "measured")
+    t.add_row("RAM read", f"{m['mem_read_gbps']:,.1f} GB/s ({how})")
     console.print(t)
 
 
@@ -138,7 +139,7 @@ def _render_plan(label: str, p) -> None:
 
 
 def _render_projection(proj: dict, hypothetical: bool, m: dict) -> None:
-    t = Table(title="projected decode speed (batch 1, ceiling from bytes per token / bandwidth)", title_justify="left",
+    t = Table(title="projected decode speed, batch 1 (a ceiling: bytes / bandwidth)", title_justify="left",
               show_header=False)
     t.add_column("")
     t.add_column("", justify="right")
