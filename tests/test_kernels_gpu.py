@@ -3,6 +3,8 @@
 MLA: a full-softmax naive attention in float64 (keys and values expanded per head, a [T, H, S] score
 matrix). INT4: hybrid.quant's numpy dequantisation and an all-CPU fp32 MoE. int8: an analytic error
 bound. Offload: hand-computed thresholds and byte equality of uploads. Graphs: eager == graph.
+Contract: hybrid.model's attention (both forms) rebuilt through these kernels on a tiny checkpoint,
+and the hot split fed from Checkpoint.expert against the ReferenceExperts backend.
 CUDA-only tests are marked; everything else runs on the CPU in a few seconds (small shapes).
 """
 from __future__ import annotations
@@ -265,7 +267,10 @@ def decode_step_inputs(S=64, seed=5):
 def test_graphed_step_falls_back_to_eager_on_cpu():
     x, fn = decode_step_inputs()
     cpu = {k: v.cpu() for k, v in x.items()}
-    fn_cpu = lambda q, qpe, pos: mla_decode(q, qpe, cpu["kv"], cpu["k_pe"], cpu["w_uk"], cpu["w_uv"], SCALE, pos)  # noqa: E731
+
+    def fn_cpu(q, qpe, pos):
+        return mla_decode(q, qpe, cpu["kv"], cpu["k_pe"], cpu["w_uk"], cpu["w_uv"], SCALE, pos)
+
     step = GraphedStep(fn_cpu, cpu["q_nope"], cpu["q_pe"], torch.tensor(10), enabled=True)
     assert not step.graphed
     for pos in (10, 30, 63):
@@ -295,6 +300,65 @@ def test_int4_linear_bf16_on_cuda_close_to_fp32():
     x = torch.randn(3, 512, device="cuda")
     ref = x.double().cpu() @ torch.from_numpy(dequantize_int4(packed, scale, (256, 512))).double().T
     close(int4_linear(x.bfloat16(), w.packed, w.scale, 256, 512).float(), ref, 3e-2)
+
+
+# ---- the contract with hybrid.model and the checkpoint (how the engine calls these) -------------
+
+def kernel_attention(model, i, x, cache, s0, cos, sin, mode):
+    """Model.attention's math routed through kernels_gpu: the wiring the engine uses."""
+    from hybrid.model import LATENT_NORM_EPS, apply_rope, rms_norm
+    c, w, p = model.cfg, model.w, f"model.layers.{i}.self_attn."
+    T, Hh, Pp, Rr, Ll, Vv = (x.shape[0], c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim,
+                             c.kv_lora_rank, c.v_head_dim)
+    q = (rms_norm(x @ w[p + "q_a_proj.weight"].T, w[p + "q_a_layernorm.weight"], LATENT_NORM_EPS)
+         @ w[p + "q_b_proj.weight"].T).view(T, Hh, Pp + Rr)
+    q_nope, q_pe = q[..., :Pp], apply_rope(q[..., Pp:], cos, sin)
+    kv = x @ w[p + "kv_a_proj_with_mqa.weight"].T
+    cache.kv[i, s0:s0 + T] = rms_norm(kv[:, :Ll], w[p + "kv_a_layernorm.weight"], LATENT_NORM_EPS)
+    cache.pe[i, s0:s0 + T] = apply_rope(kv[:, Ll:], cos, sin)
+    w_kv_b = w[p + "kv_b_proj.weight"].view(Hh, Pp + Vv, Ll)
+    w_uk, w_uv = w_kv_b[:, :Pp], w_kv_b[:, Pp:]  # [H, P, L], [H, V, L]
+    args = (q_nope, q_pe, cache.kv[i, :s0 + T], cache.pe[i, :s0 + T], w_uk, w_uv, c.softmax_scale, s0)
+    o = mla_decode(*args) if mode == "absorbed" else chunked_prefill_attention(*args, q_chunk=4, k_block=8)
+    return o.reshape(T, Hh * Vv) @ w[p + "o_proj.weight"].T
+
+
+@pytest.mark.parametrize("mode,s0,T", [("absorbed", 0, 1), ("absorbed", 9, 2), ("naive", 0, 13), ("naive", 9, 13)])
+def test_kernels_reproduce_model_attention(tiny_path, mode, s0, T):
+    import hybrid
+    model = hybrid.load(tiny_path).model
+    layer = model.cfg.moe_layers[0]
+    g = torch.Generator().manual_seed(s0 + T)
+    x = torch.randn(s0 + T, model.cfg.hidden_size, generator=g)
+    pos = torch.arange(s0 + T, dtype=torch.float32)[:, None] * model.inv_freq[None, :]
+    cos, sin = pos.cos(), pos.sin()
+    ours, theirs = model.new_cache(32), model.new_cache(32)
+    if s0:  # fill the first s0 positions of both caches identically
+        model.attention(layer, x[:s0], theirs, 0, cos[:s0], sin[:s0], "naive")
+        ours.kv[:], ours.pe[:] = theirs.kv, theirs.pe
+    ref = model.attention(layer, x[s0:], theirs, s0, cos[s0:], sin[s0:], mode)
+    got = kernel_attention(model, layer, x[s0:], ours, s0, cos[s0:], sin[s0:], mode)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_hot_split_with_checkpoint_experts_equals_reference_backend(tiny_path):
+    import hybrid
+    from hybrid.reference import ReferenceExperts
+    e = hybrid.load(tiny_path)
+    cfg, ckpt = e.config, e.checkpoint
+    layer = cfg.moe_layers[0]
+    x = torch.randn(5, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    ids, weights = e.model.route(layer, x)
+    hot_ids = sorted(set(ids[:, 0].tolist()))  # every token's first expert is hot
+    hot = {ex: tuple(DeviceInt4.from_arrays(w.packed, w.scale, w.shape, DEV)
+                     for w in (ckpt.expert(layer, ex, p) for p in ("gate_proj", "up_proj", "down_proj")))
+           for ex in hot_ids}
+    y_hot, cold = hot_expert_moe(x.to(DEV), ids.to(DEV), weights.to(DEV), hot)
+    ref = ReferenceExperts(ckpt)
+    full = ref.wait(ref.submit(layer, x, ids, weights))
+    rest = ref.wait(ref.submit(layer, x, ids, weights * cold.cpu()))
+    assert bool(cold[:, 0].logical_not().all())
+    torch.testing.assert_close(y_hot.cpu() + rest, full, rtol=1e-5, atol=1e-6)
 
 
 # ---- the timing script ------------------------------------------------------------------------
