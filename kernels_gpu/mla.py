@@ -51,9 +51,10 @@ def mla_decode(q: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torc
     replays the same shapes while the length lives on the device).
     All H heads share one 576-value key and one 512-value value per position (MQA), so the cache is
     read as it is stored: never expanded per head, never copied or concatenated.
-    block: None scores all S keys at once ([N, S] fp32, two GEMMs over kv); an int walks the cache in
-    blocks of that many positions with an online softmax, so each kv block is reused from L2 for
-    both GEMMs (the bench times both on a GPU).
+    block: None scores all S keys at once ([N, S] fp32; two GEMMs over kv, so the latent crosses DRAM
+    twice unless it fits in L2); an int walks the cache in blocks of that many positions with an
+    online softmax, so each block can be served from L2 to its second GEMM (more launches; the
+    bench times both, and only a fused kernel reads the cache exactly once).
     """
     T, H = q.shape[:2]
     q_lat = q if absorbed else absorb_query(q, w_uk)  # [T, H, L]

@@ -78,7 +78,7 @@ def measure_pcie_gbps(nbytes: int = 256 << 20, repeats: int = 5, device: int | N
 
 # ---- double-buffered upload ---------------------------------------------------------------------
 
-Payload = Sequence[torch.Tensor | np.ndarray]  # one item: the arrays of one layer's experts
+Payload = Sequence[torch.Tensor | np.ndarray]  # one item: the arrays of a group of experts (or a layer)
 
 
 def _copy_bytes(dst: torch.Tensor, a: torch.Tensor | np.ndarray) -> None:
@@ -95,7 +95,7 @@ def _torch_dtype(a: torch.Tensor | np.ndarray) -> torch.dtype:
 
 
 class LayerUploader:
-    """Moves a sequence of payloads (one MoE layer's expert arrays each) to `device`, two at a time.
+    """Moves a sequence of payloads (arrays of a group of experts each) to `device`, two at a time.
 
     stream(payloads) yields, per payload, device tensors equal to its arrays (same dtypes, shapes).
     While the caller computes on item i, item i+1 is already copied to the host staging buffer and
