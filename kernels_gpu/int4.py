@@ -87,6 +87,13 @@ def int4_expert(x: torch.Tensor, gate: DeviceInt4, up: DeviceInt4, down: DeviceI
     return _linear(F.silu(_linear(x, gate)) * _linear(x, up), down)
 
 
+def cold_pairs(ids: torch.Tensor, hot: dict[int, ExpertWeights] | list[int]) -> torch.Tensor:
+    """ids [T, K] -> bool [T, K] on ids' device: True where the pair's expert is not hot (CPU work).
+    Cheap and host-side: call it first, submit the CPU's share, then launch hot_expert_moe."""
+    ids_host = ids.cpu()
+    return (~torch.isin(ids_host, torch.tensor(sorted(hot), dtype=ids_host.dtype))).to(ids.device)
+
+
 def hot_expert_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                    hot: dict[int, ExpertWeights]) -> tuple[torch.Tensor, torch.Tensor]:
     """The routed pairs whose expert is hot, on hot's device -> (y_hot fp32 [T, D], cold_mask bool [T, K]).
@@ -98,8 +105,7 @@ def hot_expert_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     Reads the expert ids on the host once (the CPU submit needs them anyway): not graph-capturable.
     """
     ids_host = ids.cpu()
-    hot_ids = torch.tensor(sorted(hot), dtype=ids_host.dtype)
-    is_hot = torch.isin(ids_host, hot_ids)  # [T, K]
+    is_hot = ~cold_pairs(ids_host, hot)  # [T, K]
     dev = next(iter(hot.values()))[0].packed.device if hot else x.device
     xd, w32 = x.to(dev), weights.to(dev, torch.float32)
     y = torch.zeros(x.shape, device=dev, dtype=torch.float32)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from hybrid.quant import dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from kernels_gpu.graphs import GraphCache, GraphedStep
-from kernels_gpu.int4 import DeviceInt4, dequantize, hot_expert_moe, int4_expert, int4_linear
+from kernels_gpu.int4 import DeviceInt4, cold_pairs, dequantize, hot_expert_moe, int4_expert, int4_linear
 from kernels_gpu.int8 import int8_linear, quantize_int8
 from kernels_gpu.mla import absorb_query, chunked_prefill_attention, mla_decode
 from kernels_gpu.offload import (LayerUploader, PrefillSpeeds, expert_flops_per_token, measure_pcie_gbps,
@@ -191,6 +191,7 @@ def test_hot_split_plus_cpu_rest_equals_full_moe(hot_ids):
     y_hot, cold = hot_expert_moe(x.to(DEV), ids.to(DEV), weights.to(DEV), hot_set(arrays, hot_ids))
     assert y_hot.dtype == torch.float32 and cold.dtype == torch.bool and cold.shape == (T, K)
     assert torch.equal(cold.cpu(), ~torch.isin(ids, torch.tensor(hot_ids, dtype=ids.dtype)))
+    assert torch.equal(cold_pairs(ids.to(DEV), hot_ids), cold)
     y_cpu = ref_moe(x, ids, weights * cold.cpu(), dense)  # what the CPU backend gets: cold pairs only
     full = ref_moe(x, ids, weights, dense)
     torch.testing.assert_close(y_hot.cpu() + y_cpu, full, rtol=1e-5, atol=1e-6)
