@@ -370,7 +370,9 @@ def test_bench_small_prints_json():
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert set(res) >= {"device", "mla_decode", "int4_expert", "int8_linear", "pcie_gbps", "offload"}
-    assert res["mla_decode"]["ctx128"]["ms"] > 0 and res["offload"]["threshold_tokens"] is not None
+    assert res["mla_decode"]["ctx128"]["ms"] > 0
+    n = res["offload"]["threshold_tokens"]  # None (never) only if the measured GEMM is absurdly slow
+    assert n is None or n > 0
 
 
 def test_gpu_check_script_is_valid_bash():
