@@ -65,9 +65,8 @@ def find_in_hf_cache(repo_id: str, hub: Path | None = None) -> Path | None:
 
 
 def fetch_hint(repo_id: str) -> str:
-    return (f"fetch it with:  hf download {repo_id}   (huggingface_hub's CLI; older versions: "
-            f"huggingface-cli download {repo_id})\nthen run the same command again, or download to a folder with "
-            f"--local-dir DIR and pass --model DIR")
+    return (f"fetch it with `hf download {repo_id}` (older huggingface_hub: `huggingface-cli download "
+            f"{repo_id}`) and run this again, or add `--local-dir DIR` to that and pass --model DIR")
 
 
 def resolve_model(model: str) -> Path:
@@ -87,8 +86,8 @@ def resolve_model(model: str) -> Path:
         found = find_in_hf_cache(model)
         if found is not None:
             return found
-        raise UserError(f"{model} is not in the Hugging Face cache ({hf_hub_cache()}), and no directory of that "
-                        f"name exists here; {fetch_hint(model)}")
+        raise UserError(f"{model} is not in the Hugging Face cache ({hf_hub_cache()}) nor a directory here; "
+                        f"{fetch_hint(model)}")
     if p.is_file():
         raise UserError(f"{model} is a file; --model takes a checkpoint directory (the folder with config.json)")
     raise UserError(f"{model}: no such checkpoint directory; --model takes a directory, a Hugging Face repo id in "

@@ -139,7 +139,7 @@ def _render_plan(label: str, p) -> None:
 
 
 def _render_projection(proj: dict, hypothetical: bool, m: dict) -> None:
-    t = Table(title="projected decode speed, batch 1 (a ceiling: bytes / bandwidth)", title_justify="left",
+    t = Table(title="projected decode speed (batch 1)", title_justify="left",
               show_header=False)
     t.add_column("")
     t.add_column("", justify="right")
