@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from .chat import load_chat_template, render_chat
@@ -52,6 +53,7 @@ class Engine:
         self._cache = self.model.new_cache(context)  # persistent across requests, for prefix reuse
         self._cached_ids: list[int] = []  # the tokens whose KV the cache holds, in order
         self.plan = None  # the placement plan, set by load()
+        self.hot_experts = 0  # per MoE layer, on the GPU side; set by load()
         self._tokens = {"prefill": 0, "decode": 0}
 
     # ---- statistics (bench) -----------------------------------------------------------------
@@ -128,6 +130,8 @@ class Engine:
             gen = params.make_generator()
             sampler = lambda logits: sample(logits, params, gen)  # noqa: E731
         self.checkpoint.check_files()  # a shard shrunk under the map would be a SIGBUS, not an error
+        if self.hot_experts:
+            self.refresh_hot_experts()
         common = 0
         for a, b in zip(self._cached_ids, prompt):
             if a != b:
@@ -146,6 +150,25 @@ class Engine:
                 yield step
         finally:  # also when the consumer stops early or a forward fails: keep ids and cache in step
             self._cached_ids = (prompt + generated)[:self._cache.length]
+
+    def refresh_hot_experts(self) -> None:
+        """Keep the most-routed `hot_experts` experts of each MoE layer on the GPU side (uploads only changes)."""
+        from kernels_gpu.int4 import DeviceInt4
+
+        sched = self.model.experts
+        for layer, counts in sched.route_counts.items():
+            if not counts.any():
+                continue
+            want = [int(e) for e in np.argsort(-counts, kind="stable")[: self.hot_experts] if counts[e] > 0]
+            old = sched.hot.get(layer, {})
+            new = {}
+            for e in want:
+                if e in old:
+                    new[e] = old[e]
+                    continue
+                ws = [self.checkpoint.expert(layer, e, p) for p in ("gate_proj", "up_proj", "down_proj")]
+                new[e] = tuple(DeviceInt4.from_arrays(w.packed, w.scale, w.shape, self.device) for w in ws)
+            sched.set_hot(layer, new)
 
     # ---- chat ---------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
@@ -172,7 +195,7 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "cp
          expert_mode: str = "auto", cache_slots: int | None = None, ram_budget: float | None = None,
          gpu_memory: float | None = None, cpu_threads: int | None = None, prefetch: bool = True,
          prefetch_width: int | None = None, cache_policy: str = "lrfu", io_threads: int = 2,
-         trace: str | Path | None = None, defer_experts: int = 0) -> Engine:
+         trace: str | Path | None = None, defer_experts: int = 0, hot_experts: int | None = None) -> Engine:
     """Open a checkpoint (directory or preset name), plan placement, and return an Engine.
 
     backend: 'numba' (INT4 kernels over mmap'd shards or the RAM expert cache), 'reference'
@@ -183,6 +206,9 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "cp
     trace: write routing decisions as JSON lines to this file (scripts/replay_traces.py reads it).
     defer_experts: add the N lowest-weight experts of each MoE layer one layer later (KTransformers'
     deferral: more overlap, slightly different outputs; 0, the default, is exact).
+    hot_experts: routed experts per MoE layer kept on the GPU side and computed there from the INT4
+    layout (default: as many as the plan's spare VRAM allows; none without a GPU). Chosen from the
+    routing counts so far, refreshed at the start of each request.
     """
     from .hardware import detect
     from .placement import plan as make_plan
@@ -210,6 +236,11 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "cp
     engine = Engine(ckpt, experts, device=device, context=context)
     engine.model.defer_experts = defer_experts
     engine.plan = plan
+    engine.hot_experts = plan.hot_experts_per_layer if hot_experts is None else hot_experts
+    if engine.hot_experts and backend != "numba":
+        raise ValueError("hot_experts needs the numba backend (the reference backend computes every expert itself)")
+    if not 0 <= engine.hot_experts <= cfg.n_routed_experts:
+        raise ValueError(f"hot_experts must lie in 0..{cfg.n_routed_experts}, got {engine.hot_experts}")
     if getattr(experts, "prefetch", False):  # the next layer's router predicts what to prefetch
         experts.predict = lambda layer, x, k: engine.model.route(layer, x, k)[0]
     return engine

@@ -21,6 +21,7 @@ import torch
 
 from kernels_cpu.moe import moe_forward
 from kernels_cpu.table import ExpertTable
+from kernels_gpu.int4 import cold_pairs, hot_expert_moe
 
 from .expert_cache import DEMAND, PREFETCH, ExpertCache
 
@@ -42,6 +43,9 @@ class Scheduler:
         self.prefetch_width = prefetch_width
         self.trace = trace
         self._predicted: dict[int, list[int]] = {}
+        # hot experts live on the GPU side (kernels_gpu.int4); the rest of the layer's pairs go to the CPU
+        self.hot: dict[int, dict] = {layer: {} for layer in moe_layers}
+        self.route_counts: dict[int, np.ndarray] = {}  # layer -> [E] how often each expert was routed to
         self._token = 0
         # numba's thread count is per calling thread: set it on the worker that runs the kernels
         init = (lambda: numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))) if threads else None
@@ -50,16 +54,32 @@ class Scheduler:
         self.reset_stats()
 
     def reset_stats(self) -> None:
-        self.compute_s = self.io_wait_s = self.wait_s = 0.0
+        self.compute_s = self.io_wait_s = self.wait_s = self.hot_s = 0.0
         self.expert_bytes = 0  # expert bytes the kernels read (unique experts per call)
+        self.hot_pairs = 0  # (token, expert) pairs computed by hot experts
 
     # ---- the seam ---------------------------------------------------------------------------
-    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Future:
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         xn = np.ascontiguousarray(x.detach().float().cpu().numpy())
         idn = ids.cpu().numpy().astype(np.int64)
         wn = np.ascontiguousarray(weights.detach().float().cpu().numpy())
-        used = sorted(set(idn[wn != 0].tolist()))
         self._record(layer, idn, wn)
+        hot = self.hot.get(layer)
+        if hot:  # the CPU gets only the cold pairs; a zero weight drops a pair from its work
+            cold = cold_pairs(ids, hot).cpu().numpy()
+            wn = np.where(cold, wn, 0.0).astype(np.float32)
+        used = sorted(set(idn[wn != 0].tolist()))
+        fut = self._submit_cpu(layer, x, xn, idn, wn, used)
+        y_hot = None
+        if hot:  # while the CPU works: the hot experts on the GPU side
+            t0 = time.perf_counter()
+            y_hot, cold_mask = hot_expert_moe(x, ids, weights, hot)
+            self.hot_pairs += int((~cold_mask).sum())
+            self.hot_s += time.perf_counter() - t0
+        return fut, y_hot
+
+    def _submit_cpu(self, layer: int, x: torch.Tensor, xn: np.ndarray, idn: np.ndarray, wn: np.ndarray,
+                    used: list[int]) -> Future:
         if self.cache is None:
             return self._pool.submit(self._run_mmap, layer, xn, idn, wn, len(used))
         # pin what is resident and start the misses before any prefetch can take their slots
@@ -76,14 +96,20 @@ class Scheduler:
             cand = self.predict(nxt, x, self.prefetch_width)[0].tolist()
             self._predicted[nxt] = cand
             for e in cand:
-                self.cache.load(nxt, e, PREFETCH)
+                if e not in self.hot.get(nxt, {}):  # hot experts never need the RAM cache
+                    self.cache.load(nxt, e, PREFETCH)
         return self._pool.submit(self._run_cached, layer, xn, idn, wn, resident, started, waiting)
 
-    def wait(self, handle: Future) -> torch.Tensor:
+    def wait(self, handle) -> torch.Tensor:
+        fut, y_hot = handle
         t0 = time.perf_counter()
-        y = handle.result()
+        y = torch.from_numpy(fut.result())
         self.wait_s += time.perf_counter() - t0
-        return torch.from_numpy(y)
+        return y if y_hot is None else y_hot.to(y.device) + y
+
+    def set_hot(self, layer: int, hot: dict) -> None:
+        """Replace layer's hot set: {expert: (gate, up, down) kernels_gpu.int4.DeviceInt4}."""
+        self.hot[layer] = hot
 
     # ---- worker side --------------------------------------------------------------------------
     def _kernel(self, layer: int, x: np.ndarray, ids: np.ndarray, w: np.ndarray, n_experts: int) -> np.ndarray:
@@ -132,6 +158,10 @@ class Scheduler:
 
     # ---- traces -------------------------------------------------------------------------------
     def _record(self, layer: int, ids: np.ndarray, w: np.ndarray) -> None:
+        counts = self.route_counts.get(layer)
+        if counts is None:
+            counts = self.route_counts[layer] = np.zeros(self.tables[layer].loc.shape[0], dtype=np.int64)
+        np.add.at(counts, ids[w != 0], 1)
         if layer == self.first_layer:
             self._token += ids.shape[0]
         if self.trace is None:

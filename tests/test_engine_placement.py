@@ -129,3 +129,26 @@ def test_expert_deferral_is_off_by_default_and_consistent_across_backends(tiny_p
     assert (a - b).abs().max() <= 1e-3 * a.abs().max()  # the same deferral on both backends
     with pytest.raises(ValueError, match="defer_experts"):
         hybrid.load(tiny_path, backend="reference", defer_experts=99)
+
+
+def test_hot_experts_on_the_gpu_side_give_the_same_answer(tiny_path):
+    """Hot experts (kernels_gpu INT4 path, here on the CPU device) plus the CPU kernels for the rest
+    equal the all-CPU kernels to the kernels' tolerance, and are chosen from routing counts."""
+    base = hybrid.load(tiny_path, backend="numba", expert_mode="mmap")
+    hot = hybrid.load(tiny_path, backend="numba", expert_mode="mmap", hot_experts=6)
+    assert hot.model.experts.hot_pairs == 0
+    list(hot.generate(PROMPT, 1, temperature=0))  # the first request only gathers routing counts
+    sched = hot.model.experts
+    assert all(not h for h in sched.hot.values())
+    seen = {layer: c.copy() for layer, c in sched.route_counts.items()}
+    list(hot.generate(PROMPT[:5], 1, temperature=0))  # the next one starts by choosing the hot set
+    for layer, h in sched.hot.items():
+        counts = seen[layer]
+        assert len(h) == 6 and min(counts[list(h)]) >= sorted(counts)[-6]  # the most-routed ones
+    a = base.logits(PROMPT + [3, 4])
+    sched.reset_stats()
+    b = hot.logits(PROMPT + [3, 4])
+    assert sched.hot_pairs > 0  # the split was really used
+    assert (a - b).abs().max() <= 1e-3 * a.abs().max()
+    with pytest.raises(ValueError, match="hot_experts"):
+        hybrid.load(tiny_path, backend="reference", hot_experts=2)
