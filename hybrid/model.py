@@ -16,10 +16,13 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from kernels_gpu.mla import chunked_prefill_attention
+
 from .config import ModelConfig
 
 LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
 ABSORB_MAX_TOKENS = 8  # at or below this many new tokens, attend in the absorbed (latent) form
+CHUNKED_MIN_SCORES = 1 << 22  # T x S above this: the chunked kernel, never a whole [T, H, S] score matrix
 
 AttnMode = Literal["auto", "naive", "absorbed"]
 
@@ -145,6 +148,9 @@ class Model:
         cache.pe[i, s0:S] = apply_rope(kv[:, L:], cos, sin)
         kv_latent, k_pe = cache.kv[i, :S], cache.pe[i, :S]  # [S, L], [S, R]
         w_kv_b = w[p + "kv_b_proj.weight"].view(H, P + Vd, L)
+        if mode == "naive" and T * S > CHUNKED_MIN_SCORES:  # long prompts: same math, bounded memory
+            o = chunked_prefill_attention(q_nope, q_pe, kv_latent, k_pe, w_kv_b[:, :P], w_kv_b[:, P:], c.softmax_scale, s0)
+            return o.reshape(T, H * Vd) @ w[p + "o_proj.weight"].T
         # scores [T, H, S]; the rope part is MQA: one k_pe shared by all heads
         scores = torch.einsum("thr,sr->ths", q_pe, k_pe)
         if mode == "absorbed":

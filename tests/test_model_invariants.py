@@ -34,3 +34,20 @@ def test_logits_rejects_bad_ids(tiny_path):
         e.logits([0, e.config.vocab_size])
     with pytest.raises(ValueError, match="non-empty"):
         e.logits([])
+
+
+def test_chunked_long_prompt_attention_equals_the_direct_form(tiny_path, monkeypatch):
+    """Above CHUNKED_MIN_SCORES the naive form goes through kernels_gpu's chunked prefill (no T x S matrix)."""
+    import hybrid.model as model
+
+    e = hybrid.load(tiny_path, backend="reference")
+    ids = torch.randint(0, e.config.vocab_size, (40,), generator=torch.Generator().manual_seed(9))
+    direct = e.logits(ids, attn="naive")
+    calls = []
+    real = model.chunked_prefill_attention
+    monkeypatch.setattr(model, "CHUNKED_MIN_SCORES", 100)
+    monkeypatch.setattr(model, "chunked_prefill_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k, q_chunk=16, k_block=16))
+    chunked = e.logits(ids, attn="naive")
+    assert calls  # the chunked kernel ran, with blocks smaller than the prompt
+    assert (chunked - direct).abs().max() <= 1e-4 * direct.abs().max()
