@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import statistics
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from .generate import greedy
 from .placement import GPU_SIDE
 from .probe import GB, mem_read_gbps
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 SCHEMA = "kimi-hybrid.bench/1"
 # the split's keys (ms per token) <- Engine.stats() seconds; all but 'unaccounted' come from there
@@ -59,12 +62,12 @@ class _Phase:
         return out
 
 
-def weight_bytes_per_token(engine) -> int:
+def weight_bytes_per_token(engine: Engine) -> int:
     """Non-expert weights one decoded token reads: the GPU side as placed (the embedding is one row)."""
     return sum(e.nbytes for e in engine.plan.entries if e.what in GPU_SIDE)
 
 
-def bench_engine(engine, prompt_tokens: int, gen_tokens: int, runs: int, *, mem_gbps: float | None = None,
+def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int, *, mem_gbps: float | None = None,
                  probe_bytes: int = 1 << 30, seed: int = 0, warmup: bool = True, name: str | None = None,
                  backend: str = "auto", on_run: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Measure `runs` x (prefill `prompt_tokens`, decode `gen_tokens`) and return the schema's dict.

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .chat_ui import Turn, speeds, status_line, visible
 from .cli_common import REAL_MODEL, USER_ERRORS, UserError, console, engine_options, err_console, load_engine, resolve_model
 from .conversation import Done
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 HELP = """commands:
   /help              this list
@@ -85,7 +88,7 @@ def validate_messages(data: Any, source: str) -> tuple[list[dict], list[dict] | 
 
 
 class ChatSession:
-    def __init__(self, engine, sampling: dict, *, system: str | None, show_thinking: bool, on_interrupt: str,
+    def __init__(self, engine: Engine, sampling: dict, *, system: str | None, show_thinking: bool, on_interrupt: str,
                  tools: list[dict] | None):
         self.engine, self.sampling = engine, sampling
         self.system, self.show_thinking, self.on_interrupt, self.tools = system, show_thinking, on_interrupt, tools
