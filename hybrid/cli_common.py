@@ -18,7 +18,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from .chat import ChatTemplateError
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .synth import GENERATOR_VERSION, PRESETS, GeneratorError, cache_dir, ensure_preset
+from .synth import PRESETS, GeneratorError, cache_dir, ensure_preset, is_generated, preset_path
 from .tokenizer import TokenizerError
 
 console = Console(highlight=False)  # no automatic colouring of numbers and brackets in model text
@@ -75,8 +75,8 @@ def resolve_model(model: str) -> Path:
     if p.is_dir():
         return p
     if model in PRESETS:
-        path = cache_dir() / f"{model}-seed0-v{GENERATOR_VERSION}"  # ensure_preset's own path
-        if not (path / ".kimi-hybrid-synthetic").exists():
+        path = preset_path(model)
+        if not is_generated(path):
             err_console.print(f"generating the built-in '{model}' checkpoint into {cache_dir()} (first use only)")
             bar, cb = progress_bar(model)
             with bar:

@@ -26,6 +26,17 @@ from .tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+def int8_weights(weights: dict[str, torch.Tensor]) -> dict:
+    """int8 weight-only copies of the big GPU-side linears (the plan's INT8_CLASSES), when VRAM is short.
+    kv_b_proj stays dense: attention reads it as per-head views. The router and norms stay as they are."""
+    from kernels_gpu.int8 import quantize_int8
+
+    def big(name: str) -> bool:
+        return name == "lm_head.weight" or (name.endswith("_proj.weight") and "kv_b_proj" not in name)
+
+    return {k: (quantize_int8(v) if big(k) else v) for k, v in weights.items()}
+
+
 def resolve_model(model: str | Path) -> Path:
     """A checkpoint directory, or a preset name generated into the cache on first use."""
     p = Path(model)
@@ -38,7 +49,7 @@ def resolve_model(model: str | Path) -> Path:
 
 class Engine:
     def __init__(self, ckpt: Checkpoint, experts: ExpertBackend, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, context: int = 4096):
+                 dtype: torch.dtype = torch.float32, context: int = 4096, int8: bool = False):
         self.checkpoint = ckpt
         self.config = ckpt.config
         self.device = torch.device(device)
@@ -46,6 +57,8 @@ class Engine:
         weights = {name: ckpt.tensor(name).to(self.device, dtype)
                    for name in ckpt.tensors if ".mlp.experts." not in name and not name.endswith("inv_freq")}
         weights = {k: (v.float() if k.endswith("e_score_correction_bias") else v) for k, v in weights.items()}
+        if int8:
+            weights = int8_weights(weights)
         self.model = Model(self.config, weights, experts)
         self.context = context
         self.tokenizer = Tokenizer.from_dir(ckpt.path)
@@ -233,7 +246,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "cp
         raise ValueError(f"backend {backend!r} is not known; use 'numba', 'reference' or 'auto'")
     if not 0 <= defer_experts < cfg.num_experts_per_tok:
         raise ValueError(f"defer_experts must lie in 0..{cfg.num_experts_per_tok - 1}, got {defer_experts}")
-    engine = Engine(ckpt, experts, device=device, context=context)
+    dtype = torch.bfloat16 if plan.device == "cuda" else torch.float32  # fp32 on a CPU: bf16 matmul is ~400x slower
+    engine = Engine(ckpt, experts, device=plan.device, dtype=dtype, context=context, int8=plan.gpu_precision == "int8")
     engine.model.defer_experts = defer_experts
     engine.plan = plan
     engine.hot_experts = plan.hot_experts_per_layer if hot_experts is None else hot_experts

@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from kernels_gpu.int8 import int8_linear
 from kernels_gpu.mla import chunked_prefill_attention
 
 from .config import ModelConfig
@@ -87,8 +88,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).reshape(shape)
 
 
-def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+Weight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # dense [O, I], or int8 weight-only (codes, row scales)
+
+
+def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """x [..., I] @ w.T; int8 weight-only weights go through kernels_gpu's int8 linear."""
+    return int8_linear(x, *w) if isinstance(w, tuple) else x @ w.T
+
+
+def swiglu(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 class Model:
@@ -130,7 +139,7 @@ class Model:
         cache.length = s0 + T
         t0 = time.perf_counter()
         h = rms_norm(h, self.w["model.norm.weight"], self.cfg.rms_norm_eps)
-        logits = (h @ self.w["lm_head.weight"].T).float()
+        logits = linear(h, self.w["lm_head.weight"]).float()
         self.times["lm_head"] += time.perf_counter() - t0
         self.times["forward"] += time.perf_counter() - t_start
         return logits
@@ -139,10 +148,10 @@ class Model:
                   sin: torch.Tensor, mode: AttnMode) -> torch.Tensor:
         c, w, p = self.cfg, self.w, f"model.layers.{i}.self_attn."
         T, H, P, R, L, Vd = x.shape[0], c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank, c.v_head_dim
-        cq = rms_norm(x @ w[p + "q_a_proj.weight"].T, w[p + "q_a_layernorm.weight"], LATENT_NORM_EPS)  # [T, Q]
-        q = (cq @ w[p + "q_b_proj.weight"].T).view(T, H, P + R)
+        cq = rms_norm(linear(x, w[p + "q_a_proj.weight"]), w[p + "q_a_layernorm.weight"], LATENT_NORM_EPS)  # [T, Q]
+        q = linear(cq, w[p + "q_b_proj.weight"]).view(T, H, P + R)
         q_nope, q_pe = q[..., :P], apply_rope(q[..., P:], cos, sin)  # [T, H, P], [T, H, R]
-        kv = x @ w[p + "kv_a_proj_with_mqa.weight"].T  # [T, L + R]
+        kv = linear(x, w[p + "kv_a_proj_with_mqa.weight"])  # [T, L + R]
         S = s0 + T
         cache.kv[i, s0:S] = rms_norm(kv[:, :L], w[p + "kv_a_layernorm.weight"], LATENT_NORM_EPS)
         cache.pe[i, s0:S] = apply_rope(kv[:, L:], cos, sin)
@@ -150,7 +159,7 @@ class Model:
         w_kv_b = w[p + "kv_b_proj.weight"].view(H, P + Vd, L)
         if mode == "naive" and T * S > CHUNKED_MIN_SCORES:  # long prompts: same math, bounded memory
             o = chunked_prefill_attention(q_nope, q_pe, kv_latent, k_pe, w_kv_b[:, :P], w_kv_b[:, P:], c.softmax_scale, s0)
-            return o.reshape(T, H * Vd) @ w[p + "o_proj.weight"].T
+            return linear(o.reshape(T, H * Vd), w[p + "o_proj.weight"])
         # scores [T, H, S]; the rope part is MQA: one k_pe shared by all heads
         scores = torch.einsum("thr,sr->ths", q_pe, k_pe)
         if mode == "absorbed":
@@ -167,7 +176,7 @@ class Model:
             o = torch.einsum("thl,hvl->thv", o_lat, w_kv_b[:, P:])
         else:
             o = torch.einsum("ths,shv->thv", probs, kvb[..., P:])  # [T, H, V]
-        return o.reshape(T, H * Vd) @ w[p + "o_proj.weight"].T
+        return linear(o.reshape(T, H * Vd), w[p + "o_proj.weight"])
 
     def route(self, i: int, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (ids [T, K], weights [T, K]); DeepSeek-V3: the bias picks experts but does not weight them.

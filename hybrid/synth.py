@@ -26,7 +26,7 @@ from .quant import f32_to_bf16
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # bump whenever a preset's shapes or values change: cached copies are keyed by it
 REFERENCE_DIR = Path(__file__).resolve().parent / "assets"
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -203,10 +203,18 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def preset_path(name: str, seed: int = 0) -> Path:
+    """Where the cache keeps a preset; it is complete when is_generated(path)."""
+    return cache_dir() / f"{name}-seed{seed}-v{GENERATOR_VERSION}"
+
+
+def is_generated(path: Path) -> bool:
+    return (path / ".kimi-hybrid-synthetic").exists()
+
+
 def ensure_preset(name: str, seed: int = 0, progress: Progress | None = None) -> Path:
     """Path of a preset checkpoint, generated into the cache directory on first use and reused after."""
-    path = cache_dir() / f"{name}-seed{seed}-v{GENERATOR_VERSION}"
-    marker = path / ".kimi-hybrid-synthetic"
-    if marker.exists():
+    path = preset_path(name, seed)
+    if is_generated(path):
         return path
     return write_checkpoint(path, preset_config(name), seed=seed, sparse=(name == "k2-full-sparse"), progress=progress)

@@ -51,3 +51,30 @@ def test_chunked_long_prompt_attention_equals_the_direct_form(tiny_path, monkeyp
     chunked = e.logits(ids, attn="naive")
     assert calls  # the chunked kernel ran, with blocks smaller than the prompt
     assert (chunked - direct).abs().max() <= 1e-4 * direct.abs().max()
+
+
+def test_int8_weight_only_gpu_weights_cost_no_more_than_their_precision(tiny_path):
+    """The planner's int8 weight-only option (short VRAM). The random tiny model amplifies query errors
+    (sharp attention), so the bound is relative: int8 must do no worse than perturbing every weight by
+    noise of the same size (uniform within half an int8 step), which is the precision int8 allows."""
+    from hybrid.engine import int8_weights
+    from hybrid.model import Model
+
+    e = hybrid.load(tiny_path, backend="reference")
+    ids = torch.arange(3, 30)
+    exact = e.logits(ids)
+    qw = int8_weights(e.model.w)
+    assert isinstance(qw["model.layers.1.self_attn.o_proj.weight"], tuple)
+    assert not isinstance(qw["model.layers.1.self_attn.kv_b_proj.weight"], tuple)  # read as per-head views
+    q = Model(e.config, qw, e.model.experts)
+    err_int8 = float((q.forward(ids, q.new_cache(32)) - exact).abs().max())
+    g = torch.Generator().manual_seed(0)
+    noisy = {}
+    for k, v in e.model.w.items():
+        if isinstance(qw[k], tuple):
+            step = qw[k][1].float()[:, None]  # the row's int8 step
+            v = v + (torch.rand(v.shape, generator=g) - 0.5) * step
+        noisy[k] = v
+    n = Model(e.config, noisy, e.model.experts)
+    err_noise = float((n.forward(ids, n.new_cache(32)) - exact).abs().max())
+    assert 0 < err_int8 <= 2 * err_noise
