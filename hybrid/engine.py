@@ -204,7 +204,7 @@ class Engine:
         yield from run_chat(self, prompt, params, names, min(max_tokens or budget, budget))
 
 
-def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "cpu", context: int = 4096,
+def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "auto", context: int = 4096,
          expert_mode: str = "auto", cache_slots: int | None = None, ram_budget: float | None = None,
          gpu_memory: float | None = None, cpu_threads: int | None = None, prefetch: bool = True,
          prefetch_width: int | None = None, cache_policy: str = "lrfu", io_threads: int = 2,
@@ -213,6 +213,7 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "cp
 
     backend: 'numba' (INT4 kernels over mmap'd shards or the RAM expert cache), 'reference'
     (torch, dequantised fp32; the oracle), or 'auto' (numba where the CPU has AVX2).
+    device: where the "GPU side" runs: 'cuda', 'cpu' (fp32) or 'auto' (the planner: CUDA when present).
     expert_mode: 'mmap', 'cache' (RAM slots fed by explicit reads; cache_slots overrides the
     planned count) or 'auto' (the planner decides from RAM). ram_budget / gpu_memory in GB.
     prefetch: load the next layer's predicted experts during this layer (cache mode, decode).
@@ -233,7 +234,7 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "cp
     if cache_slots is not None:
         expert_mode = "cache"
     plan = make_plan(cfg, detect(), gpu_memory=gpu_memory, ram_budget=ram_budget, context=context,
-                     cpu_threads=cpu_threads, expert_mode=expert_mode, device=device if device != "cpu" else "cpu")
+                     cpu_threads=cpu_threads, expert_mode=expert_mode, device=device)
     if backend == "auto":
         from kernels_cpu.simd import host_has_avx2
 
