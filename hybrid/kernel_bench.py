@@ -1,10 +1,13 @@
 """`kimi-hybrid bench --kernels`: CPU expert kernel figures against this machine's own ceilings.
 
 Owns the measurement only (returns one JSON-able dict; cli.py prints it). Everything is measured in
-the same run: DRAM read bandwidth with all threads, torch's fp32 matmul, our moe_forward at decode
-and prefill, thread scaling, and peers (torch int4pack; KTransformers' AVX2RawInt4_MOE if present).
-Timings are the best of several repetitions, interleaved with the bandwidth probe, because other
-processes share the cores; ratios within one run are what to compare.
+the same run on E = 32 random K2-shaped experts (793 MB, far beyond the LLC): DRAM read bandwidth
+(numba read-sum over 1 GiB, all threads), moe_forward at decode (1 token, 8 experts) and prefill
+(qlen 16/128/512 over the 32 experts; 64 tokens per expert; 512 tokens over 384 experts aliased
+onto the 32, the real model's density), torch's fp32 matmul 512x7168x2048, 1-thread vs all-thread
+scaling, and peers on the same experts (torch int4pack; KTransformers' AVX2RawInt4_MOE if present).
+Times are the best of several repetitions, decode interleaved with the bandwidth probe, because other
+processes share the cores and the memory bus; compare ratios within one run.
 """
 from __future__ import annotations
 
@@ -177,6 +180,7 @@ def _kt_peer(ex: _Experts, D: int, I: int, K: int, T_prefill: int, threads: int,
     except (ImportError, OSError) as e:
         kt, reason = None, f"loading kt-kernel's avx2 module failed: {e}"
     if kt is None:
+        log.info("ktransformers peer skipped: %s", reason)
         return {"available": False, "reason": reason}
     E = ex.table.num_experts
     cpu = kt.CPUInfer(threads)
