@@ -107,8 +107,11 @@ class _Emitter:
         """n bf16 at addr -> <n x float> (bf16 bits << 16)."""
         b = self.b
         sv = _load(b, addr, ir.VectorType(I16, n))
-        wide = b.shl(b.zext(sv, ir.VectorType(I32, n)), _splat(ir.VectorType(I32, n), 16))
-        return b.bitcast(wide, ir.VectorType(F32, n))
+        zero = ir.Constant(ir.VectorType(I16, n), None)
+        # interleave (0, s): little-endian int32 lanes s << 16, one unpack instruction
+        pairs = b.shuffle_vector(zero, sv, ir.Constant(ir.VectorType(I32, 2 * n),
+                                                       [i // 2 + (n if i % 2 else 0) for i in range(2 * n)]))
+        return b.bitcast(pairs, ir.VectorType(F32, n))
 
     def widen(self, v, n: int):
         """<n x float> -> <L/2 x float> padded with zeros (only the lanes' sum counts)."""
@@ -132,12 +135,13 @@ class _Emitter:
         sdx = [[None] * TB for _ in range(R)]
         dgs = [_load(b, b.add(grow[t][0], goff), ir.VectorType(F32, ng)) for t in range(TB)]
         xss = [_load(b, b.add(grow[t][1], goff), ir.VectorType(F32, ng)) for t in range(TB)]
+        xss = [self.widen(v, ng) for v in xss]
         for r in range(R):
             ws = self.scales(b.add(srow[r], b.mul(chunk, _i64(2 * GPC))), ng)
             for t in range(TB):
-                sdx[r][t] = b.fmul(ws, dgs[t])                    # per-group ws * dg
-                corr = self.widen(b.fmul(sdx[r][t], xss[t]), ng)  # -8 offset, folded in
-                b.store(b.fadd(b.load(accs[r][t]), corr), accs[r][t])
+                sdx[r][t] = self.widen(b.fmul(ws, dgs[t]), ng)    # per-group ws * dg (padded)
+                # the -8 offset: acc += ws * dg * xs, lane per group (only the lanes' sum counts)
+                b.store(b.call(self.fma, [sdx[r][t], xss[t], b.load(accs[r][t])]), accs[r][t])
         for j in range(U):
             coff = b.mul(b.add(chunk, _i64(j)), _i64(CB))
             nibs = []                                             # nibs[r][k]: lane i = column 4i + k
