@@ -11,7 +11,7 @@ Accuracy: activations (x, and the intermediate SiLU(gate) * up) are quantised to
 results match the fp32 reference (dequantised weights, fp32 activations) to ~5e-5 relative; the
 tests hold them to 1e-4.
 
-Decode vs prefill: one code path. Pairs are grouped by expert; each call of the row kernel takes 4
+Decode vs prefill: one code path. Pairs are grouped by expert; each call of the row kernel takes 2-8
 weight rows and a block of that expert's tokens (8, 4, 2 or 1), unpacking each weight chunk once
 into registers and reusing it for every token of the block. With one token per expert that is a
 bandwidth-bound GEMV; with many it is an integer GEMM that measured 1.5-1.65x torch's fp32 matmul
@@ -30,11 +30,12 @@ from .table import PARTS, ExpertTable
 
 __all__ = ["ExpertTable", "moe_forward", "PARTS"]
 
-RB = 64  # rows per work item (a multiple of 4; D and I are multiples of 128)
+RB = 64  # rows per work item (a multiple of 8; D and I are multiples of 128)
 
 # R rows x TB tokens per call; an expert's tokens go in blocks of 8, then 4, 2, 1.
 _L = vector_lanes()
-_k41 = make_rowblock_kernel(4, 1, _L)
+_R1 = 2  # rows per single-token call: fewer concurrent row streams measured faster from DRAM
+_k1 = make_rowblock_kernel(_R1, 1, _L)
 _k42 = make_rowblock_kernel(4, 2, _L)
 _k44 = make_rowblock_kernel(4, 4, _L)
 _k28 = make_rowblock_kernel(2, 8, _L)
@@ -42,21 +43,24 @@ _CH = 4 * _L  # columns per chunk
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _dot4(w, wst, s, sst, nch, xa, dg, xs, toks, ntok, din, res):
-    """4 weight rows x ntok tokens -> res f32 [ntok, 4] (addresses; toks: int64 row indices)."""
+def _dot8(w, wst, s, sst, nch, xa, dg, xs, toks, ntok, din, res):
+    """8 weight rows x ntok tokens -> res f32 [ntok, 8] (addresses; toks: int64 row indices)."""
     t = 0
     while ntok - t >= 8:
-        _k28(w, wst, s, sst, nch, xa, dg, xs, toks + 8 * t, din, res + 16 * t, 4)
-        _k28(w + 2 * wst, wst, s + 2 * sst, sst, nch, xa, dg, xs, toks + 8 * t, din, res + 16 * t + 8, 4)
+        for r in range(0, 8, 2):
+            _k28(w + r * wst, wst, s + r * sst, sst, nch, xa, dg, xs, toks + 8 * t, din, res + 32 * t + 4 * r, 8)
         t += 8
     if ntok - t >= 4:
-        _k44(w, wst, s, sst, nch, xa, dg, xs, toks + 8 * t, din, res + 16 * t, 4)
+        for r in range(0, 8, 4):
+            _k44(w + r * wst, wst, s + r * sst, sst, nch, xa, dg, xs, toks + 8 * t, din, res + 32 * t + 4 * r, 8)
         t += 4
     if ntok - t >= 2:
-        _k42(w, wst, s, sst, nch, xa, dg, xs, toks + 8 * t, din, res + 16 * t, 4)
+        for r in range(0, 8, 4):
+            _k42(w + r * wst, wst, s + r * sst, sst, nch, xa, dg, xs, toks + 8 * t, din, res + 32 * t + 4 * r, 8)
         t += 2
     if ntok - t >= 1:
-        _k41(w, wst, s, sst, nch, xa, dg, xs, toks + 8 * t, din, res + 16 * t, 4)
+        for r in range(0, 8, _R1):
+            _k1(w + r * wst, wst, s + r * sst, sst, nch, xa, dg, xs, toks + 8 * t, din, res + 32 * t + 4 * r, 8)
 
 
 @njit(nogil=True, cache=True)
@@ -135,19 +139,19 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt):
     nb = I // RB
     gu = np.empty((2, P, I), np.float32)
     for th in prange(nt):
-        res = np.empty(4 * maxn, np.float32)
+        res = np.empty(8 * maxn, np.float32)
         it = fetch_add(queue.ctypes.data, 1)
         while it < S * 2 * nb:
             s, m, o0 = it // (2 * nb), (it // nb) % 2, (it % nb) * RB
             e, p0, n = slot_e[s], slot_p[s], slot_p[s + 1] - slot_p[s]
             w = base[loc[e, 2 * m, 0]] + loc[e, 2 * m, 1]
             sc = base[loc[e, 2 * m + 1, 0]] + loc[e, 2 * m + 1, 1]
-            for o in range(o0, o0 + RB, 4):
-                _dot4(w + o * (D // 2), D // 2, sc + o * (D // 16), D // 16, D // _CH, xa.ctypes.data,
+            for o in range(o0, o0 + RB, 8):
+                _dot8(w + o * (D // 2), D // 2, sc + o * (D // 16), D // 16, D // _CH, xa.ctypes.data,
                       dg.ctypes.data, xs.ctypes.data, pair_tok.ctypes.data + 8 * p0, n, D, res.ctypes.data)
                 for j in range(n):
-                    for r in range(4):
-                        gu[m, p0 + j, o + r] = res[4 * j + r]
+                    for r in range(8):
+                        gu[m, p0 + j, o + r] = res[8 * j + r]
             it = fetch_add(queue.ctypes.data, 1)
 
     ha = np.empty((P, I), np.int16)                 # SiLU(gate x) * (up x), quantised
@@ -164,7 +168,7 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt):
     pidx = np.arange(P)
     nb = D // RB
     for th in prange(nt):
-        rd = np.empty(4 * maxn, np.float32)
+        rd = np.empty(8 * maxn, np.float32)
         blk = fetch_add(queue.ctypes.data + 64, 1)
         while blk < nb:
             o0 = blk * RB
@@ -173,14 +177,14 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt):
                 e, p0, n = slot_e[s], slot_p[s], slot_p[s + 1] - slot_p[s]
                 dw = base[loc[e, 4, 0]] + loc[e, 4, 1]
                 ds = base[loc[e, 5, 0]] + loc[e, 5, 1]
-                for o in range(o0, o0 + RB, 4):
-                    _dot4(dw + o * (I // 2), I // 2, ds + o * (I // 16), I // 16, I // _CH,
+                for o in range(o0, o0 + RB, 8):
+                    _dot8(dw + o * (I // 2), I // 2, ds + o * (I // 16), I // 16, I // _CH,
                           ha.ctypes.data, hg.ctypes.data, hs.ctypes.data, pidx.ctypes.data + 8 * p0,
                           n, I, rd.ctypes.data)
                     for j in range(n):
                         t, wj = pair_tok[p0 + j], pair_w[p0 + j]
-                        for r in range(4):
-                            out[t, o + r] += wj * rd[4 * j + r]
+                        for r in range(8):
+                            out[t, o + r] += wj * rd[8 * j + r]
             blk = fetch_add(queue.ctypes.data + 64, 1)
 
 

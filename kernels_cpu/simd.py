@@ -34,7 +34,7 @@ I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntTy
 STEP_GROUPS = 8  # groups per main-loop step: 8 bf16 scales = one 16-byte load
 # Software prefetch of the next PF_BLOCKS blocks of R rows (rows are contiguous in the checkpoint):
 # a row is only 1-3.5 KB, too short for the hardware prefetchers to train on each 4 KB page.
-PF_BLOCKS = 2
+PF_BLOCKS = 4
 
 
 @functools.lru_cache(maxsize=None)
