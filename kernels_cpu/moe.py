@@ -16,8 +16,8 @@ weight rows and a block of that expert's tokens (8, 4, 2 or 1), unpacking each w
 into registers and reusing it for every token of the block. With one token per expert that is a
 bandwidth-bound GEMV; with many it is an integer GEMM that measured 1.6x torch's fp32 matmul
 (AVX-512 kernels) and 1.1x (AVX2 kernels) on the development machine, so there is no separate
-"dequantise a tile to fp32, then sgemm" path (its matmul part alone would be bounded by the fp32 figure). No repacked layout either: the
-kernels read the checkpoint's bytes wherever the table points.
+"dequantise a tile to fp32, then sgemm" path (its matmul part alone would be bounded by the fp32
+figure). No repacked layout either: the kernels read the checkpoint's bytes where the table points.
 """
 from __future__ import annotations
 
