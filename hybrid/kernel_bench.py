@@ -182,7 +182,8 @@ def _load_kt_ext():
     if not found:
         return None, "kt-kernel has no avx2 extension module"
     loader = importlib.machinery.ExtensionFileLoader("kt_kernel_ext", found[0])
-    mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location("kt_kernel_ext", found[0], loader=loader))
+    spec = importlib.util.spec_from_file_location("kt_kernel_ext", found[0], loader=loader)
+    mod = importlib.util.module_from_spec(spec)
     loader.exec_module(mod)
     return mod, ""
 
