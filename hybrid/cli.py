@@ -144,3 +144,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, model_name: str
 
 for command in (chat, bench, plan):
     main.add_command(command)
+
+
+if __name__ == "__main__":
+    main()

@@ -27,3 +27,9 @@ echo "== kernel timings (JSON on stdout)" >&2
 # ==== ENGINE BENCH: append below this line ========================================================
 # (kept for the engine's `bench --json` on a k2-slice checkpoint: decode tok/s, GPU-side and CPU-expert
 #  ms per layer, overlap efficiency, CUDA graph on/off; print it as a second JSON object on stdout)
+echo "== engine: kimi-hybrid bench --json on k2-slice (generated on first use, ~5 GB)" >&2
+"$PY" -m hybrid.cli bench --json --runs 2 --prompt-tokens 64 --gen-tokens 16
+echo "== engine: scheduler and expert-cache figures (MoE block vs kernel, cache overlap)" >&2
+"$PY" scripts/bench_engine.py --tokens 16
+# CUDA graph capture of the decode step is not wired into the engine yet (kernels_gpu.graphs has the
+# helper); when it is, run the bench twice here, with and without it.
