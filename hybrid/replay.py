@@ -36,45 +36,33 @@ def read_trace(path: str | Path) -> tuple[list[list[Key]], float | None]:
 
 def simulate(calls: list[list[Key]], slots: int, policy: str) -> float:
     """Hit rate of a cache of `slots` experts; a layer call's own experts are never evicted for each other."""
-    if policy == "belady":
-        return _belady(calls, slots)
-    pol = make_policy(policy)
+    if policy == "belady":  # the optimum: evict what is needed again furthest in the future
+        uses: dict[Key, list[int]] = defaultdict(list)
+        for t, keys in enumerate(calls):
+            for k in keys:
+                uses[k].append(t)
+        seen: dict[Key, int] = defaultdict(int)
+
+        def access(k: Key, t: int) -> None:
+            seen[k] += 1
+
+        def victim(cands: set[Key], t: int) -> Key:
+            return max(cands, key=lambda v: uses[v][seen[v]] if seen[v] < len(uses[v]) else 1 << 60)
+    else:
+        pol = make_policy(policy)
+        access, victim = pol.access, pol.victim
     resident: set[Key] = set()
     hits = n = 0
     for t, keys in enumerate(calls):
         for k in keys:
-            pol.access(k, t)
-            n += 1
-            if k in resident:
-                hits += 1
-                continue
-            if len(resident) >= slots:
-                victims = resident - set(keys) or resident
-                resident.discard(pol.victim(victims, t))
-            resident.add(k)
-    return hits / n if n else 0.0
-
-
-def _belady(calls: list[list[Key]], slots: int) -> float:
-    uses: dict[Key, list[int]] = defaultdict(list)
-    for t, keys in enumerate(calls):
-        for k in keys:
-            uses[k].append(t)
-    ptr: dict[Key, int] = defaultdict(int)
-    resident: set[Key] = set()
-    hits = n = 0
-    for t, keys in enumerate(calls):
-        for k in keys:
-            ptr[k] += 1
+            access(k, t)
         for k in keys:
             n += 1
             if k in resident:
                 hits += 1
                 continue
             if len(resident) >= slots:
-                victims = resident - set(keys) or resident
-                far = max(victims, key=lambda v: uses[v][ptr[v]] if ptr[v] < len(uses[v]) else 1 << 60)
-                resident.discard(far)
+                resident.discard(victim(resident - set(keys) or resident, t))
             resident.add(k)
     return hits / n if n else 0.0
 
