@@ -103,6 +103,25 @@ def _group_pairs(ids, wts, E):
     return slot_e, slot_p, pair_tok, pair_w
 
 
+@njit(nogil=True, cache=True)
+def _take(queue, n, th, nt):
+    """Next item for thread th of nt over items 0..n-1, or n when all are taken.
+
+    Thread th owns the contiguous range [th * n // nt, (th + 1) * n // nt) and walks it in order
+    (one memory stream per thread, like a static split); a thread that has finished its own range
+    takes items from the others' (a busy core then holds back nobody). queue: int64 [8 * nt],
+    counter of range k at queue[8 * k] (one cache line each), zero at the start.
+    """
+    for k in range(nt):
+        owner = (th + k) % nt
+        lo, hi = owner * n // nt, (owner + 1) * n // nt
+        if lo + queue[8 * owner] < hi:
+            i = lo + fetch_add(queue.ctypes.data + 64 * owner, 1)
+            if i < hi:
+                return i
+    return n
+
+
 @njit(nogil=True, cache=True, inline="always")
 def _silu_mul_quantize(g, u, ha, hg, hs):
     # g, u f32 [I] -> SiLU(g) * u written over g, then quantised into ha, hg, hs
@@ -114,15 +133,15 @@ def _silu_mul_quantize(g, u, ha, hg, hs):
 @njit(nogil=True, cache=True, parallel=True)
 def _moe(x, ids, wts, base, loc, D, I, out, nt):
     # x f32 [T, D], ids int64 [T, K], wts f32 [T, K], base int64 [arenas], loc int64 [E, 6, 2]
-    # Work items are handed out through an atomic counter, so a thread whose core is busy with
-    # other work (torch, IO, other processes) simply takes fewer of them.
+    # Work items are handed out by _take: each thread streams its own contiguous share in memory
+    # order, and one whose core is busy elsewhere (torch, IO, other processes) loses items to the rest.
     T = x.shape[0]
     slot_e, slot_p, pair_tok, pair_w = _group_pairs(ids, wts, loc.shape[0])
     S, P = slot_e.shape[0], pair_tok.shape[0]
     maxn = 1
     for s in range(S):
         maxn = max(maxn, slot_p[s + 1] - slot_p[s])
-    queue = np.zeros(2 * 8, np.int64)                # two counters, a cache line apart
+    queue = np.zeros(8 * nt, np.int64)               # work counters, see _take
 
     xa = np.empty((T, D), np.int16)                 # int16 activations, chunk-transposed
     dg = np.empty((T, D // 32), np.float32)
@@ -135,12 +154,12 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt):
             _quantize_row(x[t], xa[t], dg[t], xs[t])
 
     # gate and up: items = (slot, matrix, block of RB rows), in memory order, so a thread's
-    # consecutive items continue one stream of rows; gu[m, p, i] = row i of matrix m times pair p
+    # consecutive items continue one stream of rows; gu[m, p, i] = row i of matrix m . pair p
     nb = I // RB
     gu = np.empty((2, P, I), np.float32)
     for th in prange(nt):
         res = np.empty(8 * maxn, np.float32)
-        it = fetch_add(queue.ctypes.data, 1)
+        it = _take(queue, S * 2 * nb, th, nt)
         while it < S * 2 * nb:
             s, m, o0 = it // (2 * nb), (it // nb) % 2, (it % nb) * RB
             e, p0, n = slot_e[s], slot_p[s], slot_p[s + 1] - slot_p[s]
@@ -152,7 +171,7 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt):
                 for j in range(n):
                     for r in range(8):
                         gu[m, p0 + j, o + r] = res[8 * j + r]
-            it = fetch_add(queue.ctypes.data, 1)
+            it = _take(queue, S * 2 * nb, th, nt)
 
     ha = np.empty((P, I), np.int16)                 # SiLU(gate x) * (up x), quantised
     hg = np.empty((P, I // 32), np.float32)
@@ -166,10 +185,11 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt):
 
     # down: items = blocks of RB output rows, each over every slot (no write conflicts)
     pidx = np.arange(P)
+    queue2 = np.zeros(8 * nt, np.int64)
     nb = D // RB
     for th in prange(nt):
         rd = np.empty(8 * maxn, np.float32)
-        blk = fetch_add(queue.ctypes.data + 64, 1)
+        blk = _take(queue2, nb, th, nt)
         while blk < nb:
             o0 = blk * RB
             out[:, o0:o0 + RB] = 0
@@ -185,7 +205,7 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt):
                         t, wj = pair_tok[p0 + j], pair_w[p0 + j]
                         for r in range(8):
                             out[t, o + r] += wj * rd[8 * j + r]
-            blk = fetch_add(queue.ctypes.data + 64, 1)
+            blk = _take(queue2, nb, th, nt)
 
 
 def moe_forward(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, table: ExpertTable,
