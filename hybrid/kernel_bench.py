@@ -234,6 +234,7 @@ def run_kernel_bench(small: bool = False, threads: int | None = None) -> dict:
     shp = SMALL if small else K2
     D, I, E, K = shp["hidden"], shp["inter"], shp["experts"], shp["topk"]
     nt = threads or numba.config.NUMBA_NUM_THREADS
+    numba_threads = numba.get_num_threads()
     numba.set_num_threads(nt)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(nt)
@@ -313,4 +314,5 @@ def run_kernel_bench(small: bool = False, threads: int | None = None) -> dict:
         result["config"]["other_processes_cpu_pct"] = 100 * max(0.0, busy - ours) / (wall * os.cpu_count())
         return result
     finally:
+        numba.set_num_threads(numba_threads)
         torch.set_num_threads(torch_threads)
