@@ -206,7 +206,7 @@ class Engine:
 
 def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "auto", context: int = 4096,
          expert_mode: str = "auto", cache_slots: int | None = None, ram_budget: float | None = None,
-         gpu_memory: float | None = None, cpu_threads: int | None = None, prefetch: bool = True,
+         gpu_memory: float | None = None, cpu_threads: int | None = None, prefetch: bool | str = "auto",
          prefetch_width: int | None = None, cache_policy: str = "lrfu", io_threads: int = 2,
          trace: str | Path | None = None, defer_experts: int = 0, hot_experts: int | None = None) -> Engine:
     """Open a checkpoint (directory or preset name), plan placement, and return an Engine.
@@ -216,7 +216,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     device: where the "GPU side" runs: 'cuda', 'cpu' (fp32) or 'auto' (the planner: CUDA when present).
     expert_mode: 'mmap', 'cache' (RAM slots fed by explicit reads; cache_slots overrides the
     planned count) or 'auto' (the planner decides from RAM). ram_budget / gpu_memory in GB.
-    prefetch: load the next layer's predicted experts during this layer (cache mode, decode).
+    prefetch: load the next layer's predicted experts during this layer (cache mode, decode): True,
+    False, or 'auto' (on while at least 30% of what it loads gets used, measured as it runs).
     trace: write routing decisions as JSON lines to this file (scripts/replay_traces.py reads it).
     defer_experts: add the N lowest-weight experts of each MoE layer one layer later (KTransformers'
     deferral: more overlap, slightly different outputs; 0, the default, is exact).
@@ -272,6 +273,9 @@ def _numba_backend(ckpt: Checkpoint, plan, cache_slots, prefetch, prefetch_width
     if plan.expert_mode == "cache":
         slots = cache_slots or plan.cache_slots
         cache = ExpertCache(ckpt, slots, io_threads=io_threads, policy=cache_policy)
+        if prefetch not in (True, False, "auto"):
+            raise ValueError(f"prefetch must be True, False or 'auto', got {prefetch!r}")
         return Scheduler(cfg.moe_layers, cache=cache, prefetch_width=width if prefetch else 0,
+                         adaptive_prefetch=prefetch == "auto",
                          trace=trace_file, threads=plan.cpu_threads)
     return Scheduler(cfg.moe_layers, tables=mmap_tables(ckpt), trace=trace_file, threads=plan.cpu_threads)

@@ -25,13 +25,16 @@ from kernels_gpu.int4 import cold_pairs, hot_expert_moe
 
 from .expert_cache import DEMAND, PREFETCH, ExpertCache
 
+PREFETCH_MIN_USE = 0.3  # adaptive prefetch keeps going while at least this share of its loads gets used
+PREFETCH_WINDOW = 64  # prefetches per judgement
+PREFETCH_SAMPLE = 32  # while off, prefetch on one layer call in this many
 Predict = Callable[[int, torch.Tensor, int], torch.Tensor]  # (layer, x [T, D], width) -> candidate ids [T, width]
 
 
 class Scheduler:
     def __init__(self, moe_layers: list[int], tables: dict[int, ExpertTable] | None = None,
                  cache: ExpertCache | None = None, predict: Predict | None = None, prefetch_width: int = 0,
-                 trace: TextIO | None = None, threads: int | None = None):
+                 trace: TextIO | None = None, threads: int | None = None, adaptive_prefetch: bool = True):
         if (tables is None) == (cache is None):
             raise ValueError("Scheduler needs either mmap tables or a cache")
         self.cache = cache
@@ -41,6 +44,9 @@ class Scheduler:
         self.predict = predict  # the engine supplies the model's router when None
         self.prefetch = cache is not None and prefetch_width > 0
         self.prefetch_width = prefetch_width
+        self.adaptive_prefetch = adaptive_prefetch
+        self._layer_calls = 0
+        self._pf_on, self._pf_mark = True, (0, 0)  # adaptive prefetch: on, and where its window began
         self.trace = trace
         self._predicted: dict[int, list[int]] = {}
         # hot experts live on the GPU side (kernels_gpu.int4); the rest of the layer's pairs go to the CPU
@@ -91,7 +97,7 @@ class Scheduler:
                 waiting.append(e)
             else:
                 started[e] = fut
-        if self.prefetch and self.predict is not None and x.shape[0] == 1 and layer in self.next_layer:
+        if self._prefetch_pays() and self.predict is not None and x.shape[0] == 1 and layer in self.next_layer:
             nxt = self.next_layer[layer]
             cand = self.predict(nxt, x, self.prefetch_width)[0].tolist()
             self._predicted[nxt] = cand
@@ -99,6 +105,27 @@ class Scheduler:
                 if e not in self.hot.get(nxt, {}):  # hot experts never need the RAM cache
                     self.cache.load(nxt, e, PREFETCH)
         return self._pool.submit(self._run_cached, layer, xn, idn, wn, resident, started, waiting)
+
+    def _prefetch_pays(self) -> bool:
+        """Prefetch while it is right often enough. On fine-grained MoE the next layer's router guesses
+        poorly (research notes: ~40-50% coverage), and a wrong guess costs disk bandwidth that demand
+        reads need. Adaptive mode judges each window of PREFETCH_WINDOW prefetches: under
+        PREFETCH_MIN_USE of them used turns it off, at or over turns it on; while off it still
+        prefetches on one layer call in PREFETCH_SAMPLE, so a later window can show guesses have improved."""
+        if not self.prefetch:
+            return False
+        self._layer_calls += 1
+        if not self.adaptive_prefetch:
+            return True
+        made = sum(s.prefetched for s in self.cache.stats.values())
+        used = sum(s.prefetch_used for s in self.cache.stats.values())
+        made0, used0 = self._pf_mark
+        if made < made0:  # the statistics were reset: start a new window
+            self._pf_mark = made0, used0 = made, used
+        if made - made0 >= PREFETCH_WINDOW:
+            self._pf_on = used - used0 >= PREFETCH_MIN_USE * (made - made0)
+            self._pf_mark = (made, used)
+        return self._pf_on or self._layer_calls % PREFETCH_SAMPLE == 0
 
     def wait(self, handle) -> torch.Tensor:
         fut, y_hot = handle

@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--model", default="k2-slice")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--cache-fraction", type=float, default=0.5)
+    ap.add_argument("--prefetch-width", type=int, default=None, help="candidates per token (default: the engine's)")
+    ap.add_argument("--no-prefetch", action="store_true")
     args = ap.parse_args()
     path = resolve_model(args.model)
     prompt = list(range(10, 30))
@@ -83,7 +85,8 @@ def main() -> None:
 
     cfg = e.config
     slots = max(1, round(args.cache_fraction * cfg.n_routed_experts * len(cfg.moe_layers)))
-    e = hybrid.load(path, backend="numba", cache_slots=slots)
+    e = hybrid.load(path, backend="numba", cache_slots=slots, prefetch=False if args.no_prefetch else "auto",
+                    prefetch_width=args.prefetch_width)
     drop_page_cache(path)
     toks_cache, wall, st, _ = decode(e, prompt, args.tokens)
     c = st["cache"]
@@ -92,11 +95,14 @@ def main() -> None:
     t_io, t_comp = st["io_s"] / 2, wall_mmap
     out["cache"] = {
         "slots": slots, "fraction_of_experts": args.cache_fraction, "decode_tok_s": n / wall,
+        "prefetch": "off" if args.no_prefetch else "auto", "prefetch_width": args.prefetch_width,
         "hit_rate": c["hit_rate"], "prefetched": c["prefetched"], "prefetch_used": c["prefetch_used"],
         "bytes_read": st["bytes_read"], "io_gbps": st["bytes_read"] / st["io_s"] * 2 / 1e9 if st["io_s"] else None,
         "prefetch_accuracy": c["prefetch_used"] / c["prefetched"] if c["prefetched"] else None,
         "t_io_s": t_io, "t_compute_s": t_comp, "t_total_s": wall, "io_wait_s": st["io_wait_s"],
         "overlap_efficiency": (t_io + t_comp - wall) / min(t_io, t_comp) if min(t_io, t_comp) > 0 else None,
+        # the same question asked within this run: the share of IO time the kernels did not wait for
+        "io_hidden_fraction": 1 - st["io_wait_s"] / t_io if t_io else None,
         "same_tokens_as_mmap": toks_cache == toks_mmap,
     }
     e.close()

@@ -152,3 +152,26 @@ def test_hot_experts_on_the_gpu_side_give_the_same_answer(tiny_path):
     assert (a - b).abs().max() <= 1e-3 * a.abs().max()
     with pytest.raises(ValueError, match="hot_experts"):
         hybrid.load(tiny_path, backend="reference", hot_experts=2)
+
+
+def test_adaptive_prefetch_follows_its_hit_rate(tiny_path, reference_tokens):
+    """'auto' turns prefetch off for a window whose loads mostly went unused and on again when they
+    are used; the answer never changes."""
+    from types import SimpleNamespace
+
+    from hybrid.expert_cache import LayerStats
+    from hybrid.scheduler import PREFETCH_SAMPLE, PREFETCH_WINDOW, Scheduler
+
+    st = LayerStats()
+    fake_cache = SimpleNamespace(tables={1: None}, stats={1: st})
+    s = Scheduler([1], cache=fake_cache, prefetch_width=8, adaptive_prefetch=True)
+    assert s._prefetch_pays()
+    st.prefetched, st.prefetch_used = PREFETCH_WINDOW, PREFETCH_WINDOW // 10  # a window of poor guesses
+    decisions = [s._prefetch_pays() for _ in range(2 * PREFETCH_SAMPLE)]
+    assert sum(decisions) == 2  # off, but sampling one layer call in PREFETCH_SAMPLE
+    st.prefetched, st.prefetch_used = 2 * PREFETCH_WINDOW, PREFETCH_WINDOW // 10 + PREFETCH_WINDOW // 2  # good again
+    assert all(s._prefetch_pays() for _ in range(8))
+    for mode in (True, "auto"):
+        e = hybrid.load(tiny_path, backend="numba", cache_slots=12, prefetch=mode, prefetch_width=12)
+        assert greedy(e, 40)[:12] == reference_tokens
+        e.close()
