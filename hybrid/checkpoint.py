@@ -112,6 +112,7 @@ class Checkpoint:
             raise CheckpointError(str(e)) from None
         self.tensors: dict[str, TensorInfo] = {}
         self._maps: dict[Path, mmap.mmap] = {}
+        self._file_ends: dict[Path, int] | None = None
         weight_map = self._read_index()
         self._read_shards(weight_map)
         if strict:
@@ -217,10 +218,11 @@ class Checkpoint:
         Call before touching mapped data after a long pause: a shard truncated under a live map
         would otherwise end the process with SIGBUS.
         """
-        need: dict[Path, int] = {}
-        for info in self.tensors.values():
-            need[info.file] = max(need.get(info.file, 0), info.offset + info.nbytes)
-        for f, n in need.items():
+        if self._file_ends is None:  # bytes each shard must hold, computed once (208k tensors for K2)
+            self._file_ends = {}
+            for info in self.tensors.values():
+                self._file_ends[info.file] = max(self._file_ends.get(info.file, 0), info.offset + info.nbytes)
+        for f, n in self._file_ends.items():
             try:
                 size = f.stat().st_size
             except OSError as e:
