@@ -228,10 +228,19 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     from .hardware import detect
     from .placement import plan as make_plan
 
-    ckpt = Checkpoint(resolve_model(model))
-    cfg = ckpt.config
+    # option errors first, before anything large is opened or allocated
     if expert_mode not in ("auto", "mmap", "cache"):
         raise ValueError(f"expert_mode must be 'auto', 'mmap' or 'cache', got {expert_mode!r}")
+    if prefetch not in (True, False, "auto"):
+        raise ValueError(f"prefetch must be True, False or 'auto', got {prefetch!r}")
+    if backend not in ("auto", "numba", "reference"):
+        raise ValueError(f"backend {backend!r} is not known; use 'numba', 'reference' or 'auto'")
+    ckpt = Checkpoint(resolve_model(model))
+    cfg = ckpt.config
+    if not 0 <= defer_experts < cfg.num_experts_per_tok:
+        raise ValueError(f"defer_experts must lie in 0..{cfg.num_experts_per_tok - 1}, got {defer_experts}")
+    if hot_experts is not None and not 0 <= hot_experts <= cfg.n_routed_experts:
+        raise ValueError(f"hot_experts must lie in 0..{cfg.n_routed_experts}, got {hot_experts}")
     if cache_slots is not None:
         expert_mode = "cache"
     plan = make_plan(cfg, detect(), gpu_memory=gpu_memory, ram_budget=ram_budget, context=context,
@@ -240,23 +249,18 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
         from kernels_cpu.simd import host_has_avx2
 
         backend = "numba" if host_has_avx2() else "reference"
+    hot = plan.hot_experts_per_layer if hot_experts is None else hot_experts
+    if hot and backend != "numba":
+        raise ValueError("hot_experts needs the numba backend (the reference backend computes every expert itself)")
     if backend == "reference":
         experts: ExpertBackend = ReferenceExperts(ckpt)
-    elif backend == "numba":
-        experts = _numba_backend(ckpt, plan, cache_slots, prefetch, prefetch_width, cache_policy, io_threads, trace)
     else:
-        raise ValueError(f"backend {backend!r} is not known; use 'numba', 'reference' or 'auto'")
-    if not 0 <= defer_experts < cfg.num_experts_per_tok:
-        raise ValueError(f"defer_experts must lie in 0..{cfg.num_experts_per_tok - 1}, got {defer_experts}")
+        experts = _numba_backend(ckpt, plan, cache_slots, prefetch, prefetch_width, cache_policy, io_threads, trace)
     dtype = torch.bfloat16 if plan.device == "cuda" else torch.float32  # fp32 on a CPU: bf16 matmul is ~400x slower
     engine = Engine(ckpt, experts, device=plan.device, dtype=dtype, context=context, int8=plan.gpu_precision == "int8")
     engine.model.defer_experts = defer_experts
     engine.plan = plan
-    engine.hot_experts = plan.hot_experts_per_layer if hot_experts is None else hot_experts
-    if engine.hot_experts and backend != "numba":
-        raise ValueError("hot_experts needs the numba backend (the reference backend computes every expert itself)")
-    if not 0 <= engine.hot_experts <= cfg.n_routed_experts:
-        raise ValueError(f"hot_experts must lie in 0..{cfg.n_routed_experts}, got {engine.hot_experts}")
+    engine.hot_experts = hot
     if getattr(experts, "prefetch", False):  # the next layer's router predicts what to prefetch
         experts.predict = lambda layer, x, k: engine.model.route(layer, x, k)[0]
     return engine
@@ -273,8 +277,6 @@ def _numba_backend(ckpt: Checkpoint, plan, cache_slots, prefetch, prefetch_width
     if plan.expert_mode == "cache":
         slots = cache_slots or plan.cache_slots
         cache = ExpertCache(ckpt, slots, io_threads=io_threads, policy=cache_policy)
-        if prefetch not in (True, False, "auto"):
-            raise ValueError(f"prefetch must be True, False or 'auto', got {prefetch!r}")
         return Scheduler(cfg.moe_layers, cache=cache, prefetch_width=width if prefetch else 0,
                          adaptive_prefetch=prefetch == "auto",
                          trace=trace_file, threads=plan.cpu_threads)
