@@ -6,6 +6,7 @@ the non-expert weights into compute tensors. It does no math itself (model.py) a
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -208,7 +209,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
          expert_mode: str = "auto", cache_slots: int | None = None, ram_budget: float | None = None,
          gpu_memory: float | None = None, cpu_threads: int | None = None, prefetch: bool | str = "auto",
          prefetch_width: int | None = None, cache_policy: str = "lrfu", io_threads: int = 2,
-         trace: str | Path | None = None, defer_experts: int = 0, hot_experts: int | None = None) -> Engine:
+         trace: str | Path | None = None, defer_experts: int = 0, hot_experts: int | None = None,
+         prefill_offload: str = "auto") -> Engine:
     """Open a checkpoint (directory or preset name), plan placement, and return an Engine.
 
     backend: 'numba' (INT4 kernels over mmap'd shards or the RAM expert cache), 'reference'
@@ -224,6 +226,9 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     hot_experts: routed experts per MoE layer kept on the GPU side and computed there from the INT4
     layout (default: as many as the plan's spare VRAM allows; none without a GPU). Chosen from the
     routing counts so far, refreshed at the start of each request.
+    prefill_offload: for long prompts, upload a layer's experts to the GPU side and run its MoE there
+    when that beats the CPU: 'auto' (from measured PCIe, CPU and GPU speeds; CUDA only), 'on'
+    (every multi-token prefill; for testing), 'off'.
     """
     from .hardware import detect
     from .placement import plan as make_plan
@@ -235,6 +240,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
         raise ValueError(f"prefetch must be True, False or 'auto', got {prefetch!r}")
     if backend not in ("auto", "numba", "reference"):
         raise ValueError(f"backend {backend!r} is not known; use 'numba', 'reference' or 'auto'")
+    if prefill_offload not in ("auto", "on", "off"):
+        raise ValueError(f"prefill_offload must be 'auto', 'on' or 'off', got {prefill_offload!r}")
     ckpt = Checkpoint(resolve_model(model))
     cfg = ckpt.config
     if not 0 <= defer_experts < cfg.num_experts_per_tok:
@@ -263,7 +270,42 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     engine.hot_experts = hot
     if getattr(experts, "prefetch", False):  # the next layer's router predicts what to prefetch
         experts.predict = lambda layer, x, k: engine.model.route(layer, x, k)[0]
+    if backend == "numba" and (prefill_offload == "on" or (prefill_offload == "auto" and plan.device == "cuda")):
+        from kernels_cpu.table import PARTS
+
+        experts.fetch = lambda layer, e: [ckpt.array(f"model.layers.{layer}.mlp.experts.{e}.{part}") for part in PARTS]
+        experts.offload = (lambda n_tokens, n_experts: True) if prefill_offload == "on" else _measured_offload(engine)
     return engine
+
+
+def _measured_offload(engine: Engine):
+    """The long-prompt rule of kernels_gpu.offload from speeds measured on this machine (CUDA only):
+    PCIe at the first decision, the GPU's matmul rate, and the CPU experts' rate as prefills run."""
+    from kernels_gpu.offload import PrefillSpeeds, expert_flops_per_token, measure_pcie_gbps, prefill_on_gpu
+
+    cfg, sched = engine.config, engine.model.experts
+    flops_tok = expert_flops_per_token(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok)
+    expert_bytes = sched.tables[cfg.moe_layers[0]].expert_nbytes
+    speeds: dict = {}
+
+    def decide(n_tokens: int, n_experts: int) -> bool:
+        if not speeds:
+            a = torch.randn(4096, 4096, device=engine.device, dtype=torch.bfloat16)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(4):
+                a @ a
+            torch.cuda.synchronize()
+            # dequantising INT4 runs well below the dense rate: count half of it
+            speeds.update(pcie=measure_pcie_gbps() or 0.0, gpu=0.5 * 4 * 2 * 4096**3 / (time.perf_counter() - t0))
+        toks = sched.cpu_prefill_tokens
+        cpu_tps = toks / sched.cpu_prefill_s if sched.cpu_prefill_s else 0.0
+        if cpu_tps == 0.0:
+            return False  # measure the CPU on this prefill first
+        return prefill_on_gpu(n_tokens, PrefillSpeeds(speeds["pcie"], cpu_tps, speeds["gpu"]), n_experts,
+                              expert_bytes, flops_tok)
+
+    return decide
 
 
 def _numba_backend(ckpt: Checkpoint, plan, cache_slots, prefetch, prefetch_width, cache_policy, io_threads, trace):

@@ -21,13 +21,17 @@ import torch
 
 from kernels_cpu.moe import moe_forward
 from kernels_cpu.table import ExpertTable
-from kernels_gpu.int4 import cold_pairs, hot_expert_moe
+from kernels_gpu.int4 import DeviceInt4, as_bf16, cold_pairs, hot_expert_moe
+from kernels_gpu.offload import LayerUploader
 
 from .expert_cache import DEMAND, PREFETCH, ExpertCache
 
 PREFETCH_MIN_USE = 0.3  # adaptive prefetch keeps going while at least this share of its loads gets used
 PREFETCH_WINDOW = 64  # prefetches per judgement
 PREFETCH_SAMPLE = 32  # while off, prefetch on one layer call in this many
+UPLOAD_GROUP = 16  # experts per upload for a long prompt (K2: 0.4 GB each; x2 pinned and x2 on the GPU)
+Fetch = Callable[[int, int], list[np.ndarray]]  # (layer, expert) -> 6 arrays in PARTS order, on-disk layout
+Offload = Callable[[int, int], bool]  # (prompt tokens, experts touched) -> run this layer on the GPU side?
 Predict = Callable[[int, torch.Tensor, int], torch.Tensor]  # (layer, x [T, D], width) -> candidate ids [T, width]
 
 
@@ -47,6 +51,11 @@ class Scheduler:
         self.adaptive_prefetch = adaptive_prefetch
         self._layer_calls = 0
         self._pf_on, self._pf_mark = True, (0, 0)  # adaptive prefetch: on, and where its window began
+        # long prompts: upload the layer's experts to the GPU side instead (set by the engine)
+        self.offload: Offload | None = None
+        self.fetch: Fetch | None = None
+        self._uploader: LayerUploader | None = None
+        self.uploaded_layers = 0
         self.trace = trace
         self._predicted: dict[int, list[int]] = {}
         # hot experts live on the GPU side (kernels_gpu.int4); the rest of the layer's pairs go to the CPU
@@ -63,6 +72,8 @@ class Scheduler:
         self.compute_s = self.io_wait_s = self.wait_s = self.hot_s = 0.0
         self.expert_bytes = 0  # expert bytes the kernels read (unique experts per call)
         self.hot_pairs = 0  # (token, expert) pairs computed by hot experts
+        self.cpu_prefill_tokens = 0  # token-layers of multi-token calls the CPU computed, and their time:
+        self.cpu_prefill_s = 0.0  # the CPU's prefill rate, for the long-prompt upload decision
 
     # ---- the seam ---------------------------------------------------------------------------
     def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
@@ -75,14 +86,44 @@ class Scheduler:
             cold = cold_pairs(ids, hot).cpu().numpy()
             wn = np.where(cold, wn, 0.0).astype(np.float32)
         used = sorted(set(idn[wn != 0].tolist()))
-        fut = self._submit_cpu(layer, x, xn, idn, wn, used)
-        y_hot = None
+        y_gpu = None
+        if self.offload is not None and x.shape[0] > 1 and self.offload(x.shape[0], len(used)):
+            fut = self._done_zeros(xn)  # a long prompt: this layer's cold experts go to the GPU side too
+            y_gpu = self._upload_and_compute(layer, x, ids, weights, used)
+        else:
+            fut = self._submit_cpu(layer, x, xn, idn, wn, used)
         if hot:  # while the CPU works: the hot experts on the GPU side
             t0 = time.perf_counter()
             y_hot, cold_mask = hot_expert_moe(x, ids, weights, hot)
             self.hot_pairs += int((~cold_mask).sum())
             self.hot_s += time.perf_counter() - t0
-        return fut, y_hot
+            y_gpu = y_hot if y_gpu is None else y_gpu + y_hot
+        return fut, y_gpu
+
+    @staticmethod
+    def _done_zeros(xn: np.ndarray) -> Future:
+        fut: Future = Future()
+        fut.set_result(np.zeros_like(xn))
+        return fut
+
+    def _upload_and_compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                            used: list[int]) -> torch.Tensor:
+        """A long prompt: stream the layer's used experts to the GPU side in double-buffered groups and
+        run the whole routed sum there (exact: the sum splits over groups)."""
+        table = self.tables[layer]
+        if self._uploader is None:
+            self._uploader = LayerUploader(UPLOAD_GROUP * int(table.expert_nbytes) + 64 * 6 * UPLOAD_GROUP, x.device)
+        D, I = table.hidden, table.inter
+        shapes = ((I, D), (I, D), (D, I))
+        groups = [used[i:i + UPLOAD_GROUP] for i in range(0, len(used), UPLOAD_GROUP)]
+        payloads = ([a for e in g for a in self.fetch(layer, e)] for g in groups)
+        y = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+        for g, arrays in zip(groups, self._uploader.stream(payloads)):
+            hot = {e: tuple(DeviceInt4(arrays[6 * k + 2 * j], as_bf16(arrays[6 * k + 2 * j + 1]), *shapes[j])
+                            for j in range(3)) for k, e in enumerate(g)}
+            y += hot_expert_moe(x, ids, weights, hot)[0]
+        self.uploaded_layers += 1
+        return y
 
     def _submit_cpu(self, layer: int, x: torch.Tensor, xn: np.ndarray, idn: np.ndarray, wn: np.ndarray,
                     used: list[int]) -> Future:
@@ -128,11 +169,11 @@ class Scheduler:
         return self._pf_on or self._layer_calls % PREFETCH_SAMPLE == 0
 
     def wait(self, handle) -> torch.Tensor:
-        fut, y_hot = handle
+        fut, y_gpu = handle  # the CPU's share, and what the GPU side computed (hot experts, uploads)
         t0 = time.perf_counter()
         y = torch.from_numpy(fut.result())
         self.wait_s += time.perf_counter() - t0
-        return y if y_hot is None else y_hot.to(y.device) + y
+        return y if y_gpu is None else y_gpu.to(y.device) + y
 
     def set_hot(self, layer: int, hot: dict) -> None:
         """Replace layer's hot set: {expert: (gate, up, down) kernels_gpu.int4.DeviceInt4}."""
@@ -142,7 +183,11 @@ class Scheduler:
     def _kernel(self, layer: int, x: np.ndarray, ids: np.ndarray, w: np.ndarray, n_experts: int) -> np.ndarray:
         t0 = time.perf_counter()
         y = moe_forward(x, ids, w, self.tables[layer])
-        self.compute_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.compute_s += dt
+        if x.shape[0] > 1:
+            self.cpu_prefill_tokens += x.shape[0]
+            self.cpu_prefill_s += dt
         self.expert_bytes += n_experts * self.tables[layer].expert_nbytes
         return y
 

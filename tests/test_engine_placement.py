@@ -175,3 +175,16 @@ def test_adaptive_prefetch_follows_its_hit_rate(tiny_path, reference_tokens):
         e = hybrid.load(tiny_path, backend="numba", cache_slots=12, prefetch=mode, prefetch_width=12)
         assert greedy(e, 40)[:12] == reference_tokens
         e.close()
+
+
+def test_long_prompt_expert_upload_gives_the_same_answer(tiny_path):
+    """prefill_offload='on' streams each prefill layer's experts to the GPU side (here the CPU device)
+    through the double-buffered uploader and computes them there; decode stays on the CPU kernels."""
+    base = hybrid.load(tiny_path, backend="numba", expert_mode="mmap", prefill_offload="off")
+    up = hybrid.load(tiny_path, backend="numba", expert_mode="mmap", prefill_offload="on")
+    a, b = base.logits(PROMPT), up.logits(PROMPT)
+    assert up.model.experts.uploaded_layers == len(up.config.moe_layers)
+    assert (a - b).abs().max() <= 1e-3 * a.abs().max()
+    assert base.model.experts.uploaded_layers == 0
+    with pytest.raises(ValueError, match="prefill_offload"):
+        hybrid.load(tiny_path, prefill_offload="sometimes")
