@@ -275,6 +275,12 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
 
         experts.fetch = lambda layer, e: [ckpt.array(f"model.layers.{layer}.mlp.experts.{e}.{part}") for part in PARTS]
         experts.offload = (lambda n_tokens, n_experts: True) if prefill_offload == "on" else _measured_offload(engine)
+        if plan.device == "cuda":  # two upload buffers must fit in the VRAM the plan leaves over
+            spare = plan.gpu_budget - plan.gpu_bytes
+            experts.upload_group = min(experts.upload_group, spare // (2 * plan.slot_bytes))
+            if experts.upload_group < 1:
+                experts.offload = None
+                log.info("long-prompt expert upload off: %.2f GB of VRAM left, two experts need more", spare / 1e9)
     return engine
 
 

@@ -29,7 +29,7 @@ from .expert_cache import DEMAND, PREFETCH, ExpertCache
 PREFETCH_MIN_USE = 0.3  # adaptive prefetch keeps going while at least this share of its loads gets used
 PREFETCH_WINDOW = 64  # prefetches per judgement
 PREFETCH_SAMPLE = 32  # while off, prefetch on one layer call in this many
-UPLOAD_GROUP = 16  # experts per upload for a long prompt (K2: 0.4 GB each; x2 pinned and x2 on the GPU)
+UPLOAD_GROUP = 16  # at most, experts per upload for a long prompt (K2: 0.4 GB; x2 pinned and x2 on the GPU)
 Fetch = Callable[[int, int], list[np.ndarray]]  # (layer, expert) -> 6 arrays in PARTS order, on-disk layout
 Offload = Callable[[int, int], bool]  # (prompt tokens, experts touched) -> run this layer on the GPU side?
 Predict = Callable[[int, torch.Tensor, int], torch.Tensor]  # (layer, x [T, D], width) -> candidate ids [T, width]
@@ -55,6 +55,7 @@ class Scheduler:
         self.offload: Offload | None = None
         self.fetch: Fetch | None = None
         self._uploader: LayerUploader | None = None
+        self.upload_group = UPLOAD_GROUP  # the engine lowers it to what the plan's spare VRAM holds
         self.uploaded_layers = 0
         self.trace = trace
         self._predicted: dict[int, list[int]] = {}
@@ -112,10 +113,11 @@ class Scheduler:
         run the whole routed sum there (exact: the sum splits over groups)."""
         table = self.tables[layer]
         if self._uploader is None:
-            self._uploader = LayerUploader(UPLOAD_GROUP * int(table.expert_nbytes) + 64 * 6 * UPLOAD_GROUP, x.device)
+            n = self.upload_group
+            self._uploader = LayerUploader(n * int(table.expert_nbytes) + 64 * 6 * n, x.device)
         D, I = table.hidden, table.inter
         shapes = ((I, D), (I, D), (D, I))
-        groups = [used[i:i + UPLOAD_GROUP] for i in range(0, len(used), UPLOAD_GROUP)]
+        groups = [used[i:i + self.upload_group] for i in range(0, len(used), self.upload_group)]
         payloads = ([a for e in g for a in self.fetch(layer, e)] for g in groups)
         y = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
         for g, arrays in zip(groups, self._uploader.stream(payloads)):
