@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -69,6 +70,9 @@ class Engine:
         self.plan = None  # the placement plan, set by load()
         self.hot_experts = 0  # per MoE layer, on the GPU side; set by load()
         self._tokens = {"prefill": 0, "decode": 0}
+        self._epoch = 0  # counts generate() calls; only the newest may touch the cache
+        # threads and the slot arena belong to the backend: release them when the engine goes away
+        self._finalizer = weakref.finalize(self, _release, experts, ckpt)
 
     # ---- statistics (bench) -----------------------------------------------------------------
     def reset_stats(self) -> None:
@@ -78,8 +82,7 @@ class Engine:
             self.model.experts.reset_stats()
         cache = getattr(self.model.experts, "cache", None)
         if cache is not None:
-            for layer in cache.stats:
-                cache.stats[layer] = type(cache.stats[layer])()
+            cache.reset_stats()
 
     def stats(self) -> dict:
         """Where the time went since reset_stats(): GPU-side work, waits on the CPU experts, IO."""
@@ -110,22 +113,31 @@ class Engine:
         return out
 
     def close(self) -> None:
-        if hasattr(self.model.experts, "close"):
-            self.model.experts.close()
-        self.checkpoint.close()
+        """Stop the expert workers and IO threads and release the maps (also done when the engine is collected)."""
+        self._finalizer()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @torch.inference_mode()
     def logits(self, token_ids, attn: AttnMode = "auto") -> torch.Tensor:
         """A fresh full-sequence forward: token ids [T] -> fp32 logits [T, vocab]. No state is kept."""
+        ids = self._check_ids(token_ids)
+        cache = self.model.new_cache(ids.numel())
+        return self.model.forward(ids, cache, attn=attn)
+
+
+    def _check_ids(self, token_ids) -> torch.Tensor:
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         if ids.ndim != 1 or ids.numel() == 0:
             raise ValueError(f"token_ids must be a non-empty 1-D sequence, got shape {tuple(ids.shape)}")
         V = self.config.vocab_size
         if int(ids.min()) < 0 or int(ids.max()) >= V:
             raise ValueError(f"token ids must lie in [0, {V}); got {int(ids.min())}..{int(ids.max())}")
-        cache = self.model.new_cache(ids.numel())
-        return self.model.forward(ids, cache, attn=attn)
-
+        return ids
 
     # ---- generation with KV prefix reuse ----------------------------------------------------
     def generate(self, token_ids: list[int], max_new_tokens: int, temperature: float = 1.0, seed: int | None = None,
@@ -133,12 +145,10 @@ class Engine:
                  stop_ids: frozenset[int] = frozenset()) -> Iterator[Step]:
         """Stream Steps. The KV cache keeps the longest common prefix with the previous request,
         so only the new tail of `token_ids` is prefilled (Step.prefill_tokens counts it)."""
-        prompt = [int(t) for t in token_ids]
-        if not prompt:
-            raise ValueError("token_ids is empty; a prompt needs at least one token")
+        prompt = self._check_ids(token_ids).tolist()
         if len(prompt) >= self.context:
             raise ValueError(f"the prompt has {len(prompt)} tokens but the context is {self.context}; "
-                             "shorten it or load with a larger context=")
+                             "shorten it or raise the context (--context, or context= in hybrid.load)")
         params = sampling or SamplingParams(temperature=temperature, seed=seed)
         if sampler is None:
             gen = params.make_generator()
@@ -151,6 +161,8 @@ class Engine:
             if a != b:
                 break
             common += 1
+        self._epoch += 1  # one cache, one live generation: a newer request supersedes this one
+        epoch = self._epoch
         self._cache.truncate(common)
         self._cached_ids = self._cached_ids[:self._cache.length]
         generated: list[int] = []
@@ -162,8 +174,12 @@ class Engine:
                     self._tokens["decode"] += 1
                 generated.append(step.token)
                 yield step
+                if self._epoch != epoch:
+                    raise RuntimeError("this generation was superseded by a newer request on the same engine "
+                                       "(the KV cache now holds that one); start it again")
         finally:  # also when the consumer stops early or a forward fails: keep ids and cache in step
-            self._cached_ids = (prompt + generated)[:self._cache.length]
+            if self._epoch == epoch:
+                self._cached_ids = (prompt + generated)[:self._cache.length]
 
     def refresh_hot_experts(self) -> None:
         """Keep the most-routed `hot_experts` experts of each MoE layer on the GPU side (uploads only changes)."""
@@ -242,8 +258,24 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
         raise ValueError(f"backend {backend!r} is not known; use 'numba', 'reference' or 'auto'")
     if prefill_offload not in ("auto", "on", "off"):
         raise ValueError(f"prefill_offload must be 'auto', 'on' or 'off', got {prefill_offload!r}")
+    from .policy import POLICIES
+
+    if cache_policy not in POLICIES:
+        raise ValueError(f"cache_policy {cache_policy!r} is not known; choose one of {', '.join(POLICIES)}")
+    for name, value in (("io_threads", io_threads), ("prefetch_width", prefetch_width), ("cache_slots", cache_slots)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if backend == "reference" and (cache_slots is not None or expert_mode == "cache" or trace or hot_experts):
+        raise ValueError("the reference backend computes every expert itself from the checkpoint: cache_slots, "
+                         "expert_mode='cache', trace and hot_experts need backend='numba'")
+    if trace is not None and not Path(trace).parent.is_dir():
+        raise ValueError(f"trace: the folder of {trace} does not exist")
     ckpt = Checkpoint(resolve_model(model))
     cfg = ckpt.config
+    n_experts = cfg.n_routed_experts * len(cfg.moe_layers)
+    if cache_slots is not None and cache_slots > n_experts:
+        raise ValueError(f"cache_slots {cache_slots} exceeds the model's {n_experts} routed experts; "
+                         f"use at most {n_experts} (or expert_mode='mmap' when they all fit in RAM)")
     if not 0 <= defer_experts < cfg.num_experts_per_tok:
         raise ValueError(f"defer_experts must lie in 0..{cfg.num_experts_per_tok - 1}, got {defer_experts}")
     if hot_experts is not None and not 0 <= hot_experts <= cfg.n_routed_experts:
@@ -264,17 +296,25 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     else:
         experts = _numba_backend(ckpt, plan, cache_slots, prefetch, prefetch_width, cache_policy, io_threads, trace)
     dtype = torch.bfloat16 if plan.device == "cuda" else torch.float32  # fp32 on a CPU: bf16 matmul is ~400x slower
-    engine = Engine(ckpt, experts, device=plan.device, dtype=dtype, context=context, int8=plan.gpu_precision == "int8")
+    try:
+        engine = Engine(ckpt, experts, device=plan.device, dtype=dtype, context=context,
+                        int8=plan.gpu_precision == "int8")
+    except BaseException:  # IO threads, file descriptors and the slot arena must not outlive a failed load
+        if hasattr(experts, "close"):
+            experts.close()
+        ckpt.close()
+        raise
     engine.model.defer_experts = defer_experts
     engine.plan = plan
     engine.hot_experts = hot
+    model = engine.model  # closures below hold the model, never the engine (its finalizer frees the backend)
     if getattr(experts, "prefetch", False):  # the next layer's router predicts what to prefetch
-        experts.predict = lambda layer, x, k: engine.model.route(layer, x, k)[0]
+        experts.predict = lambda layer, x, k: model.route(layer, x, k)[0]
     if backend == "numba" and (prefill_offload == "on" or (prefill_offload == "auto" and plan.device == "cuda")):
         from kernels_cpu.table import PARTS
 
         experts.fetch = lambda layer, e: [ckpt.array(f"model.layers.{layer}.mlp.experts.{e}.{part}") for part in PARTS]
-        experts.offload = (lambda n_tokens, n_experts: True) if prefill_offload == "on" else _measured_offload(engine)
+        experts.offload = (lambda n_tokens, n_experts: True) if prefill_offload == "on" else _measured_offload(model)
         if plan.device == "cuda":  # two upload buffers must fit in the VRAM the plan leaves over
             spare = plan.gpu_budget - plan.gpu_bytes
             experts.upload_group = min(experts.upload_group, spare // (2 * plan.slot_bytes))
@@ -284,19 +324,19 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     return engine
 
 
-def _measured_offload(engine: Engine):
+def _measured_offload(model: Model):
     """The long-prompt rule of kernels_gpu.offload from speeds measured on this machine (CUDA only):
     PCIe at the first decision, the GPU's matmul rate, and the CPU experts' rate as prefills run."""
     from kernels_gpu.offload import PrefillSpeeds, expert_flops_per_token, measure_pcie_gbps, prefill_on_gpu
 
-    cfg, sched = engine.config, engine.model.experts
+    cfg, sched = model.cfg, model.experts
     flops_tok = expert_flops_per_token(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok)
     expert_bytes = sched.tables[cfg.moe_layers[0]].expert_nbytes
     speeds: dict = {}
 
     def decide(n_tokens: int, n_experts: int) -> bool:
         if not speeds:
-            a = torch.randn(4096, 4096, device=engine.device, dtype=torch.bfloat16)
+            a = torch.randn(4096, 4096, device=model.device, dtype=torch.bfloat16)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(4):
@@ -312,6 +352,12 @@ def _measured_offload(engine: Engine):
                               expert_bytes, flops_tok)
 
     return decide
+
+
+def _release(experts, ckpt: Checkpoint) -> None:
+    if hasattr(experts, "close"):
+        experts.close()
+    ckpt.close()
 
 
 def _numba_backend(ckpt: Checkpoint, plan, cache_slots, prefetch, prefetch_width, cache_policy, io_threads, trace):

@@ -81,6 +81,8 @@ class ExpertCache:
         cfg = ckpt.config
         if n_slots < 1:
             raise ValueError(f"cache_slots must be >= 1, got {n_slots}")
+        if io_threads < 1:
+            raise ValueError(f"io_threads must be >= 1, got {io_threads} (without IO threads nothing would load)")
         self.ckpt = ckpt
         self.spans = {(l, e): expert_span(ckpt, l, e) for l in cfg.moe_layers for e in range(cfg.n_routed_experts)}
         self.slot_bytes = max(s.length for s in self.spans.values())
@@ -179,10 +181,6 @@ class ExpertCache:
         self._wake.notify()
         return fut
 
-    def pin(self, layer: int, e: int) -> None:
-        with self.lock:
-            self.pins[(layer, e)] = self.pins.get((layer, e), 0) + 1
-
     def unpin(self, layer: int, experts: list[int]) -> None:
         with self.lock:
             for e in experts:
@@ -193,11 +191,6 @@ class ExpertCache:
                 else:
                     self.pins.pop(key, None)
 
-    def free_capacity(self) -> int:
-        """Slots that a demand load could take now (free, or ready and unpinned)."""
-        with self.lock:
-            return sum(1 for k in self.key_of if k is None or (k in self.ready and not self.pins.get(k)))
-
     def evict_all(self) -> None:
         with self.lock:
             for key in list(self.ready):
@@ -206,12 +199,24 @@ class ExpertCache:
                     self.key_of[self.slot_of.pop(key)] = None
 
     def close(self) -> None:
+        """Stop the IO threads (a read in progress finishes), fail what is still queued, close the files."""
         with self.lock:
             self._closed = True
             self._wake.notify_all()
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+            queued, self._queue = self._queue, []
+        for t in self._threads:
+            t.join(timeout=30)
+        for job in queued:
+            job.future.set_exception(RuntimeError("the expert cache was closed"))
+        with self.lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def reset_stats(self) -> None:
+        with self.lock:
+            for layer in self.stats:
+                self.stats[layer] = LayerStats()
 
     # ---- internals ------------------------------------------------------------------------
     def _free_slot(self) -> int | None:
@@ -228,6 +233,8 @@ class ExpertCache:
             return self._open(path)
 
     def _open(self, path: Path) -> int:
+        if self._closed:
+            raise RuntimeError("the expert cache was closed")
         fd = self._fds.get(path)
         if fd is None:
             flags = os.O_RDONLY

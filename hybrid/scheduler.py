@@ -99,7 +99,7 @@ class Scheduler:
             self.hot_pairs += int((~cold_mask).sum())
             self.hot_s += time.perf_counter() - t0
             y_gpu = y_hot if y_gpu is None else y_gpu + y_hot
-        return fut, y_gpu
+        return fut, y_gpu, x.device
 
     @staticmethod
     def _done_zeros(xn: np.ndarray) -> Future:
@@ -171,11 +171,12 @@ class Scheduler:
         return self._pf_on or self._layer_calls % PREFETCH_SAMPLE == 0
 
     def wait(self, handle) -> torch.Tensor:
-        fut, y_gpu = handle  # the CPU's share, and what the GPU side computed (hot experts, uploads)
+        """-> y [T, D] fp32 on the GPU side's device: the CPU's share plus what the GPU side computed."""
+        fut, y_gpu, device = handle
         t0 = time.perf_counter()
-        y = torch.from_numpy(fut.result())
+        y = torch.from_numpy(fut.result()).to(device, non_blocking=True)
         self.wait_s += time.perf_counter() - t0
-        return y if y_gpu is None else y_gpu.to(y.device) + y
+        return y if y_gpu is None else y_gpu + y
 
     def set_hot(self, layer: int, hot: dict) -> None:
         """Replace layer's hot set: {expert: (gate, up, down) kernels_gpu.int4.DeviceInt4}."""
@@ -249,4 +250,4 @@ class Scheduler:
         if self.cache is not None:
             self.cache.close()
         if self.trace is not None:
-            self.trace.flush()
+            self.trace.close()

@@ -6,6 +6,9 @@ import json
 import os
 import shutil
 
+import numpy as np
+import torch
+
 import pytest
 
 import hybrid
@@ -54,7 +57,7 @@ def test_numba_matches_the_reference_backend(tiny_path, reference_tokens):
     dict(cache_slots=5),
     dict(cache_slots=12, prefetch=False),
     dict(cache_slots=12, prefetch=True, cache_policy="lru"),
-    dict(cache_slots=64),  # everything fits
+    dict(cache_slots=32),  # everything fits
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_same_greedy_tokens_everywhere(tiny_path, reference_tokens, opts):
     e = hybrid.load(tiny_path, backend="numba", **opts)
@@ -64,7 +67,7 @@ def test_same_greedy_tokens_everywhere(tiny_path, reference_tokens, opts):
         if "cache_slots" in opts:
             c = st["cache"]
             assert c["hits"] + c["misses"] > 0 and st["bytes_read"] > 0
-            if opts["cache_slots"] == 64:
+            if opts["cache_slots"] == 32:
                 assert c["misses"] <= 2 * e.config.n_routed_experts  # each expert read at most once
         assert st["experts_compute_s"] > 0 and st["tokens"] == {"prefill": len(PROMPT), "decode": 11}
     finally:
@@ -188,3 +191,77 @@ def test_long_prompt_expert_upload_gives_the_same_answer(tiny_path):
     assert base.model.experts.uploaded_layers == 0
     with pytest.raises(ValueError, match="prefill_offload"):
         hybrid.load(tiny_path, prefill_offload="sometimes")
+
+
+def test_wait_returns_on_the_gpu_sides_device():
+    """The CPU's share comes back on the device the model runs on (CUDA there), never left on the CPU."""
+    from concurrent.futures import Future
+
+    from hybrid.scheduler import Scheduler
+
+    fut = Future()
+    fut.set_result(np.ones((2, 4), np.float32))
+    s = Scheduler.__new__(Scheduler)
+    s.wait_s = 0.0
+    y = Scheduler.wait(s, (fut, None, torch.device("meta")))
+    assert y.device.type == "meta" and y.shape == (2, 4)
+
+
+def test_a_superseded_generation_cannot_corrupt_the_cache(tiny_path):
+    e = hybrid.load(tiny_path, backend="numba", expert_mode="mmap")
+    a, b = PROMPT, list(range(50, 70))
+    g1 = e.generate(a, 5, temperature=0)
+    next(g1)
+    list(e.generate(b, 3, temperature=0))  # a newer request takes the cache
+    with pytest.raises(RuntimeError, match="superseded"):
+        next(g1)
+    g1.close()
+    fresh = hybrid.load(tiny_path, backend="numba", expert_mode="mmap")
+    assert greedy(e, 6, a + [5, 6]) == greedy(fresh, 6, a + [5, 6])
+
+
+@pytest.mark.parametrize("opts, field", [
+    (dict(io_threads=0, cache_slots=4), "io_threads"),
+    (dict(cache_slots=0), "cache_slots"),
+    (dict(cache_slots=2.5), "cache_slots"),
+    (dict(cache_slots=10**9), "cache_slots"),
+    (dict(cache_slots=4, prefetch_width=0), "prefetch_width"),
+    (dict(cache_slots=4, cache_policy="fifo"), "cache_policy"),
+    (dict(backend="reference", cache_slots=4), "reference backend"),
+    (dict(trace="/nonexistent/dir/t.jsonl"), "trace"),
+])
+def test_bad_engine_options_are_refused_up_front(tiny_path, opts, field):
+    with pytest.raises(ValueError, match=field):
+        hybrid.load(tiny_path, **opts)
+
+
+def test_bad_token_ids_are_refused(tiny_path):
+    e = hybrid.load(tiny_path, backend="numba", expert_mode="mmap")
+    for bad in ([-1, 3], [3, e.config.vocab_size]):
+        with pytest.raises(ValueError, match="token ids must lie"):
+            list(e.generate(bad, 2))
+    assert greedy(e, 2) == greedy(hybrid.load(tiny_path, backend="numba", expert_mode="mmap"), 2)
+
+
+def test_failed_or_dropped_engines_release_their_threads(tiny_path, tmp_path):
+    import gc
+    import threading
+
+    def io_threads():
+        return sum(t.name.startswith("expert-io") for t in threading.enumerate())
+
+    gc.collect()
+    before = io_threads()
+    broken = tmp_path / "ckpt"
+    shutil.copytree(tiny_path, broken)
+    (broken / "tiktoken.model").unlink()
+    for _ in range(2):
+        with pytest.raises(Exception, match="tiktoken.model"):
+            hybrid.load(broken, backend="numba", cache_slots=4)
+    assert io_threads() == before
+    e = hybrid.load(tiny_path, backend="numba", cache_slots=4)
+    assert io_threads() == before + 2
+    greedy(e, 2)
+    del e
+    gc.collect()
+    assert io_threads() == before
