@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels_gpu.int8 import int8_linear
-from kernels_gpu.mla import chunked_prefill_attention
+from kernels_gpu.mla import chunked_prefill_attention, mla_decode
 
 from .config import ModelConfig
 
@@ -157,24 +157,18 @@ class Model:
         cache.pe[i, s0:S] = apply_rope(kv[:, L:], cos, sin)
         kv_latent, k_pe = cache.kv[i, :S], cache.pe[i, :S]  # [S, L], [S, R]
         w_kv_b = w[p + "kv_b_proj.weight"].view(H, P + Vd, L)
-        if mode == "naive" and T * S > CHUNKED_MIN_SCORES:  # long prompts: same math, bounded memory
-            o = chunked_prefill_attention(q_nope, q_pe, kv_latent, k_pe, w_kv_b[:, :P], w_kv_b[:, P:], c.softmax_scale, s0)
-            return linear(o.reshape(T, H * Vd), w[p + "o_proj.weight"])
-        # scores [T, H, S]; the rope part is MQA: one k_pe shared by all heads
-        scores = torch.einsum("thr,sr->ths", q_pe, k_pe)
-        if mode == "absorbed":
-            q_lat = torch.einsum("thp,hpl->thl", q_nope, w_kv_b[:, :P])  # [T, H, L]
-            scores = scores + torch.einsum("thl,sl->ths", q_lat, kv_latent)
-        else:
+        w_uk, w_uv = w_kv_b[:, :P], w_kv_b[:, P:]  # [H, P, L], [H, V, L]
+        if mode == "absorbed":  # decode: q absorbed into the latent space, the cache read as stored
+            o = mla_decode(q_nope, q_pe, kv_latent, k_pe, w_uk, w_uv, c.softmax_scale, s0)
+        elif T * S > CHUNKED_MIN_SCORES:  # long prompts: same math, bounded memory
+            o = chunked_prefill_attention(q_nope, q_pe, kv_latent, k_pe, w_uk, w_uv, c.softmax_scale, s0)
+        else:  # the naive form: keys and values expanded per head; scores [T, H, S]
             kvb = (kv_latent @ w[p + "kv_b_proj.weight"].T).view(S, H, P + Vd)
-            scores = scores + torch.einsum("thp,shp->ths", q_nope, kvb[..., :P])
-        causal = torch.arange(S, device=x.device)[None, :] > torch.arange(s0, S, device=x.device)[:, None]  # [T, S]
-        scores = (scores * c.softmax_scale).masked_fill(causal[:, None, :], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
-        if mode == "absorbed":
-            o_lat = torch.einsum("ths,sl->thl", probs, kv_latent)  # [T, H, L]
-            o = torch.einsum("thl,hvl->thv", o_lat, w_kv_b[:, P:])
-        else:
+            # the rope part is MQA: one k_pe shared by all heads
+            scores = torch.einsum("thr,sr->ths", q_pe, k_pe) + torch.einsum("thp,shp->ths", q_nope, kvb[..., :P])
+            causal = torch.arange(S, device=x.device)[None, :] > torch.arange(s0, S, device=x.device)[:, None]  # [T, S]
+            scores = (scores * c.softmax_scale).masked_fill(causal[:, None, :], float("-inf"))
+            probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
             o = torch.einsum("ths,shv->thv", probs, kvb[..., P:])  # [T, H, V]
         return linear(o.reshape(T, H * Vd), w[p + "o_proj.weight"])
 
