@@ -43,6 +43,23 @@ _REQUIRED = (
     "v_head_dim", "n_routed_experts", "num_experts_per_tok", "rms_norm_eps", "rope_theta",
     "max_position_embeddings",
 )
+# integer fields and the range each may take: far past Kimi K2 (61 layers, 384 experts, D 7168, 256K
+# context), small enough that sizes and per-layer loops stay finite (a typo must not hang `info`)
+_INT_RANGES = {
+    "vocab_size": (1, 1 << 24), "hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 20),
+    "moe_intermediate_size": (1, 1 << 20), "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 1024),
+    "q_lora_rank": (1, 1 << 16), "kv_lora_rank": (1, 1 << 16), "qk_nope_head_dim": (1, 1 << 12),
+    "qk_rope_head_dim": (1, 1 << 12), "v_head_dim": (1, 1 << 12), "n_routed_experts": (1, 4096),
+    "num_experts_per_tok": (1, 4096), "max_position_embeddings": (1, 1 << 24), "n_shared_experts": (0, 64),
+    "first_k_dense_replace": (0, 1024), "moe_layer_freq": (1, 1024), "n_group": (1, 4096), "topk_group": (1, 4096),
+    "num_nextn_predict_layers": (0, 64),
+}
+_FLOATS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor")  # finite and > 0
+_YARN_NUMBERS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")  # optional in rope_scaling
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -122,13 +139,18 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.model_type not in ("kimi_k2", "deepseek_v3"):
             raise ConfigError(f"model_type {self.model_type!r} is not supported (expected 'kimi_k2' or 'deepseek_v3')")
-        for name in _REQUIRED:
+        for name, (lo, hi) in _INT_RANGES.items():
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise ConfigError(f"field {name} must be a positive number, got {v!r}")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "n_routed_experts", "num_experts_per_tok"):
-            if not isinstance(getattr(self, name), int):
-                raise ConfigError(f"field {name} must be an integer, got {getattr(self, name)!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ConfigError(f"field {name} must be an integer in {lo}..{hi}, got {v!r}")
+        for name in _FLOATS:
+            v = getattr(self, name)
+            if not _is_number(v) or v <= 0:
+                raise ConfigError(f"field {name} must be a finite number above 0, got {v!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ConfigError(f"field {name} must be a token id (an integer >= 0) or null, got {v!r}")
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds n_routed_experts ({self.n_routed_experts})")
         if self.n_routed_experts % self.n_group:
@@ -149,16 +171,19 @@ class ModelConfig:
             raise ConfigError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even (rope rotates pairs)")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             raise ConfigError(f"first_k_dense_replace ({self.first_k_dense_replace}) must lie in 0..num_hidden_layers")
-        if self.moe_layer_freq < 1:
-            raise ConfigError(f"moe_layer_freq must be >= 1, got {self.moe_layer_freq}")
         rs = self.rope_scaling
         if rs is not None:
+            if not isinstance(rs, dict):
+                raise ConfigError(f"rope_scaling must be an object (YaRN's type, factor, ...) or null, got {rs!r}")
             kind = rs.get("type", rs.get("rope_type"))
             if kind != "yarn":
                 raise ConfigError(f"rope_scaling.type {kind!r} is not supported (expected 'yarn' or no rope_scaling)")
             for k in ("factor", "original_max_position_embeddings"):
-                if not isinstance(rs.get(k), (int, float)) or rs[k] <= 0:
+                if not _is_number(rs.get(k)) or rs[k] <= 0:
                     raise ConfigError(f"rope_scaling.{k} must be a positive number, got {rs.get(k)!r}")
+            for k in _YARN_NUMBERS:
+                if k in rs and not _is_number(rs[k]):
+                    raise ConfigError(f"rope_scaling.{k} must be a finite number, got {rs[k]!r}")
         q = self.quant
         if q is not None:
             for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -212,18 +237,30 @@ def _parse_quant(q: Any, source: str) -> QuantConfig | None:
         raise ConfigError(f"{source}: quantization_config {q.get('quant_method')!r}/{q.get('format')!r} is not supported; "
                           "only compressed-tensors 'pack-quantized' INT4 (as Kimi K2 Thinking ships) is")
     groups = q.get("config_groups") or {}
-    if len(groups) != 1:
-        raise ConfigError(f"{source}: quantization_config.config_groups must hold exactly one group, got {len(groups)}")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        n = len(groups) if isinstance(groups, dict) else type(groups).__name__
+        raise ConfigError(f"{source}: quantization_config.config_groups must be an object holding exactly one group, "
+                          f"got {n}")
     (gname, g), = groups.items()
-    w = (g or {}).get("weights") or {}
+    if not isinstance(g, dict) or not isinstance(g.get("weights"), dict):
+        raise ConfigError(f"{source}: quantization_config.config_groups.{gname} must be an object with a \"weights\" "
+                          f"object, got {g!r}")
+    w = g["weights"]
     where = f"{source}: quantization_config.config_groups.{gname}.weights"
     if w.get("num_bits") != 4 or w.get("type") != "int" or w.get("symmetric") is not True:
         raise ConfigError(f"{where}: expected num_bits 4, type 'int', symmetric true")
-    if w.get("strategy") != "group" or not isinstance(w.get("group_size"), int) or w["group_size"] <= 0:
+    if w.get("strategy") != "group" or type(w.get("group_size")) is not int or w["group_size"] <= 0:
         raise ConfigError(f"{where}: expected strategy 'group' with a positive integer group_size")
     if g.get("input_activations") is not None:
         raise ConfigError(f"{source}: quantization_config.config_groups.{gname}.input_activations must be null (W4A16)")
     ignore = q.get("ignore") or []
     if not isinstance(ignore, list) or not all(isinstance(s, str) for s in ignore):
         raise ConfigError(f"{source}: quantization_config.ignore must be a list of strings")
+    for rule in ignore:
+        if rule.startswith("re:"):
+            try:
+                re.compile(rule[3:])
+            except re.error as e:
+                raise ConfigError(f"{source}: quantization_config.ignore rule {rule!r} is not a valid regular "
+                                  f"expression ({e})") from None
     return QuantConfig(num_bits=4, group_size=w["group_size"], ignore=tuple(ignore))

@@ -120,15 +120,25 @@ class SizeReport:
 
 
 def size_report(cfg: ModelConfig) -> SizeReport:
+    """Sizes from one layer of each kind times its count (all MoE layers, and all dense ones, have the same
+    shapes), so a config with many layers and experts is reported at once."""
+    moe = cfg.moe_layers
+    n_moe = len(moe)
+    dense = next((i for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i)), None)
+    groups = [(global_specs(cfg), 1)]
+    if dense is not None:
+        groups.append((layer_specs(cfg, dense), cfg.num_hidden_layers - n_moe))
+    if moe:
+        groups.append((layer_specs(cfg, moe[0]), n_moe))
     total = disk = routed = routed_bytes = 0
-    for name, spec in tensor_specs(cfg).items():
-        nb = spec_nbytes(spec)
-        total += spec.params
-        disk += nb
-        if ".mlp.experts." in name:
-            routed += spec.params
-            routed_bytes += nb
-    n_moe = len(cfg.moe_layers)
+    for specs, count in groups:
+        for name, spec in specs:
+            nb = spec_nbytes(spec) * count
+            total += spec.params * count
+            disk += nb
+            if ".mlp.experts." in name:
+                routed += spec.params * count
+                routed_bytes += nb
     per_expert = routed_bytes // max(1, n_moe * cfg.n_routed_experts)
     active = total - routed + routed * cfg.num_experts_per_tok // cfg.n_routed_experts
     return SizeReport(total, active, routed, disk, routed_bytes, per_expert * cfg.num_experts_per_tok * n_moe)
