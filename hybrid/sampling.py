@@ -72,15 +72,21 @@ class SamplingParams:
         return g
 
 
+def _checked(logits: torch.Tensor) -> torch.Tensor:
+    """logits [V], refused when not one row, or holding NaN or no finite value (a broken forward pass)."""
+    if logits.dim() != 1:
+        raise SamplingError(f"logits must be one row [V], got shape {tuple(logits.shape)}")
+    x = logits.detach()
+    if bool(torch.isnan(x).any()) or not bool(torch.isfinite(x).any()):
+        raise SamplingError("logits contain NaN or no finite value")
+    return x
+
+
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution sampled from: logits [V] -> probabilities [V] (float32, CPU) after temperature,
     top_k (ties with the k-th value are kept), top_p (smallest set reaching p) and min_p. Greedy
     (temperature 0) gives a one-hot on the first maximum."""
-    if logits.dim() != 1:
-        raise SamplingError(f"logits must be one row [V], got shape {tuple(logits.shape)}")
-    x = logits.detach().to(device="cpu", dtype=torch.float32)
-    if torch.isnan(x).any() or not torch.isfinite(x).any():
-        raise SamplingError("logits contain NaN or no finite value")
+    x = _checked(logits).to(device="cpu", dtype=torch.float32)
     if params.greedy:
         probs = torch.zeros_like(x)
         probs[int(torch.argmax(x))] = 1.0
@@ -105,10 +111,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token id from logits [V] (any device, any float dtype). The generator must be a CPU
     generator (params.make_generator()); the same seed gives the same ids."""
     if params.greedy:
-        x = logits.detach()
-        if x.dim() != 1:
-            raise SamplingError(f"logits must be one row [V], got shape {tuple(x.shape)}")
-        return int(torch.argmax(x))
+        return int(torch.argmax(_checked(logits)))  # on the logits' device: no copy of the row
     probs = filtered_probs(logits, params)
     return int(torch.multinomial(probs, 1, generator=generator))
 

@@ -115,6 +115,18 @@ def test_bad_logits():
         sample(torch.full((3,), -math.inf), SamplingParams(), g)
 
 
+@pytest.mark.parametrize("logits, says", [([1.0, math.nan, 2.0], "NaN"), ([-math.inf, -math.inf], "no finite")])
+def test_greedy_checks_the_logits_too(logits, says):
+    # argmax would quietly answer token 1 (NaN) or token 0; a broken forward pass must be an error
+    greedy, g = SamplingParams(temperature=0), torch.Generator()
+    with pytest.raises(SamplingError, match=says):
+        sample(torch.tensor(logits), greedy, g)
+    with pytest.raises(SamplingError, match=says):
+        filtered_probs(torch.tensor(logits), greedy)
+    with pytest.raises(SamplingError, match="one row"):
+        sample(torch.zeros(2, 3), greedy, g)
+
+
 def test_stop_matcher_every_split_point():
     from hybrid.sampling import StopMatcher
 
