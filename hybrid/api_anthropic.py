@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .api_common import (ApiError, JobStream, ServerState, check_model, collect,
+from .api_common import (ApiError, JobStream, ServerState, check_model, collect, join_text_parts,
                          normalize_tool_ids, prepare, read_json, sampling_params, server_state, validate)
 from .engine_runner import Failed, Finished, Job, Started
 from .parser import ContentDelta, ReasoningDelta, ToolCall, ToolCallError
@@ -107,13 +107,7 @@ class CountTokensRequest(MessagesRequest):
 def _result_text(block: ToolResultBlock, where: str) -> str:
     content = block.content
     if isinstance(content, list):
-        parts = []
-        for k, part in enumerate(content):
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, f"{where}.content[{k}]: tool results may hold text blocks only, got "
-                                    f"{part.get('type')!r}", f"{where}.content[{k}]")
-            parts.append(part["text"])
-        content = "".join(parts)
+        content = join_text_parts(content, f"{where}.content", "tool results may hold text blocks only")
     return f"Error: {content or ''}" if block.is_error else content or ""
 
 

@@ -134,6 +134,18 @@ def sampling_params(fields: dict[str, str], **values: Any) -> SamplingParams:
         raise ApiError(400, message, name, "invalid_value") from None
 
 
+def join_text_parts(parts: list, where: str, refusal: str) -> str:
+    """The text of a content list: each part {"type": "text", "text": str}; anything else (images, audio,
+    documents: K2 reads text) is a 400 naming parts' path `where` and saying `refusal`."""
+    out = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"{where}[{j}]: {refusal}, got type {kind!r}", f"{where}[{j}]")
+        out.append(part["text"])
+    return "".join(out)
+
+
 def normalize_tool_ids(messages: list[dict]) -> list[dict]:
     """Rewrite tool-call ids that are not the model's own `functions.NAME:IDX` (ids from another model
     or client) into that form, in the calls and in the tool results that answer them; the template
@@ -176,11 +188,15 @@ async def collect(request: Request, runner: EngineRunner, job: Job) -> tuple[lis
     try:
         items = [item async for item in runner.events(job)]
     finally:
+        client_left = watcher.done() and not watcher.cancelled()  # it returns only once the client hung up
         watcher.cancel()
     for item in items:
         if isinstance(item, Failed):
             raise ApiError(500, item.message, None, "server_error")
     fin = next((item for item in items if isinstance(item, Finished)), None)
+    if fin is None and client_left:  # nobody reads this answer; the status is for the log (nginx's 499)
+        raise ApiError(499, "the client disconnected before the answer was ready; the request was cancelled",
+                       None, "client_closed_request")
     if fin is None:
         raise ApiError(503, "the request was cancelled: the server is shutting down", None, "cancelled")
     return [item for item in items if not isinstance(item, (Started, Finished))], fin

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .api_common import (ApiError, JobStream, ServerState, check_model, collect,
+from .api_common import (ApiError, JobStream, ServerState, check_model, collect, join_text_parts,
                          normalize_tool_ids, prepare, read_json, sampling_params, server_state, validate)
 from .engine_runner import Failed, Finished, Job, Started
 from .parser import ContentDelta, ReasoningDelta, ToolCall, ToolCallError
@@ -94,13 +94,7 @@ def _text(content: str | list[dict] | None, where: str) -> str:
     """Message content as text: a string, or text parts (images and audio are refused: K2 reads text)."""
     if content is None or isinstance(content, str):
         return content or ""
-    out = []
-    for j, part in enumerate(content):
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ApiError(400, f"{where}[{j}]: only text parts are supported (type 'text' with a 'text' string), "
-                                f"got type {part.get('type')!r}", f"{where}[{j}]")
-        out.append(part["text"])
-    return "".join(out)
+    return join_text_parts(content, where, "only text parts are supported (type 'text' with a 'text' string)")
 
 
 def _messages(req: ChatRequest) -> list[dict]:

@@ -4,6 +4,7 @@ The tiny checkpoint has random weights, so scripted outputs (tests/server_harnes
 model that calls tools; everything after generate() is the real path."""
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -16,7 +17,10 @@ import httpx
 import openai
 import pytest
 
+from hybrid.api_common import ApiError, collect
 from hybrid.checkpoint import Checkpoint
+from hybrid.engine_runner import Job
+from hybrid.sampling import SamplingParams
 from hybrid.server import create_app
 
 from .server_harness import (ANSWER, API_KEY, CALL_WEATHER, HOLD_S, WEATHER_TOOL, ScriptedEngine, raw_post, running,
@@ -209,9 +213,39 @@ def test_leaving_clients_of_plain_and_queued_requests_cancel_them(base_url, clie
         assert seen.wait_for(2, "the client disconnected") and job.cancelled.is_set()
         hold.set()
         assert job.finished.wait(HOLD_S) and engine.last_steps < 900
+        # logged as the client's cancel, not as the server stopping
+        assert seen.wait_for(2, "499 for POST /v1/chat/completions: the client disconnected before the answer")
+        assert not [m for m in seen.records if "shutting down" in m]
     assert ask(client, "after").choices[0].finish_reason in ("stop", "length")
     assert runner.cancelled == cancelled_before + 2
     assert len(engine.prompts) == prompts + 1  # the queued request never reached the engine
+
+
+def test_a_job_the_stopping_runner_drops_is_a_503_and_one_whose_client_left_a_499():
+    class Client:
+        def __init__(self, leaves: bool):
+            self.leaves = leaves
+
+        async def receive(self) -> dict:
+            if not self.leaves:
+                await asyncio.Event().wait()  # connected until cancelled
+            return {"type": "http.disconnect"}
+
+    class StoppingRunner:  # ends every job without an answer, as EngineRunner.stop() does
+        async def events(self, job):
+            await asyncio.sleep(0.05)  # the disconnect watcher gets its turn first
+            return
+            yield
+
+    def status(leaves: bool) -> tuple[int, str]:
+        job = Job([1], SamplingParams(), None, 1)
+        with pytest.raises(ApiError) as e:
+            asyncio.run(collect(Client(leaves), StoppingRunner(), job))
+        return e.value.status, e.value.message
+
+    assert status(leaves=False) == (503, "the request was cancelled: the server is shutting down")
+    code, message = status(leaves=True)
+    assert code == 499 and "the client disconnected" in message
 
 
 @pytest.mark.parametrize("body, status, param, code", [
