@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 2  # bump whenever a preset's shapes or values change: cached copies are keyed by it
 REFERENCE_DIR = Path(__file__).resolve().parent / "assets"
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+MARKER = ".kimi-hybrid-synthetic"  # written last: a directory holding it is a complete checkpoint
 
 
 class GeneratorError(Exception):
@@ -132,8 +134,14 @@ def _header(tensors: list[tuple[str, TensorSpec]]) -> tuple[bytes, int]:
 
 def write_checkpoint(out: str | Path, config: dict, seed: int = 0, sparse: bool = False,
                      progress: Progress | None = None) -> Path:
-    """Write a checkpoint for `config` (a config.json dict) into `out`, atomically (tmp dir, rename)."""
+    """Write a checkpoint for `config` (a config.json dict) into `out`, atomically: into a private temporary
+    directory beside it, renamed to `out` when complete. When another writer completes the same checkpoint
+    (same config, seed and sparseness) first, its copy is kept and returned. Never deletes a non-empty `out`."""
     out = Path(out)
+    marker = {"version": GENERATOR_VERSION, "seed": seed, "sparse": sparse}
+    if _same_checkpoint(out, config, marker):
+        return out
+    _refuse_occupied(out)
     cfg = ModelConfig.from_dict(config, source="synthetic config")
     if cfg.quant is None:
         raise GeneratorError("the generator writes the INT4 format; the config needs quantization_config")
@@ -145,9 +153,46 @@ def write_checkpoint(out: str | Path, config: dict, seed: int = 0, sparse: bool 
     if need > free * 0.9:
         raise GeneratorError(f"writing {out.name} needs {need / 1e9:.1f} GB but {out.parent} has {free / 1e9:.1f} GB free; "
                              "free space or choose a smaller preset")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".partial-"))  # one per writer
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would keep the checkpoint from other users
+        _write_files(tmp, cfg, plan, total, config, seed, sparse, progress)
+        (tmp / MARKER).write_text(json.dumps(marker))  # last: a directory with it is complete
+        try:
+            os.replace(tmp, out)  # atomic; fails when `out` is a non-empty directory (another writer won)
+        except OSError:
+            if not _same_checkpoint(out, config, marker):
+                _refuse_occupied(out)
+                raise
+            log.info("%s was completed by another writer meanwhile; keeping that copy", out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return out
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s (%.2f GB of tensors%s)", out, total / 1e9, ", sparse" if sparse else "")
+    return out
+
+
+def _same_checkpoint(out: Path, config: dict, marker: dict) -> bool:
+    """True when `out` is a complete generated checkpoint of exactly this config, seed and sparseness."""
+    try:
+        return (json.loads((out / MARKER).read_text()) == marker
+                and json.loads((out / "config.json").read_text()) == json.loads(json.dumps(config)))
+    except (OSError, ValueError):
+        return False
+
+
+def _refuse_occupied(out: Path) -> None:
+    if out.is_dir() and any(out.iterdir()):
+        raise GeneratorError(f"{out} exists and is not empty (and is not this checkpoint); choose a new directory "
+                             "(nothing was overwritten)")
+    if out.exists() and not out.is_dir():
+        raise GeneratorError(f"{out} is a file; choose a directory name that is free")
+
+
+def _write_files(tmp: Path, cfg: ModelConfig, plan: list[Shard], total: int, config: dict, seed: int, sparse: bool,
+                 progress: Progress | None) -> None:
     done = 0
     weight_map: dict[str, str] = {}
     for sh in plan:
@@ -168,12 +213,6 @@ def write_checkpoint(out: str | Path, config: dict, seed: int = 0, sparse: bool 
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer_files(tmp, cfg.vocab_size)
     (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": cfg.eos_token_id}))
-    (tmp / ".kimi-hybrid-synthetic").write_text(json.dumps({"version": GENERATOR_VERSION, "seed": seed, "sparse": sparse}))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    log.info("wrote %s (%.2f GB of tensors%s)", out, total / 1e9, ", sparse" if sparse else "")
-    return out
 
 
 def write_tokenizer_files(out: Path, vocab_size: int) -> None:
@@ -209,7 +248,7 @@ def preset_path(name: str, seed: int = 0) -> Path:
 
 
 def is_generated(path: Path) -> bool:
-    return (path / ".kimi-hybrid-synthetic").exists()
+    return (path / MARKER).exists()
 
 
 def ensure_preset(name: str, seed: int = 0, progress: Progress | None = None) -> Path:

@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from hybrid.checkpoint import Checkpoint, CheckpointError
 from hybrid.quant import dequantize_int4, unpack_int4
+from hybrid.synth import GeneratorError, is_generated, preset_config, write_checkpoint
 
 EXPERT = "model.layers.1.mlp.experts.3.up_proj"
 
@@ -217,3 +220,40 @@ def test_full_size_sparse_layout_opens_fast_and_small(tmp_path):
     # sparse: the files claim ~594 GB but occupy next to nothing
     used = sum(f.stat().st_blocks * 512 for f in (tmp_path / "full").glob("*.safetensors"))
     assert used < 1e9
+
+
+# ---- the generator: concurrent writers of one checkpoint ----------------------------------------
+
+def test_two_writers_of_one_checkpoint_do_not_destroy_each_other(tmp_path):
+    out, cfg = tmp_path / "tiny", preset_config("tiny")
+    both_writing, started = threading.Barrier(2, timeout=30), set()
+
+    def progress(done, total):  # each writer waits, once, until the other is writing too
+        if threading.get_ident() not in started:
+            started.add(threading.get_ident())
+            both_writing.wait()
+
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: write_checkpoint(out, cfg, progress=progress), range(2)))
+    assert paths == [out, out] and is_generated(out)
+    assert len(Checkpoint(out).tensors) == 331  # complete and valid
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # the loser's temporary directory is gone
+
+
+def test_a_checkpoint_completed_meanwhile_is_kept_and_others_are_never_deleted(tmp_path):
+    out, cfg = tmp_path / "tiny", preset_config("tiny")
+    theirs = {}
+
+    def progress(done, total):  # another process completes the same checkpoint while this one writes
+        if not theirs:
+            theirs["path"] = write_checkpoint(out, cfg)
+            theirs["inode"] = next(out.glob("*.safetensors")).stat().st_ino
+
+    assert write_checkpoint(out, cfg, progress=progress) == out
+    shard = next(out.glob("*.safetensors"))
+    assert theirs["path"] == out and shard.stat().st_ino == theirs["inode"]  # theirs, not replaced under readers
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
+    assert write_checkpoint(out, cfg) == out and shard.stat().st_ino == theirs["inode"]  # complete: reused
+    with pytest.raises(GeneratorError, match="not empty"):  # a different checkpoint there: refused, kept
+        write_checkpoint(out, cfg, seed=1)
+    assert shard.stat().st_ino == theirs["inode"] and [p.name for p in tmp_path.iterdir()] == ["tiny"]
