@@ -104,7 +104,11 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
     if warmup:  # compile the kernels and fault the weights in, on both the prefill and the decode path
         one(runs, min(prompt_tokens, 16), 2, record=False)
     if mem_gbps is None:
-        mem_gbps = mem_read_gbps(probe_bytes)
+        try:
+            mem_gbps = mem_read_gbps(probe_bytes)
+        except MemoryError:
+            raise MemoryError(f"the RAM bandwidth probe could not allocate its {probe_bytes >> 20:,} MB buffer; "
+                              "use a smaller --probe-mb") from None
     for r in range(runs):
         one(r, prompt_tokens, gen_tokens, record=True)
         if on_run:

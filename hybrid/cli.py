@@ -12,10 +12,12 @@ from pathlib import Path
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from .cli_bench import bench
 from .cli_chat import chat
-from .cli_common import REAL_MODEL, USER_ERRORS, console, engine_options, err_console, load_engine, progress_bar, resolve_model
+from .cli_common import (REAL_MODEL, SEED, USER_ERRORS, FiniteFloat, console, engine_options, err_console, load_engine,
+                         progress_bar, resolve_model, user_message)
 from .cli_plan import plan
 from .config import ModelConfig
 from .layout import size_report
@@ -29,7 +31,7 @@ class Cli(click.Group):
         except USER_ERRORS as e:
             if ctx.params.get("debug"):
                 raise
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
+            err_console.print(Text.assemble(("error: ", "bold red"), user_message(e)), highlight=False, soft_wrap=True)
             sys.exit(1)
 
 
@@ -43,7 +45,7 @@ def main(debug: bool) -> None:
 @main.command()
 @click.argument("preset", type=click.Choice(PRESETS))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Directory to write (default: the cache).")
-@click.option("--seed", default=0, show_default=True, help="Seed for the synthetic weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for the synthetic weights.")
 def generate(preset: str, out: Path | None, seed: int) -> None:
     """Write a synthetic checkpoint in the exact Kimi K2 Thinking on-disk format."""
     from .synth import ensure_preset, preset_config, write_checkpoint
@@ -88,12 +90,32 @@ def info(model: str, as_json: bool) -> None:
     t = Table(title=f"{model}", show_header=False)
     t.add_row("architecture", f"{cfg.model_type}: {cfg.num_hidden_layers} layers ({len(cfg.moe_layers)} MoE), "
                               f"{cfg.n_routed_experts} routed experts, top-{cfg.num_experts_per_tok}")
-    t.add_row("parameters", f"{r.total_params / 1e9:,.1f} B total, {r.active_params / 1e9:,.1f} B active per token")
-    t.add_row("on disk", f"{r.disk_bytes / 1e9:,.1f} GB ({r.routed_expert_bytes / 1e9:,.1f} GB routed experts, INT4)")
-    t.add_row("expert bytes per token", f"{r.expert_bytes_per_token / 1e9:,.2f} GB")
+    t.add_row("parameters", f"{count(r.total_params)} total, {count(r.active_params)} active per token")
+    t.add_row("on disk", f"{nbytes(r.disk_bytes)} ({nbytes(r.routed_expert_bytes)} routed experts, INT4)")
+    t.add_row("expert bytes per token", nbytes(r.expert_bytes_per_token))
     if n_tensors is not None:
         t.add_row("tensors", f"{n_tensors:,} (validated)")
     console.print(t)
+
+
+def _scaled(n: float, units: tuple[str, ...], sep: str) -> str:
+    """n in the largest SI unit (steps of 1000) that keeps it >= 1, to 3 significant figures."""
+    k = 0
+    while k + 1 < len(units) and abs(n) >= 1000 ** (k + 1):
+        k += 1
+    v = n / 1000 ** k
+    digits = 0 if k == 0 or v >= 100 else 1 if v >= 10 else 2
+    return f"{v:,.{digits}f}{sep}{units[k]}".rstrip()
+
+
+def count(n: float) -> str:
+    """Parameters: 412 / 1.18 M / 32.9 B / 1.03 T."""
+    return _scaled(n, ("", "K", "M", "B", "T"), " ")
+
+
+def nbytes(n: float) -> str:
+    """Bytes (GB = 10^9, as everywhere here): 512 B / 1.31 MB / 594 GB."""
+    return _scaled(n, ("B", "KB", "MB", "GB", "TB"), " ")
 
 
 @main.command()
@@ -102,9 +124,9 @@ def info(model: str, as_json: bool) -> None:
               help="Checkpoint directory, Hugging Face repo id in the local cache, or preset.")
 @engine_options
 @click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens to generate at most.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--temperature", type=FiniteFloat(min=0), default=1.0, show_default=True,
               help="0 = greedy; 1.0 is Moonshot's recommendation.")
-@click.option("--seed", type=click.IntRange(min=0), help="Seed for reproducible sampling.")
+@click.option("--seed", type=SEED, help="Seed for reproducible sampling.")
 @click.option("--hide-thinking", is_flag=True, help="Fold the reasoning to one line.")
 def run(prompt: str, model: str, max_tokens: int, temperature: float, seed: int | None, hide_thinking: bool,
         **engine_opts) -> None:

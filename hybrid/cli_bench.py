@@ -12,7 +12,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from .cli_common import UserError, console, engine_options, err_console, load_engine, resolve_model
+from .cli_common import MAX_THREADS, UserError, console, engine_options, err_console, load_engine, resolve_model
 
 SPLIT_LABELS = {"gpu_side": "GPU-side layers (attention, router, shared expert, dense, lm_head)",
                 "experts_compute": "CPU experts computing (worker threads, overlapping)",
@@ -20,6 +20,7 @@ SPLIT_LABELS = {"gpu_side": "GPU-side layers (attention, router, shared expert, 
                 "io_wait": "expert workers waiting for disk reads",
                 "overhead": "Python overhead in the forward pass",
                 "unaccounted": "outside the forward pass (sampling, loop)"}
+MAX_PROBE_MB = 64 << 10  # 64 GiB: far past any CPU cache; more measures nothing new
 
 
 @click.command()
@@ -31,12 +32,12 @@ SPLIT_LABELS = {"gpu_side": "GPU-side layers (attention, router, shared expert, 
 @click.option("--gen-tokens", type=click.IntRange(min=2), default=32, show_default=True,
               help="Tokens generated per run.")
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Measured runs (after a warm-up).")
-@click.option("--probe-mb", type=click.IntRange(min=1), default=1024, show_default=True,
+@click.option("--probe-mb", type=click.IntRange(1, MAX_PROBE_MB), default=1024, show_default=True,
               help="Buffer for the RAM bandwidth probe (well past the CPU caches).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema: docs/bench_schema.md).")
 @click.option("--kernels", is_flag=True, help="Benchmark the CPU expert kernels alone, on Kimi K2 shapes.")
 @click.option("--small", is_flag=True, help="With --kernels: tiny shapes (a smoke run, seconds).")
-@click.option("--threads", type=click.IntRange(min=1), help="With --kernels: CPU threads (default: all).")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), help="With --kernels: CPU threads (default: all).")
 def bench(model: str, prompt_tokens: int, gen_tokens: int, runs: int, probe_mb: int, as_json: bool, kernels: bool, small: bool,
           threads: int | None, **engine_opts: Any) -> None:
     """Measure tokens/s: prompt processing and generation, where the time goes, bandwidth achieved."""
@@ -45,6 +46,8 @@ def bench(model: str, prompt_tokens: int, gen_tokens: int, runs: int, probe_mb: 
     if small or threads:
         raise UserError("--small and --threads go with --kernels; for the model use --cpu-threads")
     from .bench import bench_engine
+
+    _check_probe(probe_mb)
 
     path = resolve_model(model)
     with err_console.status(f"loading {model}..."):
@@ -106,11 +109,29 @@ def render(r: dict) -> None:
     console.print(t)
 
 
+def _check_probe(probe_mb: int) -> None:
+    """The probe buffer must fit in the RAM free now (numpy would fail, or the OOM killer strike, later)."""
+    import psutil
+
+    free_mb = psutil.virtual_memory().available >> 20
+    if probe_mb > free_mb // 2:
+        raise UserError(f"--probe-mb {probe_mb} asks for a {probe_mb:,} MB buffer but only {free_mb:,} MB of RAM is "
+                        f"available; use --probe-mb {min(1024, max(1, free_mb // 4))} (1024 is plenty: the CPU caches "
+                        "are far smaller)")
+
+
 def _kernels(as_json: bool, small: bool, threads: int | None) -> None:
     try:
         from .kernel_bench import run_kernel_bench
     except ImportError as e:  # the benchmark module is its own piece of work (issue 3)
         raise UserError(f"the kernel benchmark is not available in this build ({e})") from None
+    if threads is not None:
+        import numba
+
+        if threads > numba.config.NUMBA_NUM_THREADS:
+            raise UserError(f"--threads {threads} is more than the {numba.config.NUMBA_NUM_THREADS} threads Numba can "
+                            f"use here (NUMBA_NUM_THREADS, by default the logical cores); use --threads "
+                            f"{numba.config.NUMBA_NUM_THREADS} or less")
     result = run_kernel_bench(small=small, threads=threads)
     if as_json:
         click.echo(json.dumps(result))

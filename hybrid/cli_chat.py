@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .chat_ui import Turn, speeds, status_line, visible
-from .cli_common import REAL_MODEL, USER_ERRORS, UserError, console, engine_options, err_console, load_engine, resolve_model
+from .cli_common import (REAL_MODEL, SEED, USER_ERRORS, FiniteFloat, UserError, console, engine_options, err_console,
+                         load_engine, resolve_model, user_message)
 from .conversation import Done
 
 if TYPE_CHECKING:
@@ -70,7 +71,8 @@ def read_message(first_prompt: str = ">>> ", more: str = "... ") -> str:
 
 
 def validate_messages(data: Any, source: str) -> tuple[list[dict], list[dict] | None]:
-    """(messages, tools) from a saved conversation: {"messages": [...], "tools": [...]} or a bare list."""
+    """(messages, tools) from a saved conversation: {"messages": [...], "tools": [...]} or a bare list.
+    Every message and tool is checked here, so a bad file is one error naming it, not a failure per turn."""
     tools = None
     if isinstance(data, dict):
         tools = data.get("tools")
@@ -78,13 +80,54 @@ def validate_messages(data: Any, source: str) -> tuple[list[dict], list[dict] | 
     if not isinstance(data, list):
         raise UserError(f"{source}: expected a JSON list of messages or an object with \"messages\"")
     for i, m in enumerate(data):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise UserError(f"{source}: message {i} needs a \"role\" of {', '.join(ROLES)}")
-        if not isinstance(m.get("content", ""), (str, list, type(None))):
-            raise UserError(f"{source}: message {i} has a \"content\" that is not text")
-    if tools is not None and not isinstance(tools, list):
-        raise UserError(f"{source}: \"tools\" must be a list of tool definitions")
-    return data, tools
+        _check_message(m, f"{source}: message {i}")
+    return data, (None if tools is None else validate_tools(tools, source))
+
+
+def _check_message(m: Any, where: str) -> None:
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise UserError(f"{where} needs a \"role\" of {', '.join(ROLES)}")
+    content, calls = m.get("content"), m.get("tool_calls")
+    if m["role"] == "assistant" and calls is not None:
+        if not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("id"), str) and isinstance(c.get("function"), dict)
+                and isinstance(c["function"].get("name"), str) for c in calls):
+            raise UserError(f"{where}: \"tool_calls\" must be a list of "
+                            '{"id": ..., "function": {"name": ..., "arguments": ...}}')
+    if content is None and m["role"] != "assistant":  # an assistant turn may be a tool call alone
+        raise UserError(f"{where} ({m['role']}) needs a \"content\": a string or a list of text parts")
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise UserError(f"{where}: content part {j} must be {{\"type\": \"text\", \"text\": \"...\"}} "
+                                "(Kimi K2 reads text)")
+    elif content is not None and not isinstance(content, str):
+        raise UserError(f"{where} has a \"content\" that is not text (a string or a list of text parts)")
+    if not isinstance(m.get("reasoning_content", ""), (str, type(None))):
+        raise UserError(f"{where}: \"reasoning_content\" must be a string")
+    if m["role"] == "tool" and not isinstance(m.get("tool_call_id"), str):
+        raise UserError(f"{where} (tool) needs the \"tool_call_id\" of the call it answers")
+
+
+def validate_tools(tools: Any, source: str) -> list[dict]:
+    """OpenAI-format tool definitions: [{"type": "function", "function": {"name", "description"?,
+    "parameters"?}}], each checked, the error naming the file and the index."""
+    if not isinstance(tools, list):
+        raise UserError(f"{source}: \"tools\" must be a list of tool definitions "
+                        '([{"type": "function", "function": {"name": ..., "parameters": {...}}}])')
+    for i, t in enumerate(tools):
+        where = f"{source}: tool {i}"
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
+            raise UserError(f"{where} must be an object {{\"type\": \"function\", \"function\": {{...}}}}, "
+                            f"got {json.dumps(t)[:80]}")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise UserError(f"{where}: function.name must be a non-empty string")
+        if "parameters" in fn and not isinstance(fn["parameters"], dict):
+            raise UserError(f"{where} ({fn['name']}): function.parameters must be a JSON schema object")
+        if "description" in fn and not isinstance(fn["description"], str):
+            raise UserError(f"{where} ({fn['name']}): function.description must be a string")
+    return tools
 
 
 class ChatSession:
@@ -155,7 +198,7 @@ class ChatSession:
         try:
             action()
         except USER_ERRORS as e:
-            err_console.print(f"error: {e}", style="red", highlight=False, markup=False)
+            err_console.print(f"error: {user_message(e)}", style="red", highlight=False, markup=False)
             if undo:
                 del self.messages[n - 1:]
 
@@ -276,13 +319,13 @@ class ChatSession:
               help="Checkpoint directory, Hugging Face repo id in the local cache, or preset (tiny, k2-slice).")
 @engine_options
 @click.option("--system", help="System prompt (default: the chat template's own).")
-@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--temperature", type=FiniteFloat(min=0), default=1.0, show_default=True,
               help="Moonshot's recommendation for K2 Thinking; 0 = greedy.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
-@click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="0 = off.")
+@click.option("--min-p", type=FiniteFloat(0, 1), default=0.0, show_default=True, help="0 = off.")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Per answer (default: until it stops or the context is full).")
-@click.option("--seed", type=click.IntRange(min=0), help="Seed for reproducible sampling.")
+@click.option("--seed", type=SEED, help="Seed for reproducible sampling.")
 @click.option("--show-thinking/--hide-thinking", default=True, show_default=True,
               help="Stream the reasoning (dim), or fold it to one line.")
 @click.option("--on-interrupt", type=click.Choice(["ask", "keep", "drop"]), default="ask", show_default=True,
@@ -300,9 +343,10 @@ def chat(model: str, system: str | None, temperature: float, top_p: float, top_k
     tools = None
     if tools_file is not None:
         try:
-            _, tools = validate_messages({"messages": [], "tools": json.loads(tools_file.read_text())}, str(tools_file))
+            data = json.loads(tools_file.read_text())
         except ValueError as e:
             raise UserError(f"{tools_file} is not valid JSON ({e})") from None
+        tools = validate_tools(data, str(tools_file))
     path = resolve_model(model)
     with err_console.status(f"loading {model}..."):
         engine = load_engine(path, **engine_opts)

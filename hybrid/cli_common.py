@@ -1,13 +1,13 @@
-"""What every `kimi-hybrid` command shares: the consoles, the user-error types, `--model` resolution
-(checkpoint directory, a Hugging Face repo id already in the local HF cache, or a built-in preset
-generated on first use with a progress bar) and the engine-loading options.
+"""What every `kimi-hybrid` command shares: the consoles, the user-error types, numeric option types that
+refuse inf and nan, `--model` resolution (hybrid.resolve: checkpoint directory, a Hugging Face repo id
+already in the local HF cache, or a built-in preset, here with a progress bar on its first generation)
+and the engine-loading options.
 
 Never downloads anything: a model that is not here is an error that prints the command that fetches it.
 """
 from __future__ import annotations
 
-import os
-import re
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,17 +15,16 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
+from . import resolve
 from .chat import ChatTemplateError
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .synth import PRESETS, GeneratorError, cache_dir, ensure_preset, is_generated, preset_path
+from .resolve import REAL_MODEL
+from .synth import PRESETS, GeneratorError, cache_dir, is_generated, preset_path
 from .tokenizer import TokenizerError
 
 console = Console(highlight=False)  # no automatic colouring of numbers and brackets in model text
 err_console = Console(stderr=True, highlight=False)
-
-REAL_MODEL = "moonshotai/Kimi-K2-Thinking"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class UserError(Exception):
@@ -33,7 +32,32 @@ class UserError(Exception):
 
 
 USER_ERRORS = (UserError, CheckpointError, ConfigError, GeneratorError, TokenizerError, ChatTemplateError,
-               ValueError, OSError)
+               ValueError, OSError, MemoryError, OverflowError)
+
+
+def user_message(e: BaseException) -> str:
+    """One line for a USER_ERRORS exception (MemoryError and OverflowError say little by themselves)."""
+    if isinstance(e, MemoryError):
+        return (f"out of memory ({str(e) or 'an allocation failed'}); ask for less (--context, --ram-budget, "
+                "--probe-mb) or free RAM")
+    if isinstance(e, OverflowError):
+        return f"a number is out of range ({e}); check the numeric options"
+    return str(e)
+
+
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange that also refuses inf and nan (FloatRange lets both through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return v
+
+
+POSITIVE = FiniteFloat(min=0, min_open=True)  # GB budgets, bandwidths
+MAX_THREADS = 4096  # far past any CPU; keeps a typo from reaching the thread pools
+SEED = click.IntRange(0, 2**63 - 1)  # what SamplingParams and numpy's seeding take
 
 
 def progress_bar(label: str) -> tuple[Progress, Callable[[int, int], None]]:
@@ -45,53 +69,14 @@ def progress_bar(label: str) -> tuple[Progress, Callable[[int, int], None]]:
 
 # ---- --model ----------------------------------------------------------------------------------
 
-def hf_hub_cache() -> Path:
-    """Where huggingface_hub keeps downloads: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
-    return Path(home).expanduser() / "hub"
-
-
-def find_in_hf_cache(repo_id: str, hub: Path | None = None) -> Path | None:
-    """The snapshot directory of `repo_id` in the HF cache: the one refs/main names, else the newest."""
-    repo = (hub or hf_hub_cache()) / f"models--{repo_id.replace('/', '--')}"
-    snaps = repo / "snapshots"
-    ref = repo / "refs" / "main"
-    if ref.is_file() and (snaps / ref.read_text().strip()).is_dir():
-        return snaps / ref.read_text().strip()
-    found = sorted((p for p in snaps.glob("*") if (p / "config.json").exists()), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
-
-
-def fetch_hint(repo_id: str) -> str:
-    return (f"fetch it with `hf download {repo_id}` (older huggingface_hub: `huggingface-cli download "
-            f"{repo_id}`) and run this again, or add `--local-dir DIR` to that and pass --model DIR")
-
-
 def resolve_model(model: str) -> Path:
-    """--model -> a checkpoint directory. Presets are generated on first use, with a progress bar."""
-    p = Path(model).expanduser()
-    if p.is_dir():
-        return p
-    if model in PRESETS:
-        path = preset_path(model)
-        if not is_generated(path):
-            err_console.print(f"generating the built-in '{model}' checkpoint into {cache_dir()} (first use only)")
-            bar, cb = progress_bar(model)
-            with bar:
-                return ensure_preset(model, progress=cb)
-        return ensure_preset(model)
-    if _REPO_ID.match(model) and not model.startswith("."):
-        found = find_in_hf_cache(model)
-        if found is not None:
-            return found
-        raise UserError(f"{model} is not in the Hugging Face cache ({hf_hub_cache()}) nor a directory here; "
-                        f"{fetch_hint(model)}")
-    if p.is_file():
-        raise UserError(f"{model} is a file; --model takes a checkpoint directory (the folder with config.json)")
-    raise UserError(f"{model}: no such checkpoint directory; --model takes a directory, a Hugging Face repo id in "
-                    f"the local cache (like {REAL_MODEL}) or a preset ({', '.join(PRESETS)})")
+    """--model -> a checkpoint directory (hybrid.resolve); a preset's first generation shows a progress bar."""
+    if model in PRESETS and not Path(model).expanduser().is_dir() and not is_generated(preset_path(model)):
+        err_console.print(f"generating the built-in '{model}' checkpoint into {cache_dir()} (first use only)")
+        bar, cb = progress_bar(model)
+        with bar:
+            return resolve.resolve_model(model, progress=cb)
+    return resolve.resolve_model(model)
 
 
 # ---- loading an engine --------------------------------------------------------------------------
@@ -103,9 +88,9 @@ def engine_options(f: Callable) -> Callable:
                      help="Routed experts: Numba INT4 kernels, the torch fp32 reference (the oracle), or auto "
                           "(numba where the CPU has AVX2; the default)."),
         click.option("--context", type=click.IntRange(min=16), help="Tokens the KV cache holds (default: the engine's)."),
-        click.option("--cpu-threads", type=click.IntRange(min=1), help="Threads for the CPU experts."),
-        click.option("--ram-budget", type=float, help="GB of RAM for routed experts."),
-        click.option("--gpu-memory", type=float, help="GB of VRAM the plan may use."),
+        click.option("--cpu-threads", type=click.IntRange(1, MAX_THREADS), help="Threads for the CPU experts."),
+        click.option("--ram-budget", type=POSITIVE, help="GB of RAM for routed experts."),
+        click.option("--gpu-memory", type=POSITIVE, help="GB of VRAM the plan may use."),
         click.option("--expert-mode", type=click.Choice(["mmap", "cache"]),
                      help="Routed experts from the page cache (mmap) or a RAM slot cache fed from disk."),
     ]

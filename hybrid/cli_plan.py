@@ -13,7 +13,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from .cli_common import UserError, console, err_console, find_in_hf_cache, resolve_model
+from .cli_common import MAX_THREADS, POSITIVE, FiniteFloat, UserError, console, err_console, resolve_model
 from .config import ModelConfig
 from .hardware import GB, Hardware, detect
 from .placement import PlanError
@@ -31,8 +31,7 @@ def _config(model: str | None) -> tuple[ModelConfig, str, Path | None]:
         return ModelConfig.from_file(p), str(p), None
     if model in PRESETS and not p.exists():
         return ModelConfig.from_dict(preset_config(model), source=f"preset {model}"), f"preset {model}", None
-    found = find_in_hf_cache(model) if not p.exists() else None
-    d = found or resolve_model(model)
+    d = resolve_model(model)
     return ModelConfig.from_file(d / "config.json"), model, d
 
 
@@ -48,21 +47,21 @@ def _machine(ram_gb: float | None, gpu_gb: tuple[float, ...], cores: int | None)
 @click.option("--model", "-m", help="Checkpoint directory, config.json, HF repo id in the local cache, or preset "
                                     "(default: the real Kimi K2 Thinking config).")
 @click.option("--context", type=click.IntRange(min=1), default=8192, show_default=True, help="Tokens the KV cache holds.")
-@click.option("--gpu-memory", type=float, help="GB of VRAM the plan may use (default: free VRAM minus a reserve).")
-@click.option("--ram-budget", type=float, help="GB of RAM for routed experts (default: what is left).")
-@click.option("--cpu-threads", type=click.IntRange(min=1), help="Threads for the CPU experts (default: physical cores).")
+@click.option("--gpu-memory", type=POSITIVE, help="GB of VRAM the plan may use (default: free VRAM minus a reserve).")
+@click.option("--ram-budget", type=POSITIVE, help="GB of RAM for routed experts (default: what is left).")
+@click.option("--cpu-threads", type=click.IntRange(1, MAX_THREADS), help="Threads for the CPU experts (default: physical cores).")
 @click.option("--expert-mode", type=click.Choice(["auto", "mmap", "cache"]), default="auto", show_default=True)
 @click.option("--gpu-precision", type=click.Choice(["auto", "bf16", "int8"]), default="auto", show_default=True)
-@click.option("--ram-gb", type=click.FloatRange(min=0, min_open=True), help="Plan for a machine with this much RAM.")
-@click.option("--gpu-gb", type=click.FloatRange(min=0, min_open=True), multiple=True,
+@click.option("--ram-gb", type=POSITIVE, help="Plan for a machine with this much RAM.")
+@click.option("--gpu-gb", type=POSITIVE, multiple=True,
               help="Plan for a machine with a GPU of this many GB (repeat for more GPUs).")
-@click.option("--cores", type=click.IntRange(min=1), help="Physical cores of the hypothetical machine [default: 16].")
-@click.option("--mem-gbps", type=click.FloatRange(min=0, min_open=True), help="RAM read GB/s (default: measured here).")
-@click.option("--disk-gbps", type=click.FloatRange(min=0, min_open=True),
+@click.option("--cores", type=click.IntRange(1, MAX_THREADS), help="Physical cores of the hypothetical machine [default: 16].")
+@click.option("--mem-gbps", type=POSITIVE, help="RAM read GB/s (default: measured here).")
+@click.option("--disk-gbps", type=POSITIVE,
               help="Disk read GB/s for expert cache misses (default: measured here when needed).")
-@click.option("--gpu-gbps", type=click.FloatRange(min=0, min_open=True),
+@click.option("--gpu-gbps", type=POSITIVE,
               help="GPU memory GB/s (default: measured on a real GPU; not counted for a hypothetical one).")
-@click.option("--hit-rate", type=click.FloatRange(0, 1), help="Expert cache hit rate (default: the cache's share).")
+@click.option("--hit-rate", type=FiniteFloat(0, 1), help="Expert cache hit rate (default: the cache's share).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan(model: str | None, context: int, gpu_memory: float | None, ram_budget: float | None,
          cpu_threads: int | None, expert_mode: str, gpu_precision: str, ram_gb: float | None, gpu_gb: tuple[float, ...],

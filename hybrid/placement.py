@@ -149,7 +149,7 @@ class _Sizes:
 def _sizes(cfg: ModelConfig) -> _Sizes:
     """One representative layer of each kind times its count: every MoE layer has the same shapes."""
     moe = cfg.moe_layers
-    dense = [i for i in range(cfg.num_hidden_layers) if i not in set(moe)]
+    dense = [i for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i)]
     groups = [(list(global_specs(cfg)), 1)]
     groups += [(list(layer_specs(cfg, ls[0])), len(ls)) for ls in (dense, moe) if ls]
     specs: dict[str, list[tuple[TensorSpec, int]]] = {}
@@ -189,7 +189,11 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     checkpoint_dir: when given, the part of the checkpoint not yet there must fit on its disk.
     """
     if not 1 <= context <= cfg.max_position_embeddings:
-        raise ValueError(f"context {context} must lie in 1..{cfg.max_position_embeddings} (max_position_embeddings)")
+        raise ValueError(f"--context {context} must lie in 1..{cfg.max_position_embeddings} (max_position_embeddings)")
+    for opt, gb in (("--gpu-memory", gpu_memory), ("--ram-budget", ram_budget)):
+        ok = isinstance(gb, (int, float)) and not isinstance(gb, bool) and math.isfinite(gb) and gb > 0
+        if gb is not None and not ok:
+            raise ValueError(f"{opt} must be a finite number of GB above 0, got {gb!r}; leave it out for the default")
     for opt, val, ok in (("gpu_precision", gpu_precision, ("auto", "bf16", "int8")), ("device", device, ("auto", "cuda", "cpu")),
                          ("expert_mode", expert_mode, ("auto", "mmap", "cache"))):
         if val not in ok:

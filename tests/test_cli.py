@@ -9,7 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from hybrid.checkpoint import Checkpoint
-from hybrid.cli import main
+from hybrid.cli import count, main, nbytes
+from hybrid.cli_chat import validate_messages, validate_tools
+from hybrid.cli_common import UserError
+from hybrid.config import ModelConfig
+from hybrid.layout import size_report
 
 from .conftest import REAL_CONFIG
 
@@ -56,6 +60,107 @@ def test_run_answers_a_prompt(tiny_path):
     r = CliRunner().invoke(main, ["run", "hello", "-m", str(tiny_path), "--max-tokens", "5", "--temperature", "0"])
     assert r.exit_code == 0, r.output
     assert "prompt" in r.output and (("[length]" in r.output and "5 generated" in r.output) or "[stop]" in r.output)
+
+
+@pytest.mark.parametrize("args, option", [
+    (["run", "hi", "--ram-budget", "inf"], "--ram-budget"),
+    (["run", "hi", "--ram-budget", "nan"], "--ram-budget"),
+    (["run", "hi", "--ram-budget", "-5"], "--ram-budget"),
+    (["run", "hi", "--ram-budget", "0"], "--ram-budget"),
+    (["run", "hi", "--gpu-memory", "nan"], "--gpu-memory"),
+    (["run", "hi", "--temperature", "inf"], "--temperature"),
+    (["run", "hi", "--seed", str(2**64)], "--seed"),
+    (["run", "hi", "--cpu-threads", "100000"], "--cpu-threads"),
+    (["chat", "--top-p", "nan"], "--top-p"),
+    (["chat", "--min-p", "nan"], "--min-p"),
+    (["bench", "--gpu-memory", "inf"], "--gpu-memory"),
+    (["bench", "--probe-mb", "1000000"], "--probe-mb"),
+    (["serve", "--ram-budget", "nan"], "--ram-budget"),
+    (["plan", "--ram-gb", "nan"], "--ram-gb"),
+    (["plan", "--ram-gb", "1e400"], "--ram-gb"),
+    (["plan", "--gpu-gb", "24", "--gpu-gb", "inf"], "--gpu-gb"),
+    (["plan", "--ram-budget", "nan"], "--ram-budget"),
+    (["plan", "--mem-gbps", "-1"], "--mem-gbps"),
+    (["plan", "--hit-rate", "nan"], "--hit-rate"),
+    (["generate", "tiny", "--seed", "-1"], "--seed"),
+])
+def test_bad_numbers_name_the_option(args, option):
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and f"Invalid value for '{option}'" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_plan_refuses_budgets_that_are_not_positive_finite_numbers():
+    import math
+
+    from hybrid.hardware import Hardware
+    from hybrid.placement import plan
+
+    cfg, hw = ModelConfig.from_file(REAL_CONFIG), Hardware.hypothetical(768, (24,))
+    for bad in (math.inf, math.nan, -5, 0, "12", True):
+        for option, kw in (("--ram-budget", "ram_budget"), ("--gpu-memory", "gpu_memory")):
+            with pytest.raises(ValueError, match=f"{option} must be a finite number of GB above 0, got"):
+                plan(cfg, hw, **{kw: bad})
+
+
+def test_kernel_bench_threads_past_numba_name_the_option():
+    import numba
+
+    n = numba.config.NUMBA_NUM_THREADS
+    r = CliRunner().invoke(main, ["bench", "--kernels", "--small", "--threads", str(n + 1)])
+    assert r.exit_code == 1 and f"--threads {n + 1} is more than the {n} threads" in r.output
+    assert f"use --threads {n} or less" in r.output and "Traceback" not in r.output
+
+
+def test_a_probe_buffer_past_the_free_ram_names_the_option(tiny_path, monkeypatch):
+    import psutil
+
+    from hybrid import bench
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 1 << 30})())  # 1 GB free
+    r = CliRunner().invoke(main, ["bench", "-m", str(tiny_path), "--probe-mb", "1024"])
+    assert r.exit_code == 1 and "--probe-mb 1024 asks for a 1,024 MB buffer but only 1,024 MB" in r.output
+    assert "use --probe-mb 256" in r.output and "Traceback" not in r.output
+    monkeypatch.undo()
+
+    def no_memory(nbytes):
+        raise MemoryError()
+
+    monkeypatch.setattr(bench, "mem_read_gbps", no_memory)  # the allocation fails all the same
+    r = CliRunner().invoke(main, ["bench", "-m", str(tiny_path), "--probe-mb", "16", "--prompt-tokens", "4",
+                                  "--gen-tokens", "2", "--runs", "1"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "out of memory (the RAM bandwidth probe could not allocate its 16 MB buffer; use a smaller --probe-mb)" \
+        in r.output
+
+
+@pytest.mark.parametrize("error, says", [(MemoryError(), "out of memory (an allocation failed)"),
+                                         (OverflowError("int too large to convert"), "a number is out of range")])
+def test_memory_and_overflow_errors_are_one_line(monkeypatch, error, says):
+    import hybrid.kernel_bench as kb
+
+    def fail(small, threads):
+        raise error
+
+    monkeypatch.setattr(kb, "run_kernel_bench", fail)
+    r = CliRunner().invoke(main, ["bench", "--kernels", "--small"])
+    assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(main, ["--debug", "bench", "--kernels", "--small"])
+    assert r.exception is error  # --debug shows the traceback
+
+
+def test_info_sizes_in_units_that_fit(tiny_path):
+    r = CliRunner().invoke(main, ["info", "-m", str(tiny_path)])
+    assert r.exit_code == 0, r.output
+    rep = size_report(Checkpoint(tiny_path).config)
+    assert rep.total_params < 1e7 and rep.disk_bytes < 1e7  # tiny: a few million parameters and bytes
+    assert f"{count(rep.total_params)} total, {count(rep.active_params)} active" in r.output
+    assert f"{nbytes(rep.disk_bytes)} ({nbytes(rep.routed_expert_bytes)} routed experts" in r.output
+    assert "0.0 B" not in r.output and "0.0 GB" not in r.output
+    assert [count(n) for n in (412, 935_488, 2_113_536, 32.86e9, 1.0266e12)] == \
+        ["412", "935 K", "2.11 M", "32.9 B", "1.03 T"]
+    assert [nbytes(n) for n in (512, 1_970_000, 594.3e9, 11.9e9, 104e12)] == \
+        ["512 B", "1.97 MB", "594 GB", "11.9 GB", "104 TB"]
 
 
 # ---- --model resolution -------------------------------------------------------------------------
@@ -274,8 +379,8 @@ def test_chat_loads_a_conversation_and_rejects_a_bad_one(tiny_path, tmp_path):
     good = tmp_path / "good.json"
     good.write_text(json.dumps([{"role": "user", "content": "hi"},
                                 {"role": "assistant", "content": "hello", "reasoning_content": "greet back"}]))
-    r = CliRunner().invoke(main, ["chat", "-m", str(tiny_path), "--load", str(good), "--max-tokens", "3"],
-                           input="and now?\n")  # Ctrl-D (end of input) leaves
+    r = CliRunner().invoke(main, ["chat", "-m", str(tiny_path), "--load", str(good), "--max-tokens", "3", "--seed", "0"],
+                           input="and now?\n")  # Ctrl-D (end of input) leaves; seeded: an unseeded draw may stop
     assert r.exit_code == 0, r.output
     assert "loaded 2 messages" in r.output and "[length] prompt" in r.output
     bad = tmp_path / "bad.json"
@@ -284,6 +389,51 @@ def test_chat_loads_a_conversation_and_rejects_a_bad_one(tiny_path, tmp_path):
     assert r.exit_code == 1 and "message 0 needs a \"role\"" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["chat", "-m", str(tiny_path), "--top-p", "0"])
     assert r.exit_code == 2 and "--top-p" in r.output
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("tools, says", [
+    ([{"type": "function"}], "tool 0 must be an object"),
+    ([TOOL, 5], "tool 1 must be an object"),
+    ([{"type": "retrieval", "function": {"name": "f"}}], "tool 0 must be an object"),
+    ([{"type": "function", "function": {"description": "no name"}}], "tool 0: function.name"),
+    ([{"type": "function", "function": {"name": "f", "parameters": ["a"]}}], "tool 0 (f): function.parameters"),
+    ({"type": "function"}, "must be a list of tool definitions"),
+])
+def test_chat_tools_file_is_checked_entry_by_entry(tmp_path, tools, says):
+    f = tmp_path / "tools.json"
+    f.write_text(json.dumps(tools))
+    with pytest.raises(UserError, match=re.escape(f"{f}: ") + ".*" + re.escape(says)):
+        validate_tools(tools, str(f))
+    r = CliRunner().invoke(main, ["chat", "-m", str(tmp_path / "never-loaded"), "--tools", str(f)])
+    assert r.exit_code == 1 and says in r.output and str(f) in r.output
+    assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("messages, says", [
+    ([{"role": "user"}], 'message 0 (user) needs a "content"'),
+    ([{"role": "system", "content": None}], 'message 0 (system) needs a "content"'),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}], 'message 1 has a "content" that is not'),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "message 0: content part 0"),
+    ([{"role": "user", "content": ["hi"]}], "message 0: content part 0"),
+    ([{"role": "tool", "content": "sunny"}], "message 0 (tool) needs the \"tool_call_id\""),
+    ([{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}], 'message 0: "tool_calls" must be'),
+    ([{"role": "assistant", "content": "", "reasoning_content": ["x"]}], 'message 0: "reasoning_content"'),
+    ({"messages": [], "tools": [5]}, "tool 0 must be an object"),
+])
+def test_loaded_conversations_are_checked_message_by_message(messages, says):
+    with pytest.raises(UserError, match=re.escape(f"saved.json: {says}")):
+        validate_messages(messages, "saved.json")
+
+
+def test_a_tool_call_turn_without_text_loads():
+    call = {"id": "functions.get_weather:0", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "weather?"}]},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}]
+    assert validate_messages({"messages": messages, "tools": [TOOL]}, "saved.json") == (messages, [TOOL])
 
 
 def test_serve_hands_the_options_to_the_server(tiny_path, monkeypatch):
