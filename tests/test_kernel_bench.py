@@ -1,7 +1,10 @@
-"""Smoke run of the kernel benchmark on tiny shapes: the JSON object has the keys issue 3 lists."""
+"""Smoke run of the kernel benchmark on tiny shapes: the JSON object has the keys issue 3 lists, and each derived
+figure (bandwidth, share of a ceiling, FLOP/s) follows from the measured ones."""
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from hybrid.kernel_bench import run_kernel_bench
 
@@ -11,8 +14,13 @@ def _numbers(d: dict, keys: tuple[str, ...]) -> None:
         assert isinstance(d[k], float) and d[k] > 0, (k, d.get(k))
 
 
-def test_small_kernel_bench_has_every_figure():
-    r = run_kernel_bench(small=True, threads=1)
+@pytest.fixture(scope="module")
+def small_run() -> dict:
+    return run_kernel_bench(small=True, threads=1)
+
+
+def test_small_kernel_bench_has_every_figure(small_run):
+    r = small_run
     json.dumps(r)                                          # JSON-able as the CLI prints it
     assert r["config"]["small"] is True and r["config"]["threads"] == 1
     _numbers(r, ("mem_read_gbps", "fp32_matmul_gflops"))
@@ -30,3 +38,39 @@ def test_small_kernel_bench_has_every_figure():
     _numbers(torch_peer["prefill_16"], ("ms", "tokens_per_s", "gflops"))
     kt = r["peers"]["ktransformers"]
     assert isinstance(kt["available"], bool) and (kt["available"] or kt["reason"])
+
+
+def test_kernel_bench_figures_follow_from_each_other(small_run):
+    """Each derived figure recomputed from the returned ones: bandwidth = bytes read / time, a share =
+    figure / its ceiling, FLOP/s = 6 D I (tokens x top-k) / time (gate, up and down: 2 FLOPs per weight)."""
+    r = small_run
+    c = r["config"]
+    D, I, E, K = c["hidden"], c["inter"], c["experts"], c["topk"]
+    decode_bytes = K * c["expert_mb"] * 1e6  # one token reads its top-K experts
+
+    def gbps(nbytes, ms):
+        return nbytes / (ms / 1e3) / 1e9
+
+    dec = r["moe_decode"]
+    assert dec["gbps"] == pytest.approx(gbps(decode_bytes, dec["ms"]), rel=1e-9)
+    assert dec["pct_of_mem_read"] == pytest.approx(100 * dec["gbps"] / r["mem_read_gbps"], rel=1e-9)
+    assert dec["ms_median"] >= dec["ms"]  # the best of the same runs
+    one = r["threads"]["1"]
+    assert one["decode_gbps"] == pytest.approx(gbps(decode_bytes, one["decode_ms"]), rel=1e-9)
+    assert one["decode_pct_of_mem_read"] == pytest.approx(100 * one["decode_gbps"] / one["mem_read_gbps"], rel=1e-9)
+    for T, entry in r["moe_prefill"].items():
+        T = int(T)
+        s = entry["ms"] / 1e3
+        assert entry["tokens_per_s"] == pytest.approx(T / s, rel=1e-9)
+        assert entry["gflops"] == pytest.approx(6 * D * I * T * K / s / 1e9, rel=1e-9)
+        assert entry["tokens_per_expert"] == T * K / E
+    for key, experts in (("prefill_64_per_expert", E), ("prefill_model_density", r["prefill_model_density"]["experts"])):
+        entry = r[key]
+        assert entry["pct_of_fp32_matmul"] == pytest.approx(100 * entry["gflops"] / r["fp32_matmul_gflops"], rel=1e-9)
+        T = round(entry["tokens_per_expert"] * experts / K)
+        assert entry["gflops"] == pytest.approx(6 * D * I * T * K / (entry["ms"] / 1e3) / 1e9, rel=1e-9)
+    assert r["prefill_64_per_expert"]["tokens_per_expert"] == 64.0
+    assert r["prefill_model_density"]["tokens_per_expert"] == 512 * K / r["prefill_model_density"]["experts"]
+    peer = r["peers"]["torch_int4pack"]
+    assert peer["decode"]["gbps"] == pytest.approx(gbps(decode_bytes, peer["decode"]["ms"]), rel=1e-9)
+    assert peer["prefill_16"]["tokens_per_s"] == pytest.approx(16 / (peer["prefill_16"]["ms"] / 1e3), rel=1e-9)

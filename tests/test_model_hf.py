@@ -44,16 +44,29 @@ def hf_model(engine: hybrid.Engine, ckpt_dir):
 
 
 @pytest.mark.parametrize("over", [{}, {"n_group": 4, "topk_group": 2}], ids=["k2-routing", "n_group4"])
-def test_logits_match_transformers(make_checkpoint, over):
+def test_logits_match_transformers(make_checkpoint, over, monkeypatch):
     path = make_checkpoint(**over)
     assert len(list(path.glob("model-*.safetensors"))) > 1  # several shards
     engine = hybrid.load(path, backend="reference")
     ref = hf_model(engine, path)
     ids = torch.randint(0, engine.config.vocab_size, (24,), generator=torch.Generator().manual_seed(1))
+    route, routed = engine.model.route, []  # (layer, the MoE input [T, D]) of this forward pass
+    monkeypatch.setattr(engine.model, "route", lambda i, x, k=None: (routed.append((i, x)), route(i, x, k))[1])
     ours = engine.logits(ids)
     with torch.no_grad():
         theirs = ref(ids[None]).logits[0].float()
     tol = 1e-3 * theirs.abs().max()
     assert (ours - theirs).abs().max() <= tol
-    # the routing really differs from a plain top-k somewhere, or the n_group test proves nothing
     assert theirs.argmax(-1).tolist() == ours.argmax(-1).tolist()
+    # with n_group, the group limit must change some token's experts (vs a plain top-k of the biased
+    # scores), or agreeing with transformers proves nothing about group-limited routing
+    cfg, w = engine.config, engine.model.w
+    changed = 0
+    assert {i for i, _ in routed} == set(cfg.moe_layers)
+    for i, x in routed:
+        p = f"model.layers.{i}.mlp.gate."
+        biased = torch.sigmoid(x.float() @ w[p + "weight"].float().T) + w[p + "e_score_correction_bias"].float()
+        plain = biased.topk(cfg.num_experts_per_tok, dim=-1).indices.sort(-1).values  # [T, K]
+        chosen = route(i, x)[0].sort(-1).values
+        changed += int((plain != chosen).any(-1).sum())
+    assert (changed > 0) == (cfg.n_group > 1), changed

@@ -27,11 +27,15 @@ def test_lru_lfu_lrfu_victims():
 
 
 def test_belady_is_optimal_and_policies_differ():
-    # a cyclic scan over 4 keys with 3 slots: LRU always misses, Belady keeps 2 of 3
+    # a cyclic scan over 4 keys (0 1 2 3 0 1 2 3 ..., 24 accesses) with 3 slots: LRU always evicts the key
+    # needed next, so it never hits. Belady, by hand: t0-t2 are cold misses; at t3 (key 3) it evicts the
+    # resident key used furthest ahead (2, next at t6), so t4 (0) and t5 (1) hit; t6 (2) misses and evicts
+    # 1 (next at t9), so t7, t8 hit; and so on: a miss at t = 3, 6, ..., 21 (7 misses), each followed by
+    # two hits. Hits = 24 - 3 - 7 = 14.
     calls = [[(1, k)] for k in [0, 1, 2, 3] * 6]
     assert simulate(calls, 3, "lru") == 0.0
     bel = simulate(calls, 3, "belady")
-    assert bel > 0.5
+    assert bel == 14 / 24
     for p in ("lru", "lfu", "lrfu"):
         assert simulate(calls, 3, p) <= bel
     assert simulate(calls, 4, "lru") == 20 / 24  # everything fits: only the 4 cold misses
