@@ -1,7 +1,7 @@
 """Engine: a loaded model you can call. Wires config + checkpoint + expert backend + model.
 
-Owns resolving what `hybrid.load` is given (a checkpoint directory or a built-in preset) and turning
-the non-expert weights into compute tensors. It does no math itself (model.py) and no rendering.
+Owns turning what `hybrid.load` is given (resolved by hybrid.resolve) into a running engine, and the
+non-expert weights into compute tensors. It does no math itself (model.py) and no rendering.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from .model import AttnMode, ExpertBackend, Model
 from .parser import Event
 from .reference import ReferenceExperts
 from .sampling import SamplingParams, sample
-from .synth import PRESETS, ensure_preset
+from .resolve import resolve_model
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,16 +37,6 @@ def int8_weights(weights: dict[str, torch.Tensor]) -> dict:
         return name == "lm_head.weight" or (name.endswith("_proj.weight") and "kv_b_proj" not in name)
 
     return {k: (quantize_int8(v) if big(k) else v) for k, v in weights.items()}
-
-
-def resolve_model(model: str | Path) -> Path:
-    """A checkpoint directory, or a preset name generated into the cache on first use."""
-    p = Path(model)
-    if p.is_dir():
-        return p
-    if str(model) in PRESETS:
-        return ensure_preset(str(model))
-    raise CheckpointError(f"{model}: no such checkpoint directory, and not a preset ({', '.join(PRESETS)})")
 
 
 class Engine:
