@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .api_common import (ApiError, JobStream, ServerState, check_model, collect, join_text_parts,
                          normalize_tool_ids, prepare, read_json, sampling_params, server_state, validate)
+from .conversation import forced_call_prefix
 from .engine_runner import Failed, Finished, Job, Started
 from .parser import ContentDelta, ReasoningDelta, ToolCall, ToolCallError
 
@@ -150,36 +151,35 @@ def _messages(req: MessagesRequest) -> list[dict]:
     return normalize_tool_ids(out)
 
 
-def _tools(req: MessagesRequest, messages: list[dict]) -> tuple[list[dict] | None, list[str] | None]:
-    """-> (OpenAI-style tools for the template, names the parser accepts); tool_choice as in api_openai."""
+def _tools(req: MessagesRequest, messages: list[dict]) -> tuple[list[dict] | None, list[str] | None, str]:
+    """-> (OpenAI-style tools for the template, names the parser accepts, the forced start of the
+    answer); tool_choice as in api_openai ('any' is 'required', 'tool' a named function)."""
     tools = [{"type": "function", "function": {"name": t.name, "description": t.description or "",
                                                "parameters": t.input_schema}} for t in req.tools or []] or None
     names = [t.name for t in req.tools or []]
     choice = req.tool_choice.type if req.tool_choice else "auto"
     if choice == "auto":
-        return tools, names if tools else None
+        return tools, names if tools else None, ""
     if choice == "none":
-        return None, []
+        return None, [], ""
     if not tools:
         raise ApiError(400, f"tool_choice {choice!r} asks for a tool call but no tools were given", "tool_choice")
     if choice == "any":
-        messages.append({"role": "system", "content": "Answer by calling one of the declared functions."})
-        return tools, names
+        return tools, names, forced_call_prefix(messages, None)
     name = req.tool_choice.name
     if not name:
         raise ApiError(400, "tool_choice of type 'tool' needs the tool's name", "tool_choice.name")
     if name not in names:
         raise ApiError(400, f"tool_choice names tool {name!r}, which is not among the tools", "tool_choice.name")
-    messages.append({"role": "system", "content": f"Answer by calling the function {name}."})
-    return tools, [name]
+    return tools, [name], forced_call_prefix(messages, name)
 
 
 async def _job(state: ServerState, req: MessagesRequest) -> Job:
     messages = _messages(req)
-    tools, names = _tools(req, messages)
+    tools, names, forced = _tools(req, messages)
     params = sampling_params({"stop": "stop_sequences"}, temperature=req.temperature, top_p=req.top_p,
                              top_k=req.top_k, max_tokens=req.max_tokens, stop=req.stop_sequences)
-    return await prepare(state, messages, tools, names, params)
+    return await prepare(state, messages, tools, names, params, forced)
 
 
 @router.post("/v1/messages/count_tokens")

@@ -165,13 +165,15 @@ def normalize_tool_ids(messages: list[dict]) -> list[dict]:
 
 
 async def prepare(state: ServerState, messages: list[dict], tools: list[dict] | None,
-                  tool_names: list[str] | None, params: SamplingParams) -> Job:
-    """Render and tokenize (off the event loop), enforce the prompt limits, size the output budget."""
+                  tool_names: list[str] | None, params: SamplingParams, forced: str = "") -> Job:
+    """Render and tokenize (off the event loop), enforce the prompt limits, size the output budget.
+    forced: the start of the assistant's turn (a tool call that tool_choice demands), appended."""
     engine = state.engine
     try:
         prompt = await run_in_threadpool(engine.apply_chat_template, messages, tools=tools, tokenize=True)
     except (ChatTemplateError, TokenizerError) as exc:
         raise ApiError(400, f"these messages cannot be rendered: {exc}", "messages") from None
+    prompt += engine.tokenizer.encode(forced, allow_special=True)
     limit = min(state.max_prompt_tokens or engine.context, engine.context - 1)  # leave room for one token
     if len(prompt) > limit:
         which = (f"max_prompt_tokens={state.max_prompt_tokens}" if limit == state.max_prompt_tokens
@@ -179,7 +181,7 @@ async def prepare(state: ServerState, messages: list[dict], tools: list[dict] | 
         raise ApiError(400, f"the prompt is {len(prompt)} tokens, over this server's limit of {limit} ({which}); "
                             "shorten the conversation", "messages", "context_length_exceeded")
     budget = engine.context - len(prompt)  # the answer may fill the rest of the context, never more
-    return Job(prompt, params, tool_names, min(params.max_tokens or budget, budget))
+    return Job(prompt, params, tool_names, min(params.max_tokens or budget, budget), forced)
 
 
 async def collect(request: Request, runner: EngineRunner, job: Job) -> tuple[list[Event], Finished]:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .api_common import (ApiError, JobStream, ServerState, check_model, collect, join_text_parts,
                          normalize_tool_ids, prepare, read_json, sampling_params, server_state, validate)
+from .conversation import forced_call_prefix
 from .engine_runner import Failed, Finished, Job, Started
 from .parser import ContentDelta, ReasoningDelta, ToolCall, ToolCallError
 
@@ -121,26 +122,25 @@ def _messages(req: ChatRequest) -> list[dict]:
     return normalize_tool_ids(out)
 
 
-def _tools(req: ChatRequest, messages: list[dict]) -> tuple[list[dict] | None, list[str] | None]:
-    """-> (tools for the template, names the parser accepts). tool_choice 'none' renders no tools and
-    accepts no call; 'required' and a named function add a closing system line asking for the call."""
+def _tools(req: ChatRequest, messages: list[dict]) -> tuple[list[dict] | None, list[str] | None, str]:
+    """-> (tools for the template, names the parser accepts, the forced start of the answer).
+    tool_choice 'none' renders no tools and accepts no call; 'required' and a named function start the
+    assistant's turn with the tool call (conversation.forced_call_prefix), so the answer is one."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
     names = [t.function.name for t in req.tools or []]
     choice = req.tool_choice
     if choice in (None, "auto"):
-        return tools, names if tools else None
+        return tools, names if tools else None, ""
     if choice == "none":
-        return None, []
+        return None, [], ""
     if not tools:
         raise ApiError(400, "tool_choice asks for a tool call but no tools were given", "tool_choice")
     if choice == "required":
-        messages.append({"role": "system", "content": "Answer by calling one of the declared functions."})
-        return tools, names
+        return tools, names, forced_call_prefix(messages, None)
     if choice.function.name not in names:
         raise ApiError(400, f"tool_choice names function {choice.function.name!r}, which is not among the tools "
                             f"({', '.join(names)})", "tool_choice.function.name")
-    messages.append({"role": "system", "content": f"Answer by calling the function {choice.function.name}."})
-    return tools, [choice.function.name]
+    return tools, [choice.function.name], forced_call_prefix(messages, choice.function.name)
 
 
 def _refuse_unsupported(req: ChatRequest) -> None:
@@ -171,13 +171,13 @@ async def chat_completions(request: Request) -> Any:
     check_model(state, req.model)
     _refuse_unsupported(req)
     messages = _messages(req)
-    tools, names = _tools(req, messages)
+    tools, names, forced = _tools(req, messages)
     max_tokens, max_name = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens is not None
                             else (req.max_tokens, "max_tokens"))
     params = sampling_params({"max_tokens": max_name}, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                              min_p=req.min_p, seed=req.seed, max_tokens=max_tokens,
                              stop=[req.stop] if isinstance(req.stop, str) else req.stop)
-    job = state.runner.submit(await prepare(state, messages, tools, names, params))
+    job = state.runner.submit(await prepare(state, messages, tools, names, params, forced))
     head = {"id": f"chatcmpl-{job.id}", "created": int(time.time()), "model": state.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -24,10 +24,25 @@ class Done:
     decode_s: float
 
 
+def forced_call_prefix(messages: list[dict], name: str | None) -> str:
+    """The start of an assistant turn that makes it a tool call (tool_choice 'required' or a named
+    function): reasoning closed, the tool section opened, and for a named function its K2 id
+    `functions.NAME:IDX` (IDX counts the conversation's earlier calls) up to the arguments. Appended to
+    the prompt, so the model only writes the rest; there is no reasoning for such a turn."""
+    head = "<think></think><|tool_calls_section_begin|><|tool_call_begin|>functions."
+    if name is None:
+        return head  # the model picks which declared tool
+    idx = sum(len(m.get("tool_calls") or []) for m in messages if m.get("role") == "assistant")
+    return f"{head}{name}:{idx}<|tool_call_argument_begin|>"
+
+
 def run_chat(engine, prompt: list[int], params: SamplingParams, tool_names: list[str] | None,
-             max_tokens: int) -> Iterator[Event | Done]:
+             max_tokens: int, forced: str = "") -> Iterator[Event | Done]:
+    """forced: text the prompt already ends with that belongs to the assistant's turn (see
+    forced_call_prefix); the parser reads it first, so the answer parses as if the model wrote it."""
     tok = engine.tokenizer
     parser = OutputParser(tool_names)
+    yield from parser.feed(forced)
     stream = tok.stream()
     stops = StopMatcher(params.stop)
     n_gen = n_reasoning = prefill = 0
@@ -63,4 +78,4 @@ def run_chat(engine, prompt: list[int], params: SamplingParams, tool_names: list
     yield Done(finish, len(prompt), prefill, n_gen, n_reasoning, t_first, t_end - t_first)
 
 
-__all__ = ["Done", "run_chat"]
+__all__ = ["Done", "forced_call_prefix", "run_chat"]

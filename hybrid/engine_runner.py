@@ -48,6 +48,7 @@ class Job:
     params: SamplingParams
     tool_names: list[str] | None
     max_tokens: int
+    forced: str = ""  # the assistant turn's forced start (tool_choice), already at the end of prompt
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -169,7 +170,8 @@ class EngineRunner:
     def _run(self, job: Job) -> None:
         tokens: list[int] = []
         answered = False
-        chat = run_chat(_Cancellable(self.engine, job, tokens), job.prompt, job.params, job.tool_names, job.max_tokens)
+        chat = run_chat(_Cancellable(self.engine, job, tokens), job.prompt, job.params, job.tool_names, job.max_tokens,
+                        job.forced)
         try:
             for item in chat:
                 if job.cancelled.is_set():

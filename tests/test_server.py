@@ -130,12 +130,23 @@ def test_tool_choice_none_and_named(client, engine):
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
     assert "<|tool_call_begin|>" in r.choices[0].message.content  # the stray call comes back as text
     assert "tool_declare" not in engine.decode_prompt()
-    engine.play(ANSWER)  # the model answers without calling the named function: a plain stop
+    # a named function: the answer starts as that call, so the model only writes the arguments
+    engine.play('{"city":"Paris"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>')
     named = {"type": "function", "function": {"name": "get_weather"}}
     r = ask(client, "Paris?", tools=[WEATHER_TOOL], tool_choice=named, max_tokens=200)
-    assert (r.choices[0].finish_reason, r.choices[0].message.tool_calls) == ("stop", None)
-    assert engine.decode_prompt().endswith("Answer by calling the function get_weather.<|im_end|>"
-                                           "<|im_assistant|>assistant<|im_middle|>")
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert [(c.id, c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls] == \
+        [("functions.get_weather:0", "get_weather", '{"city":"Paris"}')]
+    assert engine.decode_prompt().endswith("<|im_assistant|>assistant<|im_middle|><think></think>"
+                                           "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+                                           "<|tool_call_argument_begin|>")
+    # 'required': the tool section is opened and the model names the tool
+    engine.play('get_weather:0<|tool_call_argument_begin|>{"city":"Oslo"}<|tool_call_end|>'
+                "<|tool_calls_section_end|><|im_end|>")
+    r = ask(client, "Oslo?", tools=[WEATHER_TOOL], tool_choice="required", max_tokens=200)
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls] == \
+        [("get_weather", '{"city":"Oslo"}')]
 
 
 def test_stop_string_and_length(client, engine):

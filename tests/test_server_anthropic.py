@@ -83,6 +83,23 @@ def test_tool_use_loop(client, engine):
     assert "## Return of functions.get_weather:0\nsunny<|im_end|><|im_assistant|>assistant<|im_middle|>" in prompt
 
 
+def test_tool_choice_tool_makes_the_answer_that_call(client, engine):
+    """A named tool choice starts the answer as that call (reasoning closed), so only the input is written;
+    the call's index follows the conversation's earlier calls."""
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "functions.get_weather:0",
+                                                   "name": "get_weather", "input": {"city": "Rome"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "functions.get_weather:0",
+                                              "content": "rain"}, {"type": "text", "text": "And Paris?"}]}]
+    engine.play('{"city":"Paris"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>')
+    m = create(client, messages, tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"})
+    assert m.stop_reason == "tool_use"
+    assert [(b.type, b.id, b.name, b.input) for b in m.content if b.type == "tool_use"] == \
+        [("tool_use", "functions.get_weather:1", "get_weather", {"city": "Paris"})]
+    assert engine.decode_prompt().endswith("<think></think><|tool_calls_section_begin|><|tool_call_begin|>"
+                                           "functions.get_weather:1<|tool_call_argument_begin|>")
+
+
 def test_streaming_events_come_in_anthropic_order(client, engine):
     engine.play(CALL_WEATHER.replace("</think>", "</think>Let me look."))
     events = list(client.messages.create(model=MODEL, max_tokens=200, stream=True, tools=[WEATHER],
