@@ -16,8 +16,6 @@ class Policy(Protocol):
 
     def victim(self, candidates: Iterable[Key], now: int) -> Key: ...
 
-    def forget(self, key: Key) -> None: ...
-
 
 class LRU:
     def __init__(self) -> None:
@@ -28,9 +26,6 @@ class LRU:
 
     def victim(self, candidates: Iterable[Key], now: int) -> Key:
         return min(candidates, key=lambda k: self.last.get(k, -1))
-
-    def forget(self, key: Key) -> None:
-        self.last.pop(key, None)
 
 
 class LFU:
@@ -46,9 +41,6 @@ class LFU:
 
     def victim(self, candidates: Iterable[Key], now: int) -> Key:
         return min(candidates, key=lambda k: (self.count.get(k, 0), self.last.get(k, -1)))
-
-    def forget(self, key: Key) -> None:
-        pass
 
 
 class LRFU:
@@ -69,9 +61,6 @@ class LRFU:
 
     def victim(self, candidates: Iterable[Key], now: int) -> Key:
         return min(candidates, key=lambda k: (self._score(k, now), self.last.get(k, -1)))
-
-    def forget(self, key: Key) -> None:
-        pass
 
 
 POLICIES = {"lru": LRU, "lfu": LFU, "lrfu": LRFU}

@@ -9,7 +9,6 @@ timing counters. The kernels compute; expert_cache moves bytes; this file only o
 from __future__ import annotations
 
 import json
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -66,7 +65,6 @@ class Scheduler:
         # numba's thread count is per calling thread: set it on the worker that runs the kernels
         init = (lambda: numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))) if threads else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts", initializer=init)
-        self._lock = threading.Lock()
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -130,7 +128,7 @@ class Scheduler:
     def _submit_cpu(self, layer: int, x: torch.Tensor, xn: np.ndarray, idn: np.ndarray, wn: np.ndarray,
                     used: list[int]) -> Future:
         if self.cache is None:
-            return self._pool.submit(self._run_mmap, layer, xn, idn, wn, len(used))
+            return self._pool.submit(self._kernel, layer, xn, idn, wn, len(used))
         # pin what is resident and start the misses before any prefetch can take their slots
         resident, missing = self.cache.pin_ready(layer, used)
         started, waiting = {}, []
@@ -193,9 +191,6 @@ class Scheduler:
             self.cpu_prefill_s += dt
         self.expert_bytes += n_experts * self.tables[layer].expert_nbytes
         return y
-
-    def _run_mmap(self, layer: int, x: np.ndarray, ids: np.ndarray, w: np.ndarray, n: int) -> np.ndarray:
-        return self._kernel(layer, x, ids, w, n)
 
     def _run_cached(self, layer: int, x: np.ndarray, ids: np.ndarray, w: np.ndarray, resident: list[int],
                     started: dict[int, Future], waiting: list[int]) -> np.ndarray:
