@@ -114,6 +114,7 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
         if on_run:
             on_run(r)
 
+    graphs = engine.stats()["decode_graphs"]
     experts = decode.per_token("expert_bytes")
     weights = weight_bytes_per_token(engine)
     achieved = (experts + weights) * statistics.median(decode.tok_s) / GB
@@ -127,7 +128,8 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
         "machine": {"cpu_threads": engine.plan.cpu_threads, "mem_read_gbps": mem_gbps,
                     "loadavg_1min": os.getloadavg()[0]},
         "settings": {"backend": backend, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "runs": runs,
-                     "context": engine.context, "expert_mode": engine.plan.expert_mode},
+                     "context": engine.context, "expert_mode": engine.plan.expert_mode,
+                     "decode_graphs": "off" if graphs is None else ("cuda_graphs" if graphs["captured"] else "segments")},
         "prefill": {"tok_s": _spread(prefill.tok_s), "runs_tok_s": prefill.tok_s, "split_ms_per_token": prefill.split(),
                     "expert_bytes_per_token": prefill.per_token("expert_bytes")},
         "decode": {"tok_s": _spread(decode.tok_s), "runs_tok_s": decode.tok_s, "split_ms_per_token": decode.split(),
@@ -135,7 +137,10 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
                    "bytes_per_token": experts + weights, "achieved_gbps": achieved,
                    "pct_of_mem_read": 100 * achieved / mem_gbps,
                    "expert_kernel_gbps": decode.sums["expert_bytes"] / compute / GB if compute > 0 else None,
-                   "disk_bytes_per_token": decode.per_token("bytes_read")},
+                   "disk_bytes_per_token": decode.per_token("bytes_read"),
+                   "per_moe_layer_ms": {k: decode.split()[k] / max(1, len(cfg.moe_layers))
+                                        for k in ("gpu_side", "experts_compute", "experts_wait")},
+                   "overlap_efficiency": max(0.0, 1 - decode.sums["experts_wait_s"] / compute) if compute > 0 else None},
         "cache": ({"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else None}
                   if prefill.cache or decode.cache else None),
     }

@@ -75,7 +75,7 @@ def render(r: dict) -> None:
     m, s, pre, dec = r["model"], r["settings"], r["prefill"], r["decode"]
     console.print(f"[bold]{m['name']}[/]: {m['layers']} layers ({m['moe_layers']} MoE x {m['routed_experts']} experts, "
                   f"top-{m['experts_per_token']}); {s['backend']} backend, experts "
-                  f"{s['expert_mode']}; {r['machine']['cpu_threads']} CPU threads; "
+                  f"{s['expert_mode']}; decode graphs {s['decode_graphs']}; {r['machine']['cpu_threads']} CPU threads; "
                   f"load average {r['machine']['loadavg_1min']:.2f}", highlight=False)
     t = Table(title=f"speed over {s['runs']} runs (tokens/s)", title_justify="left")
     for col in ("test", "median", "min", "max"):
@@ -90,6 +90,17 @@ def render(r: dict) -> None:
     t.add_column("decode", justify="right")
     for key, label in SPLIT_LABELS.items():
         t.add_row(label, *(_num(ph["split_ms_per_token"][key], ",.2f") for ph in (pre, dec)))
+    console.print(t)
+
+    t = Table(title="decode, per token per MoE layer", title_justify="left", show_header=False)
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    per = dec["per_moe_layer_ms"]
+    t.add_row("GPU-side layers", f"{per['gpu_side']:,.3f} ms")
+    t.add_row("CPU experts computing", f"{per['experts_compute']:,.3f} ms")
+    t.add_row("waiting for the CPU experts", f"{per['experts_wait']:,.3f} ms")
+    eff = dec["overlap_efficiency"]
+    t.add_row("overlap efficiency (CPU expert time not waited for)", "-" if eff is None else f"{100 * eff:.1f}%")
     console.print(t)
 
     t = Table(title="bandwidth (decode)", title_justify="left", show_header=False)

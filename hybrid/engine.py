@@ -85,6 +85,7 @@ class Engine:
             "experts_compute_s": getattr(ex, "compute_s", 0.0), "io_wait_s": getattr(ex, "io_wait_s", 0.0),
             "expert_bytes": getattr(ex, "expert_bytes", 0), "tokens": dict(self._tokens),
             "io_s": 0.0, "bytes_read": 0, "cache": None,
+            "decode_graphs": self._decode_graphs(),
         }
         out["overhead_s"] = max(0.0, t["forward"] - gpu_side - t["experts_wait"])
         cache = getattr(ex, "cache", None)
@@ -101,6 +102,13 @@ class Engine:
                 "per_layer": {l: vars(s).copy() for l, s in cache.stats.items()},
             }
         return out
+
+    def _decode_graphs(self) -> dict | None:
+        """How single-token steps run: None (the plain forward), or the static decode step's state."""
+        dec = self.model.decoder
+        if dec is None:
+            return None
+        return {"captured": dec.graphs, "buckets": sorted(dec.chains), "steps": dec.steps}
 
     def close(self) -> None:
         """Stop the expert workers and IO threads and release the maps (also done when the engine is collected)."""
@@ -216,7 +224,7 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
          gpu_memory: float | None = None, cpu_threads: int | None = None, prefetch: bool | str = "auto",
          prefetch_width: int | None = None, cache_policy: str = "lrfu", io_threads: int = 2,
          trace: str | Path | None = None, defer_experts: int = 0, hot_experts: int | None = None,
-         prefill_offload: str = "auto") -> Engine:
+         prefill_offload: str = "auto", decode_graphs: str = "auto") -> Engine:
     """Open a checkpoint (directory or preset name), plan placement, and return an Engine.
 
     backend: 'numba' (INT4 kernels over mmap'd shards or the RAM expert cache), 'reference'
@@ -235,6 +243,9 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     prefill_offload: for long prompts, upload a layer's experts to the GPU side and run its MoE there
     when that beats the CPU: 'auto' (from measured PCIe, CPU and GPU speeds; CUDA only), 'on'
     (every multi-token prefill; for testing), 'off'.
+    decode_graphs: decode through hybrid.decode_step (fixed shapes, segments between the CPU expert
+    hops, each segment a CUDA graph on CUDA): 'auto' (on with CUDA when defer_experts is 0), 'on'
+    (also without CUDA, where the same segments run eagerly), 'off' (the plain forward).
     """
     from .hardware import detect
     from .placement import plan as make_plan
@@ -248,6 +259,11 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
         raise ValueError(f"backend {backend!r} is not known; use 'numba', 'reference' or 'auto'")
     if prefill_offload not in ("auto", "on", "off"):
         raise ValueError(f"prefill_offload must be 'auto', 'on' or 'off', got {prefill_offload!r}")
+    if decode_graphs not in ("auto", "on", "off"):
+        raise ValueError(f"decode_graphs must be 'auto', 'on' or 'off', got {decode_graphs!r}")
+    if decode_graphs == "on" and defer_experts:
+        raise ValueError("decode_graphs='on' does not combine with defer_experts (the deferred sum crosses the "
+                         "graph segments); use one or the other")
     from .policy import POLICIES
 
     if cache_policy not in POLICIES:
@@ -295,6 +311,10 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
         ckpt.close()
         raise
     engine.model.defer_experts = defer_experts
+    if decode_graphs == "on" or (decode_graphs == "auto" and plan.device == "cuda" and not defer_experts):
+        from .decode_step import StaticDecoder
+
+        engine.model.decoder = StaticDecoder(engine.model, engine._cache)
     engine.plan = plan
     engine.hot_experts = hot
     model = engine.model  # closures below hold the model, never the engine (its finalizer frees the backend)

@@ -112,6 +112,7 @@ class Model:
         self.times: defaultdict[str, float] = defaultdict(float)  # seconds by part, for the bench's split
         self.defer_experts = 0  # experts per token whose output is added one MoE layer late (0 = exact)
         self._deferred: Any = None
+        self.decoder: Any = None  # a decode_step.StaticDecoder: single-token steps on its cache go through it
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.cfg, max_len, self.device, self.w["model.norm.weight"].dtype)
@@ -119,11 +120,11 @@ class Model:
     def forward(self, ids: torch.Tensor, cache: KVCache, attn: AttnMode = "auto") -> torch.Tensor:
         """ids [T] at positions cache.length .. cache.length+T-1 -> logits [T, vocab] (fp32)."""
         T, s0 = ids.shape[0], cache.length
+        if T == 1 and attn == "auto" and self.decoder is not None and cache is self.decoder.cache:
+            return self.decoder.step(int(ids[0]))
         if s0 + T > cache.max_len:
             raise ValueError(f"{s0 + T} positions exceed the KV cache of {cache.max_len}; raise the context size")
-        pos = torch.arange(s0, s0 + T, device=self.device, dtype=torch.float32)
-        ang = pos[:, None] * self.inv_freq[None, :]  # [T, R/2]
-        cos, sin = ang.cos(), ang.sin()
+        cos, sin = self.rope(torch.arange(s0, s0 + T, device=self.device))
         h = self.w["model.embed_tokens.weight"][ids.to(self.device)]  # [T, D]
         if attn == "auto":
             attn = "absorbed" if T <= ABSORB_MAX_TOKENS else "naive"
@@ -144,17 +145,34 @@ class Model:
         self.times["forward"] += time.perf_counter() - t_start
         return logits
 
-    def attention(self, i: int, x: torch.Tensor, cache: KVCache, s0: int, cos: torch.Tensor,
-                  sin: torch.Tensor, mode: AttnMode) -> torch.Tensor:
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [T] (any integer or float tensor on the device) -> cos, sin [T, R/2]."""
+        ang = pos.float()[:, None] * self.inv_freq[None, :]
+        return ang.cos(), ang.sin()
+
+    def attention(self, i: int, x: torch.Tensor, cache: KVCache, s0: int | torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, mode: AttnMode, span: int | None = None) -> torch.Tensor:
+        """s0: position of x's first token. An int; or a 0-d device tensor with mode 'absorbed' and
+        `span` (a fixed number of cache rows to attend over, masked beyond s0 + T): shapes then do not
+        depend on the position, which is what a captured (CUDA-graph) decode step needs."""
         c, w, p = self.cfg, self.w, f"model.layers.{i}.self_attn."
         T, H, P, R, L, Vd = x.shape[0], c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank, c.v_head_dim
         cq = rms_norm(linear(x, w[p + "q_a_proj.weight"]), w[p + "q_a_layernorm.weight"], LATENT_NORM_EPS)  # [T, Q]
         q = linear(cq, w[p + "q_b_proj.weight"]).view(T, H, P + R)
         q_nope, q_pe = q[..., :P], apply_rope(q[..., P:], cos, sin)  # [T, H, P], [T, H, R]
         kv = linear(x, w[p + "kv_a_proj_with_mqa.weight"])  # [T, L + R]
-        S = s0 + T
-        cache.kv[i, s0:S] = rms_norm(kv[:, :L], w[p + "kv_a_layernorm.weight"], LATENT_NORM_EPS)
-        cache.pe[i, s0:S] = apply_rope(kv[:, L:], cos, sin)
+        latent = rms_norm(kv[:, :L], w[p + "kv_a_layernorm.weight"], LATENT_NORM_EPS)
+        if isinstance(s0, torch.Tensor):  # positions on the device: written by index, read through a fixed span
+            if mode != "absorbed" or span is None:
+                raise ValueError("a device-tensor position needs mode='absorbed' and a span")
+            rows = s0 + torch.arange(T, device=x.device)
+            cache.kv[i].index_copy_(0, rows, latent.to(cache.kv.dtype))
+            cache.pe[i].index_copy_(0, rows, apply_rope(kv[:, L:], cos, sin).to(cache.pe.dtype))
+            S = span
+        else:
+            S = s0 + T
+            cache.kv[i, s0:S] = latent
+            cache.pe[i, s0:S] = apply_rope(kv[:, L:], cos, sin)
         kv_latent, k_pe = cache.kv[i, :S], cache.pe[i, :S]  # [S, L], [S, R]
         w_kv_b = w[p + "kv_b_proj.weight"].view(H, P + Vd, L)
         w_uk, w_uv = w_kv_b[:, :P], w_kv_b[:, P:]  # [H, P, L], [H, V, L]

@@ -79,10 +79,18 @@ class Scheduler:
         xn = np.ascontiguousarray(x.detach().float().cpu().numpy())
         idn = ids.cpu().numpy().astype(np.int64)
         wn = np.ascontiguousarray(weights.detach().float().cpu().numpy())
+        return self.submit_host(layer, x, ids, weights, xn, idn, wn)
+
+    def submit_host(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                    xn: np.ndarray, idn: np.ndarray, wn: np.ndarray):
+        """submit() given host copies too: xn fp32 [T, D], idn int64 [T, K], wn fp32 [T, K], C-contiguous
+        (the static decode step fills pinned buffers inside its graph, so nothing here syncs the device).
+        The CPU kernels read xn while they run: leave it alone until wait()."""
         self._record(layer, idn, wn)
         hot = self.hot.get(layer)
+        ids_host = torch.from_numpy(idn)
         if hot:  # the CPU gets only the cold pairs; a zero weight drops a pair from its work
-            cold = cold_pairs(ids, hot).cpu().numpy()
+            cold = cold_pairs(ids_host, hot).numpy()
             wn = np.where(cold, wn, 0.0).astype(np.float32)
         used = sorted(set(idn[wn != 0].tolist()))
         y_gpu = None
@@ -93,7 +101,7 @@ class Scheduler:
             fut = self._submit_cpu(layer, x, xn, idn, wn, used)
         if hot:  # while the CPU works: the hot experts on the GPU side
             t0 = time.perf_counter()
-            y_hot, cold_mask = hot_expert_moe(x, ids, weights, hot)
+            y_hot, cold_mask = hot_expert_moe(x, ids_host, weights, hot)
             self.hot_pairs += int((~cold_mask).sum())
             self.hot_s += time.perf_counter() - t0
             y_gpu = y_hot if y_gpu is None else y_gpu + y_hot
@@ -175,6 +183,16 @@ class Scheduler:
         y = torch.from_numpy(fut.result()).to(device, non_blocking=True)
         self.wait_s += time.perf_counter() - t0
         return y if y_gpu is None else y_gpu + y
+
+    def wait_host(self, handle, out: np.ndarray) -> torch.Tensor | None:
+        """wait(), split: the CPU's share written into `out` (fp32 [T, D], e.g. a pinned buffer the
+        static decode step copies to the device itself), and what the GPU side computed returned
+        (fp32 on its device; None when it computed nothing)."""
+        fut, y_gpu, _ = handle
+        t0 = time.perf_counter()
+        np.copyto(out, fut.result())
+        self.wait_s += time.perf_counter() - t0
+        return y_gpu
 
     def set_hot(self, layer: int, hot: dict) -> None:
         """Replace layer's hot set: {expert: (gate, up, down) kernels_gpu.int4.DeviceInt4}."""

@@ -78,3 +78,32 @@ class GraphCache:
         if step is None:
             step = self.steps[key] = GraphedStep(self.fn, *inputs, enabled=self.enabled, warmup=self.warmup)
         return step(*inputs)
+
+
+class GraphChain:
+    """Zero-argument callables captured in order into CUDA graphs that share one memory pool, then
+    replayed one at a time, always in that same order (the rule that makes one shared pool safe: a
+    later graph may reuse memory an earlier one freed, never memory a later one still reads).
+
+    The callables pass tensors to each other through state they close over (a dict, pinned host
+    buffers, the KV cache): during capture each reads the tensors the previous captures left there,
+    so a replay reads them at the same addresses. Warm each callable up (run it once, eagerly, with
+    real inputs) before capturing: capture records kernels without running them, and first calls
+    choose kernels, create cuBLAS handles and learn which ops work. CUDA only.
+    """
+
+    def __init__(self, fns: list[Callable[[], Any]]):
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        for fn in fns:
+            g = torch.cuda.CUDAGraph()
+            # thread_local: the expert workers and IO threads may touch CUDA while this thread captures
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
+                fn()
+            self.graphs.append(g)
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def replay(self, k: int) -> None:
+        self.graphs[k].replay()

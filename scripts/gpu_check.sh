@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short command for a CUDA machine (also runs on a CPU-only one, printing CPU figures):
-#   scripts/gpu_check.sh            the kernels_gpu tests (CUDA tests included when CUDA is present),
-#                                   then kernel timings at Kimi K2 shapes as JSON on stdout.
+#   scripts/gpu_check.sh            the kernels_gpu and decode-step tests (CUDA tests included when
+#                                   CUDA is present), kernel timings at Kimi K2 shapes, then the engine
+#                                   bench on k2-slice with decode CUDA graphs on and off: JSON on stdout.
 # Extra arguments go to the timing script (python -m kernels_gpu.bench --help), e.g. --cpu-tps 800.
 # Budget: about 2 minutes on a GPU machine. Exit status: non-zero when any step fails.
 set -euo pipefail
@@ -18,18 +19,17 @@ else:
     print("no CUDA: CPU figures only; CUDA tests will be skipped")
 PYEOF
 
-echo "== tests: tests/test_kernels_gpu.py" >&2
-"$PY" -m pytest tests/test_kernels_gpu.py -q -rs >&2
+echo "== tests: kernels_gpu and the decode step (CUDA tests included when CUDA is present)" >&2
+"$PY" -m pytest tests/test_kernels_gpu.py tests/test_decode_step.py -q -rs >&2
 
 echo "== kernel timings (JSON on stdout)" >&2
 "$PY" -m kernels_gpu.bench "$@"
 
-# ==== ENGINE BENCH: append below this line ========================================================
-# (kept for the engine's `bench --json` on a k2-slice checkpoint: decode tok/s, GPU-side and CPU-expert
-#  ms per layer, overlap efficiency, CUDA graph on/off; print it as a second JSON object on stdout)
-echo "== engine: kimi-hybrid bench --json on k2-slice (generated on first use, ~5 GB)" >&2
-"$PY" -m hybrid.cli bench --json --runs 2 --prompt-tokens 64 --gen-tokens 16
+# ==== engine: decode tok/s, GPU-side and CPU-expert ms per MoE layer, overlap efficiency, with the
+# decode step as CUDA graphs and without (settings.decode_graphs says which ran); one JSON line each
+for graphs in on off; do
+  echo "== engine: kimi-hybrid bench --json on k2-slice, --decode-graphs $graphs (k2-slice is generated on first use, ~5 GB)" >&2
+  "$PY" -m hybrid.cli bench --json --runs 2 --prompt-tokens 64 --gen-tokens 16 --decode-graphs "$graphs"
+done
 echo "== engine: scheduler and expert-cache figures (MoE block vs kernel, cache overlap)" >&2
 "$PY" scripts/bench_engine.py --tokens 16
-# CUDA graph capture of the decode step is not wired into the engine yet (kernels_gpu.graphs has the
-# helper); when it is, run the bench twice here, with and without it.
