@@ -166,7 +166,7 @@ class StaticDecoder:
             tp = self.tp_h.to(dev, non_blocking=True)
             env["s0"] = tp[1]  # 0-d: the position, on the device
             env["cos"], env["sin"] = m.rope(tp[1:2])
-            env["h"] = w["model.embed_tokens.weight"][tp[0:1]]  # [1, D]
+            env["h"] = torch.index_select(w["model.embed_tokens.weight"], 0, tp[0:1])  # [1, D]
 
         def attend(i: int) -> None:
             h = env["h"]
@@ -197,7 +197,7 @@ class StaticDecoder:
                 x = rms_norm(env["h"], w[f"model.layers.{i}.post_attention_layernorm.weight"], eps)
                 ids, weights = m.route(i, x)
                 env["x"], env["ids"], env["w"] = x, ids, weights
-                self.x_h.copy_(x, non_blocking=True)
+                self.x_h.copy_(x.float(), non_blocking=True)
                 self.ids_h.copy_(ids, non_blocking=True)
                 self.w_h.copy_(weights, non_blocking=True)
             return run
