@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .api_common import (ApiError, JobStream, ServerState, check_model, collect, join_text_parts,
-                         normalize_tool_ids, prepare, read_json, sampling_params, server_state, validate)
+                         normalize_tool_ids, prepare, read_json, sampling_params, server_state, submit, validate)
 from .conversation import forced_call_prefix
 from .engine_runner import Failed, Finished, Job, Started
 from .parser import ContentDelta, ReasoningDelta, ToolCall, ToolCallError
@@ -197,7 +197,7 @@ async def messages(request: Request) -> Any:
     state = server_state(request)
     req: MessagesRequest = validate(MessagesRequest, await read_json(request, state.max_body_bytes))
     check_model(state, req.model)
-    job = state.runner.submit(await _job(state, req))
+    job = submit(state, await _job(state, req))
     # K2 Thinking always thinks; its thinking blocks are left out only when the client turns thinking off
     show_thinking = not (req.thinking and req.thinking.type == "disabled")
     if req.stream:

@@ -20,7 +20,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from .chat import ChatTemplateError
-from .engine_runner import EngineRunner, Failed, Finished, Job, Started
+from .engine_runner import EngineRunner, Failed, Finished, Job, QueueFull, Started
 from .parser import Event
 from .sampling import SamplingError, SamplingParams
 from .tokenizer import TokenizerError
@@ -33,9 +33,11 @@ MAX_JSON_DEPTH = 100
 class ApiError(Exception):
     """An invalid request: HTTP status, a message naming the problem, and the offending field."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
 
 @dataclass
@@ -182,6 +184,16 @@ async def prepare(state: ServerState, messages: list[dict], tools: list[dict] | 
                             "shorten the conversation", "messages", "context_length_exceeded")
     budget = engine.context - len(prompt)  # the answer may fill the rest of the context, never more
     return Job(prompt, params, tool_names, min(params.max_tokens or budget, budget), forced)
+
+
+def submit(state: ServerState, job: Job) -> Job:
+    """Queue the job, or refuse it with a 429 and Retry-After when max_queue requests already wait."""
+    try:
+        return state.runner.submit(job)
+    except QueueFull as full:
+        raise ApiError(429, f"the server is busy: {full.waiting} requests are already waiting for the model "
+                            f"(max_queue={state.runner.max_queue}); retry in about {full.retry_after_s} s",
+                       None, "queue_full", {"Retry-After": str(full.retry_after_s)}) from None
 
 
 async def collect(request: Request, runner: EngineRunner, job: Job) -> tuple[list[Event], Finished]:

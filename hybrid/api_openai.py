@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .api_common import (ApiError, JobStream, ServerState, check_model, collect, join_text_parts,
-                         normalize_tool_ids, prepare, read_json, sampling_params, server_state, validate)
+                         normalize_tool_ids, prepare, read_json, sampling_params, server_state, submit, validate)
 from .conversation import forced_call_prefix
 from .engine_runner import Failed, Finished, Job, Started
 from .parser import ContentDelta, ReasoningDelta, ToolCall, ToolCallError
@@ -177,7 +177,7 @@ async def chat_completions(request: Request) -> Any:
     params = sampling_params({"max_tokens": max_name}, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                              min_p=req.min_p, seed=req.seed, max_tokens=max_tokens,
                              stop=[req.stop] if isinstance(req.stop, str) else req.stop)
-    job = state.runner.submit(await prepare(state, messages, tools, names, params, forced))
+    job = submit(state, await prepare(state, messages, tools, names, params, forced))
     head = {"id": f"chatcmpl-{job.id}", "created": int(time.time()), "model": state.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -153,15 +153,17 @@ def run(prompt: str, model: str, max_tokens: int, temperature: float, seed: int 
 @click.option("--api-key", envvar="KIMI_HYBRID_API_KEY", help="Require this key on every request [env KIMI_HYBRID_API_KEY].")
 @click.option("--model-name", default="kimi-k2-thinking", show_default=True, help="The model name clients ask for.")
 @click.option("--max-prompt-tokens", type=click.IntRange(min=1), help="Refuse longer prompts (default: the context).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Requests that may wait behind the running one; more get HTTP 429 with Retry-After.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def serve(model: str, host: str, port: int, api_key: str | None, model_name: str, max_prompt_tokens: int | None,
-          log_level: str, **engine_opts) -> None:
+          max_queue: int, log_level: str, **engine_opts) -> None:
     """Serve the model over OpenAI- and Anthropic-compatible HTTP APIs (see README: Serve)."""
     from .server import serve as run_server
 
     options = {k: v for k, v in engine_opts.items() if v is not None}  # serve() keeps its own defaults
     run_server(str(resolve_model(model)), host=host, port=port, api_key=api_key, model_name=model_name,
-               max_prompt_tokens=max_prompt_tokens, log_level=log_level, **options)
+               max_prompt_tokens=max_prompt_tokens, max_queue=max_queue, log_level=log_level, **options)
 
 
 for command in (chat, bench, plan):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
@@ -39,6 +41,16 @@ class Failed:
 
 
 _END = object()  # the last item of every job
+RETRY_AFTER_DEFAULT_S = 2  # before any request has finished, what a refused client is told to wait
+RETRY_AFTER_MAX_S = 60  # clients honour a Retry-After up to about this
+
+
+class QueueFull(Exception):
+    """The runner already holds max_queue waiting jobs; retry_after_s estimates when one will have started."""
+
+    def __init__(self, waiting: int, retry_after_s: int):
+        super().__init__(f"{waiting} requests are already waiting for the model")
+        self.waiting, self.retry_after_s = waiting, retry_after_s
 
 
 @dataclass(eq=False)
@@ -88,10 +100,15 @@ class _Cancellable:
 
 
 class EngineRunner:
-    """One worker thread runs jobs one at a time, in the order they were submitted."""
+    """One worker thread runs jobs one at a time, in the order they were submitted.
+    max_queue: how many jobs may wait behind the running one (None: no limit); submit() refuses more."""
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, max_queue: int | None = None):
+        if max_queue is not None and max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0 or None, got {max_queue}")
         self.engine = engine
+        self.max_queue = max_queue
+        self._job_s: float | None = None  # moving average of how long a job holds the worker
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.active: Job | None = None
@@ -123,13 +140,21 @@ class EngineRunner:
 
     def submit(self, job: Job) -> Job:
         """Queue a job (from the event loop); its items arrive through events(job)."""
-        job._loop, job._out = asyncio.get_running_loop(), asyncio.Queue()
         with self._lock:
-            ahead, self._in_line = self._in_line, self._in_line + 1
+            ahead = self._in_line
+            if self.max_queue is not None and ahead > self.max_queue:  # one runs, max_queue wait
+                raise QueueFull(ahead - 1, self.retry_after_s())
+            self._in_line += 1
+        job._loop, job._out = asyncio.get_running_loop(), asyncio.Queue()
         log.info("request %s: %d prompt tokens, queue position %d (%s)", job.id, len(job.prompt), ahead + 1,
                  "starts now" if ahead == 0 else f"{ahead} ahead")
         self._jobs.put(job)
         return job
+
+    def retry_after_s(self) -> int:
+        """Seconds until the running job is likely done (its average so far), as whole seconds for Retry-After."""
+        est = RETRY_AFTER_DEFAULT_S if self._job_s is None else self._job_s
+        return max(1, min(RETRY_AFTER_MAX_S, math.ceil(est)))
 
     async def events(self, job: Job) -> AsyncIterator[Event | Started | Finished | Failed]:
         """The job's events, Started, then Finished or Failed. Leaving early (the client went away)
@@ -149,12 +174,15 @@ class EngineRunner:
                 self._done(job)
                 continue
             self.active = job
+            t0 = time.perf_counter()
             try:
                 self._run(job)
             except Exception as exc:  # a request must never take the worker down
                 log.exception("request %s failed", job.id)
                 job.emit(Failed(f"generation failed: {type(exc).__name__}: {exc}"))
             finally:
+                dt = time.perf_counter() - t0
+                self._job_s = dt if self._job_s is None else 0.7 * self._job_s + 0.3 * dt
                 self.active = None
                 self._done(job)
         while not self._jobs.empty():  # stopping: tell whoever still waits

@@ -25,23 +25,26 @@ from .engine_runner import EngineRunner
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20  # a 256K-token history with tools is a few MB of JSON
+DEFAULT_MAX_QUEUE = 16  # requests waiting behind the running one; more get a 429 with Retry-After
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # bound here without a key, it answers only requests addressed here
 
-_OPENAI_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 500: "server_error", 503: "server_error"}
+_OPENAI_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_exceeded",
+                 500: "server_error", 503: "server_error"}
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
                     503: "overloaded_error"}
 
 
 def error_response(path: str, status: int, message: str, param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     """An error body in the style of the API the path belongs to."""
     if path.startswith("/v1/messages"):
         kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
-        return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status_code=status)
+        return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status_code=status,
+                            headers=headers)
     kind = _OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
 class RequestGuard:
@@ -81,15 +84,16 @@ class RequestGuard:
 
 def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-k2-thinking",
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_tokens: int | None = None,
-               allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
+               allowed_hosts: tuple[str, ...] | None = None, max_queue: int | None = DEFAULT_MAX_QUEUE) -> FastAPI:
     """The app over a loaded engine (hybrid.load(...), or anything with its generate /
     apply_chat_template / tokenizer / context). Requests run one at a time, in arrival order.
-    allowed_hosts: host names the Host header may give (None: any)."""
+    allowed_hosts: host names the Host header may give (None: any). max_queue: requests that may
+    wait behind the running one (None: no limit); beyond it a 429 with a Retry-After header."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
-    runner = EngineRunner(engine)
+    runner = EngineRunner(engine, max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -111,7 +115,7 @@ def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         log.info("%d for %s %s: %s", exc.status, request.method, request.url.path, exc.message)
-        return error_response(request.url.path, exc.status, exc.message, exc.param, exc.code)
+        return error_response(request.url.path, exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -131,7 +135,8 @@ def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-
     async def health(request: Request) -> dict:
         st = server_state(request)
         return {"status": "ok", "model": st.model_name, "busy": st.runner.active is not None,
-                "waiting": st.runner.waiting, "served": st.runner.served, "cancelled": st.runner.cancelled}
+                "waiting": st.runner.waiting, "max_queue": st.runner.max_queue, "served": st.runner.served,
+                "cancelled": st.runner.cancelled}
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "kimi-hybrid",
@@ -152,7 +157,7 @@ def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           backend: str = "auto", context: int | None = 32768, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_prompt_tokens: int | None = None, log_level: str = "info", model_name: str = "kimi-k2-thinking",
-          **load_options: Any) -> None:
+          max_queue: int | None = DEFAULT_MAX_QUEUE, **load_options: Any) -> None:
     """Load the model (checkpoint directory or preset; load_options go to hybrid.load) and serve it
     until interrupted, as `model_name`. Binds to loopback unless told otherwise."""
     import uvicorn
@@ -169,7 +174,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         options["context"] = context
     engine = load(model, **options)
     app = create_app(engine, api_key=api_key, model_name=model_name, max_body_bytes=max_body_bytes,
-                     max_prompt_tokens=max_prompt_tokens,
+                     max_prompt_tokens=max_prompt_tokens, max_queue=max_queue,
                      allowed_hosts=LOOPBACK if host in LOOPBACK and not api_key else None)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -353,3 +353,35 @@ def test_serve_binds_loopback_checks_host_and_stops_on_ctrl_c(tiny_path):
         watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_full_queue_answers_429_with_retry_after_in_both_apis(engine):
+    """max_queue=1: one request runs, one waits, the third is refused at once (OpenAI and Anthropic
+    clients both see their rate-limit error, with Retry-After); once the line moves, requests run again."""
+    import anthropic
+
+    app = create_app(engine, api_key=API_KEY, model_name=MODEL, max_queue=1)
+    hold = threading.Event()
+    engine.play("<think>busy", hold=hold)
+    with running(app) as url, watching_submissions() as seen, ThreadPoolExecutor(2) as pool, \
+            openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=HOLD_S) as oa, \
+            anthropic.Anthropic(base_url=url, api_key=API_KEY, max_retries=0, timeout=HOLD_S) as an:
+        blocker = pool.submit(ask, oa, "first", max_tokens=20)
+        assert seen.wait_for(1) and engine.started.wait(HOLD_S)
+        waiting = pool.submit(ask, oa, "second", max_tokens=3)
+        assert seen.wait_for(2)
+        with pytest.raises(openai.RateLimitError) as refused:
+            ask(oa, "third")
+        assert refused.value.response.headers["retry-after"] == "2"  # nothing finished yet: the default
+        assert refused.value.body["code"] == "queue_full" and "max_queue=1" in refused.value.body["message"]
+        with pytest.raises(anthropic.RateLimitError) as refused_an:
+            an.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "third"}])
+        assert refused_an.value.response.headers["retry-after"] == "2"
+        assert refused_an.value.body["error"]["type"] == "rate_limit_error"
+        health = httpx.get(url + "/health", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+        assert health["waiting"] == 1 and health["max_queue"] == 1 and health["busy"]
+        hold.set()
+        assert blocker.result(timeout=HOLD_S).choices[0].finish_reason == "length"
+        assert waiting.result(timeout=HOLD_S).usage.completion_tokens >= 1
+        assert ask(oa, "fourth").choices[0].finish_reason in ("stop", "length")
+    assert sum("queue position" in m for m in seen.records) == 3  # refusals never entered the queue
