@@ -105,6 +105,8 @@ def test_engine_decode_graphs_on_with_cache_prefetch_and_hot_experts(tiny_path):
         for a, b in zip(got, want):
             assert rel_err(a, b) < 1e-3
     st = eng.stats()
+    # the split's parts are disjoint stretches of the forward pass: never counted twice
+    assert st["gpu_side_s"] + st["experts_wait_s"] + st["submit_s"] <= st["forward_s"] + 1e-6
     assert st["decode_graphs"] == {"captured": False, "buckets": [], "steps": 9 + 13 + 7}
     sched = eng.model.experts
     assert sched.hot_pairs > 0  # the second request really split pairs between hot and CPU experts
@@ -165,3 +167,20 @@ def test_cuda_graph_decode_equals_eager_on_cuda(tiny_path):
     assert graphed.stats()["decode_graphs"]["buckets"] == [512]
     plain.close()
     graphed.close()
+
+
+def test_static_decode_times_each_stretch_once(tiny_path):
+    """Engine.stats() adds attention, router, shared, dense and lm_head into gpu_side: in the static
+    step the segments are timed whole, so the model's own per-part timers must stay out of it."""
+    eng = hybrid.load(tiny_path, backend="numba", device="cpu", context=32, decode_graphs="on")
+    list(eng.generate(PROMPT, 2, sampler=lambda lg: 3))  # prefill (plain forward), then one static step
+    eng.model.times.clear()
+    list(eng.generate(PROMPT + [3], 2, sampler=lambda lg: 3))  # the cache holds it all: the last token again, one step
+    t = eng.model.times
+    assert eng.model.decoder.steps == 3  # a one-token prefill is a decode step too
+    assert t["attention"] > 0 and t["shared"] > 0 and t["experts_wait"] > 0 and t["lm_head"] > 0
+    eng.model.times.clear()
+    eng.model.decoder.step(5)
+    assert t["dense"] == t["router"] == 0  # counted inside the segments' time, not again
+    assert t["attention"] + t["submit"] + t["shared"] + t["experts_wait"] + t["lm_head"] <= t["forward"]
+    eng.close()
