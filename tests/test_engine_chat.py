@@ -96,3 +96,62 @@ def test_stop_string_ends_the_answer(engine):
     cut, done2 = collect(engine, msgs, temperature=0, max_tokens=12, stop=[stop])
     got = "".join(e.text for e in cut if isinstance(e, (ReasoningDelta, ContentDelta)))
     assert done2.finish_reason == "stop" and got == text[:text.find(stop)]
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_path):
+    from hybrid.checkpoint import Checkpoint
+
+    from .server_harness import ScriptedEngine
+
+    return ScriptedEngine(Checkpoint(tiny_path), context=512)
+
+
+def test_tool_choice_named_required_and_none(scripted):
+    """Engine.chat's tool_choice, as the server's: a named call or 'required' starts the assistant's
+    turn with K2's call prefix (the prompt ends with it, the parser reads it first), 'none' leaves the
+    tools undeclared. ScriptedEngine writes only what the model would write after the prefix."""
+    from hybrid.parser import ToolCall
+
+    from .server_harness import WEATHER_TOOL
+
+    tools = [WEATHER_TOOL]
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    scripted.play('{"city":"Paris"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>')
+    for choice in ("get_weather", {"type": "function", "function": {"name": "get_weather"}}):
+        if choice != "get_weather":
+            scripted.play('{"city":"Paris"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>')
+        events, done = collect(scripted, msgs, tools=tools, tool_choice=choice, temperature=0)
+        assert events == [ToolCall("functions.get_weather:0", "get_weather", '{"city":"Paris"}')]
+        assert done.finish_reason == "tool_calls"
+        assert scripted.decode_prompt().endswith("<think></think><|tool_calls_section_begin|><|tool_call_begin|>"
+                                                 "functions.get_weather:0<|tool_call_argument_begin|>")
+    scripted.play('get_weather:0<|tool_call_argument_begin|>{"city":"Oslo"}<|tool_call_end|>'
+                  "<|tool_calls_section_end|><|im_end|>")
+    events, done = collect(scripted, msgs, tools=tools, tool_choice="required", temperature=0)
+    assert events == [ToolCall("functions.get_weather:0", "get_weather", '{"city":"Oslo"}')]
+    assert scripted.decode_prompt().endswith("<|tool_call_begin|>functions.")
+    scripted.play("<think>No tool needed.</think>No tools today.<|im_end|>")
+    events, done = collect(scripted, msgs, tools=tools, tool_choice="none", temperature=0)
+    assert "get_weather" not in scripted.decode_prompt() and done.finish_reason == "stop"
+    assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == "No tools today."
+    scripted.play("Plain.<|im_end|>")
+    collect(scripted, msgs, tools=tools, temperature=0)  # 'auto': the tools are declared, nothing forced
+    assert "get_weather" in scripted.decode_prompt()
+    assert scripted.decode_prompt().endswith("<|im_assistant|>assistant<|im_middle|>")
+
+
+@pytest.mark.parametrize("choice,tools,match", [
+    ("get_time", [None], "not among the tools"),
+    ("required", None, "no tools were given"),
+    ({"type": "function"}, [None], "must look like"),
+    (3, [None], "tool_choice must be"),
+])
+def test_tool_choice_errors_name_the_problem(scripted, choice, tools, match):
+    from .server_harness import WEATHER_TOOL
+
+    tools = [WEATHER_TOOL] if tools else None
+    n = len(scripted.prompts)
+    with pytest.raises(ValueError, match=match):
+        list(scripted.chat([{"role": "user", "content": "hi"}], tools=tools, tool_choice=choice))
+    assert len(scripted.prompts) == n  # refused before anything ran
