@@ -201,7 +201,7 @@ async def messages(request: Request) -> Any:
     # K2 Thinking always thinks; its thinking blocks are left out only when the client turns thinking off
     show_thinking = not (req.thinking and req.thinking.type == "disabled")
     if req.stream:
-        return JobStream(_stream(state, job, show_thinking), job)
+        return JobStream(_stream(state, job, show_thinking), job, state.keepalive_s)
     events, fin = await collect(request, state.runner, job)
     content = [block for _, block in _blocks(events, show_thinking)]
     body = {**_head(state, job), "content": content, **_stop(fin), "usage": _usage(job, fin.done.prefill_tokens, fin)}

@@ -47,6 +47,7 @@ class ServerState:
     model_name: str
     max_body_bytes: int
     max_prompt_tokens: int | None
+    keepalive_s: float | None = None  # a streamed answer sends an SSE comment after this long without data
 
 
 def server_state(request: Request) -> ServerState:
@@ -216,12 +217,46 @@ async def collect(request: Request, runner: EngineRunner, job: Job) -> tuple[lis
     return [item for item in items if not isinstance(item, (Started, Finished))], fin
 
 
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: every client's event parser skips it
+
+
+async def with_keepalive(content: AsyncIterator[str], every_s: float | None) -> AsyncIterator[str]:
+    """content, plus KEEPALIVE whenever nothing came for every_s seconds (waiting in the queue, a long
+    prefill): proxies and clients with read timeouts see a live connection, not a stalled one."""
+    if every_s is None:
+        async for chunk in content:
+            yield chunk
+        return
+    it = content.__aiter__()
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield KEEPALIVE
+                continue
+            try:
+                chunk = pending.result()
+            except StopAsyncIteration:
+                pending = None
+                return
+            pending = None
+            yield chunk
+    finally:
+        if pending is not None:  # the response ended early: stop the content where it waits
+            pending.cancel()
+
+
 class JobStream(StreamingResponse):
     """Server-sent events of one job. However the response ends (done, client gone, error), the job is
-    cancelled if it still runs: it stops at its next token, or never starts."""
+    cancelled if it still runs: it stops at its next token, or never starts. keepalive_s: see
+    with_keepalive."""
 
-    def __init__(self, content: AsyncIterator[str], job: Job):
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def __init__(self, content: AsyncIterator[str], job: Job, keepalive_s: float | None = None):
+        super().__init__(with_keepalive(content, keepalive_s), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
         self.job = job
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

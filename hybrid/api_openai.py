@@ -181,7 +181,7 @@ async def chat_completions(request: Request) -> Any:
     head = {"id": f"chatcmpl-{job.id}", "created": int(time.time()), "model": state.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return JobStream(_stream(state, job, head, include_usage), job)
+        return JobStream(_stream(state, job, head, include_usage), job, state.keepalive_s)
     return JSONResponse(await _complete(request, state, job, head))
 
 

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20  # a 256K-token history with tools is a few MB of JSON
 DEFAULT_MAX_QUEUE = 16  # requests waiting behind the running one; more get a 429 with Retry-After
+DEFAULT_KEEPALIVE_S = 10.0  # a streamed answer with nothing to send for this long gets an SSE comment
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # bound here without a key, it answers only requests addressed here
 
 _OPENAI_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_exceeded",
@@ -84,11 +85,16 @@ class RequestGuard:
 
 def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-k2-thinking",
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_tokens: int | None = None,
-               allowed_hosts: tuple[str, ...] | None = None, max_queue: int | None = DEFAULT_MAX_QUEUE) -> FastAPI:
+               allowed_hosts: tuple[str, ...] | None = None, max_queue: int | None = DEFAULT_MAX_QUEUE,
+               keepalive_s: float | None = DEFAULT_KEEPALIVE_S) -> FastAPI:
     """The app over a loaded engine (hybrid.load(...), or anything with its generate /
     apply_chat_template / tokenizer / context). Requests run one at a time, in arrival order.
     allowed_hosts: host names the Host header may give (None: any). max_queue: requests that may
-    wait behind the running one (None: no limit); beyond it a 429 with a Retry-After header."""
+    wait behind the running one (None: no limit); beyond it a 429 with a Retry-After header.
+    keepalive_s: a streamed answer that has nothing to send for this long (queued, a long prefill)
+    sends an SSE comment, so idle-timeouts in proxies and clients do not cut it (None: never)."""
+    if keepalive_s is not None and not keepalive_s > 0:
+        raise ValueError(f"keepalive_s must be > 0 or None, got {keepalive_s}")
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
@@ -105,7 +111,7 @@ def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-
             runner.stop()
 
     app = FastAPI(title="kimi-hybrid", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = ServerState(engine, runner, model_name, max_body_bytes, max_prompt_tokens)
+    app.state.server = ServerState(engine, runner, model_name, max_body_bytes, max_prompt_tokens, keepalive_s)
     if api_key or allowed_hosts:
         app.add_middleware(RequestGuard, api_key=api_key, allowed_hosts=allowed_hosts)
     app.include_router(api_openai.router)

@@ -385,3 +385,53 @@ def test_a_full_queue_answers_429_with_retry_after_in_both_apis(engine):
         assert waiting.result(timeout=HOLD_S).usage.completion_tokens >= 1
         assert ask(oa, "fourth").choices[0].finish_reason in ("stop", "length")
     assert sum("queue position" in m for m in seen.records) == 3  # refusals never entered the queue
+
+
+def test_queued_streams_get_keepalive_comments_and_still_parse(engine):
+    """A streamed request waiting behind another gets SSE comments every keepalive_s (raw bytes show
+    them before any data), and the official OpenAI and Anthropic clients parse such streams as usual."""
+    import anthropic
+
+    app = create_app(engine, api_key=API_KEY, model_name=MODEL, keepalive_s=0.05)
+    hold = threading.Event()
+    engine.play("<think>busy", hold=hold)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "queued"}], "max_tokens": 4, "stream": True}
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    with running(app) as url, ThreadPoolExecutor(1) as pool, \
+            openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=HOLD_S) as oa:
+        blocker = pool.submit(ask, oa, "first", max_tokens=20)
+        assert engine.started.wait(HOLD_S)
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth, timeout=HOLD_S) as r:
+            lines = r.iter_lines()
+            first = [next(lines) for _ in range(2)]  # nothing else can come while the engine is held
+            assert first[0] == ": keep-alive" and first[1] == ""
+            hold.set()
+            rest = list(lines)
+        data = [ln for ln in rest if ln.startswith("data: ")]
+        assert data[-1] == "data: [DONE]" and len(data) >= 3
+        assert blocker.result(timeout=HOLD_S).choices[0].finish_reason == "length"
+        hold = threading.Event()
+        engine.play("<think>busy", hold=hold)
+        blocker = pool.submit(ask, oa, "again", max_tokens=20)
+        assert engine.started.wait(HOLD_S)
+        got: dict = {}
+
+        def openai_stream() -> None:
+            chunks = list(oa.chat.completions.create(model=MODEL, stream=True, max_tokens=4, temperature=0,
+                                                     messages=[{"role": "user", "content": "queued too"}]))
+            got["openai"] = chunks[-1].choices[0].finish_reason
+
+        def anthropic_stream() -> None:
+            with anthropic.Anthropic(base_url=url, api_key=API_KEY, max_retries=0, timeout=HOLD_S) as an:
+                with an.messages.stream(model=MODEL, max_tokens=4,
+                                        messages=[{"role": "user", "content": "queued as well"}]) as s:
+                    got["anthropic"] = s.get_final_message().stop_reason
+
+        with watching_submissions() as seen, ThreadPoolExecutor(2) as clients:
+            futures = [clients.submit(openai_stream), clients.submit(anthropic_stream)]
+            assert seen.wait_for(2)  # both queued behind the held one, their streams open and ticking
+            hold.set()
+            for f in futures:
+                f.result(timeout=HOLD_S)
+        assert got == {"openai": "length", "anthropic": "max_tokens"}
+        assert blocker.result(timeout=HOLD_S).choices[0].finish_reason == "length"
