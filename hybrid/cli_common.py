@@ -93,6 +93,8 @@ def engine_options(f: Callable) -> Callable:
         click.option("--gpu-memory", type=POSITIVE, help="GB of VRAM the plan may use."),
         click.option("--expert-mode", type=click.Choice(["mmap", "cache"]),
                      help="Routed experts from the page cache (mmap) or a RAM slot cache fed from disk."),
+        click.option("--prefill-chunk", type=click.IntRange(min=1),
+                     help="Prompt tokens per forward pass (default 4096): bounds prefill memory on long prompts."),
         click.option("--decode-graphs", type=click.Choice(["auto", "on", "off"]),
                      help="Decode through fixed-shape segments, each a CUDA graph on CUDA (auto: on with CUDA; "
                           "on: also without CUDA, eagerly; off: the plain forward)."),
@@ -102,7 +104,8 @@ def engine_options(f: Callable) -> Callable:
     return f
 
 
-ENGINE_KEYS = ("backend", "context", "cpu_threads", "ram_budget", "gpu_memory", "expert_mode", "decode_graphs")
+ENGINE_KEYS = ("backend", "context", "cpu_threads", "ram_budget", "gpu_memory", "expert_mode", "decode_graphs",
+               "prefill_chunk")
 
 
 def load_engine(path: Path, **options: Any):

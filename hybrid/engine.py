@@ -26,6 +26,7 @@ from .resolve import resolve_model
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+PREFILL_CHUNK = 4096  # prompt tokens per forward pass: bounds activations (K2: ~0.2 GB of fp32 queries per 1K)
 
 
 def int8_weights(weights: dict[str, torch.Tensor]) -> dict:
@@ -59,6 +60,7 @@ class Engine:
         self._cached_ids: list[int] = []  # the tokens whose KV the cache holds, in order
         self.plan = None  # the placement plan, set by load()
         self.hot_experts = 0  # per MoE layer, on the GPU side; set by load()
+        self.prefill_chunk: int | None = PREFILL_CHUNK  # prompt tokens per forward pass; set by load()
         self._tokens = {"prefill": 0, "decode": 0}
         self._epoch = 0  # counts generate() calls; only the newest may touch the cache
         # threads and the slot arena belong to the backend: release them when the engine goes away
@@ -165,7 +167,7 @@ class Engine:
         self._cached_ids = self._cached_ids[:self._cache.length]
         generated: list[int] = []
         try:
-            for step in generate(self.model, self._cache, prompt, max_new_tokens, sampler, stop_ids):
+            for step in generate(self.model, self._cache, prompt, max_new_tokens, sampler, stop_ids, self.prefill_chunk):
                 if step.index == 0:
                     self._tokens["prefill"] += step.prefill_tokens
                 else:
@@ -250,7 +252,7 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
          gpu_memory: float | None = None, cpu_threads: int | None = None, prefetch: bool | str = "auto",
          prefetch_width: int | None = None, cache_policy: str = "lrfu", io_threads: int = 2,
          trace: str | Path | None = None, defer_experts: int = 0, hot_experts: int | None = None,
-         prefill_offload: str = "auto", decode_graphs: str = "auto") -> Engine:
+         prefill_offload: str = "auto", decode_graphs: str = "auto", prefill_chunk: int = PREFILL_CHUNK) -> Engine:
     """Open a checkpoint (directory or preset name), plan placement, and return an Engine.
 
     backend: 'numba' (INT4 kernels over mmap'd shards or the RAM expert cache), 'reference'
@@ -269,6 +271,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     prefill_offload: for long prompts, upload a layer's experts to the GPU side and run its MoE there
     when that beats the CPU: 'auto' (from measured PCIe, CPU and GPU speeds; CUDA only), 'on'
     (every multi-token prefill; for testing), 'off'.
+    prefill_chunk: prompt tokens per forward pass (a long prompt is prefilled in chunks, each attending
+    to the cache the earlier ones wrote; the same logits, bounded memory).
     decode_graphs: decode through hybrid.decode_step (fixed shapes, segments between the CPU expert
     hops, each segment a CUDA graph on CUDA): 'auto' (on with CUDA when defer_experts is 0), 'on'
     (also without CUDA, where the same segments run eagerly), 'off' (the plain forward).
@@ -294,7 +298,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
 
     if cache_policy not in POLICIES:
         raise ValueError(f"cache_policy {cache_policy!r} is not known; choose one of {', '.join(POLICIES)}")
-    for name, value in (("io_threads", io_threads), ("prefetch_width", prefetch_width), ("cache_slots", cache_slots)):
+    for name, value in (("io_threads", io_threads), ("prefetch_width", prefetch_width), ("cache_slots", cache_slots),
+                        ("prefill_chunk", prefill_chunk)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if backend == "reference" and (cache_slots is not None or expert_mode == "cache" or trace or hot_experts):
@@ -337,6 +342,7 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
         ckpt.close()
         raise
     engine.model.defer_experts = defer_experts
+    engine.prefill_chunk = prefill_chunk
     if decode_graphs == "on" or (decode_graphs == "auto" and plan.device == "cuda" and not defer_experts):
         from .decode_step import StaticDecoder
 

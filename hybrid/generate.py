@@ -31,10 +31,13 @@ def greedy(logits: torch.Tensor) -> int:
 
 @torch.inference_mode()
 def generate(model: Model, cache: KVCache, prompt: list[int], max_new_tokens: int,
-             sample: Sampler = greedy, stop_ids: frozenset[int] = frozenset()) -> Iterator[Step]:
+             sample: Sampler = greedy, stop_ids: frozenset[int] = frozenset(),
+             prefill_chunk: int | None = None) -> Iterator[Step]:
     """Prefill what the cache does not already hold of `prompt`, then decode one token per step.
 
     The cache must hold a prefix of `prompt` (cache.length <= len(prompt)); reusing it is the caller's call.
+    prefill_chunk: prefill at most this many tokens per forward pass (each chunk attends to the cache
+    the earlier ones wrote), so activations stay bounded however long the prompt; None: all at once.
     """
     t0 = time.perf_counter()
     if max_new_tokens < 1:
@@ -42,7 +45,9 @@ def generate(model: Model, cache: KVCache, prompt: list[int], max_new_tokens: in
     start = min(cache.length, len(prompt) - 1)  # recompute at least the last prompt token for its logits
     cache.truncate(start)
     new = torch.tensor(prompt[start:], dtype=torch.long)
-    logits = model.forward(new, cache)[-1]
+    chunk = prefill_chunk or len(new)
+    for c0 in range(0, len(new), chunk):
+        logits = model.forward(new[c0:c0 + chunk], cache)[-1]
     for i in range(max_new_tokens):
         tok = sample(logits)
         last = i + 1 == max_new_tokens or cache.length >= cache.max_len  # context full: no room for this token

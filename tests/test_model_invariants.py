@@ -78,3 +78,31 @@ def test_int8_weight_only_gpu_weights_cost_no_more_than_their_precision(tiny_pat
     n = Model(e.config, noisy, e.model.experts)
     err_noise = float((n.forward(ids, n.new_cache(32)) - exact).abs().max())
     assert 0 < err_int8 <= 2 * err_noise
+
+
+def test_prefill_in_chunks_gives_the_same_logits_and_cache(tiny_path):
+    """A prompt prefilled prefill_chunk tokens per forward (each chunk attending to what the earlier
+    ones cached) against one forward over it all: same logits at every generated step, same KV rows.
+    Chunks of 5 leave a last chunk of 2; chunks of 36 leave one token (the decode path)."""
+    import pytest
+
+    prompt = list(range(3, 40))  # 37 tokens
+    runs = {}
+    for chunk in (None, 5, 36):
+        eng = hybrid.load(tiny_path, backend="reference", device="cpu", context=64)
+        eng.prefill_chunk = chunk
+        seen, sizes, forward = [], [], eng.model.forward
+        eng.model.forward = lambda ids, cache, **kw: (sizes.append(len(ids)), forward(ids, cache, **kw))[1]
+        steps = list(eng.generate(prompt, 4, sampler=lambda lg: (seen.append(lg.clone()), 7)[1]))
+        assert steps[0].prefill_tokens == len(prompt)
+        assert sizes == {None: [37], 5: [5] * 7 + [2], 36: [36, 1]}[chunk] + [1, 1, 1]
+        runs[chunk] = (seen, eng._cache.kv[:, :eng._cache.length].clone())
+        eng.close()
+    base, kv = runs[None]
+    for chunk in (5, 36):
+        got, got_kv = runs[chunk]
+        assert got_kv.shape == kv.shape and float((got_kv - kv).abs().max()) < 1e-5
+        for a, b in zip(got, base):
+            assert float((a - b).abs().max() / b.abs().max()) < 1e-5
+    with pytest.raises(ValueError, match="prefill_chunk must be an integer >= 1"):
+        hybrid.load(tiny_path, prefill_chunk=0)
