@@ -9,7 +9,7 @@ import logging
 import time
 import weakref
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -142,9 +142,11 @@ class Engine:
     # ---- generation with KV prefix reuse ----------------------------------------------------
     def generate(self, token_ids: list[int], max_new_tokens: int, temperature: float = 1.0, seed: int | None = None,
                  *, sampling: SamplingParams | None = None, sampler: Sampler | None = None,
-                 stop_ids: frozenset[int] = frozenset()) -> Iterator[Step]:
+                 stop_ids: frozenset[int] = frozenset(), should_stop: Callable[[], bool] | None = None) -> Iterator[Step]:
         """Stream Steps. The KV cache keeps the longest common prefix with the previous request,
-        so only the new tail of `token_ids` is prefilled (Step.prefill_tokens counts it)."""
+        so only the new tail of `token_ids` is prefilled (Step.prefill_tokens counts it).
+        should_stop: asked between prefill chunks; True ends the request there (a client that left
+        during a long prefill), keeping what was prefilled for the next request to reuse."""
         prompt = self._check_ids(token_ids).tolist()
         if len(prompt) >= self.context:
             raise ValueError(f"the prompt has {len(prompt)} tokens but the context is {self.context}; "
@@ -167,7 +169,8 @@ class Engine:
         self._cached_ids = self._cached_ids[:self._cache.length]
         generated: list[int] = []
         try:
-            for step in generate(self.model, self._cache, prompt, max_new_tokens, sampler, stop_ids, self.prefill_chunk):
+            for step in generate(self.model, self._cache, prompt, max_new_tokens, sampler, stop_ids, self.prefill_chunk,
+                                 should_stop):
                 if step.index == 0:
                     self._tokens["prefill"] += step.prefill_tokens
                 else:

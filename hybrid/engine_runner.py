@@ -86,7 +86,7 @@ class _Cancellable:
         self.tokenizer = engine.tokenizer
 
     def generate(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        steps = self.engine.generate(*args, **kwargs)
+        steps = self.engine.generate(*args, should_stop=self.job.cancelled.is_set, **kwargs)  # also mid-prefill
         try:
             for step in steps:
                 if step.index == 0:

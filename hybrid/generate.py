@@ -32,12 +32,14 @@ def greedy(logits: torch.Tensor) -> int:
 @torch.inference_mode()
 def generate(model: Model, cache: KVCache, prompt: list[int], max_new_tokens: int,
              sample: Sampler = greedy, stop_ids: frozenset[int] = frozenset(),
-             prefill_chunk: int | None = None) -> Iterator[Step]:
+             prefill_chunk: int | None = None, should_stop: Callable[[], bool] | None = None) -> Iterator[Step]:
     """Prefill what the cache does not already hold of `prompt`, then decode one token per step.
 
     The cache must hold a prefix of `prompt` (cache.length <= len(prompt)); reusing it is the caller's call.
     prefill_chunk: prefill at most this many tokens per forward pass (each chunk attends to the cache
     the earlier ones wrote), so activations stay bounded however long the prompt; None: all at once.
+    should_stop: asked between prefill chunks; True ends the generation there, with nothing yielded
+    (what was prefilled stays in the cache, cache.length says how much).
     """
     t0 = time.perf_counter()
     if max_new_tokens < 1:
@@ -47,6 +49,8 @@ def generate(model: Model, cache: KVCache, prompt: list[int], max_new_tokens: in
     new = torch.tensor(prompt[start:], dtype=torch.long)
     chunk = prefill_chunk or len(new)
     for c0 in range(0, len(new), chunk):
+        if c0 and should_stop is not None and should_stop():
+            return
         logits = model.forward(new[c0:c0 + chunk], cache)[-1]
     for i in range(max_new_tokens):
         tok = sample(logits)

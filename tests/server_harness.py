@@ -52,11 +52,11 @@ class ScriptedEngine(Engine):
         self.scripts.append((self.tokenizer.encode(text, allow_special=True), hold, fail))
 
     def generate(self, token_ids, max_new_tokens, temperature=1.0, seed=None, *, sampling=None, sampler=None,
-                 stop_ids=frozenset()):
+                 stop_ids=frozenset(), should_stop=None):
         self.prompts.append(list(token_ids))
         if not self.scripts:
             yield from super().generate(token_ids, max_new_tokens, temperature, seed, sampling=sampling,
-                                        sampler=sampler, stop_ids=stop_ids)
+                                        sampler=sampler, stop_ids=stop_ids, should_stop=should_stop)
             return
         ids, hold, fail = self.scripts.popleft()
         filler = self.tokenizer.encode("x")[0]

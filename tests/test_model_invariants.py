@@ -106,3 +106,27 @@ def test_prefill_in_chunks_gives_the_same_logits_and_cache(tiny_path):
             assert float((a - b).abs().max() / b.abs().max()) < 1e-5
     with pytest.raises(ValueError, match="prefill_chunk must be an integer >= 1"):
         hybrid.load(tiny_path, prefill_chunk=0)
+
+
+def test_stopping_between_prefill_chunks_keeps_what_was_prefilled(tiny_path):
+    """should_stop is asked before every chunk after the first; stopping yields nothing, and the next
+    request with the same prompt reuses the chunks already in the cache."""
+    eng = hybrid.load(tiny_path, backend="reference", device="cpu", context=64)
+    eng.prefill_chunk = 5
+    prompt = list(range(3, 40))  # 37 tokens: 8 chunks
+    asked = []
+    steps = list(eng.generate(prompt, 4, should_stop=lambda: (asked.append(1), len(asked) >= 3)[1]))
+    assert steps == [] and len(asked) == 3 and eng._cache.length == 15  # chunks 1-3 ran, the 4th was refused
+    again = list(eng.generate(prompt, 2, sampler=lambda lg: 7))
+    assert again[0].prefill_tokens == len(prompt) - 15
+    fresh = hybrid.load(tiny_path, backend="reference", device="cpu", context=64)
+    want = []
+    list(fresh.generate(prompt, 2, sampler=lambda lg: (want.append(lg.clone()), 7)[1]))
+    got = []
+    eng._cache.truncate(15)
+    eng._cached_ids = prompt[:15]
+    list(eng.generate(prompt, 2, sampler=lambda lg: (got.append(lg.clone()), 7)[1]))
+    for a, b in zip(got, want):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-5
+    eng.close()
+    fresh.close()
