@@ -15,12 +15,16 @@ One token, per MoE layer i (the first segment also embeds and runs any dense lay
              from the pinned buffers, and writes the CPU's share of the routed sum into a pinned
              buffer that the next segment copies to the device (inside its graph)
   head       the last MoE layer's output, any dense layers after it, final norm, lm_head.
+Segments pass tensors on through device buffers allocated once (each writes its results into them
+with copy_), never through rebound names: a replayed graph then moves data exactly as the eager run
+the CPU tests check, and all buckets share them.
 So the GPU runs two graph launches per MoE layer, not one launch per kernel. The KV cache is read
 through a fixed span (the bucket: a power of two >= the length, at least BUCKET_MIN), masked beyond
 the position, which lives in a device tensor; each bucket is captured once.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Callable
 
@@ -28,6 +32,7 @@ import torch
 
 from .model import KVCache, Model, linear, rms_norm, swiglu
 
+log = logging.getLogger(__name__)
 BUCKET_MIN = 256  # smallest KV span a decode graph reads; the waste is at most 2x of attention's reads
 
 Segment = tuple[str, int, Callable[[], None]]  # (kind 'pre' / 'shared' / 'head', layer, run)
@@ -60,7 +65,18 @@ class StaticDecoder:
         self.routed_h = host((1, D), torch.float32)  # the CPU's share of the routed sum
         self.routed_dev = torch.zeros(1, D, device=self.device, dtype=torch.float32)  # the GPU side's share
         self._routed_dev_used = False
-        self.env: dict[str, Any] = {}  # tensors the segments pass on (static outputs once captured)
+        # What the segments pass on lives in these device buffers, allocated once, outside any graph
+        # pool: a segment reads them and writes its results into them with copy_, never rebinding a
+        # name. So a replayed graph and an eager run move data the same way, every bucket's graphs
+        # share them, and the host reads a layer's x / ids / w before the next segment overwrites them.
+        dt, R, V = model.w["model.norm.weight"].dtype, cfg.qk_rope_head_dim, cfg.vocab_size
+        dev, f32 = self.device, torch.float32
+        self.buf = {"s0": torch.zeros((), device=dev, dtype=torch.long),
+                    "cos": torch.zeros(1, R // 2, device=dev, dtype=f32), "sin": torch.zeros(1, R // 2, device=dev, dtype=f32),
+                    "h": torch.zeros(1, D, device=dev, dtype=dt), "x": torch.zeros(1, D, device=dev, dtype=dt),
+                    "ids": torch.zeros(1, K, device=dev, dtype=torch.long), "w": torch.zeros(1, K, device=dev, dtype=f32),
+                    "shared": torch.zeros(1, D, device=dev, dtype=dt), "logits": torch.zeros(1, V, device=dev, dtype=f32)}
+        self._segs: dict[int, list[Segment]] = {}  # span -> its segments
         self.chains: dict[int, Any] = {}  # span -> kernels_gpu.graphs.GraphChain
         self.event = torch.cuda.Event() if self.cuda else None
         self.steps = 0
@@ -74,6 +90,12 @@ class StaticDecoder:
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
         """Decode `token` at position cache.length -> fp32 logits [1, vocab] (a fresh tensor)."""
+        if not self.cuda:
+            return self._step(token)
+        with torch.cuda.device(self.device):  # streams, events and capture on the model's GPU
+            return self._step(token)
+
+    def _step(self, token: int) -> torch.Tensor:
         cache, pos = self.cache, self.cache.length
         if pos + 1 > cache.max_len:
             raise ValueError(f"{pos + 1} positions exceed the KV cache of {cache.max_len}; raise the context size")
@@ -83,7 +105,7 @@ class StaticDecoder:
         self.tp_h[0], self.tp_h[1] = token, pos
         t_start = time.perf_counter()
         chain = self.chains.get(span)
-        segments = self._segments(span)
+        segments = self._segs.get(span) or self._segs.setdefault(span, self._segments(span))
         if chain is None and self.graphs:
             from kernels_gpu.graphs import GraphChain
 
@@ -92,11 +114,15 @@ class StaticDecoder:
             with torch.cuda.stream(side):
                 self._run(segments, None)  # the real step, eagerly: its result is this token's
             torch.cuda.current_stream().wait_stream(side)
-            logits = self.env["logits"].clone()
-            self.chains[span] = GraphChain([run for _, _, run in segments])
+            logits = self.buf["logits"].clone()
+            try:
+                self.chains[span] = GraphChain([run for _, _, run in segments])
+            except Exception:  # keep decoding, eagerly, rather than fail every step from here on
+                log.exception("capturing the decode step as CUDA graphs failed; decoding without them")
+                self.graphs = False
         else:
             self._run(segments, chain)
-            logits = self.env["logits"].clone()
+            logits = self.buf["logits"].clone()
         cache.length = pos + 1
         self.steps += 1
         self.model.times["forward"] += time.perf_counter() - t_start
@@ -130,13 +156,13 @@ class StaticDecoder:
 
     def _hop(self, layer: int, shared: Callable[[], None] | None) -> None:
         """The routed experts of `layer`: submit from the pinned buffers, collect into routed_h / routed_dev."""
-        ex, env, times = self.model.experts, self.env, self.model.times
+        ex, times = self.model.experts, self.model.times
+        x, ids, w = self.buf["x"], self.buf["ids"], self.buf["w"]  # layer's, until the next pre segment runs
         t0 = time.perf_counter()
         if hasattr(ex, "submit_host"):  # the scheduler reads the host copies: no device sync
-            handle = ex.submit_host(layer, env["x"], env["ids"], env["w"],
-                                    self.x_h.numpy(), self.ids_h.numpy(), self.w_h.numpy())
+            handle = ex.submit_host(layer, x, ids, w, self.x_h.numpy(), self.ids_h.numpy(), self.w_h.numpy())
         else:
-            handle = ex.submit(layer, env["x"], env["ids"], env["w"])
+            handle = ex.submit(layer, x, ids, w)
         t1 = time.perf_counter()
         if shared is not None:
             shared()
@@ -158,33 +184,35 @@ class StaticDecoder:
 
     # ---- the segments ---------------------------------------------------------------------------
     def _segments(self, span: int) -> list[Segment]:
-        m, cfg, env, cache = self.model, self.model.cfg, self.env, self.cache
+        m, cfg, b, cache = self.model, self.model.cfg, self.buf, self.cache
         w, eps, dev = m.w, cfg.rms_norm_eps, self.device
         moe = cfg.moe_layers
 
         def embed() -> None:
             tp = self.tp_h.to(dev, non_blocking=True)
-            env["s0"] = tp[1]  # 0-d: the position, on the device
-            env["cos"], env["sin"] = m.rope(tp[1:2])
-            env["h"] = torch.index_select(w["model.embed_tokens.weight"], 0, tp[0:1])  # [1, D]
+            b["s0"].copy_(tp[1])  # the position, on the device
+            cos, sin = m.rope(tp[1:2])
+            b["cos"].copy_(cos)
+            b["sin"].copy_(sin)
+            b["h"].copy_(torch.index_select(w["model.embed_tokens.weight"], 0, tp[0:1]))  # [1, D]
 
         def attend(i: int) -> None:
-            h = env["h"]
+            h = b["h"]
             x = rms_norm(h, w[f"model.layers.{i}.input_layernorm.weight"], eps)
-            env["h"] = h + m.attention(i, x, cache, env["s0"], env["cos"], env["sin"], "absorbed", span)
+            h.copy_(h + m.attention(i, x, cache, b["s0"], b["cos"], b["sin"], "absorbed", span))
 
-        def dense(a: int, b: int) -> None:  # whole layers a..b-1 with a dense MLP
-            for i in range(a, b):
+        def dense(first: int, end: int) -> None:  # whole layers first..end-1 with a dense MLP
+            for i in range(first, end):
                 attend(i)
-                h = env["h"]
-                x, p = rms_norm(h, w[f"model.layers.{i}.post_attention_layernorm.weight"], eps), f"model.layers.{i}.mlp."
+                h, p = b["h"], f"model.layers.{i}.mlp."
+                x = rms_norm(h, w[f"model.layers.{i}.post_attention_layernorm.weight"], eps)
                 # Model.dense_mlp's math, without its timer: this segment's time is counted whole
-                env["h"] = h + swiglu(x, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"])
+                h.copy_(h + swiglu(x, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"]))
 
         def combine() -> None:  # h + (shared + routed), the order Model.moe adds them in
-            h = env["h"]
+            h = b["h"]
             routed = (self.routed_h.to(dev, non_blocking=True) + self.routed_dev).to(h.dtype)
-            env["h"] = h + (env["shared"] + routed)
+            h.copy_(h + (b["shared"] + routed))
 
         def pre(j: int) -> Callable[[], None]:
             i, before = moe[j], (moe[j - 1] + 1 if j else 0)
@@ -196,9 +224,11 @@ class StaticDecoder:
                     combine()
                 dense(before, i)
                 attend(i)
-                x = rms_norm(env["h"], w[f"model.layers.{i}.post_attention_layernorm.weight"], eps)
+                x = rms_norm(b["h"], w[f"model.layers.{i}.post_attention_layernorm.weight"], eps)
                 ids, weights = m.route(i, x)
-                env["x"], env["ids"], env["w"] = x, ids, weights
+                b["x"].copy_(x)
+                b["ids"].copy_(ids)
+                b["w"].copy_(weights)
                 self.x_h.copy_(x.float(), non_blocking=True)
                 self.ids_h.copy_(ids, non_blocking=True)
                 self.w_h.copy_(weights, non_blocking=True)
@@ -208,9 +238,10 @@ class StaticDecoder:
             p = f"model.layers.{i}.mlp.shared_experts."
 
             def run() -> None:
-                x = env["x"]
-                env["shared"] = swiglu(x, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"]) \
-                    if cfg.n_shared_experts else torch.zeros_like(x)
+                if cfg.n_shared_experts:
+                    b["shared"].copy_(swiglu(b["x"], w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"]))
+                else:
+                    b["shared"].zero_()
             return run
 
         def head() -> None:
@@ -219,8 +250,8 @@ class StaticDecoder:
             else:
                 embed()
             dense(moe[-1] + 1 if moe else 0, cfg.num_hidden_layers)
-            h = rms_norm(env["h"], w["model.norm.weight"], eps)
-            env["logits"] = linear(h, w["lm_head.weight"]).float()
+            h = rms_norm(b["h"], w["model.norm.weight"], eps)
+            b["logits"].copy_(linear(h, w["lm_head.weight"]).float())
 
         segments: list[Segment] = []
         for j, i in enumerate(moe):

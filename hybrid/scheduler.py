@@ -146,6 +146,8 @@ class Scheduler:
                 waiting.append(e)
             else:
                 started[e] = fut
+        fut = self._pool.submit(self._run_cached, layer, xn, idn, wn, resident, started, waiting)
+        # then the guess for the next layer (its router on the device: a sync the workers need not wait for)
         if self._prefetch_pays() and self.predict is not None and x.shape[0] == 1 and layer in self.next_layer:
             nxt = self.next_layer[layer]
             cand = self.predict(nxt, x, self.prefetch_width)[0].tolist()
@@ -153,7 +155,7 @@ class Scheduler:
             for e in cand:
                 if e not in self.hot.get(nxt, {}):  # hot experts never need the RAM cache
                     self.cache.load(nxt, e, PREFETCH)
-        return self._pool.submit(self._run_cached, layer, xn, idn, wn, resident, started, waiting)
+        return fut
 
     def _prefetch_pays(self) -> bool:
         """Prefetch while it is right often enough. On fine-grained MoE the next layer's router guesses
