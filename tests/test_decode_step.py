@@ -171,3 +171,20 @@ def test_cuda_graph_decode_equals_eager_on_cuda(tiny_path):
     assert st["captured"] and st["buckets"] == [256, 512]
     plain.close()
     graphed.close()
+
+
+def test_static_decode_times_each_stretch_once(tiny_path):
+    """Engine.stats() adds attention, router, shared, dense and lm_head into gpu_side: in the static
+    step the segments are timed whole, so the model's own per-part timers must stay out of it."""
+    eng = hybrid.load(tiny_path, backend="numba", device="cpu", context=32, decode_graphs="on")
+    list(eng.generate(PROMPT, 2, sampler=lambda lg: 3))  # prefill (plain forward), then one static step
+    eng.model.times.clear()
+    list(eng.generate(PROMPT + [3], 2, sampler=lambda lg: 3))  # the cache holds it all: the last token again, one step
+    t = eng.model.times
+    assert eng.model.decoder.steps == 3  # a one-token prefill is a decode step too
+    assert t["attention"] > 0 and t["shared"] > 0 and t["experts_wait"] > 0 and t["lm_head"] > 0
+    eng.model.times.clear()
+    eng.model.decoder.step(5)
+    assert t["dense"] == t["router"] == 0  # counted inside the segments' time, not again
+    assert t["attention"] + t["submit"] + t["shared"] + t["experts_wait"] + t["lm_head"] <= t["forward"]
+    eng.close()
