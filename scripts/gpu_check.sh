@@ -4,7 +4,10 @@
 #                                   CUDA is present), kernel timings at Kimi K2 shapes, then the engine
 #                                   bench on k2-slice with decode CUDA graphs on and off: JSON on stdout.
 # Extra arguments go to the timing script (python -m kernels_gpu.bench --help), e.g. --cpu-tps 800.
-# Budget: about 2 minutes on a GPU machine. Exit status: non-zero when any step fails.
+# Budget: about 5 minutes on a GPU machine (k2-slice, ~5 GB, is generated on first use in ~1 minute).
+# Exit status: non-zero when any step fails. On the lent H200 (no .venv, no network; its python3 has
+# torch, numba, tiktoken, jinja2, click, rich, psutil, safetensors, pytest and hypothesis, and nothing
+# here imports fastapi): `PYTHON=python3 PYTHONUNBUFFERED=1 bash scripts/gpu_check.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
