@@ -78,6 +78,10 @@ class StaticDecoder:
                     "shared": torch.zeros(1, D, device=dev, dtype=dt), "logits": torch.zeros(1, V, device=dev, dtype=f32)}
         self._segs: dict[int, list[Segment]] = {}  # span -> its segments
         self.chains: dict[int, Any] = {}  # span -> kernels_gpu.graphs.GraphChain
+        # one memory pool for every bucket's graphs: they run one at a time and pass data only through
+        # self.buf, so any may reuse another's temporaries (K2's dequantised lm_head alone is 2.3 GB)
+        self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        # a spinning (non-blocking) event: while the host waits on it, the CPU workers have nothing to do yet
         self.event = torch.cuda.Event() if self.cuda else None
         self.steps = 0
 
@@ -99,6 +103,8 @@ class StaticDecoder:
         cache, pos = self.cache, self.cache.length
         if pos + 1 > cache.max_len:
             raise ValueError(f"{pos + 1} positions exceed the KV cache of {cache.max_len}; raise the context size")
+        if self.model.defer_experts:
+            raise ValueError("the static decode step does not support defer_experts; set it back to 0")
         if not 0 <= token < self.model.cfg.vocab_size:
             raise ValueError(f"token id {token} is outside the vocabulary of {self.model.cfg.vocab_size}")
         span = self.bucket(pos + 1)
@@ -115,8 +121,9 @@ class StaticDecoder:
                 self._run(segments, None)  # the real step, eagerly: its result is this token's
             torch.cuda.current_stream().wait_stream(side)
             logits = self.buf["logits"].clone()
-            try:
-                self.chains[span] = GraphChain([run for _, _, run in segments])
+            try:  # the outer stream context restores this stream even when a failed capture cannot
+                with torch.cuda.stream(torch.cuda.current_stream()):
+                    self.chains[span] = GraphChain([run for _, _, run in segments], self.pool)
             except Exception:  # keep decoding, eagerly, rather than fail every step from here on
                 log.exception("capturing the decode step as CUDA graphs failed; decoding without them")
                 self.graphs = False

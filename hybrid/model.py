@@ -80,12 +80,12 @@ def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]). x [T, ..., R]; cos/sin [T, R/2]."""
+    """Rotate interleaved pairs (x[2i], x[2i+1]). x [T, ..., R]; cos/sin [T, R/2] (fp32) -> x's dtype."""
     shape = x.shape
     x = x.reshape(shape[0], -1, shape[-1] // 2, 2)  # [T, *, R/2, 2]
     c, s = cos[:, None, :], sin[:, None, :]
     x0, x1 = x[..., 0], x[..., 1]
-    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).reshape(shape)
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).reshape(shape).to(x.dtype)
 
 
 Weight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # dense [O, I], or int8 weight-only (codes, row scales)

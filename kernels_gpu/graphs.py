@@ -92,8 +92,10 @@ class GraphChain:
     choose kernels, create cuBLAS handles and learn which ops work. CUDA only.
     """
 
-    def __init__(self, fns: list[Callable[[], Any]]):
-        self.pool = torch.cuda.graph_pool_handle()
+    def __init__(self, fns: list[Callable[[], Any]], pool: Any = None):
+        """pool: a torch.cuda.graph_pool_handle() to share with other chains (safe when their graphs
+        never run at the same time and pass nothing through pool memory); None: a pool of its own."""
+        self.pool = torch.cuda.graph_pool_handle() if pool is None else pool
         self.graphs: list[torch.cuda.CUDAGraph] = []
         for fn in fns:
             g = torch.cuda.CUDAGraph()
