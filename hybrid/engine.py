@@ -26,6 +26,7 @@ from .resolve import resolve_model
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 PREFILL_CHUNK = 4096  # prompt tokens per forward pass: bounds activations (K2: ~0.2 GB of fp32 queries per 1K)
 
 
@@ -255,7 +256,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
          gpu_memory: float | None = None, cpu_threads: int | None = None, prefetch: bool | str = "auto",
          prefetch_width: int | None = None, cache_policy: str = "lrfu", io_threads: int = 2,
          trace: str | Path | None = None, defer_experts: int = 0, hot_experts: int | None = None,
-         prefill_offload: str = "auto", decode_graphs: str = "auto", prefill_chunk: int = PREFILL_CHUNK) -> Engine:
+         prefill_offload: str = "auto", decode_graphs: str = "auto", prefill_chunk: int = PREFILL_CHUNK,
+         dtype: str = "auto") -> Engine:
     """Open a checkpoint (directory or preset name), plan placement, and return an Engine.
 
     backend: 'numba' (INT4 kernels over mmap'd shards or the RAM expert cache), 'reference'
@@ -274,6 +276,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     prefill_offload: for long prompts, upload a layer's experts to the GPU side and run its MoE there
     when that beats the CPU: 'auto' (from measured PCIe, CPU and GPU speeds; CUDA only), 'on'
     (every multi-token prefill; for testing), 'off'.
+    dtype: the GPU side's compute and storage dtype: 'auto' (bfloat16 on CUDA, float32 on a CPU, where
+    bf16 matmuls are slow), 'bfloat16' or 'float32'.
     prefill_chunk: prompt tokens per forward pass (a long prompt is prefilled in chunks, each attending
     to the cache the earlier ones wrote; the same logits, bounded memory).
     decode_graphs: decode through hybrid.decode_step (fixed shapes, segments between the CPU expert
@@ -292,6 +296,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
         raise ValueError(f"backend {backend!r} is not known; use 'numba', 'reference' or 'auto'")
     if prefill_offload not in ("auto", "on", "off"):
         raise ValueError(f"prefill_offload must be 'auto', 'on' or 'off', got {prefill_offload!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if decode_graphs not in ("auto", "on", "off"):
         raise ValueError(f"decode_graphs must be 'auto', 'on' or 'off', got {decode_graphs!r}")
     if decode_graphs == "on" and defer_experts:
@@ -335,9 +341,10 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
         experts: ExpertBackend = ReferenceExperts(ckpt)
     else:
         experts = _numba_backend(ckpt, plan, cache_slots, prefetch, prefetch_width, cache_policy, io_threads, trace)
-    dtype = torch.bfloat16 if plan.device == "cuda" else torch.float32  # fp32 on a CPU: bf16 matmul is ~400x slower
+    if dtype == "auto":  # fp32 on a CPU: bf16 matmul is ~400x slower there
+        dtype = "bfloat16" if plan.device == "cuda" else "float32"
     try:
-        engine = Engine(ckpt, experts, device=plan.device, dtype=dtype, context=context,
+        engine = Engine(ckpt, experts, device=plan.device, dtype=DTYPES[dtype], context=context,
                         int8=plan.gpu_precision == "int8")
     except BaseException:  # IO threads, file descriptors and the slot arena must not outlive a failed load
         if hasattr(experts, "close"):
