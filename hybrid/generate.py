@@ -51,7 +51,7 @@ def generate(model: Model, cache: KVCache, prompt: list[int], max_new_tokens: in
     for c0 in range(0, len(new), chunk):
         if c0 and should_stop is not None and should_stop():
             return
-        logits = model.forward(new[c0:c0 + chunk], cache)[-1]
+        logits = model.forward(new[c0:c0 + chunk], cache, last_only=True)[-1]
     for i in range(max_new_tokens):
         tok = sample(logits)
         last = i + 1 == max_new_tokens or cache.length >= cache.max_len  # context full: no room for this token
@@ -59,4 +59,4 @@ def generate(model: Model, cache: KVCache, prompt: list[int], max_new_tokens: in
         yield Step(tok, i, len(new), time.perf_counter() - t0, finish)
         if finish:
             return
-        logits = model.forward(torch.tensor([tok]), cache)[-1]
+        logits = model.forward(torch.tensor([tok]), cache, last_only=True)[-1]

@@ -108,6 +108,7 @@ class Model:
         self.w = weights
         self.experts = experts
         self.device = weights["model.norm.weight"].device
+        self.dtype = weights["model.norm.weight"].dtype  # the compute dtype of the GPU side
         self.inv_freq = yarn_inv_freq(cfg).to(self.device)
         self.times: defaultdict[str, float] = defaultdict(float)  # seconds by part, for the bench's split
         self.defer_experts = 0  # experts per token whose output is added one MoE layer late (0 = exact)
@@ -117,15 +118,17 @@ class Model:
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.cfg, max_len, self.device, self.w["model.norm.weight"].dtype)
 
-    def forward(self, ids: torch.Tensor, cache: KVCache, attn: AttnMode = "auto") -> torch.Tensor:
-        """ids [T] at positions cache.length .. cache.length+T-1 -> logits [T, vocab] (fp32)."""
+    def forward(self, ids: torch.Tensor, cache: KVCache, attn: AttnMode = "auto", last_only: bool = False) -> torch.Tensor:
+        """ids [T] at positions cache.length .. cache.length+T-1 -> logits [T, vocab] (fp32), or with
+        last_only the last position's [1, vocab] (generation: lm_head over a 4096-token prefill chunk
+        costs more than a layer, and its logits take ~4 GB)."""
         T, s0 = ids.shape[0], cache.length
         if T == 1 and attn == "auto" and self.decoder is not None and cache is self.decoder.cache:
             return self.decoder.step(int(ids[0]))
         if s0 + T > cache.max_len:
             raise ValueError(f"{s0 + T} positions exceed the KV cache of {cache.max_len}; raise the context size")
         cos, sin = self.rope(torch.arange(s0, s0 + T, device=self.device))
-        h = self.w["model.embed_tokens.weight"][ids.to(self.device)]  # [T, D]
+        h = self.embed(ids)  # [T, D]
         if attn == "auto":
             attn = "absorbed" if T <= ABSORB_MAX_TOKENS else "naive"
         t_start = time.perf_counter()
@@ -139,11 +142,17 @@ class Model:
             h = h + (self.moe(i, x) if self.cfg.is_moe_layer(i) else self.dense_mlp(i, x))
         cache.length = s0 + T
         t0 = time.perf_counter()
-        h = rms_norm(h, self.w["model.norm.weight"], self.cfg.rms_norm_eps)
+        h = rms_norm(h[-1:] if last_only else h, self.w["model.norm.weight"], self.cfg.rms_norm_eps)
         logits = linear(h, self.w["lm_head.weight"]).float()
         self.times["lm_head"] += time.perf_counter() - t0
         self.times["forward"] += time.perf_counter() - t_start
         return logits
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [T] -> their embedding rows [T, D] on the device in the compute dtype. The table may live
+        in host RAM (the engine keeps it there: 2.35 GB for K2, of which a token needs one row)."""
+        table = self.w["model.embed_tokens.weight"]
+        return table[ids.to(table.device)].to(self.device, self.dtype)
 
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions [T] (any integer or float tensor on the device) -> cos, sin [T, R/2]."""
