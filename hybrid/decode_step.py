@@ -61,6 +61,7 @@ class StaticDecoder:
             return t.pin_memory() if self.cuda else t  # in-graph copies to or from the host need pinned pages
 
         self.tp_h = host((2,), torch.long)  # this step's token id and position
+        self.emb_h = host((1, D), model.dtype)  # its embedding row (the table may live in host RAM)
         self.x_h, self.ids_h, self.w_h = host((1, D), torch.float32), host((1, K), torch.long), host((1, K), torch.float32)
         self.routed_h = host((1, D), torch.float32)  # the CPU's share of the routed sum
         self.routed_dev = torch.zeros(1, D, device=self.device, dtype=torch.float32)  # the GPU side's share
@@ -109,6 +110,7 @@ class StaticDecoder:
             raise ValueError(f"token id {token} is outside the vocabulary of {self.model.cfg.vocab_size}")
         span = self.bucket(pos + 1)
         self.tp_h[0], self.tp_h[1] = token, pos
+        self.emb_h.copy_(self.model.w["model.embed_tokens.weight"][token:token + 1])
         t_start = time.perf_counter()
         chain = self.chains.get(span)
         segments = self._segs.get(span) or self._segs.setdefault(span, self._segments(span))
@@ -201,7 +203,7 @@ class StaticDecoder:
             cos, sin = m.rope(tp[1:2])
             b["cos"].copy_(cos)
             b["sin"].copy_(sin)
-            b["h"].copy_(torch.index_select(w["model.embed_tokens.weight"], 0, tp[0:1]))  # [1, D]
+            b["h"].copy_(self.emb_h.to(dev, non_blocking=True))  # [1, D]
 
         def attend(i: int) -> None:
             h = b["h"]

@@ -30,15 +30,36 @@ DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 PREFILL_CHUNK = 4096  # prompt tokens per forward pass: bounds activations (K2: ~0.2 GB of fp32 queries per 1K)
 
 
-def int8_weights(weights: dict[str, torch.Tensor]) -> dict:
-    """int8 weight-only copies of the big GPU-side linears (the plan's INT8_CLASSES), when VRAM is short.
-    kv_b_proj stays dense: attention reads it as per-head views. The router and norms stay as they are."""
+EMBED = "model.embed_tokens.weight"
+
+
+def gpu_side_weight(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype, int8: bool = False):
+    """A non-expert checkpoint tensor as the model holds it, placed as the plan counts it:
+    the router's bias in fp32 (F32 on disk; rounding it moves routing decisions), the embedding in
+    host RAM as stored (a step needs one row: Model.embed), with int8 the plan's int8 weights
+    (placement.int8_eligible) quantised on the host so the device never holds their bf16 copy, and
+    the rest in `dtype` on `device`."""
     from kernels_gpu.int8 import quantize_int8
 
-    def big(name: str) -> bool:
-        return name == "lm_head.weight" or (name.endswith("_proj.weight") and "kv_b_proj" not in name)
+    from .placement import int8_eligible
 
-    return {k: (quantize_int8(v) if big(k) else v) for k, v in weights.items()}
+    if name.endswith("e_score_correction_bias"):
+        return t.to(device, torch.float32)
+    if name == EMBED:
+        return t.clone()  # host RAM, not a view: the checkpoint's maps close with the engine
+    if int8 and int8_eligible(name, tuple(t.shape)):
+        q, scale = quantize_int8(t)
+        return q.to(device), scale.to(device)
+    return t.to(device, dtype)
+
+
+def int8_weights(weights: dict[str, torch.Tensor]) -> dict:
+    """int8 weight-only copies of the plan's int8 tensors in a dict of dense weights (the rest as given)."""
+    from kernels_gpu.int8 import quantize_int8
+
+    from .placement import int8_eligible
+
+    return {k: (quantize_int8(v) if int8_eligible(k, tuple(v.shape)) else v) for k, v in weights.items()}
 
 
 class Engine:
@@ -47,12 +68,9 @@ class Engine:
         self.checkpoint = ckpt
         self.config = ckpt.config
         self.device = torch.device(device)
-        # everything but the routed experts goes to the compute device; fp32 on a CPU (bf16 matmul is ~400x slower)
-        weights = {name: ckpt.tensor(name).to(self.device, dtype)
+        # everything but the routed experts (and the embedding) goes to the compute device
+        weights = {name: gpu_side_weight(name, ckpt.tensor(name), self.device, dtype, int8)
                    for name in ckpt.tensors if ".mlp.experts." not in name and not name.endswith("inv_freq")}
-        weights = {k: (v.float() if k.endswith("e_score_correction_bias") else v) for k, v in weights.items()}
-        if int8:
-            weights = int8_weights(weights)
         self.model = Model(self.config, weights, experts)
         self.context = context
         self.tokenizer = Tokenizer.from_dir(ckpt.path)

@@ -23,6 +23,13 @@ GPU_RESERVE = int(1.5 * GB)  # CUDA context, cuBLAS workspace, prefill activatio
 SLOT_ALIGN = 4096  # cache slots are O_DIRECT targets
 GPU_SIDE = ("attention", "router", "shared_experts", "dense_mlp", "norms", "lm_head")
 INT8_CLASSES = ("attention", "shared_experts", "dense_mlp", "lm_head")  # router and norms stay bf16
+
+
+def int8_eligible(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether the engine stores this GPU-side tensor as int8 weight-only when the plan says int8: the
+    2-D weights of INT8_CLASSES, except kv_b_proj (attention reads it as per-head views). One rule for
+    the engine and for the sizes the plan counts."""
+    return tensor_class(name) in INT8_CLASSES and len(shape) == 2 and "kv_b_proj" not in name
 LABELS = {"attention": "attention (MLA)", "router": "router", "shared_experts": "shared experts",
           "dense_mlp": "dense MLP layers", "norms": "norms", "lm_head": "lm_head", "embedding": "embedding",
           "kv_cache": "KV cache", "hot_experts": "hot experts", "routed_experts": "routed experts"}
@@ -128,17 +135,17 @@ def tensor_class(name: str) -> str:
 
 @dataclass(frozen=True)
 class _Sizes:
-    specs: dict[str, list[tuple[TensorSpec, int]]]  # class -> (spec, how many layers hold it)
+    specs: dict[str, list[tuple[str, TensorSpec, int]]]  # class -> (name, spec, how many layers hold it)
     routed_bytes: int
     n_experts: int  # routed experts in all MoE layers
     disk_bytes: int
 
     def nbytes(self, what: str, precision: str) -> int:
         n = 0
-        for spec, count in self.specs.get(what, []):
+        for name, spec, count in self.specs.get(what, []):
             if precision == "fp32":
                 b = spec.params * 4
-            elif precision == "int8" and what in INT8_CLASSES and len(spec.shape) == 2:
+            elif precision == "int8" and int8_eligible(name, spec.shape):
                 b = spec.params + spec.shape[0] * 2  # int8 weights + a bf16 scale per output row
             else:
                 b = spec_nbytes(spec)
@@ -161,7 +168,7 @@ def _sizes(cfg: ModelConfig) -> _Sizes:
             if what == "routed_experts":
                 routed += spec_nbytes(spec) * count
             else:
-                specs.setdefault(what, []).append((spec, count))
+                specs.setdefault(what, []).append((name, spec, count))
     return _Sizes(specs, routed, len(moe) * cfg.n_routed_experts, disk)
 
 

@@ -177,3 +177,33 @@ def test_bf16_gpu_side_runs_every_attention_form_and_tracks_fp32(tiny_path, monk
     assert tracks(steps_plain, want[16:]) and tracks(steps_static, want[16:])
     f32.close()
     b16.close()
+
+
+def test_engine_holds_the_gpu_side_as_the_plan_counts_it(tiny_path):
+    """The engine's weights, bf16 and int8, against placement's accounting: same bytes on the device
+    for every GPU-side class, the embedding in host RAM, the router's bias exactly as stored (F32)."""
+    import numpy as np
+
+    from hybrid.checkpoint import Checkpoint
+    from hybrid.engine import Engine
+    from hybrid.placement import GPU_SIDE, _sizes
+    from hybrid.reference import ReferenceExperts
+
+    ckpt = Checkpoint(tiny_path)
+    sizes = _sizes(ckpt.config)
+    for int8, precision in ((False, "bf16"), (True, "int8")):
+        e = Engine(ckpt, ReferenceExperts(ckpt), dtype=torch.bfloat16, context=16, int8=int8)
+        w = e.model.w
+        held = sum(sum(t.numel() * t.element_size() for t in (v if isinstance(v, tuple) else (v,)))
+                   for k, v in w.items() if k != "model.embed_tokens.weight")
+        side = {c: precision if precision != "int8" or c in ("attention", "shared_experts", "dense_mlp", "lm_head")
+                else "bf16" for c in GPU_SIDE}
+        assert held == sum(sizes.nbytes(c, side[c]) for c in GPU_SIDE)
+        assert isinstance(w["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"], tuple) == int8
+        assert not isinstance(w["model.layers.1.self_attn.kv_b_proj.weight"], tuple)
+        emb = w["model.embed_tokens.weight"]
+        assert emb.dtype == torch.bfloat16 and emb.shape == (e.config.vocab_size, e.config.hidden_size)
+        bias = w["model.layers.1.mlp.gate.e_score_correction_bias"]
+        assert bias.dtype == torch.float32
+        assert np.array_equal(bias.numpy(), ckpt.array("model.layers.1.mlp.gate.e_score_correction_bias"))
+        e.close()
