@@ -38,17 +38,19 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
                 fused: bool | None = None) -> torch.Tensor:
     """x [..., I] -> x @ (qweight * scale[:, None]).T [..., O], in x's dtype on x's device.
 
-    fused: use aten._weight_int8pack_mm (CPU kernels; CUDA in recent torch), which reads the int8
-    codes without materialising a dequantised copy. None: when it runs for this device and dtype
-    (tried once, then remembered); False: the plain path, which applies the per-row scale to the
+    fused: use aten._weight_int8pack_mm, which reads the int8 codes without materialising a
+    dequantised copy. None: on a CPU, when it runs for this dtype (tried once, then remembered);
+    elsewhere not (its CUDA build is a slow reference kernel); False: the plain path, which applies the per-row scale to the
     output ((x @ q.T) * s is the same product; |q| <= 127 converts to bf16 exactly).
     """
     key = (x.device.type, x.dtype)
+    if fused is None and x.device.type != "cpu":
+        fused = False  # the CUDA build of this op walks K serially per output and has returned fp32 for bf16
     if fused is not False and _FUSED_WORKS.get(key, True) and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         try:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, scale.to(x.dtype))
             _FUSED_WORKS[key] = True
-            return y.view(*x.shape[:-1], qweight.shape[0])
+            return y.view(*x.shape[:-1], qweight.shape[0]).to(x.dtype)
         except (RuntimeError, NotImplementedError) as e:
             if fused:
                 raise
