@@ -135,6 +135,8 @@ class Scheduler:
 
     def _submit_cpu(self, layer: int, x: torch.Tensor, xn: np.ndarray, idn: np.ndarray, wn: np.ndarray,
                     used: list[int]) -> Future:
+        if x.shape[0] > 1:  # the CPU's prefill rate: this layer's tokens, over its kernel calls' time
+            self.cpu_prefill_tokens += x.shape[0]
         if self.cache is None:
             return self._pool.submit(self._kernel, layer, xn, idn, wn, len(used))
         # pin what is resident and start the misses before any prefetch can take their slots
@@ -206,8 +208,7 @@ class Scheduler:
         y = moe_forward(x, ids, w, self.tables[layer])
         dt = time.perf_counter() - t0
         self.compute_s += dt
-        if x.shape[0] > 1:
-            self.cpu_prefill_tokens += x.shape[0]
+        if x.shape[0] > 1:  # tokens are counted once per layer call (_submit_cpu), time per kernel call
             self.cpu_prefill_s += dt
         self.expert_bytes += n_experts * self.tables[layer].expert_nbytes
         return y

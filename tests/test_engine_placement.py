@@ -304,3 +304,15 @@ def test_bf16_gpu_side_with_every_gpu_feature_tracks_the_fp32_reference(tiny_pat
     assert statistics.median(errs) < 3e-2 and max(errs) < 0.5 and same >= 0.9 * len(errs)
     ref.close()
     b16.close()
+
+
+@pytest.mark.parametrize("opts", [dict(expert_mode="mmap"), dict(cache_slots=2)], ids=["mmap", "cache-waves"])
+def test_cpu_prefill_rate_counts_each_layers_tokens_once(tiny_path, opts):
+    """The long-prompt upload rule divides prefill tokens by CPU kernel time; in cache mode a layer runs
+    in several kernel calls (resident first, then each wave), which must not count its tokens again."""
+    e = hybrid.load(tiny_path, backend="numba", **opts)
+    sched = e.model.experts
+    list(e.generate(PROMPT, 1, temperature=0))
+    assert sched.cpu_prefill_tokens == len(PROMPT) * len(e.config.moe_layers)
+    assert 0 < sched.cpu_prefill_s <= sched.compute_s
+    e.close()
