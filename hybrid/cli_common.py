@@ -93,6 +93,8 @@ def engine_options(f: Callable) -> Callable:
         click.option("--gpu-memory", type=POSITIVE, help="GB of VRAM the plan may use."),
         click.option("--expert-mode", type=click.Choice(["mmap", "cache"]),
                      help="Routed experts from the page cache (mmap) or a RAM slot cache fed from disk."),
+        click.option("--hot-experts", type=click.IntRange(min=0),
+                     help="Routed experts per MoE layer kept on the GPU (default: what the plan's spare VRAM holds)."),
         click.option("--prefill-chunk", type=click.IntRange(min=1),
                      help="Prompt tokens per forward pass (default 4096): bounds prefill memory on long prompts."),
         click.option("--decode-graphs", type=click.Choice(["auto", "on", "off"]),
@@ -105,7 +107,7 @@ def engine_options(f: Callable) -> Callable:
 
 
 ENGINE_KEYS = ("backend", "context", "cpu_threads", "ram_budget", "gpu_memory", "expert_mode", "decode_graphs",
-               "prefill_chunk")
+               "prefill_chunk", "hot_experts")
 
 
 def load_engine(path: Path, **options: Any):

@@ -70,7 +70,8 @@ def main() -> None:
     prompt = list(range(10, 30))
     out = {"model": str(path), "disk_read_gbps": disk_read_gbps(path)}
 
-    e = hybrid.load(path, backend="numba", expert_mode="mmap")
+    # hot_experts=0: on a GPU with room for them all, the plan would take every expert off the CPU
+    e = hybrid.load(path, backend="numba", expert_mode="mmap", hot_experts=0)
     list(e.generate(prompt, 2, temperature=0))  # page the experts in
     toks_mmap, wall_mmap, st, block = decode(e, prompt, args.tokens)
     n = st["tokens"]["decode"] + 1
@@ -86,7 +87,7 @@ def main() -> None:
     cfg = e.config
     slots = max(1, round(args.cache_fraction * cfg.n_routed_experts * len(cfg.moe_layers)))
     e = hybrid.load(path, backend="numba", cache_slots=slots, prefetch=False if args.no_prefetch else "auto",
-                    prefetch_width=args.prefetch_width)
+                    prefetch_width=args.prefetch_width, hot_experts=0)
     drop_page_cache(path)
     toks_cache, wall, st, _ = decode(e, prompt, args.tokens)
     c = st["cache"]

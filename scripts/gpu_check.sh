@@ -29,10 +29,13 @@ echo "== kernel timings (JSON on stdout)" >&2
 "$PY" -m kernels_gpu.bench "$@"
 
 # ==== engine: decode tok/s, GPU-side and CPU-expert ms per MoE layer, overlap efficiency, with the
-# decode step as CUDA graphs and without (settings.decode_graphs says which ran); one JSON line each
+# decode step as CUDA graphs and without (settings.decode_graphs says which ran); one JSON line each.
+# --hot-experts 0: a big GPU holds all of k2-slice's experts, and the point is the CPU-expert hybrid.
 for graphs in on off; do
   echo "== engine: kimi-hybrid bench --json on k2-slice, --decode-graphs $graphs (k2-slice is generated on first use, ~5 GB)" >&2
-  "$PY" -m hybrid.cli bench --json --runs 2 --prompt-tokens 64 --gen-tokens 16 --decode-graphs "$graphs"
+  "$PY" -m hybrid.cli bench --json --runs 2 --prompt-tokens 64 --gen-tokens 16 --decode-graphs "$graphs" --hot-experts 0
 done
+echo "== engine: the same with the plan's hot experts on the GPU (all of them, on a big GPU)" >&2
+"$PY" -m hybrid.cli bench --json --runs 2 --prompt-tokens 64 --gen-tokens 16 --decode-graphs on
 echo "== engine: scheduler and expert-cache figures (MoE block vs kernel, cache overlap)" >&2
 "$PY" scripts/bench_engine.py --tokens 16
