@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .api_common import (ApiError, JobStream, ServerState, check_model, collect, join_text_parts,
                          normalize_tool_ids, prepare, read_json, sampling_params, server_state, submit, validate)
-from .conversation import forced_call_prefix
+from .conversation import ToolChoiceError, apply_tool_choice
 from .engine_runner import Failed, Finished, Job, Started
 from .parser import ContentDelta, ReasoningDelta, ToolCall, ToolCallError
 
@@ -153,25 +153,17 @@ def _messages(req: MessagesRequest) -> list[dict]:
 
 def _tools(req: MessagesRequest, messages: list[dict]) -> tuple[list[dict] | None, list[str] | None, str]:
     """-> (OpenAI-style tools for the template, names the parser accepts, the forced start of the
-    answer); tool_choice as in api_openai ('any' is 'required', 'tool' a named function)."""
+    answer), by conversation.apply_tool_choice: 'any' is 'required', 'tool' a named one."""
     tools = [{"type": "function", "function": {"name": t.name, "description": t.description or "",
                                                "parameters": t.input_schema}} for t in req.tools or []] or None
-    names = [t.name for t in req.tools or []]
     choice = req.tool_choice.type if req.tool_choice else "auto"
-    if choice == "auto":
-        return tools, names if tools else None, ""
-    if choice == "none":
-        return None, [], ""
-    if not tools:
-        raise ApiError(400, f"tool_choice {choice!r} asks for a tool call but no tools were given", "tool_choice")
-    if choice == "any":
-        return tools, names, forced_call_prefix(messages, None)
-    name = req.tool_choice.name
-    if not name:
+    if choice == "tool" and not req.tool_choice.name:
         raise ApiError(400, "tool_choice of type 'tool' needs the tool's name", "tool_choice.name")
-    if name not in names:
-        raise ApiError(400, f"tool_choice names tool {name!r}, which is not among the tools", "tool_choice.name")
-    return tools, [name], forced_call_prefix(messages, name)
+    mode = {"any": "required", "tool": "named"}.get(choice, choice)
+    try:
+        return apply_tool_choice(tools, messages, mode, req.tool_choice.name if choice == "tool" else None)
+    except ToolChoiceError as e:
+        raise ApiError(400, str(e), e.field) from None
 
 
 async def _job(state: ServerState, req: MessagesRequest) -> Job:

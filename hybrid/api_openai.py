@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .api_common import (ApiError, JobStream, ServerState, check_model, collect, join_text_parts,
                          normalize_tool_ids, prepare, read_json, sampling_params, server_state, submit, validate)
-from .conversation import forced_call_prefix
+from .conversation import ToolChoiceError, apply_tool_choice
 from .engine_runner import Failed, Finished, Job, Started
 from .parser import ContentDelta, ReasoningDelta, ToolCall, ToolCallError
 
@@ -123,24 +123,15 @@ def _messages(req: ChatRequest) -> list[dict]:
 
 
 def _tools(req: ChatRequest, messages: list[dict]) -> tuple[list[dict] | None, list[str] | None, str]:
-    """-> (tools for the template, names the parser accepts, the forced start of the answer).
-    tool_choice 'none' renders no tools and accepts no call; 'required' and a named function start the
-    assistant's turn with the tool call (conversation.forced_call_prefix), so the answer is one."""
+    """-> (tools for the template, names the parser accepts, the forced start of the answer), by
+    conversation.apply_tool_choice: 'auto' (or absent), 'none', 'required', or a named function."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
-    names = [t.function.name for t in req.tools or []]
     choice = req.tool_choice
-    if choice in (None, "auto"):
-        return tools, names if tools else None, ""
-    if choice == "none":
-        return None, [], ""
-    if not tools:
-        raise ApiError(400, "tool_choice asks for a tool call but no tools were given", "tool_choice")
-    if choice == "required":
-        return tools, names, forced_call_prefix(messages, None)
-    if choice.function.name not in names:
-        raise ApiError(400, f"tool_choice names function {choice.function.name!r}, which is not among the tools "
-                            f"({', '.join(names)})", "tool_choice.function.name")
-    return tools, [choice.function.name], forced_call_prefix(messages, choice.function.name)
+    mode, name = (choice or "auto", None) if choice is None or isinstance(choice, str) else ("named", choice.function.name)
+    try:
+        return apply_tool_choice(tools, messages, mode, name)
+    except ToolChoiceError as e:
+        raise ApiError(400, str(e), "tool_choice.function.name" if e.field == "tool_choice.name" else e.field) from None
 
 
 def _refuse_unsupported(req: ChatRequest) -> None:

@@ -36,6 +36,38 @@ def forced_call_prefix(messages: list[dict], name: str | None) -> str:
     return f"{head}{name}:{idx}<|tool_call_argument_begin|>"
 
 
+class ToolChoiceError(ValueError):
+    """A tool_choice that cannot be honoured. field: 'tool_choice' (no tools to call) or
+    'tool_choice.name' (the named tool is not among them); each API spells its own path from it."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+def apply_tool_choice(tools: list[dict] | None, messages: list[dict], mode: str,
+                      name: str | None = None) -> tuple[list[dict] | None, list[str] | None, str]:
+    """The one tool_choice rule of Engine.chat and both server APIs.
+
+    tools: OpenAI-style function tools. mode: 'auto' (the model decides), 'none' (the tools are not
+    declared and no call is accepted), 'required' (the answer is a call of one of them) or 'named'
+    (the answer calls `name`). -> (tools for the template, names the parser accepts, the forced
+    start of the assistant's turn, see forced_call_prefix)."""
+    names = [t["function"]["name"] for t in tools or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    if mode == "auto":
+        return tools or None, names or None, ""
+    if mode == "none":
+        return None, [], ""
+    if not names:
+        raise ToolChoiceError(f"tool_choice {mode!r} asks for a tool call but no tools were given", "tool_choice")
+    if mode == "required":
+        return tools, names, forced_call_prefix(messages, None)
+    if name not in names:
+        raise ToolChoiceError(f"tool_choice names {name!r}, which is not among the tools ({', '.join(names)})",
+                              "tool_choice.name")
+    return tools, [name], forced_call_prefix(messages, name)
+
+
 def run_chat(engine, prompt: list[int], params: SamplingParams, tool_names: list[str] | None,
              max_tokens: int, forced: str = "") -> Iterator[Event | Done]:
     """forced: text the prompt already ends with that belongs to the assistant's turn (see
@@ -78,4 +110,4 @@ def run_chat(engine, prompt: list[int], params: SamplingParams, tool_names: list
     yield Done(finish, len(prompt), prefill, n_gen, n_reasoning, t_first, t_end - t_first)
 
 
-__all__ = ["Done", "forced_call_prefix", "run_chat"]
+__all__ = ["Done", "ToolChoiceError", "apply_tool_choice", "forced_call_prefix", "run_chat"]

@@ -16,7 +16,7 @@ import torch
 
 from .chat import load_chat_template, render_chat
 from .checkpoint import Checkpoint, CheckpointError
-from .conversation import Done, forced_call_prefix, run_chat
+from .conversation import Done, apply_tool_choice, run_chat
 from .generate import Sampler, Step, generate
 from .model import AttnMode, ExpertBackend, Model
 from .parser import Event
@@ -233,7 +233,7 @@ class Engine:
         text = render_chat(self.chat_template, mark(messages), tools=mark(tools), add_generation_prompt=add_generation_prompt, **kwargs)
         return self.tokenizer.encode_chat(text)
 
-    def chat(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: str | dict = "auto",
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: str | dict | None = "auto",
              **sampling) -> Iterator[Event | Done]:
         """Yield ReasoningDelta / ContentDelta / ToolCall / ToolCallError events, then one Done.
 
@@ -241,26 +241,19 @@ class Engine:
         declared), 'required' (the answer is a call of one of them), or a function's name, or
         {"type": "function", "function": {"name": NAME}} (the answer calls that one). A required or
         named call starts the assistant's turn with K2's call prefix, so there is no reasoning."""
-        names = [t["function"]["name"] for t in tools or [] if isinstance(t, dict) and "function" in t] or None
-        forced = ""
         if isinstance(tool_choice, dict):
             fn = tool_choice.get("function")
             if tool_choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                 raise ValueError(f'tool_choice {tool_choice!r} must look like {{"type": "function", '
                                  '"function": {"name": NAME}}')
-            tool_choice = fn["name"]
-        if tool_choice == "none":
-            tools, names = None, []
-        elif tool_choice != "auto":
-            if not isinstance(tool_choice, str):
-                raise ValueError(f"tool_choice must be 'auto', 'none', 'required' or a function name, got {tool_choice!r}")
-            if not names:
-                raise ValueError(f"tool_choice {tool_choice!r} asks for a tool call but no tools were given")
-            named = None if tool_choice == "required" else tool_choice
-            if named is not None and named not in names:
-                raise ValueError(f"tool_choice names {named!r}, which is not among the tools ({', '.join(names)})")
-            forced = forced_call_prefix(messages, named)
-            names = names if named is None else [named]
+            mode, name = "named", fn["name"]  # a name, even one spelled like a keyword
+        elif tool_choice is None or tool_choice in ("auto", "none", "required"):
+            mode, name = tool_choice or "auto", None
+        elif isinstance(tool_choice, str):
+            mode, name = "named", tool_choice
+        else:
+            raise ValueError(f"tool_choice must be 'auto', 'none', 'required' or a function name, got {tool_choice!r}")
+        tools, names, forced = apply_tool_choice(tools, messages, mode, name)
         max_tokens = sampling.pop("max_tokens", None)
         params = SamplingParams(**sampling, max_tokens=max_tokens)
         prompt = self.apply_chat_template(messages, tools=tools, tokenize=True)

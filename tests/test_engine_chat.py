@@ -135,16 +135,40 @@ def test_tool_choice_named_required_and_none(scripted):
     events, done = collect(scripted, msgs, tools=tools, tool_choice="none", temperature=0)
     assert "get_weather" not in scripted.decode_prompt() and done.finish_reason == "stop"
     assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == "No tools today."
-    scripted.play("Plain.<|im_end|>")
-    collect(scripted, msgs, tools=tools, temperature=0)  # 'auto': the tools are declared, nothing forced
-    assert "get_weather" in scripted.decode_prompt()
-    assert scripted.decode_prompt().endswith("<|im_assistant|>assistant<|im_middle|>")
+    for auto in ("auto", None):  # the tools are declared, nothing forced
+        scripted.play("Plain.<|im_end|>")
+        collect(scripted, msgs, tools=tools, tool_choice=auto, temperature=0)
+        assert "get_weather" in scripted.decode_prompt()
+        assert scripted.decode_prompt().endswith("<|im_assistant|>assistant<|im_middle|>")
+
+
+def test_tool_choice_limits_which_calls_the_parser_accepts(scripted):
+    """A named choice accepts calls of that tool only (a second call of another declared tool is an
+    error event), and 'none' accepts none; 'required' accepts any declared tool."""
+    from hybrid.parser import ToolCall, ToolCallError
+
+    from .server_harness import WEATHER_TOOL
+
+    time_tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    tools, msgs = [WEATHER_TOOL, time_tool], [{"role": "user", "content": "Weather and time in Paris?"}]
+    second = ('<|tool_call_begin|>functions.get_time:1<|tool_call_argument_begin|>{}<|tool_call_end|>'
+              "<|tool_calls_section_end|><|im_end|>")
+    for choice, want in (("get_weather", ToolCallError), ("required", ToolCall)):
+        head = "" if choice == "get_weather" else "get_weather:0<|tool_call_argument_begin|>"
+        scripted.play(head + '{"city":"Paris"}<|tool_call_end|>' + second)
+        events, _ = collect(scripted, msgs, tools=tools, tool_choice=choice, temperature=0)
+        assert isinstance(events[0], ToolCall) and events[0].name == "get_weather"
+        assert len(events) == 2 and isinstance(events[1], want)
+    scripted.play("<think>x</think><|tool_calls_section_begin|>" + second)
+    events, _ = collect(scripted, msgs, tools=tools, tool_choice="none", temperature=0)
+    assert [type(e) for e in events if not isinstance(e, ReasoningDelta)] == [ToolCallError]
 
 
 @pytest.mark.parametrize("choice,tools,match", [
     ("get_time", [None], "not among the tools"),
     ("required", None, "no tools were given"),
     ({"type": "function"}, [None], "must look like"),
+    ({"type": "function", "function": {"name": "none"}}, [None], "not among the tools"),  # a name, not the keyword
     (3, [None], "tool_choice must be"),
 ])
 def test_tool_choice_errors_name_the_problem(scripted, choice, tools, match):
