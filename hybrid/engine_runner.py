@@ -142,8 +142,11 @@ class EngineRunner:
         """Queue a job (from the event loop); its items arrive through events(job)."""
         with self._lock:
             ahead = self._in_line
-            if self.max_queue is not None and ahead > self.max_queue:  # one runs, max_queue wait
-                raise QueueFull(ahead - 1, self.retry_after_s())
+            if self.max_queue is not None and self.active is not None:
+                with self._jobs.mutex:  # whose client left is still queued until the worker skips it: not counted
+                    live = sum(1 for j in self._jobs.queue if j is not None and not j.cancelled.is_set())
+                if live >= self.max_queue:
+                    raise QueueFull(live, self.retry_after_s())
             self._in_line += 1
         job._loop, job._out = asyncio.get_running_loop(), asyncio.Queue()
         log.info("request %s: %d prompt tokens, queue position %d (%s)", job.id, len(job.prompt), ahead + 1,

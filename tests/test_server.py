@@ -435,3 +435,37 @@ def test_queued_streams_get_keepalive_comments_and_still_parse(engine):
                 f.result(timeout=HOLD_S)
         assert got == {"openai": "length", "anthropic": "max_tokens"}
         assert blocker.result(timeout=HOLD_S).choices[0].finish_reason == "length"
+
+
+def test_a_queued_client_that_left_frees_its_place(engine):
+    """max_queue counts the clients still waiting: one that hung up while queued (its job is skipped
+    when its turn comes) does not make the next request a 429."""
+    app = create_app(engine, api_key=API_KEY, model_name=MODEL, max_queue=1)
+    hold = threading.Event()
+    engine.play("<think>busy", hold=hold)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "queued, then gone"}], "max_tokens": 3}
+    with running(app) as url, watching_submissions() as seen, ThreadPoolExecutor(2) as pool, \
+            openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=HOLD_S) as oa:
+        blocker = pool.submit(ask, oa, "first", max_tokens=20)
+        assert seen.wait_for(1) and engine.started.wait(HOLD_S)
+        gone = raw_post(url, "/v1/chat/completions", body)
+        assert seen.wait_for(2)
+        gone.close()
+        assert seen.wait_for(1, "the client disconnected")
+        later = pool.submit(ask, oa, "next in line", max_tokens=3)
+        assert seen.wait_for(3)  # queued, not refused
+        hold.set()
+        assert later.result(timeout=HOLD_S).usage.completion_tokens >= 1
+        assert blocker.result(timeout=HOLD_S).choices[0].finish_reason == "length"
+
+
+def test_retry_after_follows_the_average_request_time():
+    from hybrid.engine_runner import RETRY_AFTER_DEFAULT_S, RETRY_AFTER_MAX_S, EngineRunner
+
+    runner = EngineRunner(engine=None, max_queue=0)
+    assert runner.retry_after_s() == RETRY_AFTER_DEFAULT_S  # nothing finished yet
+    for job_s, want in ((0.2, 1), (7.2, 8), (500.0, RETRY_AFTER_MAX_S)):
+        runner._job_s = job_s
+        assert runner.retry_after_s() == want
+    with pytest.raises(ValueError, match="max_queue"):
+        EngineRunner(engine=None, max_queue=-1)
