@@ -340,7 +340,7 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     if cache_slots is not None:
         expert_mode = "cache"
     plan = make_plan(cfg, detect(), gpu_memory=gpu_memory, ram_budget=ram_budget, context=context,
-                     cpu_threads=cpu_threads, expert_mode=expert_mode, device=device)
+                     cpu_threads=cpu_threads, expert_mode=expert_mode, device=device, dtype=dtype)
     if backend == "auto":
         from kernels_cpu.simd import host_has_avx2
 
@@ -352,8 +352,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
         experts: ExpertBackend = ReferenceExperts(ckpt)
     else:
         experts = _numba_backend(ckpt, plan, cache_slots, prefetch, prefetch_width, cache_policy, io_threads, trace)
-    if dtype == "auto":  # fp32 on a CPU: bf16 matmul is ~400x slower there
-        dtype = "bfloat16" if plan.device == "cuda" else "float32"
+    # as the plan counted it: bf16 on CUDA (int8 weights aside), fp32 on a CPU unless bf16 was asked for
+    dtype = "bfloat16" if plan.device == "cuda" or plan.gpu_precision == "bf16" else "float32"
     try:
         engine = Engine(ckpt, experts, device=plan.device, dtype=DTYPES[dtype], context=context,
                         int8=plan.gpu_precision == "int8")

@@ -185,7 +185,7 @@ def _itemise(parts: dict[str, int]) -> str:
 def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram_budget: float | None = None,
          context: int = 8192, cpu_threads: int | None = None, gpu_precision: str = "auto",
          expert_mode: str = "auto", hot_experts: int | None = None, device: str = "auto",
-         checkpoint_dir: str | Path | None = None) -> Plan:
+         checkpoint_dir: str | Path | None = None, dtype: str = "auto") -> Plan:
     """Place every tensor class of `cfg` on `hw`.
 
     gpu_memory: GB of VRAM the plan may use (default: free VRAM of GPU 0 minus GPU_RESERVE).
@@ -194,6 +194,8 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     gpu_precision: 'auto' = bf16 if it fits with the KV cache, else int8 weight-only; the CPU as
         "GPU side" always computes in fp32. hot_experts: per MoE layer on the GPU (None = all that fit).
     checkpoint_dir: when given, the part of the checkpoint not yet there must fit on its disk.
+    dtype: the GPU side's dtype when it runs on the CPU: 'auto' or 'float32' (fp32), 'bfloat16';
+        on CUDA it is bf16 (int8 where gpu_precision says), so 'float32' is refused there.
     """
     if not 1 <= context <= cfg.max_position_embeddings:
         raise ValueError(f"--context {context} must lie in 1..{cfg.max_position_embeddings} (max_position_embeddings)")
@@ -208,6 +210,11 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     if device == "cuda" and not hw.gpus:
         raise ValueError("device 'cuda' asked for, but no CUDA GPU was detected")
     dev = "cuda" if device == "cuda" or (device == "auto" and hw.gpus) else "cpu"
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"dtype must be one of auto, float32, bfloat16, got {dtype!r}")
+    if dev == "cuda" and dtype == "float32":
+        raise ValueError("dtype 'float32' is for a GPU side on the CPU; on CUDA it is bf16 (or int8 weights): "
+                         "leave dtype at 'auto' or pick device 'cpu'")
     if dev == "cpu" and gpu_precision != "auto":
         raise ValueError(f"gpu_precision {gpu_precision!r} needs a CUDA GPU; without one the GPU side runs on the "
                          "CPU in fp32 (bf16 matmul is ~400x slower without AVX512-BF16); use --gpu-precision auto")
@@ -223,7 +230,8 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     slot_bytes = -(-expert_bytes // SLOT_ALIGN) * SLOT_ALIGN
     expert_dtype = f"int{cfg.quant.num_bits}" if cfg.quant else "bf16"  # as on disk
     kv_values = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # MLA latent + rope key
-    kv_per_token = kv_values * (2 if dev == "cuda" else 4)  # bf16 on the GPU, fp32 on the CPU
+    cpu_precision = "bf16" if dtype == "bfloat16" else "fp32"  # the GPU side on the CPU
+    kv_per_token = kv_values * (2 if dev == "cuda" or cpu_precision == "bf16" else 4)  # the cache in that dtype
 
     # -- the GPU side ---------------------------------------------------------------------
     gpu_budget = hot = 0
@@ -238,7 +246,7 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
                             f"{fit} or less (or --context / --gpu-precision int8 to free VRAM)")
         hot = fit if hot_experts is None else hot_experts
     else:
-        precision = "fp32"
+        precision = cpu_precision
         if hot_experts:
             raise ValueError("hot_experts needs a CUDA GPU")
         if gpu_memory is not None:
@@ -247,7 +255,7 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     where_gpu = "gpu" if dev == "cuda" else "ram"
     side = {w: precision if precision != "int8" or w in INT8_CLASSES else "bf16" for w in GPU_SIDE}
     entries = [Entry(w, where_gpu, side[w], sizes.nbytes(w, side[w])) for w in GPU_SIDE]
-    entries.append(Entry("kv_cache", where_gpu, "bf16" if dev == "cuda" else "fp32", context * kv_per_token,
+    entries.append(Entry("kv_cache", where_gpu, "bf16" if kv_per_token == 2 * kv_values else "fp32", context * kv_per_token,
                          f"{context:,} tokens"))
     if dev == "cuda":
         entries.append(Entry("hot_experts", "gpu", expert_dtype, hot * n_moe * expert_bytes,

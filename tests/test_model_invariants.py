@@ -1,6 +1,7 @@
 """Invariants of the forward pass: absorbed MLA == naive MLA; prefill N then decode M == full N+M."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import hybrid
@@ -84,8 +85,6 @@ def test_prefill_in_chunks_gives_the_same_logits_and_cache(tiny_path):
     """A prompt prefilled prefill_chunk tokens per forward (each chunk attending to what the earlier
     ones cached) against one forward over it all: same logits at every generated step, same KV rows.
     Chunks of 5 leave a last chunk of 2; chunks of 36 leave one token (the decode path)."""
-    import pytest
-
     prompt = list(range(3, 40))  # 37 tokens
     runs = {}
     for chunk in (None, 5, 36):
@@ -207,3 +206,35 @@ def test_engine_holds_the_gpu_side_as_the_plan_counts_it(tiny_path):
         assert bias.dtype == torch.float32
         assert np.array_equal(bias.numpy(), ckpt.array("model.layers.1.mlp.gate.e_score_correction_bias"))
         e.close()
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float32", "bfloat16"])
+def test_loaded_engine_matches_its_plan(tiny_path, dtype):
+    """hybrid.load's plan and what the engine then holds agree, for each dtype of a CPU-side engine:
+    the GPU-side weights' bytes, the KV cache's bytes, and the embedding in host RAM as stored."""
+    from hybrid.placement import GPU_SIDE
+
+    e = hybrid.load(tiny_path, backend="reference", device="cpu", context=32, dtype=dtype)
+    want = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    assert e.model.dtype == want and e._cache.kv.dtype == want
+    held = sum(sum(t.numel() * t.element_size() for t in (v if isinstance(v, tuple) else (v,)))
+               for k, v in e.model.w.items() if k != "model.embed_tokens.weight")
+    entries = {x.what: x for x in e.plan.entries}
+    assert held == sum(entries[w].nbytes for w in GPU_SIDE)
+    kv = e._cache.kv.numel() * e._cache.kv.element_size() + e._cache.pe.numel() * e._cache.pe.element_size()
+    assert kv == entries["kv_cache"].nbytes
+    emb = e.model.w["model.embed_tokens.weight"]
+    assert emb.device.type == "cpu" and emb.dtype == torch.bfloat16  # as stored, whatever the compute dtype
+    assert entries["embedding"].nbytes == emb.numel() * 2
+    e.close()
+
+
+def test_float32_is_refused_on_cuda_by_the_plan():
+    from hybrid.config import ModelConfig
+    from hybrid.hardware import Hardware
+    from hybrid.placement import plan
+
+    from .conftest import REAL_CONFIG
+
+    with pytest.raises(ValueError, match="dtype 'float32'"):
+        plan(ModelConfig.from_file(REAL_CONFIG), Hardware.hypothetical(128, [24], cores=16), dtype="float32")
