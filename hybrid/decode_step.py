@@ -3,7 +3,7 @@
 Owns cutting one decode token into segments at the MoE layers, the buffers the segments share
 (pinned host buffers for the hop to the CPU experts and back), KV-length buckets, and capturing a
 bucket's segments as CUDA graphs the first time it is used. The math is the model's own
-(Model.attention / route, swiglu, rms_norm); this file adds none. Without CUDA the same segments
+(Model.embed rows, attention, route, ffn, shared_expert, head; rms_norm); this file adds none. Without CUDA the same segments
 run eagerly, so the CPU suite tests exactly the code a GPU captures.
 
 One token, per MoE layer i (the first segment also embeds and runs any dense layers before i):
@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from .model import KVCache, Model, linear, rms_norm, swiglu
+from .model import KVCache, Model, rms_norm
 
 log = logging.getLogger(__name__)
 BUCKET_MIN = 256  # smallest KV span a decode graph reads; the waste is at most 2x of attention's reads
@@ -39,7 +39,8 @@ Segment = tuple[str, int, Callable[[], None]]  # (kind 'pre' / 'shared' / 'head'
 
 
 class StaticDecoder:
-    """decoder = StaticDecoder(model, cache); logits = decoder.step(token) for one token at cache.length.
+    """decoder = StaticDecoder(model, cache); logits = decoder.step(token) for one token at cache.length
+    (generate() takes decoder.step as its decode_step).
 
     graphs: capture CUDA graphs (None: when the model is on CUDA; True without CUDA runs eagerly).
     Not for defer_experts > 0 (the deferred sum crosses layers outside these segments).
@@ -213,10 +214,10 @@ class StaticDecoder:
         def dense(first: int, end: int) -> None:  # whole layers first..end-1 with a dense MLP
             for i in range(first, end):
                 attend(i)
-                h, p = b["h"], f"model.layers.{i}.mlp."
+                h = b["h"]
                 x = rms_norm(h, w[f"model.layers.{i}.post_attention_layernorm.weight"], eps)
                 # Model.dense_mlp's math, without its timer: this segment's time is counted whole
-                h.copy_(h + swiglu(x, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"]))
+                h.copy_(h + m.ffn(f"model.layers.{i}.mlp.", x))
 
         def combine() -> None:  # h + (shared + routed), the order Model.moe adds them in
             h = b["h"]
@@ -244,14 +245,7 @@ class StaticDecoder:
             return run
 
         def shared(i: int) -> Callable[[], None]:
-            p = f"model.layers.{i}.mlp.shared_experts."
-
-            def run() -> None:
-                if cfg.n_shared_experts:
-                    b["shared"].copy_(swiglu(b["x"], w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"]))
-                else:
-                    b["shared"].zero_()
-            return run
+            return lambda: b["shared"].copy_(m.shared_expert(i, b["x"]))
 
         def head() -> None:
             if moe:
@@ -259,8 +253,7 @@ class StaticDecoder:
             else:
                 embed()
             dense(moe[-1] + 1 if moe else 0, cfg.num_hidden_layers)
-            h = rms_norm(b["h"], w["model.norm.weight"], eps)
-            b["logits"].copy_(linear(h, w["lm_head.weight"]).float())
+            b["logits"].copy_(m.head(b["h"]))
 
         segments: list[Segment] = []
         for j, i in enumerate(moe):

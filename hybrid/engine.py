@@ -80,6 +80,7 @@ class Engine:
         self.plan = None  # the placement plan, set by load()
         self.hot_experts = 0  # per MoE layer, on the GPU side; set by load()
         self.prefill_chunk: int | None = PREFILL_CHUNK  # prompt tokens per forward pass; set by load()
+        self.decoder = None  # a decode_step.StaticDecoder over the engine's cache, when decode graphs are on
         self._tokens = {"prefill": 0, "decode": 0}
         self._epoch = 0  # counts generate() calls; only the newest may touch the cache
         # threads and the slot arena belong to the backend: release them when the engine goes away
@@ -126,10 +127,10 @@ class Engine:
 
     def _decode_graphs(self) -> dict | None:
         """How single-token steps run: None (the plain forward), or the static decode step's state."""
-        dec = self.model.decoder
+        dec = self.decoder
         if dec is None:
             return None
-        return {"captured": dec.graphs, "buckets": sorted(dec.chains), "steps": dec.steps}
+        return {"cuda_graphs": dec.graphs, "captured_buckets": sorted(dec.chains), "steps": dec.steps}
 
     def close(self) -> None:
         """Stop the expert workers and IO threads and release the maps (also done when the engine is collected)."""
@@ -189,7 +190,7 @@ class Engine:
         generated: list[int] = []
         try:
             for step in generate(self.model, self._cache, prompt, max_new_tokens, sampler, stop_ids, self.prefill_chunk,
-                                 should_stop):
+                                 should_stop, self.decoder.step if self.decoder else None):
                 if step.index == 0:
                     self._tokens["prefill"] += step.prefill_tokens
                 else:
@@ -367,7 +368,7 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     if decode_graphs == "on" or (decode_graphs == "auto" and plan.device == "cuda" and not defer_experts):
         from .decode_step import StaticDecoder
 
-        engine.model.decoder = StaticDecoder(engine.model, engine._cache)
+        engine.decoder = StaticDecoder(engine.model, engine._cache)
     engine.plan = plan
     engine.hot_experts = hot
     model = engine.model  # closures below hold the model, never the engine (its finalizer frees the backend)

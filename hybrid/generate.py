@@ -32,7 +32,8 @@ def greedy(logits: torch.Tensor) -> int:
 @torch.inference_mode()
 def generate(model: Model, cache: KVCache, prompt: list[int], max_new_tokens: int,
              sample: Sampler = greedy, stop_ids: frozenset[int] = frozenset(),
-             prefill_chunk: int | None = None, should_stop: Callable[[], bool] | None = None) -> Iterator[Step]:
+             prefill_chunk: int | None = None, should_stop: Callable[[], bool] | None = None,
+             decode_step: Callable[[int], torch.Tensor] | None = None) -> Iterator[Step]:
     """Prefill what the cache does not already hold of `prompt`, then decode one token per step.
 
     The cache must hold a prefix of `prompt` (cache.length <= len(prompt)); reusing it is the caller's call.
@@ -40,6 +41,8 @@ def generate(model: Model, cache: KVCache, prompt: list[int], max_new_tokens: in
     the earlier ones wrote), so activations stay bounded however long the prompt; None: all at once.
     should_stop: asked between prefill chunks; True ends the generation there, with nothing yielded
     (what was prefilled stays in the cache, cache.length says how much).
+    decode_step: token -> logits [1, vocab] for one token at cache.length, advancing it (e.g.
+    decode_step.StaticDecoder(model, cache).step); None: model.forward.
     """
     t0 = time.perf_counter()
     if max_new_tokens < 1:
@@ -59,4 +62,4 @@ def generate(model: Model, cache: KVCache, prompt: list[int], max_new_tokens: in
         yield Step(tok, i, len(new), time.perf_counter() - t0, finish)
         if finish:
             return
-        logits = model.forward(torch.tensor([tok]), cache, last_only=True)[-1]
+        logits = (decode_step(tok) if decode_step else model.forward(torch.tensor([tok]), cache, last_only=True))[-1]

@@ -113,7 +113,6 @@ class Model:
         self.times: defaultdict[str, float] = defaultdict(float)  # seconds by part, for the bench's split
         self.defer_experts = 0  # experts per token whose output is added one MoE layer late (0 = exact)
         self._deferred: Any = None
-        self.decoder: Any = None  # a decode_step.StaticDecoder: single-token steps on its cache go through it
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.cfg, max_len, self.device, self.w["model.norm.weight"].dtype)
@@ -123,8 +122,6 @@ class Model:
         last_only the last position's [1, vocab] (generation: lm_head over a 4096-token prefill chunk
         costs more than a layer, and its logits take ~4 GB)."""
         T, s0 = ids.shape[0], cache.length
-        if T == 1 and attn == "auto" and self.decoder is not None and cache is self.decoder.cache:
-            return self.decoder.step(int(ids[0]))
         if s0 + T > cache.max_len:
             raise ValueError(f"{s0 + T} positions exceed the KV cache of {cache.max_len}; raise the context size")
         cos, sin = self.rope(torch.arange(s0, s0 + T, device=self.device))
@@ -142,8 +139,7 @@ class Model:
             h = h + (self.moe(i, x) if self.cfg.is_moe_layer(i) else self.dense_mlp(i, x))
         cache.length = s0 + T
         t0 = time.perf_counter()
-        h = rms_norm(h[-1:] if last_only else h, self.w["model.norm.weight"], self.cfg.rms_norm_eps)
-        logits = linear(h, self.w["lm_head.weight"]).float()
+        logits = self.head(h[-1:] if last_only else h)
         self.times["lm_head"] += time.perf_counter() - t0
         self.times["forward"] += time.perf_counter() - t_start
         return logits
@@ -233,9 +229,7 @@ class Model:
         else:
             handle = self.experts.submit(i, x, ids, weights)  # routed experts start on the CPU workers
         t2 = time.perf_counter()
-        p = f"model.layers.{i}.mlp.shared_experts."
-        shared = swiglu(x, self.w[p + "gate_proj.weight"], self.w[p + "up_proj.weight"], self.w[p + "down_proj.weight"]) \
-            if self.cfg.n_shared_experts else torch.zeros_like(x)
+        shared = self.shared_expert(i, x)
         t3 = time.perf_counter()
         routed = self.experts.wait(handle).to(x.dtype)
         if self._deferred is not None:  # the previous MoE layer's late experts
@@ -250,7 +244,18 @@ class Model:
 
     def dense_mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        p = f"model.layers.{i}.mlp."
-        y = swiglu(x, self.w[p + "gate_proj.weight"], self.w[p + "up_proj.weight"], self.w[p + "down_proj.weight"])
+        y = self.ffn(f"model.layers.{i}.mlp.", x)
         self.times["dense"] += time.perf_counter() - t0
         return y
+
+    def ffn(self, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        """The SwiGLU MLP whose weights start with `prefix` (a dense layer's, or a shared expert's)."""
+        return swiglu(x, self.w[prefix + "gate_proj.weight"], self.w[prefix + "up_proj.weight"],
+                      self.w[prefix + "down_proj.weight"])
+
+    def shared_expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(f"model.layers.{i}.mlp.shared_experts.", x) if self.cfg.n_shared_experts else torch.zeros_like(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head: h [T, D] -> fp32 logits [T, vocab]."""
+        return linear(rms_norm(h, self.w["model.norm.weight"], self.cfg.rms_norm_eps), self.w["lm_head.weight"]).float()

@@ -85,7 +85,7 @@ def test_engine_decode_graphs_on_with_cache_prefetch_and_hot_experts(tiny_path):
     oracle = hybrid.load(tiny_path, backend="reference", device="cpu", context=64, decode_graphs="off")
     eng = hybrid.load(tiny_path, backend="numba", device="cpu", context=64, expert_mode="cache", cache_slots=12,
                       prefetch=True, hot_experts=2, decode_graphs="on")
-    assert eng.model.decoder is not None
+    assert eng.decoder is not None
     V = eng.config.vocab_size
     for r, n in enumerate((10, 14, 8)):
         if r == 2:  # hot experts on the first MoE layer only: the device buffer must not carry its sum on
@@ -107,7 +107,7 @@ def test_engine_decode_graphs_on_with_cache_prefetch_and_hot_experts(tiny_path):
     st = eng.stats()
     # the split's parts are disjoint stretches of the forward pass: never counted twice
     assert st["gpu_side_s"] + st["experts_wait_s"] + st["submit_s"] <= st["forward_s"] + 1e-6
-    assert st["decode_graphs"] == {"captured": False, "buckets": [], "steps": 9 + 13 + 7}
+    assert st["decode_graphs"] == {"cuda_graphs": False, "captured_buckets": [], "steps": 9 + 13 + 7}
     sched = eng.model.experts
     assert sched.hot_pairs > 0  # the second request really split pairs between hot and CPU experts
     assert sum(s.prefetched for s in sched.cache.stats.values()) > 0
@@ -117,7 +117,7 @@ def test_engine_decode_graphs_on_with_cache_prefetch_and_hot_experts(tiny_path):
 
 def test_decode_graphs_auto_is_off_without_cuda_and_options_are_checked(tiny_path):
     eng = hybrid.load(tiny_path, backend="reference", device="cpu", context=32)
-    assert eng.model.decoder is None and eng.stats()["decode_graphs"] is None
+    assert eng.decoder is None and eng.stats()["decode_graphs"] is None
     eng.close()
     with pytest.raises(ValueError, match="decode_graphs must be"):
         hybrid.load(tiny_path, decode_graphs="yes")
@@ -157,7 +157,7 @@ def test_cuda_graph_decode_equals_eager_on_cuda(tiny_path):
     the segment buffers), then the long one again (512 replayed, prefix reuse)."""
     plain = hybrid.load(tiny_path, backend="numba", device="cuda", context=600, decode_graphs="off")
     graphed = hybrid.load(tiny_path, backend="numba", device="cuda", context=600, decode_graphs="on")
-    assert graphed.model.decoder.graphs
+    assert graphed.decoder.graphs
     toks = forced_tokens(20, plain.config.vocab_size)
     for prompt in (PROMPT * 50, PROMPT, PROMPT * 50):
         seen: dict = {}
@@ -168,7 +168,7 @@ def test_cuda_graph_decode_equals_eager_on_cuda(tiny_path):
         for a, b in zip(seen["graphed"], seen["plain"]):
             assert rel_err(a, b) < 2e-2  # bf16 GPU side; the padded softmax reorders sums
     st = graphed.stats()["decode_graphs"]
-    assert st["captured"] and st["buckets"] == [256, 512]
+    assert st["cuda_graphs"] and st["captured_buckets"] == [256, 512]
     plain.close()
     graphed.close()
 
@@ -181,10 +181,10 @@ def test_static_decode_times_each_stretch_once(tiny_path):
     eng.model.times.clear()
     list(eng.generate(PROMPT + [3], 2, sampler=lambda lg: 3))  # the cache holds it all: the last token again, one step
     t = eng.model.times
-    assert eng.model.decoder.steps == 3  # a one-token prefill is a decode step too
+    assert eng.decoder.steps == 2  # one per request: the one-token prefill is a plain forward
     assert t["attention"] > 0 and t["shared"] > 0 and t["experts_wait"] > 0 and t["lm_head"] > 0
     eng.model.times.clear()
-    eng.model.decoder.step(5)
+    eng.decoder.step(5)
     assert t["dense"] == t["router"] == 0  # counted inside the segments' time, not again
     assert t["attention"] + t["submit"] + t["shared"] + t["experts_wait"] + t["lm_head"] <= t["forward"]
     eng.close()

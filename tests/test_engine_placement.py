@@ -287,7 +287,7 @@ def test_bf16_gpu_side_with_every_gpu_feature_tracks_the_fp32_reference(tiny_pat
     ref = hybrid.load(tiny_path, backend="reference")
     b16 = hybrid.load(tiny_path, backend="numba", dtype="bfloat16", cache_slots=12, prefetch=True, hot_experts=2,
                       prefill_offload="on", decode_graphs="on", prefill_chunk=16)
-    assert b16.model.w["model.norm.weight"].dtype == torch.bfloat16 and b16.model.decoder is not None
+    assert b16.model.w["model.norm.weight"].dtype == torch.bfloat16 and b16.decoder is not None
     forced = [int(t) for t in torch.randint(0, ref.config.vocab_size, (10,), generator=torch.Generator().manual_seed(2))]
     errs, same = [], 0
     for r in range(2):
@@ -300,7 +300,7 @@ def test_bf16_gpu_side_with_every_gpu_feature_tracks_the_fp32_reference(tiny_pat
             errs.append(float((a - b).abs().max() / b.abs().max()))
             same += int(a.argmax()) == int(b.argmax())
     sched = b16.model.experts
-    assert sched.hot_pairs > 0 and sched.uploaded_layers > 0 and b16.model.decoder.steps > 0
+    assert sched.hot_pairs > 0 and sched.uploaded_layers > 0 and b16.decoder.steps > 0
     assert statistics.median(errs) < 3e-2 and max(errs) < 0.5 and same >= 0.9 * len(errs)
     ref.close()
     b16.close()

@@ -30,7 +30,6 @@ def test_prefill_then_decode_equals_full_forward(tiny_path):
 
 def test_logits_rejects_bad_ids(tiny_path):
     e = hybrid.load(tiny_path)
-    import pytest
     with pytest.raises(ValueError, match="token ids must lie"):
         e.logits([0, e.config.vocab_size])
     with pytest.raises(ValueError, match="non-empty"):
