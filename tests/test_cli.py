@@ -259,6 +259,21 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
                  for p in ("gate", "up", "down") for s in ("packed", "scale"))
     assert d["expert_bytes_per_token"] == 4 * 2 * expert
     assert out["cache"] is None and out["settings"]["expert_mode"] == "mmap" and d["disk_bytes_per_token"] == 0
+    split = d["split_ms_per_token"]  # the per-layer figures and overlap recomputed from the split
+    for k, v in d["per_moe_layer_ms"].items():
+        assert v == pytest.approx(split[k] / out["model"]["moe_layers"])
+    assert d["overlap_efficiency"] == pytest.approx(max(0.0, 1 - split["experts_wait"] / split["experts_compute"]))
+    assert out["settings"]["decode_graphs"] == "off" and out["settings"]["hot_experts"] == 0
+
+
+def test_bench_with_decode_graphs_says_so(tiny_path):
+    args = ["bench", "-m", str(tiny_path), "--prompt-tokens", "8", "--gen-tokens", "4", "--runs", "1", "--probe-mb", "16",
+            "--decode-graphs", "on", "--json"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    check_schema(out)
+    assert out["settings"]["decode_graphs"] == "segments"  # no CUDA: the same segments, eagerly
 
 
 def test_bench_reports_the_expert_cache(tiny_path):

@@ -28,6 +28,16 @@ def test_prefill_then_decode_equals_full_forward(tiny_path):
     assert (inc - full).abs().max() <= 1e-4 * full.abs().max()
 
 
+def test_last_only_gives_the_last_row(tiny_path):
+    e = hybrid.load(tiny_path, backend="reference")
+    ids = torch.arange(3, 20)
+    full = e.model.forward(ids, e.model.new_cache(32))
+    last = e.model.forward(ids, e.model.new_cache(32), last_only=True)
+    assert last.shape == (1, e.config.vocab_size)
+    assert float((last[0] - full[-1]).abs().max()) <= 1e-5 * float(full[-1].abs().max())  # GEMV vs GEMM sums
+    e.close()
+
+
 def test_logits_rejects_bad_ids(tiny_path):
     e = hybrid.load(tiny_path)
     with pytest.raises(ValueError, match="token ids must lie"):

@@ -469,3 +469,34 @@ def test_retry_after_follows_the_average_request_time():
         assert runner.retry_after_s() == want
     with pytest.raises(ValueError, match="max_queue"):
         EngineRunner(engine=None, max_queue=-1)
+
+
+def test_a_job_whose_client_left_stops_its_prefill_between_chunks(engine):
+    """The runner hands engine.generate its job's cancel flag: a client that leaves during a long
+    prefill stops it at the next chunk, not after the whole prompt."""
+    from hybrid.engine import PREFILL_CHUNK
+    from hybrid.engine_runner import EngineRunner, Finished
+
+    runner = EngineRunner(engine)
+    runner.start()
+    prompt = engine.apply_chat_template([{"role": "user", "content": "a long story about chunks " * 8}], tokenize=True)
+    jobs, sizes, real = [], [], engine.model.forward
+
+    def forward(ids, cache, **kw):
+        sizes.append(len(ids))
+        jobs[0].cancel()  # the client leaves while the first chunk is computed
+        return real(ids, cache, **kw)
+
+    async def run() -> list:
+        jobs.append(runner.submit(Job(prompt, SamplingParams(temperature=0), None, 16)))
+        return [item async for item in runner.events(jobs[0])]
+
+    engine.prefill_chunk, engine.model.forward = 8, forward
+    try:
+        items = asyncio.run(run())
+    finally:
+        engine.prefill_chunk = PREFILL_CHUNK
+        del engine.model.forward
+        runner.stop()
+    assert len(sizes) == 1 and sizes[0] == 8  # one chunk ran; the prompt had many more
+    assert len(prompt) > 40 and not any(isinstance(i, Finished) for i in items) and runner.cancelled == 1
