@@ -24,12 +24,6 @@ SLOT_ALIGN = 4096  # cache slots are O_DIRECT targets
 GPU_SIDE = ("attention", "router", "shared_experts", "dense_mlp", "norms", "lm_head")
 INT8_CLASSES = ("attention", "shared_experts", "dense_mlp", "lm_head")  # router and norms stay bf16
 
-
-def int8_eligible(name: str, shape: tuple[int, ...]) -> bool:
-    """Whether the engine stores this GPU-side tensor as int8 weight-only when the plan says int8: the
-    2-D weights of INT8_CLASSES, except kv_b_proj (attention reads it as per-head views). One rule for
-    the engine and for the sizes the plan counts."""
-    return tensor_class(name) in INT8_CLASSES and len(shape) == 2 and "kv_b_proj" not in name
 LABELS = {"attention": "attention (MLA)", "router": "router", "shared_experts": "shared experts",
           "dense_mlp": "dense MLP layers", "norms": "norms", "lm_head": "lm_head", "embedding": "embedding",
           "kv_cache": "KV cache", "hot_experts": "hot experts", "routed_experts": "routed experts"}
@@ -131,6 +125,13 @@ def tensor_class(name: str) -> str:
         if key in name:
             return what
     raise ValueError(f"no placement class for tensor {name!r}")
+
+
+def int8_eligible(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether the engine stores this GPU-side tensor as int8 weight-only when the plan says int8: the
+    2-D weights of INT8_CLASSES, except kv_b_proj (attention reads it as per-head views). One rule for
+    the engine and for the sizes the plan counts."""
+    return tensor_class(name) in INT8_CLASSES and len(shape) == 2 and "kv_b_proj" not in name
 
 
 @dataclass(frozen=True)

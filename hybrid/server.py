@@ -168,7 +168,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     until interrupted, as `model_name`. Binds to loopback unless told otherwise."""
     import uvicorn
 
-    from .engine import load
+    from .loader import load
 
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -67,13 +67,13 @@ def test_int8_weight_only_gpu_weights_cost_no_more_than_their_precision(tiny_pat
     """The planner's int8 weight-only option (short VRAM). The random tiny model amplifies query errors
     (sharp attention), so the bound is relative: int8 must do no worse than perturbing every weight by
     noise of the same size (uniform within half an int8 step), which is the precision int8 allows."""
-    from hybrid.engine import int8_weights
+    from hybrid.engine import gpu_side_weight
     from hybrid.model import Model
 
     e = hybrid.load(tiny_path, backend="reference")
     ids = torch.arange(3, 30)
     exact = e.logits(ids)
-    qw = int8_weights(e.model.w)
+    qw = {k: gpu_side_weight(k, v, v.device, v.dtype, int8=True) for k, v in e.model.w.items()}
     assert isinstance(qw["model.layers.1.self_attn.o_proj.weight"], tuple)
     assert not isinstance(qw["model.layers.1.self_attn.kv_b_proj.weight"], tuple)  # read as per-head views
     q = Model(e.config, qw, e.model.experts)

@@ -1,0 +1,195 @@
+"""hybrid.load: from a path or preset and the user's options to a running Engine.
+
+Owns validating the options up front, planning placement (placement.plan on the measured machine),
+building the expert backend (reference, or the Numba scheduler over mmap or the RAM cache) and wiring
+the GPU-side extras the plan and options ask for (hot experts, long-prompt upload, decode graphs).
+No math (model.py), no generation (engine.py).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+from .engine import PREFILL_CHUNK, Engine
+from .model import ExpertBackend, Model
+from .reference import ReferenceExperts
+from .resolve import resolve_model
+
+log = logging.getLogger(__name__)
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "auto", context: int = 4096,
+         expert_mode: str = "auto", cache_slots: int | None = None, ram_budget: float | None = None,
+         gpu_memory: float | None = None, cpu_threads: int | None = None, prefetch: bool | str = "auto",
+         prefetch_width: int | None = None, cache_policy: str = "lrfu", io_threads: int = 2,
+         trace: str | Path | None = None, defer_experts: int = 0, hot_experts: int | None = None,
+         prefill_offload: str = "auto", decode_graphs: str = "auto", prefill_chunk: int = PREFILL_CHUNK,
+         dtype: str = "auto") -> Engine:
+    """Open a checkpoint (directory or preset name), plan placement, and return an Engine.
+
+    backend: 'numba' (INT4 kernels over mmap'd shards or the RAM expert cache), 'reference'
+    (torch, dequantised fp32; the oracle), or 'auto' (numba where the CPU has AVX2).
+    device: where the "GPU side" runs: 'cuda', 'cpu' (fp32) or 'auto' (the planner: CUDA when present).
+    expert_mode: 'mmap', 'cache' (RAM slots fed by explicit reads; cache_slots overrides the
+    planned count) or 'auto' (the planner decides from RAM). ram_budget / gpu_memory in GB.
+    prefetch: load the next layer's predicted experts during this layer (cache mode, decode): True,
+    False, or 'auto' (on while at least 30% of what it loads gets used, measured as it runs).
+    trace: write routing decisions as JSON lines to this file (scripts/replay_traces.py reads it).
+    defer_experts: add the N lowest-weight experts of each MoE layer one layer later (KTransformers'
+    deferral: more overlap, slightly different outputs; 0, the default, is exact).
+    hot_experts: routed experts per MoE layer kept on the GPU side and computed there from the INT4
+    layout (default: as many as the plan's spare VRAM allows; none without a GPU). Chosen from the
+    routing counts so far, refreshed at the start of each request.
+    prefill_offload: for long prompts, upload a layer's experts to the GPU side and run its MoE there
+    when that beats the CPU: 'auto' (from measured PCIe, CPU and GPU speeds; CUDA only), 'on'
+    (every multi-token prefill; for testing), 'off'.
+    dtype: the GPU side's compute and storage dtype: 'auto' (bfloat16 on CUDA, float32 on a CPU, where
+    bf16 matmuls are slow), 'bfloat16' or 'float32'.
+    prefill_chunk: prompt tokens per forward pass (a long prompt is prefilled in chunks, each attending
+    to the cache the earlier ones wrote; the same logits, bounded memory).
+    decode_graphs: decode through hybrid.decode_step (fixed shapes, segments between the CPU expert
+    hops, each segment a CUDA graph on CUDA): 'auto' (on with CUDA when defer_experts is 0), 'on'
+    (also without CUDA, where the same segments run eagerly), 'off' (the plain forward).
+    """
+    from .hardware import detect
+    from .placement import plan as make_plan
+
+    # option errors first, before anything large is opened or allocated
+    if expert_mode not in ("auto", "mmap", "cache"):
+        raise ValueError(f"expert_mode must be 'auto', 'mmap' or 'cache', got {expert_mode!r}")
+    if prefetch not in (True, False, "auto"):
+        raise ValueError(f"prefetch must be True, False or 'auto', got {prefetch!r}")
+    if backend not in ("auto", "numba", "reference"):
+        raise ValueError(f"backend {backend!r} is not known; use 'numba', 'reference' or 'auto'")
+    if prefill_offload not in ("auto", "on", "off"):
+        raise ValueError(f"prefill_offload must be 'auto', 'on' or 'off', got {prefill_offload!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if decode_graphs not in ("auto", "on", "off"):
+        raise ValueError(f"decode_graphs must be 'auto', 'on' or 'off', got {decode_graphs!r}")
+    if decode_graphs == "on" and defer_experts:
+        raise ValueError("decode_graphs='on' does not combine with defer_experts (the deferred sum crosses the "
+                         "graph segments); use one or the other")
+    from .policy import POLICIES
+
+    if cache_policy not in POLICIES:
+        raise ValueError(f"cache_policy {cache_policy!r} is not known; choose one of {', '.join(POLICIES)}")
+    for name, value in (("io_threads", io_threads), ("prefetch_width", prefetch_width), ("cache_slots", cache_slots),
+                        ("prefill_chunk", prefill_chunk)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if backend == "reference" and (cache_slots is not None or expert_mode == "cache" or trace or hot_experts):
+        raise ValueError("the reference backend computes every expert itself from the checkpoint: cache_slots, "
+                         "expert_mode='cache', trace and hot_experts need backend='numba'")
+    if trace is not None and not Path(trace).parent.is_dir():
+        raise ValueError(f"trace: the folder of {trace} does not exist")
+    ckpt = Checkpoint(resolve_model(model))
+    cfg = ckpt.config
+    n_experts = cfg.n_routed_experts * len(cfg.moe_layers)
+    if cache_slots is not None and cache_slots > n_experts:
+        raise ValueError(f"cache_slots {cache_slots} exceeds the model's {n_experts} routed experts; "
+                         f"use at most {n_experts} (or expert_mode='mmap' when they all fit in RAM)")
+    if not 0 <= defer_experts < cfg.num_experts_per_tok:
+        raise ValueError(f"defer_experts must lie in 0..{cfg.num_experts_per_tok - 1}, got {defer_experts}")
+    if hot_experts is not None and not 0 <= hot_experts <= cfg.n_routed_experts:
+        raise ValueError(f"hot_experts must lie in 0..{cfg.n_routed_experts}, got {hot_experts}")
+    if cache_slots is not None:
+        expert_mode = "cache"
+    plan = make_plan(cfg, detect(), gpu_memory=gpu_memory, ram_budget=ram_budget, context=context,
+                     cpu_threads=cpu_threads, expert_mode=expert_mode, device=device, dtype=dtype)
+    if backend == "auto":
+        from kernels_cpu.simd import host_has_avx2
+
+        backend = "numba" if host_has_avx2() else "reference"
+    hot = plan.hot_experts_per_layer if hot_experts is None else hot_experts
+    if hot and backend != "numba":
+        raise ValueError("hot_experts needs the numba backend (the reference backend computes every expert itself)")
+    if backend == "reference":
+        experts: ExpertBackend = ReferenceExperts(ckpt)
+    else:
+        experts = _numba_backend(ckpt, plan, cache_slots, prefetch, prefetch_width, cache_policy, io_threads, trace)
+    # as the plan counted it: bf16 on CUDA (int8 weights aside), fp32 on a CPU unless bf16 was asked for
+    dtype = "bfloat16" if plan.device == "cuda" or plan.gpu_precision == "bf16" else "float32"
+    try:
+        engine = Engine(ckpt, experts, device=plan.device, dtype=DTYPES[dtype], context=context,
+                        int8=plan.gpu_precision == "int8")
+    except BaseException:  # IO threads, file descriptors and the slot arena must not outlive a failed load
+        if hasattr(experts, "close"):
+            experts.close()
+        ckpt.close()
+        raise
+    engine.model.defer_experts = defer_experts
+    engine.prefill_chunk = prefill_chunk
+    if decode_graphs == "on" or (decode_graphs == "auto" and plan.device == "cuda" and not defer_experts):
+        from .decode_step import StaticDecoder
+
+        engine.decoder = StaticDecoder(engine.model, engine._cache)
+    engine.plan = plan
+    engine.hot_experts = hot
+    model = engine.model  # closures below hold the model, never the engine (its finalizer frees the backend)
+    if getattr(experts, "prefetch", False):  # the next layer's router predicts what to prefetch
+        experts.predict = lambda layer, x, k: model.route(layer, x, k)[0]
+    if backend == "numba" and (prefill_offload == "on" or (prefill_offload == "auto" and plan.device == "cuda")):
+        from kernels_cpu.table import PARTS
+
+        experts.fetch = lambda layer, e: [ckpt.array(f"model.layers.{layer}.mlp.experts.{e}.{part}") for part in PARTS]
+        experts.offload = (lambda n_tokens, n_experts: True) if prefill_offload == "on" else _measured_offload(model)
+        if plan.device == "cuda":  # two upload buffers must fit in the VRAM the plan leaves over
+            spare = plan.gpu_budget - plan.gpu_bytes
+            experts.upload_group = min(experts.upload_group, spare // (2 * plan.slot_bytes))
+            if experts.upload_group < 1:
+                experts.offload = None
+                log.info("long-prompt expert upload off: %.2f GB of VRAM left, two experts need more", spare / 1e9)
+    return engine
+
+
+def _measured_offload(model: Model):
+    """The long-prompt rule of kernels_gpu.offload from speeds measured on this machine (CUDA only):
+    PCIe at the first decision, the GPU's matmul rate, and the CPU experts' rate as prefills run."""
+    from kernels_gpu.offload import PrefillSpeeds, expert_flops_per_token, measure_pcie_gbps, prefill_on_gpu
+
+    cfg, sched = model.cfg, model.experts
+    flops_tok = expert_flops_per_token(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok)
+    expert_bytes = sched.tables[cfg.moe_layers[0]].expert_nbytes
+    speeds: dict = {}
+
+    def decide(n_tokens: int, n_experts: int) -> bool:
+        if not speeds:
+            a = torch.randn(4096, 4096, device=model.device, dtype=torch.bfloat16)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(4):
+                a @ a
+            torch.cuda.synchronize()
+            # dequantising INT4 runs well below the dense rate: count half of it
+            speeds.update(pcie=measure_pcie_gbps() or 0.0, gpu=0.5 * 4 * 2 * 4096**3 / (time.perf_counter() - t0))
+        toks = sched.cpu_prefill_tokens
+        cpu_tps = toks / sched.cpu_prefill_s if sched.cpu_prefill_s else 0.0
+        if cpu_tps == 0.0:
+            return False  # measure the CPU on this prefill first
+        return prefill_on_gpu(n_tokens, PrefillSpeeds(speeds["pcie"], cpu_tps, speeds["gpu"]), n_experts,
+                              expert_bytes, flops_tok)
+
+    return decide
+
+
+def _numba_backend(ckpt: Checkpoint, plan, cache_slots, prefetch, prefetch_width, cache_policy, io_threads, trace):
+    from .expert_cache import ExpertCache
+    from .experts import mmap_tables
+    from .scheduler import Scheduler
+
+    cfg = ckpt.config
+    trace_file = open(trace, "w") if trace else None  # noqa: SIM115 (closed by Scheduler.close)
+    width = prefetch_width or 2 * cfg.num_experts_per_tok
+    if plan.expert_mode == "cache":
+        slots = cache_slots or plan.cache_slots
+        cache = ExpertCache(ckpt, slots, io_threads=io_threads, policy=cache_policy)
+        return Scheduler(cfg.moe_layers, cache=cache, prefetch_width=width if prefetch else 0,
+                         adaptive_prefetch=prefetch == "auto",
+                         trace=trace_file, threads=plan.cpu_threads)
+    return Scheduler(cfg.moe_layers, tables=mmap_tables(ckpt), trace=trace_file, threads=plan.cpu_threads)
