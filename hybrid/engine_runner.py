@@ -141,12 +141,13 @@ class EngineRunner:
     def submit(self, job: Job) -> Job:
         """Queue a job (from the event loop); its items arrive through events(job)."""
         with self._lock:
-            ahead = self._in_line
-            if self.max_queue is not None and self.active is not None:
+            ahead = self._in_line  # submitted and not finished: one of them runs (or is about to)
+            if self.max_queue is not None:
                 with self._jobs.mutex:  # whose client left is still queued until the worker skips it: not counted
-                    live = sum(1 for j in self._jobs.queue if j is not None and not j.cancelled.is_set())
-                if live >= self.max_queue:
-                    raise QueueFull(live, self.retry_after_s())
+                    gone = sum(1 for j in self._jobs.queue if j is not None and j.cancelled.is_set())
+                waiting = ahead - gone - 1
+                if waiting >= self.max_queue:
+                    raise QueueFull(waiting, self.retry_after_s())
             self._in_line += 1
         job._loop, job._out = asyncio.get_running_loop(), asyncio.Queue()
         log.info("request %s: %d prompt tokens, queue position %d (%s)", job.id, len(job.prompt), ahead + 1,

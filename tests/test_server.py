@@ -500,3 +500,22 @@ def test_a_job_whose_client_left_stops_its_prefill_between_chunks(engine):
         runner.stop()
     assert len(sizes) == 1 and sizes[0] == 8  # one chunk ran; the prompt had many more
     assert len(prompt) > 40 and not any(isinstance(i, Finished) for i in items) and runner.cancelled == 1
+
+
+def test_max_queue_holds_for_a_burst_at_an_idle_worker(engine):
+    """Submissions that arrive together, before the worker has picked any up, count against max_queue:
+    one of them will run, max_queue may wait, the rest are refused."""
+    from hybrid.engine_runner import EngineRunner, QueueFull
+
+    async def burst(max_queue: int) -> int:
+        runner = EngineRunner(engine, max_queue)  # not started: nothing is taken off the queue meanwhile
+        accepted = 0
+        for i in range(4):
+            try:
+                runner.submit(Job([1, 2, 3], SamplingParams(temperature=0), None, 1))
+                accepted += 1
+            except QueueFull as full:
+                assert full.waiting == max_queue
+        return accepted
+
+    assert asyncio.run(burst(0)) == 1 and asyncio.run(burst(1)) == 2
