@@ -90,25 +90,29 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
         raise ValueError(f"trace: the folder of {trace} does not exist")
     ckpt = Checkpoint(resolve_model(model))
     cfg = ckpt.config
-    n_experts = cfg.n_routed_experts * len(cfg.moe_layers)
-    if cache_slots is not None and cache_slots > n_experts:
-        raise ValueError(f"cache_slots {cache_slots} exceeds the model's {n_experts} routed experts; "
-                         f"use at most {n_experts} (or expert_mode='mmap' when they all fit in RAM)")
-    if not 0 <= defer_experts < cfg.num_experts_per_tok:
-        raise ValueError(f"defer_experts must lie in 0..{cfg.num_experts_per_tok - 1}, got {defer_experts}")
-    if hot_experts is not None and not 0 <= hot_experts <= cfg.n_routed_experts:
-        raise ValueError(f"hot_experts must lie in 0..{cfg.n_routed_experts}, got {hot_experts}")
-    if cache_slots is not None:
-        expert_mode = "cache"
-    plan = make_plan(cfg, detect(), gpu_memory=gpu_memory, ram_budget=ram_budget, context=context,
-                     cpu_threads=cpu_threads, expert_mode=expert_mode, device=device, dtype=dtype)
-    if backend == "auto":
-        from kernels_cpu.simd import host_has_avx2
+    try:  # the options that need the config, then the plan: a refusal closes what was opened
+        n_experts = cfg.n_routed_experts * len(cfg.moe_layers)
+        if cache_slots is not None and cache_slots > n_experts:
+            raise ValueError(f"cache_slots {cache_slots} exceeds the model's {n_experts} routed experts; "
+                             f"use at most {n_experts} (or expert_mode='mmap' when they all fit in RAM)")
+        if not 0 <= defer_experts < cfg.num_experts_per_tok:
+            raise ValueError(f"defer_experts must lie in 0..{cfg.num_experts_per_tok - 1}, got {defer_experts}")
+        if hot_experts is not None and not 0 <= hot_experts <= cfg.n_routed_experts:
+            raise ValueError(f"hot_experts must lie in 0..{cfg.n_routed_experts}, got {hot_experts}")
+        if cache_slots is not None:
+            expert_mode = "cache"
+        plan = make_plan(cfg, detect(), gpu_memory=gpu_memory, ram_budget=ram_budget, context=context,
+                         cpu_threads=cpu_threads, expert_mode=expert_mode, device=device, dtype=dtype)
+        if backend == "auto":
+            from kernels_cpu.simd import host_has_avx2
 
-        backend = "numba" if host_has_avx2() else "reference"
-    hot = plan.hot_experts_per_layer if hot_experts is None else hot_experts
-    if hot and backend != "numba":
-        raise ValueError("hot_experts needs the numba backend (the reference backend computes every expert itself)")
+            backend = "numba" if host_has_avx2() else "reference"
+        hot = plan.hot_experts_per_layer if hot_experts is None else hot_experts
+        if hot and backend != "numba":
+            raise ValueError("hot_experts needs the numba backend (the reference backend computes every expert itself)")
+    except BaseException:
+        ckpt.close()
+        raise
     if backend == "reference":
         experts: ExpertBackend = ReferenceExperts(ckpt)
     else:
