@@ -59,7 +59,7 @@ def apply_tool_choice(tools: list[dict] | None, messages: list[dict], mode: str,
     if mode == "none":
         return None, [], ""
     if not names:
-        raise ToolChoiceError(f"tool_choice {mode!r} asks for a tool call but no tools were given", "tool_choice")
+        raise ToolChoiceError("tool_choice asks for a tool call but no tools were given", "tool_choice")
     if mode == "required":
         return tools, names, forced_call_prefix(messages, None)
     if name not in names:
