@@ -65,6 +65,8 @@ class StaticDecoder:
         self.emb_h = host((1, D), model.dtype)  # its embedding row (the table may live in host RAM)
         self.x_h, self.ids_h, self.w_h = host((1, D), torch.float32), host((1, K), torch.long), host((1, K), torch.float32)
         self.routed_h = host((1, D), torch.float32)  # the CPU's share of the routed sum
+        # numpy views of the pinned buffers, made once: what the CPU expert kernels read and write
+        self._host_np = (self.x_h.numpy(), self.ids_h.numpy(), self.w_h.numpy(), self.routed_h.numpy())
         self.routed_dev = torch.zeros(1, D, device=self.device, dtype=torch.float32)  # the GPU side's share
         self._routed_dev_used = False
         # What the segments pass on lives in these device buffers, allocated once, outside any graph
@@ -80,6 +82,8 @@ class StaticDecoder:
                     "shared": torch.zeros(1, D, device=dev, dtype=dt), "logits": torch.zeros(1, V, device=dev, dtype=f32)}
         self._segs: dict[int, list[Segment]] = {}  # span -> its segments
         self.chains: dict[int, Any] = {}  # span -> kernels_gpu.graphs.GraphChain
+        # span -> what runs each segment: the segments themselves, then their graphs' replays once captured
+        self._calls: dict[int, list[Callable[[], None]]] = {}
         # one memory pool for every bucket's graphs: they run one at a time and pass data only through
         # self.buf, so any may reuse another's temporaries (K2's dequantised lm_head alone is 2.3 GB)
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
@@ -113,25 +117,29 @@ class StaticDecoder:
         self.tp_h[0], self.tp_h[1] = token, pos
         self.emb_h.copy_(self.model.w["model.embed_tokens.weight"][token:token + 1])
         t_start = time.perf_counter()
-        chain = self.chains.get(span)
-        segments = self._segs.get(span) or self._segs.setdefault(span, self._segments(span))
-        if chain is None and self.graphs:
+        if span not in self._segs:
+            self._segs[span] = self._segments(span)
+            self._calls[span] = [run for _, _, run in self._segs[span]]
+        segments = self._segs[span]
+        if span not in self.chains and self.graphs:
             from kernels_gpu.graphs import GraphChain
 
             side = torch.cuda.Stream()  # warm-up off the default stream, as capture wants
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._run(segments, None)  # the real step, eagerly: its result is this token's
+                self._run(segments, self._calls[span])  # the real step, eagerly: this token's result
             torch.cuda.current_stream().wait_stream(side)
             logits = self.buf["logits"].clone()
             try:  # the outer stream context restores this stream even when a failed capture cannot
                 with torch.cuda.stream(torch.cuda.current_stream()):
-                    self.chains[span] = GraphChain([run for _, _, run in segments], self.pool)
+                    chain = GraphChain([run for _, _, run in segments], self.pool)
+                self.chains[span] = chain
+                self._calls[span] = [g.replay for g in chain.graphs]
             except Exception:  # keep decoding, eagerly, rather than fail every step from here on
                 log.exception("capturing the decode step as CUDA graphs failed; decoding without them")
                 self.graphs = False
         else:
-            self._run(segments, chain)
+            self._run(segments, self._calls[span])
             logits = self.buf["logits"].clone()
         cache.length = pos + 1
         self.steps += 1
@@ -139,10 +147,10 @@ class StaticDecoder:
         return logits
 
     # ---- the host loop ------------------------------------------------------------------------
-    def _run(self, segments: list[Segment], chain: Any) -> None:
+    def _run(self, segments: list[Segment], calls: list[Callable[[], None]]) -> None:
+        """calls[k] runs segment k: the segment itself (eagerly) or its captured graph's replay."""
         times = self.model.times
-        for k, (kind, layer, run) in enumerate(segments):
-            go = (lambda k=k: chain.replay(k)) if chain is not None else run
+        for (kind, layer, _), go in zip(segments, calls):
             t0 = time.perf_counter()
             if kind == "pre":
                 go()
@@ -170,7 +178,7 @@ class StaticDecoder:
         x, ids, w = self.buf["x"], self.buf["ids"], self.buf["w"]  # layer's, until the next pre segment runs
         t0 = time.perf_counter()
         if hasattr(ex, "submit_host"):  # the scheduler reads the host copies: no device sync
-            handle = ex.submit_host(layer, x, ids, w, self.x_h.numpy(), self.ids_h.numpy(), self.w_h.numpy())
+            handle = ex.submit_host(layer, x, ids, w, *self._host_np[:3])
         else:
             handle = ex.submit(layer, x, ids, w)
         t1 = time.perf_counter()
@@ -178,7 +186,7 @@ class StaticDecoder:
             shared()
         t2 = time.perf_counter()
         if hasattr(ex, "wait_host"):
-            y_dev = ex.wait_host(handle, self.routed_h.numpy())
+            y_dev = ex.wait_host(handle, self._host_np[3])
         else:  # a generic backend hands back the whole routed sum on the device
             y_dev = ex.wait(handle)
             self.routed_h.zero_()
