@@ -11,12 +11,15 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from kernels_gpu.int8 import quantize_int8
+
 from .chat import load_chat_template, render_chat
 from .checkpoint import Checkpoint
 from .conversation import Done, apply_tool_choice, run_chat
 from .generate import Sampler, Step, generate
 from .model import AttnMode, ExpertBackend, Model
 from .parser import Event
+from .placement import int8_eligible
 from .sampling import SamplingParams, sample
 from .tokenizer import Tokenizer
 
@@ -30,10 +33,6 @@ def gpu_side_weight(name: str, t: torch.Tensor, device: torch.device, dtype: tor
     host RAM as stored (a step needs one row: Model.embed), with int8 the plan's int8 weights
     (placement.int8_eligible) quantised on the host so the device never holds their bf16 copy, and
     the rest in `dtype` on `device`."""
-    from kernels_gpu.int8 import quantize_int8
-
-    from .placement import int8_eligible
-
     if name.endswith("e_score_correction_bias"):
         return t.to(device, torch.float32)
     if name == EMBED:

@@ -88,9 +88,8 @@ class Scheduler:
         The CPU kernels read xn while they run: leave it alone until wait()."""
         self._record(layer, idn, wn)
         hot = self.hot.get(layer)
-        ids_host = torch.from_numpy(idn)
         if hot:  # the CPU gets only the cold pairs; a zero weight drops a pair from its work
-            cold = cold_pairs(ids_host, hot).numpy()
+            cold = cold_pairs(torch.from_numpy(idn), hot).numpy()
             wn = np.where(cold, wn, 0.0).astype(np.float32)
         used = sorted(set(idn[wn != 0].tolist()))
         y_gpu = None
@@ -101,7 +100,7 @@ class Scheduler:
             fut = self._submit_cpu(layer, x, xn, idn, wn, used)
         if hot:  # while the CPU works: the hot experts on the GPU side
             t0 = time.perf_counter()
-            y_hot, cold_mask = hot_expert_moe(x, ids_host, weights, hot)
+            y_hot, cold_mask = hot_expert_moe(x, torch.from_numpy(idn), weights, hot)
             self.hot_pairs += int((~cold_mask).sum())
             self.hot_s += time.perf_counter() - t0
             y_gpu = y_hot if y_gpu is None else y_gpu + y_hot
