@@ -186,23 +186,26 @@ class Engine:
                 self._cached_ids = (prompt + generated)[:self._cache.length]
 
     def refresh_hot_experts(self) -> None:
-        """Keep the most-routed `hot_experts` experts of each MoE layer on the GPU side (uploads only changes)."""
-        from kernels_gpu.int4 import DeviceInt4
+        """Keep the most-routed `hot_experts` experts of each MoE layer on the GPU side (uploads only changes).
 
-        sched = self.model.experts
+        Each layer's hot experts live in a HotSlots of fixed buffers, written in place: a captured
+        decode step reads them by address, so it stays valid as the hot set changes."""
+        from kernels_gpu.int4 import DeviceInt4, HotSlots
+
+        sched, cfg = self.model.experts, self.config
+        group = cfg.quant.group_size if cfg.quant else 32
         for layer, counts in sched.route_counts.items():
             if not counts.any():
                 continue
             want = [int(e) for e in np.argsort(-counts, kind="stable")[: self.hot_experts] if counts[e] > 0]
-            old = sched.hot.get(layer, {})
-            new = {}
-            for e in want:
-                if e in old:
-                    new[e] = old[e]
-                    continue
+            slots = sched.hot.get(layer)
+            if not isinstance(slots, HotSlots):
+                slots = HotSlots(self.hot_experts, cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size,
+                                 group, self.device)
+            for e in slots.keep_only(want):
                 ws = [self.checkpoint.expert(layer, e, p) for p in ("gate_proj", "up_proj", "down_proj")]
-                new[e] = tuple(DeviceInt4.from_arrays(w.packed, w.scale, w.shape, self.device) for w in ws)
-            sched.set_hot(layer, new)
+                slots.put(e, [DeviceInt4.from_arrays(w.packed, w.scale, w.shape) for w in ws])
+            sched.set_hot(layer, slots)
 
     # ---- chat ---------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,

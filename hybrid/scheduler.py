@@ -20,7 +20,7 @@ import torch
 
 from kernels_cpu.moe import moe_forward
 from kernels_cpu.table import ExpertTable
-from kernels_gpu.int4 import DeviceInt4, as_bf16, cold_pairs, hot_expert_moe
+from kernels_gpu.int4 import DeviceInt4, HotSlots, as_bf16, cold_pairs, hot_expert_moe
 from kernels_gpu.offload import LayerUploader
 
 from .expert_cache import DEMAND, PREFETCH, ExpertCache
@@ -28,6 +28,7 @@ from .expert_cache import DEMAND, PREFETCH, ExpertCache
 PREFETCH_MIN_USE = 0.3  # adaptive prefetch keeps going while at least this share of its loads gets used
 PREFETCH_WINDOW = 64  # prefetches per judgement
 PREFETCH_SAMPLE = 32  # while off, prefetch on one layer call in this many
+FUSED_HOT_TOKENS = 4  # at most, tokens per call the fused hot-expert kernel takes (a GEMV per pair)
 UPLOAD_GROUP = 16  # at most, experts per upload for a long prompt (K2: 0.4 GB; x2 pinned and x2 on the GPU)
 Fetch = Callable[[int, int], list[np.ndarray]]  # (layer, expert) -> 6 arrays in PARTS order, on-disk layout
 Offload = Callable[[int, int], bool]  # (prompt tokens, experts touched) -> run this layer on the GPU side?
@@ -59,7 +60,9 @@ class Scheduler:
         self.trace = trace
         self._predicted: dict[int, list[int]] = {}
         # hot experts live on the GPU side (kernels_gpu.int4); the rest of the layer's pairs go to the CPU
-        self.hot: dict[int, dict] = {layer: {} for layer in moe_layers}
+        self.hot: dict[int, dict | HotSlots] = {layer: {} for layer in moe_layers}
+        # decode's hot experts through kernels_gpu.int4_triton (None: when on CUDA and Triton imports)
+        self.fused_hot: bool | None = None
         self.route_counts: dict[int, np.ndarray] = {}  # layer -> [E] how often each expert was routed to
         self._token = 0
         # numba's thread count is per calling thread: set it on the worker that runs the kernels
@@ -100,11 +103,32 @@ class Scheduler:
             fut = self._submit_cpu(layer, x, xn, idn, wn, used)
         if hot:  # while the CPU works: the hot experts on the GPU side
             t0 = time.perf_counter()
-            y_hot, cold_mask = hot_expert_moe(x, torch.from_numpy(idn), weights, hot)
-            self.hot_pairs += int((~cold_mask).sum())
+            fused = self._fused_hot(x, hot)
+            if fused is not None:  # the ids are read on the device: no host round trip, no per-expert loop
+                y_hot = fused(x, ids.to(x.device), weights, hot)
+                self.hot_pairs += int((~cold).sum())
+            else:
+                y_hot, cold_mask = hot_expert_moe(x, torch.from_numpy(idn), weights, hot)
+                self.hot_pairs += int((~cold_mask).sum())
             self.hot_s += time.perf_counter() - t0
             y_gpu = y_hot if y_gpu is None else y_gpu + y_hot
         return fut, y_gpu, x.device
+
+    def _fused_hot(self, x: torch.Tensor, hot) -> Callable | None:
+        """kernels_gpu.int4_triton.fused_hot_moe when it should compute this call's hot experts, else None."""
+        if not isinstance(hot, HotSlots) or x.shape[0] > FUSED_HOT_TOKENS or self.fused_hot is False:
+            return None
+        if self.fused_hot is None and x.device.type != "cuda":
+            return None
+        try:
+            from kernels_gpu.int4_triton import fused_hot_moe
+        except ImportError:
+            if self.fused_hot:
+                raise RuntimeError("fused hot experts were asked for but Triton does not import; "
+                                   "pip install triton, or leave fused_hot at None") from None
+            self.fused_hot = False
+            return None
+        return fused_hot_moe
 
     @staticmethod
     def _done_zeros(xn: np.ndarray) -> Future:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .graphs import GraphedStep
-from .int4 import int4_linear
+from .int4 import DeviceInt4, HotSlots, hot_expert_moe, int4_linear
 from .int8 import int8_linear, quantize_int8
 from .mla import mla_decode
 from .offload import PrefillSpeeds, expert_flops_per_token, measure_pcie_gbps, offload_threshold
@@ -88,6 +88,29 @@ def _int4(s: dict, dev: torch.device, dt: torch.dtype, repeats: int) -> dict:
     return out
 
 
+def _hot_moe(s: dict, dev: torch.device, repeats: int) -> dict | None:
+    """One decode token's K routed pairs, all hot: the fused Triton kernel against the torch loop."""
+    try:
+        from .int4_triton import fused_hot_moe
+    except ImportError as e:
+        log.warning("fused hot experts not timed: %s", e)
+        return None
+    D, F, K = s["D"], s["F"], s["K"]
+    rng = np.random.default_rng(1)
+    slots = HotSlots(K, K, D, F, device=dev)
+    for e in range(K):
+        ws = [DeviceInt4(torch.from_numpy(rng.integers(-2**31, 2**31, (O, I // 8), dtype=np.int64).astype(np.int32)),
+                         torch.full((O, I // 32), 0.01, dtype=torch.bfloat16), O, I) for O, I in ((F, D), (F, D), (D, F))]
+        slots.put(e, ws)
+    x = torch.randn(1, D, device=dev, dtype=torch.bfloat16)
+    ids = torch.arange(K, device=dev)[None]
+    w = torch.full((1, K), 1.0 / K, device=dev)
+    nbytes = slots.nbytes  # K experts, each read once
+    ms = _time_ms(lambda: fused_hot_moe(x, ids, w, slots), dev, repeats)
+    loop = _time_ms(lambda: hot_expert_moe(x, ids, w, slots), dev, repeats)
+    return {"experts": K, "fused_ms": _r(ms), "fused_gbps": _r(nbytes / ms / 1e6), "torch_loop_ms": _r(loop)}
+
+
 def _int8(dev: torch.device, dt: torch.dtype, repeats: int, O: int, I: int) -> dict:
     w = torch.randn(O, I, device=dev, dtype=dt) * 0.02
     q, sc = quantize_int8(w)
@@ -137,6 +160,7 @@ def run(small: bool = False, device: str | None = None, cpu_tps: float | None = 
                  "torch": torch.__version__, "dtype": str(dt).split(".")[-1], "shapes": "small" if small else "k2"}
     res["mla_decode"] = _mla(s, dev, dt, repeats)
     res["int4_expert"] = _int4(s, dev, dt, repeats)
+    res["hot_moe_decode"] = _hot_moe(s, dev, repeats) if dev.type == "cuda" else None
     res["int8_linear"] = _int8(dev, dt, repeats, *((s["D"], s["H"] * s["V"])))  # o_proj [D, H*V]
     measured = measure_pcie_gbps() if dev.type == "cuda" else None
     res["pcie_gbps"] = _r(measured) if measured else None

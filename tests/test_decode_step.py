@@ -91,6 +91,8 @@ def test_engine_decode_graphs_on_with_cache_prefetch_and_hot_experts(tiny_path):
         if r == 2:  # hot experts on the first MoE layer only: the device buffer must not carry its sum on
             eng.hot_experts = 0  # no refresh at the request's start
             eng.model.experts.set_hot(eng.config.moe_layers[-1], {})
+            eng.model.experts.fused_hot = True  # and decode's hot pairs through the Triton kernel (interpreted here)
+            pairs = eng.model.experts.hot_pairs
         toks = forced_tokens(n, V)
         prompt = [r + 1] + PROMPT  # a different first token: no prefix reuse between the two
 
@@ -109,7 +111,7 @@ def test_engine_decode_graphs_on_with_cache_prefetch_and_hot_experts(tiny_path):
     assert st["gpu_side_s"] + st["experts_wait_s"] + st["submit_s"] <= st["forward_s"] + 1e-6
     assert st["decode_graphs"] == {"cuda_graphs": False, "captured_buckets": [], "steps": 9 + 13 + 7}
     sched = eng.model.experts
-    assert sched.hot_pairs > 0  # the second request really split pairs between hot and CPU experts
+    assert pairs > 0 and sched.hot_pairs > pairs  # requests 2 and 3 really split pairs between hot and CPU experts
     assert sum(s.prefetched for s in sched.cache.stats.values()) > 0
     oracle.close()
     eng.close()

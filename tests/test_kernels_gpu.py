@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from hybrid.quant import dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from kernels_gpu.graphs import GraphCache, GraphedStep
-from kernels_gpu.int4 import DeviceInt4, cold_pairs, dequantize, hot_expert_moe, int4_expert, int4_linear
+from kernels_gpu.int4 import (DeviceInt4, HotSlots, cold_pairs, dequantize, hot_expert_moe, hot_moe_by_slot,
+                               int4_expert, int4_linear)
 from kernels_gpu.int8 import int8_linear, quantize_int8
 from kernels_gpu.mla import absorb_query, chunked_prefill_attention, mla_decode
 from kernels_gpu.offload import (LayerUploader, PrefillSpeeds, expert_flops_per_token, measure_pcie_gbps,
@@ -195,6 +196,83 @@ def test_hot_split_plus_cpu_rest_equals_full_moe(hot_ids):
     y_cpu = ref_moe(x, ids, weights * cold.cpu(), dense)  # what the CPU backend gets: cold pairs only
     full = ref_moe(x, ids, weights, dense)
     torch.testing.assert_close(y_hot.cpu() + y_cpu, full, rtol=1e-5, atol=1e-6)
+
+
+def slots_with(arrays, which, capacity=None, dims=(D, FF)):
+    slots = HotSlots(capacity or max(len(which), 1), len(arrays), *dims, device=DEV)
+    for e, w in hot_set(arrays, which).items():
+        slots.put(e, w)
+    return slots
+
+
+def test_hot_slots_change_in_place_and_read_back_what_was_put():
+    arrays, _ = make_experts(2)
+    slots = slots_with(arrays, [4, 1], capacity=3)
+    ptrs = {p: t.data_ptr() for p, t in slots.packed.items()}
+    assert list(slots) == [1, 4] and len(slots) == 2 and 3 not in slots
+    assert slots.slot_of.tolist() == [-1, 1, -1, -1, 0, -1]
+    want = hot_set(arrays, [0, 1, 2, 3, 4, 5])
+    for e in (1, 4):
+        for got, ref in zip(slots[e], want[e]):
+            assert torch.equal(got.packed, ref.packed) and torch.equal(got.scale, ref.scale)
+    assert slots.keep_only([5, 1, 2]) == [5, 2]  # 4 leaves; 5 and 2 are still to put
+    assert list(slots) == [1] and slots.slot_of.tolist() == [-1, 1, -1, -1, -1, -1]
+    for e in (5, 2):
+        slots.put(e, want[e])
+    assert slots.slot_of.tolist() == [-1, 1, 2, -1, -1, 0]  # 5 took the slot 4 left
+    for e in (1, 2, 5):
+        assert all(torch.equal(g.packed, r.packed) for g, r in zip(slots[e], want[e]))
+    assert {p: t.data_ptr() for p, t in slots.packed.items()} == ptrs  # nothing moved
+    with pytest.raises(ValueError, match="all 3 hot slots are taken"):
+        slots.put(0, want[0])
+    with pytest.raises(ValueError, match="does not fit"):
+        HotSlots(1, E, 2 * D, FF, device=DEV).put(0, want[0])
+
+
+def hot_moe_inputs(T, seed, n_experts=E, dims=(D, FF)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, dims[0], generator=g)
+    ids = torch.stack([torch.randperm(n_experts, generator=g)[:K] for _ in range(T)])
+    ids[0, 1] = ids[0, 0]  # one expert twice in a token: two pairs
+    weights = torch.rand(T, K, generator=g) * 2.8
+    weights[-1, -1] = 0.0  # a dropped pair
+    return x, ids, weights
+
+
+@pytest.mark.parametrize("T,hot_ids", [(1, [1, 4]), (3, [0, 1, 2, 3, 4, 5]), (2, []), (3, [5, 2])])
+def test_device_id_hot_moe_equals_the_per_expert_loop(T, hot_ids):
+    """hot_moe_by_slot (torch, fixed shapes) and fused_hot_moe (Triton; its interpreter without CUDA)
+    read the expert ids on the device; both equal hot_expert_moe's y_hot, and with the CPU's cold
+    pairs the whole routed sum."""
+    from kernels_gpu.int4_triton import fused_hot_moe  # the dev install has Triton (x86-64 Linux)
+
+    arrays, dense = make_experts(3)
+    x, ids, weights = hot_moe_inputs(T, T)
+    slots = slots_with(arrays, hot_ids, capacity=6)
+    ref, cold = hot_expert_moe(x, ids, weights, hot_set(arrays, hot_ids))
+    args = (x.to(DEV), ids.to(DEV), weights.to(DEV), slots)
+    for fn in (hot_moe_by_slot, fused_hot_moe):
+        y = fn(*args)
+        assert y.dtype == torch.float32 and y.shape == (T, D)
+        torch.testing.assert_close(y.cpu(), ref.cpu(), rtol=1e-5, atol=1e-6)
+    full = ref_moe(x, ids, weights, dense)
+    torch.testing.assert_close(fused_hot_moe(*args).cpu() + ref_moe(x, ids, weights * cold, dense), full,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_fused_hot_moe_over_several_row_blocks_and_reduction_steps():
+    """Shapes past one program's block both ways (rows and packed words), a bf16 x as on the GPU."""
+    from kernels_gpu.int4_triton import BLOCK_ROWS, BLOCK_WORDS, fused_hot_moe
+
+    dims = (BLOCK_WORDS * 8 * 2 + 64, BLOCK_ROWS * 2 + 32)  # D 320: 2.5 reduction steps; F 96: 3 row blocks
+    arrays = [{p: int4_arrays(shape, 10 + 3 * e + j) for j, (p, shape) in
+               enumerate((("gate", dims[::-1]), ("up", dims[::-1]), ("down", dims)))} for e in range(4)]
+    x, ids, weights = hot_moe_inputs(1, 7, 4, dims)
+    x = x.to(torch.bfloat16)
+    slots = slots_with(arrays, [ids[0, 0].item(), ids[0, 2].item()], capacity=2, dims=dims)
+    ref, _ = hot_expert_moe(x.float(), ids, weights, hot_set(arrays, list(slots)))
+    torch.testing.assert_close(fused_hot_moe(x.to(DEV), ids.to(DEV), weights.to(DEV), slots).cpu(), ref.cpu(),
+                               rtol=1e-5, atol=1e-5)
 
 
 # ---- int8 -------------------------------------------------------------------------------------
@@ -373,6 +451,15 @@ def test_bench_small_prints_json():
     assert res["mla_decode"]["ctx128"]["ms"] > 0
     n = res["offload"]["threshold_tokens"]  # None (never) only if the measured GEMM is absurdly slow
     assert n is None or n > 0
+    assert res["hot_moe_decode"] is None if not CUDA else res["hot_moe_decode"]["fused_ms"] > 0
+
+
+def test_bench_times_the_fused_hot_experts():
+    """The hot-expert timing bench.run does on CUDA, at toy shapes here (the interpreter without CUDA)."""
+    from kernels_gpu import bench
+
+    res = bench._hot_moe(bench.SMALL, DEV, 1)
+    assert res["experts"] == 8 and res["fused_ms"] > 0 and res["torch_loop_ms"] > 0 and res["fused_gbps"] > 0
 
 
 def test_gpu_check_script_is_valid_bash():

@@ -1,0 +1,110 @@
+"""The hot experts of a decode token as two fused Triton kernels over the packed INT4 layout.
+
+Owns fused_hot_moe: the sum hot_expert_moe computes, with the expert ids read on the device
+(HotSlots.slot_of), dequantising inside the GEMV so each hot pair's packed weights are read once and
+cold pairs read nothing (masked loads). Fixed shapes and no host sync, so a CUDA graph can hold it.
+CUDA only in use; the tests run it on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set
+before this module is imported) against kernels_gpu.int4. Imports nothing from hybrid/.
+
+Kernel 1, per (pair, block of F rows): h = silu(gate x) * up x, fp32 [T*K, F].
+Kernel 2, per (pair, block of D rows): out = weight * down h, fp32 [T*K, D]; the host sums over K.
+A word of the packed layout holds 8 consecutive columns (low nibble first, q + 8), so a tile is
+loaded as [rows, words] and unpacked to [rows, words, 8] against x viewed as [words, 8].
+Scales arrive as bf16 bit patterns (int16) and are widened by a shift, the same on every backend.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .int4 import HotSlots
+
+BLOCK_ROWS = 32  # output rows per program
+BLOCK_WORDS = 16  # packed words (x8 columns) per step of the reduction
+
+
+@triton.jit
+def _bf16_bits_to_f32(bits):
+    return (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int4_rows_dot(packed_ptr, scale_ptr, base_w, base_s, rows, rmask, v_ptr, n_words, n_groups,
+                   GROUP_WORDS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
+    """sum over columns of dequant(W[rows, :]) * v for one matrix: -> fp32 [BLOCK_R]."""
+    nib = tl.arange(0, 8)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for w0 in range(0, n_words, BLOCK_W):
+        words = w0 + tl.arange(0, BLOCK_W)
+        wmask = words < n_words
+        v = tl.load(v_ptr + words[:, None] * 8 + nib[None, :], mask=wmask[:, None], other=0.0)  # [W, 8]
+        m = rmask[:, None] & wmask[None, :]
+        q = tl.load(packed_ptr + base_w + rows[:, None] * n_words + words[None, :], mask=m, other=0)  # [R, W]
+        sc = tl.load(scale_ptr + base_s + rows[:, None] * n_groups + (words // GROUP_WORDS)[None, :], mask=m, other=0)
+        nibbles = ((q[:, :, None] >> (nib * 4)[None, None, :]) & 0xF) - 8  # [R, W, 8]
+        part = tl.sum(nibbles.to(tl.float32) * v[None, :, :], axis=2)  # [R, W]
+        acc += tl.sum(part * _bf16_bits_to_f32(sc), axis=1)
+    return acc
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, slot_ptr, gp_ptr, gs_ptr, up_ptr, us_ptr, h_ptr,
+                    K, D, FF, GROUP_WORDS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
+    pair, rb = tl.program_id(0), tl.program_id(1)
+    s = tl.load(slot_ptr + tl.load(ids_ptr + pair))
+    live = ((s >= 0) & (tl.load(w_ptr + pair) != 0)).to(tl.int32)
+    s64 = tl.maximum(s, 0).to(tl.int64)
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    inside = rows < FF
+    read = rows < FF * live  # no row of a cold pair is read (a bool scalar & a tensor is no mask in the interpreter)
+    n_words, n_groups = D // 8, D // (GROUP_WORDS * 8)
+    x_row = x_ptr + (pair // K).to(tl.int64) * D
+    g = _int4_rows_dot(gp_ptr, gs_ptr, s64 * FF * n_words, s64 * FF * n_groups, rows, read, x_row,
+                       n_words, n_groups, GROUP_WORDS, BLOCK_W, BLOCK_R)
+    u = _int4_rows_dot(up_ptr, us_ptr, s64 * FF * n_words, s64 * FF * n_groups, rows, read, x_row,
+                       n_words, n_groups, GROUP_WORDS, BLOCK_W, BLOCK_R)
+    h = g / (1.0 + tl.exp(-g)) * u  # silu(gate) * up; 0 for a cold pair
+    tl.store(h_ptr + pair.to(tl.int64) * FF + rows, h, mask=inside)
+
+
+@triton.jit
+def _down_kernel(h_ptr, ids_ptr, w_ptr, slot_ptr, dp_ptr, ds_ptr, out_ptr,
+                 D, FF, GROUP_WORDS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
+    pair, rb = tl.program_id(0), tl.program_id(1)
+    s = tl.load(slot_ptr + tl.load(ids_ptr + pair))
+    weight = tl.load(w_ptr + pair)
+    live = ((s >= 0) & (weight != 0)).to(tl.int32)
+    s64 = tl.maximum(s, 0).to(tl.int64)
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    inside = rows < D
+    read = rows < D * live
+    n_words, n_groups = FF // 8, FF // (GROUP_WORDS * 8)
+    y = _int4_rows_dot(dp_ptr, ds_ptr, s64 * D * n_words, s64 * D * n_groups, rows, read,
+                       h_ptr + pair.to(tl.int64) * FF, n_words, n_groups, GROUP_WORDS, BLOCK_W, BLOCK_R)
+    tl.store(out_ptr + pair.to(tl.int64) * D + rows, weight * live.to(tl.float32) * y, mask=inside)
+
+
+def fused_hot_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slots: HotSlots) -> torch.Tensor:
+    """x [T, D], ids [T, K], weights [T, K] on slots' device -> y_hot fp32 [T, D]: the sum over the
+    pairs whose expert is hot (slots.slot_of >= 0) of weights * expert(x), accumulated in fp32.
+    Equal to kernels_gpu.int4.hot_expert_moe's y_hot up to fp32 summation order."""
+    T, K = ids.shape
+    D, FF = slots.hidden, slots.inter
+    if x.shape != (T, D) or weights.shape != (T, K):
+        raise ValueError(f"fused_hot_moe: x {tuple(x.shape)}, ids {tuple(ids.shape)}, weights "
+                         f"{tuple(weights.shape)} do not fit hidden {D}")
+    xf = x.float().contiguous()
+    idl = ids.long().contiguous()
+    wf = weights.float().contiguous()
+    h = torch.empty(T * K, FF, device=x.device, dtype=torch.float32)
+    out = torch.empty(T * K, D, device=x.device, dtype=torch.float32)
+    gw = slots.group // 8
+    p, sc = slots.packed, {k: v.view(torch.int16) for k, v in slots.scale.items()}
+    _gate_up_kernel[(T * K, triton.cdiv(FF, BLOCK_ROWS))](
+        xf, idl, wf, slots.slot_of, p["gate"], sc["gate"], p["up"], sc["up"], h, K, D, FF,
+        GROUP_WORDS=gw, BLOCK_W=BLOCK_WORDS, BLOCK_R=BLOCK_ROWS)
+    _down_kernel[(T * K, triton.cdiv(D, BLOCK_ROWS))](
+        h, idl, wf, slots.slot_of, p["down"], sc["down"], out, D, FF,
+        GROUP_WORDS=gw, BLOCK_W=BLOCK_WORDS, BLOCK_R=BLOCK_ROWS)
+    return out.view(T, K, D).sum(1)
