@@ -97,9 +97,10 @@ def engine_options(f: Callable) -> Callable:
                      help="Routed experts per MoE layer kept on the GPU (default: what the plan's spare VRAM holds)."),
         click.option("--prefill-chunk", type=click.IntRange(min=1),
                      help="Prompt tokens per forward pass (default 4096): bounds prefill memory on long prompts."),
-        click.option("--decode-graphs", type=click.Choice(["auto", "on", "off"]),
-                     help="Decode through fixed-shape segments, each a CUDA graph on CUDA (auto: on with CUDA; "
-                          "on: also without CUDA, eagerly; off: the plain forward)."),
+        click.option("--decode-graphs", type=click.Choice(["auto", "on", "segments", "off"]),
+                     help="Decode through a fixed-shape step, one CUDA graph per token on CUDA with the CPU expert "
+                          "hops inside (auto: on with CUDA; on: also without CUDA, eagerly; segments: a graph per "
+                          "segment, the host hopping between them; off: the plain forward)."),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -1,26 +1,32 @@
-"""The decode step with fixed shapes, run as segments between the CPU expert hops; on CUDA, graphs.
+"""The decode step with fixed shapes, as one CUDA graph per token (or one per segment), with the CPU
+expert hops inside.
 
 Owns cutting one decode token into segments at the MoE layers, the buffers the segments share
 (pinned host buffers for the hop to the CPU experts and back), KV-length buckets, and capturing a
-bucket's segments as CUDA graphs the first time it is used. The math is the model's own
-(Model.embed rows, attention, route, ffn, shared_expert, head; rms_norm); this file adds none. Without CUDA the same segments
-run eagerly, so the CPU suite tests exactly the code a GPU captures.
+bucket's step as CUDA graphs the first time it is used. The math is the model's own (Model.embed
+rows, attention, route, ffn, shared_expert, head; rms_norm; the hot experts of kernels_gpu.int4 /
+int4_triton); this file adds none. Without CUDA the same code runs eagerly, so the CPU suite tests
+exactly what a GPU captures.
 
 One token, per MoE layer i (the first segment also embeds and runs any dense layers before i):
   pre[i]     add the previous MoE layer's output, attention i, norm, router i; copy x, ids and
-             weights into pinned host buffers (inside the graph)
-  shared[i]  the shared expert of layer i: enqueued before the host waits, so it runs on the GPU
-             while the CPU computes the routed experts
-  hop        the host waits for pre[i] (an event), submits x, ids, weights to the expert backend
-             from the pinned buffers, and writes the CPU's share of the routed sum into a pinned
-             buffer that the next segment copies to the device (inside its graph)
+             weights (and, with prefetch, the next layer's candidate experts) into pinned host buffers
+  submit[i]  host: hand x, ids, weights from the pinned buffers to the expert scheduler (the CPU
+             computes the cold pairs)
+  gpu[i]     the shared expert and the hot experts of layer i, on the GPU while the CPU works
+  wait[i]    host: collect the CPU's share of the routed sum into a pinned buffer, which the next
+             segment copies to the device
   head       the last MoE layer's output, any dense layers after it, final norm, lm_head.
+Mode 'token' (the default where it can run): submit and wait are CUDA host functions
+(kernels_gpu.graphs.HostFuncs), so the whole token is one graph, one launch from Python. Mode
+'segments': pre and shared+head are graphs of their own and the host runs the hop between them
+(two launches per MoE layer); it needs no host functions, and runs a backend's generic submit/wait
+and hot experts kept in plain dicts.
 Segments pass tensors on through device buffers allocated once (each writes its results into them
 with copy_), never through rebound names: a replayed graph then moves data exactly as the eager run
-the CPU tests check, and all buckets share them.
-So the GPU runs two graph launches per MoE layer, not one launch per kernel. The KV cache is read
-through a fixed span (the bucket: a power of two >= the length, at least BUCKET_MIN), masked beyond
-the position, which lives in a device tensor; each bucket is captured once.
+the CPU tests check, and all buckets share them. The KV cache is read through a fixed span (the
+bucket: a power of two >= the length, at least BUCKET_MIN), masked beyond the position, which lives
+in a device tensor; each bucket is captured once.
 """
 from __future__ import annotations
 
@@ -28,14 +34,19 @@ import logging
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
+
+from kernels_gpu.graphs import HostFuncs
+from kernels_gpu.int4 import HotSlots, hot_moe_by_slot
 
 from .model import KVCache, Model, rms_norm
 
 log = logging.getLogger(__name__)
 BUCKET_MIN = 256  # smallest KV span a decode graph reads; the waste is at most 2x of attention's reads
+MODES = ("auto", "token", "segments")
 
-Segment = tuple[str, int, Callable[[], None]]  # (kind 'pre' / 'shared' / 'head', layer, run)
+Segment = tuple[str, int, Callable[[], None]]  # (kind, layer, run); kinds: pre submit gpu wait shared head
 
 
 class StaticDecoder:
@@ -43,10 +54,15 @@ class StaticDecoder:
     (generate() takes decoder.step as its decode_step).
 
     graphs: capture CUDA graphs (None: when the model is on CUDA; True without CUDA runs eagerly).
+    mode: 'token' (one graph per token, the expert hops as host functions), 'segments' (a graph per
+    segment, the host hopping between them) or 'auto' (token where it can run, see token_blocker()).
     Not for defer_experts > 0 (the deferred sum crosses layers outside these segments).
     """
 
-    def __init__(self, model: Model, cache: KVCache, graphs: bool | None = None, bucket_min: int = BUCKET_MIN):
+    def __init__(self, model: Model, cache: KVCache, graphs: bool | None = None, bucket_min: int = BUCKET_MIN,
+                 mode: str = "auto"):
+        if mode not in MODES:
+            raise ValueError(f"decode step mode must be one of {', '.join(MODES)}, got {mode!r}")
         if model.defer_experts:
             raise ValueError("the static decode step does not support defer_experts; set defer_experts=0 "
                              "or turn decode graphs off")
@@ -54,8 +70,12 @@ class StaticDecoder:
         self.device = model.device
         self.cuda = self.device.type == "cuda"
         self.graphs = self.cuda if graphs is None else bool(graphs and self.cuda)
+        self.asked = mode
+        self.mode = "segments"
         cfg = model.cfg
         D, K = cfg.hidden_size, cfg.num_experts_per_tok
+        ex = model.experts
+        self.predicting = bool(getattr(ex, "prefetch", False)) and getattr(ex, "predict", None) is not None
 
         def host(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             t = torch.zeros(shape, dtype=dtype)
@@ -65,8 +85,11 @@ class StaticDecoder:
         self.emb_h = host((1, D), model.dtype)  # its embedding row (the table may live in host RAM)
         self.x_h, self.ids_h, self.w_h = host((1, D), torch.float32), host((1, K), torch.long), host((1, K), torch.float32)
         self.routed_h = host((1, D), torch.float32)  # the CPU's share of the routed sum
+        width = getattr(ex, "prefetch_width", 0) or K
+        self.cand_h = host((width,), torch.long)  # the next MoE layer's candidate experts (prefetch)
         # numpy views of the pinned buffers, made once: what the CPU expert kernels read and write
         self._host_np = (self.x_h.numpy(), self.ids_h.numpy(), self.w_h.numpy(), self.routed_h.numpy())
+        self._cand_np = self.cand_h.numpy()
         self.routed_dev = torch.zeros(1, D, device=self.device, dtype=torch.float32)  # the GPU side's share
         self._routed_dev_used = False
         # What the segments pass on lives in these device buffers, allocated once, outside any graph
@@ -83,13 +106,43 @@ class StaticDecoder:
         self._segs: dict[int, list[Segment]] = {}  # span -> its segments
         self.chains: dict[int, Any] = {}  # span -> kernels_gpu.graphs.GraphChain
         # span -> what runs each segment: the segments themselves, then their graphs' replays once captured
+        # (token mode: one entry, the whole token)
         self._calls: dict[int, list[Callable[[], None]]] = {}
+        self._hot_seen: tuple = ()  # token mode: the scheduler's hot-set objects the segments were built over
         # one memory pool for every bucket's graphs: they run one at a time and pass data only through
         # self.buf, so any may reuse another's temporaries (K2's dequantised lm_head alone is 2.3 GB)
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         # a spinning (non-blocking) event: while the host waits on it, the CPU workers have nothing to do yet
         self.event = torch.cuda.Event() if self.cuda else None
+        self.host: HostFuncs | None = None
+        self._handles: dict[int, Any] = {}  # token mode: layer -> the scheduler's handle, from submit to wait
+        self._mark = 0.0  # token mode: when the host last finished something (for the per-stretch times)
         self.steps = 0
+        if mode != "segments":
+            blocker = self.token_blocker()
+            if blocker is None:
+                self.mode = "token"
+                self.host = HostFuncs(self.cuda)
+            elif mode == "token":
+                raise ValueError(f"the one-graph-per-token decode step cannot run here: {blocker}")
+            else:
+                log.info("decode step: a graph per segment, not per token: %s", blocker)
+
+    def token_blocker(self) -> str | None:
+        """Why mode 'token' cannot run on this model (None: it can)."""
+        ex = self.model.experts
+        if not (hasattr(ex, "submit_host") and hasattr(ex, "wait_host")):
+            return "the expert backend has no host entry points (submit_host / wait_host)"
+        if self.cuda:
+            if any(hot and not isinstance(hot, HotSlots) for hot in getattr(ex, "hot", {}).values()):
+                return "hot experts are kept in plain dicts, not HotSlots"
+            if any(isinstance(hot, HotSlots) for hot in getattr(ex, "hot", {}).values()) and _fused() is None:
+                return "hot experts need Triton for the fused kernel (pip install triton)"
+            try:
+                HostFuncs(True)
+            except RuntimeError as e:
+                return str(e)
+        return None
 
     # ---- public ---------------------------------------------------------------------------------
     def bucket(self, length: int) -> int:
@@ -113,13 +166,18 @@ class StaticDecoder:
             raise ValueError("the static decode step does not support defer_experts; set it back to 0")
         if not 0 <= token < self.model.cfg.vocab_size:
             raise ValueError(f"token id {token} is outside the vocabulary of {self.model.cfg.vocab_size}")
+        if self.mode == "token":
+            self._check_hot_sets()
         span = self.bucket(pos + 1)
         self.tp_h[0], self.tp_h[1] = token, pos
         self.emb_h.copy_(self.model.w["model.embed_tokens.weight"][token:token + 1])
         t_start = time.perf_counter()
         if span not in self._segs:
             self._segs[span] = self._segments(span)
-            self._calls[span] = [run for _, _, run in self._segs[span]]
+            if self.mode == "token":
+                self._calls[span] = [self._token_fn(self._segs[span])]
+            else:
+                self._calls[span] = [run for _, _, run in self._segs[span]]
         segments = self._segs[span]
         if span not in self.chains and self.graphs:
             from kernels_gpu.graphs import GraphChain
@@ -127,28 +185,36 @@ class StaticDecoder:
             side = torch.cuda.Stream()  # warm-up off the default stream, as capture wants
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._run(segments, self._calls[span])  # the real step, eagerly: this token's result
+                self._run(segments, self._calls[span], t_start)  # the real step, eagerly: this token's result
             torch.cuda.current_stream().wait_stream(side)
             logits = self.buf["logits"].clone()
+            self._finish()
             try:  # the outer stream context restores this stream even when a failed capture cannot
                 with torch.cuda.stream(torch.cuda.current_stream()):
-                    chain = GraphChain([run for _, _, run in segments], self.pool)
+                    fns = self._calls[span] if self.mode == "token" else [run for _, _, run in segments]
+                    chain = GraphChain(fns, self.pool)
                 self.chains[span] = chain
                 self._calls[span] = [g.replay for g in chain.graphs]
             except Exception:  # keep decoding, eagerly, rather than fail every step from here on
                 log.exception("capturing the decode step as CUDA graphs failed; decoding without them")
                 self.graphs = False
         else:
-            self._run(segments, self._calls[span])
+            self._run(segments, self._calls[span], t_start)
             logits = self.buf["logits"].clone()
+            self._finish()
         cache.length = pos + 1
         self.steps += 1
         self.model.times["forward"] += time.perf_counter() - t_start
         return logits
 
     # ---- the host loop ------------------------------------------------------------------------
-    def _run(self, segments: list[Segment], calls: list[Callable[[], None]]) -> None:
-        """calls[k] runs segment k: the segment itself (eagerly) or its captured graph's replay."""
+    def _run(self, segments: list[Segment], calls: list[Callable[[], None]], t_start: float) -> None:
+        """calls[k] runs segment k: the segment itself (eagerly) or its captured graph's replay;
+        token mode: calls[0] runs the whole token (the host functions inside it do the hops)."""
+        if self.mode == "token":
+            self._mark = t_start
+            calls[0]()
+            return
         times = self.model.times
         for (kind, layer, _), go in zip(segments, calls):
             t0 = time.perf_counter()
@@ -172,8 +238,20 @@ class StaticDecoder:
                     torch.cuda.current_stream().synchronize()
                 times["lm_head"] += time.perf_counter() - t0
 
+    def _finish(self) -> None:
+        """Token mode: wait for the token (sleeping, so the host functions can run) and count the head's
+        time; raise what a host function raised."""
+        if self.mode != "token":
+            return
+        if self.cuda:
+            HostFuncs.wait(self.event)
+        self.model.times["lm_head"] += time.perf_counter() - self._mark
+        self._handles.clear()
+        self.host.raise_error()
+
     def _hop(self, layer: int, shared: Callable[[], None] | None) -> None:
-        """The routed experts of `layer`: submit from the pinned buffers, collect into routed_h / routed_dev."""
+        """Segment mode: the routed experts of `layer`: submit from the pinned buffers, collect into
+        routed_h / routed_dev."""
         ex, times = self.model.experts, self.model.times
         x, ids, w = self.buf["x"], self.buf["ids"], self.buf["w"]  # layer's, until the next pre segment runs
         t0 = time.perf_counter()
@@ -200,11 +278,86 @@ class StaticDecoder:
         times["shared"] += t2 - t1
         times["experts_wait"] += time.perf_counter() - t2
 
+    # ---- token mode: the host functions ---------------------------------------------------------
+    def _token_fn(self, segments: list[Segment]) -> Callable[[], None]:
+        """The whole token as one callable: device segments run, host segments are launched as host
+        functions (called at once without CUDA). What a graph captures."""
+        plan = [(kind in ("submit", "wait"), self.host.add(run) if kind in ("submit", "wait") else run)
+                for kind, _, run in segments]
+        host = self.host
+
+        def token() -> None:
+            for on_host, what in plan:
+                if on_host:
+                    host.launch(what)
+                else:
+                    what()
+        return token
+
+    def _submit(self, layer: int) -> Callable[[], None]:
+        ex, times = self.model.experts, self.model.times
+        b, (xn, idn, wn, _) = self.buf, self._host_np
+        device_hot = isinstance(ex.hot.get(layer), HotSlots)
+        predicting = self.predicting and layer in ex.next_layer
+
+        def run() -> None:  # a CUDA host function: no device work in here
+            t0 = time.perf_counter()
+            times["attention"] += t0 - self._mark  # pre[i] on the device, as the host saw it
+            try:
+                self._handles[layer] = ex.submit_host(layer, b["x"], b["ids"], b["w"], xn, idn, wn, device_hot=device_hot,
+                                                      predicted=self._cand_np if predicting else None)
+            finally:
+                self._mark = time.perf_counter()
+                times["submit"] += self._mark - t0
+        return run
+
+    def _wait(self, layer: int) -> Callable[[], None]:
+        ex, times, out = self.model.experts, self.model.times, self._host_np[3]
+
+        def run() -> None:  # a CUDA host function
+            t0 = time.perf_counter()
+            times["shared"] += t0 - self._mark  # the shared and hot experts on the device
+            handle = self._handles.pop(layer, None)
+            try:
+                if handle is None:  # its submit failed (the step raises that): add nothing
+                    out.fill(0.0)
+                else:
+                    ex.wait_host(handle, out)
+            except BaseException:
+                out.fill(0.0)
+                raise
+            finally:
+                self._mark = time.perf_counter()
+                times["experts_wait"] += self._mark - t0
+        return run
+
+    def _check_hot_sets(self) -> None:
+        """Token mode reads each layer's HotSlots from inside the graph: if the scheduler now holds
+        other objects (set_hot), build and capture again; plain dicts need segment mode."""
+        hot = getattr(self.model.experts, "hot", {})
+        seen = tuple((layer, id(h)) for layer, h in sorted(hot.items()))
+        if seen == self._hot_seen:
+            return
+        if self._hot_seen:
+            log.info("decode step: the hot-expert sets changed; building the step again")
+        self._hot_seen = seen
+        self._segs.clear()
+        self._calls.clear()
+        self.chains.clear()
+        blocker = self.token_blocker()
+        if blocker is not None:
+            log.info("decode step: a graph per segment from here on: %s", blocker)
+            self.mode = "segments"
+
     # ---- the segments ---------------------------------------------------------------------------
     def _segments(self, span: int) -> list[Segment]:
         m, cfg, b, cache = self.model, self.model.cfg, self.buf, self.cache
         w, eps, dev = m.w, cfg.rms_norm_eps, self.device
-        moe = cfg.moe_layers
+        moe, token_mode = cfg.moe_layers, self.mode == "token"
+        ex = m.experts
+        hot_sets = {i: h for i, h in getattr(ex, "hot", {}).items() if isinstance(h, HotSlots)} if token_mode else {}
+        want_fused = getattr(ex, "fused_hot", None)  # the scheduler's switch: None is 'on CUDA'
+        fused = _fused() if hot_sets and want_fused is not False and (self.cuda or want_fused) else None
 
         def embed() -> None:
             tp = self.tp_h.to(dev, non_blocking=True)
@@ -227,19 +380,22 @@ class StaticDecoder:
                 # Model.dense_mlp's math, without its timer: this segment's time is counted whole
                 h.copy_(h + m.ffn(f"model.layers.{i}.mlp.", x))
 
-        def combine() -> None:  # h + (shared + routed), the order Model.moe adds them in
+        def combine(prev: int) -> None:  # h + (shared + routed), the order Model.moe adds them in
             h = b["h"]
-            routed = (self.routed_h.to(dev, non_blocking=True) + self.routed_dev).to(h.dtype)
-            h.copy_(h + (b["shared"] + routed))
+            routed = self.routed_h.to(dev, non_blocking=True)
+            if not token_mode or prev in hot_sets:  # token mode: only layers with hot experts wrote routed_dev
+                routed = routed + self.routed_dev
+            h.copy_(h + (b["shared"] + routed.to(h.dtype)))
 
         def pre(j: int) -> Callable[[], None]:
             i, before = moe[j], (moe[j - 1] + 1 if j else 0)
+            predict = token_mode and self.predicting and i in ex.next_layer
 
             def run() -> None:
                 if j == 0:
                     embed()
                 else:
-                    combine()
+                    combine(moe[j - 1])
                 dense(before, i)
                 attend(i)
                 x = rms_norm(b["h"], w[f"model.layers.{i}.post_attention_layernorm.weight"], eps)
@@ -250,14 +406,26 @@ class StaticDecoder:
                 self.x_h.copy_(x.float(), non_blocking=True)
                 self.ids_h.copy_(ids, non_blocking=True)
                 self.w_h.copy_(weights, non_blocking=True)
+                if predict:  # the next layer's router on this input: what the host prefetches
+                    self.cand_h.copy_(ex.predict(ex.next_layer[i], x, self.cand_h.shape[0])[0], non_blocking=True)
             return run
 
         def shared(i: int) -> Callable[[], None]:
             return lambda: b["shared"].copy_(m.shared_expert(i, b["x"]))
 
+        def on_device(i: int) -> Callable[[], None]:  # token mode: shared and hot experts of layer i
+            slots = hot_sets.get(i)
+            hot = fused or hot_moe_by_slot
+
+            def run() -> None:
+                b["shared"].copy_(m.shared_expert(i, b["x"]))
+                if slots is not None:
+                    self.routed_dev.copy_(hot(b["x"], b["ids"], b["w"], slots))
+            return run
+
         def head() -> None:
             if moe:
-                combine()
+                combine(moe[-1])
             else:
                 embed()
             dense(moe[-1] + 1 if moe else 0, cfg.num_hidden_layers)
@@ -265,6 +433,18 @@ class StaticDecoder:
 
         segments: list[Segment] = []
         for j, i in enumerate(moe):
-            segments += [("pre", i, pre(j)), ("shared", i, shared(i))]
+            if token_mode:
+                segments += [("pre", i, pre(j)), ("submit", i, self._submit(i)), ("gpu", i, on_device(i)),
+                             ("wait", i, self._wait(i))]
+            else:
+                segments += [("pre", i, pre(j)), ("shared", i, shared(i))]
         return segments + [("head", -1, head)]
 
+
+def _fused():
+    """kernels_gpu.int4_triton.fused_hot_moe, or None without Triton."""
+    try:
+        from kernels_gpu.int4_triton import fused_hot_moe
+    except ImportError:
+        return None
+    return fused_hot_moe

@@ -111,7 +111,7 @@ class Engine:
         dec = self.decoder
         if dec is None:
             return None
-        return {"cuda_graphs": dec.graphs, "captured_buckets": sorted(dec.chains), "steps": dec.steps}
+        return {"mode": dec.mode, "cuda_graphs": dec.graphs, "captured_buckets": sorted(dec.chains), "steps": dec.steps}
 
     def close(self) -> None:
         """Stop the expert workers and IO threads and release the maps (also done when the engine is collected)."""
@@ -194,18 +194,18 @@ class Engine:
 
         sched, cfg = self.model.experts, self.config
         group = cfg.quant.group_size if cfg.quant else 32
+        for layer in cfg.moe_layers:  # the buffers first, in every layer: a decode graph captures them
+            if not isinstance(sched.hot.get(layer), HotSlots) or sched.hot[layer].capacity != self.hot_experts:
+                sched.set_hot(layer, HotSlots(self.hot_experts, cfg.n_routed_experts, cfg.hidden_size,
+                                              cfg.moe_intermediate_size, group, self.device))
         for layer, counts in sched.route_counts.items():
             if not counts.any():
                 continue
             want = [int(e) for e in np.argsort(-counts, kind="stable")[: self.hot_experts] if counts[e] > 0]
-            slots = sched.hot.get(layer)
-            if not isinstance(slots, HotSlots):
-                slots = HotSlots(self.hot_experts, cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size,
-                                 group, self.device)
+            slots = sched.hot[layer]
             for e in slots.keep_only(want):
                 ws = [self.checkpoint.expert(layer, e, p) for p in ("gate_proj", "up_proj", "down_proj")]
                 slots.put(e, [DeviceInt4.from_arrays(w.packed, w.scale, w.shape) for w in ws])
-            sched.set_hot(layer, slots)
 
     # ---- chat ---------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,

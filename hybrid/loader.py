@@ -52,9 +52,10 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     bf16 matmuls are slow), 'bfloat16' or 'float32'.
     prefill_chunk: prompt tokens per forward pass (a long prompt is prefilled in chunks, each attending
     to the cache the earlier ones wrote; the same logits, bounded memory).
-    decode_graphs: decode through hybrid.decode_step (fixed shapes, segments between the CPU expert
-    hops, each segment a CUDA graph on CUDA): 'auto' (on with CUDA when defer_experts is 0), 'on'
-    (also without CUDA, where the same segments run eagerly), 'off' (the plain forward).
+    decode_graphs: decode through hybrid.decode_step (fixed shapes; on CUDA one graph per token, the
+    CPU expert hops inside it as host functions): 'auto' (on with CUDA when defer_experts is 0), 'on'
+    (also without CUDA, where the same step runs eagerly), 'segments' (a graph per segment, the host
+    hopping between them: two launches per MoE layer), 'off' (the plain forward).
     """
     from .hardware import detect
     from .placement import plan as make_plan
@@ -70,11 +71,11 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
         raise ValueError(f"prefill_offload must be 'auto', 'on' or 'off', got {prefill_offload!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if decode_graphs not in ("auto", "on", "off"):
-        raise ValueError(f"decode_graphs must be 'auto', 'on' or 'off', got {decode_graphs!r}")
-    if decode_graphs == "on" and defer_experts:
-        raise ValueError("decode_graphs='on' does not combine with defer_experts (the deferred sum crosses the "
-                         "graph segments); use one or the other")
+    if decode_graphs not in ("auto", "on", "segments", "off"):
+        raise ValueError(f"decode_graphs must be 'auto', 'on', 'segments' or 'off', got {decode_graphs!r}")
+    if decode_graphs in ("on", "segments") and defer_experts:
+        raise ValueError(f"decode_graphs={decode_graphs!r} does not combine with defer_experts (the deferred sum "
+                         "crosses the graph segments); use one or the other")
     from .policy import POLICIES
 
     if cache_policy not in POLICIES:
@@ -129,15 +130,17 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
         raise
     engine.model.defer_experts = defer_experts
     engine.prefill_chunk = prefill_chunk
-    if decode_graphs == "on" or (decode_graphs == "auto" and plan.device == "cuda" and not defer_experts):
-        from .decode_step import StaticDecoder
-
-        engine.decoder = StaticDecoder(engine.model, engine._cache)
     engine.plan = plan
     engine.hot_experts = hot
     model = engine.model  # closures below hold the model, never the engine (its finalizer frees the backend)
     if getattr(experts, "prefetch", False):  # the next layer's router predicts what to prefetch
         experts.predict = lambda layer, x, k: model.route(layer, x, k)[0]
+    if hot:
+        engine.refresh_hot_experts()  # no routing counts yet: the empty per-layer buffers
+    if decode_graphs in ("on", "segments") or (decode_graphs == "auto" and plan.device == "cuda" and not defer_experts):
+        from .decode_step import StaticDecoder
+
+        engine.decoder = StaticDecoder(engine.model, engine._cache, mode="segments" if decode_graphs == "segments" else "auto")
     if backend == "numba" and (prefill_offload == "on" or (prefill_offload == "auto" and plan.device == "cuda")):
         from kernels_cpu.table import PARTS
 

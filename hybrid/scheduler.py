@@ -85,10 +85,17 @@ class Scheduler:
         return self.submit_host(layer, x, ids, weights, xn, idn, wn)
 
     def submit_host(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                    xn: np.ndarray, idn: np.ndarray, wn: np.ndarray):
+                    xn: np.ndarray, idn: np.ndarray, wn: np.ndarray, device_hot: bool = False,
+                    predicted: np.ndarray | None = None):
         """submit() given host copies too: xn fp32 [T, D], idn int64 [T, K], wn fp32 [T, K], C-contiguous
         (the static decode step fills pinned buffers inside its graph, so nothing here syncs the device).
-        The CPU kernels read xn while they run: leave it alone until wait()."""
+        The CPU kernels read xn while they run: leave it alone until wait().
+
+        device_hot: the caller computes the hot pairs itself (the whole-token decode graph, with
+        HotSlots on the device): only the cold pairs are submitted, and nothing here touches the
+        device (x, ids and weights give only their shape), so this may run in a CUDA host function.
+        predicted: the next layer's candidate experts [width], computed by the caller (then
+        self.predict is not called)."""
         self._record(layer, idn, wn)
         hot = self.hot.get(layer)
         if hot:  # the CPU gets only the cold pairs; a zero weight drops a pair from its work
@@ -100,8 +107,10 @@ class Scheduler:
             fut = self._done_zeros(xn)  # a long prompt: this layer's cold experts go to the GPU side too
             y_gpu = self._upload_and_compute(layer, x, ids, weights, used)
         else:
-            fut = self._submit_cpu(layer, x, xn, idn, wn, used)
-        if hot:  # while the CPU works: the hot experts on the GPU side
+            fut = self._submit_cpu(layer, x, xn, idn, wn, used, predicted)
+        if device_hot:
+            self.hot_pairs += int((~cold).sum()) if hot else 0
+        elif hot:  # while the CPU works: the hot experts on the GPU side
             t0 = time.perf_counter()
             fused = self._fused_hot(x, hot)
             if fused is not None:  # the ids are read on the device: no host round trip, no per-expert loop
@@ -157,7 +166,7 @@ class Scheduler:
         return y
 
     def _submit_cpu(self, layer: int, x: torch.Tensor, xn: np.ndarray, idn: np.ndarray, wn: np.ndarray,
-                    used: list[int]) -> Future:
+                    used: list[int], predicted: np.ndarray | None = None) -> Future:
         if x.shape[0] > 1:  # the CPU's prefill rate: this layer's tokens, over its kernel calls' time
             self.cpu_prefill_tokens += x.shape[0]
         if self.cache is None:
@@ -173,9 +182,10 @@ class Scheduler:
                 started[e] = fut
         fut = self._pool.submit(self._run_cached, layer, xn, idn, wn, resident, started, waiting)
         # then the guess for the next layer (its router on the device: a sync the workers need not wait for)
-        if self._prefetch_pays() and self.predict is not None and x.shape[0] == 1 and layer in self.next_layer:
+        if (self._prefetch_pays() and (self.predict is not None or predicted is not None) and x.shape[0] == 1
+                and layer in self.next_layer):
             nxt = self.next_layer[layer]
-            cand = self.predict(nxt, x, self.prefetch_width)[0].tolist()
+            cand = (predicted if predicted is not None else self.predict(nxt, x, self.prefetch_width)[0]).tolist()
             self._predicted[nxt] = cand
             for e in cand:
                 if e not in self.hot.get(nxt, {}):  # hot experts never need the RAM cache

@@ -6,7 +6,9 @@ the same function either way. Imports nothing from hybrid/.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import time
 from typing import Any, Callable
 
 import torch
@@ -109,3 +111,81 @@ class GraphChain:
 
     def replay(self, k: int) -> None:
         self.graphs[k].replay()
+
+
+_HOST_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # CUhostFn: void (*)(void *userData)
+POLL_S = 50e-6  # how long the waiting host thread sleeps between looks at a CUDA event
+
+
+class HostFuncs:
+    """Python callables run by the host in a CUDA stream's order: launch(key) enqueues callable `key`
+    on the current stream (the driver's cuLaunchHostFunc), so it runs once all work before it there is
+    done and holds back all work after it until it returns. Launched while a CUDA graph is captured,
+    it becomes a host node of the graph, run at every replay: so a graph can hand data to the CPU and
+    take its answer back, with no launch from Python in between.
+
+    The callables run on a driver thread and must not call CUDA (no torch CUDA tensor ops, no
+    synchronisation; numpy views of pinned buffers are fine). An exception in one is kept in
+    `error` (the first one) for the launching thread to raise, never lost. While a stream holds host
+    functions, wait for it with wait() (it sleeps, so the driver thread can take the GIL), not with a
+    synchronize that may keep the GIL. Without CUDA, launch(key) calls the callable at once: the same
+    order, which is how the CPU suite runs the code a GPU captures.
+    """
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.fns: list[Callable[[], None]] = []
+        self.error: BaseException | None = None
+        self.running = False  # True while a host function runs (tests check what runs inside one)
+        self._launch = None
+        if cuda:
+            try:
+                lib = ctypes.CDLL("libcuda.so.1")  # the driver torch has loaded already
+                self._launch = lib.cuLaunchHostFunc
+            except (OSError, AttributeError) as e:
+                raise RuntimeError(f"cuLaunchHostFunc is not available from the CUDA driver ({e}); "
+                                   "host functions in CUDA graphs need CUDA 10 or newer") from e
+            self._launch.argtypes = [ctypes.c_void_p, _HOST_FN, ctypes.c_void_p]
+            self._launch.restype = ctypes.c_int
+            self._callback = _HOST_FN(self._run)  # kept alive: the driver holds only its address
+
+    def add(self, fn: Callable[[], None]) -> int:
+        """Register fn -> its key for launch()."""
+        self.fns.append(fn)
+        return len(self.fns) - 1
+
+    def launch(self, key: int) -> None:
+        if not self.cuda:
+            self._call(key)
+            return
+        stream = torch.cuda.current_stream().cuda_stream
+        rc = self._launch(ctypes.c_void_p(stream), self._callback, ctypes.c_void_p(key + 1))  # 0 would be NULL
+        if rc != 0:
+            raise RuntimeError(f"cuLaunchHostFunc failed with CUresult {rc}")
+
+    def _run(self, user_data: int | None) -> None:
+        self._call((user_data or 0) - 1)
+
+    def _call(self, key: int) -> None:
+        self.running = True
+        try:
+            self.fns[key]()
+        except BaseException as e:  # noqa: BLE001 (an exception must not unwind into the driver)
+            if self.error is None:
+                self.error = e
+        finally:
+            self.running = False
+
+    def raise_error(self) -> None:
+        """Raise (once) the first exception a host function raised since the last call."""
+        e, self.error = self.error, None
+        if e is not None:
+            raise e
+
+    @staticmethod
+    def wait(event: Any) -> None:
+        """Record `event` on the current stream and return once the stream reaches it, sleeping between
+        polls (a blocking wait that held the GIL would stop the host functions it waits for)."""
+        event.record()
+        while not event.query():
+            time.sleep(POLL_S)

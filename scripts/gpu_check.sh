@@ -2,7 +2,8 @@
 # One short command for a CUDA machine (also runs on a CPU-only one, printing CPU figures):
 #   scripts/gpu_check.sh            the kernels_gpu and decode-step tests (CUDA tests included when
 #                                   CUDA is present), kernel timings at Kimi K2 shapes, then the engine
-#                                   bench on k2-slice with decode CUDA graphs on and off: JSON on stdout.
+#                                   bench on k2-slice with the decode step as one CUDA graph per token,
+#                                   a graph per segment, and no graphs: JSON on stdout.
 # Extra arguments go to the timing script (python -m kernels_gpu.bench --help), e.g. --cpu-tps 800.
 # Budget: about 5 minutes on a GPU machine (k2-slice, ~5 GB, is generated on first use in ~1 minute).
 # Exit status: non-zero when any step fails. On the lent H200 (no .venv, no network; its python3 has
@@ -29,9 +30,10 @@ echo "== kernel timings (JSON on stdout)" >&2
 "$PY" -m kernels_gpu.bench "$@"
 
 # ==== engine: decode tok/s, GPU-side and CPU-expert ms per MoE layer, overlap efficiency, with the
-# decode step as CUDA graphs and without (settings.decode_graphs says which ran); one JSON line each.
+# decode step as one CUDA graph per token (on), a graph per segment (segments) and without graphs
+# (off); settings.decode_graphs says which ran; one JSON line each.
 # --hot-experts 0: a big GPU holds all of k2-slice's experts, and the point is the CPU-expert hybrid.
-for graphs in on off; do
+for graphs in on segments off; do
   echo "== engine: kimi-hybrid bench --json on k2-slice, --decode-graphs $graphs (k2-slice is generated on first use, ~5 GB)" >&2
   "$PY" -m hybrid.cli bench --json --runs 2 --prompt-tokens 64 --gen-tokens 16 --decode-graphs "$graphs" --hot-experts 0
 done

@@ -273,7 +273,10 @@ def test_bench_with_decode_graphs_says_so(tiny_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])
     check_schema(out)
-    assert out["settings"]["decode_graphs"] == "segments"  # no CUDA: the same segments, eagerly
+    assert out["settings"]["decode_graphs"] == "token"  # no CUDA: the one-graph-per-token step, eagerly
+    r = CliRunner().invoke(main, args[:-2] + ["segments", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["settings"]["decode_graphs"] == "segments"
 
 
 def test_bench_reports_the_expert_cache(tiny_path):

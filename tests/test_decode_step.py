@@ -1,8 +1,10 @@
-"""The fixed-shape decode step (hybrid/decode_step.py) against the plain forward pass.
+"""The fixed-shape decode step (hybrid/decode_step.py) against the plain forward pass, in both of its
+modes (one graph per token with the expert hops as host functions, and a graph per segment).
 
-Without CUDA the segments run eagerly, which is the code a GPU captures: same segments, same
-position-in-a-device-tensor attention over a fixed KV span, same hop through the host buffers. The
-oracle is Model.forward with the reference expert backend (dequantised fp32 experts in torch).
+Without CUDA the step runs eagerly, which is the code a GPU captures: same segments, same
+position-in-a-device-tensor attention over a fixed KV span, same hop through the host buffers, host
+functions called in stream order. The oracle is Model.forward with the reference expert backend
+(dequantised fp32 experts in torch).
 """
 from __future__ import annotations
 
@@ -33,15 +35,17 @@ def forced_tokens(n: int, vocab: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
-@pytest.mark.parametrize("backend,tol", [("reference", 1e-5), ("numba", 1e-3)])
-def test_static_decode_equals_forward_across_buckets(tiny_path, backend, tol):
+@pytest.mark.parametrize("backend,tol,mode", [("reference", 1e-5, "segments"), ("numba", 1e-3, "segments"),
+                                              ("numba", 1e-3, "token")])
+def test_static_decode_equals_forward_across_buckets(tiny_path, backend, tol, mode):
     """40 steps from length 7 to 46 with bucket_min 8 cross spans 8, 16, 32 and 64 (the cache's cap).
     reference: same expert math, so only the padded softmax and summation order differ; numba: its
     int16-activation kernels (error ~5e-5 of the largest logit) against the fp32 oracle."""
     oracle = hybrid.load(tiny_path, backend="reference", device="cpu", context=64, decode_graphs="off")
     engine = hybrid.load(tiny_path, backend=backend, device="cpu", context=64, decode_graphs="off")
     ref_cache, cache = oracle.model.new_cache(64), engine.model.new_cache(64)
-    dec = StaticDecoder(engine.model, cache, bucket_min=8)
+    dec = StaticDecoder(engine.model, cache, bucket_min=8, mode=mode)
+    assert dec.mode == mode
     toks = forced_tokens(40, oracle.config.vocab_size)
     want = teacher_forced(oracle.model, ref_cache, toks, lambda t: oracle.model.forward(torch.tensor([t]), ref_cache))
     spans = []
@@ -69,6 +73,9 @@ def test_static_decode_segments_follow_the_layer_pattern(make_checkpoint, over):
     cfg = eng.config
     dec_cache, ref_cache = eng.model.new_cache(32), eng.model.new_cache(32)
     dec = StaticDecoder(eng.model, dec_cache)
+    assert dec.mode == "segments"  # the reference backend has no host entry points for host functions
+    with pytest.raises(ValueError, match="no host entry points"):
+        StaticDecoder(eng.model, dec_cache, mode="token")
     assert [k for k, _, _ in dec._segments(32)] == ["pre", "shared"] * len(cfg.moe_layers) + ["head"]
     toks = forced_tokens(6, cfg.vocab_size)
     want = teacher_forced(eng.model, ref_cache, toks, lambda t: eng.model.forward(torch.tensor([t]), ref_cache))
@@ -76,16 +83,47 @@ def test_static_decode_segments_follow_the_layer_pattern(make_checkpoint, over):
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-5
     eng.close()
+    eng = hybrid.load(path, backend="numba", expert_mode="mmap", device="cpu", context=32, decode_graphs="on")
+    dec = eng.decoder
+    assert dec.mode == "token"
+    assert [k for k, _, _ in dec._segments(32)] == ["pre", "submit", "gpu", "wait"] * len(cfg.moe_layers) + ["head"]
+    seg_cache = eng.model.new_cache(32)
+    seg = StaticDecoder(eng.model, seg_cache, mode="segments")
+    want = teacher_forced(eng.model, seg_cache, toks, seg.step)
+    got = teacher_forced(eng.model, eng._cache, toks, dec.step)
+    for a, b in zip(got, want):  # the same numba experts and the same math, hopped to another way
+        assert rel_err(a, b) < 1e-6
+    eng.close()
 
 
-def test_engine_decode_graphs_on_with_cache_prefetch_and_hot_experts(tiny_path):
+@pytest.mark.parametrize("graphs", ["on", "segments"])
+def test_engine_decode_graphs_on_with_cache_prefetch_and_hot_experts(tiny_path, graphs, monkeypatch):
     """The hop through the scheduler's host entry points: cache mode (misses loaded in waves), prefetch
     on, 2 hot experts per layer computed on the GPU side (here the CPU) and added through the device
-    buffer. Two requests, so the second starts with hot experts chosen from the first's routing."""
+    buffer. Two requests, so the second starts with hot experts chosen from the first's routing.
+    Token mode: the host functions (submit, wait) do no device work: the router's prefetch guess and
+    the hot experts run in the step's device segments, never inside them."""
     oracle = hybrid.load(tiny_path, backend="reference", device="cpu", context=64, decode_graphs="off")
     eng = hybrid.load(tiny_path, backend="numba", device="cpu", context=64, expert_mode="cache", cache_slots=12,
-                      prefetch=True, hot_experts=2, decode_graphs="on")
-    assert eng.decoder is not None
+                      prefetch=True, hot_experts=2, decode_graphs=graphs)
+    dec, sched = eng.decoder, eng.model.experts
+    assert dec.mode == ("token" if graphs == "on" else "segments")
+    device_calls = []
+    if graphs == "on":
+        def outside_host_functions(fn):
+            def run(*a, **k):
+                assert not dec.host.running, f"{fn.__name__} ran inside a host function"
+                device_calls.append(fn.__name__)
+                return fn(*a, **k)
+            run.__name__ = fn.__name__
+            return run
+
+        import hybrid.decode_step as ds
+        import hybrid.scheduler as sc
+        sched.predict = outside_host_functions(sched.predict)
+        monkeypatch.setattr(ds, "hot_moe_by_slot", outside_host_functions(ds.hot_moe_by_slot))
+        monkeypatch.setattr(sc, "hot_expert_moe", outside_host_functions(sc.hot_expert_moe))
+        eng.model.shared_expert = outside_host_functions(eng.model.shared_expert)
     V = eng.config.vocab_size
     for r, n in enumerate((10, 14, 8)):
         if r == 2:  # hot experts on the first MoE layer only: the device buffer must not carry its sum on
@@ -109,10 +147,11 @@ def test_engine_decode_graphs_on_with_cache_prefetch_and_hot_experts(tiny_path):
     st = eng.stats()
     # the split's parts are disjoint stretches of the forward pass: never counted twice
     assert st["gpu_side_s"] + st["experts_wait_s"] + st["submit_s"] <= st["forward_s"] + 1e-6
-    assert st["decode_graphs"] == {"cuda_graphs": False, "captured_buckets": [], "steps": 9 + 13 + 7}
-    sched = eng.model.experts
+    assert st["decode_graphs"] == {"mode": dec.mode, "cuda_graphs": False, "captured_buckets": [], "steps": 9 + 13 + 7}
     assert pairs > 0 and sched.hot_pairs > pairs  # requests 2 and 3 really split pairs between hot and CPU experts
     assert sum(s.prefetched for s in sched.cache.stats.values()) > 0
+    if graphs == "on":
+        assert {"<lambda>", "hot_moe_by_slot", "shared_expert"} <= set(device_calls)  # <lambda>: the loader's predict
     oracle.close()
     eng.close()
 
@@ -123,8 +162,11 @@ def test_decode_graphs_auto_is_off_without_cuda_and_options_are_checked(tiny_pat
     eng.close()
     with pytest.raises(ValueError, match="decode_graphs must be"):
         hybrid.load(tiny_path, decode_graphs="yes")
-    with pytest.raises(ValueError, match="defer_experts"):
-        hybrid.load(tiny_path, decode_graphs="on", defer_experts=1)
+    for graphs in ("on", "segments"):
+        with pytest.raises(ValueError, match="defer_experts"):
+            hybrid.load(tiny_path, decode_graphs=graphs, defer_experts=1)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        StaticDecoder(None, None, mode="graph")
 
 
 def test_static_decode_refuses_a_full_cache_and_bad_tokens(tiny_path):
@@ -153,13 +195,16 @@ def test_bucket_is_a_power_of_two_capped_by_the_cache(tiny_path):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_cuda_graph_decode_equals_eager_on_cuda(tiny_path):
-    """On CUDA: the captured segments against the plain forward in bf16, over three requests: a long
-    prompt (bucket 512 captured, then replayed), a short one (bucket 256, after 512: the buckets share
-    the segment buffers), then the long one again (512 replayed, prefix reuse)."""
-    plain = hybrid.load(tiny_path, backend="numba", device="cuda", context=600, decode_graphs="off")
-    graphed = hybrid.load(tiny_path, backend="numba", device="cuda", context=600, decode_graphs="on")
-    assert graphed.decoder.graphs
+@pytest.mark.parametrize("graphs", ["on", "segments"])
+def test_cuda_graph_decode_equals_eager_on_cuda(tiny_path, graphs):
+    """On CUDA: the captured step (one graph per token, or per segment) against the plain forward in
+    bf16, over three requests: a long prompt (bucket 512 captured, then replayed), a short one (bucket
+    256, after 512: the buckets share the segment buffers), then the long one again (512 replayed,
+    prefix reuse). 4 hot experts per layer, chosen at the second request's start and written into
+    their slots in place under the captured graphs; the plain engine computes every expert on the CPU."""
+    plain = hybrid.load(tiny_path, backend="numba", device="cuda", context=600, decode_graphs="off", hot_experts=0)
+    graphed = hybrid.load(tiny_path, backend="numba", device="cuda", context=600, decode_graphs=graphs, hot_experts=4)
+    assert graphed.decoder.graphs and graphed.decoder.mode == ("token" if graphs == "on" else "segments")
     toks = forced_tokens(20, plain.config.vocab_size)
     for prompt in (PROMPT * 50, PROMPT, PROMPT * 50):
         seen: dict = {}
@@ -170,7 +215,8 @@ def test_cuda_graph_decode_equals_eager_on_cuda(tiny_path):
         for a, b in zip(seen["graphed"], seen["plain"]):
             assert rel_err(a, b) < 2e-2  # bf16 GPU side; the padded softmax reorders sums
     st = graphed.stats()["decode_graphs"]
-    assert st["cuda_graphs"] and st["captured_buckets"] == [256, 512]
+    assert st["cuda_graphs"] and st["captured_buckets"] == [256, 512] and st["mode"] == graphed.decoder.mode
+    assert graphed.model.experts.hot_pairs > 0
     plain.close()
     graphed.close()
 
@@ -189,4 +235,33 @@ def test_static_decode_times_each_stretch_once(tiny_path):
     eng.decoder.step(5)
     assert t["dense"] == t["router"] == 0  # counted inside the segments' time, not again
     assert t["attention"] + t["submit"] + t["shared"] + t["experts_wait"] + t["lm_head"] <= t["forward"]
+    eng.close()
+
+
+@pytest.mark.parametrize("where", ["submit_host", "wait_host"])
+def test_token_step_raises_what_a_host_function_raised_and_then_goes_on(tiny_path, where):
+    """An error inside a host function (an expert read failing, say) cannot unwind through the CUDA
+    driver: the step keeps it, finishes the token without that layer's CPU share, raises it, and
+    leaves the cache length alone; the next step is whole again."""
+    eng = hybrid.load(tiny_path, backend="numba", expert_mode="mmap", device="cpu", context=32, decode_graphs="on")
+    dec, sched = eng.decoder, eng.model.experts
+    assert dec.mode == "token"
+    ref_cache = eng.model.new_cache(32)
+    seg = StaticDecoder(eng.model, ref_cache, mode="segments")
+    eng.model.forward(torch.tensor(PROMPT), eng._cache)
+    eng.model.forward(torch.tensor(PROMPT), ref_cache)
+    real, calls = getattr(sched, where), []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("expert shard unreadable")
+        return real(*a, **k)
+
+    setattr(sched, where, failing)
+    with pytest.raises(OSError, match="expert shard unreadable"):
+        dec.step(3)
+    assert eng._cache.length == len(PROMPT) and dec.steps == 0 and len(calls) == len(eng.config.moe_layers)
+    assert dec.host.error is None and not dec._handles
+    assert rel_err(dec.step(3), seg.step(3)) < 1e-6
     eng.close()

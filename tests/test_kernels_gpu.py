@@ -466,6 +466,65 @@ def test_gpu_check_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")]).returncode == 0
 
 
+def test_host_funcs_without_cuda_run_in_order_and_keep_the_first_error():
+    from kernels_gpu.graphs import HostFuncs
+
+    host, seen = HostFuncs(cuda=False), []
+    ok = host.add(lambda: seen.append(host.running))
+    bad = host.add(lambda: 1 / 0)
+    worse = host.add(lambda: [][1])
+    for key in (ok, bad, worse, ok):
+        host.launch(key)
+    assert seen == [True, True] and not host.running  # every one ran, in order, even after errors
+    with pytest.raises(ZeroDivisionError):
+        host.raise_error()  # the first error, once
+    host.raise_error()
+
+
+@cuda_only
+def test_host_function_inside_a_cuda_graph_hands_data_to_the_host_and_back():
+    """A graph: kernel -> pinned buffer -> host function (numpy, on the driver's thread) -> pinned
+    buffer -> kernel. Replayed with new inputs, waited for by polling: equal to the same steps eagerly;
+    an error in the host function comes back to the caller."""
+    from kernels_gpu.graphs import GraphChain, HostFuncs
+
+    w = torch.randn(64, 64, device="cuda")
+    inp, to_host, from_host = (torch.zeros(1, 64).pin_memory() for _ in range(3))
+    out = torch.zeros(1, 64, device="cuda")
+    host, fail = HostFuncs(cuda=True), []
+
+    def on_host():
+        if fail:
+            raise ValueError("host side failed")
+        np.multiply(to_host.numpy(), 3.0, out=from_host.numpy())
+
+    key = host.add(on_host)
+
+    def token():
+        to_host.copy_(torch.tanh(inp.to("cuda", non_blocking=True) @ w), non_blocking=True)
+        host.launch(key)
+        out.copy_(from_host.to("cuda", non_blocking=True) @ w.T)
+
+    event = torch.cuda.Event()
+    inp.copy_(torch.randn(1, 64))
+    token()  # warm-up, eagerly: the host function runs for real
+    HostFuncs.wait(event)
+    chain = GraphChain([token])
+    for seed in range(3):
+        x = torch.randn(1, 64, generator=torch.Generator().manual_seed(seed))
+        inp.copy_(x)
+        chain.replay(0)
+        HostFuncs.wait(event)
+        host.raise_error()
+        want = (3 * torch.tanh(x.cuda() @ w)) @ w.T
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    fail.append(1)
+    chain.replay(0)
+    HostFuncs.wait(event)
+    with pytest.raises(ValueError, match="host side failed"):
+        host.raise_error()
+
+
 @cuda_only
 def test_graph_chain_passes_tensors_and_crosses_pinned_buffers():
     """Three graphs sharing a pool, chained through a dict and pinned host buffers in and out, replayed
