@@ -30,6 +30,7 @@ in a device tensor; each bucket is captured once.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import Any, Callable
@@ -179,6 +180,26 @@ class StaticDecoder:
             else:
                 self._calls[span] = [run for _, _, run in self._segs[span]]
         segments = self._segs[span]
+        # no garbage collection while host functions may run: one inside a host function could free a
+        # CUDA tensor there, and the allocator would call CUDA from the driver's thread
+        gc_paused = self.mode == "token" and self.cuda and gc.isenabled()
+        if gc_paused:
+            gc.disable()
+        try:
+            logits = self._launch(span, segments, t_start)
+        except BaseException:
+            self._abandon()
+            raise
+        finally:
+            if gc_paused:
+                gc.enable()
+        cache.length = pos + 1
+        self.steps += 1
+        self.model.times["forward"] += time.perf_counter() - t_start
+        return logits
+
+    def _launch(self, span: int, segments: list[Segment], t_start: float) -> torch.Tensor:
+        """Run the step for `span` (capturing its graphs first if due) and wait for it -> logits."""
         if span not in self.chains and self.graphs:
             from kernels_gpu.graphs import GraphChain
 
@@ -202,10 +223,36 @@ class StaticDecoder:
             self._run(segments, self._calls[span], t_start)
             logits = self.buf["logits"].clone()
             self._finish()
-        cache.length = pos + 1
-        self.steps += 1
-        self.model.times["forward"] += time.perf_counter() - t_start
         return logits
+
+    def reset(self) -> None:
+        """Drop every bucket's segments and graphs (and what they hold, like HotSlots being replaced);
+        the next step builds and captures again."""
+        self._segs.clear()
+        self._calls.clear()
+        self.chains.clear()
+        self._hot_seen = ()
+        if self.host is not None:
+            self.host.clear()
+
+    def _abandon(self) -> None:
+        """A step failed or was interrupted after its host functions may have been queued: let the
+        queued ones return at once, wait (through further interrupts) until the device is past them,
+        and drop what they left, so the next step starts clean and nothing runs under it."""
+        if self.mode != "token" or self.host is None:
+            return
+        self.host.cancelled = True
+        try:
+            while self.cuda:
+                try:
+                    HostFuncs.wait(self.event)
+                    break
+                except KeyboardInterrupt:
+                    continue
+        finally:
+            self.host.cancelled = False
+            self.host.error = None
+            self._handles.clear()
 
     # ---- the host loop ------------------------------------------------------------------------
     def _run(self, segments: list[Segment], calls: list[Callable[[], None]], t_start: float) -> None:
@@ -340,10 +387,8 @@ class StaticDecoder:
             return
         if self._hot_seen:
             log.info("decode step: the hot-expert sets changed; building the step again")
+        self.reset()
         self._hot_seen = seen
-        self._segs.clear()
-        self._calls.clear()
-        self.chains.clear()
         blocker = self.token_blocker()
         if blocker is not None:
             log.info("decode step: a graph per segment from here on: %s", blocker)

@@ -194,10 +194,14 @@ class Engine:
 
         sched, cfg = self.model.experts, self.config
         group = cfg.quant.group_size if cfg.quant else 32
-        for layer in cfg.moe_layers:  # the buffers first, in every layer: a decode graph captures them
-            if not isinstance(sched.hot.get(layer), HotSlots) or sched.hot[layer].capacity != self.hot_experts:
-                sched.set_hot(layer, HotSlots(self.hot_experts, cfg.n_routed_experts, cfg.hidden_size,
-                                              cfg.moe_intermediate_size, group, self.device))
+        fresh = [layer for layer in cfg.moe_layers
+                 if not isinstance(sched.hot.get(layer), HotSlots) or sched.hot[layer].capacity != self.hot_experts]
+        if fresh and self.decoder is not None:
+            self.decoder.reset()  # its graphs and closures hold the old buffers: let them go first
+        for layer in fresh:  # the buffers first, in every layer: a decode graph captures them
+            sched.set_hot(layer, {})
+            sched.set_hot(layer, HotSlots(self.hot_experts, cfg.n_routed_experts, cfg.hidden_size,
+                                          cfg.moe_intermediate_size, group, self.device))
         for layer, counts in sched.route_counts.items():
             if not counts.any():
                 continue

@@ -107,7 +107,7 @@ class Scheduler:
             fut = self._done_zeros(xn)  # a long prompt: this layer's cold experts go to the GPU side too
             y_gpu = self._upload_and_compute(layer, x, ids, weights, used)
         else:
-            fut = self._submit_cpu(layer, x, xn, idn, wn, used, predicted)
+            fut = self._submit_cpu(layer, x, xn, idn, wn, used, predicted, host_only=device_hot)
         if device_hot:
             self.hot_pairs += int((~cold).sum()) if hot else 0
         elif hot:  # while the CPU works: the hot experts on the GPU side
@@ -166,7 +166,8 @@ class Scheduler:
         return y
 
     def _submit_cpu(self, layer: int, x: torch.Tensor, xn: np.ndarray, idn: np.ndarray, wn: np.ndarray,
-                    used: list[int], predicted: np.ndarray | None = None) -> Future:
+                    used: list[int], predicted: np.ndarray | None = None, host_only: bool = False) -> Future:
+        """host_only: touch no device (a CUDA host function calls this): no prediction of our own."""
         if x.shape[0] > 1:  # the CPU's prefill rate: this layer's tokens, over its kernel calls' time
             self.cpu_prefill_tokens += x.shape[0]
         if self.cache is None:
@@ -182,10 +183,11 @@ class Scheduler:
                 started[e] = fut
         fut = self._pool.submit(self._run_cached, layer, xn, idn, wn, resident, started, waiting)
         # then the guess for the next layer (its router on the device: a sync the workers need not wait for)
-        if (self._prefetch_pays() and (self.predict is not None or predicted is not None) and x.shape[0] == 1
+        guess = None if host_only else self.predict  # it runs the router on x's device
+        if (self._prefetch_pays() and (guess is not None or predicted is not None) and x.shape[0] == 1
                 and layer in self.next_layer):
             nxt = self.next_layer[layer]
-            cand = (predicted if predicted is not None else self.predict(nxt, x, self.prefetch_width)[0]).tolist()
+            cand = (predicted if predicted is not None else guess(nxt, x, self.prefetch_width)[0]).tolist()
             self._predicted[nxt] = cand
             for e in cand:
                 if e not in self.hot.get(nxt, {}):  # hot experts never need the RAM cache

@@ -137,6 +137,7 @@ class HostFuncs:
         self.fns: list[Callable[[], None]] = []
         self.error: BaseException | None = None
         self.running = False  # True while a host function runs (tests check what runs inside one)
+        self.cancelled = False  # True: launched host functions return at once (an abandoned step drains)
         self._launch = None
         if cuda:
             try:
@@ -148,6 +149,10 @@ class HostFuncs:
             self._launch.argtypes = [ctypes.c_void_p, _HOST_FN, ctypes.c_void_p]
             self._launch.restype = ctypes.c_int
             self._callback = _HOST_FN(self._run)  # kept alive: the driver holds only its address
+
+    def clear(self) -> None:
+        """Forget every registered callable (only once no graph or stream that launches them can run)."""
+        self.fns.clear()
 
     def add(self, fn: Callable[[], None]) -> int:
         """Register fn -> its key for launch()."""
@@ -167,6 +172,8 @@ class HostFuncs:
         self._call((user_data or 0) - 1)
 
     def _call(self, key: int) -> None:
+        if self.cancelled:
+            return
         self.running = True
         try:
             self.fns[key]()

@@ -163,6 +163,9 @@ class HotSlots(Mapping):
     def __len__(self) -> int:
         return len(self._slot)
 
+    def __contains__(self, expert: object) -> bool:  # host-only (Mapping's default would build device views)
+        return expert in self._slot
+
     # ---- changes ----------------------------------------------------------------------------
     def put(self, expert: int, weights: Sequence[DeviceInt4]) -> None:
         """Place `expert` (gate, up, down on any device; copied in) into a free slot, or over its own."""

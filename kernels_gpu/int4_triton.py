@@ -30,12 +30,12 @@ def _bf16_bits_to_f32(bits):
 
 
 @triton.jit
-def _int4_rows_dot(packed_ptr, scale_ptr, base_w, base_s, rows, rmask, v_ptr, n_words, n_groups,
+def _int4_rows_dot(packed_ptr, scale_ptr, base_w, base_s, rows, rmask, live, v_ptr, n_words, n_groups,
                    GROUP_WORDS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
-    """sum over columns of dequant(W[rows, :]) * v for one matrix: -> fp32 [BLOCK_R]."""
+    """sum over columns of dequant(W[rows, :]) * v for one matrix: -> fp32 [BLOCK_R] (zeros when live is 0)."""
     nib = tl.arange(0, 8)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for w0 in range(0, n_words, BLOCK_W):
+    for w0 in range(0, n_words * live, BLOCK_W):  # a cold pair (live 0) skips the loop, arithmetic included
         words = w0 + tl.arange(0, BLOCK_W)
         wmask = words < n_words
         v = tl.load(v_ptr + words[:, None] * 8 + nib[None, :], mask=wmask[:, None], other=0.0)  # [W, 8]
@@ -60,9 +60,9 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, slot_ptr, gp_ptr, gs_ptr, up_ptr, us_
     read = rows < FF * live  # no row of a cold pair is read (a bool scalar & a tensor is no mask in the interpreter)
     n_words, n_groups = D // 8, D // (GROUP_WORDS * 8)
     x_row = x_ptr + (pair // K).to(tl.int64) * D
-    g = _int4_rows_dot(gp_ptr, gs_ptr, s64 * FF * n_words, s64 * FF * n_groups, rows, read, x_row,
+    g = _int4_rows_dot(gp_ptr, gs_ptr, s64 * FF * n_words, s64 * FF * n_groups, rows, read, live, x_row,
                        n_words, n_groups, GROUP_WORDS, BLOCK_W, BLOCK_R)
-    u = _int4_rows_dot(up_ptr, us_ptr, s64 * FF * n_words, s64 * FF * n_groups, rows, read, x_row,
+    u = _int4_rows_dot(up_ptr, us_ptr, s64 * FF * n_words, s64 * FF * n_groups, rows, read, live, x_row,
                        n_words, n_groups, GROUP_WORDS, BLOCK_W, BLOCK_R)
     h = g / (1.0 + tl.exp(-g)) * u  # silu(gate) * up; 0 for a cold pair
     tl.store(h_ptr + pair.to(tl.int64) * FF + rows, h, mask=inside)
@@ -80,7 +80,7 @@ def _down_kernel(h_ptr, ids_ptr, w_ptr, slot_ptr, dp_ptr, ds_ptr, out_ptr,
     inside = rows < D
     read = rows < D * live
     n_words, n_groups = FF // 8, FF // (GROUP_WORDS * 8)
-    y = _int4_rows_dot(dp_ptr, ds_ptr, s64 * D * n_words, s64 * D * n_groups, rows, read,
+    y = _int4_rows_dot(dp_ptr, ds_ptr, s64 * D * n_words, s64 * D * n_groups, rows, read, live,
                        h_ptr + pair.to(tl.int64) * FF, n_words, n_groups, GROUP_WORDS, BLOCK_W, BLOCK_R)
     tl.store(out_ptr + pair.to(tl.int64) * D + rows, weight * live.to(tl.float32) * y, mask=inside)
 

@@ -238,11 +238,12 @@ def test_static_decode_times_each_stretch_once(tiny_path):
     eng.close()
 
 
-@pytest.mark.parametrize("where", ["submit_host", "wait_host"])
+@pytest.mark.parametrize("where", ["submit_host", "wait_host", "shared_expert"])
 def test_token_step_raises_what_a_host_function_raised_and_then_goes_on(tiny_path, where):
     """An error inside a host function (an expert read failing, say) cannot unwind through the CUDA
     driver: the step keeps it, finishes the token without that layer's CPU share, raises it, and
-    leaves the cache length alone; the next step is whole again."""
+    leaves the cache length alone; the next step is whole again. An error in a device segment
+    (shared_expert) stops the token at once; the step drops what its host functions left."""
     eng = hybrid.load(tiny_path, backend="numba", expert_mode="mmap", device="cpu", context=32, decode_graphs="on")
     dec, sched = eng.decoder, eng.model.experts
     assert dec.mode == "token"
@@ -250,7 +251,7 @@ def test_token_step_raises_what_a_host_function_raised_and_then_goes_on(tiny_pat
     seg = StaticDecoder(eng.model, ref_cache, mode="segments")
     eng.model.forward(torch.tensor(PROMPT), eng._cache)
     eng.model.forward(torch.tensor(PROMPT), ref_cache)
-    real, calls = getattr(sched, where), []
+    calls = []
 
     def failing(*a, **k):
         calls.append(1)
@@ -258,10 +259,13 @@ def test_token_step_raises_what_a_host_function_raised_and_then_goes_on(tiny_pat
             raise OSError("expert shard unreadable")
         return real(*a, **k)
 
-    setattr(sched, where, failing)
+    owner = eng.model if where == "shared_expert" else sched
+    real = getattr(owner, where)
+    setattr(owner, where, failing)
     with pytest.raises(OSError, match="expert shard unreadable"):
         dec.step(3)
-    assert eng._cache.length == len(PROMPT) and dec.steps == 0 and len(calls) == len(eng.config.moe_layers)
-    assert dec.host.error is None and not dec._handles
+    n_moe = len(eng.config.moe_layers)
+    assert eng._cache.length == len(PROMPT) and dec.steps == 0 and len(calls) == (1 if where == "shared_expert" else n_moe)
+    assert dec.host.error is None and not dec._handles and not dec.host.cancelled
     assert rel_err(dec.step(3), seg.step(3)) < 1e-6
     eng.close()

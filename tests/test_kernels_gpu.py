@@ -260,6 +260,44 @@ def test_device_id_hot_moe_equals_the_per_expert_loop(T, hot_ids):
                                rtol=1e-5, atol=1e-6)
 
 
+COMPILE_FUSED = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels_gpu.int4_triton as m
+
+common = {"ids_ptr": "*i64", "w_ptr": "*fp32", "slot_ptr": "*i32"}
+sigs = {m._gate_up_kernel: {"x_ptr": "*fp32", **common, "gp_ptr": "*i32", "gs_ptr": "*i16", "up_ptr": "*i32",
+                            "us_ptr": "*i16", "h_ptr": "*fp32", "K": "i32", "D": "i32", "FF": "i32"},
+        m._down_kernel: {"h_ptr": "*fp32", **common, "dp_ptr": "*i32", "ds_ptr": "*i16", "out_ptr": "*fp32",
+                         "D": "i32", "FF": "i32"}}
+consts = {"GROUP_WORDS": 4, "BLOCK_W": m.BLOCK_WORDS, "BLOCK_R": m.BLOCK_ROWS}
+out = {}
+for arch in map(int, sys.argv[1:]):
+    for fn, sig in sigs.items():
+        sig = {**{a: sig.get(a, "constexpr") for a in fn.arg_names}}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+        out[f"{fn.__name__}_sm{arch}"] = len(k.asm["cubin"])
+print(json.dumps(out))
+"""
+
+
+def test_fused_hot_kernels_compile_for_nvidia_gpus():
+    """The interpreter runs Python semantics; this compiles both kernels with Triton's real compiler
+    (ptxas included, no GPU needed) for Ampere consumer cards (sm_86) and Hopper (sm_90), so a kernel
+    that only the interpreter accepts fails here, not on a user's GPU."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", COMPILE_FUSED, "86", "90"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sizes = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(sizes) == {f"{k}_sm{a}" for k in ("_gate_up_kernel", "_down_kernel") for a in (86, 90)}
+    assert all(n > 0 for n in sizes.values())
+
+
 def test_fused_hot_moe_over_several_row_blocks_and_reduction_steps():
     """Shapes past one program's block both ways (rows and packed words), a bf16 x as on the GPU."""
     from kernels_gpu.int4_triton import BLOCK_ROWS, BLOCK_WORDS, fused_hot_moe
