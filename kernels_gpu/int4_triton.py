@@ -9,7 +9,8 @@ before this module is imported) against kernels_gpu.int4. Imports nothing from h
 Kernel 1, per (pair, block of F rows): h = silu(gate x) * up x, fp32 [T*K, F].
 Kernel 2, per (pair, block of D rows): out = weight * down h, fp32 [T*K, D]; the host sums over K.
 A word of the packed layout holds 8 consecutive columns (low nibble first, q + 8), so a tile is
-loaded as [rows, words] and unpacked to [rows, words, 8] against x viewed as [words, 8].
+loaded once as [rows, words] and its 8 nibbles are taken in turn (unrolled) against x's columns
+8w + k: 2-D throughout, no layout shuffles.
 Scales arrive as bf16 bit patterns (int16) and are widened by a shift, the same on every backend.
 """
 from __future__ import annotations
@@ -33,17 +34,17 @@ def _bf16_bits_to_f32(bits):
 def _int4_rows_dot(packed_ptr, scale_ptr, base_w, base_s, rows, rmask, live, v_ptr, n_words, n_groups,
                    GROUP_WORDS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
     """sum over columns of dequant(W[rows, :]) * v for one matrix: -> fp32 [BLOCK_R] (zeros when live is 0)."""
-    nib = tl.arange(0, 8)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for w0 in range(0, n_words * live, BLOCK_W):  # a cold pair (live 0) skips the loop, arithmetic included
         words = w0 + tl.arange(0, BLOCK_W)
         wmask = words < n_words
-        v = tl.load(v_ptr + words[:, None] * 8 + nib[None, :], mask=wmask[:, None], other=0.0)  # [W, 8]
         m = rmask[:, None] & wmask[None, :]
         q = tl.load(packed_ptr + base_w + rows[:, None] * n_words + words[None, :], mask=m, other=0)  # [R, W]
         sc = tl.load(scale_ptr + base_s + rows[:, None] * n_groups + (words // GROUP_WORDS)[None, :], mask=m, other=0)
-        nibbles = ((q[:, :, None] >> (nib * 4)[None, None, :]) & 0xF) - 8  # [R, W, 8]
-        part = tl.sum(nibbles.to(tl.float32) * v[None, :, :], axis=2)  # [R, W]
+        part = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
+        for k in tl.static_range(8):  # column 8w+k of every word: nibble k, times v[8w+k]
+            v = tl.load(v_ptr + words * 8 + k, mask=wmask, other=0.0)  # [W]
+            part += (((q >> (4 * k)) & 0xF) - 8).to(tl.float32) * v[None, :]
         acc += tl.sum(part * _bf16_bits_to_f32(sc), axis=1)
     return acc
 
