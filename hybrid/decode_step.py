@@ -1,12 +1,11 @@
 """The decode step with fixed shapes, as one CUDA graph per token (or one per segment), with the CPU
 expert hops inside.
 
-Owns cutting one decode token into segments at the MoE layers, the buffers the segments share
-(pinned host buffers for the hop to the CPU experts and back), KV-length buckets, and capturing a
-bucket's step as CUDA graphs the first time it is used. The math is the model's own (Model.embed
-rows, attention, route, ffn, shared_expert, head; rms_norm; the hot experts of kernels_gpu.int4 /
-int4_triton); this file adds none. Without CUDA the same code runs eagerly, so the CPU suite tests
-exactly what a GPU captures.
+Owns running one decode token: the buffers its segments share (pinned host buffers for the hop to
+the CPU experts and back), the host functions of the hop, KV-length buckets, capturing a bucket's
+step as CUDA graphs the first time it is used, and timing. What each segment computes is
+hybrid/decode_segments.py (the model's own math; neither file adds any). Without CUDA the same code
+runs eagerly, so the CPU suite tests exactly what a GPU captures.
 
 One token, per MoE layer i (the first segment also embeds and runs any dense layers before i):
   pre[i]     add the previous MoE layer's output, attention i, norm, router i; copy x, ids and
@@ -35,19 +34,18 @@ import logging
 import time
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from kernels_gpu.graphs import HostFuncs
-from kernels_gpu.int4 import HotSlots, hot_moe_by_slot
+from kernels_gpu.int4 import HotSlots
 
-from .model import KVCache, Model, rms_norm
+from .decode_segments import Segment, build_segments, fused_hot_kernel
+from .model import KVCache, Model
 
 log = logging.getLogger(__name__)
 BUCKET_MIN = 256  # smallest KV span a decode graph reads; the waste is at most 2x of attention's reads
 MODES = ("auto", "token", "segments")
 
-Segment = tuple[str, int, Callable[[], None]]  # (kind, layer, run); kinds: pre submit gpu wait shared head
 
 
 class StaticDecoder:
@@ -135,9 +133,10 @@ class StaticDecoder:
         if not (hasattr(ex, "submit_host") and hasattr(ex, "wait_host")):
             return "the expert backend has no host entry points (submit_host / wait_host)"
         if self.cuda:
-            if any(hot and not isinstance(hot, HotSlots) for hot in getattr(ex, "hot", {}).values()):
+            hot_sets = getattr(ex, "hot", {}).values()
+            if any(hot and not isinstance(hot, HotSlots) for hot in hot_sets):
                 return "hot experts are kept in plain dicts, not HotSlots"
-            if any(isinstance(hot, HotSlots) for hot in getattr(ex, "hot", {}).values()) and _fused() is None:
+            if any(isinstance(hot, HotSlots) for hot in hot_sets) and fused_hot_kernel() is None:
                 return "hot experts need Triton for the fused kernel (pip install triton)"
             try:
                 HostFuncs(True)
@@ -394,102 +393,5 @@ class StaticDecoder:
             log.info("decode step: a graph per segment from here on: %s", blocker)
             self.mode = "segments"
 
-    # ---- the segments ---------------------------------------------------------------------------
     def _segments(self, span: int) -> list[Segment]:
-        m, cfg, b, cache = self.model, self.model.cfg, self.buf, self.cache
-        w, eps, dev = m.w, cfg.rms_norm_eps, self.device
-        moe, token_mode = cfg.moe_layers, self.mode == "token"
-        ex = m.experts
-        hot_sets = {i: h for i, h in getattr(ex, "hot", {}).items() if isinstance(h, HotSlots)} if token_mode else {}
-        want_fused = getattr(ex, "fused_hot", None)  # the scheduler's switch: None is 'on CUDA'
-        fused = _fused() if hot_sets and want_fused is not False and (self.cuda or want_fused) else None
-
-        def embed() -> None:
-            tp = self.tp_h.to(dev, non_blocking=True)
-            b["s0"].copy_(tp[1])  # the position, on the device
-            cos, sin = m.rope(tp[1:2])
-            b["cos"].copy_(cos)
-            b["sin"].copy_(sin)
-            b["h"].copy_(self.emb_h.to(dev, non_blocking=True))  # [1, D]
-
-        def attend(i: int) -> None:
-            h = b["h"]
-            x = rms_norm(h, w[f"model.layers.{i}.input_layernorm.weight"], eps)
-            h.copy_(h + m.attention(i, x, cache, b["s0"], b["cos"], b["sin"], "absorbed", span))
-
-        def dense(first: int, end: int) -> None:  # whole layers first..end-1 with a dense MLP
-            for i in range(first, end):
-                attend(i)
-                h = b["h"]
-                x = rms_norm(h, w[f"model.layers.{i}.post_attention_layernorm.weight"], eps)
-                # Model.dense_mlp's math, without its timer: this segment's time is counted whole
-                h.copy_(h + m.ffn(f"model.layers.{i}.mlp.", x))
-
-        def combine(prev: int) -> None:  # h + (shared + routed), the order Model.moe adds them in
-            h = b["h"]
-            routed = self.routed_h.to(dev, non_blocking=True)
-            if not token_mode or prev in hot_sets:  # token mode: only layers with hot experts wrote routed_dev
-                routed = routed + self.routed_dev
-            h.copy_(h + (b["shared"] + routed.to(h.dtype)))
-
-        def pre(j: int) -> Callable[[], None]:
-            i, before = moe[j], (moe[j - 1] + 1 if j else 0)
-            predict = token_mode and self.predicting and i in ex.next_layer
-
-            def run() -> None:
-                if j == 0:
-                    embed()
-                else:
-                    combine(moe[j - 1])
-                dense(before, i)
-                attend(i)
-                x = rms_norm(b["h"], w[f"model.layers.{i}.post_attention_layernorm.weight"], eps)
-                ids, weights = m.route(i, x)
-                b["x"].copy_(x)
-                b["ids"].copy_(ids)
-                b["w"].copy_(weights)
-                self.x_h.copy_(x.float(), non_blocking=True)
-                self.ids_h.copy_(ids, non_blocking=True)
-                self.w_h.copy_(weights, non_blocking=True)
-                if predict:  # the next layer's router on this input: what the host prefetches
-                    self.cand_h.copy_(ex.predict(ex.next_layer[i], x, self.cand_h.shape[0])[0], non_blocking=True)
-            return run
-
-        def shared(i: int) -> Callable[[], None]:
-            return lambda: b["shared"].copy_(m.shared_expert(i, b["x"]))
-
-        def on_device(i: int) -> Callable[[], None]:  # token mode: shared and hot experts of layer i
-            slots = hot_sets.get(i)
-            hot = fused or hot_moe_by_slot
-
-            def run() -> None:
-                b["shared"].copy_(m.shared_expert(i, b["x"]))
-                if slots is not None:
-                    self.routed_dev.copy_(hot(b["x"], b["ids"], b["w"], slots))
-            return run
-
-        def head() -> None:
-            if moe:
-                combine(moe[-1])
-            else:
-                embed()
-            dense(moe[-1] + 1 if moe else 0, cfg.num_hidden_layers)
-            b["logits"].copy_(m.head(b["h"]))
-
-        segments: list[Segment] = []
-        for j, i in enumerate(moe):
-            if token_mode:
-                segments += [("pre", i, pre(j)), ("submit", i, self._submit(i)), ("gpu", i, on_device(i)),
-                             ("wait", i, self._wait(i))]
-            else:
-                segments += [("pre", i, pre(j)), ("shared", i, shared(i))]
-        return segments + [("head", -1, head)]
-
-
-def _fused():
-    """kernels_gpu.int4_triton.fused_hot_moe, or None without Triton."""
-    try:
-        from kernels_gpu.int4_triton import fused_hot_moe
-    except ImportError:
-        return None
-    return fused_hot_moe
+        return build_segments(self, span)

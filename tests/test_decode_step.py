@@ -118,7 +118,7 @@ def test_engine_decode_graphs_on_with_cache_prefetch_and_hot_experts(tiny_path, 
             run.__name__ = fn.__name__
             return run
 
-        import hybrid.decode_step as ds
+        import hybrid.decode_segments as ds
         import hybrid.scheduler as sc
         sched.predict = outside_host_functions(sched.predict)
         monkeypatch.setattr(ds, "hot_moe_by_slot", outside_host_functions(ds.hot_moe_by_slot))
