@@ -24,7 +24,7 @@ else:
 PYEOF
 
 echo "== tests: kernels_gpu and the decode step (CUDA tests included when CUDA is present)" >&2
-"$PY" -m pytest tests/test_kernels_gpu.py tests/test_decode_step.py -q -rs >&2
+"$PY" -m pytest tests/test_kernels_gpu.py tests/test_int4_gpu.py tests/test_decode_step.py -q -rs >&2
 
 echo "== kernel timings (JSON on stdout)" >&2
 "$PY" -m kernels_gpu.bench "$@"
