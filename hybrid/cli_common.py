@@ -100,7 +100,8 @@ def engine_options(f: Callable) -> Callable:
         click.option("--decode-graphs", type=click.Choice(["auto", "on", "segments", "off"]),
                      help="Decode through a fixed-shape step, one CUDA graph per token on CUDA with the CPU expert "
                           "hops inside (auto: on with CUDA; on: also without CUDA, eagerly; segments: a graph per "
-                          "segment, the host hopping between them; off: the plain forward)."),
+                          "segment, the host hopping between them, also where 'on' cannot run; off: the plain "
+                          "forward)."),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from kernels_gpu.int4 import HotSlots, hot_moe_by_slot
+from kernels_gpu.hot_slots import HotSlots, fused_kernel, hot_moe_by_slot
 
 from .model import rms_norm
 
@@ -28,8 +28,8 @@ def build_segments(dec: "StaticDecoder", span: int) -> list[Segment]:
     moe, token_mode = cfg.moe_layers, dec.mode == "token"
     ex = m.experts
     hot_sets = {i: h for i, h in getattr(ex, "hot", {}).items() if isinstance(h, HotSlots)} if token_mode else {}
-    want_fused = getattr(ex, "fused_hot", None)  # the scheduler's switch: None is 'on CUDA'
-    fused = fused_hot_kernel() if hot_sets and want_fused is not False and (dec.cuda or want_fused) else None
+    # the scheduler's rule and switch (fused_hot); without the kernel, the torch fixed-shape sum
+    fused = fused_kernel(getattr(ex, "fused_hot", None), dec.cuda) if hot_sets else None
 
     def embed() -> None:
         tp = dec.tp_h.to(dev, non_blocking=True)
@@ -112,11 +112,3 @@ def build_segments(dec: "StaticDecoder", span: int) -> list[Segment]:
             segments += [("pre", i, pre(j)), ("shared", i, shared(i))]
     return segments + [("head", -1, head)]
 
-
-def fused_hot_kernel():
-    """kernels_gpu.int4_triton.fused_hot_moe, or None without Triton."""
-    try:
-        from kernels_gpu.int4_triton import fused_hot_moe
-    except ImportError:
-        return None
-    return fused_hot_moe

@@ -1,31 +1,8 @@
-"""The decode step with fixed shapes, as one CUDA graph per token (or one per segment), with the CPU
-expert hops inside.
+"""The decode step with fixed shapes: one CUDA graph per token, the CPU expert hops inside it.
 
-Owns running one decode token: the buffers its segments share (pinned host buffers for the hop to
-the CPU experts and back), the host functions of the hop, KV-length buckets, capturing a bucket's
-step as CUDA graphs the first time it is used, and timing. What each segment computes is
-hybrid/decode_segments.py (the model's own math; neither file adds any). Without CUDA the same code
-runs eagerly, so the CPU suite tests exactly what a GPU captures.
-
-One token, per MoE layer i (the first segment also embeds and runs any dense layers before i):
-  pre[i]     add the previous MoE layer's output, attention i, norm, router i; copy x, ids and
-             weights (and, with prefetch, the next layer's candidate experts) into pinned host buffers
-  submit[i]  host: hand x, ids, weights from the pinned buffers to the expert scheduler (the CPU
-             computes the cold pairs)
-  gpu[i]     the shared expert and the hot experts of layer i, on the GPU while the CPU works
-  wait[i]    host: collect the CPU's share of the routed sum into a pinned buffer, which the next
-             segment copies to the device
-  head       the last MoE layer's output, any dense layers after it, final norm, lm_head.
-Mode 'token' (the default where it can run): submit and wait are CUDA host functions
-(kernels_gpu.graphs.HostFuncs), so the whole token is one graph, one launch from Python. Mode
-'segments': pre and shared+head are graphs of their own and the host runs the hop between them
-(two launches per MoE layer); it needs no host functions, and runs a backend's generic submit/wait
-and hot experts kept in plain dicts.
-Segments pass tensors on through device buffers allocated once (each writes its results into them
-with copy_), never through rebound names: a replayed graph then moves data exactly as the eager run
-the CPU tests check, and all buckets share them. The KV cache is read through a fixed span (the
-bucket: a power of two >= the length, at least BUCKET_MIN), masked beyond the position, which lives
-in a device tensor; each bucket is captured once.
+Owns running one token: the buffers its segments share (pinned host buffers for the hop), the hop's
+host functions, KV-length buckets, capture, failure handling and timing. What each segment computes
+is hybrid/decode_segments.py; neither file adds math. Without CUDA the same code runs eagerly.
 """
 from __future__ import annotations
 
@@ -37,9 +14,9 @@ from typing import Any, Callable
 import torch
 
 from kernels_gpu.graphs import HostFuncs
-from kernels_gpu.int4 import HotSlots
+from kernels_gpu.hot_slots import HotSlots, fused_kernel
 
-from .decode_segments import Segment, build_segments, fused_hot_kernel
+from .decode_segments import Segment, build_segments
 from .model import KVCache, Model
 
 log = logging.getLogger(__name__)
@@ -47,10 +24,26 @@ BUCKET_MIN = 256  # smallest KV span a decode graph reads; the waste is at most 
 MODES = ("auto", "token", "segments")
 
 
-
 class StaticDecoder:
     """decoder = StaticDecoder(model, cache); logits = decoder.step(token) for one token at cache.length
     (generate() takes decoder.step as its decode_step).
+
+    One token, per MoE layer i (the first segment also embeds and runs any dense layers before i):
+      pre[i]     add the previous MoE layer's output, attention i, norm, router i; copy x, ids and
+                 weights (and, with prefetch, the next layer's candidate experts) into pinned buffers
+      submit[i]  host: hand them to the expert scheduler, which computes the cold pairs on the CPU
+      gpu[i]     the shared expert and the hot experts (HotSlots) of layer i, while the CPU works
+      wait[i]    host: the CPU's share into a pinned buffer, which the next segment copies back
+      head       the last MoE layer's output, any dense layers after it, final norm, lm_head.
+    Mode 'token': submit and wait are CUDA host functions (kernels_gpu.graphs.HostFuncs), so the
+    whole token is one graph, one launch from Python. Mode 'segments': pre and shared+head are
+    graphs of their own and the host hops between them (two launches per MoE layer); it needs no
+    host functions and takes any expert backend and hot experts kept in plain dicts.
+    Segments pass tensors on through device buffers allocated once and written with copy_, never
+    through rebound names, so a replay moves data exactly as the eager run the CPU tests check. The
+    KV cache is read through a fixed span (the bucket: a power of two >= the length, at least
+    BUCKET_MIN), masked beyond the position, which lives in a device tensor; each bucket is
+    captured once.
 
     graphs: capture CUDA graphs (None: when the model is on CUDA; True without CUDA runs eagerly).
     mode: 'token' (one graph per token, the expert hops as host functions), 'segments' (a graph per
@@ -69,7 +62,6 @@ class StaticDecoder:
         self.device = model.device
         self.cuda = self.device.type == "cuda"
         self.graphs = self.cuda if graphs is None else bool(graphs and self.cuda)
-        self.asked = mode
         self.mode = "segments"
         cfg = model.cfg
         D, K = cfg.hidden_size, cfg.num_experts_per_tok
@@ -132,11 +124,12 @@ class StaticDecoder:
         ex = self.model.experts
         if not (hasattr(ex, "submit_host") and hasattr(ex, "wait_host")):
             return "the expert backend has no host entry points (submit_host / wait_host)"
+        hot_sets = getattr(ex, "hot", {}).values()
+        if any(hot and not isinstance(hot, HotSlots) for hot in hot_sets):
+            return "hot experts are kept in plain dicts, not HotSlots (the step computes them from its slots)"
         if self.cuda:
-            hot_sets = getattr(ex, "hot", {}).values()
-            if any(hot and not isinstance(hot, HotSlots) for hot in hot_sets):
-                return "hot experts are kept in plain dicts, not HotSlots"
-            if any(isinstance(hot, HotSlots) for hot in hot_sets) and fused_hot_kernel() is None:
+            if any(isinstance(hot, HotSlots) for hot in hot_sets) and fused_kernel(getattr(ex, "fused_hot", None),
+                                                                                  True) is None:
                 return "hot experts need Triton for the fused kernel (pip install triton)"
             try:
                 HostFuncs(True)
@@ -192,9 +185,10 @@ class StaticDecoder:
         finally:
             if gc_paused:
                 gc.enable()
+            # also for a failed step: its parts were counted, and they must stay within the whole
+            self.model.times["forward"] += time.perf_counter() - t_start
         cache.length = pos + 1
         self.steps += 1
-        self.model.times["forward"] += time.perf_counter() - t_start
         return logits
 
     def _launch(self, span: int, segments: list[Segment], t_start: float) -> torch.Tensor:
@@ -204,9 +198,11 @@ class StaticDecoder:
 
             side = torch.cuda.Stream()  # warm-up off the default stream, as capture wants
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._run(segments, self._calls[span], t_start)  # the real step, eagerly: this token's result
-            torch.cuda.current_stream().wait_stream(side)
+            try:
+                with torch.cuda.stream(side):
+                    self._run(segments, self._calls[span], t_start)  # the real step, eagerly: this token's result
+            finally:  # also on failure: waiting on this stream then waits for what the side stream queued
+                torch.cuda.current_stream().wait_stream(side)
             logits = self.buf["logits"].clone()
             self._finish()
             try:  # the outer stream context restores this stream even when a failed capture cannot
@@ -233,6 +229,8 @@ class StaticDecoder:
         self._hot_seen = ()
         if self.host is not None:
             self.host.clear()
+        self.routed_dev.zero_()  # token mode writes it for HotSlots layers; segment mode adds it everywhere
+        self._routed_dev_used = False
 
     def _abandon(self) -> None:
         """A step failed or was interrupted after its host functions may have been queued: let the
@@ -343,14 +341,13 @@ class StaticDecoder:
     def _submit(self, layer: int) -> Callable[[], None]:
         ex, times = self.model.experts, self.model.times
         b, (xn, idn, wn, _) = self.buf, self._host_np
-        device_hot = isinstance(ex.hot.get(layer), HotSlots)
         predicting = self.predicting and layer in ex.next_layer
 
         def run() -> None:  # a CUDA host function: no device work in here
             t0 = time.perf_counter()
             times["attention"] += t0 - self._mark  # pre[i] on the device, as the host saw it
             try:
-                self._handles[layer] = ex.submit_host(layer, b["x"], b["ids"], b["w"], xn, idn, wn, device_hot=device_hot,
+                self._handles[layer] = ex.submit_host(layer, b["x"], b["ids"], b["w"], xn, idn, wn, device_hot=True,
                                                       predicted=self._cand_np if predicting else None)
             finally:
                 self._mark = time.perf_counter()
@@ -367,8 +364,9 @@ class StaticDecoder:
             try:
                 if handle is None:  # its submit failed (the step raises that): add nothing
                     out.fill(0.0)
-                else:
-                    ex.wait_host(handle, out)
+                elif ex.wait_host(handle, out) is not None:
+                    raise RuntimeError(f"layer {layer}: the expert backend computed hot experts inside the hop; "
+                                       "the one-graph-per-token step computes them itself from HotSlots")
             except BaseException:
                 out.fill(0.0)
                 raise
@@ -381,8 +379,10 @@ class StaticDecoder:
         """Token mode reads each layer's HotSlots from inside the graph: if the scheduler now holds
         other objects (set_hot), build and capture again; plain dicts need segment mode."""
         hot = getattr(self.model.experts, "hot", {})
-        seen = tuple((layer, id(h)) for layer, h in sorted(hot.items()))
-        if seen == self._hot_seen:
+        # the objects themselves (an id could be reused), and whether a plain dict has experts in it
+        seen = tuple((layer, h, not isinstance(h, HotSlots) and bool(h)) for layer, h in sorted(hot.items()))
+        if len(seen) == len(self._hot_seen) and all(a[0] == b[0] and a[1] is b[1] and a[2] == b[2]
+                                                    for a, b in zip(seen, self._hot_seen)):
             return
         if self._hot_seen:
             log.info("decode step: the hot-expert sets changed; building the step again")

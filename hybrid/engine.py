@@ -190,7 +190,8 @@ class Engine:
 
         Each layer's hot experts live in a HotSlots of fixed buffers, written in place: a captured
         decode step reads them by address, so it stays valid as the hot set changes."""
-        from kernels_gpu.int4 import DeviceInt4, HotSlots
+        from kernels_gpu.hot_slots import HotSlots
+        from kernels_gpu.int4 import DeviceInt4
 
         sched, cfg = self.model.experts, self.config
         group = cfg.quant.group_size if cfg.quant else 32

@@ -55,7 +55,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     decode_graphs: decode through hybrid.decode_step (fixed shapes; on CUDA one graph per token, the
     CPU expert hops inside it as host functions): 'auto' (on with CUDA when defer_experts is 0), 'on'
     (also without CUDA, where the same step runs eagerly), 'segments' (a graph per segment, the host
-    hopping between them: two launches per MoE layer), 'off' (the plain forward).
+    hopping between them: two launches per MoE layer; what 'auto'/'on' fall back to where the token
+    step cannot run, see StaticDecoder.token_blocker), 'off' (the plain forward).
     """
     from .hardware import detect
     from .placement import plan as make_plan

@@ -20,7 +20,8 @@ import torch
 
 from kernels_cpu.moe import moe_forward
 from kernels_cpu.table import ExpertTable
-from kernels_gpu.int4 import DeviceInt4, HotSlots, as_bf16, cold_pairs, hot_expert_moe
+from kernels_gpu.hot_slots import HotSlots, fused_kernel
+from kernels_gpu.int4 import DeviceInt4, as_bf16, cold_pairs, hot_expert_moe
 from kernels_gpu.offload import LayerUploader
 
 from .expert_cache import DEMAND, PREFETCH, ExpertCache
@@ -96,8 +97,11 @@ class Scheduler:
         device (x, ids and weights give only their shape), so this may run in a CUDA host function.
         predicted: the next layer's candidate experts [width], computed by the caller (then
         self.predict is not called)."""
-        self._record(layer, idn, wn)
         hot = self.hot.get(layer)
+        if device_hot and hot and not isinstance(hot, HotSlots):
+            raise ValueError(f"layer {layer}: device_hot needs its hot experts in a HotSlots (the caller computes "
+                             "them from its slots), not a plain dict")
+        self._record(layer, idn, wn)
         if hot:  # the CPU gets only the cold pairs; a zero weight drops a pair from its work
             cold = cold_pairs(torch.from_numpy(idn), hot).numpy()
             wn = np.where(cold, wn, 0.0).astype(np.float32)
@@ -112,7 +116,8 @@ class Scheduler:
             self.hot_pairs += int((~cold).sum()) if hot else 0
         elif hot:  # while the CPU works: the hot experts on the GPU side
             t0 = time.perf_counter()
-            fused = self._fused_hot(x, hot)
+            fused = fused_kernel(self.fused_hot, x.device.type == "cuda") \
+                if isinstance(hot, HotSlots) and x.shape[0] <= FUSED_HOT_TOKENS else None
             if fused is not None:  # the ids are read on the device: no host round trip, no per-expert loop
                 y_hot = fused(x, ids.to(x.device), weights, hot)
                 self.hot_pairs += int((~cold).sum())
@@ -122,22 +127,6 @@ class Scheduler:
             self.hot_s += time.perf_counter() - t0
             y_gpu = y_hot if y_gpu is None else y_gpu + y_hot
         return fut, y_gpu, x.device
-
-    def _fused_hot(self, x: torch.Tensor, hot) -> Callable | None:
-        """kernels_gpu.int4_triton.fused_hot_moe when it should compute this call's hot experts, else None."""
-        if not isinstance(hot, HotSlots) or x.shape[0] > FUSED_HOT_TOKENS or self.fused_hot is False:
-            return None
-        if self.fused_hot is None and x.device.type != "cuda":
-            return None
-        try:
-            from kernels_gpu.int4_triton import fused_hot_moe
-        except ImportError:
-            if self.fused_hot:
-                raise RuntimeError("fused hot experts were asked for but Triton does not import; "
-                                   "pip install triton, or leave fused_hot at None") from None
-            self.fused_hot = False
-            return None
-        return fused_hot_moe
 
     @staticmethod
     def _done_zeros(xn: np.ndarray) -> Future:
@@ -233,8 +222,9 @@ class Scheduler:
         self.wait_s += time.perf_counter() - t0
         return y_gpu
 
-    def set_hot(self, layer: int, hot: dict) -> None:
-        """Replace layer's hot set: {expert: (gate, up, down) kernels_gpu.int4.DeviceInt4}."""
+    def set_hot(self, layer: int, hot: dict | HotSlots) -> None:
+        """Replace layer's hot set: a kernels_gpu.hot_slots.HotSlots (what the engine keeps; the decode
+        graph reads it on the device), or a plain {expert: (gate, up, down) DeviceInt4} dict."""
         self.hot[layer] = hot
 
     # ---- worker side --------------------------------------------------------------------------

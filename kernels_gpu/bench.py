@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .graphs import GraphedStep
-from .int4 import DeviceInt4, HotSlots, hot_expert_moe, int4_linear
+from .hot_slots import HotSlots
+from .int4 import DeviceInt4, hot_expert_moe, int4_linear
 from .int8 import int8_linear, quantize_int8
 from .mla import mla_decode
 from .offload import PrefillSpeeds, expert_flops_per_token, measure_pcie_gbps, offload_threshold

@@ -1,8 +1,9 @@
 """CUDA-graph capture of a decode-step callable, with an eager fallback everywhere else.
 
-Owns static input/output buffers, warm-up on a side stream, capture and replay. It does not decide
-what goes into a step (the engine does) and adds no per-device branches to the math: the callable is
-the same function either way. Imports nothing from hybrid/.
+Owns static input/output buffers, warm-up on a side stream, capture and replay, and host functions
+in a stream's order (HostFuncs: how a graph hands data to the CPU and back). It does not decide what
+goes into a step (the engine does); the callable is the same function either way. Imports nothing
+from hybrid/.
 """
 from __future__ import annotations
 

@@ -1,17 +1,8 @@
 """The hot experts of a decode token as two fused Triton kernels over the packed INT4 layout.
 
-Owns fused_hot_moe: the sum hot_expert_moe computes, with the expert ids read on the device
-(HotSlots.slot_of), dequantising inside the GEMV so each hot pair's packed weights are read once and
-cold pairs read nothing (masked loads). Fixed shapes and no host sync, so a CUDA graph can hold it.
-CUDA only in use; the tests run it on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set
-before this module is imported) against kernels_gpu.int4. Imports nothing from hybrid/.
-
-Kernel 1, per (pair, block of F rows): h = silu(gate x) * up x, fp32 [T*K, F].
-Kernel 2, per (pair, block of D rows): out = weight * down h, fp32 [T*K, D]; the host sums over K.
-A word of the packed layout holds 8 consecutive columns (low nibble first, q + 8), so a tile is
-loaded once as [rows, words] and its 8 nibbles are taken in turn (unrolled) against x's columns
-8w + k: 2-D throughout, no layout shuffles.
-Scales arrive as bf16 bit patterns (int16) and are widened by a shift, the same on every backend.
+Owns fused_hot_moe. CUDA only in use; the tests run it in Triton's interpreter (TRITON_INTERPRET=1,
+set before this module is imported) against kernels_gpu.int4 and compile it for real GPUs.
+Imports nothing from hybrid/.
 """
 from __future__ import annotations
 
@@ -19,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .int4 import HotSlots
+from .hot_slots import HotSlots
 
 BLOCK_ROWS = 32  # output rows per program
 BLOCK_WORDS = 16  # packed words (x8 columns) per step of the reduction
@@ -89,7 +80,15 @@ def _down_kernel(h_ptr, ids_ptr, w_ptr, slot_ptr, dp_ptr, ds_ptr, out_ptr,
 def fused_hot_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slots: HotSlots) -> torch.Tensor:
     """x [T, D], ids [T, K], weights [T, K] on slots' device -> y_hot fp32 [T, D]: the sum over the
     pairs whose expert is hot (slots.slot_of >= 0) of weights * expert(x), accumulated in fp32.
-    Equal to kernels_gpu.int4.hot_expert_moe's y_hot up to fp32 summation order."""
+    Equal to kernels_gpu.int4.hot_expert_moe's y_hot up to fp32 summation order.
+
+    The expert ids are read on the device and each tile is dequantised inside the GEMV, so a hot
+    pair's packed weights are read once and a cold pair reads nothing; fixed shapes, no host sync,
+    so a CUDA graph can hold it. Kernel 1, per (pair, block of F rows): h = silu(gate x) * up x,
+    fp32 [T*K, F]. Kernel 2, per (pair, block of D rows): weight * down h, fp32 [T*K, D]; summed
+    over K here. A packed word holds 8 consecutive columns (low nibble first, q + 8): a tile is
+    loaded once as [rows, words] and its 8 nibbles taken in turn against columns 8w + k. Scales
+    arrive as bf16 bit patterns (int16) and are widened by a shift, the same on every backend."""
     T, K = ids.shape
     D, FF = slots.hidden, slots.inter
     if x.shape != (T, D) or weights.shape != (T, K):

@@ -8,6 +8,9 @@ functions called in stream order. The oracle is Model.forward with the reference
 """
 from __future__ import annotations
 
+import importlib.util
+import json
+
 import pytest
 import torch
 
@@ -15,6 +18,7 @@ import hybrid
 from hybrid.decode_step import BUCKET_MIN, StaticDecoder
 
 CUDA = torch.cuda.is_available()
+TRITON = importlib.util.find_spec("triton") is not None  # in [dev] on x86-64 Linux
 PROMPT = [5, 17, 300, 42, 7, 901]
 
 
@@ -100,9 +104,10 @@ def test_static_decode_segments_follow_the_layer_pattern(make_checkpoint, over):
 def test_engine_decode_graphs_on_with_cache_prefetch_and_hot_experts(tiny_path, graphs, monkeypatch):
     """The hop through the scheduler's host entry points: cache mode (misses loaded in waves), prefetch
     on, 2 hot experts per layer computed on the GPU side (here the CPU) and added through the device
-    buffer. Two requests, so the second starts with hot experts chosen from the first's routing.
-    Token mode: the host functions (submit, wait) do no device work: the router's prefetch guess and
-    the hot experts run in the step's device segments, never inside them."""
+    buffer. Three requests: the second starts with hot experts chosen from the first's routing, written
+    into the same slots in place (the step is not rebuilt); the third has them on one layer only, through
+    the fused Triton kernel. Token mode: the host functions (submit, wait) do no device work: the
+    router's prefetch guess and the hot experts run in the step's device segments, never inside them."""
     oracle = hybrid.load(tiny_path, backend="reference", device="cpu", context=64, decode_graphs="off")
     eng = hybrid.load(tiny_path, backend="numba", device="cpu", context=64, expert_mode="cache", cache_slots=12,
                       prefetch=True, hot_experts=2, decode_graphs=graphs)
@@ -124,12 +129,23 @@ def test_engine_decode_graphs_on_with_cache_prefetch_and_hot_experts(tiny_path, 
         monkeypatch.setattr(ds, "hot_moe_by_slot", outside_host_functions(ds.hot_moe_by_slot))
         monkeypatch.setattr(sc, "hot_expert_moe", outside_host_functions(sc.hot_expert_moe))
         eng.model.shared_expert = outside_host_functions(eng.model.shared_expert)
+    fused_calls = []
+    if TRITON:
+        import kernels_gpu.int4_triton as kt
+        real_fused = kt.fused_hot_moe
+        monkeypatch.setattr(kt, "fused_hot_moe", lambda *a: (fused_calls.append(1), real_fused(*a))[1])
+        import kernels_gpu.hot_slots as hs
+        hs._triton_kernel.cache_clear()  # imported afresh: the counting one
+    slots = dict(sched.hot)  # the buffers made at load, empty
     V = eng.config.vocab_size
     for r, n in enumerate((10, 14, 8)):
         if r == 2:  # hot experts on the first MoE layer only: the device buffer must not carry its sum on
+            assert all(sched.hot[layer] is s and len(s) == 2 for layer, s in slots.items())  # filled in place
+            if graphs == "on":
+                assert len(dec.host.fns) == 2 * len(eng.config.moe_layers)  # one build: never rebuilt
             eng.hot_experts = 0  # no refresh at the request's start
             eng.model.experts.set_hot(eng.config.moe_layers[-1], {})
-            eng.model.experts.fused_hot = True  # and decode's hot pairs through the Triton kernel (interpreted here)
+            eng.model.experts.fused_hot = TRITON  # decode's hot pairs through the Triton kernel (interpreted here)
             pairs = eng.model.experts.hot_pairs
         toks = forced_tokens(n, V)
         prompt = [r + 1] + PROMPT  # a different first token: no prefix reuse between the two
@@ -152,6 +168,66 @@ def test_engine_decode_graphs_on_with_cache_prefetch_and_hot_experts(tiny_path, 
     assert sum(s.prefetched for s in sched.cache.stats.values()) > 0
     if graphs == "on":
         assert {"<lambda>", "hot_moe_by_slot", "shared_expert"} <= set(device_calls)  # <lambda>: the loader's predict
+    assert len(fused_calls) == (7 if TRITON else 0)  # the third request's 7 decode steps, one hot layer each
+    if TRITON:
+        hs._triton_kernel.cache_clear()  # forget the counting wrapper
+    oracle.close()
+    eng.close()
+
+
+def test_token_mode_prefetches_what_the_segment_mode_predicts(tiny_path, tmp_path):
+    """The router's guess for the next layer runs in the token step's device segment and reaches the
+    scheduler through a pinned buffer: the predictions in the routing trace equal the ones segment
+    mode makes, where the scheduler runs the router itself."""
+    traces = {}
+    for graphs in ("on", "segments"):
+        trace = tmp_path / f"{graphs}.jsonl"
+        eng = hybrid.load(tiny_path, backend="numba", device="cpu", context=64, expert_mode="cache", cache_slots=12,
+                          prefetch=True, trace=trace, decode_graphs=graphs)
+        list(eng.generate(PROMPT, 8, sampler=lambda lg: int(lg.argmax())))
+        eng.close()
+        traces[graphs] = [json.loads(line) for line in trace.read_text().splitlines()]
+    on, seg = traces["on"], traces["segments"]
+    n_moe = len(on) // 8  # records per step: one per MoE layer (the prefill is one call per layer)
+    predicted = [r["predicted"] for r in on if r["predicted"] is not None]
+    assert len(predicted) == 7 * (n_moe - 1)  # every decode step, every layer after the first
+    assert [r["predicted"] for r in on] == [r["predicted"] for r in seg]
+    assert [r["experts"] for r in on] == [r["experts"] for r in seg]
+
+
+def eng_experts(path) -> int:
+    return json.loads((path / "config.json").read_text())["n_routed_experts"]
+
+
+def test_hot_experts_in_plain_dicts_send_the_step_to_segment_mode(tiny_path):
+    """The token step computes hot experts from HotSlots only: a plain dict hot set (the scheduler's
+    other form) makes it fall back to segment mode, still right, with the device buffer zeroed on the
+    way; and the scheduler refuses device_hot with a dict rather than drop its sum."""
+    from kernels_gpu.int4 import DeviceInt4
+
+    oracle = hybrid.load(tiny_path, backend="reference", device="cpu", context=64, decode_graphs="off")
+    eng = hybrid.load(tiny_path, backend="numba", device="cpu", context=64, expert_mode="mmap",
+                      hot_experts=eng_experts(tiny_path), decode_graphs="on")  # all hot: the device sum is never 0
+    dec, sched, ckpt = eng.decoder, eng.model.experts, eng.checkpoint
+    toks = forced_tokens(6, eng.config.vocab_size)
+    first, layer = eng.config.moe_layers[0], eng.config.moe_layers[-1]
+    for r in range(3):
+        if r == 2:  # none on the first MoE layer (its hop adds no device sum), a plain dict on the last
+            eng.hot_experts = 0
+            sched.set_hot(first, {})
+            sched.set_hot(layer, {e: tuple(DeviceInt4.from_arrays(w.packed, w.scale, w.shape) for w in
+                                           (ckpt.expert(layer, e, p) for p in ("gate_proj", "up_proj", "down_proj")))
+                                  for e in (0, 1, 2)})
+        got, want = [], []
+        for eng_, out in ((eng, got), (oracle, want)):
+            it = iter(toks)
+            list(eng_.generate([r + 1] + PROMPT, 6, sampler=lambda lg, it=it, out=out: (out.append(lg), next(it))[1]))
+        assert dec.mode == ("token" if r < 2 else "segments")
+        for a, b in zip(got, want):
+            assert rel_err(a, b) < 1e-3
+    b = dec.buf
+    with pytest.raises(ValueError, match="plain dict"):
+        sched.submit_host(layer, b["x"], b["ids"], b["w"], *dec._host_np[:3], device_hot=True)
     oracle.close()
     eng.close()
 

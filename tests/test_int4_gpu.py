@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from hybrid.quant import dequantize_int4, pack_int4, quantize_int4, unpack_int4
-from kernels_gpu.int4 import (DeviceInt4, HotSlots, cold_pairs, dequantize, hot_expert_moe, hot_moe_by_slot,
-                               int4_expert, int4_linear)
+from kernels_gpu.hot_slots import HotSlots, fused_kernel, hot_moe_by_slot
+from kernels_gpu.int4 import DeviceInt4, cold_pairs, dequantize, hot_expert_moe, int4_expert, int4_linear
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -128,7 +128,10 @@ def slots_with(arrays, which, capacity=None, dims=(D, FF)):
 def test_hot_slots_change_in_place_and_read_back_what_was_put():
     arrays, _ = make_experts(2)
     slots = slots_with(arrays, [4, 1], capacity=3)
-    ptrs = {p: t.data_ptr() for p, t in slots.packed.items()}
+    def addresses():
+        return [t.data_ptr() for d in (slots.packed, slots.scale) for t in d.values()] + [slots.slot_of.data_ptr()]
+
+    ptrs = addresses()
     assert list(slots) == [1, 4] and len(slots) == 2 and 3 not in slots
     assert slots.slot_of.tolist() == [-1, 1, -1, -1, 0, -1]
     want = hot_set(arrays, [0, 1, 2, 3, 4, 5])
@@ -142,7 +145,7 @@ def test_hot_slots_change_in_place_and_read_back_what_was_put():
     assert slots.slot_of.tolist() == [-1, 1, 2, -1, -1, 0]  # 5 took the slot 4 left
     for e in (1, 2, 5):
         assert all(torch.equal(g.packed, r.packed) for g, r in zip(slots[e], want[e]))
-    assert {p: t.data_ptr() for p, t in slots.packed.items()} == ptrs  # nothing moved
+    assert addresses() == ptrs  # nothing moved
     with pytest.raises(ValueError, match="all 3 hot slots are taken"):
         slots.put(0, want[0])
     with pytest.raises(ValueError, match="does not fit"):
@@ -164,7 +167,8 @@ def test_device_id_hot_moe_equals_the_per_expert_loop(T, hot_ids):
     """hot_moe_by_slot (torch, fixed shapes) and fused_hot_moe (Triton; its interpreter without CUDA)
     read the expert ids on the device; both equal hot_expert_moe's y_hot, and with the CPU's cold
     pairs the whole routed sum."""
-    from kernels_gpu.int4_triton import fused_hot_moe  # the dev install has Triton (x86-64 Linux)
+    pytest.importorskip("triton", reason="Triton is in [dev] on x86-64 Linux only")
+    from kernels_gpu.int4_triton import fused_hot_moe
 
     arrays, dense = make_experts(3)
     x, ids, weights = hot_moe_inputs(T, T)
@@ -208,7 +212,7 @@ def test_fused_hot_kernels_compile_for_nvidia_gpus():
     """The interpreter runs Python semantics; this compiles both kernels with Triton's real compiler
     (ptxas included, no GPU needed) for Ampere consumer cards (sm_86) and Hopper (sm_90), so a kernel
     that only the interpreter accepts fails here, not on a user's GPU."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="Triton is in [dev] on x86-64 Linux only")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", COMPILE_FUSED, "86", "90"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
@@ -220,6 +224,7 @@ def test_fused_hot_kernels_compile_for_nvidia_gpus():
 
 def test_fused_hot_moe_over_several_row_blocks_and_reduction_steps():
     """Shapes past one program's block both ways (rows and packed words), a bf16 x as on the GPU."""
+    pytest.importorskip("triton", reason="Triton is in [dev] on x86-64 Linux only")
     from kernels_gpu.int4_triton import BLOCK_ROWS, BLOCK_WORDS, fused_hot_moe
 
     dims = (BLOCK_WORDS * 8 * 2 + 64, BLOCK_ROWS * 2 + 32)  # D 320: 2.5 reduction steps; F 96: 3 row blocks
@@ -264,7 +269,17 @@ def test_hot_split_with_checkpoint_experts_equals_reference_backend(tiny_path):
 
 def test_bench_times_the_fused_hot_experts():
     """The hot-expert timing bench.run does on CUDA, at toy shapes here (the interpreter without CUDA)."""
+    pytest.importorskip("triton", reason="Triton is in [dev] on x86-64 Linux only")
     from kernels_gpu import bench
 
     res = bench._hot_moe(bench.SMALL, DEV, 1)
     assert res["experts"] == 8 and res["fused_ms"] > 0 and res["torch_loop_ms"] > 0 and res["fused_gbps"] > 0
+
+
+def test_one_rule_for_when_the_fused_kernel_runs():
+    """fused_kernel: the scheduler's and the decode step's switch (None: on CUDA when Triton imports)."""
+    assert fused_kernel(False, True) is None and fused_kernel(None, False) is None
+    pytest.importorskip("triton", reason="Triton is in [dev] on x86-64 Linux only")
+    from kernels_gpu.int4_triton import fused_hot_moe
+
+    assert fused_kernel(True, False) is fused_hot_moe and fused_kernel(None, True) is fused_hot_moe

@@ -274,6 +274,11 @@ def test_host_funcs_without_cuda_run_in_order_and_keep_the_first_error():
     with pytest.raises(ZeroDivisionError):
         host.raise_error()  # the first error, once
     host.raise_error()
+    host.cancelled = True  # an abandoned step: what is still queued returns at once
+    for key in (ok, bad):
+        host.launch(key)
+    host.raise_error()
+    assert seen == [True, True]
 
 
 @cuda_only
