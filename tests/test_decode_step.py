@@ -282,7 +282,8 @@ def test_cuda_graph_decode_equals_eager_on_cuda(tiny_path, graphs):
     their slots in place under the captured graphs; the plain engine computes every expert on the CPU."""
     plain = hybrid.load(tiny_path, backend="numba", device="cuda", context=600, decode_graphs="off", hot_experts=0)
     graphed = hybrid.load(tiny_path, backend="numba", device="cuda", context=600, decode_graphs=graphs, hot_experts=4)
-    assert graphed.decoder.graphs and graphed.decoder.mode == ("token" if graphs == "on" else "segments")
+    triton = importlib.util.find_spec("triton") is not None  # hot experts in the token graph need it
+    assert graphed.decoder.graphs and graphed.decoder.mode == ("token" if graphs == "on" and triton else "segments")
     toks = forced_tokens(20, plain.config.vocab_size)
     for prompt in (PROMPT * 50, PROMPT, PROMPT * 50):
         seen: dict = {}
