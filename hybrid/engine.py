@@ -6,6 +6,7 @@ cache. hybrid.loader builds it (plan, expert backend, options); the math is mode
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -20,6 +21,7 @@ from .generate import Sampler, Step, generate
 from .model import AttnMode, ExpertBackend, Model
 from .parser import Event
 from .placement import int8_eligible
+from .routing_stats import save_counts
 from .sampling import SamplingParams, sample
 from .tokenizer import Tokenizer
 
@@ -62,6 +64,7 @@ class Engine:
         self.hot_experts = 0  # per MoE layer, on the GPU side; set by load()
         self.prefill_chunk: int | None = PREFILL_CHUNK  # prompt tokens per forward pass; set by load()
         self.decoder = None  # a decode_step.StaticDecoder over the engine's cache, when decode graphs are on
+        self.routing_stats: Path | None = None  # where routing counts persist across sessions; set by load()
         self._tokens = {"prefill": 0, "decode": 0}
         self._epoch = 0  # counts generate() calls; only the newest may touch the cache
         # threads and the slot arena belong to the backend: release them when the engine goes away
@@ -184,6 +187,9 @@ class Engine:
         finally:  # also when the consumer stops early or a forward fails: keep ids and cache in step
             if self._epoch == epoch:
                 self._cached_ids = (prompt + generated)[:self._cache.length]
+            if self.routing_stats is not None:
+                save_counts(self.routing_stats, self.model.experts.route_counts, self.config.moe_layers,
+                            self.config.n_routed_experts)
 
     def refresh_hot_experts(self) -> None:
         """Keep the most-routed `hot_experts` experts of each MoE layer on the GPU side (uploads only changes).

@@ -18,6 +18,7 @@ from .engine import PREFILL_CHUNK, Engine
 from .model import ExpertBackend, Model
 from .reference import ReferenceExperts
 from .resolve import resolve_model
+from .routing_stats import default_path, load_counts
 
 log = logging.getLogger(__name__)
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -29,7 +30,7 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
          prefetch_width: int | None = None, cache_policy: str = "lrfu", io_threads: int = 2,
          trace: str | Path | None = None, defer_experts: int = 0, hot_experts: int | None = None,
          prefill_offload: str = "auto", decode_graphs: str = "auto", prefill_chunk: int = PREFILL_CHUNK,
-         dtype: str = "auto") -> Engine:
+         dtype: str = "auto", routing_stats: str | Path | None = "auto") -> Engine:
     """Open a checkpoint (directory or preset name), plan placement, and return an Engine.
 
     backend: 'numba' (INT4 kernels over mmap'd shards or the RAM expert cache), 'reference'
@@ -45,6 +46,9 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     hot_experts: routed experts per MoE layer kept on the GPU side and computed there from the INT4
     layout (default: as many as the plan's spare VRAM allows; none without a GPU). Chosen from the
     routing counts so far, refreshed at the start of each request.
+    routing_stats: a file that keeps the routing counts across sessions, so the hot experts are chosen
+    at load, before the first request: 'auto' (with hot experts on CUDA, one file per checkpoint
+    under the cache directory), a path, or None (counts start afresh each session).
     prefill_offload: for long prompts, upload a layer's experts to the GPU side and run its MoE there
     when that beats the CPU: 'auto' (from measured PCIe, CPU and GPU speeds; CUDA only), 'on'
     (every multi-token prefill; for testing), 'off'.
@@ -85,9 +89,12 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
                         ("prefill_chunk", prefill_chunk)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if backend == "reference" and (cache_slots is not None or expert_mode == "cache" or trace or hot_experts):
+    if backend == "reference" and (cache_slots is not None or expert_mode == "cache" or trace or hot_experts
+                                   or routing_stats not in ("auto", None)):
         raise ValueError("the reference backend computes every expert itself from the checkpoint: cache_slots, "
-                         "expert_mode='cache', trace and hot_experts need backend='numba'")
+                         "expert_mode='cache', trace, hot_experts and routing_stats need backend='numba'")
+    if not (routing_stats is None or isinstance(routing_stats, (str, Path))):
+        raise ValueError(f"routing_stats must be 'auto', a file path or None, got {routing_stats!r}")
     if trace is not None and not Path(trace).parent.is_dir():
         raise ValueError(f"trace: the folder of {trace} does not exist")
     ckpt = Checkpoint(resolve_model(model))
@@ -136,8 +143,17 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     model = engine.model  # closures below hold the model, never the engine (its finalizer frees the backend)
     if getattr(experts, "prefetch", False):  # the next layer's router predicts what to prefetch
         experts.predict = lambda layer, x, k: model.route(layer, x, k)[0]
+    if routing_stats == "auto":
+        routing_stats = default_path(ckpt.path) if hot and plan.device == "cuda" else None
+    if routing_stats is not None and backend != "numba":  # 'auto' picked the reference backend (no AVX2)
+        log.warning("routing_stats ignored: the reference backend keeps no routing counts")
+    elif routing_stats is not None:
+        engine.routing_stats = Path(routing_stats)
+        saved = load_counts(engine.routing_stats, cfg.moe_layers, cfg.n_routed_experts)
+        if saved is not None:
+            experts.route_counts.update(saved)  # what earlier sessions routed: the hot set, chosen now
     if hot:
-        engine.refresh_hot_experts()  # no routing counts yet: the empty per-layer buffers
+        engine.refresh_hot_experts()  # the per-layer buffers, filled from the saved counts if any
     if decode_graphs in ("on", "segments") or (decode_graphs == "auto" and plan.device == "cuda" and not defer_experts):
         from .decode_step import StaticDecoder
 

@@ -316,3 +316,60 @@ def test_cpu_prefill_rate_counts_each_layers_tokens_once(tiny_path, opts):
     assert sched.cpu_prefill_tokens == len(PROMPT) * len(e.config.moe_layers)
     assert 0 < sched.cpu_prefill_s <= sched.compute_s
     e.close()
+
+
+def test_routing_counts_persist_and_choose_the_hot_experts_at_load(tiny_path, tmp_path, caplog):
+    """routing_stats: the counts of one session are saved after each request and, at the next load,
+    choose the hot experts before the first request, which then already splits pairs (same answer).
+    A file that does not fit is reported and ignored; 'auto' keeps nothing without CUDA."""
+    stats = tmp_path / "routing.npy"
+    first = hybrid.load(tiny_path, backend="numba", expert_mode="mmap", hot_experts=3, routing_stats=stats)
+    list(first.generate(PROMPT, 3, temperature=0))
+    counts = {layer: c.copy() for layer, c in first.model.experts.route_counts.items()}
+    first.close()
+    saved = np.load(stats)
+    assert saved.shape == (len(counts), first.config.n_routed_experts)
+    assert all((saved[j] == counts[layer]).all() for j, layer in enumerate(first.config.moe_layers))
+    assert saved.sum() > 0
+    base = hybrid.load(tiny_path, backend="numba", expert_mode="mmap")
+    again = hybrid.load(tiny_path, backend="numba", expert_mode="mmap", hot_experts=3, routing_stats=stats)
+    sched = again.model.experts
+    for j, layer in enumerate(again.config.moe_layers):  # chosen at load, from the saved counts
+        assert len(sched.hot[layer]) == 3 and min(saved[j][list(sched.hot[layer])]) >= sorted(saved[j])[-3]
+    a = base.logits(PROMPT + [3, 4])
+    b = again.logits(PROMPT + [3, 4])
+    assert sched.hot_pairs > 0 and (a - b).abs().max() <= 1e-3 * a.abs().max()
+    again.close()
+    base.close()
+    stats.write_bytes(b"not an array")
+    with caplog.at_level("WARNING"):
+        eng = hybrid.load(tiny_path, backend="numba", expert_mode="mmap", hot_experts=3, routing_stats=stats)
+    assert "unreadable" in caplog.text and str(stats) in caplog.text
+    assert all(len(h) == 0 for h in eng.model.experts.hot.values())  # ignored: nothing chosen yet
+    list(eng.generate(PROMPT, 2, temperature=0))
+    assert np.load(stats).sum() > 0  # and rewritten
+    eng.close()
+    np.save(stats, np.zeros((7, 2), dtype=np.int64))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        hybrid.load(tiny_path, backend="numba", expert_mode="mmap", hot_experts=3, routing_stats=stats).close()
+    assert "not non-negative integers" in caplog.text
+    auto = hybrid.load(tiny_path, backend="numba", expert_mode="mmap", hot_experts=3)
+    assert auto.routing_stats is None  # 'auto': only with hot experts on CUDA
+    auto.close()
+    with pytest.raises(ValueError, match="routing_stats"):
+        hybrid.load(tiny_path, backend="reference", routing_stats=stats)
+
+
+def test_routing_stats_default_path_is_per_checkpoint(tiny_path, tmp_path, monkeypatch):
+    from hybrid.routing_stats import default_path
+
+    monkeypatch.setenv("KIMI_HYBRID_CACHE", str(tmp_path / "cache"))
+    p = default_path(tiny_path)
+    assert p.parent == tmp_path / "cache" / "routing" and p.name.startswith(tiny_path.name) and p == default_path(tiny_path)
+    other = tmp_path / tiny_path.name
+    other.mkdir()
+    (other / "config.json").write_text((tiny_path / "config.json").read_text())
+    assert default_path(other) != p  # another directory
+    (other / "config.json").write_text((tiny_path / "config.json").read_text() + "\n")
+    assert default_path(other) != p
