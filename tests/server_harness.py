@@ -45,10 +45,14 @@ class ScriptedEngine(Engine):
         self.scripts: deque[tuple[list[int], threading.Event | None, Exception | None]] = deque()
         self.prompts: list[list[int]] = []  # every prompt generate() was given
         self.last_steps = 0  # steps the last scripted generation yielded before it was closed
-        self.started = threading.Event()  # set when a scripted generation begins
+        # set when the script queued last begins; cleared by play(), never by a generator's end: a
+        # finished generator is finalized when its consumer lets go of it, which may be after the
+        # next script began (clearing it then made the next wait miss that start)
+        self.started = threading.Event()
         self.closed = threading.Event()  # set when a scripted generation's generator is closed
 
     def play(self, text: str, hold: threading.Event | None = None, fail: Exception | None = None) -> None:
+        self.started.clear()
         self.scripts.append((self.tokenizer.encode(text, allow_special=True), hold, fail))
 
     def generate(self, token_ids, max_new_tokens, temperature=1.0, seed=None, *, sampling=None, sampler=None,
@@ -76,7 +80,6 @@ class ScriptedEngine(Engine):
                 if finish:
                     return
         finally:
-            self.started.clear()
             self.closed.set()
 
     def decode_prompt(self, index: int = -1) -> str:
