@@ -103,7 +103,7 @@ class Scheduler:
                              "them from its slots), not a plain dict")
         self._record(layer, idn, wn)
         if hot:  # the CPU gets only the cold pairs; a zero weight drops a pair from its work
-            cold = cold_pairs(torch.from_numpy(idn), hot).numpy()
+            cold = hot.cold(idn) if isinstance(hot, HotSlots) else cold_pairs(torch.from_numpy(idn), hot).numpy()
             wn = np.where(cold, wn, 0.0).astype(np.float32)
         used = sorted(set(idn[wn != 0].tolist()))
         y_gpu = None

@@ -10,6 +10,7 @@ import functools
 from collections.abc import Mapping
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +43,7 @@ class HotSlots(Mapping):
         self.dims = dims
         self.slot_of = torch.full((n_experts,), -1, dtype=torch.int32, device=self.device)
         self._slot: dict[int, int] = {}  # expert -> slot, the host's copy of slot_of
+        self._is_hot = np.zeros(n_experts, dtype=bool)  # the same on the host, indexable by an id array
         self._free = list(range(H - 1, -1, -1))
 
     @property
@@ -62,6 +64,11 @@ class HotSlots(Mapping):
     def __contains__(self, expert: object) -> bool:  # host-only (Mapping's default would build device views)
         return expert in self._slot
 
+    def cold(self, ids: np.ndarray) -> np.ndarray:
+        """ids int [T, K] (host) -> bool [T, K]: True where the pair's expert is not hot (the CPU's share).
+        kernels_gpu.int4.cold_pairs for a HotSlots, without a sort and a tensor per call (the decode hop)."""
+        return ~self._is_hot[ids]
+
     # ---- changes ----------------------------------------------------------------------------
     def put(self, expert: int, weights: Sequence[DeviceInt4]) -> None:
         """Place `expert` (gate, up, down on any device; copied in) into a free slot, or over its own."""
@@ -80,10 +87,12 @@ class HotSlots(Mapping):
             self.packed[p][s].copy_(w.packed.view(torch.int32), non_blocking=True)
             self.scale[p][s].copy_(as_bf16(w.scale), non_blocking=True)
         self._slot[expert] = s
+        self._is_hot[expert] = True
         self.slot_of[expert] = s
 
     def drop(self, expert: int) -> None:
         s = self._slot.pop(expert)
+        self._is_hot[expert] = False
         self.slot_of[expert] = -1
         self._free.append(s)
 

@@ -146,6 +146,8 @@ def test_hot_slots_change_in_place_and_read_back_what_was_put():
     for e in (1, 2, 5):
         assert all(torch.equal(g.packed, r.packed) for g, r in zip(slots[e], want[e]))
     assert addresses() == ptrs  # nothing moved
+    ids = torch.tensor([[0, 1, 2], [5, 4, 3]])
+    assert np.array_equal(slots.cold(ids.numpy()), cold_pairs(ids, [1, 2, 5]).numpy())  # the host's own copy
     with pytest.raises(ValueError, match="all 3 hot slots are taken"):
         slots.put(0, want[0])
     with pytest.raises(ValueError, match="does not fit"):
