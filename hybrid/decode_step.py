@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from kernels_gpu.graphs import HostFuncs
+from kernels_gpu.graphs import GraphChain, HostFuncs
 from kernels_gpu.hot_slots import HotSlots, fused_kernel
 
 from .decode_segments import Segment, build_segments
@@ -194,8 +194,6 @@ class StaticDecoder:
     def _launch(self, span: int, segments: list[Segment], t_start: float) -> torch.Tensor:
         """Run the step for `span` (capturing its graphs first if due) and wait for it -> logits."""
         if span not in self.chains and self.graphs:
-            from kernels_gpu.graphs import GraphChain
-
             side = torch.cuda.Stream()  # warm-up off the default stream, as capture wants
             side.wait_stream(torch.cuda.current_stream())
             try:
@@ -207,8 +205,7 @@ class StaticDecoder:
             self._finish()
             try:  # the outer stream context restores this stream even when a failed capture cannot
                 with torch.cuda.stream(torch.cuda.current_stream()):
-                    fns = self._calls[span] if self.mode == "token" else [run for _, _, run in segments]
-                    chain = GraphChain(fns, self.pool)
+                    chain = GraphChain(self._calls[span], self.pool)  # not captured yet: the eager callables
                 self.chains[span] = chain
                 self._calls[span] = [g.replay for g in chain.graphs]
             except Exception:  # keep decoding, eagerly, rather than fail every step from here on
