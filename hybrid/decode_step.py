@@ -323,16 +323,14 @@ class StaticDecoder:
     def _token_fn(self, segments: list[Segment]) -> Callable[[], None]:
         """The whole token as one callable: device segments run, host segments are launched as host
         functions (called at once without CUDA). What a graph captures."""
-        plan = [(kind in ("submit", "wait"), self.host.add(run) if kind in ("submit", "wait") else run)
-                for kind, _, run in segments]
         host = self.host
+        # host segments become launches of their registered keys; device segments run as they are
+        steps = [(lambda key=host.add(run): host.launch(key)) if kind in ("submit", "wait") else run
+                 for kind, _, run in segments]
 
         def token() -> None:
-            for on_host, what in plan:
-                if on_host:
-                    host.launch(what)
-                else:
-                    what()
+            for run in steps:
+                run()
         return token
 
     def _submit(self, layer: int) -> Callable[[], None]:
