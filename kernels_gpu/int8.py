@@ -13,6 +13,8 @@ import torch
 
 log = logging.getLogger(__name__)
 _FUSED_WORKS: dict[tuple[str, torch.dtype], bool] = {}  # (device type, dtype) -> aten op usable, learned once
+BLOCK_ROWS = 8192  # output rows the plain path dequantises at a time (K2's lm_head: 117 MB, not 2.3 GB, of bf16)
+
 
 def _ceil_bf16(x: torch.Tensor) -> torch.Tensor:
     """Positive finite fp32 -> the smallest bf16 >= x (so that |w| / scale <= 127 holds after rounding)."""
@@ -35,13 +37,14 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
-                fused: bool | None = None) -> torch.Tensor:
+                fused: bool | None = None, block_rows: int = BLOCK_ROWS) -> torch.Tensor:
     """x [..., I] -> x @ (qweight * scale[:, None]).T [..., O], in x's dtype on x's device.
 
     fused: use aten._weight_int8pack_mm, which reads the int8 codes without materialising a
     dequantised copy. None: on a CPU, when it runs for this dtype (tried once, then remembered);
     elsewhere not (its CUDA build is a slow reference kernel); False: the plain path, which applies the per-row scale to the
-    output ((x @ q.T) * s is the same product; |q| <= 127 converts to bf16 exactly).
+    output ((x @ q.T) * s is the same product; |q| <= 127 converts to bf16 exactly), dequantising
+    block_rows output rows at a time, so the temporary copy stays bounded whatever the layer's size.
     """
     key = (x.device.type, x.dtype)
     if fused is None and x.device.type != "cpu":
@@ -56,4 +59,10 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
                 raise
             _FUSED_WORKS[key] = False
             log.info("aten._weight_int8pack_mm unavailable for %s %s (%s); dequantising instead", *key, e)
-    return (x @ qweight.to(x.dtype).T) * scale.to(x.dtype)
+    O = qweight.shape[0]
+    if O <= block_rows:
+        return (x @ qweight.to(x.dtype).T) * scale.to(x.dtype)
+    y = torch.empty(*x.shape[:-1], O, dtype=x.dtype, device=x.device)
+    for o in range(0, O, block_rows):
+        y[..., o:o + block_rows] = x @ qweight[o:o + block_rows].to(x.dtype).T
+    return y.mul_(scale.to(x.dtype))

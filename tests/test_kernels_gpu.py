@@ -121,8 +121,8 @@ def test_int8_quantise_and_error_bound():
     x = torch.randn(2, 3, 80, generator=g)
     exact = x.double() @ w.double().T
     bound = 0.5 * x.double().abs() @ scale.double().cpu()[None, :].expand(80, -1) + 1e-5 * exact.abs() + 1e-6
-    for fused in (None, False):  # aten's int8 kernel where it runs, and the dequantising path
-        y = int8_linear(x.to(DEV), q, scale, fused=fused).cpu()
+    for fused, block in ((None, 8192), (False, 8192), (False, 10)):  # aten's kernel where it runs; the
+        y = int8_linear(x.to(DEV), q, scale, fused=fused, block_rows=block).cpu()  # plain path, whole and in blocks
         assert y.shape == (2, 3, 33) and bool(((y.double() - exact).abs() <= bound).all())
         torch.testing.assert_close(y, x @ (q.float() * scale.float()[:, None]).cpu().T, rtol=1e-5, atol=1e-5)
 
