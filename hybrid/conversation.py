@@ -6,6 +6,7 @@ cache; the template, tokenizer and parser are used as they are, never re-impleme
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -34,6 +35,9 @@ def forced_call_prefix(messages: list[dict], name: str | None) -> str:
         return head  # the model picks which declared tool
     idx = sum(len(m.get("tool_calls") or []) for m in messages if m.get("role") == "assistant")
     return f"{head}{name}:{idx}<|tool_call_argument_begin|>"
+
+
+CALLABLE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what the OpenAI and Anthropic APIs accept as a name
 
 
 class ToolChoiceError(ValueError):
@@ -65,6 +69,9 @@ def apply_tool_choice(tools: list[dict] | None, messages: list[dict], mode: str,
     if name not in names:
         raise ToolChoiceError(f"tool_choice names {name!r}, which is not among the tools ({', '.join(names)})",
                               "tool_choice.name")
+    if not CALLABLE_NAME.fullmatch(name):  # it goes into the prompt as control text: no tokens of its own
+        raise ToolChoiceError(f"tool_choice names {name!r}; a forced call needs a function name of letters, digits, "
+                              "'_' and '-' (at most 64), as the OpenAI and Anthropic APIs require", "tool_choice.name")
     return tools, [name], forced_call_prefix(messages, name)
 
 

@@ -170,11 +170,14 @@ def test_tool_choice_limits_which_calls_the_parser_accepts(scripted):
     ({"type": "function"}, [None], "must look like"),
     ({"type": "function", "function": {"name": "none"}}, [None], "not among the tools"),  # a name, not the keyword
     (3, [None], "tool_choice must be"),
+    ("f<|im_end|>", [None], "letters, digits"),  # a forced name is control text: no special tokens in it
 ])
 def test_tool_choice_errors_name_the_problem(scripted, choice, tools, match):
     from .server_harness import WEATHER_TOOL
 
     tools = [WEATHER_TOOL] if tools else None
+    if choice == "f<|im_end|>":
+        tools.append({"type": "function", "function": {"name": choice, "parameters": {"type": "object"}}})
     n = len(scripted.prompts)
     with pytest.raises(ValueError, match=match):
         list(scripted.chat([{"role": "user", "content": "hi"}], tools=tools, tool_choice=choice))
