@@ -82,6 +82,20 @@ def _checked(logits: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _greedy(logits: torch.Tensor) -> int:
+    """argmax of logits [V] on their device, read back in one transfer with its value; _checked's refusals
+    (argmax lands on a NaN when there is one; the maximum is -inf when nothing is finite)."""
+    if logits.dim() != 1:
+        raise SamplingError(f"logits must be one row [V], got shape {tuple(logits.shape)}")
+    i = torch.argmax(logits.detach())
+    index, value = torch.stack((i.double(), logits.detach()[i].double())).tolist()
+    if math.isnan(value) or value == math.inf:  # NaN, or +inf where the full check tells the cases apart
+        _checked(logits)
+    if value == -math.inf:
+        raise SamplingError("logits contain NaN or no finite value")
+    return int(index)
+
+
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution sampled from: logits [V] -> probabilities [V] (float32, CPU) after temperature,
     top_k (ties with the k-th value are kept), top_p (smallest set reaching p) and min_p. Greedy
@@ -111,7 +125,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token id from logits [V] (any device, any float dtype). The generator must be a CPU
     generator (params.make_generator()); the same seed gives the same ids."""
     if params.greedy:
-        return int(torch.argmax(_checked(logits)))  # on the logits' device: no copy of the row
+        return _greedy(logits)
     probs = filtered_probs(logits, params)
     return int(torch.multinomial(probs, 1, generator=generator))
 
