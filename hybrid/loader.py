@@ -85,10 +85,11 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
 
     if cache_policy not in POLICIES:
         raise ValueError(f"cache_policy {cache_policy!r} is not known; choose one of {', '.join(POLICIES)}")
-    for name, value in (("io_threads", io_threads), ("prefetch_width", prefetch_width), ("cache_slots", cache_slots),
-                        ("prefill_chunk", prefill_chunk)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    for name, value, low in (("io_threads", io_threads, 1), ("prefetch_width", prefetch_width, 1),
+                             ("cache_slots", cache_slots, 1), ("prefill_chunk", prefill_chunk, 1), ("context", context, 1),
+                             ("hot_experts", hot_experts, 0), ("defer_experts", defer_experts, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if backend == "reference" and (cache_slots is not None or expert_mode == "cache" or trace or hot_experts
                                    or routing_stats not in ("auto", None)):
         raise ValueError("the reference backend computes every expert itself from the checkpoint: cache_slots, "

@@ -114,6 +114,11 @@ def test_prefill_in_chunks_gives_the_same_logits_and_cache(tiny_path):
             assert float((a - b).abs().max() / b.abs().max()) < 1e-5
     with pytest.raises(ValueError, match="prefill_chunk must be an integer >= 1"):
         hybrid.load(tiny_path, prefill_chunk=0)
+    # counts of the wrong type are the same one-line error, not a TypeError from deep inside
+    for name, value, low in (("context", "4096", 1), ("context", 0, 1), ("hot_experts", True, 0),
+                             ("hot_experts", 1.5, 0), ("defer_experts", "1", 0), ("defer_experts", -1, 0)):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= {low}, got {value!r}"):
+            hybrid.load(tiny_path, **{name: value})
 
 
 def test_stopping_between_prefill_chunks_keeps_what_was_prefilled(tiny_path):
