@@ -21,6 +21,7 @@ from .cli_common import (REAL_MODEL, SEED, USER_ERRORS, FiniteFloat, console, en
 from .cli_plan import plan
 from .config import ModelConfig
 from .layout import size_report
+from .engine_runner import DEFAULT_MAX_QUEUE  # not from .server: that imports FastAPI, which only `serve` needs
 from .synth import PRESETS, GeneratorError
 
 
@@ -153,7 +154,7 @@ def run(prompt: str, model: str, max_tokens: int, temperature: float, seed: int 
 @click.option("--api-key", envvar="KIMI_HYBRID_API_KEY", help="Require this key on every request [env KIMI_HYBRID_API_KEY].")
 @click.option("--model-name", default="kimi-k2-thinking", show_default=True, help="The model name clients ask for.")
 @click.option("--max-prompt-tokens", type=click.IntRange(min=1), help="Refuse longer prompts (default: the context).")
-@click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
+@click.option("--max-queue", type=click.IntRange(min=0), default=DEFAULT_MAX_QUEUE, show_default=True,
               help="Requests that may wait behind the running one; more get HTTP 429 with Retry-After.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def serve(model: str, host: str, port: int, api_key: str | None, model_name: str, max_prompt_tokens: int | None,

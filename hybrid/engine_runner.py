@@ -20,6 +20,8 @@ from .conversation import Done, run_chat
 from .parser import Event
 from .sampling import SamplingParams
 
+DEFAULT_MAX_QUEUE = 16  # requests waiting behind the running one; more get a 429 with Retry-After
+
 log = logging.getLogger(__name__)
 
 
@@ -119,7 +121,16 @@ class EngineRunner:
 
     @property
     def waiting(self) -> int:
-        return self._jobs.qsize()
+        """Jobs behind the running one whose client is still there: what max_queue bounds and /health
+        reports. Counted from the jobs in line, not the queue: a burst at an idle worker must not count
+        the job about to start; a client that left stays queued until the worker skips it, uncounted."""
+        return max(0, self._behind_running())
+
+    def _behind_running(self) -> int:
+        """Live jobs in line minus the one that runs or is about to: -1 when the line is empty."""
+        with self._jobs.mutex:
+            gone = sum(1 for j in self._jobs.queue if j is not None and j.cancelled.is_set())
+        return self._in_line - gone - 1
 
     def start(self) -> None:
         if self._thread is None:
@@ -142,12 +153,8 @@ class EngineRunner:
         """Queue a job (from the event loop); its items arrive through events(job)."""
         with self._lock:
             ahead = self._in_line  # submitted and not finished: one of them runs (or is about to)
-            if self.max_queue is not None:
-                with self._jobs.mutex:  # whose client left is still queued until the worker skips it: not counted
-                    gone = sum(1 for j in self._jobs.queue if j is not None and j.cancelled.is_set())
-                waiting = ahead - gone - 1
-                if waiting >= self.max_queue:
-                    raise QueueFull(waiting, self.retry_after_s())
+            if self.max_queue is not None and (waiting := self._behind_running()) >= self.max_queue:
+                raise QueueFull(waiting, self.retry_after_s())
             self._in_line += 1
         job._loop, job._out = asyncio.get_running_loop(), asyncio.Queue()
         log.info("request %s: %d prompt tokens, queue position %d (%s)", job.id, len(job.prompt), ahead + 1,

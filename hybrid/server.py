@@ -20,12 +20,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import api_anthropic, api_openai
 from .api_common import ApiError, ServerState, check_model, server_state
-from .engine_runner import EngineRunner
+from .engine_runner import DEFAULT_MAX_QUEUE, EngineRunner
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20  # a 256K-token history with tools is a few MB of JSON
-DEFAULT_MAX_QUEUE = 16  # requests waiting behind the running one; more get a 429 with Retry-After
 DEFAULT_KEEPALIVE_S = 10.0  # a streamed answer with nothing to send for this long gets an SSE comment
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # bound here without a key, it answers only requests addressed here
 

@@ -452,6 +452,8 @@ def test_a_queued_client_that_left_frees_its_place(engine):
         assert seen.wait_for(2)
         gone.close()
         assert seen.wait_for(1, "the client disconnected")
+        health = httpx.get(url + "/health", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+        assert health["waiting"] == 0 and health["busy"]  # /health counts as the 429 rule does
         later = pool.submit(ask, oa, "next in line", max_tokens=3)
         assert seen.wait_for(3)  # queued, not refused
         hold.set()
