@@ -119,6 +119,7 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
     weights = weight_bytes_per_token(engine)
     achieved = (experts + weights) * statistics.median(decode.tok_s) / GB
     compute = decode.sums["experts_compute_s"]
+    decode_split = decode.split()
     hits, misses = prefill.hits + decode.hits, prefill.misses + decode.misses
     return {
         "schema": SCHEMA,
@@ -133,13 +134,13 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
                      "decode_graphs": "off" if graphs is None else graphs["mode"] + ("+cuda_graphs" if graphs["cuda_graphs"] else "")},
         "prefill": {"tok_s": _spread(prefill.tok_s), "runs_tok_s": prefill.tok_s, "split_ms_per_token": prefill.split(),
                     "expert_bytes_per_token": prefill.per_token("expert_bytes")},
-        "decode": {"tok_s": _spread(decode.tok_s), "runs_tok_s": decode.tok_s, "split_ms_per_token": decode.split(),
+        "decode": {"tok_s": _spread(decode.tok_s), "runs_tok_s": decode.tok_s, "split_ms_per_token": decode_split,
                    "expert_bytes_per_token": experts, "weight_bytes_per_token": weights,
                    "bytes_per_token": experts + weights, "achieved_gbps": achieved,
                    "pct_of_mem_read": 100 * achieved / mem_gbps,
                    "expert_kernel_gbps": decode.sums["expert_bytes"] / compute / GB if compute > 0 else None,
                    "disk_bytes_per_token": decode.per_token("bytes_read"),
-                   "per_moe_layer_ms": {k: decode.split()[k] / max(1, len(cfg.moe_layers))
+                   "per_moe_layer_ms": {k: decode_split[k] / max(1, len(cfg.moe_layers))
                                         for k in ("gpu_side", "experts_compute", "experts_wait")},
                    "overlap_efficiency": max(0.0, 1 - decode.sums["experts_wait_s"] / compute) if compute > 0 else None},
         "cache": ({"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else None}

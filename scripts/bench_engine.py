@@ -93,7 +93,7 @@ def main() -> None:
     c = st["cache"]
     # overlap efficiency = (t_io + t_compute - t_total) / min(t_io, t_compute): t_compute is the same
     # decode with nothing to read (mmap, page cache warm), t_io the readers' busy time per IO thread
-    t_io, t_comp = st["io_s"] / 2, wall_mmap
+    t_io, t_comp = st["io_s"] / len(e.model.experts.cache._threads), wall_mmap
     out["cache"] = {
         "slots": slots, "fraction_of_experts": args.cache_fraction, "decode_tok_s": n / wall,
         "prefetch": "off" if args.no_prefetch else "auto", "prefetch_width": args.prefetch_width,
