@@ -87,7 +87,7 @@ class StaticDecoder:
         # pool: a segment reads them and writes its results into them with copy_, never rebinding a
         # name. So a replayed graph and an eager run move data the same way, every bucket's graphs
         # share them, and the host reads a layer's x / ids / w before the next segment overwrites them.
-        dt, R, V = model.w["model.norm.weight"].dtype, cfg.qk_rope_head_dim, cfg.vocab_size
+        dt, R, V = model.dtype, cfg.qk_rope_head_dim, cfg.vocab_size
         dev, f32 = self.device, torch.float32
         self.buf = {"s0": torch.zeros((), device=dev, dtype=torch.long),
                     "cos": torch.zeros(1, R // 2, device=dev, dtype=f32), "sin": torch.zeros(1, R // 2, device=dev, dtype=f32),

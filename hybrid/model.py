@@ -115,7 +115,7 @@ class Model:
         self._deferred: Any = None
 
     def new_cache(self, max_len: int) -> KVCache:
-        return KVCache(self.cfg, max_len, self.device, self.w["model.norm.weight"].dtype)
+        return KVCache(self.cfg, max_len, self.device, self.dtype)
 
     def forward(self, ids: torch.Tensor, cache: KVCache, attn: AttnMode = "auto", last_only: bool = False) -> torch.Tensor:
         """ids [T] at positions cache.length .. cache.length+T-1 -> logits [T, vocab] (fp32), or with

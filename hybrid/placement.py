@@ -160,7 +160,7 @@ def _sizes(cfg: ModelConfig) -> _Sizes:
     dense = [i for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i)]
     groups = [(list(global_specs(cfg)), 1)]
     groups += [(list(layer_specs(cfg, ls[0])), len(ls)) for ls in (dense, moe) if ls]
-    specs: dict[str, list[tuple[TensorSpec, int]]] = {}
+    specs: dict[str, list[tuple[str, TensorSpec, int]]] = {}
     routed = disk = 0
     for tensors, count in groups:
         for name, spec in tensors:
