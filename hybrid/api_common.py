@@ -42,7 +42,7 @@ class ApiError(Exception):
 
 @dataclass
 class ServerState:
-    engine: Any  # hybrid.Engine, or anything with its tokenizer / context / generate / apply_chat_template
+    engine: Any  # hybrid.Engine, or anything with its tokenizer / context / generate / chat_prompt / answer_budget
     runner: EngineRunner
     model_name: str
     max_body_bytes: int
@@ -173,18 +173,16 @@ async def prepare(state: ServerState, messages: list[dict], tools: list[dict] | 
     forced: the start of the assistant's turn (a tool call that tool_choice demands), appended."""
     engine = state.engine
     try:
-        prompt = await run_in_threadpool(engine.apply_chat_template, messages, tools=tools, tokenize=True)
+        prompt = await run_in_threadpool(engine.chat_prompt, messages, tools, forced)
     except (ChatTemplateError, TokenizerError) as exc:
         raise ApiError(400, f"these messages cannot be rendered: {exc}", "messages") from None
-    prompt += engine.tokenizer.encode(forced, allow_special=True)
     limit = min(state.max_prompt_tokens or engine.context, engine.context - 1)  # leave room for one token
     if len(prompt) > limit:
         which = (f"max_prompt_tokens={state.max_prompt_tokens}" if limit == state.max_prompt_tokens
                  else f"the context of {engine.context} tokens less one")
         raise ApiError(400, f"the prompt is {len(prompt)} tokens, over this server's limit of {limit} ({which}); "
                             "shorten the conversation", "messages", "context_length_exceeded")
-    budget = engine.context - len(prompt)  # the answer may fill the rest of the context, never more
-    return Job(prompt, params, tool_names, min(params.max_tokens or budget, budget), forced)
+    return Job(prompt, params, tool_names, engine.answer_budget(prompt, params.max_tokens), forced)
 
 
 def submit(state: ServerState, job: Job) -> Job:

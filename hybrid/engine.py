@@ -229,6 +229,17 @@ class Engine:
         text = render_chat(self.chat_template, mark(messages), tools=mark(tools), add_generation_prompt=add_generation_prompt, **kwargs)
         return self.tokenizer.encode_chat(text)
 
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None, forced: str = "") -> list[int]:
+        """The prompt ids of a chat request: the rendered template, then `forced` (the start of the
+        assistant's turn that a tool_choice demands; conversation.forced_call_prefix)."""
+        return self.apply_chat_template(messages, tools=tools, tokenize=True) + \
+            self.tokenizer.encode(forced, allow_special=True)
+
+    def answer_budget(self, prompt: list[int], max_tokens: int | None) -> int:
+        """Tokens the answer may take: max_tokens, never past the end of the context."""
+        budget = self.context - len(prompt)
+        return min(max_tokens or budget, budget)
+
     def chat(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: str | dict | None = "auto",
              **sampling) -> Iterator[Event | Done]:
         """Yield ReasoningDelta / ContentDelta / ToolCall / ToolCallError events, then one Done.
@@ -252,10 +263,8 @@ class Engine:
         tools, names, forced = apply_tool_choice(tools, messages, mode, name)
         max_tokens = sampling.pop("max_tokens", None)
         params = SamplingParams(**sampling, max_tokens=max_tokens)
-        prompt = self.apply_chat_template(messages, tools=tools, tokenize=True)
-        prompt += self.tokenizer.encode(forced, allow_special=True)
-        budget = self.context - len(prompt)
-        yield from run_chat(self, prompt, params, names, min(max_tokens or budget, budget), forced)
+        prompt = self.chat_prompt(messages, tools, forced)
+        yield from run_chat(self, prompt, params, names, self.answer_budget(prompt, max_tokens), forced)
 
 
 def _release(experts, ckpt: Checkpoint) -> None:

@@ -87,7 +87,7 @@ def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-
                allowed_hosts: tuple[str, ...] | None = None, max_queue: int | None = DEFAULT_MAX_QUEUE,
                keepalive_s: float | None = DEFAULT_KEEPALIVE_S) -> FastAPI:
     """The app over a loaded engine (hybrid.load(...), or anything with its generate /
-    apply_chat_template / tokenizer / context). Requests run one at a time, in arrival order.
+    chat_prompt / answer_budget / tokenizer / context). Requests run one at a time, in arrival order.
     allowed_hosts: host names the Host header may give (None: any). max_queue: requests that may
     wait behind the running one (None: no limit); beyond it a 429 with a Retry-After header.
     keepalive_s: a streamed answer that has nothing to send for this long (queued, a long prefill)
