@@ -119,19 +119,21 @@ class SizeReport:
     expert_bytes_per_token: int  # routed expert bytes one decoded token reads
 
 
-def size_report(cfg: ModelConfig) -> SizeReport:
-    """Sizes from one layer of each kind times its count (all MoE layers, and all dense ones, have the same
-    shapes), so a config with many layers and experts is reported at once."""
+def spec_groups(cfg: ModelConfig) -> list[tuple[list[tuple[str, TensorSpec]], int]]:
+    """(tensors, count): the global tensors once, then one dense and one MoE layer each times its
+    count (all MoE layers, and all dense ones, have the same shapes): sizes of a model with many
+    layers and experts at once."""
     moe = cfg.moe_layers
-    n_moe = len(moe)
-    dense = next((i for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i)), None)
-    groups = [(global_specs(cfg), 1)]
-    if dense is not None:
-        groups.append((layer_specs(cfg, dense), cfg.num_hidden_layers - n_moe))
-    if moe:
-        groups.append((layer_specs(cfg, moe[0]), n_moe))
+    dense = [i for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i)]
+    groups = [(list(global_specs(cfg)), 1)]
+    return groups + [(list(layer_specs(cfg, ls[0])), len(ls)) for ls in (dense, moe) if ls]
+
+
+def size_report(cfg: ModelConfig) -> SizeReport:
+    """Sizes of the whole model, from spec_groups."""
+    n_moe = len(cfg.moe_layers)
     total = disk = routed = routed_bytes = 0
-    for specs, count in groups:
+    for specs, count in spec_groups(cfg):
         for name, spec in specs:
             nb = spec_nbytes(spec) * count
             total += spec.params * count

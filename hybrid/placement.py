@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .hardware import GB, Disk, Hardware
-from .layout import TensorSpec, global_specs, layer_specs, spec_nbytes
+from .layout import TensorSpec, spec_groups, spec_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -155,14 +155,10 @@ class _Sizes:
 
 
 def _sizes(cfg: ModelConfig) -> _Sizes:
-    """One representative layer of each kind times its count: every MoE layer has the same shapes."""
-    moe = cfg.moe_layers
-    dense = [i for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i)]
-    groups = [(list(global_specs(cfg)), 1)]
-    groups += [(list(layer_specs(cfg, ls[0])), len(ls)) for ls in (dense, moe) if ls]
+    """Per placement class, from layout.spec_groups (one representative layer of each kind)."""
     specs: dict[str, list[tuple[str, TensorSpec, int]]] = {}
     routed = disk = 0
-    for tensors, count in groups:
+    for tensors, count in spec_groups(cfg):
         for name, spec in tensors:
             what = tensor_class(name)
             disk += spec_nbytes(spec) * count
@@ -170,7 +166,7 @@ def _sizes(cfg: ModelConfig) -> _Sizes:
                 routed += spec_nbytes(spec) * count
             else:
                 specs.setdefault(what, []).append((name, spec, count))
-    return _Sizes(specs, routed, len(moe) * cfg.n_routed_experts, disk)
+    return _Sizes(specs, routed, len(cfg.moe_layers) * cfg.n_routed_experts, disk)
 
 
 def _gb(n: float) -> str:
