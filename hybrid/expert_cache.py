@@ -99,6 +99,10 @@ class ExpertCache:
         self.policy = make_policy(policy)
         self.slot_of: dict[tuple[int, int], int] = {}
         self.key_of: list[tuple[int, int] | None] = [None] * n_slots
+        self._free = list(range(n_slots - 1, -1, -1))  # empty slots, lowest on top
+        # (rank, seq, key) of keys that were ready and unpinned when pushed: a victim is found by popping
+        # until an entry still holds (ready, unpinned, its rank unchanged), not by scanning every slot
+        self._evictable: list[tuple[tuple, int, tuple[int, int]]] = []
         self.ready: set[tuple[int, int]] = set()
         self.loading: dict[tuple[int, int], Future] = {}
         self.pins: dict[tuple[int, int], int] = {}
@@ -190,13 +194,16 @@ class ExpertCache:
                     self.pins[key] = n
                 else:
                     self.pins.pop(key, None)
+                    self._offer(key)
 
     def evict_all(self) -> None:
         with self.lock:
             for key in list(self.ready):
                 if not self.pins.get(key):
                     self.ready.discard(key)
-                    self.key_of[self.slot_of.pop(key)] = None
+                    slot = self.slot_of.pop(key)
+                    self.key_of[slot] = None
+                    self._free.append(slot)
 
     def close(self) -> None:
         """Stop the IO threads (a read in progress finishes), fail what is still queued, close the files."""
@@ -220,13 +227,22 @@ class ExpertCache:
 
     # ---- internals ------------------------------------------------------------------------
     def _free_slot(self) -> int | None:
-        for s, k in enumerate(self.key_of):
-            if k is None:
-                return s
-        victims = [k for k in self.ready if not self.pins.get(k)]
-        if not victims:
-            return None
-        return self.slot_of[self.policy.victim(victims, self.clock)]
+        """An empty slot, else the slot of the evictable key of least rank (the policy's victim), else None."""
+        if self._free:
+            return self._free.pop()
+        while self._evictable:
+            rank, _, key = heapq.heappop(self._evictable)
+            if key in self.ready and not self.pins.get(key) and rank == self.policy.rank(key):
+                return self.slot_of[key]
+        return None  # a key left out here (pinned, loading, ranked anew) is offered again when it is evictable
+
+    def _offer(self, key: tuple[int, int]) -> None:
+        """key may be evictable now (ready and unpinned): enter it at its current rank."""
+        if key in self.ready and not self.pins.get(key):
+            heapq.heappush(self._evictable, (self.policy.rank(key), next(self._seq), key))
+            if len(self._evictable) > 4 * self.n_slots + 64:  # stale entries pile up: keep the live ones
+                self._evictable = [(self.policy.rank(k), next(self._seq), k) for k in self.ready if not self.pins.get(k)]
+                heapq.heapify(self._evictable)
 
     def _fd(self, path: Path) -> int:
         with self.lock:
@@ -292,9 +308,11 @@ class ExpertCache:
                     if self.slot_of.get(job.key) == job.slot:
                         del self.slot_of[job.key]
                         self.key_of[job.slot] = None
+                        self._free.append(job.slot)
                 job.future.set_exception(e)
                 continue
             with self.lock:
                 self.loading.pop(job.key, None)
                 self.ready.add(job.key)
+                self._offer(job.key)
             job.future.set_result(job.key)

@@ -1,7 +1,8 @@
 """Eviction policies for the RAM expert cache, shared by the live cache and the trace replayer.
 
-Owns the choice of victim only: a policy sees accesses (key, time) and is asked which of the
-evictable keys to drop. Keys are (layer, expert). No IO, no buffers.
+Owns the choice of victim only: a policy sees accesses (key, time) and ranks keys; the victim is the
+evictable key of least rank. A rank changes only when its key is accessed (never with the clock),
+so a cache may keep keys in a heap by rank. Keys are (layer, expert). No IO, no buffers.
 """
 from __future__ import annotations
 
@@ -14,21 +15,29 @@ Key = Hashable
 class Policy(Protocol):
     def access(self, key: Key, now: int) -> None: ...
 
+    def rank(self, key: Key) -> tuple: ...
+
     def victim(self, candidates: Iterable[Key], now: int) -> Key: ...
 
 
-class LRU:
+class _Ranked:
+    def victim(self, candidates: Iterable[Key], now: int) -> Key:
+        """The candidate of least rank (now is not needed: ranks do not age)."""
+        return min(candidates, key=self.rank)
+
+
+class LRU(_Ranked):
     def __init__(self) -> None:
         self.last: dict[Key, int] = {}
 
     def access(self, key: Key, now: int) -> None:
         self.last[key] = now
 
-    def victim(self, candidates: Iterable[Key], now: int) -> Key:
-        return min(candidates, key=lambda k: self.last.get(k, -1))
+    def rank(self, key: Key) -> tuple:
+        return (self.last.get(key, -1),)
 
 
-class LFU:
+class LFU(_Ranked):
     """Frequency counts survive eviction (the hot set of a MoE layer is stable over a conversation)."""
 
     def __init__(self) -> None:
@@ -39,13 +48,15 @@ class LFU:
         self.count[key] = self.count.get(key, 0) + 1
         self.last[key] = now
 
-    def victim(self, candidates: Iterable[Key], now: int) -> Key:
-        return min(candidates, key=lambda k: (self.count.get(k, 0), self.last.get(k, -1)))
+    def rank(self, key: Key) -> tuple:
+        return self.count.get(key, 0), self.last.get(key, -1)
 
 
-class LRFU:
+class LRFU(_Ranked):
     """Recency and frequency in one score (Lee et al.'s LRFU): crf = sum over past accesses of
-    2^(-lam * age). lam -> 0 is LFU, large lam is LRU. Evict the smallest current score."""
+    2^(-lam * age). lam -> 0 is LFU, large lam is LRU. Evict the smallest current score.
+    At any time `now`, log2(score) = log2(crf at last access) + lam * last - lam * now: ranking by the
+    first two terms orders keys as their current scores do, without aging them."""
 
     def __init__(self, lam: float = 0.01) -> None:
         self.lam = lam
@@ -59,8 +70,10 @@ class LRFU:
         self.crf[key] = self._score(key, now) + 1.0
         self.last[key] = now
 
-    def victim(self, candidates: Iterable[Key], now: int) -> Key:
-        return min(candidates, key=lambda k: (self._score(k, now), self.last.get(k, -1)))
+    def rank(self, key: Key) -> tuple:
+        crf = self.crf.get(key, 0.0)
+        last = self.last.get(key, -1)
+        return (math.log2(crf) + self.lam * last if crf > 0 else -math.inf), last
 
 
 POLICIES = {"lru": LRU, "lfu": LFU, "lrfu": LRFU}

@@ -52,3 +52,72 @@ def test_read_trace_and_prefetch_coverage(tmp_path):
     calls, cov = read_trace(p)
     assert calls == [[(1, 0), (1, 1)], [(2, 3)], [(2, 5), (2, 6)]]  # zero weights are not accesses
     assert cov == 2 / 3
+
+
+def test_ranks_order_keys_as_the_policies_scores_do_now():
+    """rank() never ages, yet the least rank is the least current score: for LRFU, against its
+    definition (the sum over past accesses of 2^(-lam * age)) evaluated at the victim's time."""
+    import math
+    import random
+
+    rng = random.Random(0)
+    for lam in (1e-3, 0.05, 1.0):
+        pol, hist = LRFU(lam=lam), {}
+        for t in range(400):
+            k = rng.choice("abcdefgh")
+            pol.access(k, t)
+            hist.setdefault(k, []).append(t)
+            if t % 37 == 36:
+                now = t + rng.randint(0, 50)
+                cands = rng.sample(sorted(hist), 4)
+                score = {c: sum(2.0 ** (-lam * (now - a)) for a in hist[c]) for c in cands}
+                v = pol.victim(cands, now)
+                assert math.isclose(score[v], min(score.values()), rel_tol=1e-9)
+    lfu, lru = LFU(), LRU()
+    for t, k in enumerate("abacabd"):
+        lfu.access(k, t), lru.access(k, t)
+    assert lfu.victim("abcd", 9) == "c" and lru.victim("abcd", 9) == "c" and lru.victim("abd", 9) == "a"
+
+
+def test_the_cache_evicts_the_policys_victim_without_scanning(tiny_path):
+    """ExpertCache finds its victim in a heap kept by rank; at every eviction the key it gave up is one
+    of least rank among the ready, unpinned keys (what policy.victim would pick from all of them)."""
+    import random
+
+    from hybrid.checkpoint import Checkpoint
+    from hybrid.expert_cache import DEMAND, PREFETCH, ExpertCache
+
+    ckpt = Checkpoint(tiny_path)
+    layers, E = ckpt.config.moe_layers, ckpt.config.n_routed_experts
+    for policy in ("lru", "lfu", "lrfu"):
+        cache, rng, evictions = ExpertCache(ckpt, 5, io_threads=1, policy=policy), random.Random(1), 0
+        try:
+            for step in range(300):
+                layer, e = rng.choice(layers), rng.randrange(E)
+                if rng.random() < 0.6:
+                    resident, missing = cache.pin_ready(layer, [e])
+                    if resident:
+                        cache.unpin(layer, resident)
+                        continue
+                with cache.lock:
+                    candidates = [k for k in cache.ready if not cache.pins.get(k)]
+                    full = not cache._free
+                    least = min((cache.policy.rank(k) for k in candidates), default=None)
+                    before = set(cache.ready)
+                pin = rng.random() < 0.3
+                fut = cache.load(layer, e, DEMAND if pin else PREFETCH, pin=pin)
+                if fut is None:
+                    assert full and not candidates  # nothing could be freed
+                    continue
+                fut.result(timeout=30)
+                gone = before - cache.ready
+                if full and (layer, e) not in before:
+                    assert len(gone) == 1
+                    assert cache.policy.rank(gone.pop()) == least
+                    evictions += 1
+                if pin:
+                    cache.unpin(layer, [e])
+        finally:
+            cache.close()
+        assert evictions > 50
+    ckpt.close()
