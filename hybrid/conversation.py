@@ -41,8 +41,9 @@ CALLABLE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what the OpenAI and Anthro
 
 
 class ToolChoiceError(ValueError):
-    """A tool_choice that cannot be honoured. field: 'tool_choice' (no tools to call) or
-    'tool_choice.name' (the named tool is not among them); each API spells its own path from it."""
+    """A tool_choice that cannot be honoured, or tools that cannot be declared. field: 'tool_choice'
+    (no tools to call), 'tool_choice.name' (the named tool is not among them) or 'tools' (one is
+    malformed); each API spells its own path from it."""
 
     def __init__(self, message: str, field: str):
         super().__init__(message)
@@ -57,7 +58,12 @@ def apply_tool_choice(tools: list[dict] | None, messages: list[dict], mode: str,
     declared and no call is accepted), 'required' (the answer is a call of one of them) or 'named'
     (the answer calls `name`). -> (tools for the template, names the parser accepts, the forced
     start of the assistant's turn, see forced_call_prefix)."""
-    names = [t["function"]["name"] for t in tools or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    for i, t in enumerate(tools or []):  # the template renders every tool: a malformed one is an error here
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ToolChoiceError(f'tools[{i}] must look like {{"type": "function", "function": {{"name": NAME, ...}}}}, '
+                                  f"got {t!r}", "tools")
+    names = [t["function"]["name"] for t in tools or []]
     if mode == "auto":
         return tools or None, names or None, ""
     if mode == "none":

@@ -182,3 +182,14 @@ def test_tool_choice_errors_name_the_problem(scripted, choice, tools, match):
     with pytest.raises(ValueError, match=match):
         list(scripted.chat([{"role": "user", "content": "hi"}], tools=tools, tool_choice=choice))
     assert len(scripted.prompts) == n  # refused before anything ran
+
+
+@pytest.mark.parametrize("bad", [{"type": "function", "function": {}}, {"type": "function"}, "get_weather",
+                                 {"type": "function", "function": {"name": ""}}])
+def test_a_malformed_tool_is_a_clear_error(scripted, bad):
+    from .server_harness import WEATHER_TOOL
+
+    n = len(scripted.prompts)
+    with pytest.raises(ValueError, match=r"tools\[1\] must look like"):
+        list(scripted.chat([{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL, bad]))
+    assert len(scripted.prompts) == n
