@@ -21,7 +21,7 @@ from .cli_common import (REAL_MODEL, SEED, USER_ERRORS, FiniteFloat, console, en
 from .cli_plan import plan
 from .config import ModelConfig
 from .layout import size_report
-from .engine_runner import DEFAULT_MAX_QUEUE  # not from .server: that imports FastAPI, which only `serve` needs
+from .engine_runner import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_QUEUE  # not from .server: that imports FastAPI, which only `serve` needs
 from .synth import PRESETS, GeneratorError
 
 
@@ -156,15 +156,19 @@ def run(prompt: str, model: str, max_tokens: int, temperature: float, seed: int 
 @click.option("--max-prompt-tokens", type=click.IntRange(min=1), help="Refuse longer prompts (default: the context).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=DEFAULT_MAX_QUEUE, show_default=True,
               help="Requests that may wait behind the running one; more get HTTP 429 with Retry-After.")
+@click.option("--keepalive", "keepalive_s", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_KEEPALIVE_S,
+              show_default=True, help="Seconds a streamed answer may stay silent (queued, a long prefill) before an "
+              "SSE comment keeps the connection open.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def serve(model: str, host: str, port: int, api_key: str | None, model_name: str, max_prompt_tokens: int | None,
-          max_queue: int, log_level: str, **engine_opts) -> None:
+          max_queue: int, keepalive_s: float, log_level: str, **engine_opts) -> None:
     """Serve the model over OpenAI- and Anthropic-compatible HTTP APIs (see README: Serve)."""
     from .server import serve as run_server
 
     options = {k: v for k, v in engine_opts.items() if v is not None}  # serve() keeps its own defaults
     run_server(str(resolve_model(model)), host=host, port=port, api_key=api_key, model_name=model_name,
-               max_prompt_tokens=max_prompt_tokens, max_queue=max_queue, log_level=log_level, **options)
+               max_prompt_tokens=max_prompt_tokens, max_queue=max_queue, keepalive_s=keepalive_s,
+               log_level=log_level, **options)
 
 
 for command in (chat, bench, plan):

@@ -21,6 +21,7 @@ from .parser import Event
 from .sampling import SamplingParams
 
 DEFAULT_MAX_QUEUE = 16  # requests waiting behind the running one; more get a 429 with Retry-After
+DEFAULT_KEEPALIVE_S = 10.0  # a streamed answer with nothing to send for this long gets an SSE comment
 
 log = logging.getLogger(__name__)
 

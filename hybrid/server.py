@@ -20,12 +20,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import api_anthropic, api_openai
 from .api_common import ApiError, ServerState, check_model, server_state
-from .engine_runner import DEFAULT_MAX_QUEUE, EngineRunner
+from .engine_runner import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_QUEUE, EngineRunner
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20  # a 256K-token history with tools is a few MB of JSON
-DEFAULT_KEEPALIVE_S = 10.0  # a streamed answer with nothing to send for this long gets an SSE comment
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # bound here without a key, it answers only requests addressed here
 
 _OPENAI_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_exceeded",
@@ -162,7 +161,8 @@ def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           backend: str = "auto", context: int | None = 32768, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_prompt_tokens: int | None = None, log_level: str = "info", model_name: str = "kimi-k2-thinking",
-          max_queue: int | None = DEFAULT_MAX_QUEUE, **load_options: Any) -> None:
+          max_queue: int | None = DEFAULT_MAX_QUEUE, keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
+          **load_options: Any) -> None:
     """Load the model (checkpoint directory or preset; load_options go to hybrid.load) and serve it
     until interrupted, as `model_name`. Binds to loopback unless told otherwise."""
     import uvicorn
@@ -179,7 +179,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         options["context"] = context
     engine = load(model, **options)
     app = create_app(engine, api_key=api_key, model_name=model_name, max_body_bytes=max_body_bytes,
-                     max_prompt_tokens=max_prompt_tokens, max_queue=max_queue,
+                     max_prompt_tokens=max_prompt_tokens, max_queue=max_queue, keepalive_s=keepalive_s,
                      allowed_hosts=LOOPBACK if host in LOOPBACK and not api_key else None)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -76,6 +76,7 @@ def test_run_answers_a_prompt(tiny_path):
     (["bench", "--gpu-memory", "inf"], "--gpu-memory"),
     (["bench", "--probe-mb", "1000000"], "--probe-mb"),
     (["serve", "--ram-budget", "nan"], "--ram-budget"),
+    (["serve", "--keepalive", "0"], "--keepalive"),
     (["plan", "--ram-gb", "nan"], "--ram-gb"),
     (["plan", "--ram-gb", "1e400"], "--ram-gb"),
     (["plan", "--gpu-gb", "24", "--gpu-gb", "inf"], "--gpu-gb"),
@@ -459,9 +460,11 @@ def test_serve_hands_the_options_to_the_server(tiny_path, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(hybrid.server, "serve", lambda model, **kw: seen.update(kw, model=model))
-    r = CliRunner().invoke(main, ["serve", "-m", str(tiny_path), "--port", "9001", "--api-key", "K", "--context", "2048"])
+    r = CliRunner().invoke(main, ["serve", "-m", str(tiny_path), "--port", "9001", "--api-key", "K", "--context", "2048",
+                                  "--keepalive", "2.5"])
     assert r.exit_code == 0, r.output
     assert seen["model"] == str(tiny_path) and seen["port"] == 9001 and seen["api_key"] == "K"
+    assert seen["keepalive_s"] == 2.5
     assert seen["context"] == 2048 and seen["host"] == "127.0.0.1" and "backend" not in seen
     r = CliRunner().invoke(main, ["serve", "-m", "someorg/not-here"])
     assert r.exit_code == 1 and "hf download someorg/not-here" in r.output
