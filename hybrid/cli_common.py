@@ -38,6 +38,8 @@ USER_ERRORS = (UserError, CheckpointError, ConfigError, GeneratorError, Tokenize
 def user_message(e: BaseException) -> str:
     """One line for a USER_ERRORS exception (MemoryError and OverflowError say little by themselves)."""
     if isinstance(e, MemoryError):
+        if "--" in str(e):  # the raiser already named the option to change
+            return f"out of memory: {e}"
         return (f"out of memory ({str(e) or 'an allocation failed'}); ask for less (--context, --ram-budget, "
                 "--probe-mb) or free RAM")
     if isinstance(e, OverflowError):

@@ -130,8 +130,8 @@ def test_a_probe_buffer_past_the_free_ram_names_the_option(tiny_path, monkeypatc
     r = CliRunner().invoke(main, ["bench", "-m", str(tiny_path), "--probe-mb", "16", "--prompt-tokens", "4",
                                   "--gen-tokens", "2", "--runs", "1"])
     assert r.exit_code == 1 and "Traceback" not in r.output
-    assert "out of memory (the RAM bandwidth probe could not allocate its 16 MB buffer; use a smaller --probe-mb)" \
-        in r.output
+    assert "out of memory: the RAM bandwidth probe could not allocate its 16 MB buffer; use a smaller --probe-mb" \
+        in r.output and r.output.count("--probe-mb") == 1  # the advice once, not repeated by the CLI
 
 
 @pytest.mark.parametrize("error, says", [(MemoryError(), "out of memory (an allocation failed)"),
