@@ -157,8 +157,6 @@ def _tools(req: MessagesRequest, messages: list[dict]) -> tuple[list[dict] | Non
     tools = [{"type": "function", "function": {"name": t.name, "description": t.description or "",
                                                "parameters": t.input_schema}} for t in req.tools or []] or None
     choice = req.tool_choice.type if req.tool_choice else "auto"
-    if choice == "tool" and not req.tool_choice.name:
-        raise ApiError(400, "tool_choice of type 'tool' needs the tool's name", "tool_choice.name")
     mode = {"any": "required", "tool": "named"}.get(choice, choice)
     try:
         return apply_tool_choice(tools, messages, mode, req.tool_choice.name if choice == "tool" else None)

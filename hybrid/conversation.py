@@ -72,6 +72,8 @@ def apply_tool_choice(tools: list[dict] | None, messages: list[dict], mode: str,
         raise ToolChoiceError("tool_choice asks for a tool call but no tools were given", "tool_choice")
     if mode == "required":
         return tools, names, forced_call_prefix(messages, None)
+    if not name:
+        raise ToolChoiceError("a tool_choice that forces one tool needs that tool's name", "tool_choice.name")
     if name not in names:
         raise ToolChoiceError(f"tool_choice names {name!r}, which is not among the tools ({', '.join(names)})",
                               "tool_choice.name")

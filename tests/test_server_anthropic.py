@@ -161,6 +161,8 @@ def test_count_tokens(client, engine):
      "invalid_request_error", "400"),
     ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "assistant", "content": "prefill"}]}, 400,
      "invalid_request_error", "prefill"),
+    ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER],
+      "tool_choice": {"type": "tool"}}, 400, "invalid_request_error", "needs that tool's name"),
 ])
 def test_invalid_requests_get_anthropic_errors(base_url, body, status, kind, needle):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
