@@ -149,8 +149,10 @@ def _render_projection(proj: dict, hypothetical: bool, m: dict) -> None:
     for stage in ("ram", "disk", "gpu"):
         v = proj[f"{stage}_s"]
         t.add_row(f"time per token: {stage}", "not counted" if v is None else f"{1e3 * v:,.1f} ms")
-    t.add_row("[bold]decode, stages overlapped[/]", f"[bold]{proj['tok_s']:,.2f} tok/s[/]")
-    t.add_row("decode, stages one after another", f"{proj['tok_s_serial']:,.2f} tok/s")
+    t.add_row("[bold]decode, stages overlapped[/]",
+              "not counted" if proj["tok_s"] is None else f"[bold]{proj['tok_s']:,.2f} tok/s[/]")
+    t.add_row("decode, stages one after another",
+              "not counted" if proj["tok_s_serial"] is None else f"{proj['tok_s_serial']:,.2f} tok/s")
     t.add_row("bottleneck", proj["bottleneck"])
     console.print(t)
     for line in proj["explain"]:

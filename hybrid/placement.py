@@ -373,6 +373,7 @@ def projected_decode_tps(plan: Plan, cfg: ModelConfig, mem_read_gbps: float, dis
     traces give the real figure). The KV term assumes a full cache. On a CPU-only plan the GPU-side
     weights are read from RAM by the same cores: they join the RAM term. Returns bytes per token,
     seconds per token per stage, tok_s (stages overlapped), tok_s_serial (summed), bottleneck, explain.
+    tok_s and tok_s_serial are None when nothing counted takes time (all on a GPU of unknown bandwidth).
     """
     if len(cfg.moe_layers) != plan.n_moe_layers or cfg.n_routed_experts != plan.experts_per_layer:
         raise ValueError("the plan was made for a different model config")
@@ -399,16 +400,22 @@ def projected_decode_tps(plan: Plan, cfg: ModelConfig, mem_read_gbps: float, dis
     explain = [f"routed experts: {plan.experts_per_token} x {plan.n_moe_layers} layers x "
                f"{plan.expert_bytes / 1e6:.1f} MB = {_gb(routed)} per token",
                f"hot experts on the GPU ({plan.hot_experts_per_layer}/{plan.experts_per_layer} per layer) take "
-               f"{_gb(gpu_experts)}; the CPU reads {_gb(cpu_experts)} at {mem_read_gbps:g} GB/s"]
+               f"{_gb(gpu_experts)}; the CPU reads {_gb(cpu_experts)} at {mem_read_gbps:.1f} GB/s"]
     if plan.expert_mode == "cache":
         explain.append(f"cache hit rate {hit:.0%}: {_gb(miss)} per token from disk" +
                        (f" at {disk_gbps:g} GB/s" if miss else ""))
     explain.append(f"GPU side (weights + full KV cache) reads {_gb(side)} per token " +
                    ("from RAM on the CPU" if plan.device == "cpu" else
                     f"at {gpu_gbps:g} GB/s" if gpu_gbps else "(no gpu_gbps given: not counted)"))
-    explain.append(f"ceiling {1 / overlapped:.2f} tok/s with stages overlapped, {1 / serial:.2f} tok/s "
-                   f"summed; bottleneck: {worst}")
+    if overlapped > 0:
+        explain.append(f"ceiling {1 / overlapped:.2f} tok/s with stages overlapped, {1 / serial:.2f} tok/s "
+                       f"summed; bottleneck: {worst}")
+    else:  # every byte a token reads is on the GPU, whose bandwidth was not given
+        worst = "gpu"
+        explain.append("ceiling: not counted: every byte a token reads is on the GPU; pass gpu_gbps "
+                       "(--gpu-gbps) for a figure")
     return {"routed_bytes_per_token": routed, "cpu_expert_bytes": cpu_experts, "gpu_expert_bytes": gpu_experts,
             "gpu_side_bytes": side, "disk_bytes": miss, "hit_rate": hit,
             "ram_s": terms["ram"], "disk_s": terms["disk"], "gpu_s": terms["gpu"],
-            "tok_s": 1 / overlapped, "tok_s_serial": 1 / serial, "bottleneck": worst, "explain": explain}
+            "tok_s": 1 / overlapped if overlapped else None, "tok_s_serial": 1 / serial if serial else None,
+            "bottleneck": worst, "explain": explain}

@@ -370,6 +370,10 @@ def test_plan_a_preset_on_this_machine():
     out = json.loads(r.output)
     assert out["model"] == "preset tiny" and not out["machine"]["hypothetical"]
     assert out["projection"]["tok_s"] > 0
+    # a GPU that holds every expert and whose bandwidth is not given: the figure is "not counted"
+    r = CliRunner().invoke(main, ["plan", "-m", "tiny", "--mem-gbps", "20", "--ram-gb", "64", "--gpu-gb", "24"])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert "pass gpu_gbps" in r.output and "not counted" in r.output
 
 
 # ---- chat (the pseudo-terminal tests are in test_cli_chat.py) ----------------------------------

@@ -154,6 +154,19 @@ def test_48gb_gpu_768gb_ram_bf16_mmap_and_hot_experts(k2):
     assert d["tok_s_serial"] == pytest.approx(1 / (d["ram_s"] + d["gpu_s"]))
 
 
+def test_projection_with_every_expert_on_the_gpu(k2):
+    """All 384 experts per layer hot: the CPU reads nothing, so without the GPU's bandwidth there is
+    no figure to give (None, not a division by zero); with it, the GPU term is the whole token."""
+    p = plan(k2, Hardware.hypothetical(768, [700], cores=32), hot_experts=E)
+    d = projected_decode_tps(p, k2, mem_read_gbps=80)
+    assert d["cpu_expert_bytes"] == 0 and d["ram_s"] == 0 and d["gpu_s"] is None
+    assert d["tok_s"] is None and d["tok_s_serial"] is None and d["bottleneck"] == "gpu"
+    assert "pass gpu_gbps" in d["explain"][-1]
+    d = projected_decode_tps(p, k2, mem_read_gbps=80, gpu_gbps=4000)
+    assert d["tok_s"] == d["tok_s_serial"] == pytest.approx(1 / d["gpu_s"]) and d["bottleneck"] == "gpu"
+    assert d["gpu_s"] == pytest.approx((d["gpu_side_bytes"] + K * MOE * EXPERT) / (4000 * GB))
+
+
 def test_hot_experts_option(k2):
     hw = Hardware.hypothetical(768, [48], cores=32)
     assert plan(k2, hw, hot_experts=0).entry("hot_experts").nbytes == 0
