@@ -20,7 +20,7 @@ import torch
 from .graphs import GraphedStep
 from .hot_slots import HotSlots
 from .int4 import DeviceInt4, hot_expert_moe, int4_linear
-from .int8 import int8_linear, quantize_int8
+from .int8 import int8_linear, pick_kernel, quantize_int8
 from .mla import mla_decode
 from .offload import PrefillSpeeds, expert_flops_per_token, measure_pcie_gbps, offload_threshold
 
@@ -117,9 +117,10 @@ def _int8(dev: torch.device, dt: torch.dtype, repeats: int, O: int, I: int) -> d
     q, sc = quantize_int8(w)
     x = torch.randn(1, I, device=dev, dtype=dt)
     ms = _time_ms(lambda: int8_linear(x, q, sc), dev, repeats)
-    plain = _time_ms(lambda: int8_linear(x, q, sc, fused=False), dev, repeats)
+    plain = _time_ms(lambda: int8_linear(x, q, sc, kernel="plain"), dev, repeats)
     dense = _time_ms(lambda: x @ w.T, dev, repeats)
-    return {"shape": [O, I], "ms": _r(ms), "gbps": _r(q.numel() / ms / 1e6), "dequantising_ms": _r(plain),
+    return {"shape": [O, I], "kernel": pick_kernel(dev.type, dt, 1), "ms": _r(ms), "gbps": _r(q.numel() / ms / 1e6),
+            "dequantising_ms": _r(plain),
             f"dense_{str(dt).split('.')[-1]}_ms": _r(dense)}
 
 

@@ -7,7 +7,9 @@ Letters: O out features, I in features.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import math
 
 import torch
 
@@ -36,26 +38,43 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+KERNELS = ("aten", "triton", "plain")
+
+
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
-                fused: bool | None = None, block_rows: int = BLOCK_ROWS) -> torch.Tensor:
+                kernel: str | None = None, block_rows: int = BLOCK_ROWS) -> torch.Tensor:
     """x [..., I] -> x @ (qweight * scale[:, None]).T [..., O], in x's dtype on x's device.
 
-    fused: use aten._weight_int8pack_mm, which reads the int8 codes without materialising a
-    dequantised copy. None: on a CPU, when it runs for this dtype (tried once, then remembered);
-    elsewhere not (its CUDA build is a slow reference kernel); False: the plain path, which applies the per-row scale to the
-    output ((x @ q.T) * s is the same product; |q| <= 127 converts to bf16 exactly), dequantising
-    block_rows output rows at a time, so the temporary copy stays bounded whatever the layer's size.
+    kernel: None picks, per call: on a CPU 'aten' where it runs for this dtype (tried once, then
+    remembered), on CUDA 'triton' for one row (a decode step) when Triton imports, else 'plain'.
+    - 'aten': aten._weight_int8pack_mm, which reads the codes without a dequantised copy. Not on
+      CUDA by default: its CUDA build walks I serially per output and has returned fp32 for bf16.
+    - 'triton': kernels_gpu.int8_triton.int8_gemv, the decode GEMV: 1 byte per weight read, up to
+      int8_triton.MAX_TOKENS rows (Triton's interpreter on a CPU tensor, for tests). Its one-row
+      form keeps the products in registers across the reduction; with more rows it reduces every
+      step, so only one row is picked by default until a GPU run says otherwise.
+    - 'plain': dequantise block_rows output rows at a time to x's dtype and matmul, then apply the
+      per-row scale to the output ((x @ q.T) * s is the same product; |q| <= 127 converts to bf16
+      exactly). About 5 bytes of traffic per weight, but any number of rows, and the temporary
+      copy stays bounded whatever the layer's size.
     """
-    key = (x.device.type, x.dtype)
-    if fused is None and x.device.type != "cpu":
-        fused = False  # the CUDA build of this op walks K serially per output and has returned fp32 for bf16
-    if fused is not False and _FUSED_WORKS.get(key, True) and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+    if kernel not in (None, *KERNELS):
+        raise ValueError(f"int8_linear: kernel must be one of {', '.join(KERNELS)} or None, got {kernel!r}")
+    rows = math.prod(x.shape[:-1])
+    auto = kernel is None
+    if auto:
+        kernel = pick_kernel(x.device.type, x.dtype, rows)
+    if kernel == "triton":
+        from .int8_triton import int8_gemv  # ImportError without Triton: only an explicit ask gets here then
+        return int8_gemv(x.reshape(rows, x.shape[-1]), qweight, scale).view(*x.shape[:-1], qweight.shape[0])
+    if kernel == "aten":
+        key = (x.device.type, x.dtype)
         try:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, scale.to(x.dtype))
             _FUSED_WORKS[key] = True
             return y.view(*x.shape[:-1], qweight.shape[0]).to(x.dtype)
-        except (RuntimeError, NotImplementedError) as e:
-            if fused:
+        except (RuntimeError, NotImplementedError, AttributeError) as e:
+            if not auto:
                 raise
             _FUSED_WORKS[key] = False
             log.info("aten._weight_int8pack_mm unavailable for %s %s (%s); dequantising instead", *key, e)
@@ -66,3 +85,21 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
     for o in range(0, O, block_rows):
         y[..., o:o + block_rows] = x @ qweight[o:o + block_rows].to(x.dtype).T
     return y.mul_(scale.to(x.dtype))
+
+
+def pick_kernel(device_type: str, dtype: torch.dtype, rows: int) -> str:
+    """int8_linear's choice when it is given none (see there)."""
+    if device_type == "cpu":
+        return "aten" if _FUSED_WORKS.get((device_type, dtype), True) else "plain"
+    return "triton" if rows == 1 and _triton_imports() else "plain"  # a decode step, batch 1
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_imports() -> bool:
+    """Whether int8_triton imports (asked once: a failed import is not retried per call)."""
+    try:
+        from . import int8_triton  # noqa: F401
+    except ImportError:
+        log.info("Triton does not import: int8 linears dequantise on the GPU (about 5 bytes read per weight, not 1)")
+        return False
+    return True

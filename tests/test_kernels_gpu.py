@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kernels_gpu.graphs import GraphCache, GraphedStep
-from kernels_gpu.int8 import int8_linear, quantize_int8
+from kernels_gpu.int8 import int8_linear, pick_kernel, quantize_int8
 from kernels_gpu.mla import absorb_query, chunked_prefill_attention, mla_decode
 from kernels_gpu.offload import (LayerUploader, PrefillSpeeds, expert_flops_per_token, measure_pcie_gbps,
                                  offload_threshold, prefill_on_gpu)
@@ -121,10 +121,46 @@ def test_int8_quantise_and_error_bound():
     x = torch.randn(2, 3, 80, generator=g)
     exact = x.double() @ w.double().T
     bound = 0.5 * x.double().abs() @ scale.double().cpu()[None, :].expand(80, -1) + 1e-5 * exact.abs() + 1e-6
-    for fused, block in ((None, 8192), (False, 8192), (False, 10)):  # aten's kernel where it runs; the
-        y = int8_linear(x.to(DEV), q, scale, fused=fused, block_rows=block).cpu()  # plain path, whole and in blocks
+    for kernel, block in ((None, 8192), ("plain", 8192), ("plain", 10)):  # aten's kernel where it runs; the
+        y = int8_linear(x.to(DEV), q, scale, kernel=kernel, block_rows=block).cpu()  # plain path, whole and in blocks
         assert y.shape == (2, 3, 33) and bool(((y.double() - exact).abs() <= bound).all())
         torch.testing.assert_close(y, x @ (q.float() * scale.float()[:, None]).cpu().T, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_triton_gemv_equals_the_dequantising_path():
+    """kernels_gpu.int8_triton over shapes past one program's block both ways (O 70: 3 row blocks, the
+    last partial; I 300: 2.3 reduction steps), 1 to 4 rows, fp32 and bf16 x (bf16 as on the GPU; the
+    reference then computes in fp32 from the same bf16 inputs and rounds once)."""
+    pytest.importorskip("triton", reason="Triton is in [dev] on x86-64 Linux only")
+    from kernels_gpu.int8_triton import BLOCK_COLS, BLOCK_ROWS, MAX_TOKENS, int8_gemv
+
+    O, I = BLOCK_ROWS * 2 + 6, BLOCK_COLS * 2 + 44
+    g = torch.Generator().manual_seed(3)
+    q, scale = quantize_int8(torch.randn(O, I, generator=g) * torch.logspace(-2, 0, O)[:, None])
+    q[0, :] = 127  # both code extremes reach the kernel
+    q[1, :] = -127
+    ref_w = q.double() * scale.double()[:, None]
+    for T in range(1, MAX_TOKENS + 1):
+        x = torch.randn(T, I, generator=g)
+        y = int8_linear(x.to(DEV), q.to(DEV), scale.to(DEV), kernel="triton").cpu()
+        assert y.dtype == torch.float32 and y.shape == (T, O)
+        torch.testing.assert_close(y.double(), x.double() @ ref_w.T, rtol=1e-5, atol=1e-5)
+        xb = x.to(torch.bfloat16)
+        yb = int8_gemv(xb.to(DEV), q.to(DEV), scale.to(DEV)).cpu()
+        assert yb.dtype == torch.bfloat16
+        # one rounding to bf16: to nearest on a GPU; Triton's interpreter truncates, so twice the error
+        torch.testing.assert_close(yb.double(), xb.double() @ ref_w.T, rtol=2 ** (-8 if CUDA else -7), atol=1e-6)
+    x3 = torch.randn(1, 1, I, generator=g)  # leading dims of x are kept
+    assert int8_linear(x3.to(DEV), q.to(DEV), scale.to(DEV), kernel="triton").shape == (1, 1, O)
+    with pytest.raises(ValueError, match="T <= 4"):
+        int8_gemv(torch.randn(MAX_TOKENS + 1, I).to(DEV), q.to(DEV), scale.to(DEV))
+    with pytest.raises(ValueError, match="scale bf16"):
+        int8_gemv(torch.randn(1, I).to(DEV), q.to(DEV), scale.float().to(DEV))
+    with pytest.raises(ValueError, match="kernel must be one of aten, triton, plain"):
+        int8_linear(x3, q, scale, kernel="fast")
+    # the default: the GEMV for a CUDA decode step (one row), the dequantising path for more rows
+    assert pick_kernel("cuda", torch.bfloat16, 1) == "triton"
+    assert pick_kernel("cuda", torch.bfloat16, 2) == pick_kernel("cuda", torch.bfloat16, 512) == "plain"
 
 
 # ---- offload ----------------------------------------------------------------------------------
@@ -252,6 +288,7 @@ def test_bench_small_prints_json():
     res = json.loads(out.stdout)
     assert set(res) >= {"device", "mla_decode", "int4_expert", "int8_linear", "pcie_gbps", "offload"}
     assert res["mla_decode"]["ctx128"]["ms"] > 0
+    assert res["int8_linear"]["kernel"] == ("triton" if CUDA else "aten") and res["int8_linear"]["ms"] > 0
     n = res["offload"]["threshold_tokens"]  # None (never) only if the measured GEMM is absurdly slow
     assert n is None or n > 0
     assert res["hot_moe_decode"] is None if not CUDA else res["hot_moe_decode"]["fused_ms"] > 0
