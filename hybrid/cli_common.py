@@ -95,6 +95,9 @@ def engine_options(f: Callable) -> Callable:
         click.option("--gpu-memory", type=POSITIVE, help="GB of VRAM the plan may use."),
         click.option("--expert-mode", type=click.Choice(["mmap", "cache"]),
                      help="Routed experts from the page cache (mmap) or a RAM slot cache fed from disk."),
+        click.option("--gpu-precision", type=click.Choice(["auto", "bf16", "int8"]),
+                     help="Storage of the big GPU-side linears (auto: bf16 when it fits with the KV cache, else "
+                          "int8 weight-only; CUDA only)."),
         click.option("--hot-experts", type=click.IntRange(min=0),
                      help="Routed experts per MoE layer kept on the GPU (default: what the plan's spare VRAM holds)."),
         click.option("--prefill-chunk", type=click.IntRange(min=1),
@@ -111,7 +114,7 @@ def engine_options(f: Callable) -> Callable:
 
 
 ENGINE_KEYS = ("backend", "context", "cpu_threads", "ram_budget", "gpu_memory", "expert_mode", "decode_graphs",
-               "prefill_chunk", "hot_experts")
+               "prefill_chunk", "hot_experts", "gpu_precision")
 
 
 def load_engine(path: Path, **options: Any):

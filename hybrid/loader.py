@@ -30,7 +30,7 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
          prefetch_width: int | None = None, cache_policy: str = "lrfu", io_threads: int = 2,
          trace: str | Path | None = None, defer_experts: int = 0, hot_experts: int | None = None,
          prefill_offload: str = "auto", decode_graphs: str = "auto", prefill_chunk: int = PREFILL_CHUNK,
-         dtype: str = "auto", routing_stats: str | Path | None = "auto") -> Engine:
+         dtype: str = "auto", routing_stats: str | Path | None = "auto", gpu_precision: str = "auto") -> Engine:
     """Open a checkpoint (directory or preset name), plan placement, and return an Engine.
 
     backend: 'numba' (INT4 kernels over mmap'd shards or the RAM expert cache), 'reference'
@@ -54,6 +54,9 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     (every multi-token prefill; for testing), 'off'.
     dtype: the GPU side's compute and storage dtype: 'auto' (bfloat16 on CUDA, float32 on a CPU, where
     bf16 matmuls are slow), 'bfloat16' or 'float32'.
+    gpu_precision: storage of the big GPU-side linears on CUDA: 'auto' (bf16 when it fits with the KV
+    cache, else int8 weight-only), 'bf16' or 'int8' (half the VRAM, leaving room for context or hot
+    experts; one byte read per weight in a decode step). A GPU side on the CPU refuses the last two.
     prefill_chunk: prompt tokens per forward pass (a long prompt is prefilled in chunks, each attending
     to the cache the earlier ones wrote; the same logits, bounded memory).
     decode_graphs: decode through hybrid.decode_step (fixed shapes; on CUDA one graph per token, the
@@ -112,7 +115,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
         if cache_slots is not None:
             expert_mode = "cache"
         plan = make_plan(cfg, detect(), gpu_memory=gpu_memory, ram_budget=ram_budget, context=context,
-                         cpu_threads=cpu_threads, expert_mode=expert_mode, device=device, dtype=dtype)
+                         cpu_threads=cpu_threads, expert_mode=expert_mode, device=device, dtype=dtype,
+                         gpu_precision=gpu_precision)
         if backend == "auto":
             from kernels_cpu.simd import host_has_avx2
 

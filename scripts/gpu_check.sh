@@ -39,5 +39,8 @@ for graphs in on segments off; do
 done
 echo "== engine: the same with the plan's hot experts on the GPU (all of them, on a big GPU)" >&2
 "$PY" -m hybrid.cli bench --json --runs 2 --prompt-tokens 64 --gen-tokens 16 --decode-graphs on
+echo "== engine: int8 GPU-side weights (the Triton GEMV in each decode step), one CUDA graph per token" >&2
+"$PY" -m hybrid.cli bench --json --runs 2 --prompt-tokens 64 --gen-tokens 16 --decode-graphs on --hot-experts 0 \
+  --gpu-precision int8
 echo "== engine: scheduler and expert-cache figures (MoE block vs kernel, cache overlap)" >&2
 "$PY" scripts/bench_engine.py --tokens 16

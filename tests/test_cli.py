@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from hybrid.checkpoint import Checkpoint
@@ -265,6 +266,20 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
         assert v == pytest.approx(split[k] / out["model"]["moe_layers"])
     assert d["overlap_efficiency"] == pytest.approx(max(0.0, 1 - split["experts_wait"] / split["experts_compute"]))
     assert out["settings"]["decode_graphs"] == "off" and out["settings"]["hot_experts"] == 0
+    assert out["settings"]["gpu_precision"] == ("bf16" if torch.cuda.is_available() else "fp32")
+
+
+def test_gpu_precision_reaches_the_plan(tiny_path):
+    """--gpu-precision goes to hybrid.load's plan: without CUDA, forcing one is refused in one line
+    that names the option; auto is what runs everywhere."""
+    args = ["run", "hi", "-m", str(tiny_path), "--max-tokens", "2"]
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(main, args + ["--gpu-precision", "int8"])
+        assert r.exit_code == 1 and "gpu_precision 'int8' needs a CUDA GPU" in r.output and "--gpu-precision auto" \
+            in r.output and "Traceback" not in r.output, r.output
+    assert CliRunner().invoke(main, args + ["--gpu-precision", "auto"]).exit_code == 0
+    r = CliRunner().invoke(main, args + ["--gpu-precision", "fp8"])
+    assert r.exit_code == 2 and "'fp8' is not one of" in r.output
 
 
 def test_bench_with_decode_graphs_says_so(tiny_path):
