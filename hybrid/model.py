@@ -8,6 +8,7 @@ P qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, E routed experts, K expert
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import defaultdict
@@ -20,6 +21,8 @@ from kernels_gpu.int8 import int8_linear
 from kernels_gpu.mla import chunked_prefill_attention, mla_decode
 
 from .config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
 ABSORB_MAX_TOKENS = 8  # at or below this many new tokens, attend in the absorbed (latent) form
@@ -94,6 +97,28 @@ Weight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # dense [O, I], or in
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x [..., I] @ w.T; int8 weight-only weights go through kernels_gpu's int8 linear."""
     return int8_linear(x, *w) if isinstance(w, tuple) else x @ w.T
+
+
+_MM_OUT_DTYPE: dict[torch.dtype, bool] = {}  # input dtype -> torch.mm(out_dtype=float32) runs on CUDA, learned once
+
+
+def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, I] @ w.T in fp32, as DeepSeek-V3's router computes it (both operands widened to fp32).
+
+    On CUDA with x and w both bf16/fp16, torch.mm(out_dtype=float32) gives the same result without
+    a widened copy of w per call (the products of two bf16 values are exact in fp32 and cuBLAS sums
+    in fp32): for K2's 60 router weights that copy is ~1.6 GB of traffic per token. Elsewhere, or
+    where this torch lacks it, w is widened."""
+    if x.is_cuda and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16) \
+            and _MM_OUT_DTYPE.get(x.dtype, True):
+        try:
+            y = torch.mm(x, w.t(), out_dtype=torch.float32)
+            _MM_OUT_DTYPE[x.dtype] = True
+            return y
+        except (TypeError, RuntimeError, NotImplementedError) as e:  # an older torch: no out_dtype
+            _MM_OUT_DTYPE[x.dtype] = False
+            log.info("torch.mm(out_dtype=float32) unavailable for %s (%s); the router widens its weight", x.dtype, e)
+    return x.float() @ w.float().T
 
 
 def swiglu(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
@@ -199,7 +224,7 @@ class Model:
         """x [T, D] -> (ids [T, K], weights [T, K]); DeepSeek-V3: the bias picks experts but does not weight them.
         k: how many to pick (default top-K; prefetch asks for a wider candidate set)."""
         c, p = self.cfg, f"model.layers.{i}.mlp.gate."
-        scores = torch.sigmoid(x.float() @ self.w[p + "weight"].float().T)  # [T, E]
+        scores = torch.sigmoid(fp32_linear(x, self.w[p + "weight"]))  # [T, E]
         choice = scores + self.w[p + "e_score_correction_bias"].float()
         if c.n_group > 1:
             T, G = x.shape[0], c.n_group

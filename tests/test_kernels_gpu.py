@@ -163,6 +163,23 @@ def test_int8_triton_gemv_equals_the_dequantising_path():
     assert pick_kernel("cuda", torch.bfloat16, 2) == pick_kernel("cuda", torch.bfloat16, 512) == "plain"
 
 
+def test_router_logits_in_fp32_without_widening_the_weight():
+    """hybrid.model.fp32_linear: DeepSeek-V3's fp32 router product from bf16 operands. On CUDA it
+    runs torch.mm(out_dtype=float32) (where this torch has it) and must equal the widened product to
+    fp32 accuracy; on a CPU it widens. Router logits of K2's shape, magnitudes as in a real layer."""
+    from hybrid.model import fp32_linear
+
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(3, 7168, generator=g) * 2).to(torch.bfloat16)
+    w = (torch.randn(384, 7168, generator=g) * 0.02).to(torch.bfloat16)
+    exact = x.double() @ w.double().T
+    y = fp32_linear(x.to(DEV), w.to(DEV))
+    assert y.dtype == torch.float32 and y.shape == (3, 384)
+    torch.testing.assert_close(y.double().cpu(), exact, rtol=1e-5, atol=1e-5)
+    x32 = x.float()
+    torch.testing.assert_close(fp32_linear(x32, w.float()).double(), exact, rtol=1e-5, atol=1e-5)
+
+
 # ---- offload ----------------------------------------------------------------------------------
 
 def test_offload_threshold_formula():
