@@ -300,6 +300,36 @@ def test_cuda_graph_decode_equals_eager_on_cuda(tiny_path, graphs):
     graphed.close()
 
 
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs Triton (in [dev] on x86-64 Linux)")
+def test_token_step_with_int8_weights_through_the_triton_gemv(tiny_path, monkeypatch):
+    """What CUDA runs for an int8 plan: the token step's one-row linears go through
+    kernels_gpu.int8_triton (here in Triton's interpreter), the prompt's through the dequantising
+    path; the logits equal the plain forward's over the same int8 weights. lm_head stays dense
+    here: its 163,840 rows are too many programs for the interpreter."""
+    import kernels_gpu.int8 as int8_mod
+    import kernels_gpu.int8_triton as int8_triton
+    from hybrid.engine import gpu_side_weight
+    from hybrid.model import Model
+
+    eng = hybrid.load(tiny_path, backend="numba", device="cpu", context=32, decode_graphs="off")
+    qw = {k: v if k == "lm_head.weight" else gpu_side_weight(k, v, v.device, v.dtype, int8=True)
+          for k, v in eng.model.w.items()}
+    plain, stepped = Model(eng.config, qw, eng.model.experts), Model(eng.config, qw, eng.model.experts)
+    ref_cache, cache = plain.new_cache(32), stepped.new_cache(32)
+    toks = forced_tokens(4, eng.config.vocab_size)
+    want = teacher_forced(plain, ref_cache, toks, lambda t: plain.forward(torch.tensor([t]), ref_cache))
+    calls, gemv = [], int8_triton.int8_gemv
+    monkeypatch.setattr(int8_triton, "int8_gemv", lambda x, q, scale: (calls.append(x.shape[0]), gemv(x, q, scale))[1])
+    monkeypatch.setattr(int8_mod, "pick_kernel", lambda dev, dt, rows: "triton" if rows == 1 else "plain")
+    dec = StaticDecoder(stepped, cache, bucket_min=8, mode="token")
+    got = teacher_forced(stepped, cache, toks, dec.step)
+    n_int8 = sum(isinstance(w, tuple) for w in qw.values())
+    assert len(calls) == 4 * n_int8 and set(calls) == {1} and dec.steps == 4  # each int8 linear, each step
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-4
+    eng.close()
+
+
 def test_static_decode_times_each_stretch_once(tiny_path):
     """Engine.stats() adds attention, router, shared, dense and lm_head into gpu_side: in the static
     step the segments are timed whole, so the model's own per-part timers must stay out of it."""
