@@ -1,0 +1,67 @@
+"""bf16 weights, fp32 math: the GEMV of the GPU side when it runs on the CPU.
+
+Owns bf16_gemv. The checkpoint's dense weights are bf16; holding them as fp32 doubles the RAM they
+take and the bytes every decoded token reads, for no gain in accuracy (bf16 -> fp32 is exact). This
+kernel reads the bf16 bits and widens them in registers (bits << 16), multiplying by fp32
+activations and summing in fp32, so the result equals the fp32 product up to summation order.
+Bandwidth-bound: ~2 bytes read per weight instead of 4. Pure functions on arrays; imports nothing
+from hybrid/. Letters: T rows of x, O out features, I in features.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import get_num_threads, njit, prange, types
+from numba.extending import intrinsic
+
+from .moe import _take
+
+RB = 16  # output rows per work item
+MAX_ROWS = 8  # rows of x per call: past this the product is compute-bound, a GEMM's job
+# reassociation (a vectorised sum) and fused multiply-add; NaN and inf keep their meaning
+FASTMATH = {"reassoc", "contract"}
+
+
+@intrinsic
+def _bf16_to_f32(typingctx, bits):
+    """uint16 bf16 bits -> float32 (the bits are the float's upper half)."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, b, signature, args):
+        wide = b.shl(b.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return b.bitcast(wide, ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
+def _gemv(x, w, out, nt):
+    # x f32 [T, I], w uint16 [O, I], out f32 [T, O]; items = blocks of RB rows, handed out by _take
+    # (each thread streams its own contiguous share; one whose core is busy loses items to the rest)
+    T, I = x.shape
+    O = w.shape[0]
+    n = (O + RB - 1) // RB
+    queue = np.zeros(8 * nt, np.int64)
+    for th in prange(nt):
+        it = _take(queue, n, th, nt)
+        while it < n:
+            for o in range(it * RB, min(O, it * RB + RB)):
+                for t in range(T):  # the row is re-read from L1 for each row of x
+                    acc = np.float32(0.0)
+                    for i in range(I):
+                        acc += _bf16_to_f32(w[o, i]) * x[t, i]
+                    out[t, o] = acc
+            it = _take(queue, n, th, nt)
+
+
+def bf16_gemv(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x fp32 [T, I] (T <= MAX_ROWS), w bf16 bits as uint16 [O, I] -> x @ widen(w).T fp32 [T, O]."""
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"bf16_gemv: x {x.shape}, w {w.shape}: want x [T <= {MAX_ROWS}, I], w [O, I]")
+    if x.dtype != np.float32 or w.dtype != np.uint16:
+        raise ValueError(f"bf16_gemv: x must be float32 and w uint16 (bf16 bits), got {x.dtype} and {w.dtype}")
+    if out is None:
+        out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    # nt passed in: get_num_threads() inside a parallel function defeats cache=True
+    _gemv(np.ascontiguousarray(x), np.ascontiguousarray(w), out, get_num_threads())
+    return out
