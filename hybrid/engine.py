@@ -20,7 +20,7 @@ from .conversation import Done, apply_tool_choice, run_chat
 from .generate import Sampler, Step, generate
 from .model import AttnMode, ExpertBackend, Model
 from .parser import Event
-from .placement import int8_eligible
+from .placement import int8_eligible, widen_eligible
 from .routing_stats import save_counts
 from .sampling import SamplingParams, sample
 from .tokenizer import Tokenizer
@@ -29,12 +29,14 @@ PREFILL_CHUNK = 4096  # prompt tokens per forward pass: bounds activations (K2: 
 EMBED = "model.embed_tokens.weight"
 
 
-def gpu_side_weight(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype, int8: bool = False):
+def gpu_side_weight(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype, int8: bool = False,
+                    bf16w: bool = False):
     """A non-expert checkpoint tensor as the model holds it, placed as the plan counts it:
     the router's bias in fp32 (F32 on disk; rounding it moves routing decisions), the embedding in
     host RAM as stored (a step needs one row: Model.embed), with int8 the plan's int8 weights
-    (placement.int8_eligible) quantised on the host so the device never holds their bf16 copy, and
-    the rest in `dtype` on `device`."""
+    (placement.int8_eligible) quantised on the host so the device never holds their bf16 copy, with
+    bf16w (a CPU computing in fp32) the weights of placement.widen_eligible kept in bf16 as stored
+    (model.linear widens them inside each product), and the rest in `dtype` on `device`."""
     if name.endswith("e_score_correction_bias"):
         return t.to(device, torch.float32)
     if name == EMBED:
@@ -42,17 +44,24 @@ def gpu_side_weight(name: str, t: torch.Tensor, device: torch.device, dtype: tor
     if int8 and int8_eligible(name, tuple(t.shape)):
         q, scale = quantize_int8(t)
         return q.to(device), scale.to(device)
+    if bf16w and t.dtype == torch.bfloat16 and widen_eligible(name, tuple(t.shape)):
+        return t.to(device).clone()  # its own memory, not a view of the checkpoint's maps
     return t.to(device, dtype)
 
 
 class Engine:
     def __init__(self, ckpt: Checkpoint, experts: ExpertBackend, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, context: int = 4096, int8: bool = False):
+                 dtype: torch.dtype = torch.float32, context: int = 4096, int8: bool = False,
+                 bf16w: bool | None = None):
+        """bf16w: keep the big linear weights in bf16 under fp32 math (gpu_side_weight); None: on a
+        CPU computing in fp32, as the plan's 'bf16w' counts them."""
         self.checkpoint = ckpt
         self.config = ckpt.config
         self.device = torch.device(device)
+        if bf16w is None:
+            bf16w = self.device.type == "cpu" and dtype == torch.float32 and not int8
         # everything but the routed experts (and the embedding) goes to the compute device
-        weights = {name: gpu_side_weight(name, ckpt.tensor(name), self.device, dtype, int8)
+        weights = {name: gpu_side_weight(name, ckpt.tensor(name), self.device, dtype, int8, bf16w)
                    for name in ckpt.tensors if ".mlp.experts." not in name and not name.endswith("inv_freq")}
         self.model = Model(self.config, weights, experts)
         self.context = context

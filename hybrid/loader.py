@@ -131,11 +131,12 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
         experts: ExpertBackend = ReferenceExperts(ckpt)
     else:
         experts = _numba_backend(ckpt, plan, cache_slots, prefetch, prefetch_width, cache_policy, io_threads, trace)
-    # as the plan counted it: bf16 on CUDA (int8 weights aside), fp32 on a CPU unless bf16 was asked for
+    # as the plan counted it: bf16 on CUDA (int8 weights aside); on a CPU fp32 math over bf16 weights
+    # unless bf16 was asked for
     dtype = "bfloat16" if plan.device == "cuda" or plan.gpu_precision == "bf16" else "float32"
     try:
         engine = Engine(ckpt, experts, device=plan.device, dtype=DTYPES[dtype], context=context,
-                        int8=plan.gpu_precision == "int8")
+                        int8=plan.gpu_precision == "int8", bf16w=plan.gpu_precision == "bf16w")
     except BaseException:  # IO threads, file descriptors and the slot arena must not outlive a failed load
         if hasattr(experts, "close"):
             experts.close()

@@ -46,7 +46,7 @@ class PlanError(ValueError):
 class Entry:
     what: str  # a key of LABELS
     where: str  # 'gpu' | 'ram' | 'mmap' | 'cache'
-    precision: str  # 'bf16' | 'int8' | 'fp32' | 'int4'
+    precision: str  # 'bf16' | 'int8' | 'fp32' (a CPU's KV cache) | 'int4' | 'bf16w' (bf16 weights, fp32 math)
     nbytes: int
     detail: str = ""  # e.g. '8,192 tokens' or '4,887 slots of 23,040'
 
@@ -54,7 +54,7 @@ class Entry:
 @dataclass(frozen=True)
 class Plan:
     device: str  # 'cuda' | 'cpu': where the "GPU side" runs
-    gpu_precision: str  # storage of the big GPU-side linears: 'bf16' | 'int8' | 'fp32' (cpu)
+    gpu_precision: str  # storage of the big GPU-side linears: 'bf16' | 'int8' (cuda), 'bf16w' | 'bf16' (cpu)
     entries: tuple[Entry, ...]
     context: int  # tokens the KV cache holds
     kv_bytes_per_token: int
@@ -134,6 +134,14 @@ def int8_eligible(name: str, shape: tuple[int, ...]) -> bool:
     return tensor_class(name) in INT8_CLASSES and len(shape) == 2 and "kv_b_proj" not in name
 
 
+def widen_eligible(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether a GPU side on the CPU with fp32 math ('bf16w') keeps this tensor in bf16, as the
+    checkpoint stores it, widening it inside each product (model.widening_linear): the weights that
+    int8 would quantise, and the router's. The rest (kv_b_proj, read as per-head views; norms; the
+    router's bias) is held in fp32. One rule for the engine and for the sizes the plan counts."""
+    return int8_eligible(name, shape) or (tensor_class(name) == "router" and len(shape) == 2)
+
+
 @dataclass(frozen=True)
 class _Sizes:
     specs: dict[str, list[tuple[str, TensorSpec, int]]]  # class -> (name, spec, how many layers hold it)
@@ -144,7 +152,7 @@ class _Sizes:
     def nbytes(self, what: str, precision: str) -> int:
         n = 0
         for name, spec, count in self.specs.get(what, []):
-            if precision == "fp32":
+            if precision == "bf16w" and not widen_eligible(name, spec.shape):  # held in fp32
                 b = spec.params * 4
             elif precision == "int8" and int8_eligible(name, spec.shape):
                 b = spec.params + spec.shape[0] * 2  # int8 weights + a bf16 scale per output row
@@ -189,7 +197,7 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     ram_budget: GB for routed experts (default: available RAM minus the RAM-side needs and
         ram_reserve()); 'auto' expert mode is 'mmap' when all routed experts fit in it, else 'cache'.
     gpu_precision: 'auto' = bf16 if it fits with the KV cache, else int8 weight-only; the CPU as
-        "GPU side" always computes in fp32. hot_experts: per MoE layer on the GPU (None = all that fit).
+        "GPU side" computes in fp32 over its bf16 weights ('bf16w', see widen_eligible). hot_experts: per MoE layer on the GPU (None = all that fit).
     checkpoint_dir: when given, the part of the checkpoint not yet there must fit on its disk.
     dtype: the GPU side's dtype when it runs on the CPU: 'auto' or 'float32' (fp32), 'bfloat16';
         on CUDA it is bf16 (int8 where gpu_precision says), so 'float32' is refused there.
@@ -227,7 +235,7 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     slot_bytes = -(-expert_bytes // SLOT_ALIGN) * SLOT_ALIGN
     expert_dtype = f"int{cfg.quant.num_bits}" if cfg.quant else "bf16"  # as on disk
     kv_values = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # MLA latent + rope key
-    cpu_precision = "bf16" if dtype == "bfloat16" else "fp32"  # the GPU side on the CPU
+    cpu_precision = "bf16" if dtype == "bfloat16" else "bf16w"  # the GPU side on the CPU
     kv_per_token = kv_values * (2 if dev == "cuda" or cpu_precision == "bf16" else 4)  # the cache in that dtype
 
     # -- the GPU side ---------------------------------------------------------------------
@@ -296,7 +304,7 @@ def _fit_ram(sizes: _Sizes, hw: Hardware, needs: dict[str, int], ram_budget: flo
              min_cache: int, slot_bytes: int, dev: str) -> tuple[str, int, int]:
     """(expert mode, expert budget, cache slots); min_cache = the current layer's top-k + a prefetched next."""
     avail, reserve, need = hw.ram_available, ram_reserve(hw.ram_total), sum(needs.values())
-    side_note = (f"; without a CUDA GPU the GPU-side weights are held in fp32 "
+    side_note = (f"; without a CUDA GPU the GPU-side weights are held in RAM "
                  f"({_gb(sum(needs.get(w, 0) for w in GPU_SIDE))}): use a machine with a GPU or more RAM"
                  if dev == "cpu" else "")
     ctx_note = ", or a smaller --context" if needs.get("kv_cache", 0) > 0.05 * need else ""

@@ -266,7 +266,7 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
         assert v == pytest.approx(split[k] / out["model"]["moe_layers"])
     assert d["overlap_efficiency"] == pytest.approx(max(0.0, 1 - split["experts_wait"] / split["experts_compute"]))
     assert out["settings"]["decode_graphs"] == "off" and out["settings"]["hot_experts"] == 0
-    assert out["settings"]["gpu_precision"] == ("bf16" if torch.cuda.is_available() else "fp32")
+    assert out["settings"]["gpu_precision"] == ("bf16" if torch.cuda.is_available() else "bf16w")
 
 
 def test_gpu_precision_reaches_the_plan(tiny_path):
@@ -370,7 +370,7 @@ def test_plan_with_an_expert_cache_counts_the_disk():
 
 
 def test_plan_refusals_are_one_line():
-    r = CliRunner().invoke(main, ["plan", "--ram-gb", "32", "--mem-gbps", "20"])
+    r = CliRunner().invoke(main, ["plan", "--ram-gb", "24", "--mem-gbps", "20"])
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "the plan does not fit: RAM is short" in r.output
     r = CliRunner().invoke(main, ["plan", *WORKSTATION, "--context", "9999999"])

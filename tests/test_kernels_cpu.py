@@ -203,6 +203,39 @@ def test_runs_beside_python_threads(experts, table):
     assert len(got) == 2 and all(np.array_equal(g, want) for g in got)
 
 
+# ---- bf16 weights under fp32 activations (kernels_cpu.widen) -------------------------------------
+
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bit patterns (uint16), rounded to nearest even, as torch stores bf16."""
+    u = a.astype(np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def test_bf16_gemv_equals_the_widened_fp32_product():
+    """Every row count the GEMV takes, O past several work items with a partial last one, I not a
+    multiple of any vector width; the reference widens the same bits in float64."""
+    from kernels_cpu.widen import MAX_ROWS, RB, bf16_gemv
+
+    rng = np.random.default_rng(7)
+    O, In = 5 * RB + 3, 333
+    w = bf16_bits(rng.standard_normal((O, In)) * np.logspace(-3, 1, O)[:, None])
+    wf = (w.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    for T in range(1, MAX_ROWS + 1):
+        x = rng.standard_normal((T, In)).astype(np.float32)
+        y = bf16_gemv(x, w)
+        ref = x.astype(np.float64) @ wf.T
+        assert y.dtype == np.float32 and y.shape == (T, O)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    out = np.full((1, O), np.nan, np.float32)  # out is written whole
+    assert bf16_gemv(x[:1], w, out) is out and np.isfinite(out).all()
+    x[0, 5] = np.nan  # NaN is not optimised away (no fast-math 'nnan')
+    assert np.isnan(bf16_gemv(x[:1], w)).all()
+    with pytest.raises(ValueError, match="T <= 8"):
+        bf16_gemv(np.zeros((MAX_ROWS + 1, In), np.float32), w)
+    with pytest.raises(ValueError, match="uint16"):
+        bf16_gemv(np.zeros((1, In), np.float32), w.astype(np.int32))
+
+
 HASWELL = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fsgsbase,+lzcnt,+mmx,+movbe,+pclmul,"
            "+popcnt,+rdrnd,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt")
 

@@ -261,21 +261,21 @@ def test_cuda_graph_replay_equals_eager():
 
 def kernel_attention(model, i, x, cache, s0, cos, sin, mode):
     """Model.attention's math routed through kernels_gpu: the wiring the engine uses."""
-    from hybrid.model import LATENT_NORM_EPS, apply_rope, rms_norm
+    from hybrid.model import LATENT_NORM_EPS, apply_rope, linear, rms_norm
     c, w, p = model.cfg, model.w, f"model.layers.{i}.self_attn."
     T, Hh, Pp, Rr, Ll, Vv = (x.shape[0], c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim,
                              c.kv_lora_rank, c.v_head_dim)
-    q = (rms_norm(x @ w[p + "q_a_proj.weight"].T, w[p + "q_a_layernorm.weight"], LATENT_NORM_EPS)
-         @ w[p + "q_b_proj.weight"].T).view(T, Hh, Pp + Rr)
+    q = linear(rms_norm(linear(x, w[p + "q_a_proj.weight"]), w[p + "q_a_layernorm.weight"], LATENT_NORM_EPS),
+               w[p + "q_b_proj.weight"]).view(T, Hh, Pp + Rr)
     q_nope, q_pe = q[..., :Pp], apply_rope(q[..., Pp:], cos, sin)
-    kv = x @ w[p + "kv_a_proj_with_mqa.weight"].T
+    kv = linear(x, w[p + "kv_a_proj_with_mqa.weight"])
     cache.kv[i, s0:s0 + T] = rms_norm(kv[:, :Ll], w[p + "kv_a_layernorm.weight"], LATENT_NORM_EPS)
     cache.pe[i, s0:s0 + T] = apply_rope(kv[:, Ll:], cos, sin)
     w_kv_b = w[p + "kv_b_proj.weight"].view(Hh, Pp + Vv, Ll)
     w_uk, w_uv = w_kv_b[:, :Pp], w_kv_b[:, Pp:]  # [H, P, L], [H, V, L]
     args = (q_nope, q_pe, cache.kv[i, :s0 + T], cache.pe[i, :s0 + T], w_uk, w_uv, c.softmax_scale, s0)
     o = mla_decode(*args) if mode == "absorbed" else chunked_prefill_attention(*args, q_chunk=4, k_block=8)
-    return o.reshape(T, Hh * Vv) @ w[p + "o_proj.weight"].T
+    return linear(o.reshape(T, Hh * Vv), w[p + "o_proj.weight"])
 
 
 @pytest.mark.parametrize("mode,s0,T", [("absorbed", 0, 1), ("absorbed", 9, 2), ("naive", 0, 13), ("naive", 9, 13)])

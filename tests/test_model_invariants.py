@@ -222,6 +222,41 @@ def test_engine_holds_the_gpu_side_as_the_plan_counts_it(tiny_path):
         e.close()
 
 
+def test_bf16_weights_under_fp32_math_equal_fp32_weights(tiny_path):
+    """The CPU's GPU side keeps its linear and router weights in bf16 as stored and widens them in
+    each product (bf16w): prefill (the GEMM over widened blocks) and decode (the Numba GEMV) give the
+    logits of the same weights held in fp32, to summation order; kv_b_proj and the norms stay fp32."""
+    from hybrid.checkpoint import Checkpoint
+    from hybrid.engine import Engine
+    from hybrid.reference import ReferenceExperts
+
+    ckpt = Checkpoint(tiny_path)
+    engines = [Engine(ckpt, ReferenceExperts(ckpt), context=64, bf16w=b) for b in (True, False)]
+    w16, w32 = (e.model.w for e in engines)
+    assert w16["model.layers.1.self_attn.q_b_proj.weight"].dtype == torch.bfloat16
+    assert w16["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
+    assert w16["lm_head.weight"].dtype == torch.bfloat16
+    assert w16["model.layers.1.self_attn.kv_b_proj.weight"].dtype == torch.float32
+    assert w16["model.norm.weight"].dtype == torch.float32
+    assert all(v.dtype == torch.float32 for k, v in w32.items() if k != "model.embed_tokens.weight")
+    held = [sum(v.numel() * v.element_size() for k, v in w.items()) for w in (w16, w32)]
+    halved = [k for k, v in w16.items() if v.dtype == torch.bfloat16 and k != "model.embed_tokens.weight"]
+    assert len(halved) == sum(k.endswith(("proj.weight", "mqa.weight", "gate.weight", "lm_head.weight")) for k in w16) - \
+        sum("kv_b_proj" in k for k in w16)  # every linear weight and router weight but kv_b_proj
+    assert held[1] - held[0] == sum(2 * w16[k].numel() for k in halved)
+    ids = torch.arange(5, 25)
+    outs = []
+    for e in engines:
+        cache = e.model.new_cache(64)
+        rows = [e.model.forward(ids, cache)]  # 20 rows: the GEMM path
+        rows += [e.model.forward(torch.tensor([t]), cache) for t in (7, 300, 9)]  # one row: the GEMV
+        outs.append(torch.cat(rows))
+    scale = float(outs[1].abs().max())
+    assert float((outs[0] - outs[1]).abs().max()) <= 1e-5 * scale
+    for e in engines:
+        e.close()
+
+
 @pytest.mark.parametrize("dtype", ["auto", "float32", "bfloat16"])
 def test_loaded_engine_matches_its_plan(tiny_path, dtype):
     """hybrid.load's plan and what the engine then holds agree, for each dtype of a CPU-side engine:
@@ -231,6 +266,8 @@ def test_loaded_engine_matches_its_plan(tiny_path, dtype):
     e = hybrid.load(tiny_path, backend="reference", device="cpu", context=32, dtype=dtype)
     want = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     assert e.model.dtype == want and e._cache.kv.dtype == want
+    assert e.plan.gpu_precision == ("bf16" if dtype == "bfloat16" else "bf16w")
+    assert e.model.w["model.layers.1.self_attn.o_proj.weight"].dtype == torch.bfloat16  # as stored, either way
     held = sum(sum(t.numel() * t.element_size() for t in (v if isinstance(v, tuple) else (v,)))
                for k, v in e.model.w.items() if k != "model.embed_tokens.weight")
     entries = {x.what: x for x in e.plan.entries}

@@ -46,7 +46,9 @@ BF16_SIDE = 2 * (LAYERS * ATTN + MOE * SHARED + DENSE + NORMS + HEAD) + ROUTER_B
 KV_B, KV_B_ROWS = H * (P + V_HEAD) * L, H * (P + V_HEAD)  # kv_b_proj stays bf16 under int8 (per-head views)
 INT8_SIDE = (LAYERS * (ATTN - KV_B + 2 * (ATTN_ROWS - KV_B_ROWS) + 2 * KV_B) + MOE * (SHARED + 2 * SHARED_ROWS)
              + DENSE + 2 * DENSE_ROWS + HEAD + 2 * VOCAB + 2 * NORMS + ROUTER_BF16)
-FP32_SIDE = 4 * (LAYERS * ATTN + MOE * SHARED + DENSE + NORMS + HEAD + MOE * (E * D + E))
+# the GPU side on the CPU ('bf16w'): linear weights and the router's in bf16 as stored, math in fp32, so
+# kv_b_proj (read as per-head views), the norms and the router's bias are held in fp32
+BF16W_SIDE = 2 * (LAYERS * (ATTN - KV_B) + MOE * SHARED + DENSE + HEAD) + 4 * (LAYERS * KV_B + NORMS) + ROUTER_BF16
 EMBED = VOCAB * D * 2
 
 
@@ -54,7 +56,8 @@ def test_hand_sizes_match_the_design_figures(k2):
     assert EXPERT / 1e6 == pytest.approx(24.8, abs=0.05)
     assert MOE * E * EXPERT / GB == pytest.approx(571, abs=0.5)
     assert K * MOE * EXPERT / GB == pytest.approx(11.9, abs=0.05)
-    assert (FP32_SIDE / 4 + EMBED / 2) / 1e9 == pytest.approx(11.7, abs=0.1)  # "~11.5 B" non-expert params
+    side_params = LAYERS * ATTN + MOE * SHARED + DENSE + NORMS + HEAD + MOE * (E * D + E)
+    assert (side_params + EMBED / 2) / 1e9 == pytest.approx(11.7, abs=0.1)  # "~11.5 B" non-expert params
     # the plan's per-token figure is size_report's
     assert plan(k2, Hardware.hypothetical(768, [48])).expert_bytes_per_token == size_report(k2).expert_bytes_per_token
 
@@ -179,28 +182,29 @@ def test_cpu_only_24gb_is_refused_for_k2(k2):
     hw = Hardware.hypothetical(24, cores=2)
     with pytest.raises(PlanError) as ei:
         plan(k2, hw)
-    need = FP32_SIDE + EMBED + 8192 * KV_VALUES * 4 + 2 * K * SLOT + ram_reserve(24 * GB)
+    need = BF16W_SIDE + EMBED + 8192 * KV_VALUES * 4 + 2 * K * SLOT + ram_reserve(24 * GB)
     e = ei.value
     assert e.budget == "RAM" and e.short_bytes == need - 24 * GB
     assert short_gb(e) == pytest.approx((need - 24 * GB) / GB, abs=0.01)
-    assert FP32_SIDE / GB == pytest.approx(42.2, abs=0.1)
-    assert "fp32" in str(e) and "GPU" in str(e)
+    assert BF16W_SIDE / GB == pytest.approx(22.1, abs=0.1)  # 42.2 GB had they been widened to fp32
+    assert "without a CUDA GPU" in str(e) and "more RAM" in str(e)
 
 
-def test_cpu_only_768gb_holds_fp32_side_and_mmaps_experts(k2):
+def test_cpu_only_768gb_holds_bf16_weights_and_mmaps_experts(k2):
     p = plan(k2, Hardware.hypothetical(768, cores=32))
     kv = 8192 * KV_VALUES * 4
-    assert (p.device, p.gpu_precision, p.expert_mode, p.gpu_index) == ("cpu", "fp32", "mmap", None)
+    assert (p.device, p.gpu_precision, p.expert_mode, p.gpu_index) == ("cpu", "bf16w", "mmap", None)
     assert {e.where for e in p.entries} == {"ram", "mmap"} and p.gpu_bytes == 0
     assert p.entry("kv_cache").precision == "fp32" and p.entry("kv_cache").nbytes == kv
-    assert p.ram_bytes == FP32_SIDE + kv + EMBED + MOE * E * EXPERT
+    assert p.entry("norms").nbytes == 4 * NORMS and p.entry("router").nbytes == ROUTER_BF16
+    assert p.ram_bytes == BF16W_SIDE + kv + EMBED + MOE * E * EXPERT
     d = projected_decode_tps(p, k2, mem_read_gbps=80)
-    assert d["tok_s"] == pytest.approx(80 * GB / (K * MOE * EXPERT + FP32_SIDE + kv), rel=1e-6)
+    assert d["tok_s"] == pytest.approx(80 * GB / (K * MOE * EXPERT + BF16W_SIDE + kv), rel=1e-6)
 
 
 def test_cpu_only_512gb_caches(k2):
     p = plan(k2, Hardware.hypothetical(512, cores=32))
-    budget = 512 * GB - FP32_SIDE - EMBED - 8192 * KV_VALUES * 4 - ram_reserve(512 * GB)
+    budget = 512 * GB - BF16W_SIDE - EMBED - 8192 * KV_VALUES * 4 - ram_reserve(512 * GB)
     assert p.expert_mode == "cache" and p.cache_slots == budget // SLOT
 
 
