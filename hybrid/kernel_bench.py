@@ -4,7 +4,8 @@ Owns the measurement only (returns one JSON-able dict; cli.py prints it). Everyt
 the same run on E = 32 random K2-shaped experts (793 MB, far beyond the LLC): DRAM read bandwidth
 (numba read-sum over 1 GiB, all threads), moe_forward at decode (1 token, 8 experts) and prefill
 (qlen 16/128/512 over the 32 experts; 64 tokens per expert; 512 tokens over 384 experts aliased
-onto the 32, the real model's density), torch's fp32 matmul 512x7168x2048, 1-thread vs all-thread
+onto the 32, the real model's density), the bf16-weight GEMV of a GPU side on the CPU against
+torch's fp32 GEMV, torch's fp32 matmul 512x7168x2048, 1-thread vs all-thread
 scaling, and peers on the same experts (torch int4pack; KTransformers' AVX2RawInt4_MOE if present).
 Times are the best of several repetitions, decode interleaved with the bandwidth probe, because other
 processes share the cores and the memory bus; compare ratios within one run.
@@ -31,8 +32,8 @@ from kernels_cpu import ExpertTable, moe_forward
 
 log = logging.getLogger(__name__)
 
-K2 = dict(hidden=7168, inter=2048, experts=32, topk=8, model_experts=384)
-SMALL = dict(hidden=256, inter=128, experts=8, topk=4, model_experts=96)
+K2 = dict(hidden=7168, inter=2048, experts=32, topk=8, model_experts=384, gemv=(7168, 8192))  # gemv: o_proj
+SMALL = dict(hidden=256, inter=128, experts=8, topk=4, model_experts=96, gemv=(256, 512))
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -229,6 +230,26 @@ def _kt_peer(ex: _Experts, D: int, I: int, K: int, T_prefill: int, threads: int,
     return res
 
 
+def _dense_gemv(shp: dict, reps: int, rng: np.random.Generator, probe: np.ndarray, mem_gbps: float) -> dict:
+    """The GPU side's decode GEMV when it runs on the CPU, on K2's o_proj shape ([hidden, 64 x 128]):
+    kernels_cpu.widen over bf16 weights (what the engine holds) against torch's fp32 GEMV over fp32
+    copies of the same weights (what it held before), each with the bytes it reads."""
+    from kernels_cpu.widen import bf16_gemv
+
+    O, In = shp["gemv"]
+    w = torch.from_numpy(rng.standard_normal((O, In), dtype=np.float32) * 0.02).to(torch.bfloat16)
+    w16, w32 = w.view(torch.int16).numpy().view(np.uint16), w.float()
+    x = rng.standard_normal((1, In)).astype(np.float32)
+    xt, out = torch.from_numpy(x), np.empty((1, O), np.float32)
+    bf16_gemv(x, w16, out)
+    _read_sum(probe, 64)
+    t16 = _best(lambda: bf16_gemv(x, w16, out), reps)
+    t32 = _best(lambda: torch.mm(xt, w32.T), reps)
+    g16, g32 = 2 * O * In / t16 / 1e9, 4 * O * In / t32 / 1e9
+    return {"shape": [O, In], "bf16_ms": t16 * 1e3, "bf16_gbps": g16, "bf16_pct_of_mem_read": 100 * g16 / mem_gbps,
+            "torch_fp32_ms": t32 * 1e3, "torch_fp32_gbps": g32, "speedup": t32 / t16}
+
+
 def run_kernel_bench(small: bool = False, threads: int | None = None) -> dict:
     """Measure and return the figures of issue 3 as a JSON-able dict (see module docstring)."""
     shp = SMALL if small else K2
@@ -278,6 +299,7 @@ def run_kernel_bench(small: bool = False, threads: int | None = None) -> dict:
             "mem_read_gbps": bw,
             "moe_decode": dec,
         }
+        result["dense_gemv"] = _dense_gemv(shp, reps, rng, probe, bw)
         result["moe_prefill"] = {str(T): _prefill_entry(ex, ex.table, T, K, max(2, reps // 4), rng)
                                  for T in (16, 128, 512)}
         a, b = torch.randn(512, D), torch.randn(D, I)
