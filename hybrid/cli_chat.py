@@ -17,7 +17,7 @@ import click
 from .chat_ui import Turn, speeds, status_line, visible
 from .cli_common import (REAL_MODEL, SEED, USER_ERRORS, FiniteFloat, UserError, console, engine_options, err_console,
                          load_engine, resolve_model, user_message)
-from .conversation import Done
+from .conversation import Done, check_message, check_tools
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -34,7 +34,6 @@ HELP = """commands:
   /exit              leave (Ctrl-D too)
 input: end a line with \\ to continue it; a line with just \"\"\" starts and ends a block.
 Ctrl-C while the model writes stops it (twice: at once); Ctrl-C at the prompt clears the line."""
-ROLES = ("system", "user", "assistant", "tool")
 
 
 class _CtrlC:
@@ -85,48 +84,18 @@ def validate_messages(data: Any, source: str) -> tuple[list[dict], list[dict] | 
 
 
 def _check_message(m: Any, where: str) -> None:
-    if not isinstance(m, dict) or m.get("role") not in ROLES:
-        raise UserError(f"{where} needs a \"role\" of {', '.join(ROLES)}")
-    content, calls = m.get("content"), m.get("tool_calls")
-    if m["role"] == "assistant" and calls is not None:
-        if not isinstance(calls, list) or not all(
-                isinstance(c, dict) and isinstance(c.get("id"), str) and isinstance(c.get("function"), dict)
-                and isinstance(c["function"].get("name"), str) for c in calls):
-            raise UserError(f"{where}: \"tool_calls\" must be a list of "
-                            '{"id": ..., "function": {"name": ..., "arguments": ...}}')
-    if content is None and m["role"] != "assistant":  # an assistant turn may be a tool call alone
-        raise UserError(f"{where} ({m['role']}) needs a \"content\": a string or a list of text parts")
-    if isinstance(content, list):
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise UserError(f"{where}: content part {j} must be {{\"type\": \"text\", \"text\": \"...\"}} "
-                                "(Kimi K2 reads text)")
-    elif content is not None and not isinstance(content, str):
-        raise UserError(f"{where} has a \"content\" that is not text (a string or a list of text parts)")
-    if not isinstance(m.get("reasoning_content", ""), (str, type(None))):
-        raise UserError(f"{where}: \"reasoning_content\" must be a string")
-    if m["role"] == "tool" and not isinstance(m.get("tool_call_id"), str):
-        raise UserError(f"{where} (tool) needs the \"tool_call_id\" of the call it answers")
+    try:
+        check_message(m, where)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def validate_tools(tools: Any, source: str) -> list[dict]:
-    """OpenAI-format tool definitions: [{"type": "function", "function": {"name", "description"?,
-    "parameters"?}}], each checked, the error naming the file and the index."""
-    if not isinstance(tools, list):
-        raise UserError(f"{source}: \"tools\" must be a list of tool definitions "
-                        '([{"type": "function", "function": {"name": ..., "parameters": {...}}}])')
-    for i, t in enumerate(tools):
-        where = f"{source}: tool {i}"
-        fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
-            raise UserError(f"{where} must be an object {{\"type\": \"function\", \"function\": {{...}}}}, "
-                            f"got {json.dumps(t)[:80]}")
-        if not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise UserError(f"{where}: function.name must be a non-empty string")
-        if "parameters" in fn and not isinstance(fn["parameters"], dict):
-            raise UserError(f"{where} ({fn['name']}): function.parameters must be a JSON schema object")
-        if "description" in fn and not isinstance(fn["description"], str):
-            raise UserError(f"{where} ({fn['name']}): function.description must be a string")
+    """OpenAI-format tool definitions (conversation.check_tools), the error naming the file and the index."""
+    try:
+        check_tools(tools, source, source + ": tool {}")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     return tools
 
 

@@ -19,6 +19,7 @@ from . import resolve
 from .chat import ChatTemplateError
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .hardware import MAX_THREADS
 from .resolve import REAL_MODEL
 from .synth import PRESETS, GeneratorError, cache_dir, is_generated, preset_path
 from .tokenizer import TokenizerError
@@ -58,7 +59,6 @@ class FiniteFloat(click.FloatRange):
 
 
 POSITIVE = FiniteFloat(min=0, min_open=True)  # GB budgets, bandwidths
-MAX_THREADS = 4096  # far past any CPU; keeps a typo from reaching the thread pools
 SEED = click.IntRange(0, 2**63 - 1)  # what SamplingParams and numpy's seeding take
 
 

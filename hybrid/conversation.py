@@ -6,9 +6,10 @@ cache; the template, tokenizer and parser are used as they are, never re-impleme
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 from .parser import ContentDelta, Event, OutputParser, ReasoningDelta, ToolCall
 from .sampling import SamplingParams, StopMatcher
@@ -38,6 +39,60 @@ def forced_call_prefix(messages: list[dict], name: str | None) -> str:
 
 
 CALLABLE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what the OpenAI and Anthropic APIs accept as a name
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_message(m: Any, where: str) -> None:
+    """One chat message as the K2 template reads it (OpenAI style, plus reasoning_content), or a
+    ValueError that names `where` and says what is wrong: the template itself would render a bad
+    one into a wrong prompt (a missing role as a system turn, say) rather than fail."""
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise ValueError(f"{where} needs a \"role\" of {', '.join(ROLES)}")
+    content, calls = m.get("content"), m.get("tool_calls")
+    if m["role"] == "assistant" and calls is not None:
+        if not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("id"), str) and isinstance(c.get("function"), dict)
+                and isinstance(c["function"].get("name"), str) for c in calls):
+            raise ValueError(f"{where}: \"tool_calls\" must be a list of "
+                             '{"id": ..., "function": {"name": ..., "arguments": ...}}')
+    if content is None and m["role"] != "assistant":  # an assistant turn may be a tool call alone
+        raise ValueError(f"{where} ({m['role']}) needs a \"content\": a string or a list of text parts")
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"{where}: content part {j} must be {{\"type\": \"text\", \"text\": \"...\"}} "
+                                 "(Kimi K2 reads text)")
+    elif content is not None and not isinstance(content, str):
+        raise ValueError(f"{where} has a \"content\" that is not text (a string or a list of text parts)")
+    if not isinstance(m.get("reasoning_content", ""), (str, type(None))):
+        raise ValueError(f"{where}: \"reasoning_content\" must be a string")
+    if m["role"] == "tool" and not isinstance(m.get("tool_call_id"), str):
+        raise ValueError(f"{where} (tool) needs the \"tool_call_id\" of the call it answers")
+
+
+def check_tools(tools: Any, where: str, item: str) -> None:
+    """OpenAI-format tool definitions: [{"type": "function", "function": {"name", "description"?,
+    "parameters"?}}], each checked, names unique. An error names `where` (the list) or `item`
+    formatted with the index (e.g. "tools[{}]")."""
+    if not isinstance(tools, list):
+        raise ValueError(f"{where}: \"tools\" must be a list of tool definitions "
+                         '([{"type": "function", "function": {"name": ..., "parameters": {...}}}])')
+    seen: set[str] = set()
+    for i, t in enumerate(tools):
+        at = item.format(i)
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
+            raise ValueError(f"{at} must be an object {{\"type\": \"function\", \"function\": {{...}}}}, "
+                             f"got {json.dumps(t, default=repr)[:80]}")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"{at}: function.name must be a non-empty string")
+        if "parameters" in fn and not isinstance(fn["parameters"], dict):
+            raise ValueError(f"{at} ({fn['name']}): function.parameters must be a JSON schema object")
+        if "description" in fn and not isinstance(fn["description"], str):
+            raise ValueError(f"{at} ({fn['name']}): function.description must be a string")
+        if fn["name"] in seen:
+            raise ValueError(f"{at}: a second tool named {fn['name']!r}; tool names must be unique")
+        seen.add(fn["name"])
 
 
 class ToolChoiceError(ValueError):

@@ -14,9 +14,9 @@ import torch
 
 from kernels_gpu.int8 import quantize_int8
 
-from .chat import load_chat_template, render_chat
+from .chat import load_chat_template, normalize_messages, render_chat
 from .checkpoint import Checkpoint
-from .conversation import Done, apply_tool_choice, run_chat
+from .conversation import Done, apply_tool_choice, check_message, check_tools, run_chat
 from .generate import Sampler, Step, generate
 from .model import AttnMode, ExpertBackend, Model
 from .parser import Event
@@ -78,6 +78,7 @@ class Engine:
         self._epoch = 0  # counts generate() calls; only the newest may touch the cache
         # threads and the slot arena belong to the backend: release them when the engine goes away
         self._finalizer = weakref.finalize(self, _release, experts, ckpt)
+        self._closed = False
 
     # ---- statistics (bench) -----------------------------------------------------------------
     def reset_stats(self) -> None:
@@ -127,7 +128,13 @@ class Engine:
 
     def close(self) -> None:
         """Stop the expert workers and IO threads and release the maps (also done when the engine is collected)."""
+        self._closed = True
         self._finalizer()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this engine is closed (its expert threads and checkpoint maps are released); "
+                               "load the model again with hybrid.load")
 
     def __enter__(self) -> "Engine":
         return self
@@ -138,13 +145,23 @@ class Engine:
     @torch.inference_mode()
     def logits(self, token_ids, attn: AttnMode = "auto") -> torch.Tensor:
         """A fresh full-sequence forward: token ids [T] -> fp32 logits [T, vocab]. No state is kept."""
+        self._check_open()
+        if attn not in ("auto", "naive", "absorbed"):
+            raise ValueError(f"attn must be 'auto', 'naive' or 'absorbed', got {attn!r}")
         ids = self._check_ids(token_ids)
         cache = self.model.new_cache(ids.numel())
         return self.model.forward(ids, cache, attn=attn)
 
 
     def _check_ids(self, token_ids) -> torch.Tensor:
-        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        try:
+            ids = torch.as_tensor(token_ids)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+            raise ValueError(f"token_ids must be a sequence of integer token ids, got {str(token_ids)[:60]!r} ({e})") \
+                from None
+        if ids.numel() and (ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex()):
+            raise ValueError(f"token_ids must be integers, got {ids.dtype} values")
+        ids = ids.to(torch.long)
         if ids.ndim != 1 or ids.numel() == 0:
             raise ValueError(f"token_ids must be a non-empty 1-D sequence, got shape {tuple(ids.shape)}")
         V = self.config.vocab_size
@@ -160,10 +177,17 @@ class Engine:
         so only the new tail of `token_ids` is prefilled (Step.prefill_tokens counts it).
         should_stop: asked between prefill chunks; True ends the request there (a client that left
         during a long prefill), keeping what was prefilled for the next request to reuse."""
+        self._check_open()
         prompt = self._check_ids(token_ids).tolist()
         if len(prompt) >= self.context:
             raise ValueError(f"the prompt has {len(prompt)} tokens but the context is {self.context}; "
                              "shorten it or raise the context (--context, or context= in hybrid.load)")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if not isinstance(stop_ids, (set, frozenset, list, tuple)) or \
+                not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+            raise ValueError(f"stop_ids must be a set of integer token ids, got {stop_ids!r}")
+        stop_ids = frozenset(stop_ids)
         params = sampling or SamplingParams(temperature=temperature, seed=seed)
         if sampler is None:
             gen = params.make_generator()
@@ -257,6 +281,13 @@ class Engine:
         declared), 'required' (the answer is a call of one of them), or a function's name, or
         {"type": "function", "function": {"name": NAME}} (the answer calls that one). A required or
         named call starts the assistant's turn with K2's call prefix, so there is no reasoning."""
+        self._check_open()
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {\"role\": ..., \"content\": ...} dicts")
+        for i, m in enumerate(normalize_messages(messages)):  # dataclasses and pydantic models as dicts
+            check_message(m, f"messages[{i}]")
+        if tools is not None:
+            check_tools(tools, "tools", "tools[{}]")
         if isinstance(tool_choice, dict):
             fn = tool_choice.get("function")
             if tool_choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):

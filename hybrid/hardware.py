@@ -18,6 +18,8 @@ import psutil
 log = logging.getLogger(__name__)
 
 GB = 1e9
+MAX_THREADS = 4096  # far past any CPU; keeps a typo from reaching the thread pools
+MAX_IO_THREADS = 64  # expert-cache readers: a few saturate an NVMe drive; more only cost memory
 # flags the kernels care about; 'amx' stands for any of amx_tile / amx_bf16 / amx_int8
 FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx")
 _UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a huge number

@@ -15,6 +15,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .engine import PREFILL_CHUNK, Engine
+from .hardware import MAX_IO_THREADS, MAX_THREADS
 from .model import ExpertBackend, Model
 from .reference import ReferenceExperts
 from .resolve import resolve_model
@@ -88,11 +89,17 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
 
     if cache_policy not in POLICIES:
         raise ValueError(f"cache_policy {cache_policy!r} is not known; choose one of {', '.join(POLICIES)}")
-    for name, value, low in (("io_threads", io_threads, 1), ("prefetch_width", prefetch_width, 1),
-                             ("cache_slots", cache_slots, 1), ("prefill_chunk", prefill_chunk, 1), ("context", context, 1),
-                             ("hot_experts", hot_experts, 0), ("defer_experts", defer_experts, 0)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    # (name, value, lowest, highest, None allowed)
+    for name, value, low, high, optional in (
+            ("io_threads", io_threads, 1, MAX_IO_THREADS, False), ("cpu_threads", cpu_threads, 1, MAX_THREADS, True),
+            ("prefetch_width", prefetch_width, 1, None, True), ("cache_slots", cache_slots, 1, None, True),
+            ("prefill_chunk", prefill_chunk, 1, None, False), ("context", context, 1, None, False),
+            ("hot_experts", hot_experts, 0, None, True), ("defer_experts", defer_experts, 0, None, False)):
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            span = f"in {low}..{high}" if high is not None else f">= {low}"
+            raise ValueError(f"{name} must be an integer {span}, got {value!r}")
     if backend == "reference" and (cache_slots is not None or expert_mode == "cache" or trace or hot_experts
                                    or routing_stats not in ("auto", None)):
         raise ValueError("the reference backend computes every expert itself from the checkpoint: cache_slots, "
@@ -101,6 +108,9 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
         raise ValueError(f"routing_stats must be 'auto', a file path or None, got {routing_stats!r}")
     if trace is not None and not Path(trace).parent.is_dir():
         raise ValueError(f"trace: the folder of {trace} does not exist")
+    if routing_stats not in ("auto", None) and not Path(routing_stats).parent.is_dir():
+        raise ValueError(f"routing_stats: the folder of {routing_stats} does not exist; create it, or pass 'auto' "
+                         "for a file under the cache directory")
     ckpt = Checkpoint(resolve_model(model))
     cfg = ckpt.config
     try:  # the options that need the config, then the plan: a refusal closes what was opened

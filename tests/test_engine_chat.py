@@ -98,6 +98,36 @@ def test_stop_string_ends_the_answer(engine):
     assert done2.finish_reason == "stop" and got == text[:text.find(stop)]
 
 
+@pytest.mark.parametrize("messages, says", [
+    ([], "non-empty list"),
+    ([{"content": "hi"}], r"messages\[0\] needs a \"role\""),
+    ([{"role": "wizard", "content": "hi"}], r"messages\[0\] needs a \"role\""),
+    ([{"role": "user"}], r"messages\[0\] \(user\) needs a \"content\""),
+    ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}], r"messages\[1\] \(tool\) needs the"),
+    ([{"role": "user", "content": 5}], "not text"),
+    ([{"role": "user", "content": ["hi"]}], "content part 0"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "content part 0"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": "x"}], r"messages\[1\]: \"tool_calls\""),
+])
+def test_malformed_messages_are_refused_naming_the_message(scripted, messages, says):
+    """The template would render these into a wrong prompt (a missing role as a system turn, a tool
+    result without its call id) rather than fail: Engine.chat refuses them first, as the CLI and
+    the server do, before anything runs."""
+    n = len(scripted.prompts)
+    with pytest.raises(ValueError, match=says):
+        list(scripted.chat(messages))
+    assert len(scripted.prompts) == n
+
+
+def test_malformed_or_duplicate_tools_are_refused(scripted):
+    hi = [{"role": "user", "content": "hi"}]
+    fn = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(ValueError, match=r"tools\[0\] \(f\): function.parameters"):
+        list(scripted.chat(hi, tools=[{"type": "function", "function": {"name": "f", "parameters": "x"}}]))
+    with pytest.raises(ValueError, match=r"tools\[1\]: a second tool named 'f'"):
+        list(scripted.chat(hi, tools=[fn, fn]))
+
+
 @pytest.fixture(scope="module")
 def scripted(tiny_path):
     from hybrid.checkpoint import Checkpoint
@@ -190,6 +220,6 @@ def test_a_malformed_tool_is_a_clear_error(scripted, bad):
     from .server_harness import WEATHER_TOOL
 
     n = len(scripted.prompts)
-    with pytest.raises(ValueError, match=r"tools\[1\] must look like"):
+    with pytest.raises(ValueError, match=r"tools\[1\]( must be an object|: function.name must be)"):
         list(scripted.chat([{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL, bad]))
     assert len(scripted.prompts) == n

@@ -238,6 +238,12 @@ def test_a_superseded_generation_cannot_corrupt_the_cache(tiny_path):
     (dict(trace="/nonexistent/dir/t.jsonl"), "trace"),
     (dict(dtype="half"), "dtype"),
     (dict(prefill_chunk=0), "prefill_chunk"),
+    (dict(io_threads=10**6, expert_mode="cache"), r"io_threads must be an integer in 1\.\.64"),
+    (dict(cpu_threads=2.0), "cpu_threads"),
+    (dict(cpu_threads="2"), "cpu_threads"),
+    (dict(cpu_threads=True), "cpu_threads"),
+    (dict(context=None), "context"),
+    (dict(routing_stats="/nonexistent/dir/rs.npy"), "routing_stats: the folder"),
 ])
 def test_bad_engine_options_are_refused_up_front(tiny_path, opts, field):
     with pytest.raises(ValueError, match=field):
@@ -249,7 +255,22 @@ def test_bad_token_ids_are_refused(tiny_path):
     for bad in ([-1, 3], [3, e.config.vocab_size]):
         with pytest.raises(ValueError, match="token ids must lie"):
             list(e.generate(bad, 2))
+    for bad in ([1.9, 2.9], torch.tensor([1.7, 2.2]), [True], [10**30], ["a"], "abc", None):  # never truncated
+        with pytest.raises(ValueError, match="token_ids must be"):
+            e.logits(bad)
+    for n in (0, -5, "3", 2.5, True, None):
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+            list(e.generate([1, 2, 3], n))
+    with pytest.raises(ValueError, match="stop_ids must be a set"):
+        list(e.generate([1, 2, 3], 2, stop_ids=5))
+    with pytest.raises(ValueError, match="attn must be"):
+        e.logits([1, 2], attn="bogus")
     assert greedy(e, 2) == greedy(hybrid.load(tiny_path, backend="numba", expert_mode="mmap"), 2)
+    e.close()
+    for use in (lambda: e.logits([1]), lambda: list(e.generate([1, 2], 2)),
+                lambda: list(e.chat([{"role": "user", "content": "hi"}]))):
+        with pytest.raises(RuntimeError, match="this engine is closed"):
+            use()
 
 
 def test_failed_or_dropped_engines_release_their_threads(tiny_path, tmp_path):
