@@ -95,6 +95,8 @@ def engine_options(f: Callable) -> Callable:
         click.option("--gpu-memory", type=POSITIVE, help="GB of VRAM the plan may use."),
         click.option("--expert-mode", type=click.Choice(["mmap", "cache"]),
                      help="Routed experts from the page cache (mmap) or a RAM slot cache fed from disk."),
+        click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]),
+                     help="Where the GPU side runs (auto: CUDA when there is a GPU; cpu: everything on the CPU)."),
         click.option("--gpu-precision", type=click.Choice(["auto", "bf16", "int8"]),
                      help="Storage of the big GPU-side linears (auto: bf16 when it fits with the KV cache, else "
                           "int8 weight-only; CUDA only)."),
@@ -114,7 +116,7 @@ def engine_options(f: Callable) -> Callable:
 
 
 ENGINE_KEYS = ("backend", "context", "cpu_threads", "ram_budget", "gpu_memory", "expert_mode", "decode_graphs",
-               "prefill_chunk", "hot_experts", "gpu_precision")
+               "prefill_chunk", "hot_experts", "gpu_precision", "device")
 
 
 def load_engine(path: Path, **options: Any):

@@ -54,7 +54,9 @@ def _machine(ram_gb: float | None, gpu_gb: tuple[float, ...], cores: int | None)
 @click.option("--gpu-precision", type=click.Choice(["auto", "bf16", "int8"]), default="auto", show_default=True)
 @click.option("--ram-gb", type=POSITIVE, help="Plan for a machine with this much RAM.")
 @click.option("--gpu-gb", type=POSITIVE, multiple=True,
-              help="Plan for a machine with a GPU of this many GB (repeat for more GPUs).")
+              help="Plan for a machine with a GPU of this many GB (one: kimi-hybrid runs on GPU 0).")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="Where the GPU side runs (auto: CUDA when there is a GPU).")
 @click.option("--cores", type=click.IntRange(1, MAX_THREADS), help="Physical cores of the hypothetical machine [default: 16].")
 @click.option("--mem-gbps", type=POSITIVE, help="RAM read GB/s (default: measured here).")
 @click.option("--disk-gbps", type=POSITIVE,
@@ -65,13 +67,16 @@ def _machine(ram_gb: float | None, gpu_gb: tuple[float, ...], cores: int | None)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan(model: str | None, context: int, gpu_memory: float | None, ram_budget: float | None,
          cpu_threads: int | None, expert_mode: str, gpu_precision: str, ram_gb: float | None, gpu_gb: tuple[float, ...],
-         cores: int | None, mem_gbps: float | None, disk_gbps: float | None, gpu_gbps: float | None,
+         device: str, cores: int | None, mem_gbps: float | None, disk_gbps: float | None, gpu_gbps: float | None,
          hit_rate: float | None, as_json: bool) -> None:
     """Where each part of the model goes on this (or a hypothetical) machine, and the decode speed to expect."""
     from .placement import plan as make_plan
     from .placement import projected_decode_tps
     from .probe import disk_read_gbps, gpu_read_gbps, mem_read_gbps
 
+    if len(gpu_gb) > 1:
+        raise UserError(f"--gpu-gb given {len(gpu_gb)} times: kimi-hybrid runs the GPU side on one GPU (GPU 0); "
+                        "pass one --gpu-gb")
     cfg, label, ckpt_dir = _config(model)
     hw, hypothetical = _machine(ram_gb, gpu_gb, cores)
     measured: dict[str, Any] = {}
@@ -84,7 +89,7 @@ def plan(model: str | None, context: int, gpu_memory: float | None, ram_budget: 
         _render_machine(hw, hypothetical, machine)
     try:
         p = make_plan(cfg, hw, gpu_memory=gpu_memory, ram_budget=ram_budget, context=context, cpu_threads=cpu_threads,
-                      gpu_precision=gpu_precision, expert_mode=expert_mode, checkpoint_dir=ckpt_dir)
+                      gpu_precision=gpu_precision, expert_mode=expert_mode, checkpoint_dir=ckpt_dir, device=device)
     except PlanError as e:
         hint = "" if hypothetical else "; to plan a machine to buy, pass --ram-gb and --gpu-gb"
         raise UserError(f"the plan does not fit: {e}{hint}") from None

@@ -182,7 +182,10 @@ def _gb(n: float) -> str:
 
 
 def _itemise(parts: dict[str, int]) -> str:
-    return " + ".join(f"{LABELS.get(k, k)} {_gb(v)}" for k, v in parts.items() if v >= 0.005 * GB)
+    """'attention (MLA) 12.34 GB + ...', leaving out what rounds to 0.00 GB (all of it, for a tiny model:
+    then the sum, so the sentence never has a hole)."""
+    shown = " + ".join(f"{LABELS.get(k, k)} {_gb(v)}" for k, v in parts.items() if v >= 0.005 * GB)
+    return shown or f"the model's other needs ({sum(parts.values()) / 1e6:,.1f} MB)"
 
 
 # ---- the planner ----------------------------------------------------------------------------
@@ -309,11 +312,13 @@ def _fit_ram(sizes: _Sizes, hw: Hardware, needs: dict[str, int], ram_budget: flo
                  if dev == "cpu" else "")
     ctx_note = ", or a smaller --context" if needs.get("kv_cache", 0) > 0.05 * need else ""
     budget = avail - need - reserve if ram_budget is None else int(ram_budget * GB)
-    if ram_budget is not None and need + budget > avail:
+    if ram_budget is not None and need + budget + reserve > avail:
         fits = avail - need - reserve
-        fix = f"use --ram-budget {fits / GB:.1f} or less{ctx_note}" if fits >= min_cache else side_note[2:] or "free some RAM"
-        raise PlanError("RAM", need + budget - avail, f"--ram-budget {ram_budget:g} GB plus {_itemise(needs)} exceeds "
-                        f"the {_gb(avail)} available; {fix}")
+        fix = (f"use --ram-budget {math.floor(fits / GB * 10) / 10:.1f} or less{ctx_note}" if fits >= min_cache
+               else side_note[2:] or "free some RAM")  # rounded down: the figure named must fit
+        raise PlanError("RAM", need + budget + reserve - avail,
+                        f"--ram-budget {ram_budget:g} GB plus {_itemise(needs)} and the {_gb(reserve)} kept free "
+                        f"exceeds the {_gb(avail)} available; {fix}")
     mode = want if want != "auto" else ("mmap" if sizes.routed_bytes <= budget else "cache")
     if mode == "mmap" and sizes.routed_bytes > budget:
         raise PlanError("RAM", sizes.routed_bytes - budget,

@@ -269,6 +269,14 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
     assert out["settings"]["gpu_precision"] == ("bf16" if torch.cuda.is_available() else "bf16w")
 
 
+def test_device_reaches_the_plan(tiny_path):
+    args = ["run", "hi", "-m", str(tiny_path), "--max-tokens", "2"]
+    assert CliRunner().invoke(main, args + ["--device", "cpu"]).exit_code == 0
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(main, args + ["--device", "cuda"])
+        assert r.exit_code == 1 and "device 'cuda' asked for, but no CUDA GPU was detected" in r.output, r.output
+
+
 def test_gpu_precision_reaches_the_plan(tiny_path):
     """--gpu-precision goes to hybrid.load's plan: without CUDA, forcing one is refused in one line
     that names the option; auto is what runs everywhere."""
@@ -385,6 +393,14 @@ def test_plan_a_preset_on_this_machine():
     out = json.loads(r.output)
     assert out["model"] == "preset tiny" and not out["machine"]["hypothetical"]
     assert out["projection"]["tok_s"] > 0
+    # one GPU: a second --gpu-gb is refused, not silently dropped; --device cpu plans without it
+    r = CliRunner().invoke(main, ["plan", "-m", "tiny", "--mem-gbps", "20", "--gpu-gb", "8", "--gpu-gb", "80"])
+    assert r.exit_code == 1 and "--gpu-gb given 2 times" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["plan", "-m", "tiny", "--mem-gbps", "20", "--ram-gb", "64", "--gpu-gb", "24",
+                                  "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["plan"]["device"] == "cpu" and {row["where"] for row in out["plan"]["rows"]} <= {"ram", "mmap", "cache"}
     # a GPU that holds every expert and whose bandwidth is not given: the figure is "not counted"
     r = CliRunner().invoke(main, ["plan", "-m", "tiny", "--mem-gbps", "20", "--ram-gb", "64", "--gpu-gb", "24"])
     assert r.exit_code == 0 and "Traceback" not in r.output, r.output

@@ -229,8 +229,13 @@ def test_ram_budget_option(k2):
     hw = Hardware.hypothetical(128, [24])
     p = plan(k2, hw, ram_budget=50)
     assert p.cache_slots == 50 * GB // SLOT and p.ram_budget == 50 * GB
-    with pytest.raises(PlanError, match=r"RAM is short by .* --ram-budget 121\.1 or less"):
+    with pytest.raises(PlanError, match=r"RAM is short by .* --ram-budget 121\.0 or less"):
         plan(k2, hw, ram_budget=127)
+    # the suggestion is the limit: what it names fits, and past it the reserve is counted too
+    assert plan(k2, hw, ram_budget=121.0).ram_budget == int(121.0 * GB)
+    with pytest.raises(PlanError, match=r"kept free exceeds .* --ram-budget 121\.0 or less") as ei:
+        plan(k2, hw, ram_budget=121.1)  # below the RAM there, above it less its reserve
+    assert ei.value.short_bytes == EMBED + int(121.1 * GB) + ram_reserve(128 * GB) - 128 * GB
     with pytest.raises(PlanError, match=r"RAM is short by 0\.30 GB.*--ram-budget 0\.4 or more"):
         plan(k2, hw, ram_budget=0.1)
     with pytest.raises(PlanError) as ei:
