@@ -88,6 +88,7 @@ class ChatRequest(_Open):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logprobs: bool | None = None
+    logit_bias: dict | None = None
     response_format: dict | None = None
 
 
@@ -101,6 +102,9 @@ def _text(content: str | list[dict] | None, where: str) -> str:
 def _messages(req: ChatRequest) -> list[dict]:
     out = []
     for i, m in enumerate(req.messages):
+        if m.content is None and m.role != "assistant":  # an assistant turn may be tool calls alone
+            raise ApiError(400, f"messages[{i}].content is required for a {m.role} message", f"messages[{i}].content",
+                           "missing_required_parameter")
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
                                "content": _text(m.content, f"messages[{i}].content")}
         if m.name:
@@ -142,6 +146,8 @@ def _refuse_unsupported(req: ChatRequest) -> None:
             raise ApiError(400, f"{name} is not supported (only 0)", name, "unsupported_value")
     if req.logprobs:
         raise ApiError(400, "logprobs are not supported", "logprobs", "unsupported_value")
+    if req.logit_bias:  # {} is what some clients send by default: nothing asked
+        raise ApiError(400, "logit_bias is not supported", "logit_bias", "unsupported_value")
     if req.response_format and req.response_format.get("type") != "text":
         raise ApiError(400, f"response_format {req.response_format.get('type')!r} is not supported (only 'text')",
                        "response_format", "unsupported_value")

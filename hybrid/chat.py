@@ -40,7 +40,10 @@ def load_chat_template(path: str | os.PathLike) -> str:
     path = Path(path)
     jinja_file = path / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ChatTemplateError(f"{jinja_file}: not UTF-8 text ({e.reason} at byte {e.start}); fetch it again") from None
     config_file = path / "tokenizer_config.json"
     if config_file.is_file():
         try:

@@ -31,7 +31,7 @@ MAX_PROBE_MB = 64 << 10  # 64 GiB: far past any CPU cache; more measures nothing
               help="Prompt length for the prompt-processing test.")
 @click.option("--gen-tokens", type=click.IntRange(min=2), default=32, show_default=True,
               help="Tokens generated per run.")
-@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Measured runs (after a warm-up).")
+@click.option("--runs", type=click.IntRange(1, 1000), default=3, show_default=True, help="Measured runs (after a warm-up).")
 @click.option("--probe-mb", type=click.IntRange(1, MAX_PROBE_MB), default=1024, show_default=True,
               help="Buffer for the RAM bandwidth probe (well past the CPU caches).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema: docs/bench_schema.md).")

@@ -58,7 +58,10 @@ class FiniteFloat(click.FloatRange):
         return v
 
 
-POSITIVE = FiniteFloat(min=0, min_open=True)  # GB budgets, bandwidths
+# GB of memory (budgets, machine sizes: 10 MB to 1 PB) and GB/s (up to 100 TB/s): past either is a typo,
+# and an unbounded float overflows the byte counts
+GB_SIZE = FiniteFloat(min=0.01, max=1e6)
+GBPS = FiniteFloat(min=0, min_open=True, max=1e5)
 SEED = click.IntRange(0, 2**63 - 1)  # what SamplingParams and numpy's seeding take
 
 
@@ -91,8 +94,8 @@ def engine_options(f: Callable) -> Callable:
                           "(numba where the CPU has AVX2; the default)."),
         click.option("--context", type=click.IntRange(min=16), help="Tokens the KV cache holds (default: the engine's)."),
         click.option("--cpu-threads", type=click.IntRange(1, MAX_THREADS), help="Threads for the CPU experts."),
-        click.option("--ram-budget", type=POSITIVE, help="GB of RAM for routed experts."),
-        click.option("--gpu-memory", type=POSITIVE, help="GB of VRAM the plan may use."),
+        click.option("--ram-budget", type=GB_SIZE, help="GB of RAM for routed experts."),
+        click.option("--gpu-memory", type=GB_SIZE, help="GB of VRAM the plan may use."),
         click.option("--expert-mode", type=click.Choice(["mmap", "cache"]),
                      help="Routed experts from the page cache (mmap) or a RAM slot cache fed from disk."),
         click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]),

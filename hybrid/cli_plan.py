@@ -13,7 +13,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from .cli_common import MAX_THREADS, POSITIVE, FiniteFloat, UserError, console, err_console, resolve_model
+from .cli_common import GB_SIZE, GBPS, MAX_THREADS, FiniteFloat, UserError, console, err_console, resolve_model
 from .config import ModelConfig
 from .hardware import GB, Hardware, detect
 from .placement import PlanError
@@ -47,21 +47,21 @@ def _machine(ram_gb: float | None, gpu_gb: tuple[float, ...], cores: int | None)
 @click.option("--model", "-m", help="Checkpoint directory, config.json, HF repo id in the local cache, or preset "
                                     "(default: the real Kimi K2 Thinking config).")
 @click.option("--context", type=click.IntRange(min=1), default=8192, show_default=True, help="Tokens the KV cache holds.")
-@click.option("--gpu-memory", type=POSITIVE, help="GB of VRAM the plan may use (default: free VRAM minus a reserve).")
-@click.option("--ram-budget", type=POSITIVE, help="GB of RAM for routed experts (default: what is left).")
+@click.option("--gpu-memory", type=GB_SIZE, help="GB of VRAM the plan may use (default: free VRAM minus a reserve).")
+@click.option("--ram-budget", type=GB_SIZE, help="GB of RAM for routed experts (default: what is left).")
 @click.option("--cpu-threads", type=click.IntRange(1, MAX_THREADS), help="Threads for the CPU experts (default: physical cores).")
 @click.option("--expert-mode", type=click.Choice(["auto", "mmap", "cache"]), default="auto", show_default=True)
 @click.option("--gpu-precision", type=click.Choice(["auto", "bf16", "int8"]), default="auto", show_default=True)
-@click.option("--ram-gb", type=POSITIVE, help="Plan for a machine with this much RAM.")
-@click.option("--gpu-gb", type=POSITIVE, multiple=True,
+@click.option("--ram-gb", type=GB_SIZE, help="Plan for a machine with this much RAM.")
+@click.option("--gpu-gb", type=GB_SIZE, multiple=True,
               help="Plan for a machine with a GPU of this many GB (one: kimi-hybrid runs on GPU 0).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="Where the GPU side runs (auto: CUDA when there is a GPU).")
 @click.option("--cores", type=click.IntRange(1, MAX_THREADS), help="Physical cores of the hypothetical machine [default: 16].")
-@click.option("--mem-gbps", type=POSITIVE, help="RAM read GB/s (default: measured here).")
-@click.option("--disk-gbps", type=POSITIVE,
+@click.option("--mem-gbps", type=GBPS, help="RAM read GB/s (default: measured here).")
+@click.option("--disk-gbps", type=GBPS,
               help="Disk read GB/s for expert cache misses (default: measured here when needed).")
-@click.option("--gpu-gbps", type=POSITIVE,
+@click.option("--gpu-gbps", type=GBPS,
               help="GPU memory GB/s (default: measured on a real GPU; not counted for a hypothetical one).")
 @click.option("--hit-rate", type=FiniteFloat(0, 1), help="Expert cache hit rate (default: the cache's share).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

@@ -127,9 +127,13 @@ class ModelConfig:
         if path.is_dir():
             path = path / "config.json"
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"{path}: not found; a checkpoint directory needs its config.json") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-download the file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory, not a config.json file") from None
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:

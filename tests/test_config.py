@@ -98,3 +98,10 @@ def test_missing_file_and_bad_json(tmp_path):
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ModelConfig.from_file(tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ConfigError, match=r"config.json: not UTF-8 text"):
+        ModelConfig.from_file(tmp_path)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ConfigError, match=r"config.json: is a directory"):
+        ModelConfig.from_file(tmp_path / "config.json" / "..")
