@@ -58,9 +58,11 @@ class FiniteFloat(click.FloatRange):
         return v
 
 
-# GB of memory (budgets, machine sizes: 10 MB to 1 PB) and GB/s (up to 100 TB/s): past either is a typo,
-# and an unbounded float overflows the byte counts
-GB_SIZE = FiniteFloat(min=0.01, max=1e6)
+# GB of memory (budgets up to 1 PB; a tiny model's cache takes a fraction of a MB), GB of a machine's
+# RAM or GPU (10 MB to 1 PB) and GB/s (up to 100 TB/s): past these is a typo, and an unbounded float
+# overflows the byte counts
+GB_SIZE = FiniteFloat(min=0, min_open=True, max=1e6)
+MACHINE_GB = FiniteFloat(min=0.01, max=1e6)
 GBPS = FiniteFloat(min=0, min_open=True, max=1e5)
 SEED = click.IntRange(0, 2**63 - 1)  # what SamplingParams and numpy's seeding take
 

@@ -13,7 +13,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from .cli_common import GB_SIZE, GBPS, MAX_THREADS, FiniteFloat, UserError, console, err_console, resolve_model
+from .cli_common import GB_SIZE, GBPS, MACHINE_GB, MAX_THREADS, FiniteFloat, UserError, console, err_console, resolve_model
 from .config import ModelConfig
 from .hardware import GB, Hardware, detect
 from .placement import PlanError
@@ -52,8 +52,8 @@ def _machine(ram_gb: float | None, gpu_gb: tuple[float, ...], cores: int | None)
 @click.option("--cpu-threads", type=click.IntRange(1, MAX_THREADS), help="Threads for the CPU experts (default: physical cores).")
 @click.option("--expert-mode", type=click.Choice(["auto", "mmap", "cache"]), default="auto", show_default=True)
 @click.option("--gpu-precision", type=click.Choice(["auto", "bf16", "int8"]), default="auto", show_default=True)
-@click.option("--ram-gb", type=GB_SIZE, help="Plan for a machine with this much RAM.")
-@click.option("--gpu-gb", type=GB_SIZE, multiple=True,
+@click.option("--ram-gb", type=MACHINE_GB, help="Plan for a machine with this much RAM.")
+@click.option("--gpu-gb", type=MACHINE_GB, multiple=True,
               help="Plan for a machine with a GPU of this many GB (one: kimi-hybrid runs on GPU 0).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="Where the GPU side runs (auto: CUDA when there is a GPU).")
