@@ -70,6 +70,10 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     from .placement import plan as make_plan
 
     # option errors first, before anything large is opened or allocated
+    if not isinstance(model, (str, Path)):
+        raise ValueError(f"model must be a checkpoint directory, a preset name or a Hugging Face repo id, got {model!r}")
+    if trace is not None and not isinstance(trace, (str, Path)):
+        raise ValueError(f"trace must be a file path or None, got {trace!r}")
     if expert_mode not in ("auto", "mmap", "cache"):
         raise ValueError(f"expert_mode must be 'auto', 'mmap' or 'cache', got {expert_mode!r}")
     if prefetch not in (True, False, "auto"):

@@ -244,10 +244,17 @@ def test_a_superseded_generation_cannot_corrupt_the_cache(tiny_path):
     (dict(cpu_threads=True), "cpu_threads"),
     (dict(context=None), "context"),
     (dict(routing_stats="/nonexistent/dir/rs.npy"), "routing_stats: the folder"),
+    (dict(trace=5), "trace must be a file path"),
 ])
 def test_bad_engine_options_are_refused_up_front(tiny_path, opts, field):
     with pytest.raises(ValueError, match=field):
         hybrid.load(tiny_path, **opts)
+
+
+@pytest.mark.parametrize("model", [None, 5])
+def test_a_model_that_is_not_a_path_or_name_is_refused(model):
+    with pytest.raises(ValueError, match="model must be a checkpoint directory"):
+        hybrid.load(model)
 
 
 def test_bad_token_ids_are_refused(tiny_path):
