@@ -120,6 +120,7 @@ def status_line(done: Done) -> Text:
     pre, dec = speeds(done)
     reused = done.prompt_tokens - done.prefill_tokens
     cached = f" ({reused:,} cached)" if reused > 0 else ""
+    decode = f"decode {dec:,.1f} tok/s" if done.completion_tokens > 1 else "no decode step"  # token 1: prefill
     return Text(f"[{done.finish_reason}] prompt {done.prompt_tokens:,} tokens{cached}, prefill {pre:,.1f} tok/s | "
-                f"{done.completion_tokens:,} generated ({done.reasoning_tokens:,} thinking), decode {dec:,.1f} tok/s",
+                f"{done.completion_tokens:,} generated ({done.reasoning_tokens:,} thinking), {decode}",
                 style="cyan")

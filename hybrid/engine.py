@@ -36,7 +36,7 @@ def gpu_side_weight(name: str, t: torch.Tensor, device: torch.device, dtype: tor
     host RAM as stored (a step needs one row: Model.embed), with int8 the plan's int8 weights
     (placement.int8_eligible) quantised on the host so the device never holds their bf16 copy, with
     bf16w (a CPU computing in fp32) the weights of placement.widen_eligible kept in bf16 as stored
-    (model.linear widens them inside each product), and the rest in `dtype` on `device`."""
+    (linear.linear widens them inside each product), and the rest in `dtype` on `device`."""
     if name.endswith("e_score_correction_bias"):
         return t.to(device, torch.float32)
     if name == EMBED:

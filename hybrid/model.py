@@ -8,24 +8,18 @@ P qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, E routed experts, K expert
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections import defaultdict
 from typing import Any, Literal, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels_cpu.widen import MAX_ROWS as MAX_WIDEN_ROWS
-from kernels_cpu.widen import bf16_gemv
-from kernels_gpu.int8 import int8_linear
 from kernels_gpu.mla import chunked_prefill_attention, mla_decode
 
 from .config import ModelConfig
-
-log = logging.getLogger(__name__)
+from .linear import Weight, fp32_linear, linear
 
 LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
 ABSORB_MAX_TOKENS = 8  # at or below this many new tokens, attend in the absorbed (latent) form
@@ -92,68 +86,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     c, s = cos[:, None, :], sin[:, None, :]
     x0, x1 = x[..., 0], x[..., 1]
     return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).reshape(shape).to(x.dtype)
-
-
-Weight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # dense [O, I], or int8 weight-only (codes, row scales)
-
-
-WIDEN_BLOCK_ROWS = 256  # weight rows widened to fp32 at a time for a GEMM (K2: 7 MB, stays in cache)
-
-
-def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
-    """x [..., I] @ w.T; int8 weight-only weights go through kernels_gpu's int8 linear, bf16 weights
-    under fp32 activations (the GPU side on the CPU) through widening_linear."""
-    if isinstance(w, tuple):
-        return int8_linear(x, *w)
-    if w.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == "cpu":
-        return widening_linear(x, w)
-    return x @ w.T
-
-
-def widening_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x fp32 [..., I] @ w.T for bf16 w [O, I] on the CPU, in fp32, reading w as stored (2 bytes a weight).
-
-    Up to kernels_cpu.widen.MAX_ROWS rows (decode): the Numba GEMV, which widens in registers. More
-    rows (prefill, compute-bound): an fp32 GEMM per WIDEN_BLOCK_ROWS weight rows, each block widened
-    into a small buffer first. Either way the products are of the exact fp32 values of the bf16
-    weights, so the result equals the fp32 matmul up to summation order."""
-    I, O = x.shape[-1], w.shape[0]
-    x2 = x.reshape(-1, I)
-    T = x2.shape[0]
-    if 1 <= T <= MAX_WIDEN_ROWS:
-        y = torch.from_numpy(bf16_gemv(x2.contiguous().numpy(), w.view(torch.int16).numpy().view(np.uint16)))
-    else:
-        yt = torch.empty(O, T)  # [O, T]: each block's rows are one contiguous slice
-        xt = x2.T
-        for o in range(0, O, WIDEN_BLOCK_ROWS):
-            torch.mm(w[o:o + WIDEN_BLOCK_ROWS].float(), xt, out=yt[o:o + WIDEN_BLOCK_ROWS])
-        y = yt.T.contiguous()
-    return y.view(*x.shape[:-1], O)
-
-
-_MM_OUT_DTYPE: dict[torch.dtype, bool] = {}  # input dtype -> torch.mm(out_dtype=float32) runs on CUDA, learned once
-
-
-def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [T, I] @ w.T in fp32, as DeepSeek-V3's router computes it (both operands widened to fp32).
-
-    On CUDA with x and w both bf16/fp16, torch.mm(out_dtype=float32) gives the same result without
-    a widened copy of w per call (the products of two bf16 values are exact in fp32 and cuBLAS sums
-    in fp32): for K2's 60 router weights that copy is ~1.6 GB of traffic per token. A bf16 w under
-    fp32 x on the CPU goes through widening_linear. Elsewhere, or where this torch lacks out_dtype,
-    w is widened."""
-    if w.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == "cpu":
-        return widening_linear(x, w)
-    if x.is_cuda and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16) \
-            and _MM_OUT_DTYPE.get(x.dtype, True):
-        try:
-            y = torch.mm(x, w.t(), out_dtype=torch.float32)
-            _MM_OUT_DTYPE[x.dtype] = True
-            return y
-        except (TypeError, RuntimeError, NotImplementedError) as e:  # an older torch: no out_dtype
-            _MM_OUT_DTYPE[x.dtype] = False
-            log.info("torch.mm(out_dtype=float32) unavailable for %s (%s); the router widens its weight", x.dtype, e)
-    return x.float() @ w.float().T
 
 
 def swiglu(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:

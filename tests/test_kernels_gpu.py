@@ -167,7 +167,7 @@ def test_router_logits_in_fp32_without_widening_the_weight():
     """hybrid.model.fp32_linear: DeepSeek-V3's fp32 router product from bf16 operands. On CUDA it
     runs torch.mm(out_dtype=float32) (where this torch has it) and must equal the widened product to
     fp32 accuracy; on a CPU it widens. Router logits of K2's shape, magnitudes as in a real layer."""
-    from hybrid.model import fp32_linear
+    from hybrid.linear import fp32_linear
 
     g = torch.Generator().manual_seed(9)
     x = (torch.randn(3, 7168, generator=g) * 2).to(torch.bfloat16)
@@ -261,7 +261,8 @@ def test_cuda_graph_replay_equals_eager():
 
 def kernel_attention(model, i, x, cache, s0, cos, sin, mode):
     """Model.attention's math routed through kernels_gpu: the wiring the engine uses."""
-    from hybrid.model import LATENT_NORM_EPS, apply_rope, linear, rms_norm
+    from hybrid.linear import linear
+    from hybrid.model import LATENT_NORM_EPS, apply_rope, rms_norm
     c, w, p = model.cfg, model.w, f"model.layers.{i}.self_attn."
     T, Hh, Pp, Rr, Ll, Vv = (x.shape[0], c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim,
                              c.kv_lora_rank, c.v_head_dim)
