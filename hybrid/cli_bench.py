@@ -42,6 +42,15 @@ def bench(model: str, prompt_tokens: int, gen_tokens: int, runs: int, probe_mb: 
           threads: int | None, **engine_opts: Any) -> None:
     """Measure tokens/s: prompt processing and generation, where the time goes, bandwidth achieved."""
     if kernels:
+        ctx = click.get_current_context()
+        model_opts = [f"--{name.replace('_', '-')}" for name in ("model", "prompt_tokens", "gen_tokens", "runs",
+                                                                 "probe_mb", *engine_opts)
+                      if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if model_opts:
+            raise UserError(f"--kernels measures the CPU expert kernels alone, on random K2-shaped experts: "
+                            f"{', '.join(model_opts)} " + ("does not apply; leave it out" if len(model_opts) == 1 else
+                                                           "do not apply; leave them out") +
+                            ", or drop --kernels to bench the model")
         return _kernels(as_json, small, threads)
     if small or threads:
         raise UserError("--small and --threads go with --kernels; for the model use --cpu-threads")

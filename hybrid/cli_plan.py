@@ -103,6 +103,9 @@ def plan(model: str | None, context: int, gpu_memory: float | None, ram_budget: 
         with err_console.status("measuring GPU memory bandwidth..."):
             gpu_gbps = machine["gpu_read_gbps"] = gpu_read_gbps(p.gpu_index or 0)
         machine["measured_here"].append("gpu_read_gbps")
+    if p.device == "cpu" and gpu_gbps is not None:
+        err_console.print("note: --gpu-gbps ignored: this plan runs the GPU side on the CPU (its weights are read "
+                          "from RAM, at --mem-gbps)", style="yellow", highlight=False)
     proj = projected_decode_tps(p, cfg, mem_gbps, disk_gbps=disk_gbps, hit_rate=hit_rate, gpu_gbps=gpu_gbps)
     if as_json:
         rows = [{"what": w, "where": where, "precision": prec, "gb": gb} for w, where, prec, gb in p.rows()]

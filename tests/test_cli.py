@@ -108,6 +108,13 @@ def test_plan_refuses_budgets_that_are_not_positive_finite_numbers():
                 plan(cfg, hw, **{kw: bad})
 
 
+def test_kernel_bench_refuses_the_model_options_it_would_ignore():
+    r = CliRunner().invoke(main, ["bench", "--kernels", "--small", "-m", "tiny", "--runs", "1"])
+    assert r.exit_code == 1 and "--model, --runs do not apply; leave them out" in r.output, r.output
+    r = CliRunner().invoke(main, ["bench", "--kernels", "--small", "--cpu-threads", "1"])
+    assert r.exit_code == 1 and "--cpu-threads does not apply; leave it out" in r.output, r.output
+
+
 def test_kernel_bench_threads_past_numba_name_the_option():
     import numba
 
@@ -397,6 +404,8 @@ def test_plan_a_preset_on_this_machine():
     out = json.loads(r.output)
     assert out["model"] == "preset tiny" and not out["machine"]["hypothetical"]
     assert out["projection"]["tok_s"] > 0
+    r = CliRunner().invoke(main, ["plan", "-m", "tiny", "--mem-gbps", "20", "--gpu-gbps", "10"])  # no GPU here
+    assert r.exit_code == 0 and "--gpu-gbps ignored" in r.output
     # one GPU: a second --gpu-gb is refused, not silently dropped; --device cpu plans without it
     r = CliRunner().invoke(main, ["plan", "-m", "tiny", "--mem-gbps", "20", "--gpu-gb", "8", "--gpu-gb", "80"])
     assert r.exit_code == 1 and "--gpu-gb given 2 times" in r.output and "Traceback" not in r.output
