@@ -404,7 +404,7 @@ def test_plan_a_preset_on_this_machine():
     out = json.loads(r.output)
     assert out["model"] == "preset tiny" and not out["machine"]["hypothetical"]
     assert out["projection"]["tok_s"] > 0
-    r = CliRunner().invoke(main, ["plan", "-m", "tiny", "--mem-gbps", "20", "--gpu-gbps", "10"])  # no GPU here
+    r = CliRunner().invoke(main, ["plan", "-m", "tiny", "--mem-gbps", "20", "--gpu-gbps", "10", "--device", "cpu"])
     assert r.exit_code == 0 and "--gpu-gbps ignored" in r.output
     # one GPU: a second --gpu-gb is refused, not silently dropped; --device cpu plans without it
     r = CliRunner().invoke(main, ["plan", "-m", "tiny", "--mem-gbps", "20", "--gpu-gb", "8", "--gpu-gb", "80"])
