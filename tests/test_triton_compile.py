@@ -19,7 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-COMPILE = """
+COMPILE = r"""
 import json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
@@ -55,7 +55,7 @@ for arch in map(int, sys.argv[1:]):
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
             f.write(k.asm["ptx"])
             f.flush()
-            target = re.search(r"^\\.target (\\w+)", k.asm["ptx"], re.M).group(1)  # sm_90a for Hopper
+            target = re.search(r"^\.target (\w+)", k.asm["ptx"], re.M).group(1)  # sm_90a for Hopper
             ptxas = get_ptxas(arch).path if get_ptxas else os.path.join(os.path.dirname(triton.__file__), "backends",
                                                                          "nvidia", "bin", "ptxas")
             log = subprocess.run([ptxas, "-v", f"--gpu-name={target}", f.name, "-o", os.devnull],
