@@ -156,7 +156,7 @@ def run(prompt: str, model: str, max_tokens: int, temperature: float, seed: int 
 @click.option("--max-prompt-tokens", type=click.IntRange(min=1), help="Refuse longer prompts (default: the context).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=DEFAULT_MAX_QUEUE, show_default=True,
               help="Requests that may wait behind the running one; more get HTTP 429 with Retry-After.")
-@click.option("--keepalive", "keepalive_s", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_KEEPALIVE_S,
+@click.option("--keepalive", "keepalive_s", type=FiniteFloat(min=0, min_open=True), default=DEFAULT_KEEPALIVE_S,
               show_default=True, help="Seconds a streamed answer may stay silent (queued, a long prefill) before an "
               "SSE comment keeps the connection open.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)

@@ -93,7 +93,7 @@ def _check_message(m: Any, where: str) -> None:
 def validate_tools(tools: Any, source: str) -> list[dict]:
     """OpenAI-format tool definitions (conversation.check_tools), the error naming the file and the index."""
     try:
-        check_tools(tools, source, source + ": tool {}")
+        check_tools(tools, source, lambda i: f"{source}: tool {i}")
     except ValueError as e:
         raise UserError(str(e)) from None
     return tools
@@ -251,7 +251,8 @@ class ChatSession:
         if self.last_done is not None:
             d = self.last_done
             pre, dec = speeds(d)
-            console.print(f"last answer: prefill {pre:,.1f} tok/s, decode {dec:,.1f} tok/s; context used "
+            decode = f"decode {dec:,.1f} tok/s" if d.completion_tokens > 1 else "no decode step"
+            console.print(f"last answer: prefill {pre:,.1f} tok/s, {decode}; context used "
                           f"{d.prompt_tokens + d.completion_tokens:,} of {self.engine.context:,} tokens", highlight=False)
         stats = self.engine.stats()
         n = max(1, sum(stats["tokens"].values()))

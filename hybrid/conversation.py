@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .parser import ContentDelta, Event, OutputParser, ReasoningDelta, ToolCall
 from .sampling import SamplingParams, StopMatcher
@@ -39,7 +39,7 @@ def forced_call_prefix(messages: list[dict], name: str | None) -> str:
 
 
 CALLABLE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what the OpenAI and Anthropic APIs accept as a name
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
 
 
 def check_message(m: Any, where: str) -> None:
@@ -70,16 +70,14 @@ def check_message(m: Any, where: str) -> None:
         raise ValueError(f"{where} (tool) needs the \"tool_call_id\" of the call it answers")
 
 
-def check_tools(tools: Any, where: str, item: str) -> None:
+def check_tools(tools: Any, where: str, item: Callable[[int], str]) -> None:
     """OpenAI-format tool definitions: [{"type": "function", "function": {"name", "description"?,
-    "parameters"?}}], each checked, names unique. An error names `where` (the list) or `item`
-    formatted with the index (e.g. "tools[{}]")."""
-    if not isinstance(tools, list):
+    "parameters"?}}], each checked. An error names `where` (the list) or item(index)."""
+    if not isinstance(tools, (list, tuple)):
         raise ValueError(f"{where}: \"tools\" must be a list of tool definitions "
                          '([{"type": "function", "function": {"name": ..., "parameters": {...}}}])')
-    seen: set[str] = set()
     for i, t in enumerate(tools):
-        at = item.format(i)
+        at = item(i)
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
             raise ValueError(f"{at} must be an object {{\"type\": \"function\", \"function\": {{...}}}}, "
@@ -90,9 +88,6 @@ def check_tools(tools: Any, where: str, item: str) -> None:
             raise ValueError(f"{at} ({fn['name']}): function.parameters must be a JSON schema object")
         if "description" in fn and not isinstance(fn["description"], str):
             raise ValueError(f"{at} ({fn['name']}): function.description must be a string")
-        if fn["name"] in seen:
-            raise ValueError(f"{at}: a second tool named {fn['name']!r}; tool names must be unique")
-        seen.add(fn["name"])
 
 
 class ToolChoiceError(ValueError):

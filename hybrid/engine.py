@@ -14,7 +14,7 @@ import torch
 
 from kernels_gpu.int8 import quantize_int8
 
-from .chat import load_chat_template, normalize_messages, render_chat
+from .chat import ChatTemplateError, load_chat_template, normalize_messages, render_chat
 from .checkpoint import Checkpoint
 from .conversation import Done, apply_tool_choice, check_message, check_tools, run_chat
 from .generate import Sampler, Step, generate
@@ -282,12 +282,18 @@ class Engine:
         {"type": "function", "function": {"name": NAME}} (the answer calls that one). A required or
         named call starts the assistant's turn with K2's call prefix, so there is no reasoning."""
         self._check_open()
-        if not isinstance(messages, list) or not messages:
+        if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of {\"role\": ..., \"content\": ...} dicts")
-        for i, m in enumerate(normalize_messages(messages)):  # dataclasses and pydantic models as dicts
+        try:  # plain dicts from here on (dataclasses and pydantic models too), None values dropped
+            messages = normalize_messages(messages)
+        except ChatTemplateError as e:
+            raise ValueError(str(e).replace("message ", "messages[", 1).replace(" is not", "] is not", 1)) from None
+        for i, m in enumerate(messages):
             check_message(m, f"messages[{i}]")
+        messages = [dict(m, role="system") if m["role"] == "developer" else m for m in messages]  # as the server does
         if tools is not None:
-            check_tools(tools, "tools", "tools[{}]")
+            check_tools(tools, "tools", lambda i: f"tools[{i}]")
+            tools = list(tools)
         if isinstance(tool_choice, dict):
             fn = tool_choice.get("function")
             if tool_choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):

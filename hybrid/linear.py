@@ -43,9 +43,9 @@ def widening_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, I)
     T = x2.shape[0]
     if 1 <= T <= MAX_WIDEN_ROWS:
-        y = torch.from_numpy(bf16_gemv(x2.contiguous().numpy(), w.view(torch.int16).numpy().view(np.uint16)))
+        y = torch.from_numpy(bf16_gemv(x2.detach().contiguous().numpy(), w.view(torch.int16).numpy().view(np.uint16)))
     else:
-        yt = torch.empty(O, T)  # [O, T]: each block's rows are one contiguous slice
+        yt = torch.empty(O, T, dtype=x.dtype)  # [O, T]: each block's rows are one contiguous slice
         xt = x2.T
         for o in range(0, O, WIDEN_BLOCK_ROWS):
             torch.mm(w[o:o + WIDEN_BLOCK_ROWS].float(), xt, out=yt[o:o + WIDEN_BLOCK_ROWS])
@@ -59,9 +59,9 @@ _MM_OUT_DTYPE: dict[torch.dtype, bool] = {}  # input dtype -> torch.mm(out_dtype
 def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [T, I] @ w.T in fp32, as DeepSeek-V3's router computes it (both operands widened to fp32).
 
-    On CUDA with x and w both bf16/fp16, torch.mm(out_dtype=float32) gives the same result without
-    a widened copy of w per call (the products of two bf16 values are exact in fp32 and cuBLAS sums
-    in fp32): for K2's 60 router weights that copy is ~1.6 GB of traffic per token. A bf16 w under
+    On CUDA with x and w both bf16/fp16, torch.mm(out_dtype=float32) gives that product up to
+    summation order without a widened copy of w per call (the products of two bf16 values are exact
+    in fp32 and cuBLAS sums in fp32): for K2's 60 router weights that copy is ~1.6 GB of traffic per token. A bf16 w under
     fp32 x on the CPU goes through widening_linear. Elsewhere, or where this torch lacks out_dtype,
     w is widened."""
     if w.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == "cpu":
@@ -72,7 +72,7 @@ def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             y = torch.mm(x, w.t(), out_dtype=torch.float32)
             _MM_OUT_DTYPE[x.dtype] = True
             return y
-        except (TypeError, RuntimeError, NotImplementedError) as e:  # an older torch: no out_dtype
+        except (TypeError, NotImplementedError) as e:  # an older torch: no out_dtype (a CUDA error propagates)
             _MM_OUT_DTYPE[x.dtype] = False
             log.info("torch.mm(out_dtype=float32) unavailable for %s (%s); the router widens its weight", x.dtype, e)
     return x.float() @ w.float().T

@@ -53,8 +53,9 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     prefill_offload: for long prompts, upload a layer's experts to the GPU side and run its MoE there
     when that beats the CPU: 'auto' (from measured PCIe, CPU and GPU speeds; CUDA only), 'on'
     (every multi-token prefill; for testing), 'off'.
-    dtype: the GPU side's compute and storage dtype: 'auto' (bfloat16 on CUDA, float32 on a CPU, where
-    bf16 matmuls are slow), 'bfloat16' or 'float32'.
+    dtype: the GPU side's compute dtype: 'auto' (bfloat16 on CUDA; float32 on a CPU, where bf16 matmuls
+    are slow, with the linear weights kept in bf16 as stored and widened inside each product),
+    'bfloat16' or 'float32'.
     gpu_precision: storage of the big GPU-side linears on CUDA: 'auto' (bf16 when it fits with the KV
     cache, else int8 weight-only), 'bf16' or 'int8' (half the VRAM, leaving room for context or hot
     experts; one byte read per weight in a decode step). A GPU side on the CPU refuses the last two.

@@ -225,7 +225,7 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
                          "leave dtype at 'auto' or pick device 'cpu'")
     if dev == "cpu" and gpu_precision != "auto":
         raise ValueError(f"gpu_precision {gpu_precision!r} needs a CUDA GPU; without one the GPU side runs on the "
-                         "CPU in fp32 (bf16 matmul is ~400x slower without AVX512-BF16); use --gpu-precision auto")
+                         "CPU, its weights in bf16 with fp32 math ('bf16w'); use --gpu-precision auto")
     threads = cpu_threads if cpu_threads is not None else hw.threads
     if threads < 1 or (hot_experts or 0) < 0:
         raise ValueError(f"cpu_threads must be >= 1 and hot_experts >= 0, got {threads} and {hot_experts}")
@@ -313,9 +313,9 @@ def _fit_ram(sizes: _Sizes, hw: Hardware, needs: dict[str, int], ram_budget: flo
     ctx_note = ", or a smaller --context" if needs.get("kv_cache", 0) > 0.05 * need else ""
     budget = avail - need - reserve if ram_budget is None else int(ram_budget * GB)
     if ram_budget is not None and need + budget + reserve > avail:
-        fits = avail - need - reserve
-        fix = (f"use --ram-budget {math.floor(fits / GB * 10) / 10:.1f} or less{ctx_note}" if fits >= min_cache
-               else side_note[2:] or "free some RAM")  # rounded down: the figure named must fit
+        fits = math.floor((avail - need - reserve) / GB * 10) / 10  # rounded down: the figure named must fit
+        fix = (f"use --ram-budget {fits:.1f} or less{ctx_note}" if fits * GB >= min_cache
+               else side_note[2:] or "free some RAM")
         raise PlanError("RAM", need + budget + reserve - avail,
                         f"--ram-budget {ram_budget:g} GB plus {_itemise(needs)} and the {_gb(reserve)} kept free "
                         f"exceeds the {_gb(avail)} available; {fix}")

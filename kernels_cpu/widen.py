@@ -9,9 +9,11 @@ from hybrid/. Letters: T rows of x, O out features, I in features.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
-from numba import get_num_threads, njit, prange, types
+from numba import get_num_threads, njit, prange, threading_layer, types
 from numba.extending import intrinsic
 
 from .moe import _take
@@ -34,24 +36,51 @@ def _bf16_to_f32(typingctx, bits):
     return sig, codegen
 
 
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def _rows(x, w, out, lo, hi):
+    # rows lo..hi-1 of out f32 [T, O] from x f32 [T, I] and w uint16 [O, I]
+    T, I = x.shape
+    for o in range(lo, hi):
+        for t in range(T):  # the row is re-read from L1 for each row of x
+            acc = np.float32(0.0)
+            for i in range(I):
+                acc += _bf16_to_f32(w[o, i]) * x[t, i]
+            out[t, o] = acc
+
+
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
 def _gemv(x, w, out, nt):
-    # x f32 [T, I], w uint16 [O, I], out f32 [T, O]; items = blocks of RB rows, handed out by _take
-    # (each thread streams its own contiguous share; one whose core is busy loses items to the rest)
-    T, I = x.shape
+    # items = blocks of RB rows, handed out by _take (each thread streams its own contiguous share;
+    # one whose core is busy loses items to the rest)
     O = w.shape[0]
     n = (O + RB - 1) // RB
     queue = np.zeros(8 * nt, np.int64)
     for th in prange(nt):
         it = _take(queue, n, th, nt)
         while it < n:
-            for o in range(it * RB, min(O, it * RB + RB)):
-                for t in range(T):  # the row is re-read from L1 for each row of x
-                    acc = np.float32(0.0)
-                    for i in range(I):
-                        acc += _bf16_to_f32(w[o, i]) * x[t, i]
-                    out[t, o] = acc
+            _rows(x, w, out, it * RB, min(O, it * RB + RB))
             it = _take(queue, n, th, nt)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _gemv_serial(x, w, out):
+    _rows(x, w, out, 0, w.shape[0])
+
+
+@njit(cache=True, parallel=True)
+def _probe(a):
+    for i in prange(a.shape[0]):
+        a[i] = i
+
+
+@functools.lru_cache(maxsize=1)
+def concurrent_parallel_ok() -> bool:
+    """Whether two Python threads may run Numba parallel regions at once, as this GEMV on the forward
+    pass's thread does beside the expert kernels on a worker: the omp and tbb threading layers allow
+    it; workqueue (Numba's fallback where neither library is installed) aborts the process. Asked
+    once: a tiny parallel function makes Numba pick its layer."""
+    _probe(np.zeros(4, np.int64))
+    return threading_layer() != "workqueue"
 
 
 def bf16_gemv(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -62,6 +91,9 @@ def bf16_gemv(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np
         raise ValueError(f"bf16_gemv: x must be float32 and w uint16 (bf16 bits), got {x.dtype} and {w.dtype}")
     if out is None:
         out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    # nt passed in: get_num_threads() inside a parallel function defeats cache=True
-    _gemv(np.ascontiguousarray(x), np.ascontiguousarray(w), out, get_num_threads())
+    x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
+    if concurrent_parallel_ok():
+        _gemv(x, w, out, get_num_threads())  # nt passed in: get_num_threads() inside defeats cache=True
+    else:
+        _gemv_serial(x, w, out)  # one core, but never a second parallel region beside the experts'
     return out

@@ -15,6 +15,7 @@ import torch
 
 log = logging.getLogger(__name__)
 _FUSED_WORKS: dict[tuple[str, torch.dtype], bool] = {}  # (device type, dtype) -> aten op usable, learned once
+_TRITON_WORKS: dict[torch.device, bool] = {}  # device -> the Triton GEMV ran there (False after it failed)
 BLOCK_ROWS = 8192  # output rows the plain path dequantises at a time (K2's lm_head: 117 MB, not 2.3 GB, of bf16)
 
 
@@ -64,9 +65,19 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
     auto = kernel is None
     if auto:
         kernel = pick_kernel(x.device.type, x.dtype, rows)
+        if kernel == "triton" and not _TRITON_WORKS.get(x.device, True):
+            kernel = "plain"
     if kernel == "triton":
         from .int8_triton import int8_gemv  # ImportError without Triton: only an explicit ask gets here then
-        return int8_gemv(x.reshape(rows, x.shape[-1]), qweight, scale).view(*x.shape[:-1], qweight.shape[0])
+        try:
+            return int8_gemv(x.reshape(rows, x.shape[-1]), qweight, scale).view(*x.shape[:-1], qweight.shape[0])
+        except Exception as e:  # a GPU or toolchain Triton cannot target: compile or launch errors of every kind
+            if not auto:
+                raise
+            _TRITON_WORKS[x.device] = False
+            log.warning("the Triton int8 GEMV failed on %s (%s: %s); int8 linears dequantise from now on",
+                        x.device, type(e).__name__, e)
+            kernel = "plain"
     if kernel == "aten":
         key = (x.device.type, x.dtype)
         try:
@@ -91,7 +102,9 @@ def pick_kernel(device_type: str, dtype: torch.dtype, rows: int) -> str:
     """int8_linear's choice when it is given none (see there)."""
     if device_type == "cpu":
         return "aten" if _FUSED_WORKS.get((device_type, dtype), True) else "plain"
-    return "triton" if rows == 1 and _triton_imports() else "plain"  # a decode step, batch 1
+    if device_type == "cuda" and rows == 1 and _triton_imports():  # a decode step, batch 1
+        return "triton"
+    return "plain"
 
 
 @functools.lru_cache(maxsize=1)

@@ -280,9 +280,16 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
     assert out["settings"]["gpu_precision"] == ("bf16" if torch.cuda.is_available() else "bf16w")
 
 
-def test_device_reaches_the_plan(tiny_path):
+def test_device_reaches_the_plan(tiny_path, monkeypatch):
     args = ["run", "hi", "-m", str(tiny_path), "--max-tokens", "2"]
+    import hybrid
+
+    seen = {}
+    load = hybrid.load
+    monkeypatch.setattr(hybrid, "load", lambda path, **kw: (seen.update(kw), load(path, **kw))[1])
     assert CliRunner().invoke(main, args + ["--device", "cpu"]).exit_code == 0
+    assert seen["device"] == "cpu"
+    monkeypatch.undo()
     if not torch.cuda.is_available():
         r = CliRunner().invoke(main, args + ["--device", "cuda"])
         assert r.exit_code == 1 and "device 'cuda' asked for, but no CUDA GPU was detected" in r.output, r.output
@@ -477,6 +484,15 @@ def test_chat_tools_file_is_checked_entry_by_entry(tmp_path, tools, says):
     r = CliRunner().invoke(main, ["chat", "-m", str(tmp_path / "never-loaded"), "--tools", str(f)])
     assert r.exit_code == 1 and says in r.output and str(f) in r.output
     assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("folder", ["a{0}", "b{x}", "c{}"])
+def test_a_tools_file_path_with_braces_is_just_a_path(tmp_path, folder):
+    f = tmp_path / folder / "tools.json"
+    f.parent.mkdir()
+    assert validate_tools([TOOL], str(f)) == [TOOL]
+    with pytest.raises(UserError, match=re.escape(f"{f}: tool 1 must be an object")):
+        validate_tools([TOOL, 5], str(f))
 
 
 @pytest.mark.parametrize("messages, says", [

@@ -119,13 +119,43 @@ def test_malformed_messages_are_refused_naming_the_message(scripted, messages, s
     assert len(scripted.prompts) == n
 
 
-def test_malformed_or_duplicate_tools_are_refused(scripted):
+def test_malformed_tools_are_refused(scripted):
     hi = [{"role": "user", "content": "hi"}]
-    fn = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     with pytest.raises(ValueError, match=r"tools\[0\] \(f\): function.parameters"):
         list(scripted.chat(hi, tools=[{"type": "function", "function": {"name": "f", "parameters": "x"}}]))
-    with pytest.raises(ValueError, match=r"tools\[1\]: a second tool named 'f'"):
-        list(scripted.chat(hi, tools=[fn, fn]))
+    with pytest.raises(ValueError, match=r"messages\[0\] is not a dict"):
+        list(scripted.chat(["hi"]))
+
+
+def test_what_the_server_accepts_engine_chat_accepts(scripted):
+    """A developer message is a system message (as the OpenAI server maps it); tuples, dataclasses and
+    pydantic models are messages too, and a named tool_choice works on them."""
+    import dataclasses
+
+    from pydantic import BaseModel
+
+    from .server_harness import WEATHER_TOOL
+
+    def prompt_of(messages, **kw):
+        list(scripted.chat(messages, **kw))
+        return scripted.prompts[-1]
+
+    system = prompt_of([{"role": "system", "content": "be terse"}, {"role": "user", "content": "hi"}])
+    assert prompt_of([{"role": "developer", "content": "be terse"}, {"role": "user", "content": "hi"}]) == system
+    assert prompt_of(({"role": "system", "content": "be terse"}, {"role": "user", "content": "hi"})) == system
+
+    @dataclasses.dataclass
+    class Msg:
+        role: str
+        content: str
+
+    class PMsg(BaseModel):
+        role: str
+        content: str
+
+    assert prompt_of([Msg("system", "be terse"), PMsg(role="user", content="hi")]) == system
+    named = prompt_of([{"role": "user", "content": "weather?"}], tools=[WEATHER_TOOL], tool_choice="get_weather")
+    assert prompt_of([PMsg(role="user", content="weather?")], tools=(WEATHER_TOOL,), tool_choice="get_weather") == named
 
 
 @pytest.fixture(scope="module")

@@ -236,6 +236,45 @@ def test_bf16_gemv_equals_the_widened_fp32_product():
         bf16_gemv(np.zeros((1, In), np.float32), w.astype(np.int32))
 
 
+def test_bf16_gemv_beside_the_expert_kernels(experts, table):
+    """The engine's decode runs the GEMV on the forward pass's thread while a worker runs moe_forward:
+    both answers stay exact with the two parallel regions at once."""
+    from kernels_cpu.widen import bf16_gemv
+
+    rng = np.random.default_rng(12)
+    ids, wts = routing(16, seed=12)
+    x = rng.standard_normal((16, D)).astype(np.float32)
+    w = bf16_bits(rng.standard_normal((300, D)))
+    want_moe, want_gemv = moe_forward(x, ids, wts, table), bf16_gemv(x[:4], w)
+    got = {"moe": [], "gemv": []}
+
+    def experts_loop():
+        for _ in range(20):
+            got["moe"].append(moe_forward(x, ids, wts, table))
+
+    t = threading.Thread(target=experts_loop)
+    t.start()
+    for _ in range(200):
+        got["gemv"].append(bf16_gemv(x[:4], w))
+    t.join()
+    assert all(np.array_equal(g, want_moe) for g in got["moe"]) and len(got["moe"]) == 20
+    assert all(np.array_equal(g, want_gemv) for g in got["gemv"])
+
+
+def test_decode_under_numbas_workqueue_layer_does_not_abort(tiny_path):
+    """Where neither OpenMP nor TBB is installed Numba falls back to its workqueue layer, which aborts
+    the process when two threads enter parallel regions at once: the GEMV then runs on one core."""
+    code = ("import hybrid, torch; from kernels_cpu.widen import concurrent_parallel_ok\n"
+            f"e = hybrid.load({str(tiny_path)!r}, backend='numba', device='cpu', context=64)\n"
+            "print([s.token for s in e.generate([1, 2, 3, 4], 6, temperature=0)], concurrent_parallel_ok())")
+    runs = [subprocess.run([sys.executable, "-c", code], env=dict(os.environ, NUMBA_THREADING_LAYER=layer),
+                           capture_output=True, text=True, timeout=300) for layer in ("workqueue", "default")]
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
+    (toks_wq, ok_wq), (toks, ok) = (r.stdout.strip().rsplit(" ", 1) for r in runs)
+    assert ok_wq == "False" and toks_wq == toks  # the same greedy tokens on one core
+
+
+
 HASWELL = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fsgsbase,+lzcnt,+mmx,+movbe,+pclmul,"
            "+popcnt,+rdrnd,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt")
 

@@ -163,10 +163,39 @@ def test_int8_triton_gemv_equals_the_dequantising_path():
     assert pick_kernel("cuda", torch.bfloat16, 2) == pick_kernel("cuda", torch.bfloat16, 512) == "plain"
 
 
+def test_a_triton_gemv_that_fails_falls_back_to_dequantising_once(monkeypatch, caplog):
+    """A GPU or toolchain Triton cannot target must not break an int8 plan: the first failure is
+    logged, that call and every later one on the device take the dequantising path."""
+    pytest.importorskip("triton", reason="Triton is in [dev] on x86-64 Linux only")
+    import kernels_gpu.int8 as int8_mod
+    import kernels_gpu.int8_triton as int8_triton
+
+    calls = []
+
+    def broken(x, q, scale):
+        calls.append(1)
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(int8_mod, "_TRITON_WORKS", {})
+    monkeypatch.setattr(int8_mod, "pick_kernel", lambda dev, dt, rows: "triton" if rows == 1 else "plain")
+    monkeypatch.setattr(int8_triton, "int8_gemv", broken)
+    g = torch.Generator().manual_seed(4)
+    q, scale = quantize_int8(torch.randn(40, 64, generator=g))
+    x = torch.randn(1, 64, generator=g)
+    want = int8_linear(x, q, scale, kernel="plain")
+    with caplog.at_level("WARNING", logger="kernels_gpu.int8"):
+        assert torch.equal(int8_linear(x, q, scale), want) and torch.equal(int8_linear(x, q, scale), want)
+    assert len(calls) == 1 and "int8 linears dequantise from now on" in caplog.text
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        int8_linear(x, q, scale, kernel="triton")  # asked for by name: the error is the caller's
+    assert pick_kernel("mps", torch.float16, 1) == pick_kernel("xpu", torch.bfloat16, 1) == "plain"
+
+
 def test_router_logits_in_fp32_without_widening_the_weight():
-    """hybrid.model.fp32_linear: DeepSeek-V3's fp32 router product from bf16 operands. On CUDA it
+    """hybrid.linear.fp32_linear: DeepSeek-V3's fp32 router product from bf16 operands. On CUDA it
     runs torch.mm(out_dtype=float32) (where this torch has it) and must equal the widened product to
-    fp32 accuracy; on a CPU it widens. Router logits of K2's shape, magnitudes as in a real layer."""
+    fp32 accuracy; on a CPU, fp32 activations over the bf16 weight (the engine's bf16w) go through
+    the widening GEMV (3 rows) and GEMM (12 rows). Router logits of K2's shape."""
     from hybrid.linear import fp32_linear
 
     g = torch.Generator().manual_seed(9)
@@ -178,6 +207,16 @@ def test_router_logits_in_fp32_without_widening_the_weight():
     torch.testing.assert_close(y.double().cpu(), exact, rtol=1e-5, atol=1e-5)
     x32 = x.float()
     torch.testing.assert_close(fp32_linear(x32, w.float()).double(), exact, rtol=1e-5, atol=1e-5)
+    import hybrid.linear as lin
+
+    calls = []
+    widen = lin.widening_linear
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lin, "widening_linear", lambda a, b: (calls.append(a.shape[0]), widen(a, b))[1])
+        for rows in (x32, x32.repeat(4, 1)):
+            torch.testing.assert_close(fp32_linear(rows, w).double(), rows.double() @ w.double().T,
+                                       rtol=1e-5, atol=1e-5)
+    assert calls == [3, 12]
 
 
 # ---- offload ----------------------------------------------------------------------------------

@@ -236,6 +236,9 @@ def test_ram_budget_option(k2):
     with pytest.raises(PlanError, match=r"kept free exceeds .* --ram-budget 121\.0 or less") as ei:
         plan(k2, hw, ram_budget=121.1)  # below the RAM there, above it less its reserve
     assert ei.value.short_bytes == EMBED + int(121.1 * GB) + ram_reserve(128 * GB) - 128 * GB
+    with pytest.raises(PlanError, match="free some RAM") as ei:  # no budget to suggest that the next check refuses
+        plan(k2, Hardware.hypothetical(4.845, [24]), ram_budget=5)
+    assert "--ram-budget 0.3" not in str(ei.value)
     with pytest.raises(PlanError, match=r"RAM is short by 0\.30 GB.*--ram-budget 0\.4 or more"):
         plan(k2, hw, ram_budget=0.1)
     with pytest.raises(PlanError) as ei:
