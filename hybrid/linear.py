@@ -1,17 +1,19 @@
 """How the GPU side applies a weight to activations: one call for every storage it may have.
 
-Owns linear (dense, int8 weight-only, bf16 widened under fp32 math) and fp32_linear (the router's
-fp32 product). Must not know the model: model.py calls these with tensors, shapes [..., I] -> [..., O].
+Owns linear (dense, int8 weight-only, bf16 widened under fp32 math; on a CPU the Numba GEMVs of
+kernels_cpu.widen for a decode step) and fp32_linear (the router's fp32 product). Must not know the
+model: model.py calls these with tensors, shapes [..., I] -> [..., O].
 """
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import numpy as np
 import torch
 
 from kernels_cpu.widen import MAX_ROWS as MAX_WIDEN_ROWS
-from kernels_cpu.widen import bf16_gemv
+from kernels_cpu.widen import bf16_gemv, int8_gemv
 from kernels_gpu.int8 import int8_linear
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,8 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x [..., I] @ w.T; int8 weight-only weights go through kernels_gpu's int8 linear, bf16 weights
     under fp32 activations (the GPU side on the CPU) through widening_linear."""
     if isinstance(w, tuple):
+        if x.dtype == torch.float32 and x.device.type == "cpu":  # int8 asked for on a CPU ('int8w')
+            return _int8_cpu(x, *w)
         return int8_linear(x, *w)
     if w.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == "cpu":
         return widening_linear(x, w)
@@ -45,11 +49,32 @@ def widening_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if 1 <= T <= MAX_WIDEN_ROWS:
         y = torch.from_numpy(bf16_gemv(x2.detach().contiguous().numpy(), w.view(torch.int16).numpy().view(np.uint16)))
     else:
-        yt = torch.empty(O, T, dtype=x.dtype)  # [O, T]: each block's rows are one contiguous slice
-        xt = x2.T
-        for o in range(0, O, WIDEN_BLOCK_ROWS):
-            torch.mm(w[o:o + WIDEN_BLOCK_ROWS].float(), xt, out=yt[o:o + WIDEN_BLOCK_ROWS])
-        y = yt.T.contiguous()
+        y = _blockwise_gemm(x2, O, lambda o, b: w[o:o + b].float())
+    return y.view(*x.shape[:-1], O)
+
+
+def _blockwise_gemm(x2: torch.Tensor, O: int, block: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """x2 fp32 [T, I] @ W.T [T, O], where block(o, n) gives W's rows o..o+n-1 in fp32: one GEMM per
+    WIDEN_BLOCK_ROWS rows, so the widened copy stays in cache whatever the layer's size."""
+    yt = torch.empty(O, x2.shape[0], dtype=x2.dtype)  # [O, T]: each block's rows are one contiguous slice
+    xt = x2.T
+    for o in range(0, O, WIDEN_BLOCK_ROWS):
+        torch.mm(block(o, WIDEN_BLOCK_ROWS), xt, out=yt[o:o + WIDEN_BLOCK_ROWS])
+    return yt.T.contiguous()
+
+
+def _int8_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x fp32 [..., I] on the CPU over int8 codes [O, I] and bf16 row scales [O]: the Numba GEMV for a
+    decode step (1 byte read a weight), else a GEMM per block of rows dequantised to fp32 (aten's
+    int8 kernel measured ~3 GB/s for one row here)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    O = q.shape[0]
+    if 1 <= x2.shape[0] <= MAX_WIDEN_ROWS:
+        y = torch.from_numpy(int8_gemv(x2.detach().contiguous().numpy(), q.numpy(),
+                                       scale.view(torch.int16).numpy().view(np.uint16)))
+    else:
+        s32 = scale.float()[:, None]
+        y = _blockwise_gemm(x2, O, lambda o, b: q[o:o + b].float().mul_(s32[o:o + b]))
     return y.view(*x.shape[:-1], O)
 
 

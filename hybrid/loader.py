@@ -151,7 +151,7 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     dtype = "bfloat16" if plan.device == "cuda" or plan.gpu_precision == "bf16" else "float32"
     try:
         engine = Engine(ckpt, experts, device=plan.device, dtype=DTYPES[dtype], context=context,
-                        int8=plan.gpu_precision == "int8", bf16w=plan.gpu_precision == "bf16w")
+                        int8=plan.gpu_precision in ("int8", "int8w"), bf16w=plan.gpu_precision in ("bf16w", "int8w"))
     except BaseException:  # IO threads, file descriptors and the slot arena must not outlive a failed load
         if hasattr(experts, "close"):
             experts.close()

@@ -46,7 +46,8 @@ class PlanError(ValueError):
 class Entry:
     what: str  # a key of LABELS
     where: str  # 'gpu' | 'ram' | 'mmap' | 'cache'
-    precision: str  # 'bf16' | 'int8' | 'fp32' (a CPU's KV cache) | 'int4' | 'bf16w' (bf16 weights, fp32 math)
+    precision: str  # 'bf16' | 'int8' | 'fp32' (a CPU's KV cache) | 'int4' | 'bf16w' / 'int8w' (a CPU: those
+    # weights, fp32 math; see widen_eligible)
     nbytes: int
     detail: str = ""  # e.g. '8,192 tokens' or '4,887 slots of 23,040'
 
@@ -54,7 +55,7 @@ class Entry:
 @dataclass(frozen=True)
 class Plan:
     device: str  # 'cuda' | 'cpu': where the "GPU side" runs
-    gpu_precision: str  # storage of the big GPU-side linears: 'bf16' | 'int8' (cuda), 'bf16w' | 'bf16' (cpu)
+    gpu_precision: str  # storage of the big GPU-side linears: 'bf16' | 'int8' (cuda), 'bf16w' | 'int8w' | 'bf16' (cpu)
     entries: tuple[Entry, ...]
     context: int  # tokens the KV cache holds
     kv_bytes_per_token: int
@@ -152,10 +153,10 @@ class _Sizes:
     def nbytes(self, what: str, precision: str) -> int:
         n = 0
         for name, spec, count in self.specs.get(what, []):
-            if precision == "bf16w" and not widen_eligible(name, spec.shape):  # held in fp32
-                b = spec.params * 4
-            elif precision == "int8" and int8_eligible(name, spec.shape):
+            if precision in ("int8", "int8w") and int8_eligible(name, spec.shape):
                 b = spec.params + spec.shape[0] * 2  # int8 weights + a bf16 scale per output row
+            elif precision in ("bf16w", "int8w") and not widen_eligible(name, spec.shape):  # held in fp32
+                b = spec.params * 4
             else:
                 b = spec_nbytes(spec)
             n += b * count
@@ -200,7 +201,9 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     ram_budget: GB for routed experts (default: available RAM minus the RAM-side needs and
         ram_reserve()); 'auto' expert mode is 'mmap' when all routed experts fit in it, else 'cache'.
     gpu_precision: 'auto' = bf16 if it fits with the KV cache, else int8 weight-only; the CPU as
-        "GPU side" computes in fp32 over its bf16 weights ('bf16w', see widen_eligible). hot_experts: per MoE layer on the GPU (None = all that fit).
+        "GPU side" computes in fp32 over its bf16 weights ('bf16w', see widen_eligible), or over int8
+        ones where 'int8' is asked for ('int8w': half the bytes again, int8's rounding).
+    hot_experts: per MoE layer on the GPU (None = all that fit).
     checkpoint_dir: when given, the part of the checkpoint not yet there must fit on its disk.
     dtype: the GPU side's dtype when it runs on the CPU: 'auto' or 'float32' (fp32), 'bfloat16';
         on CUDA it is bf16 (int8 where gpu_precision says), so 'float32' is refused there.
@@ -223,9 +226,11 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     if dev == "cuda" and dtype == "float32":
         raise ValueError("dtype 'float32' is for a GPU side on the CPU; on CUDA it is bf16 (or int8 weights): "
                          "leave dtype at 'auto' or pick device 'cpu'")
-    if dev == "cpu" and gpu_precision != "auto":
-        raise ValueError(f"gpu_precision {gpu_precision!r} needs a CUDA GPU; without one the GPU side runs on the "
-                         "CPU, its weights in bf16 with fp32 math ('bf16w'); use --gpu-precision auto")
+    if dev == "cpu" and gpu_precision == "bf16":
+        raise ValueError("gpu_precision 'bf16' needs a CUDA GPU; without one the GPU side runs on the CPU, its "
+                         "weights in bf16 with fp32 math ('bf16w', the default); use --gpu-precision auto (or int8)")
+    if dev == "cpu" and gpu_precision == "int8" and dtype == "bfloat16":
+        raise ValueError("gpu_precision 'int8' on the CPU computes in fp32; leave dtype at 'auto' or 'float32'")
     threads = cpu_threads if cpu_threads is not None else hw.threads
     if threads < 1 or (hot_experts or 0) < 0:
         raise ValueError(f"cpu_threads must be >= 1 and hot_experts >= 0, got {threads} and {hot_experts}")
@@ -238,7 +243,8 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     slot_bytes = -(-expert_bytes // SLOT_ALIGN) * SLOT_ALIGN
     expert_dtype = f"int{cfg.quant.num_bits}" if cfg.quant else "bf16"  # as on disk
     kv_values = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # MLA latent + rope key
-    cpu_precision = "bf16" if dtype == "bfloat16" else "bf16w"  # the GPU side on the CPU
+    # the GPU side on the CPU: bf16 math, or fp32 math over bf16 (or, asked for, int8) linear weights
+    cpu_precision = "bf16" if dtype == "bfloat16" else "int8w" if gpu_precision == "int8" else "bf16w"
     kv_per_token = kv_values * (2 if dev == "cuda" or cpu_precision == "bf16" else 4)  # the cache in that dtype
 
     # -- the GPU side ---------------------------------------------------------------------
@@ -261,7 +267,8 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
             log.warning("--gpu-memory ignored: the GPU side runs on the CPU")
 
     where_gpu = "gpu" if dev == "cuda" else "ram"
-    side = {w: precision if precision != "int8" or w in INT8_CLASSES else "bf16" for w in GPU_SIDE}
+    side = {w: precision if precision not in ("int8", "int8w") or w in INT8_CLASSES else
+            "bf16" if precision == "int8" else "bf16w" for w in GPU_SIDE}
     entries = [Entry(w, where_gpu, side[w], sizes.nbytes(w, side[w])) for w in GPU_SIDE]
     entries.append(Entry("kv_cache", where_gpu, "bf16" if kv_per_token == 2 * kv_values else "fp32", context * kv_per_token,
                          f"{context:,} tokens"))

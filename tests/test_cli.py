@@ -296,13 +296,16 @@ def test_device_reaches_the_plan(tiny_path, monkeypatch):
 
 
 def test_gpu_precision_reaches_the_plan(tiny_path):
-    """--gpu-precision goes to hybrid.load's plan: without CUDA, forcing one is refused in one line
-    that names the option; auto is what runs everywhere."""
+    """--gpu-precision goes to hybrid.load's plan: without CUDA, bf16 is refused in one line that
+    names the option, and int8 runs the CPU side over int8 weights; auto runs everywhere."""
     args = ["run", "hi", "-m", str(tiny_path), "--max-tokens", "2"]
     if not torch.cuda.is_available():
-        r = CliRunner().invoke(main, args + ["--gpu-precision", "int8"])
-        assert r.exit_code == 1 and "gpu_precision 'int8' needs a CUDA GPU" in r.output and "--gpu-precision auto" \
+        r = CliRunner().invoke(main, args + ["--gpu-precision", "bf16"])
+        assert r.exit_code == 1 and "gpu_precision 'bf16' needs a CUDA GPU" in r.output and "--gpu-precision auto" \
             in r.output and "Traceback" not in r.output, r.output
+        r = CliRunner().invoke(main, ["bench", "-m", str(tiny_path), "--prompt-tokens", "8", "--gen-tokens", "4",
+                                      "--runs", "1", "--probe-mb", "16", "--gpu-precision", "int8", "--json"])
+        assert r.exit_code == 0 and json.loads(r.output.strip().splitlines()[-1])["settings"]["gpu_precision"] == "int8w"
     assert CliRunner().invoke(main, args + ["--gpu-precision", "auto"]).exit_code == 0
     r = CliRunner().invoke(main, args + ["--gpu-precision", "fp8"])
     assert r.exit_code == 2 and "'fp8' is not one of" in r.output

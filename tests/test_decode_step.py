@@ -304,8 +304,10 @@ def test_cuda_graph_decode_equals_eager_on_cuda(tiny_path, graphs):
 def test_token_step_with_int8_weights_through_the_triton_gemv(tiny_path, monkeypatch):
     """What CUDA runs for an int8 plan: the token step's one-row linears go through
     kernels_gpu.int8_triton (here in Triton's interpreter), the prompt's through the dequantising
-    path; the logits equal the plain forward's over the same int8 weights. lm_head stays dense
-    here: its 163,840 rows are too many programs for the interpreter."""
+    path; the logits equal the plain forward's over the same int8 weights (on this CPU through
+    kernels_cpu.widen.int8_gemv). lm_head stays dense here: its 163,840 rows are too many programs
+    for the interpreter."""
+    import hybrid.linear as linear_mod
     import kernels_gpu.int8 as int8_mod
     import kernels_gpu.int8_triton as int8_triton
     from hybrid.engine import gpu_side_weight
@@ -321,6 +323,7 @@ def test_token_step_with_int8_weights_through_the_triton_gemv(tiny_path, monkeyp
     calls, gemv = [], int8_triton.int8_gemv
     monkeypatch.setattr(int8_triton, "int8_gemv", lambda x, q, scale: (calls.append(x.shape[0]), gemv(x, q, scale))[1])
     monkeypatch.setattr(int8_mod, "pick_kernel", lambda dev, dt, rows: "triton" if rows == 1 else "plain")
+    monkeypatch.setattr(linear_mod, "_int8_cpu", int8_mod.int8_linear)  # linear() as on CUDA: int8_linear decides
     dec = StaticDecoder(stepped, cache, bucket_min=8, mode="token")
     got = teacher_forced(stepped, cache, toks, dec.step)
     n_int8 = sum(isinstance(w, tuple) for w in qw.values())

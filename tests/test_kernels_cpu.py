@@ -236,6 +236,26 @@ def test_bf16_gemv_equals_the_widened_fp32_product():
         bf16_gemv(np.zeros((1, In), np.float32), w.astype(np.int32))
 
 
+def test_int8_gemv_equals_the_scaled_int8_product():
+    """int8 codes (both extremes present) with a bf16 scale per row, every row count, against float64."""
+    from kernels_cpu.widen import MAX_ROWS, RB, int8_gemv
+
+    rng = np.random.default_rng(8)
+    O, In = 3 * RB + 5, 301
+    q = rng.integers(-127, 128, (O, In), dtype=np.int64).astype(np.int8)
+    q[0, :3] = (-127, 127, 0)
+    scale = bf16_bits(np.logspace(-4, 0, O))
+    sf = (scale.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    for T in range(1, MAX_ROWS + 1):
+        x = rng.standard_normal((T, In)).astype(np.float32)
+        ref = x.astype(np.float64) @ (q.astype(np.float64) * sf[:, None]).T
+        np.testing.assert_allclose(int8_gemv(x, q, scale), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="scale"):
+        int8_gemv(x, q, scale[:-1])
+    with pytest.raises(ValueError, match="q int8"):
+        int8_gemv(x, q.astype(np.int16), scale)
+
+
 def test_bf16_gemv_beside_the_expert_kernels(experts, table):
     """The engine's decode runs the GEMV on the forward pass's thread while a worker runs moe_forward:
     both answers stay exact with the two parallel regions at once."""

@@ -88,6 +88,12 @@ def test_int8_weight_only_gpu_weights_cost_no_more_than_their_precision(tiny_pat
     n = Model(e.config, noisy, e.model.experts)
     err_noise = float((n.forward(ids, n.new_cache(32)) - exact).abs().max())
     assert 0 < err_int8 <= 2 * err_noise
+    # decoding over the same int8 weights (one row: kernels_cpu.widen.int8_gemv on this CPU) continues
+    # the full forward: prefill 20, then 7 single steps
+    cache = q.new_cache(32)
+    rows = [q.forward(ids[:20], cache)] + [q.forward(ids[i:i + 1], cache) for i in range(20, 27)]
+    full = q.forward(ids, q.new_cache(32))
+    assert float((torch.cat(rows) - full).abs().max()) <= 1e-4 * float(full.abs().max())
 
 
 def test_prefill_in_chunks_gives_the_same_logits_and_cache(tiny_path):
@@ -257,17 +263,23 @@ def test_bf16_weights_under_fp32_math_equal_fp32_weights(tiny_path):
         e.close()
 
 
-@pytest.mark.parametrize("dtype", ["auto", "float32", "bfloat16"])
-def test_loaded_engine_matches_its_plan(tiny_path, dtype):
-    """hybrid.load's plan and what the engine then holds agree, for each dtype of a CPU-side engine:
-    the GPU-side weights' bytes, the KV cache's bytes, and the embedding in host RAM as stored."""
+@pytest.mark.parametrize("dtype, precision", [("auto", "auto"), ("float32", "auto"), ("bfloat16", "auto"),
+                                              ("auto", "int8")])
+def test_loaded_engine_matches_its_plan(tiny_path, dtype, precision):
+    """hybrid.load's plan and what the engine then holds agree, for each dtype of a CPU-side engine
+    (and int8 weights asked for): the GPU-side weights' bytes, the KV cache's bytes, and the
+    embedding in host RAM as stored."""
     from hybrid.placement import GPU_SIDE
 
-    e = hybrid.load(tiny_path, backend="reference", device="cpu", context=32, dtype=dtype)
+    e = hybrid.load(tiny_path, backend="reference", device="cpu", context=32, dtype=dtype, gpu_precision=precision)
     want = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     assert e.model.dtype == want and e._cache.kv.dtype == want
-    assert e.plan.gpu_precision == ("bf16" if dtype == "bfloat16" else "bf16w")
-    assert e.model.w["model.layers.1.self_attn.o_proj.weight"].dtype == torch.bfloat16  # as stored, either way
+    assert e.plan.gpu_precision == ("bf16" if dtype == "bfloat16" else "int8w" if precision == "int8" else "bf16w")
+    o_proj, router = e.model.w["model.layers.1.self_attn.o_proj.weight"], e.model.w["model.layers.1.mlp.gate.weight"]
+    if precision == "int8":
+        assert o_proj[0].dtype == torch.int8 and o_proj[1].dtype == torch.bfloat16 and router.dtype == torch.bfloat16
+    else:
+        assert o_proj.dtype == torch.bfloat16  # as stored, either way
     held = sum(sum(t.numel() * t.element_size() for t in (v if isinstance(v, tuple) else (v,)))
                for k, v in e.model.w.items() if k != "model.embed_tokens.weight")
     entries = {x.what: x for x in e.plan.entries}

@@ -13,7 +13,7 @@ import pytest
 from hybrid.config import ModelConfig
 from hybrid.hardware import Hardware, detect
 from hybrid.layout import size_report
-from hybrid.placement import GPU_RESERVE, PlanError, plan, projected_decode_tps, ram_reserve
+from hybrid.placement import GPU_RESERVE, GPU_SIDE, PlanError, plan, projected_decode_tps, ram_reserve
 from hybrid.synth import preset_config
 
 from .conftest import REAL_CONFIG
@@ -208,9 +208,19 @@ def test_cpu_only_512gb_caches(k2):
     assert p.expert_mode == "cache" and p.cache_slots == budget // SLOT
 
 
-def test_precision_options_need_a_gpu(k2):
-    with pytest.raises(ValueError, match="fp32"):
+def test_precision_options_on_a_cpu(k2):
+    """Without a GPU, bf16 storage with fp32 math is the default ('bf16w'); int8 may be asked for
+    ('int8w': the int8-eligible weights as on CUDA, kv_b_proj and the norms in fp32 since the math is
+    fp32); a 'bf16' that would mean bf16 math on CUDA's terms is refused."""
+    with pytest.raises(ValueError, match="gpu_precision 'bf16' needs a CUDA GPU"):
         plan(k2, Hardware.hypothetical(768), gpu_precision="bf16")
+    p = plan(k2, Hardware.hypothetical(768), gpu_precision="int8")
+    int8w_side = INT8_SIDE + LAYERS * 2 * KV_B + 2 * NORMS
+    assert p.gpu_precision == "int8w" and sum(e.nbytes for e in p.entries if e.what in GPU_SIDE) == int8w_side
+    assert int8w_side / GB == pytest.approx(12.26, abs=0.01)  # 22.1 GB as bf16w
+    assert p.entry("router").precision == "bf16w" and p.entry("attention").precision == "int8w"
+    with pytest.raises(ValueError, match="computes in fp32"):
+        plan(k2, Hardware.hypothetical(768), gpu_precision="int8", dtype="bfloat16")
     with pytest.raises(ValueError, match="no CUDA GPU"):
         plan(k2, Hardware.hypothetical(768), device="cuda")
     assert plan(k2, Hardware.hypothetical(768, [48]), device="cpu").device == "cpu"
