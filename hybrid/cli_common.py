@@ -104,7 +104,8 @@ def engine_options(f: Callable) -> Callable:
                      help="Where the GPU side runs (auto: CUDA when there is a GPU; cpu: everything on the CPU)."),
         click.option("--gpu-precision", type=click.Choice(["auto", "bf16", "int8"]),
                      help="Storage of the big GPU-side linears (auto: bf16 when it fits with the KV cache, else "
-                          "int8 weight-only; CUDA only)."),
+                          "int8 weight-only; without a GPU, bf16 weights with fp32 math, or int8 ones: faster, "
+                          "int8's rounding)."),
         click.option("--hot-experts", type=click.IntRange(min=0),
                      help="Routed experts per MoE layer kept on the GPU (default: what the plan's spare VRAM holds)."),
         click.option("--prefill-chunk", type=click.IntRange(min=1),

@@ -51,7 +51,9 @@ def _machine(ram_gb: float | None, gpu_gb: tuple[float, ...], cores: int | None)
 @click.option("--ram-budget", type=GB_SIZE, help="GB of RAM for routed experts (default: what is left).")
 @click.option("--cpu-threads", type=click.IntRange(1, MAX_THREADS), help="Threads for the CPU experts (default: physical cores).")
 @click.option("--expert-mode", type=click.Choice(["auto", "mmap", "cache"]), default="auto", show_default=True)
-@click.option("--gpu-precision", type=click.Choice(["auto", "bf16", "int8"]), default="auto", show_default=True)
+@click.option("--gpu-precision", type=click.Choice(["auto", "bf16", "int8"]), default="auto", show_default=True,
+              help="Storage of the big GPU-side linears (on a CPU: auto is bf16 weights with fp32 math; int8 halves "
+                   "them again).")
 @click.option("--ram-gb", type=MACHINE_GB, help="Plan for a machine with this much RAM.")
 @click.option("--gpu-gb", type=MACHINE_GB, multiple=True,
               help="Plan for a machine with a GPU of this many GB (one: kimi-hybrid runs on GPU 0).")
