@@ -127,7 +127,7 @@ def _render_machine(hw: Hardware, hypothetical: bool, m: dict) -> None:
     t.add_row("CPU", f"{hw.physical_cores} cores, {hw.logical_cores} threads, {hw.numa_nodes} NUMA node(s); "
                      f"{' '.join(sorted(hw.cpu_flags)) or 'no notable flags'}")
     t.add_row("GPUs", ", ".join(f"{g.name}: {g.free_bytes / GB:,.1f} GB free of {g.total_bytes / GB:,.1f}"
-                                for g in hw.gpus) or "none (the GPU side runs on the CPU: bf16 weights, fp32 math)")
+                                for g in hw.gpus) or "none (the GPU side runs on the CPU, in fp32 math)")
     how = ("given" if "mem_read_gbps" not in m["measured_here"] else
            "measured on THIS machine" if hypothetical else "measured")
     t.add_row("RAM read", f"{m['mem_read_gbps']:,.1f} GB/s ({how})")

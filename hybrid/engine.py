@@ -54,12 +54,12 @@ class Engine:
                  dtype: torch.dtype = torch.float32, context: int = 4096, int8: bool = False,
                  bf16w: bool | None = None):
         """bf16w: keep the big linear weights in bf16 under fp32 math (gpu_side_weight); None: on a
-        CPU computing in fp32, as the plan's 'bf16w' counts them."""
+        CPU computing in fp32, as the plan's 'bf16w' (and, with int8, 'int8w') counts them."""
         self.checkpoint = ckpt
         self.config = ckpt.config
         self.device = torch.device(device)
-        if bf16w is None:
-            bf16w = self.device.type == "cpu" and dtype == torch.float32 and not int8
+        if bf16w is None:  # with int8 the rest of the linears (the router's) as 'int8w' counts them
+            bf16w = self.device.type == "cpu" and dtype == torch.float32
         # everything but the routed experts (and the embedding) goes to the compute device
         weights = {name: gpu_side_weight(name, ckpt.tensor(name), self.device, dtype, int8, bf16w)
                    for name in ckpt.tensors if ".mlp.experts." not in name and not name.endswith("inv_freq")}
@@ -287,7 +287,7 @@ class Engine:
         try:  # plain dicts from here on (dataclasses and pydantic models too), None values dropped
             messages = normalize_messages(messages)
         except ChatTemplateError as e:
-            raise ValueError(str(e).replace("message ", "messages[", 1).replace(" is not", "] is not", 1)) from None
+            raise ValueError(f"messages: {e}") from None
         for i, m in enumerate(messages):
             check_message(m, f"messages[{i}]")
         messages = [dict(m, role="system") if m["role"] == "developer" else m for m in messages]  # as the server does

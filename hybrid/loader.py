@@ -56,9 +56,10 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     dtype: the GPU side's compute dtype: 'auto' (bfloat16 on CUDA; float32 on a CPU, where bf16 matmuls
     are slow, with the linear weights kept in bf16 as stored and widened inside each product),
     'bfloat16' or 'float32'.
-    gpu_precision: storage of the big GPU-side linears on CUDA: 'auto' (bf16 when it fits with the KV
+    gpu_precision: storage of the big GPU-side linears: on CUDA 'auto' (bf16 when it fits with the KV
     cache, else int8 weight-only), 'bf16' or 'int8' (half the VRAM, leaving room for context or hot
-    experts; one byte read per weight in a decode step). A GPU side on the CPU refuses the last two.
+    experts; one byte read per weight in a decode step). On a CPU 'auto' (bf16 weights, fp32 math) or
+    'int8' (int8 weights, fp32 math: half the RAM and bytes again, int8's rounding); 'bf16' is refused.
     prefill_chunk: prompt tokens per forward pass (a long prompt is prefilled in chunks, each attending
     to the cache the earlier ones wrote; the same logits, bounded memory).
     decode_graphs: decode through hybrid.decode_step (fixed shapes; on CUDA one graph per token, the

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 GPU_RESERVE = int(1.5 * GB)  # CUDA context, cuBLAS workspace, prefill activations, allocator slack
 SLOT_ALIGN = 4096  # cache slots are O_DIRECT targets
 GPU_SIDE = ("attention", "router", "shared_experts", "dense_mlp", "norms", "lm_head")
-INT8_CLASSES = ("attention", "shared_experts", "dense_mlp", "lm_head")  # router and norms stay bf16
+INT8_CLASSES = ("attention", "shared_experts", "dense_mlp", "lm_head")  # router and norms are never int8
 
 LABELS = {"attention": "attention (MLA)", "router": "router", "shared_experts": "shared experts",
           "dense_mlp": "dense MLP layers", "norms": "norms", "lm_head": "lm_head", "embedding": "embedding",
@@ -279,7 +279,8 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
 
     # -- the RAM side: what is left after `needs` holds the routed experts ----------------------
     needs = {e.what: e.nbytes for e in entries if e.where == "ram"}
-    mode, budget, slots = _fit_ram(sizes, hw, needs, ram_budget, expert_mode, 2 * K * slot_bytes, slot_bytes, dev)
+    mode, budget, slots = _fit_ram(sizes, hw, needs, ram_budget, expert_mode, 2 * K * slot_bytes, slot_bytes, dev,
+                                   precision)
     detail = ("page cache, all resident" if mode == "mmap" else
               f"{slots:,} slots of {n_moe * E:,}, {slots / max(1, n_moe):.1f}/layer")
     entries.append(Entry("routed_experts", mode, expert_dtype,
@@ -311,11 +312,13 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
 
 
 def _fit_ram(sizes: _Sizes, hw: Hardware, needs: dict[str, int], ram_budget: float | None, want: str,
-             min_cache: int, slot_bytes: int, dev: str) -> tuple[str, int, int]:
+             min_cache: int, slot_bytes: int, dev: str, precision: str) -> tuple[str, int, int]:
     """(expert mode, expert budget, cache slots); min_cache = the current layer's top-k + a prefetched next."""
     avail, reserve, need = hw.ram_available, ram_reserve(hw.ram_total), sum(needs.values())
+    int8w = sum(sizes.nbytes(w, "int8w" if w in INT8_CLASSES else "bf16w") for w in GPU_SIDE)
+    int8_hint = f", or --gpu-precision int8 ({_gb(int8w)}, int8's rounding)" if precision == "bf16w" else ""
     side_note = (f"; without a CUDA GPU the GPU-side weights are held in RAM "
-                 f"({_gb(sum(needs.get(w, 0) for w in GPU_SIDE))}): use a machine with a GPU or more RAM"
+                 f"({_gb(sum(needs.get(w, 0) for w in GPU_SIDE))}): use a machine with a GPU or more RAM{int8_hint}"
                  if dev == "cpu" else "")
     ctx_note = ", or a smaller --context" if needs.get("kv_cache", 0) > 0.05 * need else ""
     budget = avail - need - reserve if ram_budget is None else int(ram_budget * GB)

@@ -71,6 +71,8 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
         from .int8_triton import int8_gemv  # ImportError without Triton: only an explicit ask gets here then
         try:
             return int8_gemv(x.reshape(rows, x.shape[-1]), qweight, scale).view(*x.shape[:-1], qweight.shape[0])
+        except torch.cuda.OutOfMemoryError:
+            raise  # passing, and the dequantising path needs more memory, not less
         except Exception as e:  # a GPU or toolchain Triton cannot target: compile or launch errors of every kind
             if not auto:
                 raise

@@ -123,7 +123,7 @@ def test_malformed_tools_are_refused(scripted):
     hi = [{"role": "user", "content": "hi"}]
     with pytest.raises(ValueError, match=r"tools\[0\] \(f\): function.parameters"):
         list(scripted.chat(hi, tools=[{"type": "function", "function": {"name": "f", "parameters": "x"}}]))
-    with pytest.raises(ValueError, match=r"messages\[0\] is not a dict"):
+    with pytest.raises(ValueError, match=r"messages: message 0 is not a dict"):
         list(scripted.chat(["hi"]))
 
 

@@ -257,16 +257,17 @@ def test_int8_gemv_equals_the_scaled_int8_product():
 
 
 def test_bf16_gemv_beside_the_expert_kernels(experts, table):
-    """The engine's decode runs the GEMV on the forward pass's thread while a worker runs moe_forward:
-    both answers stay exact with the two parallel regions at once."""
-    from kernels_cpu.widen import bf16_gemv
+    """The engine's decode runs the GEMVs on the forward pass's thread while a worker runs moe_forward:
+    every answer stays exact with the two parallel regions at once."""
+    from kernels_cpu.widen import bf16_gemv, int8_gemv
 
     rng = np.random.default_rng(12)
     ids, wts = routing(16, seed=12)
     x = rng.standard_normal((16, D)).astype(np.float32)
     w = bf16_bits(rng.standard_normal((300, D)))
-    want_moe, want_gemv = moe_forward(x, ids, wts, table), bf16_gemv(x[:4], w)
-    got = {"moe": [], "gemv": []}
+    q, qs = rng.integers(-127, 128, (300, D)).astype(np.int8), bf16_bits(np.full(300, 0.01))
+    want_moe, want_gemv, want_int8 = moe_forward(x, ids, wts, table), bf16_gemv(x[:4], w), int8_gemv(x[:4], q, qs)
+    got = {"moe": [], "gemv": [], "int8": []}
 
     def experts_loop():
         for _ in range(20):
@@ -274,19 +275,24 @@ def test_bf16_gemv_beside_the_expert_kernels(experts, table):
 
     t = threading.Thread(target=experts_loop)
     t.start()
-    for _ in range(200):
+    for _ in range(100):
         got["gemv"].append(bf16_gemv(x[:4], w))
+        got["int8"].append(int8_gemv(x[:4], q, qs))
     t.join()
     assert all(np.array_equal(g, want_moe) for g in got["moe"]) and len(got["moe"]) == 20
     assert all(np.array_equal(g, want_gemv) for g in got["gemv"])
+    assert all(np.array_equal(g, want_int8) for g in got["int8"])
 
 
 def test_decode_under_numbas_workqueue_layer_does_not_abort(tiny_path):
     """Where neither OpenMP nor TBB is installed Numba falls back to its workqueue layer, which aborts
     the process when two threads enter parallel regions at once: the GEMV then runs on one core."""
     code = ("import hybrid, torch; from kernels_cpu.widen import concurrent_parallel_ok\n"
-            f"e = hybrid.load({str(tiny_path)!r}, backend='numba', device='cpu', context=64)\n"
-            "print([s.token for s in e.generate([1, 2, 3, 4], 6, temperature=0)], concurrent_parallel_ok())")
+            "toks = []\n"
+            "for p in ('auto', 'int8'):  # bf16 and int8 weights: both GEMVs\n"
+            f"    e = hybrid.load({str(tiny_path)!r}, backend='numba', device='cpu', context=64, gpu_precision=p)\n"
+            "    toks += [s.token for s in e.generate([1, 2, 3, 4], 6, temperature=0)]\n"
+            "print(toks, concurrent_parallel_ok())")
     runs = [subprocess.run([sys.executable, "-c", code], env=dict(os.environ, NUMBA_THREADING_LAYER=layer),
                            capture_output=True, text=True, timeout=300) for layer in ("workqueue", "default")]
     assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]

@@ -90,10 +90,17 @@ def test_int8_weight_only_gpu_weights_cost_no_more_than_their_precision(tiny_pat
     assert 0 < err_int8 <= 2 * err_noise
     # decoding over the same int8 weights (one row: kernels_cpu.widen.int8_gemv on this CPU) continues
     # the full forward: prefill 20, then 7 single steps
-    cache = q.new_cache(32)
-    rows = [q.forward(ids[:20], cache)] + [q.forward(ids[i:i + 1], cache) for i in range(20, 27)]
+    import hybrid.linear as linear_mod
+
+    gemv, calls = linear_mod.int8_gemv, []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(linear_mod, "int8_gemv", lambda *a: (calls.append(a[0].shape[0]), gemv(*a))[1])
+        cache = q.new_cache(32)
+        rows = [q.forward(ids[:20], cache)] + [q.forward(ids[i:i + 1], cache) for i in range(20, 27)]
     full = q.forward(ids, q.new_cache(32))
     assert float((torch.cat(rows) - full).abs().max()) <= 1e-4 * float(full.abs().max())
+    n_int8 = sum(isinstance(w, tuple) for w in qw.values())
+    assert len(calls) == 7 * n_int8 and set(calls) == {1}  # every int8 linear of every step, never the prefill
 
 
 def test_prefill_in_chunks_gives_the_same_logits_and_cache(tiny_path):
