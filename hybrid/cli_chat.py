@@ -217,7 +217,7 @@ class ChatSession:
         except ValueError as e:
             raise UserError(f"{arg} is not valid JSON ({e})") from None
         messages, tools = validate_messages(data, arg)
-        if messages and messages[0]["role"] == "system":
+        if messages and messages[0]["role"] in ("system", "developer"):  # developer: OpenAI's name for it
             self.system, messages = messages[0].get("content") or None, messages[1:]
         self.messages, self.tools = list(messages), tools if tools is not None else self.tools
         console.print(f"loaded {len(messages)} messages from {arg}", style="dim", highlight=False)
