@@ -219,7 +219,8 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
         if val not in ok:
             raise ValueError(f"{opt} must be one of {', '.join(ok)}, got {val!r}")
     if device == "cuda" and not hw.gpus:
-        raise ValueError("device 'cuda' asked for, but no CUDA GPU was detected")
+        raise ValueError("device 'cuda' asked for, but no CUDA GPU was detected (to plan a machine with one, "
+                         "pass --gpu-gb)")
     dev = "cuda" if device == "cuda" or (device == "auto" and hw.gpus) else "cpu"
     if dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"dtype must be one of auto, float32, bfloat16, got {dtype!r}")
