@@ -16,7 +16,7 @@ import functools
 import numpy as np
 from llvmlite import ir
 from numba import get_num_threads, njit, prange, threading_layer, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from .moe import _take
 
@@ -38,20 +38,34 @@ def _bf16_to_f32(typingctx, bits):
     return sig, codegen
 
 
+def _weight(w, o, i):
+    """Weight w[o, i] as float32: bf16 bits (uint16) widened, or an int8 code. Numba only."""
+    raise NotImplementedError
+
+
+@overload(_weight, inline="always")
+def _weight_impl(w, o, i):
+    if w.dtype == types.uint16:
+        return lambda w, o, i: _bf16_to_f32(w[o, i])
+    return lambda w, o, i: np.float32(w[o, i])
+
+
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
-def _rows(x, w, out, lo, hi):
-    # rows lo..hi-1 of out f32 [T, O] from x f32 [T, I] and w uint16 [O, I]
+def _rows(x, w, s, out, lo, hi):
+    # rows lo..hi-1 of out f32 [T, O] from x f32 [T, I], w [O, I] (uint16 bf16 bits or int8 codes)
+    # and s uint16 [O] bf16 row scales ([0]: none)
     T, I = x.shape
     for o in range(lo, hi):
+        scale = _bf16_to_f32(s[o]) if s.shape[0] else np.float32(1.0)
         for t in range(T):  # the row is re-read from L1 for each row of x
             acc = np.float32(0.0)
             for i in range(I):
-                acc += _bf16_to_f32(w[o, i]) * x[t, i]
-            out[t, o] = acc
+                acc += _weight(w, o, i) * x[t, i]
+            out[t, o] = acc * scale
 
 
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
-def _gemv(x, w, out, nt):
+def _gemv(x, w, s, out, nt):
     # items = blocks of RB rows, handed out by _take (each thread streams its own contiguous share;
     # one whose core is busy loses items to the rest)
     O = w.shape[0]
@@ -60,43 +74,13 @@ def _gemv(x, w, out, nt):
     for th in prange(nt):
         it = _take(queue, n, th, nt)
         while it < n:
-            _rows(x, w, out, it * RB, min(O, it * RB + RB))
+            _rows(x, w, s, out, it * RB, min(O, it * RB + RB))
             it = _take(queue, n, th, nt)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _gemv_serial(x, w, out):
-    _rows(x, w, out, 0, w.shape[0])
-
-
-@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
-def _rows_int8(x, q, s, out, lo, hi):
-    # rows lo..hi-1 of out f32 [T, O] from x f32 [T, I], q int8 [O, I] and bf16 row scales s uint16 [O]
-    T, I = x.shape
-    for o in range(lo, hi):
-        scale = _bf16_to_f32(s[o])
-        for t in range(T):
-            acc = np.float32(0.0)
-            for i in range(I):
-                acc += np.float32(q[o, i]) * x[t, i]
-            out[t, o] = acc * scale
-
-
-@njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
-def _gemv_int8(x, q, s, out, nt):
-    O = q.shape[0]
-    n = (O + RB - 1) // RB
-    queue = np.zeros(8 * nt, np.int64)
-    for th in prange(nt):
-        it = _take(queue, n, th, nt)
-        while it < n:
-            _rows_int8(x, q, s, out, it * RB, min(O, it * RB + RB))
-            it = _take(queue, n, th, nt)
-
-
-@njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _gemv_int8_serial(x, q, s, out):
-    _rows_int8(x, q, s, out, 0, q.shape[0])
+def _gemv_serial(x, w, s, out):
+    _rows(x, w, s, out, 0, w.shape[0])
 
 
 @njit(cache=True, parallel=True)
@@ -117,36 +101,37 @@ def concurrent_parallel_ok() -> bool:
 
 def bf16_gemv(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """x fp32 [T, I] (T <= MAX_ROWS), w bf16 bits as uint16 [O, I] -> x @ widen(w).T fp32 [T, O]."""
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or not 1 <= x.shape[0] <= MAX_ROWS:
-        raise ValueError(f"bf16_gemv: x {x.shape}, w {w.shape}: want x [T <= {MAX_ROWS}, I], w [O, I]")
-    if x.dtype != np.float32 or w.dtype != np.uint16:
-        raise ValueError(f"bf16_gemv: x must be float32 and w uint16 (bf16 bits), got {x.dtype} and {w.dtype}")
-    if out is None:
-        out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
-    if concurrent_parallel_ok():
-        _gemv(x, w, out, get_num_threads())  # nt passed in: get_num_threads() inside defeats cache=True
-    else:
-        _gemv_serial(x, w, out)  # one core, but never a second parallel region beside the experts'
-    return out
+    if w.dtype != np.uint16:
+        raise ValueError(f"bf16_gemv: w must be uint16 (bf16 bits), got {w.dtype}")
+    return _run("bf16_gemv", x, w, np.empty(0, np.uint16), out)
 
 
 def int8_gemv(x: np.ndarray, q: np.ndarray, scale: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """x fp32 [T, I] (T <= MAX_ROWS), q int8 [O, I], scale bf16 bits as uint16 [O] (one per row, as
     kernels_gpu.int8.quantize_int8 makes them) -> x @ (q * scale[:, None]).T fp32 [T, O]: one byte
     read per weight, summed in fp32 and scaled once per row."""
-    if (x.ndim != 2 or q.ndim != 2 or x.shape[1] != q.shape[1] or not 1 <= x.shape[0] <= MAX_ROWS
-            or scale.shape != (q.shape[0],)):
-        raise ValueError(f"int8_gemv: x {x.shape}, q {q.shape}, scale {scale.shape}: want x [T <= {MAX_ROWS}, I], "
-                         "q [O, I], scale [O]")
-    if x.dtype != np.float32 or q.dtype != np.int8 or scale.dtype != np.uint16:
-        raise ValueError(f"int8_gemv: x must be float32, q int8 and scale uint16 (bf16 bits), got {x.dtype}, "
-                         f"{q.dtype} and {scale.dtype}")
+    if q.dtype != np.int8 or scale.dtype != np.uint16 or scale.shape != (q.shape[0],):
+        raise ValueError(f"int8_gemv: q must be int8 [O, I] and scale uint16 (bf16 bits) [O], got q {q.dtype} "
+                         f"{q.shape} and scale {scale.dtype} {scale.shape}")
+    return _run("int8_gemv", x, q, scale, out)
+
+
+def _run(name: str, x: np.ndarray, w: np.ndarray, s: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """The checks both GEMVs share, then the parallel kernel, or the serial one where two parallel
+    regions at once would abort the process (concurrent_parallel_ok)."""
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"{name}: x {x.shape}, w {w.shape}: want x [T <= {MAX_ROWS}, I], w [O, I]")
+    if x.dtype != np.float32:
+        raise ValueError(f"{name}: x must be float32, got {x.dtype}")
+    shape = (x.shape[0], w.shape[0])
     if out is None:
-        out = np.empty((x.shape[0], q.shape[0]), np.float32)
-    x, q, scale = np.ascontiguousarray(x), np.ascontiguousarray(q), np.ascontiguousarray(scale)
+        out = np.empty(shape, np.float32)
+    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"{name}: out must be a C-contiguous float32 array of shape {shape}, got {out.dtype} "
+                         f"{out.shape}")  # the kernel writes without bounds checks
+    x, w, s = np.ascontiguousarray(x), np.ascontiguousarray(w), np.ascontiguousarray(s)
     if concurrent_parallel_ok():
-        _gemv_int8(x, q, scale, out, get_num_threads())
+        _gemv(x, w, s, out, get_num_threads())  # nt passed in: get_num_threads() inside defeats cache=True
     else:
-        _gemv_int8_serial(x, q, scale, out)
+        _gemv_serial(x, w, s, out)  # one core, but never a second parallel region beside the experts'
     return out

@@ -228,6 +228,8 @@ def test_bf16_gemv_equals_the_widened_fp32_product():
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     out = np.full((1, O), np.nan, np.float32)  # out is written whole
     assert bf16_gemv(x[:1], w, out) is out and np.isfinite(out).all()
+    with pytest.raises(ValueError, match="out must be"):  # the kernel writes without bounds checks
+        bf16_gemv(x[:2], w, out)
     x[0, 5] = np.nan  # NaN is not optimised away (no fast-math 'nnan')
     assert np.isnan(bf16_gemv(x[:1], w)).all()
     with pytest.raises(ValueError, match="T <= 8"):
@@ -252,7 +254,7 @@ def test_int8_gemv_equals_the_scaled_int8_product():
         np.testing.assert_allclose(int8_gemv(x, q, scale), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     with pytest.raises(ValueError, match="scale"):
         int8_gemv(x, q, scale[:-1])
-    with pytest.raises(ValueError, match="q int8"):
+    with pytest.raises(ValueError, match="q must be int8"):
         int8_gemv(x, q.astype(np.int16), scale)
 
 
