@@ -43,39 +43,38 @@ def widening_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     rows (prefill, compute-bound): an fp32 GEMM per WIDEN_BLOCK_ROWS weight rows, each block widened
     into a small buffer first. Either way the products are of the exact fp32 values of the bf16
     weights, so the result equals the fp32 matmul up to summation order."""
-    I, O = x.shape[-1], w.shape[0]
-    x2 = x.reshape(-1, I)
-    T = x2.shape[0]
-    if 1 <= T <= MAX_WIDEN_ROWS:
-        y = torch.from_numpy(bf16_gemv(x2.detach().contiguous().numpy(), w.view(torch.int16).numpy().view(np.uint16)))
-    else:
-        y = _blockwise_gemm(x2, O, lambda o, b: w[o:o + b].float())
-    return y.view(*x.shape[:-1], O)
-
-
-def _blockwise_gemm(x2: torch.Tensor, O: int, block: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
-    """x2 fp32 [T, I] @ W.T [T, O], where block(o, n) gives W's rows o..o+n-1 in fp32: one GEMM per
-    WIDEN_BLOCK_ROWS rows, so the widened copy stays in cache whatever the layer's size."""
-    yt = torch.empty(O, x2.shape[0], dtype=x2.dtype)  # [O, T]: each block's rows are one contiguous slice
-    xt = x2.T
-    for o in range(0, O, WIDEN_BLOCK_ROWS):
-        torch.mm(block(o, WIDEN_BLOCK_ROWS), xt, out=yt[o:o + WIDEN_BLOCK_ROWS])
-    return yt.T.contiguous()
+    return _cpu_product(x, w.shape[0], lambda a: bf16_gemv(a, _bits(w)), lambda o, n: w[o:o + n].float())
 
 
 def _int8_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x fp32 [..., I] on the CPU over int8 codes [O, I] and bf16 row scales [O]: the Numba GEMV for a
     decode step (1 byte read a weight), else a GEMM per block of rows dequantised to fp32 (aten's
     int8 kernel measured ~3 GB/s for one row here)."""
+    s32 = scale.float()[:, None]
+    return _cpu_product(x, q.shape[0], lambda a: int8_gemv(a, q.numpy(), _bits(scale)),
+                        lambda o, n: q[o:o + n].float().mul_(s32[o:o + n]))
+
+
+def _cpu_product(x: torch.Tensor, O: int, gemv: Callable[[np.ndarray], np.ndarray],
+                 block: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """x fp32 [..., I] @ W.T [..., O] on the CPU: gemv(x2) (a kernels_cpu.widen GEMV) for up to
+    MAX_WIDEN_ROWS rows, else one fp32 GEMM per WIDEN_BLOCK_ROWS rows of W, block(o, n) giving rows
+    o..o+n-1 in fp32, so the widened copy stays in cache whatever the layer's size."""
     x2 = x.reshape(-1, x.shape[-1])
-    O = q.shape[0]
     if 1 <= x2.shape[0] <= MAX_WIDEN_ROWS:
-        y = torch.from_numpy(int8_gemv(x2.detach().contiguous().numpy(), q.numpy(),
-                                       scale.view(torch.int16).numpy().view(np.uint16)))
+        y = torch.from_numpy(gemv(x2.detach().contiguous().numpy()))
     else:
-        s32 = scale.float()[:, None]
-        y = _blockwise_gemm(x2, O, lambda o, b: q[o:o + b].float().mul_(s32[o:o + b]))
+        yt = torch.empty(O, x2.shape[0], dtype=x2.dtype)  # [O, T]: each block's rows are one contiguous slice
+        xt = x2.T
+        for o in range(0, O, WIDEN_BLOCK_ROWS):
+            torch.mm(block(o, WIDEN_BLOCK_ROWS), xt, out=yt[o:o + WIDEN_BLOCK_ROWS])
+        y = yt.T.contiguous()
     return y.view(*x.shape[:-1], O)
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A bf16 tensor's bits as a uint16 numpy view (no copy), what the Numba kernels read."""
+    return t.view(torch.int16).numpy().view(np.uint16)
 
 
 _MM_OUT_DTYPE: dict[torch.dtype, bool] = {}  # input dtype -> torch.mm(out_dtype=float32) runs on CUDA, learned once
@@ -86,9 +85,9 @@ def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
     On CUDA with x and w both bf16/fp16, torch.mm(out_dtype=float32) gives that product up to
     summation order without a widened copy of w per call (the products of two bf16 values are exact
-    in fp32 and cuBLAS sums in fp32): for K2's 60 router weights that copy is ~1.6 GB of traffic per token. A bf16 w under
-    fp32 x on the CPU goes through widening_linear. Elsewhere, or where this torch lacks out_dtype,
-    w is widened."""
+    in fp32 and cuBLAS sums in fp32): for K2's 60 router weights that copy is ~1.6 GB of traffic
+    per token. A bf16 w under fp32 x on the CPU goes through widening_linear. Elsewhere, or where
+    this torch lacks out_dtype, w is widened."""
     if w.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == "cpu":
         return widening_linear(x, w)
     if x.is_cuda and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16) \
