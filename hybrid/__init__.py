@@ -1,7 +1,7 @@
 """kimi-hybrid: run Kimi K2 Thinking on one workstation. `engine = hybrid.load(path_or_preset)`."""
-from .checkpoint import Checkpoint, CheckpointError
-from .config import ConfigError, ModelConfig
-from .engine import Engine
-from .loader import load
+from hybrid.checkpoint.reader import Checkpoint, CheckpointError
+from hybrid.model.config import ConfigError, ModelConfig
+from hybrid.runtime.engine import Engine
+from hybrid.runtime.loader import load
 
 __all__ = ["load", "Engine", "Checkpoint", "CheckpointError", "ModelConfig", "ConfigError"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .simd import vector_lanes
+from kernels_cpu.simd import vector_lanes
 
 GROUP = 32
 CHUNK = 4 * vector_lanes()  # columns per weight vector load: 64 (AVX2) or 128 (AVX-512)

@@ -24,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from .actq import _quantize_row
-from .simd import fetch_add, host_has_avx2, make_rowblock_kernel, vector_lanes
-from .table import PARTS, ExpertTable
+from kernels_cpu.actq import _quantize_row
+from kernels_cpu.simd import fetch_add, host_has_avx2, make_rowblock_kernel, vector_lanes
+from kernels_cpu.table import PARTS, ExpertTable
 
 __all__ = ["ExpertTable", "moe_forward", "PARTS"]
 

@@ -18,7 +18,7 @@ from llvmlite import ir
 from numba import get_num_threads, njit, prange, threading_layer, types
 from numba.extending import intrinsic, overload
 
-from .moe import _take
+from kernels_cpu.moe import _take
 
 RB = 16  # output rows per work item
 MAX_ROWS = 8  # rows of x per call: past this the product is compute-bound, a GEMM's job

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .hot_slots import HotSlots
+from hybrid.experts.hot import HotSlots
 
 BLOCK_ROWS = 32  # output rows per program
 BLOCK_WORDS = 16  # packed words (x8 columns) per step of the reduction

@@ -68,7 +68,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
         if kernel == "triton" and not _TRITON_WORKS.get(x.device, True):
             kernel = "plain"
     if kernel == "triton":
-        from .int8_triton import int8_gemv  # ImportError without Triton: only an explicit ask gets here then
+        from kernels_gpu.int8_triton import int8_gemv  # ImportError without Triton: only an explicit ask gets here then
         try:
             return int8_gemv(x.reshape(rows, x.shape[-1]), qweight, scale).view(*x.shape[:-1], qweight.shape[0])
         except torch.cuda.OutOfMemoryError:
@@ -113,7 +113,7 @@ def pick_kernel(device_type: str, dtype: torch.dtype, rows: int) -> str:
 def _triton_imports() -> bool:
     """Whether int8_triton imports (asked once: a failed import is not retried per call)."""
     try:
-        from . import int8_triton  # noqa: F401
+        from kernels_gpu import int8_triton  # noqa: F401
     except ImportError:
         log.info("Triton does not import: int8 linears dequantise on the GPU (about 5 bytes read per weight, not 1)")
         return False

@@ -14,7 +14,7 @@ import os
 import time
 
 import hybrid
-from hybrid.resolve import resolve_model
+from hybrid.runtime.resolve import resolve_model
 
 
 def drop_page_cache(path) -> None:

@@ -9,7 +9,7 @@ experts over all MoE layers (n_routed_experts x MoE layers), so fractions are of
 import argparse
 import json
 
-from hybrid.replay import replay
+from hybrid.bench.replay import replay
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("trace")

@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hybrid.synth import preset_config, write_checkpoint
+from hybrid.synth.writer import preset_config, write_checkpoint
 
 SHARED_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "kimi-k2-thinking"
 REAL_CONFIG = Path(__file__).resolve().parents[1] / "hybrid" / "assets" / "config.json"

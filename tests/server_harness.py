@@ -16,10 +16,10 @@ from typing import Iterator
 
 import uvicorn
 
-from hybrid.checkpoint import Checkpoint
-from hybrid.engine import Engine
-from hybrid.generate import Step
-from hybrid.reference import ReferenceExperts
+from hybrid.checkpoint.reader import Checkpoint
+from hybrid.runtime.engine import Engine
+from hybrid.runtime.token_loop import Step
+from hybrid.experts.reference import ReferenceExperts
 
 API_KEY = "test-key"
 HOLD_S = 30.0  # bounded waits: a broken test fails instead of hanging

@@ -9,7 +9,7 @@ from tokenizers import models
 from transformers import PreTrainedTokenizerFast
 from transformers.utils.chat_template_utils import _normalize_chat_messages, render_jinja_template
 
-from hybrid.chat import ChatTemplateError, load_chat_template, normalize_messages, render_chat
+from hybrid.text.template import ChatTemplateError, load_chat_template, normalize_messages, render_chat
 
 MODEL_DIR = "/work/shared/models/kimi-k2-thinking"
 TEMPLATE = load_chat_template(MODEL_DIR)

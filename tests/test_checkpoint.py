@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hybrid.checkpoint import Checkpoint, CheckpointError
-from hybrid.quant import dequantize_int4, unpack_int4
-from hybrid.synth import GeneratorError, is_generated, preset_config, write_checkpoint
+from hybrid.checkpoint.reader import Checkpoint, CheckpointError
+from hybrid.checkpoint.int4 import dequantize_int4, unpack_int4
+from hybrid.synth.writer import GeneratorError, is_generated, preset_config, write_checkpoint
 
 EXPERT = "model.layers.1.mlp.experts.3.up_proj"
 
@@ -201,10 +201,10 @@ def test_full_size_sparse_layout_opens_fast_and_small(tmp_path):
     """The complete real layout (62 shards, ~208k tensors, 594 GB as sparse files): < 30 s, < 2 GB RSS."""
     code = (
         "import resource, time, json, sys\n"
-        "from hybrid.synth import preset_config, write_checkpoint\n"
+        "from hybrid.synth.writer import preset_config, write_checkpoint\n"
         f"p = write_checkpoint({str(tmp_path / 'full')!r}, preset_config('k2-full-sparse'), sparse=True)\n"
         "t = time.perf_counter()\n"
-        "from hybrid.checkpoint import Checkpoint\n"
+        "from hybrid.checkpoint.reader import Checkpoint\n"
         "c = Checkpoint(p)\n"
         "dt = time.perf_counter() - t\n"
         "w = c.array('model.layers.60.mlp.experts.383.down_proj.weight_packed')\n"

@@ -9,14 +9,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from hybrid.checkpoint import Checkpoint
-from hybrid.cli import count, main, nbytes
-from hybrid.cli_chat import validate_messages, validate_tools
-from hybrid.cli_common import UserError
-from hybrid.config import ModelConfig
-from hybrid.layout import size_report
+from hybrid.checkpoint.reader import Checkpoint
+from hybrid.cli.main import count, main, nbytes
+from hybrid.cli.chat import validate_messages, validate_tools
+from hybrid.cli.common import UserError
+from hybrid.model.config import ModelConfig
+from hybrid.checkpoint.layout import size_report
 
-from .conftest import REAL_CONFIG
+from tests.conftest import REAL_CONFIG
 
 
 def test_generate_then_info(tmp_path):
@@ -98,8 +98,8 @@ def test_bad_numbers_name_the_option(args, option):
 def test_plan_refuses_budgets_that_are_not_positive_finite_numbers():
     import math
 
-    from hybrid.hardware import Hardware
-    from hybrid.placement import plan
+    from hybrid.runtime.hardware import Hardware
+    from hybrid.runtime.placement import plan
 
     cfg, hw = ModelConfig.from_file(REAL_CONFIG), Hardware.hypothetical(768, (24,))
     for bad in (math.inf, math.nan, -5, 0, "12", True):
@@ -127,7 +127,7 @@ def test_kernel_bench_threads_past_numba_name_the_option():
 def test_a_probe_buffer_past_the_free_ram_names_the_option(tiny_path, monkeypatch):
     import psutil
 
-    from hybrid import bench
+    from hybrid.bench import engine_bench as bench
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 1 << 30})())  # 1 GB free
     r = CliRunner().invoke(main, ["bench", "-m", str(tiny_path), "--probe-mb", "1024"])
@@ -149,7 +149,7 @@ def test_a_probe_buffer_past_the_free_ram_names_the_option(tiny_path, monkeypatc
 @pytest.mark.parametrize("error, says", [(MemoryError(), "out of memory (an allocation failed)"),
                                          (OverflowError("int too large to convert"), "a number is out of range")])
 def test_memory_and_overflow_errors_are_one_line(monkeypatch, error, says):
-    import hybrid.kernel_bench as kb
+    import hybrid.bench.kernel_bench as kb
 
     def fail(small, threads):
         raise error
@@ -261,7 +261,7 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])
     check_schema(out)
-    assert out["schema"] == "kimi-hybrid.bench/2" and out["settings"]["runs"] == 2
+    assert out["schema"] == "kimi-hybrid.bench.engine_bench/2" and out["settings"]["runs"] == 2
     assert len(out["decode"]["runs_tok_s"]) == 2 and out["decode"]["tok_s"]["min"] <= out["decode"]["tok_s"]["max"]
     d = out["decode"]
     assert d["bytes_per_token"] == d["expert_bytes_per_token"] + d["weight_bytes_per_token"] > 0
@@ -355,7 +355,7 @@ def test_the_schema_check_catches_drift():
 
 
 def test_bench_kernels_is_still_there(monkeypatch):
-    import hybrid.kernel_bench as kb
+    import hybrid.bench.kernel_bench as kb
 
     monkeypatch.setattr(kb, "run_kernel_bench", lambda small, threads: {"mem_read_gbps": 25.0, "moe_decode": {"ms": 48.0}})
     r = CliRunner().invoke(main, ["bench", "--kernels", "--small", "--json"])
@@ -523,10 +523,10 @@ def test_a_tool_call_turn_without_text_loads():
 
 
 def test_serve_hands_the_options_to_the_server(tiny_path, monkeypatch):
-    import hybrid.server
+    import hybrid.serve.app
 
     seen = {}
-    monkeypatch.setattr(hybrid.server, "serve", lambda model, **kw: seen.update(kw, model=model))
+    monkeypatch.setattr(hybrid.serve.app, "serve", lambda model, **kw: seen.update(kw, model=model))
     r = CliRunner().invoke(main, ["serve", "-m", str(tiny_path), "--port", "9001", "--api-key", "K", "--context", "2048",
                                   "--keepalive", "2.5"])
     assert r.exit_code == 0, r.output

@@ -14,7 +14,7 @@ PROMPT = ">>> "
 @pytest.fixture()
 def chat(tiny_path, tmp_path):
     # a long answer (a context and max-tokens far past what the test waits for) so Ctrl-C lands mid-answer
-    args = ["-c", "from hybrid.cli import main; main()", "chat", "-m", str(tiny_path), "--context", "131072",
+    args = ["-c", "from hybrid.cli.main import main; main()", "chat", "-m", str(tiny_path), "--context", "131072",
             "--max-tokens", "100000", "--seed", "0"]
     child = pexpect.spawn(sys.executable, args, cwd=str(tmp_path), encoding="utf-8", timeout=30,
                           dimensions=(40, 120))
@@ -74,7 +74,7 @@ def test_chat_in_a_terminal(chat, tmp_path):
 
 
 def test_a_finished_answer_shows_the_status_line(tiny_path, tmp_path):
-    child = pexpect.spawn(sys.executable, ["-c", "from hybrid.cli import main; main()", "chat", "-m", str(tiny_path),
+    child = pexpect.spawn(sys.executable, ["-c", "from hybrid.cli.main import main; main()", "chat", "-m", str(tiny_path),
                                            "--max-tokens", "12", "--hide-thinking"],
                           cwd=str(tmp_path), encoding="utf-8", timeout=30, dimensions=(40, 160))
     child.expect_exact(PROMPT)

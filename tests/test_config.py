@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from hybrid.config import ConfigError, ModelConfig
-from hybrid.layout import size_report, tensor_specs
+from hybrid.model.config import ConfigError, ModelConfig
+from hybrid.checkpoint.layout import size_report, tensor_specs
 
-from .conftest import REAL_CONFIG, SHARED_MODEL
+from tests.conftest import REAL_CONFIG, SHARED_MODEL
 
 
 def real() -> dict:

@@ -1,4 +1,4 @@
-"""The fixed-shape decode step (hybrid/decode_step.py) against the plain forward pass, in both of its
+"""The fixed-shape decode step (hybrid/runtime/decode_step.py) against the plain forward pass, in both of its
 modes (one graph per token with the expert hops as host functions, and a graph per segment).
 
 Without CUDA the step runs eagerly, which is the code a GPU captures: same segments, same
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import hybrid
-from hybrid.decode_step import BUCKET_MIN, StaticDecoder
+from hybrid.runtime.decode_step import BUCKET_MIN, StaticDecoder
 
 CUDA = torch.cuda.is_available()
 # Triton runs kernels on CPU tensors only in its interpreter (conftest turns it on where there is no CUDA)
@@ -125,8 +125,8 @@ def test_engine_decode_graphs_on_with_cache_prefetch_and_hot_experts(tiny_path, 
             run.__name__ = fn.__name__
             return run
 
-        import hybrid.decode_segments as ds
-        import hybrid.scheduler as sc
+        import hybrid.runtime.decode_segments as ds
+        import hybrid.experts.scheduler as sc
         sched.predict = outside_host_functions(sched.predict)
         monkeypatch.setattr(ds, "hot_moe_by_slot", outside_host_functions(ds.hot_moe_by_slot))
         monkeypatch.setattr(sc, "hot_expert_moe", outside_host_functions(sc.hot_expert_moe))
@@ -136,7 +136,7 @@ def test_engine_decode_graphs_on_with_cache_prefetch_and_hot_experts(tiny_path, 
         import kernels_gpu.int4_triton as kt
         real_fused = kt.fused_hot_moe
         monkeypatch.setattr(kt, "fused_hot_moe", lambda *a: (fused_calls.append(1), real_fused(*a))[1])
-        import kernels_gpu.hot_slots as hs
+        import hybrid.experts.hot as hs
         hs._triton_kernel.cache_clear()  # imported afresh: the counting one
     slots = dict(sched.hot)  # the buffers made at load, empty
     V = eng.config.vocab_size
@@ -307,11 +307,11 @@ def test_token_step_with_int8_weights_through_the_triton_gemv(tiny_path, monkeyp
     path; the logits equal the plain forward's over the same int8 weights (on this CPU through
     kernels_cpu.widen.int8_gemv). lm_head stays dense here: its 163,840 rows are too many programs
     for the interpreter."""
-    import hybrid.linear as linear_mod
+    import hybrid.model.linear as linear_mod
     import kernels_gpu.int8 as int8_mod
     import kernels_gpu.int8_triton as int8_triton
-    from hybrid.engine import gpu_side_weight
-    from hybrid.model import Model
+    from hybrid.runtime.engine import gpu_side_weight
+    from hybrid.model.k2 import Model
 
     eng = hybrid.load(tiny_path, backend="numba", device="cpu", context=32, decode_graphs="off")
     qw = {k: v if k == "lm_head.weight" else gpu_side_weight(k, v, v.device, v.dtype, int8=True)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import hybrid
-from hybrid.conversation import Done
-from hybrid.parser import ContentDelta, ReasoningDelta, assistant_message
+from hybrid.text.conversation import Done
+from hybrid.text.parser import ContentDelta, ReasoningDelta, assistant_message
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_second_turn_prefills_only_new_tokens_and_matches_fresh_logits(engine, t
 
 
 def test_greedy_chat_is_deterministic_and_streams_what_a_whole_parse_gives(engine):
-    from hybrid.parser import coalesce, parse_output
+    from hybrid.text.parser import coalesce, parse_output
 
     msgs = [{"role": "user", "content": "hi"}]
     a, da = collect(engine, msgs, temperature=0, max_tokens=10)
@@ -134,7 +134,7 @@ def test_what_the_server_accepts_engine_chat_accepts(scripted):
 
     from pydantic import BaseModel
 
-    from .server_harness import WEATHER_TOOL
+    from tests.server_harness import WEATHER_TOOL
 
     def prompt_of(messages, **kw):
         list(scripted.chat(messages, **kw))
@@ -160,9 +160,9 @@ def test_what_the_server_accepts_engine_chat_accepts(scripted):
 
 @pytest.fixture(scope="module")
 def scripted(tiny_path):
-    from hybrid.checkpoint import Checkpoint
+    from hybrid.checkpoint.reader import Checkpoint
 
-    from .server_harness import ScriptedEngine
+    from tests.server_harness import ScriptedEngine
 
     return ScriptedEngine(Checkpoint(tiny_path), context=512)
 
@@ -171,9 +171,9 @@ def test_tool_choice_named_required_and_none(scripted):
     """Engine.chat's tool_choice, as the server's: a named call or 'required' starts the assistant's
     turn with K2's call prefix (the prompt ends with it, the parser reads it first), 'none' leaves the
     tools undeclared. ScriptedEngine writes only what the model would write after the prefix."""
-    from hybrid.parser import ToolCall
+    from hybrid.text.parser import ToolCall
 
-    from .server_harness import WEATHER_TOOL
+    from tests.server_harness import WEATHER_TOOL
 
     tools = [WEATHER_TOOL]
     msgs = [{"role": "user", "content": "Weather in Paris?"}]
@@ -205,9 +205,9 @@ def test_tool_choice_named_required_and_none(scripted):
 def test_tool_choice_limits_which_calls_the_parser_accepts(scripted):
     """A named choice accepts calls of that tool only (a second call of another declared tool is an
     error event), and 'none' accepts none; 'required' accepts any declared tool."""
-    from hybrid.parser import ToolCall, ToolCallError
+    from hybrid.text.parser import ToolCall, ToolCallError
 
-    from .server_harness import WEATHER_TOOL
+    from tests.server_harness import WEATHER_TOOL
 
     time_tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
     tools, msgs = [WEATHER_TOOL, time_tool], [{"role": "user", "content": "Weather and time in Paris?"}]
@@ -233,7 +233,7 @@ def test_tool_choice_limits_which_calls_the_parser_accepts(scripted):
     ("f<|im_end|>", [None], "letters, digits"),  # a forced name is control text: no special tokens in it
 ])
 def test_tool_choice_errors_name_the_problem(scripted, choice, tools, match):
-    from .server_harness import WEATHER_TOOL
+    from tests.server_harness import WEATHER_TOOL
 
     tools = [WEATHER_TOOL] if tools else None
     if choice == "f<|im_end|>":
@@ -247,7 +247,7 @@ def test_tool_choice_errors_name_the_problem(scripted, choice, tools, match):
 @pytest.mark.parametrize("bad", [{"type": "function", "function": {}}, {"type": "function"}, "get_weather",
                                  {"type": "function", "function": {"name": ""}}])
 def test_a_malformed_tool_is_a_clear_error(scripted, bad):
-    from .server_harness import WEATHER_TOOL
+    from tests.server_harness import WEATHER_TOOL
 
     n = len(scripted.prompts)
     with pytest.raises(ValueError, match=r"tools\[1\]( must be an object|: function.name must be)"):

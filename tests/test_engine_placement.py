@@ -12,7 +12,7 @@ import torch
 import pytest
 
 import hybrid
-from hybrid.checkpoint import CheckpointError
+from hybrid.checkpoint.reader import CheckpointError
 from kernels_cpu.simd import host_has_avx2
 
 pytestmark = pytest.mark.skipif(not host_has_avx2(), reason="the Numba INT4 kernels need AVX2 + FMA")
@@ -169,8 +169,8 @@ def test_adaptive_prefetch_follows_its_hit_rate(tiny_path, reference_tokens):
     are used; the answer never changes."""
     from types import SimpleNamespace
 
-    from hybrid.expert_cache import LayerStats
-    from hybrid.scheduler import PREFETCH_SAMPLE, PREFETCH_WINDOW, Scheduler
+    from hybrid.experts.cache import LayerStats
+    from hybrid.experts.scheduler import PREFETCH_SAMPLE, PREFETCH_WINDOW, Scheduler
 
     st = LayerStats()
     fake_cache = SimpleNamespace(tables={1: None}, stats={1: st})
@@ -204,7 +204,7 @@ def test_wait_returns_on_the_gpu_sides_device():
     """The CPU's share comes back on the device the model runs on (CUDA there), never left on the CPU."""
     from concurrent.futures import Future
 
-    from hybrid.scheduler import Scheduler
+    from hybrid.experts.scheduler import Scheduler
 
     fut = Future()
     fut.set_result(np.ones((2, 4), np.float32))
@@ -390,7 +390,7 @@ def test_routing_counts_persist_and_choose_the_hot_experts_at_load(tiny_path, tm
 
 
 def test_routing_stats_default_path_is_per_checkpoint(tiny_path, tmp_path, monkeypatch):
-    from hybrid.routing_stats import default_path
+    from hybrid.experts.routing_stats import default_path
 
     monkeypatch.setenv("KIMI_HYBRID_CACHE", str(tmp_path / "cache"))
     p = default_path(tiny_path)

@@ -8,7 +8,7 @@ import psutil
 import pytest
 import torch
 
-from hybrid.hardware import FLAGS_OF_INTEREST, GB, Disk, Hardware, detect
+from hybrid.runtime.hardware import FLAGS_OF_INTEREST, GB, Disk, Hardware, detect
 
 
 def test_detect_this_machine_is_sane():

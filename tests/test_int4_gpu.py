@@ -1,6 +1,6 @@
 """kernels_gpu.int4 and int4_triton against slow references, on whatever device is present.
 
-References: hybrid.quant's numpy dequantisation (itself checked against compressed-tensors) and an
+References: hybrid.checkpoint.int4's numpy dequantisation (itself checked against compressed-tensors) and an
 all-CPU fp32 MoE over dequantised experts; the hot split fed from Checkpoint.expert against the
 ReferenceExperts backend. The Triton kernel runs in Triton's interpreter without CUDA (conftest sets
 TRITON_INTERPRET); test_triton_compile.py compiles it for real GPUs.
@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid.quant import dequantize_int4, pack_int4, quantize_int4, unpack_int4
-from kernels_gpu.hot_slots import HotSlots, fused_kernel, hot_moe_by_slot
+from hybrid.checkpoint.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
+from hybrid.experts.hot import HotSlots, fused_kernel, hot_moe_by_slot
 from kernels_gpu.int4 import DeviceInt4, cold_pairs, dequantize, hot_expert_moe, int4_expert, int4_linear
 
 CUDA = torch.cuda.is_available()
@@ -206,7 +206,7 @@ def test_int4_linear_bf16_on_cuda_close_to_fp32():
 
 def test_hot_split_with_checkpoint_experts_equals_reference_backend(tiny_path):
     import hybrid
-    from hybrid.reference import ReferenceExperts
+    from hybrid.experts.reference import ReferenceExperts
     e = hybrid.load(tiny_path)
     cfg, ckpt = e.config, e.checkpoint
     layer = cfg.moe_layers[0]
@@ -227,7 +227,7 @@ def test_hot_split_with_checkpoint_experts_equals_reference_backend(tiny_path):
 def test_bench_times_the_fused_hot_experts():
     """The hot-expert timing bench.run does on CUDA, at toy shapes here (the interpreter without CUDA)."""
     pytest.importorskip("triton", reason="Triton is in [dev] on x86-64 Linux only")
-    from kernels_gpu import bench
+    from hybrid.bench import gpu_kernels as bench
 
     res = bench._hot_moe(bench.SMALL, DEV, 1)
     assert res["experts"] == 8 and res["fused_ms"] > 0 and res["torch_loop_ms"] > 0 and res["fused_gbps"] > 0

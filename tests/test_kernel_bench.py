@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hybrid.kernel_bench import run_kernel_bench
+from hybrid.bench.kernel_bench import run_kernel_bench
 
 
 def _numbers(d: dict, keys: tuple[str, ...]) -> None:

@@ -17,7 +17,7 @@ import numba
 import numpy as np
 import pytest
 
-from hybrid.quant import dequantize_int4, pack_int4, quantize_int4, unpack_int4
+from hybrid.checkpoint.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from kernels_cpu import ExpertTable, moe_forward
 from kernels_cpu.actq import CHUNK, quantize_rows
 from kernels_cpu.simd import host_features
@@ -28,7 +28,7 @@ TOL = 1e-4
 
 
 def make_experts(seed: int = 0, n: int = E) -> list[dict[str, np.ndarray]]:
-    """Random experts quantised with hybrid.quant; ~3% of codes forced to -8 (nibble 0)."""
+    """Random experts quantised with hybrid.checkpoint.int4; ~3% of codes forced to -8 (nibble 0)."""
     rng = np.random.default_rng(seed)
     experts = []
     for _ in range(n):

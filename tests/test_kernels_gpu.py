@@ -2,7 +2,7 @@
 
 MLA: a full-softmax naive attention in float64 (keys and values expanded per head, a [T, H, S] score
 matrix). int8: an analytic error bound. Offload: hand-computed thresholds and byte equality of
-uploads. Graphs and host functions: eager == graph. Contract: hybrid.model's attention (both forms)
+uploads. Graphs and host functions: eager == graph. Contract: hybrid.model.k2's attention (both forms)
 rebuilt through these kernels on a tiny checkpoint. INT4 and the hot experts: test_int4_gpu.py.
 CUDA-only tests are marked; everything else runs on the CPU in a few seconds (small shapes).
 """
@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from kernels_gpu.graphs import GraphCache, GraphedStep
+from hybrid.runtime.graphs import GraphCache, GraphedStep
 from kernels_gpu.int8 import int8_linear, pick_kernel, quantize_int8
 from kernels_gpu.mla import absorb_query, chunked_prefill_attention, mla_decode
-from kernels_gpu.offload import (LayerUploader, PrefillSpeeds, expert_flops_per_token, measure_pcie_gbps,
+from hybrid.experts.upload import (LayerUploader, PrefillSpeeds, expert_flops_per_token, measure_pcie_gbps,
                                  offload_threshold, prefill_on_gpu)
 
 CUDA = torch.cuda.is_available()
@@ -192,11 +192,11 @@ def test_a_triton_gemv_that_fails_falls_back_to_dequantising_once(monkeypatch, c
 
 
 def test_router_logits_in_fp32_without_widening_the_weight():
-    """hybrid.linear.fp32_linear: DeepSeek-V3's fp32 router product from bf16 operands. On CUDA it
+    """hybrid.model.linear.fp32_linear: DeepSeek-V3's fp32 router product from bf16 operands. On CUDA it
     runs torch.mm(out_dtype=float32) (where this torch has it) and must equal the widened product to
     fp32 accuracy; on a CPU, fp32 activations over the bf16 weight (the engine's bf16w) go through
     the widening GEMV (3 rows) and GEMM (12 rows). Router logits of K2's shape."""
-    from hybrid.linear import fp32_linear
+    from hybrid.model.linear import fp32_linear
 
     g = torch.Generator().manual_seed(9)
     x = (torch.randn(3, 7168, generator=g) * 2).to(torch.bfloat16)
@@ -207,7 +207,7 @@ def test_router_logits_in_fp32_without_widening_the_weight():
     torch.testing.assert_close(y.double().cpu(), exact, rtol=1e-5, atol=1e-5)
     x32 = x.float()
     torch.testing.assert_close(fp32_linear(x32, w.float()).double(), exact, rtol=1e-5, atol=1e-5)
-    import hybrid.linear as lin
+    import hybrid.model.linear as lin
 
     calls = []
     widen = lin.widening_linear
@@ -296,12 +296,12 @@ def test_cuda_graph_replay_equals_eager():
                                    rtol=1e-5, atol=1e-5)
 
 
-# ---- the contract with hybrid.model and the checkpoint (how the engine calls these) -------------
+# ---- the contract with hybrid.model.k2 and the checkpoint (how the engine calls these) -------------
 
 def kernel_attention(model, i, x, cache, s0, cos, sin, mode):
     """Model.attention's math routed through kernels_gpu: the wiring the engine uses."""
-    from hybrid.linear import linear
-    from hybrid.model import LATENT_NORM_EPS, apply_rope, rms_norm
+    from hybrid.model.linear import linear
+    from hybrid.model.k2 import LATENT_NORM_EPS, apply_rope, rms_norm
     c, w, p = model.cfg, model.w, f"model.layers.{i}.self_attn."
     T, Hh, Pp, Rr, Ll, Vv = (x.shape[0], c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim,
                              c.kv_lora_rank, c.v_head_dim)
@@ -339,7 +339,7 @@ def test_kernels_reproduce_model_attention(tiny_path, mode, s0, T):
 # ---- the timing script ------------------------------------------------------------------------
 
 def test_bench_small_prints_json():
-    out = subprocess.run([sys.executable, "-m", "kernels_gpu.bench", "--small", "--repeats", "1", "--cpu-tps", "1",
+    out = subprocess.run([sys.executable, "-m", "hybrid.bench.gpu_kernels", "--small", "--repeats", "1", "--cpu-tps", "1",
                           "--pcie-gbps", "25"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
@@ -356,7 +356,7 @@ def test_gpu_check_script_is_valid_bash():
 
 
 def test_host_funcs_without_cuda_run_in_order_and_keep_the_first_error():
-    from kernels_gpu.graphs import HostFuncs
+    from hybrid.runtime.graphs import HostFuncs
 
     host, seen = HostFuncs(cuda=False), []
     ok = host.add(lambda: seen.append(host.running))
@@ -380,7 +380,7 @@ def test_host_function_inside_a_cuda_graph_hands_data_to_the_host_and_back():
     """A graph: kernel -> pinned buffer -> host function (numpy, on the driver's thread) -> pinned
     buffer -> kernel. Replayed with new inputs, waited for by polling: equal to the same steps eagerly;
     an error in the host function comes back to the caller."""
-    from kernels_gpu.graphs import GraphChain, HostFuncs
+    from hybrid.runtime.graphs import GraphChain, HostFuncs
 
     w = torch.randn(64, 64, device="cuda")
     inp, to_host, from_host = (torch.zeros(1, 64).pin_memory() for _ in range(3))
@@ -423,7 +423,7 @@ def test_host_function_inside_a_cuda_graph_hands_data_to_the_host_and_back():
 def test_graph_chain_passes_tensors_and_crosses_pinned_buffers():
     """Three graphs sharing a pool, chained through a dict and pinned host buffers in and out, replayed
     in order with new host inputs: equal to the same three functions run eagerly."""
-    from kernels_gpu.graphs import GraphChain
+    from hybrid.runtime.graphs import GraphChain
 
     w = torch.randn(64, 64, device="cuda")
     inp, mid, out = (torch.zeros(1, 64).pin_memory() for _ in range(3))

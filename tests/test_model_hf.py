@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hybrid
-from hybrid.layout import PROJS
+from hybrid.checkpoint.layout import PROJS
 
 transformers = pytest.importorskip("transformers")
 

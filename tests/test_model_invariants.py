@@ -48,7 +48,7 @@ def test_logits_rejects_bad_ids(tiny_path):
 
 def test_chunked_long_prompt_attention_equals_the_direct_form(tiny_path, monkeypatch):
     """Above CHUNKED_MIN_SCORES the naive form goes through kernels_gpu's chunked prefill (no T x S matrix)."""
-    import hybrid.model as model
+    import hybrid.model.k2 as model
 
     e = hybrid.load(tiny_path, backend="reference")
     ids = torch.randint(0, e.config.vocab_size, (40,), generator=torch.Generator().manual_seed(9))
@@ -67,8 +67,8 @@ def test_int8_weight_only_gpu_weights_cost_no_more_than_their_precision(tiny_pat
     """The planner's int8 weight-only option (short VRAM). The random tiny model amplifies query errors
     (sharp attention), so the bound is relative: int8 must do no worse than perturbing every weight by
     noise of the same size (uniform within half an int8 step), which is the precision int8 allows."""
-    from hybrid.engine import gpu_side_weight
-    from hybrid.model import Model
+    from hybrid.runtime.engine import gpu_side_weight
+    from hybrid.model.k2 import Model
 
     e = hybrid.load(tiny_path, backend="reference")
     ids = torch.arange(3, 30)
@@ -90,7 +90,7 @@ def test_int8_weight_only_gpu_weights_cost_no_more_than_their_precision(tiny_pat
     assert 0 < err_int8 <= 2 * err_noise
     # decoding over the same int8 weights (one row: kernels_cpu.widen.int8_gemv on this CPU) continues
     # the full forward: prefill 20, then 7 single steps
-    import hybrid.linear as linear_mod
+    import hybrid.model.linear as linear_mod
 
     gemv, calls = linear_mod.int8_gemv, []
     with pytest.MonkeyPatch.context() as mp:
@@ -166,11 +166,11 @@ def test_bf16_gpu_side_runs_every_attention_form_and_tracks_fp32(tiny_path, monk
     changes a position's output by more, so the check is on the typical position and the top token."""
     import statistics
 
-    import hybrid.model as model
-    from hybrid.checkpoint import Checkpoint
-    from hybrid.decode_step import StaticDecoder
-    from hybrid.engine import Engine
-    from hybrid.reference import ReferenceExperts
+    import hybrid.model.k2 as model
+    from hybrid.checkpoint.reader import Checkpoint
+    from hybrid.runtime.decode_step import StaticDecoder
+    from hybrid.runtime.engine import Engine
+    from hybrid.experts.reference import ReferenceExperts
 
     ckpt = Checkpoint(tiny_path)
     f32 = Engine(ckpt, ReferenceExperts(ckpt), dtype=torch.float32, context=64)
@@ -210,10 +210,10 @@ def test_engine_holds_the_gpu_side_as_the_plan_counts_it(tiny_path):
     for every GPU-side class, the embedding in host RAM, the router's bias exactly as stored (F32)."""
     import numpy as np
 
-    from hybrid.checkpoint import Checkpoint
-    from hybrid.engine import Engine
-    from hybrid.placement import GPU_SIDE, _sizes
-    from hybrid.reference import ReferenceExperts
+    from hybrid.checkpoint.reader import Checkpoint
+    from hybrid.runtime.engine import Engine
+    from hybrid.runtime.placement import GPU_SIDE, _sizes
+    from hybrid.experts.reference import ReferenceExperts
 
     ckpt = Checkpoint(tiny_path)
     sizes = _sizes(ckpt.config)
@@ -239,9 +239,9 @@ def test_bf16_weights_under_fp32_math_equal_fp32_weights(tiny_path):
     """The CPU's GPU side keeps its linear and router weights in bf16 as stored and widens them in
     each product (bf16w): prefill (the GEMM over widened blocks) and decode (the Numba GEMV) give the
     logits of the same weights held in fp32, to summation order; kv_b_proj and the norms stay fp32."""
-    from hybrid.checkpoint import Checkpoint
-    from hybrid.engine import Engine
-    from hybrid.reference import ReferenceExperts
+    from hybrid.checkpoint.reader import Checkpoint
+    from hybrid.runtime.engine import Engine
+    from hybrid.experts.reference import ReferenceExperts
 
     ckpt = Checkpoint(tiny_path)
     engines = [Engine(ckpt, ReferenceExperts(ckpt), context=64, bf16w=b) for b in (True, False)]
@@ -276,7 +276,7 @@ def test_loaded_engine_matches_its_plan(tiny_path, dtype, precision):
     """hybrid.load's plan and what the engine then holds agree, for each dtype of a CPU-side engine
     (and int8 weights asked for): the GPU-side weights' bytes, the KV cache's bytes, and the
     embedding in host RAM as stored."""
-    from hybrid.placement import GPU_SIDE
+    from hybrid.runtime.placement import GPU_SIDE
 
     e = hybrid.load(tiny_path, backend="reference", device="cpu", context=32, dtype=dtype, gpu_precision=precision)
     want = torch.bfloat16 if dtype == "bfloat16" else torch.float32
@@ -300,11 +300,11 @@ def test_loaded_engine_matches_its_plan(tiny_path, dtype, precision):
 
 
 def test_float32_is_refused_on_cuda_by_the_plan():
-    from hybrid.config import ModelConfig
-    from hybrid.hardware import Hardware
-    from hybrid.placement import plan
+    from hybrid.model.config import ModelConfig
+    from hybrid.runtime.hardware import Hardware
+    from hybrid.runtime.placement import plan
 
-    from .conftest import REAL_CONFIG
+    from tests.conftest import REAL_CONFIG
 
     with pytest.raises(ValueError, match="dtype 'float32'"):
         plan(ModelConfig.from_file(REAL_CONFIG), Hardware.hypothetical(128, [24], cores=16), dtype="float32")

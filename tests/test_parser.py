@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybrid.chat import load_chat_template, render_chat
-from hybrid.parser import (
+from hybrid.text.template import load_chat_template, render_chat
+from hybrid.text.parser import (
     ARG_BEGIN,
     CALL_BEGIN,
     CALL_END,

@@ -1,6 +1,6 @@
 """The placement planner on the real K2 Thinking config and hypothetical workstations.
 
-Sizes are recomputed here from the config's numbers (not through hybrid.layout or the planner);
+Sizes are recomputed here from the config's numbers (not through hybrid.checkpoint.layout or the planner);
 only the planner's policy constants (GPU reserve, RAM reserve) are imported. GB = 1e9 bytes.
 """
 from __future__ import annotations
@@ -10,13 +10,13 @@ import re
 
 import pytest
 
-from hybrid.config import ModelConfig
-from hybrid.hardware import Hardware, detect
-from hybrid.layout import size_report
-from hybrid.placement import GPU_RESERVE, GPU_SIDE, PlanError, plan, projected_decode_tps, ram_reserve
-from hybrid.synth import preset_config
+from hybrid.model.config import ModelConfig
+from hybrid.runtime.hardware import Hardware, detect
+from hybrid.checkpoint.layout import size_report
+from hybrid.runtime.placement import GPU_RESERVE, GPU_SIDE, PlanError, plan, projected_decode_tps, ram_reserve
+from hybrid.synth.writer import preset_config
 
-from .conftest import REAL_CONFIG
+from tests.conftest import REAL_CONFIG
 
 GB = 10**9
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from hybrid.policy import LFU, LRFU, LRU
-from hybrid.replay import read_trace, simulate
+from hybrid.experts.policy import LFU, LRFU, LRU
+from hybrid.bench.replay import read_trace, simulate
 
 
 def feed(policy, seq):
@@ -84,8 +84,8 @@ def test_the_cache_evicts_the_policys_victim_without_scanning(tiny_path):
     of least rank among the ready, unpinned keys (what policy.victim would pick from all of them)."""
     import random
 
-    from hybrid.checkpoint import Checkpoint
-    from hybrid.expert_cache import DEMAND, PREFETCH, ExpertCache
+    from hybrid.checkpoint.reader import Checkpoint
+    from hybrid.experts.cache import DEMAND, PREFETCH, ExpertCache
 
     ckpt = Checkpoint(tiny_path)
     layers, E = ckpt.config.moe_layers, ckpt.config.n_routed_experts

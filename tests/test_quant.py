@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybrid.quant import bf16_to_f32, dequantize_int4, f32_to_bf16, pack_int4, quantize_int4, unpack_int4
+from hybrid.checkpoint.int4 import bf16_to_f32, dequantize_int4, f32_to_bf16, pack_int4, quantize_int4, unpack_int4
 
 ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 

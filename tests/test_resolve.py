@@ -1,11 +1,11 @@
-"""hybrid.resolve.resolve_model: the one rule from `--model` / `hybrid.load(model)` to a checkpoint directory."""
+"""hybrid.runtime.resolve.resolve_model: the one rule from `--model` / `hybrid.load(model)` to a checkpoint directory."""
 from __future__ import annotations
 
 import pytest
 
-from hybrid.checkpoint import CheckpointError
-from hybrid.resolve import resolve_model
-from hybrid.synth import is_generated
+from hybrid.checkpoint.reader import CheckpointError
+from hybrid.runtime.resolve import resolve_model
+from hybrid.synth.writer import is_generated
 
 
 def test_a_directory_with_tilde_and_a_repo_id_in_the_hf_cache(tiny_path, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hybrid.sampling import SamplingError, SamplingParams, filtered_probs, sample
+from hybrid.model.sampling import SamplingError, SamplingParams, filtered_probs, sample
 
 P = torch.tensor([0.5, 0.3, 0.15, 0.05])
 LOGITS = P.log()  # softmax(LOGITS) == P
@@ -128,7 +128,7 @@ def test_greedy_checks_the_logits_too(logits, says):
 
 
 def test_stop_matcher_every_split_point():
-    from hybrid.sampling import StopMatcher
+    from hybrid.model.sampling import StopMatcher
 
     text = "abc STOP? no, STOP! tail"
     for k in range(len(text) + 1):

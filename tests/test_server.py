@@ -17,13 +17,13 @@ import httpx
 import openai
 import pytest
 
-from hybrid.api_common import ApiError, collect
-from hybrid.checkpoint import Checkpoint
-from hybrid.engine_runner import Job
-from hybrid.sampling import SamplingParams
-from hybrid.server import create_app
+from hybrid.serve.common import ApiError, collect
+from hybrid.checkpoint.reader import Checkpoint
+from hybrid.serve.runner import Job
+from hybrid.model.sampling import SamplingParams
+from hybrid.serve.app import create_app
 
-from .server_harness import (ANSWER, API_KEY, CALL_WEATHER, HOLD_S, WEATHER_TOOL, ScriptedEngine, raw_post, running,
+from tests.server_harness import (ANSWER, API_KEY, CALL_WEATHER, HOLD_S, WEATHER_TOOL, ScriptedEngine, raw_post, running,
                              watching_submissions)
 
 MODEL = "kimi-test"
@@ -330,7 +330,7 @@ def test_serve_binds_loopback_checks_host_and_stops_on_ctrl_c(tiny_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = (f"from hybrid.server import serve; serve({str(tiny_path)!r}, port={port}, backend='reference', "
+    code = (f"from hybrid.serve.app import serve; serve({str(tiny_path)!r}, port={port}, backend='reference', "
             "context=256, model_name='m')")
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(2 * HOLD_S, proc.kill)  # a hung server ends the reads below
@@ -362,7 +362,7 @@ def test_serve_builds_the_app_with_its_options(tiny_path, monkeypatch):
     """serve() hands keepalive_s, max_queue and the model name to the app it runs, and closes the engine."""
     import uvicorn
 
-    from hybrid.server import serve
+    from hybrid.serve.app import serve
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
@@ -480,7 +480,7 @@ def test_a_queued_client_that_left_frees_its_place(engine):
 
 
 def test_retry_after_follows_the_average_request_time():
-    from hybrid.engine_runner import RETRY_AFTER_DEFAULT_S, RETRY_AFTER_MAX_S, EngineRunner
+    from hybrid.serve.runner import RETRY_AFTER_DEFAULT_S, RETRY_AFTER_MAX_S, EngineRunner
 
     runner = EngineRunner(engine=None, max_queue=0)
     assert runner.retry_after_s() == RETRY_AFTER_DEFAULT_S  # nothing finished yet
@@ -494,8 +494,8 @@ def test_retry_after_follows_the_average_request_time():
 def test_a_job_whose_client_left_stops_its_prefill_between_chunks(engine):
     """The runner hands engine.generate its job's cancel flag: a client that leaves during a long
     prefill stops it at the next chunk, not after the whole prompt."""
-    from hybrid.engine import PREFILL_CHUNK
-    from hybrid.engine_runner import EngineRunner, Finished
+    from hybrid.runtime.engine import PREFILL_CHUNK
+    from hybrid.serve.runner import EngineRunner, Finished
 
     runner = EngineRunner(engine)
     runner.start()
@@ -525,7 +525,7 @@ def test_a_job_whose_client_left_stops_its_prefill_between_chunks(engine):
 def test_max_queue_holds_for_a_burst_at_an_idle_worker(engine):
     """Submissions that arrive together, before the worker has picked any up, count against max_queue:
     one of them will run, max_queue may wait, the rest are refused."""
-    from hybrid.engine_runner import EngineRunner, QueueFull
+    from hybrid.serve.runner import EngineRunner, QueueFull
 
     async def burst(max_queue: int) -> int:
         runner = EngineRunner(engine, max_queue)  # not started: nothing is taken off the queue meanwhile

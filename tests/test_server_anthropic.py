@@ -9,10 +9,10 @@ import anthropic
 import httpx
 import pytest
 
-from hybrid.checkpoint import Checkpoint
-from hybrid.server import create_app
+from hybrid.checkpoint.reader import Checkpoint
+from hybrid.serve.app import create_app
 
-from .server_harness import ANSWER, API_KEY, CALL_WEATHER, HOLD_S, ScriptedEngine, running
+from tests.server_harness import ANSWER, API_KEY, CALL_WEATHER, HOLD_S, ScriptedEngine, running
 
 MODEL = "kimi-test"
 WEATHER = {"name": "get_weather", "description": "Current weather in a city",

@@ -1,0 +1,148 @@
+"""`kimi-hybrid bench`: prompt processing and generation speed of a loaded Engine, as a user sees it.
+
+Owns the measurement only: several runs of (prefill P random tokens, decode G tokens), the time split
+by component from Engine.stats(), bytes per token and the bandwidth achieved against the RAM read
+bandwidth measured in the same run. Returns one JSON-able dict whose schema is docs/bench_schema.md
+(SCHEMA names its version); rendering lives in the CLI.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from hybrid.runtime.token_loop import greedy
+from hybrid.runtime.placement import GPU_SIDE
+from hybrid.runtime.probe import GB, mem_read_gbps
+
+if TYPE_CHECKING:
+    from hybrid.runtime.engine import Engine
+
+SCHEMA = "kimi-hybrid.bench.engine_bench/2"
+# the split's keys (ms per token) <- Engine.stats() seconds; all but 'unaccounted' come from there
+SPLIT = {"gpu_side": "gpu_side_s", "experts_compute": "experts_compute_s", "experts_wait": "experts_wait_s",
+         "io_wait": "io_wait_s", "overhead": "overhead_s"}
+SUMMED = (*SPLIT.values(), "forward_s", "expert_bytes", "bytes_read")
+
+
+def _spread(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+class _Phase:
+    """One phase (prefill or decode) summed over the runs: wall time, tokens, Engine.stats() counters."""
+
+    def __init__(self) -> None:
+        self.tok_s: list[float] = []
+        self.wall_s = 0.0
+        self.tokens = 0
+        self.sums = dict.fromkeys(SUMMED, 0.0)
+        self.hits = self.misses = 0
+        self.cache = False
+
+    def add(self, tokens: int, wall_s: float, stats: dict) -> None:
+        self.tok_s.append(tokens / wall_s)
+        self.tokens += tokens
+        self.wall_s += wall_s
+        for k in SUMMED:
+            self.sums[k] += stats[k]
+        if stats["cache"] is not None:
+            self.cache = True
+            self.hits += stats["cache"]["hits"]
+            self.misses += stats["cache"]["misses"]
+
+    def per_token(self, key: str) -> float:
+        return self.sums[key] / self.tokens
+
+    def split(self) -> dict[str, float]:
+        out = {k: 1e3 * self.per_token(src) for k, src in SPLIT.items()}
+        out["unaccounted"] = 1e3 * max(0.0, self.wall_s - self.sums["forward_s"]) / self.tokens
+        return out
+
+
+def weight_bytes_per_token(engine: Engine) -> int:
+    """Non-expert weights one decoded token reads: the GPU side as placed (the embedding is one row)."""
+    return sum(e.nbytes for e in engine.plan.entries if e.what in GPU_SIDE)
+
+
+def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int, *, mem_gbps: float | None = None,
+                 probe_bytes: int = 1 << 30, seed: int = 0, warmup: bool = True, name: str | None = None,
+                 backend: str = "auto", on_run: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Measure `runs` x (prefill `prompt_tokens`, decode `gen_tokens`) and return the schema's dict.
+
+    Each run's prompt starts with a different token, so the engine's KV prefix reuse cannot skip work.
+    mem_gbps: the RAM read bandwidth if already measured; else probed here over `probe_bytes`.
+    on_run(r) is called after measured run r (0-based), for progress display.
+    """
+    cfg = engine.config
+    if prompt_tokens < 1 or gen_tokens < 2 or runs < 1:
+        raise ValueError("bench needs --prompt-tokens >= 1, --gen-tokens >= 2 and --runs >= 1")
+    if prompt_tokens + gen_tokens > engine.context:
+        raise ValueError(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} exceed the context of "
+                         f"{engine.context} tokens; lower them or pass --context")
+    n_ids = engine.tokenizer.n_ranks  # ordinary tokens only
+    rng = np.random.default_rng(seed)
+    prefill, decode = _Phase(), _Phase()
+
+    def one(r: int, P: int, G: int, record: bool) -> None:
+        prompt = rng.integers(0, n_ids, P).tolist()
+        prompt[0] = r % n_ids  # never the previous run's first token: nothing to reuse
+        engine.reset_stats()
+        it = engine.generate(prompt, G, sampler=greedy, stop_ids=frozenset())
+        first = next(it)  # the prefill forward and the first sampled token
+        pre = engine.stats()
+        engine.reset_stats()
+        last, n = first, 1
+        for last in it:
+            n += 1
+        if record:
+            prefill.add(first.prefill_tokens, first.elapsed_s, pre)
+            decode.add(n - 1, last.elapsed_s - first.elapsed_s, engine.stats())
+
+    if warmup:  # compile the kernels and fault the weights in, on both the prefill and the decode path
+        one(runs, min(prompt_tokens, 16), 2, record=False)
+    if mem_gbps is None:
+        try:
+            mem_gbps = mem_read_gbps(probe_bytes)
+        except MemoryError:
+            raise MemoryError(f"the RAM bandwidth probe could not allocate its {probe_bytes >> 20:,} MB buffer; "
+                              "use a smaller --probe-mb") from None
+    for r in range(runs):
+        one(r, prompt_tokens, gen_tokens, record=True)
+        if on_run:
+            on_run(r)
+
+    graphs = engine.stats()["decode_graphs"]
+    experts = decode.per_token("expert_bytes")
+    weights = weight_bytes_per_token(engine)
+    achieved = (experts + weights) * statistics.median(decode.tok_s) / GB
+    compute = decode.sums["experts_compute_s"]
+    decode_split = decode.split()
+    hits, misses = prefill.hits + decode.hits, prefill.misses + decode.misses
+    return {
+        "schema": SCHEMA,
+        "model": {"name": name or engine.checkpoint.path.name, "path": str(engine.checkpoint.path),
+                  "layers": cfg.num_hidden_layers, "moe_layers": len(cfg.moe_layers),
+                  "routed_experts": cfg.n_routed_experts, "experts_per_token": cfg.num_experts_per_tok},
+        "machine": {"cpu_threads": engine.plan.cpu_threads, "mem_read_gbps": mem_gbps,
+                    "loadavg_1min": os.getloadavg()[0]},
+        "settings": {"backend": backend, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "runs": runs,
+                     "context": engine.context, "expert_mode": engine.plan.expert_mode,
+                     "hot_experts": engine.hot_experts, "gpu_precision": engine.plan.gpu_precision,
+                     "decode_graphs": "off" if graphs is None else graphs["mode"] + ("+cuda_graphs" if graphs["cuda_graphs"] else "")},
+        "prefill": {"tok_s": _spread(prefill.tok_s), "runs_tok_s": prefill.tok_s, "split_ms_per_token": prefill.split(),
+                    "expert_bytes_per_token": prefill.per_token("expert_bytes")},
+        "decode": {"tok_s": _spread(decode.tok_s), "runs_tok_s": decode.tok_s, "split_ms_per_token": decode_split,
+                   "expert_bytes_per_token": experts, "weight_bytes_per_token": weights,
+                   "bytes_per_token": experts + weights, "achieved_gbps": achieved,
+                   "pct_of_mem_read": 100 * achieved / mem_gbps,
+                   "expert_kernel_gbps": decode.sums["expert_bytes"] / compute / GB if compute > 0 else None,
+                   "disk_bytes_per_token": decode.per_token("bytes_read"),
+                   "per_moe_layer_ms": {k: decode_split[k] / max(1, len(cfg.moe_layers))
+                                        for k in ("gpu_side", "experts_compute", "experts_wait")},
+                   "overlap_efficiency": max(0.0, 1 - decode.sums["experts_wait_s"] / compute) if compute > 0 else None},
+        "cache": ({"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else None}
+                  if prefill.cache or decode.cache else None),
+    }

@@ -1,0 +1,253 @@
+"""DeepSeek-V3 / Kimi K2 forward pass as pure math over a plain config and a dict of weights.
+
+Owns RMSNorm, YaRN rope (interleaved pairs), MLA (naive for prefill, absorbed over the 576-value
+latent cache for decode), the sigmoid router, the shared expert and the dense layer. Routed experts
+go through an injected backend (submit / wait), so where they live is not this file's business.
+Letters: T new tokens, S cached + new positions, D hidden, H heads, Q q_lora_rank, L kv_lora_rank,
+P qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, E routed experts, K experts per token.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from kernels_gpu.mla import chunked_prefill_attention, mla_decode
+
+from hybrid.model.config import ModelConfig
+from hybrid.model.linear import Weight, fp32_linear, linear
+
+LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
+ABSORB_MAX_TOKENS = 8  # at or below this many new tokens, attend in the absorbed (latent) form
+CHUNKED_MIN_SCORES = 1 << 22  # T x S above this: the chunked kernel, never a whole [T, H, S] score matrix
+
+AttnMode = Literal["auto", "naive", "absorbed"]
+
+
+class ExpertBackend(Protocol):
+    """Routed experts of one MoE layer: y[T, D] = sum_k weights[t, k] * Expert_ids[t, k](x[t])."""
+
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Any: ...
+
+    def wait(self, handle: Any) -> torch.Tensor: ...
+
+
+class KVCache:
+    """The compressed MLA cache: per layer, per position, the normed latent [L] and the roped k_pe [R]."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        n = cfg.num_hidden_layers
+        self.kv = torch.zeros(n, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)  # [layers, S, L]
+        self.pe = torch.zeros(n, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)  # [layers, S, R]
+        self.length = 0  # positions filled (all layers)
+        self.max_len = max_len
+
+    def truncate(self, n: int) -> None:
+        """Forget positions >= n (prefix reuse keeps the common prefix)."""
+        self.length = min(self.length, n)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """[R/2] rotation frequencies; YaRN blends extrapolated and interpolated ones by a ramp over pairs."""
+    R = cfg.qk_rope_head_dim
+    pos_freqs = cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float32) / R)
+    extra = 1.0 / pos_freqs
+    rs = cfg.rope_scaling
+    if not rs:
+        return extra
+    factor, orig = rs["factor"], rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def corr_dim(rot: float) -> float:
+        return R * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low = max(math.floor(corr_dim(beta_fast)), 0)
+    high = min(math.ceil(corr_dim(beta_slow)), R - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(R // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return extra / factor * ramp + extra * (1 - ramp)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]). x [T, ..., R]; cos/sin [T, R/2] (fp32) -> x's dtype."""
+    shape = x.shape
+    x = x.reshape(shape[0], -1, shape[-1] // 2, 2)  # [T, *, R/2, 2]
+    c, s = cos[:, None, :], sin[:, None, :]
+    x0, x1 = x[..., 0], x[..., 1]
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).reshape(shape).to(x.dtype)
+
+
+def swiglu(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+
+
+class Model:
+    """The transformer. `weights` maps Hugging Face tensor names to tensors on the compute device."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], experts: ExpertBackend):
+        self.cfg = cfg
+        self.w = weights
+        self.experts = experts
+        self.device = weights["model.norm.weight"].device
+        self.dtype = weights["model.norm.weight"].dtype  # the compute dtype of the GPU side
+        self.inv_freq = yarn_inv_freq(cfg).to(self.device)
+        self.times: defaultdict[str, float] = defaultdict(float)  # seconds by part, for the bench's split
+        self.defer_experts = 0  # experts per token whose output is added one MoE layer late (0 = exact)
+        self._deferred: Any = None
+
+    def new_cache(self, max_len: int) -> KVCache:
+        return KVCache(self.cfg, max_len, self.device, self.dtype)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache, attn: AttnMode = "auto", last_only: bool = False) -> torch.Tensor:
+        """ids [T] at positions cache.length .. cache.length+T-1 -> logits [T, vocab] (fp32), or with
+        last_only the last position's [1, vocab] (generation: lm_head over a 4096-token prefill chunk
+        costs more than a layer, and its logits take ~4 GB)."""
+        T, s0 = ids.shape[0], cache.length
+        if s0 + T > cache.max_len:
+            raise ValueError(f"{s0 + T} positions exceed the KV cache of {cache.max_len}; raise the context size")
+        cos, sin = self.rope(torch.arange(s0, s0 + T, device=self.device))
+        h = self.embed(ids)  # [T, D]
+        if attn == "auto":
+            attn = "absorbed" if T <= ABSORB_MAX_TOKENS else "naive"
+        t_start = time.perf_counter()
+        self._deferred = None  # nothing carries over from a forward that failed midway
+        for i in range(self.cfg.num_hidden_layers):
+            t0 = time.perf_counter()
+            h = h + self.attention(i, rms_norm(h, self.w[f"model.layers.{i}.input_layernorm.weight"], self.cfg.rms_norm_eps),
+                                   cache, s0, cos, sin, attn)
+            x = rms_norm(h, self.w[f"model.layers.{i}.post_attention_layernorm.weight"], self.cfg.rms_norm_eps)
+            self.times["attention"] += time.perf_counter() - t0
+            h = h + (self.moe(i, x) if self.cfg.is_moe_layer(i) else self.dense_mlp(i, x))
+        cache.length = s0 + T
+        t0 = time.perf_counter()
+        logits = self.head(h[-1:] if last_only else h)
+        self.times["lm_head"] += time.perf_counter() - t0
+        self.times["forward"] += time.perf_counter() - t_start
+        return logits
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [T] -> their embedding rows [T, D] on the device in the compute dtype. The table may live
+        in host RAM (the engine keeps it there: 2.35 GB for K2, of which a token needs one row)."""
+        table = self.w["model.embed_tokens.weight"]
+        return table[ids.to(table.device)].to(self.device, self.dtype)
+
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [T] (any integer or float tensor on the device) -> cos, sin [T, R/2]."""
+        ang = pos.float()[:, None] * self.inv_freq[None, :]
+        return ang.cos(), ang.sin()
+
+    def attention(self, i: int, x: torch.Tensor, cache: KVCache, s0: int | torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, mode: AttnMode, span: int | None = None) -> torch.Tensor:
+        """s0: position of x's first token. An int; or a 0-d device tensor with mode 'absorbed' and
+        `span` (a fixed number of cache rows to attend over, masked beyond s0 + T): shapes then do not
+        depend on the position, which is what a captured (CUDA-graph) decode step needs."""
+        c, w, p = self.cfg, self.w, f"model.layers.{i}.self_attn."
+        T, H, P, R, L, Vd = x.shape[0], c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank, c.v_head_dim
+        cq = rms_norm(linear(x, w[p + "q_a_proj.weight"]), w[p + "q_a_layernorm.weight"], LATENT_NORM_EPS)  # [T, Q]
+        q = linear(cq, w[p + "q_b_proj.weight"]).view(T, H, P + R)
+        q_nope, q_pe = q[..., :P], apply_rope(q[..., P:], cos, sin)  # [T, H, P], [T, H, R]
+        kv = linear(x, w[p + "kv_a_proj_with_mqa.weight"])  # [T, L + R]
+        latent = rms_norm(kv[:, :L], w[p + "kv_a_layernorm.weight"], LATENT_NORM_EPS)
+        if isinstance(s0, torch.Tensor):  # positions on the device: written by index, read through a fixed span
+            if mode != "absorbed" or span is None:
+                raise ValueError("a device-tensor position needs mode='absorbed' and a span")
+            rows = s0 + torch.arange(T, device=x.device)
+            cache.kv[i].index_copy_(0, rows, latent.to(cache.kv.dtype))
+            cache.pe[i].index_copy_(0, rows, apply_rope(kv[:, L:], cos, sin).to(cache.pe.dtype))
+            S = span
+        else:
+            S = s0 + T
+            cache.kv[i, s0:S] = latent
+            cache.pe[i, s0:S] = apply_rope(kv[:, L:], cos, sin)
+        kv_latent, k_pe = cache.kv[i, :S], cache.pe[i, :S]  # [S, L], [S, R]
+        w_kv_b = w[p + "kv_b_proj.weight"].view(H, P + Vd, L)
+        w_uk, w_uv = w_kv_b[:, :P], w_kv_b[:, P:]  # [H, P, L], [H, V, L]
+        if mode == "absorbed":  # decode: q absorbed into the latent space, the cache read as stored
+            o = mla_decode(q_nope, q_pe, kv_latent, k_pe, w_uk, w_uv, c.softmax_scale, s0)
+        elif T * S > CHUNKED_MIN_SCORES:  # long prompts: same math, bounded memory
+            o = chunked_prefill_attention(q_nope, q_pe, kv_latent, k_pe, w_uk, w_uv, c.softmax_scale, s0)
+        else:  # the naive form: keys and values expanded per head; scores [T, H, S]
+            kvb = (kv_latent @ w[p + "kv_b_proj.weight"].T).view(S, H, P + Vd)
+            # the rope part is MQA: one k_pe shared by all heads
+            scores = torch.einsum("thr,sr->ths", q_pe, k_pe) + torch.einsum("thp,shp->ths", q_nope, kvb[..., :P])
+            causal = torch.arange(S, device=x.device)[None, :] > torch.arange(s0, S, device=x.device)[:, None]  # [T, S]
+            scores = (scores * c.softmax_scale).masked_fill(causal[:, None, :], float("-inf"))
+            probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
+            o = torch.einsum("ths,shv->thv", probs, kvb[..., P:])  # [T, H, V]
+        return linear(o.reshape(T, H * Vd), w[p + "o_proj.weight"])
+
+    def route(self, i: int, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (ids [T, K], weights [T, K]); DeepSeek-V3: the bias picks experts but does not weight them.
+        k: how many to pick (default top-K; prefetch asks for a wider candidate set)."""
+        c, p = self.cfg, f"model.layers.{i}.mlp.gate."
+        scores = torch.sigmoid(fp32_linear(x, self.w[p + "weight"]))  # [T, E]
+        choice = scores + self.w[p + "e_score_correction_bias"].float()
+        if c.n_group > 1:
+            T, G = x.shape[0], c.n_group
+            grouped = choice.view(T, G, -1)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(c.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(T, -1)
+        ids = choice.topk(min(k or c.num_experts_per_tok, c.n_routed_experts), dim=-1).indices
+        weights = scores.gather(1, ids)
+        if c.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * c.routed_scaling_factor
+
+    def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        ids, weights = self.route(i, x)
+        t1 = time.perf_counter()
+        deferred = None
+        if self.defer_experts and i != self.cfg.moe_layers[-1]:
+            # KTransformers' deferral: the lowest-weight experts are added one MoE layer later, so the
+            # next layer's attention does not wait for them. Changes the outputs; off by default.
+            low = weights.argsort(dim=-1)[:, :self.defer_experts]  # [T, d]
+            late = torch.zeros_like(weights).scatter(1, low, 1.0).bool()
+            handle = self.experts.submit(i, x, ids, weights.masked_fill(late, 0.0))
+            deferred = self.experts.submit(i, x, ids, weights.masked_fill(~late, 0.0))
+        else:
+            handle = self.experts.submit(i, x, ids, weights)  # routed experts start on the CPU workers
+        t2 = time.perf_counter()
+        shared = self.shared_expert(i, x)
+        t3 = time.perf_counter()
+        routed = self.experts.wait(handle).to(x.dtype)
+        if self._deferred is not None:  # the previous MoE layer's late experts
+            routed = routed + self.experts.wait(self._deferred).to(x.dtype)
+        self._deferred = deferred
+        t4 = time.perf_counter()
+        self.times["router"] += t1 - t0
+        self.times["submit"] += t2 - t1
+        self.times["shared"] += t3 - t2
+        self.times["experts_wait"] += t4 - t3
+        return shared + routed
+
+    def dense_mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        y = self.ffn(f"model.layers.{i}.mlp.", x)
+        self.times["dense"] += time.perf_counter() - t0
+        return y
+
+    def ffn(self, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        """The SwiGLU MLP whose weights start with `prefix` (a dense layer's, or a shared expert's)."""
+        return swiglu(x, self.w[prefix + "gate_proj.weight"], self.w[prefix + "up_proj.weight"],
+                      self.w[prefix + "down_proj.weight"])
+
+    def shared_expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(f"model.layers.{i}.mlp.shared_experts.", x) if self.cfg.n_shared_experts else torch.zeros_like(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head: h [T, D] -> fp32 logits [T, vocab]."""
+        return linear(rms_norm(h, self.w["model.norm.weight"], self.cfg.rms_norm_eps), self.w["lm_head.weight"]).float()

@@ -1,0 +1,319 @@
+"""Engine: a loaded model you can call (generate with KV prefix reuse, chat, logits, statistics).
+
+Owns the non-expert weights as compute tensors, placed as the plan counts them, and the persistent KV
+cache. hybrid.runtime.loader builds it (plan, expert backend, options); the math is model.py's; no rendering.
+"""
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from kernels_gpu.int8 import quantize_int8
+
+from hybrid.text.template import ChatTemplateError, load_chat_template, normalize_messages, render_chat
+from hybrid.checkpoint.reader import Checkpoint
+from hybrid.text.conversation import Done, apply_tool_choice, check_message, check_tools, run_chat
+from hybrid.runtime.token_loop import Sampler, Step, generate
+from hybrid.model.k2 import AttnMode, ExpertBackend, Model
+from hybrid.text.parser import Event
+from hybrid.runtime.placement import int8_eligible, widen_eligible
+from hybrid.experts.routing_stats import save_counts
+from hybrid.model.sampling import SamplingParams, sample
+from hybrid.text.tokenizer import Tokenizer
+
+PREFILL_CHUNK = 4096  # prompt tokens per forward pass: bounds activations (K2: ~0.2 GB of fp32 queries per 1K)
+EMBED = "model.embed_tokens.weight"
+
+
+def gpu_side_weight(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype, int8: bool = False,
+                    bf16w: bool = False):
+    """A non-expert checkpoint tensor as the model holds it, placed as the plan counts it:
+    the router's bias in fp32 (F32 on disk; rounding it moves routing decisions), the embedding in
+    host RAM as stored (a step needs one row: Model.embed), with int8 the plan's int8 weights
+    (placement.int8_eligible) quantised on the host so the device never holds their bf16 copy, with
+    bf16w (a CPU computing in fp32) the weights of placement.widen_eligible kept in bf16 as stored
+    (linear.linear widens them inside each product), and the rest in `dtype` on `device`."""
+    if name.endswith("e_score_correction_bias"):
+        return t.to(device, torch.float32)
+    if name == EMBED:
+        return t.clone()  # host RAM, not a view: the checkpoint's maps close with the engine
+    if int8 and int8_eligible(name, tuple(t.shape)):
+        q, scale = quantize_int8(t)
+        return q.to(device), scale.to(device)
+    if bf16w and t.dtype == torch.bfloat16 and widen_eligible(name, tuple(t.shape)):
+        return t.to(device).clone()  # its own memory, not a view of the checkpoint's maps
+    return t.to(device, dtype)
+
+
+class Engine:
+    def __init__(self, ckpt: Checkpoint, experts: ExpertBackend, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, context: int = 4096, int8: bool = False,
+                 bf16w: bool | None = None):
+        """bf16w: keep the big linear weights in bf16 under fp32 math (gpu_side_weight); None: on a
+        CPU computing in fp32, as the plan's 'bf16w' (and, with int8, 'int8w') counts them."""
+        self.checkpoint = ckpt
+        self.config = ckpt.config
+        self.device = torch.device(device)
+        if bf16w is None:  # with int8 the rest of the linears (the router's) as 'int8w' counts them
+            bf16w = self.device.type == "cpu" and dtype == torch.float32
+        # everything but the routed experts (and the embedding) goes to the compute device
+        weights = {name: gpu_side_weight(name, ckpt.tensor(name), self.device, dtype, int8, bf16w)
+                   for name in ckpt.tensors if ".mlp.experts." not in name and not name.endswith("inv_freq")}
+        self.model = Model(self.config, weights, experts)
+        self.context = context
+        self.tokenizer = Tokenizer.from_dir(ckpt.path)
+        self.chat_template = load_chat_template(ckpt.path)
+        self._cache = self.model.new_cache(context)  # persistent across requests, for prefix reuse
+        self._cached_ids: list[int] = []  # the tokens whose KV the cache holds, in order
+        self.plan = None  # the placement plan, set by load()
+        self.hot_experts = 0  # per MoE layer, on the GPU side; set by load()
+        self.prefill_chunk: int | None = PREFILL_CHUNK  # prompt tokens per forward pass; set by load()
+        self.decoder = None  # a decode_step.StaticDecoder over the engine's cache, when decode graphs are on
+        self.routing_stats: Path | None = None  # where routing counts persist across sessions; set by load()
+        self._tokens = {"prefill": 0, "decode": 0}
+        self._epoch = 0  # counts generate() calls; only the newest may touch the cache
+        # threads and the slot arena belong to the backend: release them when the engine goes away
+        self._finalizer = weakref.finalize(self, _release, experts, ckpt)
+        self._closed = False
+
+    # ---- statistics (bench) -----------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.model.times.clear()
+        self._tokens = {"prefill": 0, "decode": 0}
+        if hasattr(self.model.experts, "reset_stats"):
+            self.model.experts.reset_stats()
+        cache = getattr(self.model.experts, "cache", None)
+        if cache is not None:
+            cache.reset_stats()
+
+    def stats(self) -> dict:
+        """Where the time went since reset_stats(): GPU-side work, waits on the CPU experts, IO."""
+        t = self.model.times
+        ex = self.model.experts
+        gpu_side = t["attention"] + t["router"] + t["shared"] + t["dense"] + t["lm_head"]
+        out = {
+            "forward_s": t["forward"], "gpu_side_s": gpu_side, "attention_s": t["attention"],
+            "shared_s": t["shared"], "experts_wait_s": t["experts_wait"], "submit_s": t["submit"],
+            "experts_compute_s": getattr(ex, "compute_s", 0.0), "io_wait_s": getattr(ex, "io_wait_s", 0.0),
+            "expert_bytes": getattr(ex, "expert_bytes", 0), "tokens": dict(self._tokens),
+            "io_s": 0.0, "bytes_read": 0, "cache": None,
+            "decode_graphs": self._decode_graphs(),
+        }
+        out["overhead_s"] = max(0.0, t["forward"] - gpu_side - t["experts_wait"])
+        cache = getattr(ex, "cache", None)
+        if cache is not None:
+            hits = sum(s.hits for s in cache.stats.values())
+            misses = sum(s.misses for s in cache.stats.values())
+            out["io_s"] = sum(s.io_s for s in cache.stats.values())
+            out["bytes_read"] = sum(s.bytes_read for s in cache.stats.values())
+            out["cache"] = {
+                "slots": cache.n_slots, "hits": hits, "misses": misses,
+                "hit_rate": hits / (hits + misses) if hits + misses else None,
+                "prefetched": sum(s.prefetched for s in cache.stats.values()),
+                "prefetch_used": sum(s.prefetch_used for s in cache.stats.values()),
+                "per_layer": {l: vars(s).copy() for l, s in cache.stats.items()},
+            }
+        return out
+
+    def _decode_graphs(self) -> dict | None:
+        """How single-token steps run: None (the plain forward), or the static decode step's state."""
+        dec = self.decoder
+        if dec is None:
+            return None
+        return {"mode": dec.mode, "cuda_graphs": dec.graphs, "captured_buckets": sorted(dec.chains), "steps": dec.steps}
+
+    def close(self) -> None:
+        """Stop the expert workers and IO threads and release the maps (also done when the engine is collected)."""
+        self._closed = True
+        self._finalizer()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this engine is closed (its expert threads and checkpoint maps are released); "
+                               "load the model again with hybrid.load")
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @torch.inference_mode()
+    def logits(self, token_ids, attn: AttnMode = "auto") -> torch.Tensor:
+        """A fresh full-sequence forward: token ids [T] -> fp32 logits [T, vocab]. No state is kept."""
+        self._check_open()
+        if attn not in ("auto", "naive", "absorbed"):
+            raise ValueError(f"attn must be 'auto', 'naive' or 'absorbed', got {attn!r}")
+        ids = self._check_ids(token_ids)
+        cache = self.model.new_cache(ids.numel())
+        return self.model.forward(ids, cache, attn=attn)
+
+
+    def _check_ids(self, token_ids) -> torch.Tensor:
+        try:
+            ids = torch.as_tensor(token_ids)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+            raise ValueError(f"token_ids must be a sequence of integer token ids, got {str(token_ids)[:60]!r} ({e})") \
+                from None
+        if ids.numel() and (ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex()):
+            raise ValueError(f"token_ids must be integers, got {ids.dtype} values")
+        ids = ids.to(torch.long)
+        if ids.ndim != 1 or ids.numel() == 0:
+            raise ValueError(f"token_ids must be a non-empty 1-D sequence, got shape {tuple(ids.shape)}")
+        V = self.config.vocab_size
+        if int(ids.min()) < 0 or int(ids.max()) >= V:
+            raise ValueError(f"token ids must lie in [0, {V}); got {int(ids.min())}..{int(ids.max())}")
+        return ids
+
+    # ---- generation with KV prefix reuse ----------------------------------------------------
+    def generate(self, token_ids: list[int], max_new_tokens: int, temperature: float = 1.0, seed: int | None = None,
+                 *, sampling: SamplingParams | None = None, sampler: Sampler | None = None,
+                 stop_ids: frozenset[int] = frozenset(), should_stop: Callable[[], bool] | None = None) -> Iterator[Step]:
+        """Stream Steps. The KV cache keeps the longest common prefix with the previous request,
+        so only the new tail of `token_ids` is prefilled (Step.prefill_tokens counts it).
+        should_stop: asked between prefill chunks; True ends the request there (a client that left
+        during a long prefill), keeping what was prefilled for the next request to reuse."""
+        self._check_open()
+        prompt = self._check_ids(token_ids).tolist()
+        if len(prompt) >= self.context:
+            raise ValueError(f"the prompt has {len(prompt)} tokens but the context is {self.context}; "
+                             "shorten it or raise the context (--context, or context= in hybrid.load)")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if not isinstance(stop_ids, (set, frozenset, list, tuple)) or \
+                not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+            raise ValueError(f"stop_ids must be a set of integer token ids, got {stop_ids!r}")
+        stop_ids = frozenset(stop_ids)
+        params = sampling or SamplingParams(temperature=temperature, seed=seed)
+        if sampler is None:
+            gen = params.make_generator()
+            sampler = lambda logits: sample(logits, params, gen)  # noqa: E731
+        self.checkpoint.check_files()  # a shard shrunk under the map would be a SIGBUS, not an error
+        if self.hot_experts:
+            self.refresh_hot_experts()
+        common = 0
+        for a, b in zip(self._cached_ids, prompt):
+            if a != b:
+                break
+            common += 1
+        self._epoch += 1  # one cache, one live generation: a newer request supersedes this one
+        epoch = self._epoch
+        self._cache.truncate(common)
+        self._cached_ids = self._cached_ids[:self._cache.length]
+        generated: list[int] = []
+        try:
+            for step in generate(self.model, self._cache, prompt, max_new_tokens, sampler, stop_ids, self.prefill_chunk,
+                                 should_stop, self.decoder.step if self.decoder else None):
+                if step.index == 0:
+                    self._tokens["prefill"] += step.prefill_tokens
+                else:
+                    self._tokens["decode"] += 1
+                generated.append(step.token)
+                yield step
+                if self._epoch != epoch:
+                    raise RuntimeError("this generation was superseded by a newer request on the same engine "
+                                       "(the KV cache now holds that one); start it again")
+        finally:  # also when the consumer stops early or a forward fails: keep ids and cache in step
+            if self._epoch == epoch:
+                self._cached_ids = (prompt + generated)[:self._cache.length]
+            if self.routing_stats is not None:
+                save_counts(self.routing_stats, self.model.experts.route_counts, self.config.moe_layers,
+                            self.config.n_routed_experts)
+
+    def refresh_hot_experts(self) -> None:
+        """Keep the most-routed `hot_experts` experts of each MoE layer on the GPU side (uploads only changes).
+
+        Each layer's hot experts live in a HotSlots of fixed buffers, written in place: a captured
+        decode step reads them by address, so it stays valid as the hot set changes."""
+        from hybrid.experts.hot import HotSlots
+        from kernels_gpu.int4 import DeviceInt4
+
+        sched, cfg = self.model.experts, self.config
+        group = cfg.quant.group_size if cfg.quant else 32
+        fresh = [layer for layer in cfg.moe_layers
+                 if not isinstance(sched.hot.get(layer), HotSlots) or sched.hot[layer].capacity != self.hot_experts]
+        if fresh and self.decoder is not None:
+            self.decoder.reset()  # its graphs and closures hold the old buffers: let them go first
+        for layer in fresh:  # the buffers first, in every layer: a decode graph captures them
+            sched.set_hot(layer, {})
+            sched.set_hot(layer, HotSlots(self.hot_experts, cfg.n_routed_experts, cfg.hidden_size,
+                                          cfg.moe_intermediate_size, group, self.device))
+        for layer, counts in sched.route_counts.items():
+            if not counts.any():
+                continue
+            want = [int(e) for e in np.argsort(-counts, kind="stable")[: self.hot_experts] if counts[e] > 0]
+            slots = sched.hot[layer]
+            for e in slots.keep_only(want):
+                ws = [self.checkpoint.expert(layer, e, p) for p in ("gate_proj", "up_proj", "down_proj")]
+                slots.put(e, [DeviceInt4.from_arrays(w.packed, w.scale, w.shape) for w in ws])
+
+    # ---- chat ---------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            add_generation_prompt: bool = True, tokenize: bool = False, **kwargs) -> str | list[int]:
+        """Render with the checkpoint's own chat_template.jinja; tokenize=True returns the ids."""
+        if not tokenize:
+            return render_chat(self.chat_template, messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs)
+        # special-token strings inside user or tool text must stay text, never become control tokens
+        mark = self.tokenizer.mark_user_text
+        text = render_chat(self.chat_template, mark(messages), tools=mark(tools), add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.tokenizer.encode_chat(text)
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None, forced: str = "") -> list[int]:
+        """The prompt ids of a chat request: the rendered template, then `forced` (the start of the
+        assistant's turn that a tool_choice demands; conversation.forced_call_prefix)."""
+        return self.apply_chat_template(messages, tools=tools, tokenize=True) + \
+            self.tokenizer.encode(forced, allow_special=True)
+
+    def answer_budget(self, prompt: list[int], max_tokens: int | None) -> int:
+        """Tokens the answer may take: max_tokens, never past the end of the context."""
+        budget = self.context - len(prompt)
+        return min(max_tokens or budget, budget)
+
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: str | dict | None = "auto",
+             **sampling) -> Iterator[Event | Done]:
+        """Yield ReasoningDelta / ContentDelta / ToolCall / ToolCallError events, then one Done.
+
+        tool_choice, as in the OpenAI API: 'auto' (the model decides), 'none' (the tools are not
+        declared), 'required' (the answer is a call of one of them), or a function's name, or
+        {"type": "function", "function": {"name": NAME}} (the answer calls that one). A required or
+        named call starts the assistant's turn with K2's call prefix, so there is no reasoning."""
+        self._check_open()
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a non-empty list of {\"role\": ..., \"content\": ...} dicts")
+        try:  # plain dicts from here on (dataclasses and pydantic models too), None values dropped
+            messages = normalize_messages(messages)
+        except ChatTemplateError as e:
+            raise ValueError(f"messages: {e}") from None
+        for i, m in enumerate(messages):
+            check_message(m, f"messages[{i}]")
+        messages = [dict(m, role="system") if m["role"] == "developer" else m for m in messages]  # as the server does
+        if tools is not None:
+            check_tools(tools, "tools", lambda i: f"tools[{i}]")
+            tools = list(tools)
+        if isinstance(tool_choice, dict):
+            fn = tool_choice.get("function")
+            if tool_choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise ValueError(f'tool_choice {tool_choice!r} must look like {{"type": "function", '
+                                 '"function": {"name": NAME}}')
+            mode, name = "named", fn["name"]  # a name, even one spelled like a keyword
+        elif tool_choice is None or tool_choice in ("auto", "none", "required"):
+            mode, name = tool_choice or "auto", None
+        elif isinstance(tool_choice, str):
+            mode, name = "named", tool_choice
+        else:
+            raise ValueError(f"tool_choice must be 'auto', 'none', 'required' or a function name, got {tool_choice!r}")
+        tools, names, forced = apply_tool_choice(tools, messages, mode, name)
+        max_tokens = sampling.pop("max_tokens", None)
+        params = SamplingParams(**sampling, max_tokens=max_tokens)
+        prompt = self.chat_prompt(messages, tools, forced)
+        yield from run_chat(self, prompt, params, names, self.answer_budget(prompt, max_tokens), forced)
+
+
+def _release(experts, ckpt: Checkpoint) -> None:
+    if hasattr(experts, "close"):
+        experts.close()
+    ckpt.close()

@@ -1,0 +1,445 @@
+"""The placement planner: model config + measured machine + user options -> a frozen `Plan`.
+
+Owns what lives where (GPU / RAM / mmap'd page cache / RAM expert cache), in which precision, and how
+many bytes each class of tensor takes; refuses a plan that cannot fit, naming the short budget, the
+shortfall and the option that fixes it, before anything large is allocated. It allocates nothing and
+reads no weights; everything else reads the Plan and nothing else decides placement.
+GB = 10^9 bytes. Option names in messages are the CLI flags (plan()'s keywords with dashes).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from hybrid.model.config import ModelConfig
+from hybrid.runtime.hardware import GB, Disk, Hardware
+from hybrid.checkpoint.layout import TensorSpec, spec_groups, spec_nbytes
+
+log = logging.getLogger(__name__)
+
+GPU_RESERVE = int(1.5 * GB)  # CUDA context, cuBLAS workspace, prefill activations, allocator slack
+SLOT_ALIGN = 4096  # cache slots are O_DIRECT targets
+GPU_SIDE = ("attention", "router", "shared_experts", "dense_mlp", "norms", "lm_head")
+INT8_CLASSES = ("attention", "shared_experts", "dense_mlp", "lm_head")  # router and norms are never int8
+
+LABELS = {"attention": "attention (MLA)", "router": "router", "shared_experts": "shared experts",
+          "dense_mlp": "dense MLP layers", "norms": "norms", "lm_head": "lm_head", "embedding": "embedding",
+          "kv_cache": "KV cache", "hot_experts": "hot experts", "routed_experts": "routed experts"}
+
+
+def ram_reserve(ram_total: int) -> int:
+    """RAM kept free for the OS, Python, torch, Numba and transient buffers: 2 GB + 2% of RAM."""
+    return int(2 * GB + 0.02 * ram_total)
+
+
+class PlanError(ValueError):
+    """The plan does not fit: `budget` ('VRAM', 'RAM' or 'disk') is short by `short_bytes`."""
+
+    def __init__(self, budget: str, short_bytes: int, detail: str):
+        self.budget, self.short_bytes = budget, int(short_bytes)
+        super().__init__(f"{budget} is short by {short_bytes / GB:.2f} GB: {detail}")
+
+
+@dataclass(frozen=True)
+class Entry:
+    what: str  # a key of LABELS
+    where: str  # 'gpu' | 'ram' | 'mmap' | 'cache'
+    precision: str  # 'bf16' | 'int8' | 'fp32' (a CPU's KV cache) | 'int4' | 'bf16w' / 'int8w' (a CPU: those
+    # weights, fp32 math; see widen_eligible)
+    nbytes: int
+    detail: str = ""  # e.g. '8,192 tokens' or '4,887 slots of 23,040'
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str  # 'cuda' | 'cpu': where the "GPU side" runs
+    gpu_precision: str  # storage of the big GPU-side linears: 'bf16' | 'int8' (cuda), 'bf16w' | 'int8w' | 'bf16' (cpu)
+    entries: tuple[Entry, ...]
+    context: int  # tokens the KV cache holds
+    kv_bytes_per_token: int
+    expert_mode: str  # 'mmap': all routed experts resident in the page cache; 'cache': RAM slot cache
+    expert_bytes: int  # one routed expert as on disk (INT4 + bf16 scales); a hot expert takes the same
+    slot_bytes: int  # one cache slot: expert_bytes rounded up to SLOT_ALIGN
+    cache_slots: int  # TOTAL slots, one pool shared by all MoE layers; 0 in mmap mode
+    hot_experts_per_layer: int  # on the GPU, the same count in every MoE layer
+    n_moe_layers: int
+    experts_per_layer: int
+    experts_per_token: int
+    expert_bytes_per_token: int  # routed bytes one decoded token reads (= size_report's figure)
+    cpu_threads: int
+    numa_nodes: int
+    gpu_index: int | None  # CUDA device the plan is for; None on cpu
+    gpu_budget: int  # bytes the plan may use on the GPU; 0 on cpu
+    ram_budget: int  # bytes for routed experts: page cache (mmap) or slots (cache)
+    ram_available: int
+    ram_reserve: int
+    disk: Disk | None = None  # the checkpoint's filesystem when plan() was given checkpoint_dir
+
+    # ---- formatting helpers --------------------------------------------------------------
+    def entry(self, what: str) -> Entry:
+        return next(e for e in self.entries if e.what == what)
+
+    @property
+    def gpu_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries if e.where == "gpu")
+
+    @property
+    def ram_bytes(self) -> int:
+        """RAM the plan fills, expert page cache or slots included (not the reserve)."""
+        return sum(e.nbytes for e in self.entries if e.where != "gpu")
+
+    @property
+    def slots_per_layer(self) -> float:
+        return self.cache_slots / self.n_moe_layers if self.n_moe_layers else 0.0
+
+    def rows(self) -> list[tuple[str, str, str, float]]:
+        """(what, where, precision, GB) per tensor class, for a table."""
+        return [(LABELS[e.what] + (f" ({e.detail})" if e.detail else ""), e.where, e.precision, e.nbytes / GB)
+                for e in self.entries]
+
+    def summary(self) -> str:
+        side = f"GPU {self.gpu_index}" if self.device == "cuda" else "CPU (no CUDA GPU)"
+        experts = ("mmap, all resident in RAM" if self.expert_mode == "mmap" else
+                   f"cache, {self.cache_slots:,} slots ({self.slots_per_layer:.1f}/layer) of "
+                   f"{self.n_moe_layers * self.experts_per_layer:,}")
+        gpu = f"{self.gpu_bytes / GB:.2f}/{self.gpu_budget / GB:.2f} GB VRAM, " if self.device == "cuda" else ""
+        return (f"GPU side on {side} in {self.gpu_precision}; routed experts: {experts}; "
+                f"hot experts {self.hot_experts_per_layer}/layer; {gpu}"
+                f"{self.ram_bytes / GB:.2f} GB RAM of {self.ram_available / GB:.2f} available; "
+                f"context {self.context:,}; {self.cpu_threads} CPU threads")
+
+
+# ---- sizes from the tensor table ----------------------------------------------------------
+
+_CLASS_BY_SUBSTRING = ((".mlp.experts.", "routed_experts"), (".self_attn.", "attention"),
+                       (".mlp.shared_experts.", "shared_experts"), (".mlp.gate.", "router"), (".mlp.", "dense_mlp"),
+                       ("model.embed_tokens.", "embedding"), ("lm_head.", "lm_head"))
+
+
+def tensor_class(name: str) -> str:
+    """The placement class of a checkpoint tensor name."""
+    if name.endswith("norm.weight"):  # input/post-attention, q_a/kv_a and the final norm
+        return "norms"
+    for key, what in _CLASS_BY_SUBSTRING:
+        if key in name:
+            return what
+    raise ValueError(f"no placement class for tensor {name!r}")
+
+
+def int8_eligible(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether the engine stores this GPU-side tensor as int8 weight-only when the plan says int8: the
+    2-D weights of INT8_CLASSES, except kv_b_proj (attention reads it as per-head views). One rule for
+    the engine and for the sizes the plan counts."""
+    return tensor_class(name) in INT8_CLASSES and len(shape) == 2 and "kv_b_proj" not in name
+
+
+def widen_eligible(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether a GPU side on the CPU with fp32 math ('bf16w') keeps this tensor in bf16, as the
+    checkpoint stores it, widening it inside each product (linear.widening_linear): the weights that
+    int8 would quantise, and the router's. The rest (kv_b_proj, read as per-head views; norms; the
+    router's bias) is held in fp32. One rule for the engine and for the sizes the plan counts."""
+    return int8_eligible(name, shape) or (tensor_class(name) == "router" and len(shape) == 2)
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    specs: dict[str, list[tuple[str, TensorSpec, int]]]  # class -> (name, spec, how many layers hold it)
+    routed_bytes: int
+    n_experts: int  # routed experts in all MoE layers
+    disk_bytes: int
+
+    def nbytes(self, what: str, precision: str) -> int:
+        n = 0
+        for name, spec, count in self.specs.get(what, []):
+            if precision in ("int8", "int8w") and int8_eligible(name, spec.shape):
+                b = spec.params + spec.shape[0] * 2  # int8 weights + a bf16 scale per output row
+            elif precision in ("bf16w", "int8w") and not widen_eligible(name, spec.shape):  # held in fp32
+                b = spec.params * 4
+            else:
+                b = spec_nbytes(spec)
+            n += b * count
+        return n
+
+
+def _sizes(cfg: ModelConfig) -> _Sizes:
+    """Per placement class, from layout.spec_groups (one representative layer of each kind)."""
+    specs: dict[str, list[tuple[str, TensorSpec, int]]] = {}
+    routed = disk = 0
+    for tensors, count in spec_groups(cfg):
+        for name, spec in tensors:
+            what = tensor_class(name)
+            disk += spec_nbytes(spec) * count
+            if what == "routed_experts":
+                routed += spec_nbytes(spec) * count
+            else:
+                specs.setdefault(what, []).append((name, spec, count))
+    return _Sizes(specs, routed, len(cfg.moe_layers) * cfg.n_routed_experts, disk)
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def _itemise(parts: dict[str, int]) -> str:
+    """'attention (MLA) 12.34 GB + ...', leaving out what rounds to 0.00 GB (all of it, for a tiny model:
+    then the sum, so the sentence never has a hole)."""
+    shown = " + ".join(f"{LABELS.get(k, k)} {_gb(v)}" for k, v in parts.items() if v >= 0.005 * GB)
+    return shown or f"the model's other needs ({sum(parts.values()) / 1e6:,.1f} MB)"
+
+
+# ---- the planner ----------------------------------------------------------------------------
+
+def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram_budget: float | None = None,
+         context: int = 8192, cpu_threads: int | None = None, gpu_precision: str = "auto",
+         expert_mode: str = "auto", hot_experts: int | None = None, device: str = "auto",
+         checkpoint_dir: str | Path | None = None, dtype: str = "auto") -> Plan:
+    """Place every tensor class of `cfg` on `hw`.
+
+    gpu_memory: GB of VRAM the plan may use (default: free VRAM of GPU 0 minus GPU_RESERVE).
+    ram_budget: GB for routed experts (default: available RAM minus the RAM-side needs and
+        ram_reserve()); 'auto' expert mode is 'mmap' when all routed experts fit in it, else 'cache'.
+    gpu_precision: 'auto' = bf16 if it fits with the KV cache, else int8 weight-only; the CPU as
+        "GPU side" computes in fp32 over its bf16 weights ('bf16w', see widen_eligible), or over int8
+        ones where 'int8' is asked for ('int8w': half the bytes again, int8's rounding).
+    hot_experts: per MoE layer on the GPU (None = all that fit).
+    checkpoint_dir: when given, the part of the checkpoint not yet there must fit on its disk.
+    dtype: the GPU side's dtype when it runs on the CPU: 'auto' or 'float32' (fp32), 'bfloat16';
+        on CUDA it is bf16 (int8 where gpu_precision says), so 'float32' is refused there.
+    """
+    if not 1 <= context <= cfg.max_position_embeddings:
+        raise ValueError(f"--context {context} must lie in 1..{cfg.max_position_embeddings} (max_position_embeddings)")
+    for opt, gb in (("--gpu-memory", gpu_memory), ("--ram-budget", ram_budget)):
+        ok = isinstance(gb, (int, float)) and not isinstance(gb, bool) and math.isfinite(gb) and gb > 0
+        if gb is not None and not ok:
+            raise ValueError(f"{opt} must be a finite number of GB above 0, got {gb!r}; leave it out for the default")
+    for opt, val, ok in (("gpu_precision", gpu_precision, ("auto", "bf16", "int8")), ("device", device, ("auto", "cuda", "cpu")),
+                         ("expert_mode", expert_mode, ("auto", "mmap", "cache"))):
+        if val not in ok:
+            raise ValueError(f"{opt} must be one of {', '.join(ok)}, got {val!r}")
+    if device == "cuda" and not hw.gpus:
+        raise ValueError("device 'cuda' asked for, but no CUDA GPU was detected (to plan a machine with one, "
+                         "pass --gpu-gb)")
+    dev = "cuda" if device == "cuda" or (device == "auto" and hw.gpus) else "cpu"
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"dtype must be one of auto, float32, bfloat16, got {dtype!r}")
+    if dev == "cuda" and dtype == "float32":
+        raise ValueError("dtype 'float32' is for a GPU side on the CPU; on CUDA it is bf16 (or int8 weights): "
+                         "leave dtype at 'auto' or pick device 'cpu'")
+    if dev == "cpu" and gpu_precision == "bf16":
+        raise ValueError("gpu_precision 'bf16' needs a CUDA GPU; without one the GPU side runs on the CPU, its "
+                         "weights in bf16 with fp32 math ('bf16w', the default); use --gpu-precision auto (or int8)")
+    if dev == "cpu" and gpu_precision == "int8" and dtype == "bfloat16":
+        raise ValueError("gpu_precision 'int8' on the CPU computes in fp32; leave dtype at 'auto' or 'float32'")
+    threads = cpu_threads if cpu_threads is not None else hw.threads
+    if threads < 1 or (hot_experts or 0) < 0:
+        raise ValueError(f"cpu_threads must be >= 1 and hot_experts >= 0, got {threads} and {hot_experts}")
+    if threads > hw.logical_cores:
+        log.warning("cpu_threads %d exceeds the %d logical cores; expect slower experts", threads, hw.logical_cores)
+
+    sizes = _sizes(cfg)
+    n_moe, E, K = len(cfg.moe_layers), cfg.n_routed_experts, cfg.num_experts_per_tok
+    expert_bytes = sizes.routed_bytes // max(1, n_moe * E)
+    slot_bytes = -(-expert_bytes // SLOT_ALIGN) * SLOT_ALIGN
+    expert_dtype = f"int{cfg.quant.num_bits}" if cfg.quant else "bf16"  # as on disk
+    kv_values = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # MLA latent + rope key
+    # the GPU side on the CPU: bf16 math, or fp32 math over bf16 (or, asked for, int8) linear weights
+    cpu_precision = "bf16" if dtype == "bfloat16" else "int8w" if gpu_precision == "int8" else "bf16w"
+    kv_per_token = kv_values * (2 if dev == "cuda" or cpu_precision == "bf16" else 4)  # the cache in that dtype
+
+    # -- the GPU side ---------------------------------------------------------------------
+    gpu_budget = hot = 0
+    if dev == "cuda":
+        precision, gpu_budget = _fit_gpu(sizes, hw, gpu_memory, gpu_precision, context, kv_per_token)
+        left = gpu_budget - sum(sizes.nbytes(w, precision) for w in GPU_SIDE) - context * kv_per_token
+        fit = min(E, left // (n_moe * expert_bytes)) if n_moe else 0  # the same count in every MoE layer
+        if hot_experts is not None and hot_experts > fit:
+            raise PlanError("VRAM", (hot_experts - fit) * n_moe * expert_bytes,
+                            f"--hot-experts {hot_experts} needs {_gb(hot_experts * n_moe * expert_bytes)} but "
+                            f"{_gb(left)} is left after the GPU-side weights and KV cache; use --hot-experts "
+                            f"{fit} or less (or --context / --gpu-precision int8 to free VRAM)")
+        hot = fit if hot_experts is None else hot_experts
+    else:
+        precision = cpu_precision
+        if hot_experts:
+            raise ValueError("hot_experts needs a CUDA GPU")
+        if gpu_memory is not None:
+            log.warning("--gpu-memory ignored: the GPU side runs on the CPU")
+
+    where_gpu = "gpu" if dev == "cuda" else "ram"
+    side = {w: precision if precision not in ("int8", "int8w") or w in INT8_CLASSES else
+            "bf16" if precision == "int8" else "bf16w" for w in GPU_SIDE}
+    entries = [Entry(w, where_gpu, side[w], sizes.nbytes(w, side[w])) for w in GPU_SIDE]
+    entries.append(Entry("kv_cache", where_gpu, "bf16" if kv_per_token == 2 * kv_values else "fp32", context * kv_per_token,
+                         f"{context:,} tokens"))
+    if dev == "cuda":
+        entries.append(Entry("hot_experts", "gpu", expert_dtype, hot * n_moe * expert_bytes,
+                             f"{hot}/layer x {n_moe} layers"))
+    entries.append(Entry("embedding", "ram", "bf16", sizes.nbytes("embedding", "bf16")))
+
+    # -- the RAM side: what is left after `needs` holds the routed experts ----------------------
+    needs = {e.what: e.nbytes for e in entries if e.where == "ram"}
+    mode, budget, slots = _fit_ram(sizes, hw, needs, ram_budget, expert_mode, 2 * K * slot_bytes, slot_bytes, dev,
+                                   precision)
+    detail = ("page cache, all resident" if mode == "mmap" else
+              f"{slots:,} slots of {n_moe * E:,}, {slots / max(1, n_moe):.1f}/layer")
+    entries.append(Entry("routed_experts", mode, expert_dtype,
+                         sizes.routed_bytes if mode == "mmap" else slots * slot_bytes, detail))
+
+    # -- the disk ---------------------------------------------------------------------------
+    disk = hw.disk_for(checkpoint_dir) if checkpoint_dir is not None else None
+    if disk is not None:
+        d = Path(checkpoint_dir)
+        present = sum(f.stat().st_size for f in d.glob("*.safetensors")) if d.is_dir() else 0
+        missing = max(0, sizes.disk_bytes - present)
+        if missing > disk.free_bytes:
+            raise PlanError("disk", missing - disk.free_bytes,
+                            f"the checkpoint needs {_gb(sizes.disk_bytes)} and {_gb(missing)} of it is not in "
+                            f"{checkpoint_dir} yet, but its filesystem has {_gb(disk.free_bytes)} free; "
+                            "choose a checkpoint directory on a larger disk")
+        if mode == "cache" and disk.rotational:
+            log.warning("expert cache misses will be read from a rotational disk (%s): expect well under 1 tok/s",
+                        disk.device)
+
+    p = Plan(device=dev, gpu_precision=precision, entries=tuple(entries), context=context,
+             kv_bytes_per_token=kv_per_token, expert_mode=mode, expert_bytes=expert_bytes, slot_bytes=slot_bytes,
+             cache_slots=slots, hot_experts_per_layer=hot, n_moe_layers=n_moe, experts_per_layer=E,
+             experts_per_token=K, expert_bytes_per_token=expert_bytes * K * n_moe, cpu_threads=threads,
+             numa_nodes=hw.numa_nodes, gpu_index=0 if dev == "cuda" else None, gpu_budget=gpu_budget,
+             ram_budget=budget, ram_available=hw.ram_available, ram_reserve=ram_reserve(hw.ram_total), disk=disk)
+    log.info("plan: %s", p.summary())
+    return p
+
+
+def _fit_ram(sizes: _Sizes, hw: Hardware, needs: dict[str, int], ram_budget: float | None, want: str,
+             min_cache: int, slot_bytes: int, dev: str, precision: str) -> tuple[str, int, int]:
+    """(expert mode, expert budget, cache slots); min_cache = the current layer's top-k + a prefetched next."""
+    avail, reserve, need = hw.ram_available, ram_reserve(hw.ram_total), sum(needs.values())
+    int8w = sum(sizes.nbytes(w, "int8w" if w in INT8_CLASSES else "bf16w") for w in GPU_SIDE)
+    int8_hint = f", or --gpu-precision int8 ({_gb(int8w)}, int8's rounding)" if precision == "bf16w" else ""
+    side_note = (f"; without a CUDA GPU the GPU-side weights are held in RAM "
+                 f"({_gb(sum(needs.get(w, 0) for w in GPU_SIDE))}): use a machine with a GPU or more RAM{int8_hint}"
+                 if dev == "cpu" else "")
+    ctx_note = ", or a smaller --context" if needs.get("kv_cache", 0) > 0.05 * need else ""
+    budget = avail - need - reserve if ram_budget is None else int(ram_budget * GB)
+    if ram_budget is not None and need + budget + reserve > avail:
+        fits = math.floor((avail - need - reserve) / GB * 10) / 10  # rounded down: the figure named must fit
+        fix = (f"use --ram-budget {fits:.1f} or less{ctx_note}" if fits * GB >= min_cache
+               else side_note[2:] or "free some RAM")
+        raise PlanError("RAM", need + budget + reserve - avail,
+                        f"--ram-budget {ram_budget:g} GB plus {_itemise(needs)} and the {_gb(reserve)} kept free "
+                        f"exceeds the {_gb(avail)} available; {fix}")
+    mode = want if want != "auto" else ("mmap" if sizes.routed_bytes <= budget else "cache")
+    if mode == "mmap" and sizes.routed_bytes > budget:
+        raise PlanError("RAM", sizes.routed_bytes - budget,
+                        f"--expert-mode mmap needs all routed experts ({_gb(sizes.routed_bytes)}) resident but "
+                        f"the expert budget is {_gb(max(0, budget))}; use --expert-mode cache (or auto){side_note}")
+    if mode == "cache" and budget < min_cache:
+        minimum = f"expert cache minimum ({min_cache // slot_bytes} slots)"
+        if ram_budget is not None:
+            raise PlanError("RAM", min_cache - budget, f"--ram-budget {ram_budget:g} GB is below the {minimum} of "
+                            f"{_gb(min_cache)}; use --ram-budget {math.ceil(min_cache / GB * 10) / 10:g} or more")
+        parts = dict(needs, **{minimum: min_cache, "reserve": reserve})
+        raise PlanError("RAM", min_cache - budget, f"needs {_itemise(parts)} = {_gb(sum(parts.values()))}, "
+                        f"{_gb(avail)} available{side_note or '; free some RAM'}{ctx_note}")
+    slots = 0 if mode == "mmap" else min(sizes.n_experts, budget // slot_bytes)
+    return mode, max(0, budget), slots
+
+
+def _fit_gpu(sizes: _Sizes, hw: Hardware, gpu_memory: float | None, want: str, context: int,
+             kv_per_token: int) -> tuple[str, int]:
+    """(precision, VRAM budget): bf16 when it fits with the KV cache, else int8 ('auto')."""
+    g = hw.gpus[0]
+    default = g.free_bytes - GPU_RESERVE
+    if gpu_memory is None:
+        budget = default
+    else:
+        budget = int(gpu_memory * GB)
+        if budget > g.free_bytes:
+            raise PlanError("VRAM", budget - g.free_bytes,
+                            f"--gpu-memory {gpu_memory:g} GB asked for, but GPU 0 ({g.name}) has "
+                            f"{_gb(g.free_bytes)} free; use --gpu-memory {default / GB:.1f} or less")
+    kv = context * kv_per_token
+    weights = {p: sum(sizes.nbytes(w, p) for w in GPU_SIDE) for p in ("bf16", "int8")}
+    tries = ("bf16", "int8") if want == "auto" else (want,)
+    for p in tries:
+        if weights[p] + kv <= budget:
+            return p, budget
+    best = tries[-1]
+    need = weights[best] + kv
+    fixes = []
+    if want == "bf16" and weights["int8"] + kv <= budget:
+        fixes.append("--gpu-precision int8 (or auto)")
+    if weights[best] < budget:
+        longest = (budget - weights[best]) // kv_per_token
+        fixes.append(f"--context {longest - longest % 1024 if longest >= 1024 else longest} or less")
+    if gpu_memory is not None and budget < default:
+        fixes.append(f"--gpu-memory up to {default / GB:.1f}")
+    fixes.append(f"a GPU with {_gb(need + GPU_RESERVE)} free, or --device cpu")
+    where = (f"--gpu-memory {gpu_memory:g}" if gpu_memory is not None else
+             f"GPU 0 {g.name}: {_gb(g.free_bytes)} free, minus {_gb(GPU_RESERVE)} reserve")
+    raise PlanError("VRAM", need - budget,
+                    f"the GPU side needs {_gb(need)} (weights in {best} {_gb(weights[best])} + KV cache for "
+                    f"{context:,} tokens {_gb(kv)}) but the VRAM budget is {_gb(budget)} ({where}); "
+                    f"fix: {'; '.join(fixes)}")
+
+
+# ---- what the plan can do at best -----------------------------------------------------------
+
+def projected_decode_tps(plan: Plan, cfg: ModelConfig, mem_read_gbps: float, disk_gbps: float | None = None,
+                         hit_rate: float | None = None, gpu_gbps: float | None = None) -> dict:
+    """Decode ceiling (batch 1) from bytes per token over bandwidth, stage by stage.
+
+    Routed bytes per token = experts_per_token x MoE layers x one expert (size_report's figure). Hot
+    experts take hot/E of them off the CPU (uniform routing assumed). Cache misses come from disk:
+    hit_rate defaults to the cache's share of all experts (what i.i.d. routing would give; replayed
+    traces give the real figure). The KV term assumes a full cache. On a CPU-only plan the GPU-side
+    weights are read from RAM by the same cores: they join the RAM term. Returns bytes per token,
+    seconds per token per stage, tok_s (stages overlapped), tok_s_serial (summed), bottleneck, explain.
+    tok_s and tok_s_serial are None when nothing counted takes time (all on a GPU of unknown bandwidth).
+    """
+    if len(cfg.moe_layers) != plan.n_moe_layers or cfg.n_routed_experts != plan.experts_per_layer:
+        raise ValueError("the plan was made for a different model config")
+    routed = plan.expert_bytes_per_token
+    hot_frac = plan.hot_experts_per_layer / plan.experts_per_layer
+    cpu_experts = int(routed * (1 - hot_frac))
+    gpu_experts = routed - cpu_experts
+    capacity = min(1.0, plan.cache_slots / (plan.n_moe_layers * plan.experts_per_layer))
+    hit = 1.0 if plan.expert_mode == "mmap" else capacity if hit_rate is None else hit_rate
+    if not 0 <= hit <= 1:
+        raise ValueError(f"hit_rate must lie in 0..1, got {hit}")
+    miss = int(cpu_experts * (1 - hit))
+    side = sum(e.nbytes for e in plan.entries if e.what in GPU_SIDE + ("kv_cache",))
+    if miss and not disk_gbps:
+        raise ValueError(f"cache misses read {_gb(miss)} per token from disk; pass disk_gbps")
+    terms: dict[str, float | None] = {"disk": miss / (disk_gbps * GB) if miss else 0.0}
+    if plan.device == "cpu":
+        terms.update(ram=(cpu_experts + side) / (mem_read_gbps * GB), gpu=0.0)
+    else:
+        terms.update(ram=cpu_experts / (mem_read_gbps * GB), gpu=(side + gpu_experts) / (gpu_gbps * GB) if gpu_gbps else None)
+    known = {k: v for k, v in terms.items() if v is not None}
+    worst = max(known, key=known.get)
+    serial, overlapped = sum(known.values()), known[worst]
+    explain = [f"routed experts: {plan.experts_per_token} x {plan.n_moe_layers} layers x "
+               f"{plan.expert_bytes / 1e6:.1f} MB = {_gb(routed)} per token",
+               f"hot experts on the GPU ({plan.hot_experts_per_layer}/{plan.experts_per_layer} per layer) take "
+               f"{_gb(gpu_experts)}; the CPU reads {_gb(cpu_experts)} at {mem_read_gbps:.1f} GB/s"]
+    if plan.expert_mode == "cache":
+        explain.append(f"cache hit rate {hit:.0%}: {_gb(miss)} per token from disk" +
+                       (f" at {disk_gbps:g} GB/s" if miss else ""))
+    explain.append(f"GPU side (weights + full KV cache) reads {_gb(side)} per token " +
+                   ("from RAM on the CPU" if plan.device == "cpu" else
+                    f"at {gpu_gbps:g} GB/s" if gpu_gbps else "(no gpu_gbps given: not counted)"))
+    if overlapped > 0:
+        explain.append(f"ceiling {1 / overlapped:.2f} tok/s with stages overlapped, {1 / serial:.2f} tok/s "
+                       f"summed; bottleneck: {worst}")
+    else:  # every byte a token reads is on the GPU, whose bandwidth was not given
+        worst = "gpu"
+        explain.append("ceiling: not counted: every byte a token reads is on the GPU; pass gpu_gbps "
+                       "(--gpu-gbps) for a figure")
+    return {"routed_bytes_per_token": routed, "cpu_expert_bytes": cpu_experts, "gpu_expert_bytes": gpu_experts,
+            "gpu_side_bytes": side, "disk_bytes": miss, "hit_rate": hit,
+            "ram_s": terms["ram"], "disk_s": terms["disk"], "gpu_s": terms["gpu"],
+            "tok_s": 1 / overlapped if overlapped else None, "tok_s_serial": 1 / serial if serial else None,
+            "bottleneck": worst, "explain": explain}

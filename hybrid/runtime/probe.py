@@ -1,0 +1,80 @@
+"""Bandwidth probes for `bench` and `plan`: RAM read GB/s with all threads, sequential disk read GB/s.
+
+Owns measuring only; nothing here decides anything from the figures (placement.py does). The RAM probe
+runs kernel_bench's read-sum kernel, so `bench --kernels`, `bench` and `plan` report the same ceiling.
+GB = 10^9 bytes.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+GB = 1e9
+
+
+def mem_read_gbps(nbytes: int = 1 << 30, reps: int = 5, threads: int | None = None) -> float:
+    """Best-of-`reps` read bandwidth over an `nbytes` buffer (well past the caches), all threads."""
+    import numba
+
+    # kernel_bench has no public name for its probe yet; this is the one place that reaches for it
+    from hybrid.bench.kernel_bench import _read_sum
+
+    before = numba.get_num_threads()
+    if threads:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        buf = np.ones(max(nbytes, 1 << 20) // 8, np.uint64)
+        _read_sum(buf, 64)  # compile (or load from cache) and fault the pages in
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            _read_sum(buf, 64)
+            best = min(best, time.perf_counter() - t0)
+        return buf.nbytes / best / GB
+    finally:
+        numba.set_num_threads(before)
+
+
+def disk_read_gbps(directory: str | os.PathLike, nbytes: int = 256 << 20, chunk: int = 8 << 20) -> float:
+    """Sequential read GB/s of the filesystem holding `directory`: write a scratch file, flush it and
+    drop it from the page cache, read it back in `chunk`-sized reads, delete it. Raises OSError when
+    the directory is not writable."""
+    d = Path(directory)
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    block = np.random.default_rng(0).integers(0, 256, chunk, dtype=np.uint8).tobytes()  # incompressible
+    n = max(1, nbytes // chunk)
+    with tempfile.NamedTemporaryFile(dir=d, prefix=".kimi-hybrid-probe-") as f:
+        for _ in range(n):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+        if hasattr(os, "posix_fadvise"):  # without it the read comes from the page cache
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        buf = bytearray(chunk)
+        with open(f.name, "rb", buffering=0) as r:
+            t0 = time.perf_counter()
+            while r.readinto(buf):
+                pass
+            dt = time.perf_counter() - t0
+    return n * chunk / dt / GB
+
+
+def gpu_read_gbps(index: int = 0, nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Best-of-`reps` read bandwidth of CUDA device `index`: an fp32 sum over `nbytes`."""
+    import torch
+
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=f"cuda:{index}")
+    x.sum()
+    torch.cuda.synchronize(index)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        torch.cuda.synchronize(index)
+        best = min(best, time.perf_counter() - t0)
+    return x.nbytes / best / GB

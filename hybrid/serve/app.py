@@ -1,0 +1,189 @@
+"""The HTTP face: an OpenAI- and Anthropic-compatible server over one engine (FastAPI + uvicorn).
+
+Owns the app (routes, API-key and Host checks, error bodies in each API's style, /health, /v1/models), and
+serve(). Must not: render terminal output (cli.py does), or run generation outside the one worker of
+engine_runner.EngineRunner; no request may take the server down.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from hybrid.serve import anthropic_api as api_anthropic, openai_api as api_openai
+from hybrid.serve.common import ApiError, ServerState, check_model, server_state
+from hybrid.serve.runner import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_QUEUE, EngineRunner
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 32 << 20  # a 256K-token history with tools is a few MB of JSON
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # bound here without a key, it answers only requests addressed here
+
+_OPENAI_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_exceeded",
+                 500: "server_error", 503: "server_error"}
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                    503: "overloaded_error"}
+
+
+def error_response(path: str, status: int, message: str, param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error body in the style of the API the path belongs to."""
+    if path.startswith("/v1/messages"):
+        kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+        return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status_code=status,
+                            headers=headers)
+    kind = _OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+class RequestGuard:
+    """ASGI middleware, before any route runs: with allowed_hosts, the Host header must name one of them
+    (403: a web page that rebinds its DNS name to 127.0.0.1 cannot reach the model); with api_key,
+    every request must carry it as `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, allowed_hosts: tuple[str, ...] | None):
+        self.app, self.hosts = app, allowed_hosts
+        self.key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self._refusal(dict(scope["headers"]))
+            if refusal is not None:
+                status, why, code = refusal
+                log.warning("%d for %s %s: %s", status, scope["method"], scope["path"], why)
+                await error_response(scope["path"], status, why, None, code)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, headers: dict[bytes, bytes]) -> tuple[int, str, str] | None:
+        if self.hosts is not None:
+            host = headers.get(b"host", b"").decode("latin-1")
+            name = host.rsplit("]", 1)[0].lstrip("[") if host.startswith("[") else host.split(":")[0]
+            if name not in self.hosts:
+                return 403, (f"Host {host!r} is not allowed here; address the server as {' or '.join(self.hosts)} "
+                             "(or start it with an API key)"), "host_not_allowed"
+        if self.key is not None:
+            bearer = headers.get(b"authorization", b"")
+            given = headers.get(b"x-api-key") or (bearer[7:].strip() if bearer[:7].lower() == b"bearer " else b"")
+            if not hmac.compare_digest(given, self.key):
+                why = "the API key is wrong" if given else "an API key is required (Authorization: Bearer KEY or x-api-key)"
+                return 401, why, "invalid_api_key"
+        return None
+
+
+def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-k2-thinking",
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_tokens: int | None = None,
+               allowed_hosts: tuple[str, ...] | None = None, max_queue: int | None = DEFAULT_MAX_QUEUE,
+               keepalive_s: float | None = DEFAULT_KEEPALIVE_S) -> FastAPI:
+    """The app over a loaded engine (hybrid.load(...), or anything with its generate /
+    chat_prompt / answer_budget / tokenizer / context). Requests run one at a time, in arrival order.
+    allowed_hosts: host names the Host header may give (None: any). max_queue: requests that may
+    wait behind the running one (None: no limit); beyond it a 429 with a Retry-After header.
+    keepalive_s: a streamed answer that has nothing to send for this long (queued, a long prefill)
+    sends an SSE comment, so idle-timeouts in proxies and clients do not cut it (None: never)."""
+    if keepalive_s is not None and not keepalive_s > 0:
+        raise ValueError(f"keepalive_s must be > 0 or None, got {keepalive_s}")
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
+    runner = EngineRunner(engine, max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runner.start()
+        log.info("serving %r (context %d tokens)", model_name, engine.context)
+        try:
+            yield
+        finally:
+            runner.stop()
+
+    app = FastAPI(title="kimi-hybrid", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = ServerState(engine, runner, model_name, max_body_bytes, max_prompt_tokens, keepalive_s)
+    if api_key or allowed_hosts:
+        app.add_middleware(RequestGuard, api_key=api_key, allowed_hosts=allowed_hosts)
+    app.include_router(api_openai.router)
+    app.include_router(api_anthropic.router)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        log.info("%d for %s %s: %s", exc.status, request.method, request.url.path, exc.message)
+        return error_response(request.url.path, exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(request.url.path, exc.status_code, message, None, None)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request.url.path, 400, f"invalid request: {exc.errors()[:1]}", None, "invalid_request")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("500 for %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(request.url.path, 500, f"internal error: {type(exc).__name__}: {exc}", None, "server_error")
+
+    @app.get("/health")
+    async def health(request: Request) -> dict:
+        st = server_state(request)
+        return {"status": "ok", "model": st.model_name, "busy": st.runner.active is not None,
+                "waiting": st.runner.waiting, "max_queue": st.runner.max_queue, "served": st.runner.served,
+                "cancelled": st.runner.cancelled}
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "kimi-hybrid",
+                "context_length": engine.context}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> dict:
+        check_model(server_state(request), model_id)
+        return model_card()
+
+    return app
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          backend: str = "auto", context: int | None = 32768, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          max_prompt_tokens: int | None = None, log_level: str = "info", model_name: str = "kimi-k2-thinking",
+          max_queue: int | None = DEFAULT_MAX_QUEUE, keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
+          **load_options: Any) -> None:
+    """Load the model (checkpoint directory or preset; load_options go to hybrid.load) and serve it
+    until interrupted, as `model_name`. Binds to loopback unless told otherwise."""
+    import uvicorn
+
+    from hybrid.runtime.loader import load
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hybrid").setLevel(log_level.upper())  # queue positions and per-request figures
+    if host not in LOOPBACK and not api_key:
+        log.warning("listening on %s without an API key: anyone who can reach this port can use the model", host)
+    options = {"backend": backend, **load_options}
+    if context is not None:
+        options["context"] = context
+    engine = load(model, **options)
+    app = create_app(engine, api_key=api_key, model_name=model_name, max_body_bytes=max_body_bytes,
+                     max_prompt_tokens=max_prompt_tokens, max_queue=max_queue, keepalive_s=keepalive_s,
+                     allowed_hosts=LOOPBACK if host in LOOPBACK and not api_key else None)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,259 @@
+"""Synthetic checkpoints in the exact on-disk format of Kimi K2 Thinking.
+
+Owns writing: config.json with quantization_config, sharded safetensors plus index (one shard for the
+dense layers, one per MoE layer, one for embeddings and lm_head, as the real model does), routed
+experts packed as compressed-tensors does, a small BPE tiktoken.model and the real tokenizer_config /
+chat template with special ids moved after the small vocabulary. Deterministic from a seed: each
+tensor's values depend only on (seed, tensor name). Never reads weights; the reader lives elsewhere.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from hybrid.model.config import ModelConfig
+from hybrid.checkpoint.layout import TensorSpec, expert_shapes, global_specs, layer_specs, spec_nbytes
+from hybrid.checkpoint.int4 import f32_to_bf16
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 2  # bump whenever a preset's shapes or values change: cached copies are keyed by it
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "assets"
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+MARKER = ".kimi-hybrid-synthetic"  # written last: a directory holding it is a complete checkpoint
+
+
+class GeneratorError(Exception):
+    """The synthetic checkpoint cannot be written (no space, bad option)."""
+
+
+def reference_config() -> dict:
+    """The real Kimi K2 Thinking config.json shipped with the package."""
+    return json.loads((REFERENCE_DIR / "config.json").read_text())
+
+
+def _preset_overrides() -> dict[str, dict]:
+    tiny_vocab = 1280  # 1024 BPE ranks + 256 reserved specials, like the real 163584 + 256
+    return {
+        # seconds to write; small enough for HF reference runs in tests
+        "tiny": dict(vocab_size=tiny_vocab, hidden_size=128, intermediate_size=96, moe_intermediate_size=128,
+                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
+                     kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                     n_routed_experts=16, num_experts_per_tok=4, bos_token_id=1024, eos_token_id=1026,
+                     pad_token_id=1279),
+        # the real per-layer shapes, few layers and experts, small vocabulary (vocab is not per layer)
+        "k2-slice": dict(vocab_size=tiny_vocab, num_hidden_layers=4, n_routed_experts=48,
+                         bos_token_id=1024, eos_token_id=1026, pad_token_id=1279),
+        # the complete real layout; data is sparse (reads as zeros, takes no disk)
+        "k2-full-sparse": dict(),
+    }
+
+
+PRESETS = tuple(_preset_overrides())
+
+
+def preset_config(name: str) -> dict:
+    try:
+        over = _preset_overrides()[name]
+    except KeyError:
+        raise GeneratorError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+    d = reference_config()
+    d.update(over)
+    return d
+
+
+@dataclass(frozen=True)
+class Shard:
+    file: str
+    tensors: list[tuple[str, TensorSpec]]
+
+
+def shard_plan(cfg: ModelConfig) -> list[Shard]:
+    """Dense layers in shard 1, one shard per MoE layer, globals last: the real model's placement."""
+    groups: list[list[tuple[str, TensorSpec]]] = [[]]
+    for i in range(cfg.num_hidden_layers):
+        specs = list(layer_specs(cfg, i))
+        if cfg.is_moe_layer(i):
+            groups.append(specs)
+        else:
+            groups[0].extend(specs)
+    groups.append(list(global_specs(cfg)))
+    groups = [g for g in groups if g]
+    n = len(groups)
+    return [Shard(f"model-{k + 1:05d}-of-{n:06d}.safetensors", g) for k, g in enumerate(groups)]
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def tensor_bytes(cfg: ModelConfig, name: str, spec: TensorSpec, seed: int) -> bytes:
+    """Deterministic contents of one tensor; scales chosen so activations stay O(1) through depth."""
+    rng = _rng(seed, name)
+    shape = spec.shape
+    if name.endswith("weight_shape"):
+        return np.array(expert_shapes(cfg, name.split(".")[-2]), dtype=np.int64).tobytes()
+    if name.endswith("weight_packed"):
+        # uniform random words = uniform nibbles 0..15, so codes -8..7 (including -8) all occur
+        return rng.integers(0, 2**32, size=shape, dtype=np.uint32).tobytes()
+    if name.endswith("weight_scale"):
+        fan_in = shape[1] * cfg.group_size
+        s = (1.0 + 0.25 * rng.random(shape, dtype=np.float32)) / (4.6 * np.sqrt(fan_in))  # code std ~4.6
+        return f32_to_bf16(s.astype(np.float32)).tobytes()
+    if name.endswith("e_score_correction_bias"):
+        return (0.05 * rng.standard_normal(shape, dtype=np.float32)).tobytes()
+    if name.endswith("norm.weight"):
+        w = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+    elif name == "model.embed_tokens.weight":
+        w = rng.standard_normal(shape, dtype=np.float32)
+    else:  # projections [out, in]
+        w = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[-1]))
+    return f32_to_bf16(w).tobytes()
+
+
+def _header(tensors: list[tuple[str, TensorSpec]]) -> tuple[bytes, int]:
+    entries, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, spec in tensors:
+        n = spec_nbytes(spec)
+        entries[name] = {"dtype": spec.dtypes[0], "shape": list(spec.shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, off
+
+
+def write_checkpoint(out: str | Path, config: dict, seed: int = 0, sparse: bool = False,
+                     progress: Progress | None = None) -> Path:
+    """Write a checkpoint for `config` (a config.json dict) into `out`, atomically: into a private temporary
+    directory beside it, renamed to `out` when complete. When another writer completes the same checkpoint
+    (same config, seed and sparseness) first, its copy is kept and returned. Never deletes a non-empty `out`."""
+    out = Path(out)
+    marker = {"version": GENERATOR_VERSION, "seed": seed, "sparse": sparse}
+    if _same_checkpoint(out, config, marker):
+        return out
+    _refuse_occupied(out)
+    cfg = ModelConfig.from_dict(config, source="synthetic config")
+    if cfg.quant is None:
+        raise GeneratorError("the generator writes the INT4 format; the config needs quantization_config")
+    plan = shard_plan(cfg)
+    total = sum(spec_nbytes(s) for sh in plan for _, s in sh.tensors)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    need = (0 if sparse else total) + (64 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if need > free * 0.9:
+        raise GeneratorError(f"writing {out.name} needs {need / 1e9:.1f} GB but {out.parent} has {free / 1e9:.1f} GB free; "
+                             "free space or choose a smaller preset")
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".partial-"))  # one per writer
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would keep the checkpoint from other users
+        _write_files(tmp, cfg, plan, total, config, seed, sparse, progress)
+        (tmp / MARKER).write_text(json.dumps(marker))  # last: a directory with it is complete
+        try:
+            os.replace(tmp, out)  # atomic; fails when `out` is a non-empty directory (another writer won)
+        except OSError:
+            if not _same_checkpoint(out, config, marker):
+                _refuse_occupied(out)
+                raise
+            log.info("%s was completed by another writer meanwhile; keeping that copy", out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return out
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s (%.2f GB of tensors%s)", out, total / 1e9, ", sparse" if sparse else "")
+    return out
+
+
+def _same_checkpoint(out: Path, config: dict, marker: dict) -> bool:
+    """True when `out` is a complete generated checkpoint of exactly this config, seed and sparseness."""
+    try:
+        return (json.loads((out / MARKER).read_text()) == marker
+                and json.loads((out / "config.json").read_text()) == json.loads(json.dumps(config)))
+    except (OSError, ValueError):
+        return False
+
+
+def _refuse_occupied(out: Path) -> None:
+    if out.is_dir() and any(out.iterdir()):
+        raise GeneratorError(f"{out} exists and is not empty (and is not this checkpoint); choose a new directory "
+                             "(nothing was overwritten)")
+    if out.exists() and not out.is_dir():
+        raise GeneratorError(f"{out} is a file; choose a directory name that is free")
+
+
+def _write_files(tmp: Path, cfg: ModelConfig, plan: list[Shard], total: int, config: dict, seed: int, sparse: bool,
+                 progress: Progress | None) -> None:
+    done = 0
+    weight_map: dict[str, str] = {}
+    for sh in plan:
+        head, data_len = _header(sh.tensors)
+        with open(tmp / sh.file, "wb") as f:
+            f.write(head)
+            if sparse:
+                f.truncate(len(head) + data_len)  # a hole: reads as zeros, takes no disk
+            for name, spec in sh.tensors:
+                weight_map[name] = sh.file
+                if not sparse:
+                    f.write(tensor_bytes(cfg, name, spec, seed))
+                done += spec_nbytes(spec)
+                if progress:
+                    progress(done, total)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer_files(tmp, cfg.vocab_size)
+    (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": cfg.eos_token_id}))
+
+
+def write_tokenizer_files(out: Path, vocab_size: int) -> None:
+    """tiktoken.model with vocab_size - 256 ranks, plus the real tokenizer_config and chat template."""
+    from hybrid.synth.bpe import SAMPLE_CORPUS, train_bpe, write_tiktoken_model
+    from hybrid.text.tokenizer import shift_special_ids
+
+    n_ranks = vocab_size - 256
+    if n_ranks < 256:
+        raise GeneratorError(f"vocab_size {vocab_size} leaves {n_ranks} BPE ranks; need at least 256 (the bytes)")
+    ranks = train_bpe([SAMPLE_CORPUS], min(n_ranks, 4096))
+    # a full-size vocabulary cannot be learned from a small corpus: fill with tokens no merge reaches
+    k = 0
+    while len(ranks) < n_ranks:
+        tok = b"\xff\xfe" + k.to_bytes(4, "big")
+        k += 1
+        if tok not in ranks:
+            ranks[tok] = len(ranks)
+    write_tiktoken_model(out / "tiktoken.model", ranks)
+    tc = json.loads((REFERENCE_DIR / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps(shift_special_ids(tc, n_ranks), indent=2, ensure_ascii=False))
+    shutil.copyfile(REFERENCE_DIR / "chat_template.jinja", out / "chat_template.jinja")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KIMI_HYBRID_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kimi-hybrid"
+    return Path(root)
+
+
+def preset_path(name: str, seed: int = 0) -> Path:
+    """Where the cache keeps a preset; it is complete when is_generated(path)."""
+    return cache_dir() / f"{name}-seed{seed}-v{GENERATOR_VERSION}"
+
+
+def is_generated(path: Path) -> bool:
+    return (path / MARKER).exists()
+
+
+def ensure_preset(name: str, seed: int = 0, progress: Progress | None = None) -> Path:
+    """Path of a preset checkpoint, generated into the cache directory on first use and reused after."""
+    path = preset_path(name, seed)
+    if is_generated(path):
+        return path
+    return write_checkpoint(path, preset_config(name), seed=seed, sparse=(name == "k2-full-sparse"), progress=progress)
