@@ -1,6 +1,6 @@
 """kimi-hybrid: run Kimi K2 Thinking on one workstation. `engine = hybrid.load(path_or_preset)`."""
 from hybrid.checkpoint.reader import Checkpoint, CheckpointError
-from hybrid.model.config import ConfigError, ModelConfig
+from hybrid.checkpoint.config import ConfigError, ModelConfig
 from hybrid.runtime.engine import Engine
 from hybrid.runtime.loader import load
 

@@ -13,7 +13,7 @@ from hybrid.checkpoint.reader import Checkpoint
 from hybrid.cli.main import count, main, nbytes
 from hybrid.cli.chat import validate_messages, validate_tools
 from hybrid.cli.common import UserError
-from hybrid.model.config import ModelConfig
+from hybrid.checkpoint.config import ModelConfig
 from hybrid.checkpoint.layout import size_report
 
 from tests.conftest import REAL_CONFIG

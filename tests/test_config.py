@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hybrid.model.config import ConfigError, ModelConfig
+from hybrid.checkpoint.config import ConfigError, ModelConfig
 from hybrid.checkpoint.layout import size_report, tensor_specs
 
 from tests.conftest import REAL_CONFIG, SHARED_MODEL

@@ -300,7 +300,7 @@ def test_loaded_engine_matches_its_plan(tiny_path, dtype, precision):
 
 
 def test_float32_is_refused_on_cuda_by_the_plan():
-    from hybrid.model.config import ModelConfig
+    from hybrid.checkpoint.config import ModelConfig
     from hybrid.runtime.hardware import Hardware
     from hybrid.runtime.placement import plan
 

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from hybrid.model.config import ModelConfig
+from hybrid.checkpoint.config import ModelConfig
 from hybrid.runtime.hardware import Hardware, detect
 from hybrid.checkpoint.layout import size_report
 from hybrid.runtime.placement import GPU_RESERVE, GPU_SIDE, PlanError, plan, projected_decode_tps, ram_reserve

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from hybrid.model.config import ModelConfig
+from hybrid.checkpoint.config import ModelConfig
 
 # safetensors dtype name -> bytes per element
 DTYPE_SIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hybrid.model.config import ConfigError, ModelConfig
+from hybrid.checkpoint.config import ConfigError, ModelConfig
 from hybrid.checkpoint.layout import DTYPE_SIZE, TensorSpec, expert_prefix, expert_shapes, tensor_specs
 
 INDEX_NAME = "model.safetensors.index.json"

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from hybrid.runtime import resolve
 from hybrid.text.template import ChatTemplateError
 from hybrid.checkpoint.reader import CheckpointError
-from hybrid.model.config import ConfigError
+from hybrid.checkpoint.config import ConfigError
 from hybrid.runtime.hardware import MAX_THREADS
 from hybrid.runtime.resolve import REAL_MODEL
 from hybrid.synth.writer import PRESETS, GeneratorError, cache_dir, is_generated, preset_path

@@ -19,7 +19,7 @@ from hybrid.cli.chat import chat
 from hybrid.cli.common import (REAL_MODEL, SEED, USER_ERRORS, FiniteFloat, console, engine_options, err_console, load_engine,
                          progress_bar, resolve_model, user_message)
 from hybrid.cli.plan import plan
-from hybrid.model.config import ModelConfig
+from hybrid.checkpoint.config import ModelConfig
 from hybrid.checkpoint.layout import size_report
 from hybrid.serve.runner import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_QUEUE  # not from .server: that imports FastAPI, which only `serve` needs
 from hybrid.synth.writer import PRESETS, GeneratorError

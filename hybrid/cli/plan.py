@@ -14,7 +14,7 @@ import click
 from rich.table import Table
 
 from hybrid.cli.common import GB_SIZE, GBPS, MACHINE_GB, MAX_THREADS, FiniteFloat, UserError, console, err_console, resolve_model
-from hybrid.model.config import ModelConfig
+from hybrid.checkpoint.config import ModelConfig
 from hybrid.runtime.hardware import GB, Hardware, detect
 from hybrid.runtime.placement import PlanError
 from hybrid.synth.writer import PRESETS, REFERENCE_DIR, preset_config

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from kernels_gpu.mla import chunked_prefill_attention, mla_decode
 
-from hybrid.model.config import ModelConfig
+from hybrid.checkpoint.config import ModelConfig
 from hybrid.model.linear import Weight, fp32_linear, linear
 
 LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybrid.model.config import ModelConfig
+from hybrid.checkpoint.config import ModelConfig
 from hybrid.runtime.hardware import GB, Disk, Hardware
 from hybrid.checkpoint.layout import TensorSpec, spec_groups, spec_nbytes
 

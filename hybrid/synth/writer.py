@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from hybrid.model.config import ModelConfig
+from hybrid.checkpoint.config import ModelConfig
 from hybrid.checkpoint.layout import TensorSpec, expert_shapes, global_specs, layer_specs, spec_nbytes
 from hybrid.checkpoint.int4 import f32_to_bf16
 
