@@ -17,8 +17,9 @@ QMAX = 32767
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _quantize_row(x, xa, dg, xs):
-    # x f32 [din] -> xa i16 [din] (chunk-transposed, see simd.py), dg f32 [din/32], xs f32 [din/32]
+def quantize_row(x, xa, dg, xs):
+    """One row: x f32 [din] -> xa i16 [din] (chunk-transposed, see simd.py), dg f32 [din/32], xs f32
+    [din/32] (outputs given). Inlined into the caller's loop (moe.py quantises rows inside its kernel)."""
     din = x.shape[0]
     for g in range(din // GROUP):
         amax = np.float32(0.0)
@@ -42,11 +43,11 @@ def _quantize_row(x, xa, dg, xs):
 def quantize_rows(x, xa, dg, xs):
     """x f32 [N, din] -> xa int16 [N, din], dg f32 [N, din/32], xs f32 [N, din/32] (outputs given)."""
     for n in prange(x.shape[0]):
-        _quantize_row(x[n], xa[n], dg[n], xs[n])
+        quantize_row(x[n], xa[n], dg[n], xs[n])
 
 
 @njit(nogil=True, cache=True)
 def quantize_rows_serial(x, xa, dg, xs):
     """Same as quantize_rows, on the calling thread (for a handful of rows)."""
     for n in range(x.shape[0]):
-        _quantize_row(x[n], xa[n], dg[n], xs[n])
+        quantize_row(x[n], xa[n], dg[n], xs[n])

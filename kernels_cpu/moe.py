@@ -1,7 +1,8 @@
 """Fused routed-expert MoE on the CPU: INT4 experts read in place, int16 activations, Numba threads.
 
 Owns moe_forward (routing -> gate/up -> SiLU * up -> down -> weighted sum) and its threading.
-Imports nothing from hybrid/. The innermost dot product is simd.py; activation quantisation actq.py.
+Imports nothing from hybrid/. The innermost dot product is simd.py; activation quantisation actq.py;
+the split of work items between threads workqueue.py.
 
 Letters: T tokens, K experts per token, E experts, D hidden, I expert intermediate, P (token, expert)
 pairs with a non-zero weight, S distinct experts among them ("slots").
@@ -24,9 +25,10 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from kernels_cpu.actq import _quantize_row
-from kernels_cpu.simd import fetch_add, host_has_avx2, make_rowblock_kernel, vector_lanes
+from kernels_cpu.actq import quantize_row
+from kernels_cpu.simd import host_has_avx2, make_rowblock_kernel, vector_lanes
 from kernels_cpu.table import PARTS, ExpertTable
+from kernels_cpu.workqueue import new_queue, take
 
 __all__ = ["ExpertTable", "moe_forward", "PARTS"]
 
@@ -103,37 +105,18 @@ def _group_pairs(ids, wts, E):
     return slot_e, slot_p, pair_tok, pair_w
 
 
-@njit(nogil=True, cache=True)
-def _take(queue, n, th, nt):
-    """Next item for thread th of nt over items 0..n-1, or n when all are taken.
-
-    Thread th owns the contiguous range [th * n // nt, (th + 1) * n // nt) and walks it in order
-    (one memory stream per thread, like a static split); a thread that has finished its own range
-    takes items from the others' (a busy core then holds back nobody). queue: int64 [8 * nt],
-    counter of range k at queue[8 * k] (one cache line each), zero at the start.
-    """
-    for k in range(nt):
-        owner = (th + k) % nt
-        lo, hi = owner * n // nt, (owner + 1) * n // nt
-        if lo + queue[8 * owner] < hi:
-            i = lo + fetch_add(queue.ctypes.data + 64 * owner, 1)
-            if i < hi:
-                return i
-    return n
-
-
 @njit(nogil=True, cache=True, inline="always")
 def _silu_mul_quantize(g, u, ha, hg, hs):
     # g, u f32 [I] -> SiLU(g) * u written over g, then quantised into ha, hg, hs
     for i in range(g.shape[0]):
         g[i] = g[i] / (np.float32(1.0) + np.exp(-g[i])) * u[i]
-    _quantize_row(g, ha, hg, hs)
+    quantize_row(g, ha, hg, hs)
 
 
 @njit(nogil=True, cache=True, parallel=True)
 def _moe(x, ids, wts, base, loc, D, I, out, nt):
     # x f32 [T, D], ids int64 [T, K], wts f32 [T, K], base int64 [arenas], loc int64 [E, 6, 2]
-    # Work items are handed out by _take: each thread streams its own contiguous share in memory
+    # Work items are handed out by take: each thread streams its own contiguous share in memory
     # order, and one whose core is busy elsewhere (torch, IO, other processes) loses items to the rest.
     T = x.shape[0]
     slot_e, slot_p, pair_tok, pair_w = _group_pairs(ids, wts, loc.shape[0])
@@ -141,17 +124,17 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt):
     maxn = 1
     for s in range(S):
         maxn = max(maxn, slot_p[s + 1] - slot_p[s])
-    queue = np.zeros(8 * nt, np.int64)               # work counters, see _take
+    queue = new_queue(nt)                           # work counters, see workqueue.take
 
     xa = np.empty((T, D), np.int16)                 # int16 activations, chunk-transposed
     dg = np.empty((T, D // 32), np.float32)
     xs = np.empty((T, D // 32), np.float32)
     if T >= 16:
         for t in prange(T):
-            _quantize_row(x[t], xa[t], dg[t], xs[t])
+            quantize_row(x[t], xa[t], dg[t], xs[t])
     else:                                           # each parallel region costs a thread wake-up
         for t in range(T):
-            _quantize_row(x[t], xa[t], dg[t], xs[t])
+            quantize_row(x[t], xa[t], dg[t], xs[t])
 
     # gate and up: items = (slot, matrix, block of RB rows), in memory order, so a thread's
     # consecutive items continue one stream of rows; gu[m, p, i] = row i of matrix m . pair p
@@ -159,7 +142,7 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt):
     gu = np.empty((2, P, I), np.float32)
     for th in prange(nt):
         res = np.empty(8 * maxn, np.float32)
-        it = _take(queue, S * 2 * nb, th, nt)
+        it = take(queue, S * 2 * nb, th, nt)
         while it < S * 2 * nb:
             s, m, o0 = it // (2 * nb), (it // nb) % 2, (it % nb) * RB
             e, p0, n = slot_e[s], slot_p[s], slot_p[s + 1] - slot_p[s]
@@ -171,7 +154,7 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt):
                 for j in range(n):
                     for r in range(8):
                         gu[m, p0 + j, o + r] = res[8 * j + r]
-            it = _take(queue, S * 2 * nb, th, nt)
+            it = take(queue, S * 2 * nb, th, nt)
 
     ha = np.empty((P, I), np.int16)                 # SiLU(gate x) * (up x), quantised
     hg = np.empty((P, I // 32), np.float32)
@@ -185,11 +168,11 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt):
 
     # down: items = blocks of RB output rows, each over every slot (no write conflicts)
     pidx = np.arange(P)
-    queue2 = np.zeros(8 * nt, np.int64)
+    queue2 = new_queue(nt)
     nb = D // RB
     for th in prange(nt):
         rd = np.empty(8 * maxn, np.float32)
-        blk = _take(queue2, nb, th, nt)
+        blk = take(queue2, nb, th, nt)
         while blk < nb:
             o0 = blk * RB
             out[:, o0:o0 + RB] = 0
@@ -205,7 +188,7 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt):
                         t, wj = pair_tok[p0 + j], pair_w[p0 + j]
                         for r in range(8):
                             out[t, o + r] += wj * rd[8 * j + r]
-            blk = _take(queue2, nb, th, nt)
+            blk = take(queue2, nb, th, nt)
 
 
 def moe_forward(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, table: ExpertTable,

@@ -161,17 +161,6 @@ class _Emitter:
                     b.store(b.call(self.fma, [f, sc, b.load(accs[r][t])]), accs[r][t])
 
 
-@intrinsic
-def fetch_add(typingctx, addr, val):
-    """Atomic *(int64 *)addr += val, returning the old value (a work queue shared by threads)."""
-    sig = types.int64(types.intp, types.int64)
-
-    def codegen(context, b, signature, args):
-        return b.atomic_rmw("add", b.inttoptr(args[0], I64.as_pointer()), args[1], "monotonic")
-
-    return sig, codegen
-
-
 def make_rowblock_kernel(R: int, TB: int, L: int):
     """An intrinsic rowblock(w, wstride, s, sstride, nch, xa, dg, xs, toks, din, res, rstride) -> None.
 

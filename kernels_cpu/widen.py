@@ -18,7 +18,7 @@ from llvmlite import ir
 from numba import get_num_threads, njit, prange, threading_layer, types
 from numba.extending import intrinsic, overload
 
-from kernels_cpu.moe import _take
+from kernels_cpu.workqueue import new_queue, take
 
 RB = 16  # output rows per work item
 MAX_ROWS = 8  # rows of x per call: past this the product is compute-bound, a GEMM's job
@@ -66,16 +66,16 @@ def _rows(x, w, s, out, lo, hi):
 
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
 def _gemv(x, w, s, out, nt):
-    # items = blocks of RB rows, handed out by _take (each thread streams its own contiguous share;
+    # items = blocks of RB rows, handed out by workqueue.take (each thread streams its own contiguous share;
     # one whose core is busy loses items to the rest)
     O = w.shape[0]
     n = (O + RB - 1) // RB
-    queue = np.zeros(8 * nt, np.int64)
+    queue = new_queue(nt)
     for th in prange(nt):
-        it = _take(queue, n, th, nt)
+        it = take(queue, n, th, nt)
         while it < n:
             _rows(x, w, s, out, it * RB, min(O, it * RB + RB))
-            it = _take(queue, n, th, nt)
+            it = take(queue, n, th, nt)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)

@@ -2,8 +2,9 @@
 
 Owns computing routed experts that sit on the GPU ("hot") from the checkpoint's own packed layout
 (no repacking), and the exact split of a layer's (token, slot) pairs between those and the CPU.
-Pure functions on tensors; imports nothing from hybrid/. No Triton here: the fused decode kernel is
-kernels_gpu.int4_triton (over hybrid.experts.hot), imported lazily, tested against these functions.
+Pure functions on tensors; imports nothing from hybrid/. The one INT4 dequantisation (dequantize; the
+checkpoint layer's numpy dequantize_int4 calls it). No Triton here: the fused decode kernel is
+kernels_gpu.int4_triton, imported lazily, tested against these functions.
 Layout: packed int32 [O, I/8], column 8j+k in bits 4k..4k+3 of word j as q + 8; scale bf16 [O, I/G].
 Letters: T tokens, K slots (experts per token), D hidden, F expert intermediate, O out, I in, G group.
 """

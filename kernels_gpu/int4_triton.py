@@ -1,16 +1,17 @@
 """The hot experts of a decode token as two fused Triton kernels over the packed INT4 layout.
 
-Owns fused_hot_moe. CUDA only in use; the tests run it in Triton's interpreter (TRITON_INTERPRET=1,
-set before this module is imported) against kernels_gpu.int4 and compile it for real GPUs.
-Imports nothing from hybrid/.
+Owns fused_hot_moe, over plain tensors: stacked expert slots and the device-side expert -> slot map
+(hybrid.experts.hot.HotSlots holds them and passes them in). CUDA only in use; the tests run it in
+Triton's interpreter (TRITON_INTERPRET=1, set before this module is imported) against kernels_gpu.int4
+and compile it for real GPUs. Imports nothing from hybrid/.
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import triton
 import triton.language as tl
-
-from hybrid.experts.hot import HotSlots
 
 BLOCK_ROWS = 32  # output rows per program
 BLOCK_WORDS = 16  # packed words (x8 columns) per step of the reduction
@@ -77,10 +78,15 @@ def _down_kernel(h_ptr, ids_ptr, w_ptr, slot_ptr, dp_ptr, ds_ptr, out_ptr,
     tl.store(out_ptr + pair.to(tl.int64) * D + rows, weight * live.to(tl.float32) * y, mask=inside)
 
 
-def fused_hot_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slots: HotSlots) -> torch.Tensor:
-    """x [T, D], ids [T, K], weights [T, K] on slots' device -> y_hot fp32 [T, D]: the sum over the
-    pairs whose expert is hot (slots.slot_of >= 0) of weights * expert(x), accumulated in fp32.
+def fused_hot_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slot_of: torch.Tensor,
+                  packed: Mapping[str, torch.Tensor], scale: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """x [T, D], ids [T, K], weights [T, K] on the slots' device -> y_hot fp32 [T, D]: the sum over the
+    pairs whose expert is hot (slot_of[expert] >= 0) of weights * expert(x), accumulated in fp32.
     Equal to kernels_gpu.int4.hot_expert_moe's y_hot up to fp32 summation order.
+
+    The slots, S of them, each an expert in the checkpoint's INT4 layout (kernels_gpu.int4), for p in
+    gate [F, D], up [F, D], down [D, F]: packed[p] int32 [S, O, I/8], scale[p] bf16 [S, O, I/G];
+    slot_of int32 [E]: an expert's slot, -1 where it is not hot.
 
     The expert ids are read on the device and each tile is dequantised inside the GEMV, so a hot
     pair's packed weights are read once and a cold pair reads nothing; fixed shapes, no host sync,
@@ -90,7 +96,7 @@ def fused_hot_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slo
     loaded once as [rows, words] and its 8 nibbles taken in turn against columns 8w + k. Scales
     arrive as bf16 bit patterns (int16) and are widened by a shift, the same on every backend."""
     T, K = ids.shape
-    D, FF = slots.hidden, slots.inter
+    FF, D = packed["gate"].shape[1], 8 * packed["gate"].shape[2]  # gate [S, F, D/8]
     if x.shape != (T, D) or weights.shape != (T, K):
         raise ValueError(f"fused_hot_moe: x {tuple(x.shape)}, ids {tuple(ids.shape)}, weights "
                          f"{tuple(weights.shape)} do not fit hidden {D}")
@@ -99,12 +105,12 @@ def fused_hot_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slo
     wf = weights.float().contiguous()
     h = torch.empty(T * K, FF, device=x.device, dtype=torch.float32)
     out = torch.empty(T * K, D, device=x.device, dtype=torch.float32)
-    gw = slots.group // 8
-    p, sc = slots.packed, {k: v.view(torch.int16) for k, v in slots.scale.items()}
+    gw = D // scale["gate"].shape[2] // 8  # packed words per group
+    p, sc = packed, {k: v.view(torch.int16) for k, v in scale.items()}
     _gate_up_kernel[(T * K, triton.cdiv(FF, BLOCK_ROWS))](
-        xf, idl, wf, slots.slot_of, p["gate"], sc["gate"], p["up"], sc["up"], h, K, D, FF,
+        xf, idl, wf, slot_of, p["gate"], sc["gate"], p["up"], sc["up"], h, K, D, FF,
         GROUP_WORDS=gw, BLOCK_W=BLOCK_WORDS, BLOCK_R=BLOCK_ROWS)
     _down_kernel[(T * K, triton.cdiv(D, BLOCK_ROWS))](
-        h, idl, wf, slots.slot_of, p["down"], sc["down"], out, D, FF,
+        h, idl, wf, slot_of, p["down"], sc["down"], out, D, FF,
         GROUP_WORDS=gw, BLOCK_W=BLOCK_WORDS, BLOCK_R=BLOCK_ROWS)
     return out.view(T, K, D).sum(1)

@@ -4,7 +4,8 @@ import regex
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from hybrid.synth.bpe import KIMI_PAT_STR, SAMPLE_CORPUS, train_bpe, write_tiktoken_model
+from hybrid.synth.bpe import SAMPLE_CORPUS, train_bpe, write_tiktoken_model
+from hybrid.text.tokenizer import KIMI_PAT_STR
 
 
 def test_ranks_are_bytes_then_merges():

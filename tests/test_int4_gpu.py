@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid.checkpoint.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
+from hybrid.checkpoint.int4 import bf16_to_f32, dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from hybrid.experts.hot import HotSlots, fused_kernel, hot_moe_by_slot
 from kernels_gpu.int4 import DeviceInt4, cold_pairs, dequantize, hot_expert_moe, int4_expert, int4_linear
 
@@ -40,18 +40,26 @@ def int4_arrays(shape, seed):
     return pack_int4(q), scale
 
 
+def int4_rule(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The slow reference: w[o, i] = q[o, i] * scale[o, i // G], q unpacked as compressed-tensors does
+    (tests/test_quant.py holds unpack_int4 to it) -> fp32 [O, I]."""
+    q = unpack_int4(packed).astype(np.float32)
+    return q * np.repeat(bf16_to_f32(scale), q.shape[1] // scale.shape[1], axis=1)
+
+
 def test_dequantize_matches_compressed_tensors_rule_bit_for_bit():
     packed, scale = int4_arrays((48, 96), 0)
     w = DeviceInt4.from_arrays(packed, scale, (48, 96), DEV)
     ours = dequantize(w.packed, w.scale, 48, 96).cpu().numpy()
-    np.testing.assert_array_equal(ours, dequantize_int4(packed, scale, (48, 96)))
+    np.testing.assert_array_equal(ours, int4_rule(packed, scale))
+    np.testing.assert_array_equal(dequantize_int4(packed, scale, (48, 96)), int4_rule(packed, scale))  # numpy's door
 
 
 def test_int4_linear_matches_reference():
     packed, scale = int4_arrays((40, 128), 1)
     w = DeviceInt4.from_arrays(packed, scale, (40, 128), DEV)
     x = torch.randn(5, 128).to(DEV)
-    ref = x.double().cpu() @ torch.from_numpy(dequantize_int4(packed, scale, (40, 128))).double().T
+    ref = x.double().cpu() @ torch.from_numpy(int4_rule(packed, scale)).double().T
     close(int4_linear(x, w.packed, w.scale, 40, 128), ref)
     close(int4_linear(x[:1], w.packed, w.scale.view(torch.int16), 40, 128), ref[:1])  # GEMV, scales as bits
     with pytest.raises(ValueError, match="group"):
@@ -65,8 +73,7 @@ def make_experts(seed: int = 0):
         ex = {proj: int4_arrays(shape, seed * 100 + 3 * e + j)
               for j, (proj, shape) in enumerate((("gate", (FF, D)), ("up", (FF, D)), ("down", (D, FF))))}
         arrays.append(ex)
-        dense.append({p: torch.from_numpy(dequantize_int4(*ex[p], ex[p][0].shape[:1] + (ex[p][0].shape[1] * 8,)))
-                      for p in ex})
+        dense.append({p: torch.from_numpy(int4_rule(*ex[p])) for p in ex})
     return arrays, dense
 
 
@@ -169,13 +176,17 @@ def test_device_id_hot_moe_equals_the_per_expert_loop(T, hot_ids):
     x, ids, weights = hot_moe_inputs(T, T)
     slots = slots_with(arrays, hot_ids, capacity=6)
     ref, cold = hot_expert_moe(x, ids, weights, hot_set(arrays, hot_ids))
-    args = (x.to(DEV), ids.to(DEV), weights.to(DEV), slots)
-    for fn in (hot_moe_by_slot, fused_hot_moe):
+    args = (x.to(DEV), ids.to(DEV), weights.to(DEV))
+
+    def kernel(*a: torch.Tensor) -> torch.Tensor:  # the Triton kernel takes the slots' tensors
+        return fused_hot_moe(*a, slots.slot_of, slots.packed, slots.scale)
+
+    for fn in (lambda *a: hot_moe_by_slot(*a, slots), kernel, lambda *a: fused_kernel(True, False)(*a, slots)):
         y = fn(*args)
         assert y.dtype == torch.float32 and y.shape == (T, D)
         torch.testing.assert_close(y.cpu(), ref.cpu(), rtol=1e-5, atol=1e-6)
     full = ref_moe(x, ids, weights, dense)
-    torch.testing.assert_close(fused_hot_moe(*args).cpu() + ref_moe(x, ids, weights * cold, dense), full,
+    torch.testing.assert_close(kernel(*args).cpu() + ref_moe(x, ids, weights * cold, dense), full,
                                rtol=1e-5, atol=1e-6)
 
 
@@ -191,8 +202,8 @@ def test_fused_hot_moe_over_several_row_blocks_and_reduction_steps():
     x = x.to(torch.bfloat16)
     slots = slots_with(arrays, [ids[0, 0].item(), ids[0, 2].item()], capacity=2, dims=dims)
     ref, _ = hot_expert_moe(x.float(), ids, weights, hot_set(arrays, list(slots)))
-    torch.testing.assert_close(fused_hot_moe(x.to(DEV), ids.to(DEV), weights.to(DEV), slots).cpu(), ref.cpu(),
-                               rtol=1e-5, atol=1e-5)
+    y = fused_hot_moe(x.to(DEV), ids.to(DEV), weights.to(DEV), slots.slot_of, slots.packed, slots.scale)
+    torch.testing.assert_close(y.cpu(), ref.cpu(), rtol=1e-5, atol=1e-5)
 
 
 @cuda_only
@@ -200,7 +211,7 @@ def test_int4_linear_bf16_on_cuda_close_to_fp32():
     packed, scale = int4_arrays((256, 512), 7)
     w = DeviceInt4.from_arrays(packed, scale, (256, 512), "cuda")
     x = torch.randn(3, 512, device="cuda")
-    ref = x.double().cpu() @ torch.from_numpy(dequantize_int4(packed, scale, (256, 512))).double().T
+    ref = x.double().cpu() @ torch.from_numpy(int4_rule(packed, scale)).double().T
     close(int4_linear(x.bfloat16(), w.packed, w.scale, 256, 512).float(), ref, 3e-2)
 
 
@@ -233,10 +244,22 @@ def test_bench_times_the_fused_hot_experts():
     assert res["experts"] == 8 and res["fused_ms"] > 0 and res["torch_loop_ms"] > 0 and res["fused_gbps"] > 0
 
 
-def test_one_rule_for_when_the_fused_kernel_runs():
-    """fused_kernel: the scheduler's and the decode step's switch (None: on CUDA when Triton imports)."""
+def test_one_rule_for_when_the_fused_kernel_runs(monkeypatch):
+    """fused_kernel: the scheduler's and the decode step's switch (None: on CUDA when Triton imports),
+    which hands a HotSlots' tensors to the Triton kernel."""
     assert fused_kernel(False, True) is None and fused_kernel(None, False) is None
     pytest.importorskip("triton", reason="Triton is in [dev] on x86-64 Linux only")
-    from kernels_gpu.int4_triton import fused_hot_moe
+    import hybrid.experts.hot as hs
+    import kernels_gpu.int4_triton as kt
 
-    assert fused_kernel(True, False) is fused_hot_moe and fused_kernel(None, True) is fused_hot_moe
+    seen = []
+    monkeypatch.setattr(kt, "fused_hot_moe", lambda *a: seen.append(a) or "y")
+    hs._triton_kernel.cache_clear()  # imported afresh: the recording one
+    try:
+        fused = fused_kernel(True, False)
+        assert fused is not None and fused_kernel(None, True) is fused
+        slots = HotSlots(2, 4, 32, 32)
+        assert fused("x", "ids", "w", slots) == "y"
+        assert seen == [("x", "ids", "w", slots.slot_of, slots.packed, slots.scale)]
+    finally:
+        hs._triton_kernel.cache_clear()  # forget the recording kernel

@@ -1,6 +1,7 @@
 """compressed-tensors pack-quantized INT4 (symmetric, group-wise): quantise, pack, unpack, dequantise.
 
-Owns the bit layout only; it never reads files. Layout (Kimi K2 routed experts):
+Owns the bit layout on the numpy side (dequantising goes through kernels_gpu.int4, the one copy of
+that); it never reads files. Layout (Kimi K2 routed experts):
   weight_packed int32 [out, in/8]: column 8j+k in bits 4k..4k+3 of word j, stored as q + 8 (0..15)
   weight_scale  bf16  [out, in/G]: one scale per row and group of G consecutive input columns
   w[o, i] = (nibble - 8) * scale[o, i // G]
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from kernels_gpu.int4 import DeviceInt4, dequantize
 
 INT4_MIN, INT4_MAX = -8, 7
 
@@ -63,9 +66,7 @@ def quantize_int4(w: np.ndarray, group: int = 32) -> tuple[np.ndarray, np.ndarra
 
 
 def dequantize_int4(packed: np.ndarray, scale_bits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Reference dequantisation to fp32 [out, in] (exact: |q| <= 8 times a bf16 scale)."""
-    out_f, in_f = int(shape[0]), int(shape[1])
-    q = unpack_int4(packed, in_f).astype(np.float32)
-    scale = bf16_to_f32(scale_bits)
-    group = in_f // scale.shape[1]
-    return (q.reshape(out_f, -1, group) * scale[..., None]).reshape(out_f, in_f)
+    """fp32 [out, in] (exact: |q| <= 8 times a bf16 scale), for numpy callers: kernels_gpu.int4.dequantize
+    (the one dequantisation) on copies of the arrays (checkpoint memmaps are read-only)."""
+    w = DeviceInt4.from_arrays(packed, scale_bits, shape)
+    return dequantize(w.packed, w.scale, w.out_features, w.in_features, w.in_features // w.scale.shape[1]).numpy()

@@ -1,8 +1,8 @@
 """Bandwidth probes for `bench` and `plan`: RAM read GB/s with all threads, sequential disk read GB/s.
 
 Owns measuring only; nothing here decides anything from the figures (placement.py does). The RAM probe
-runs kernel_bench's read-sum kernel, so `bench --kernels`, `bench` and `plan` report the same ceiling.
-GB = 10^9 bytes.
+runs kernels_cpu.membw.read_sum, as kernel_bench does, so `bench --kernels`, `bench` and `plan` report
+the same ceiling. GB = 10^9 bytes.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kernels_cpu.membw import read_sum
+
 GB = 1e9
 
 
@@ -20,19 +22,16 @@ def mem_read_gbps(nbytes: int = 1 << 30, reps: int = 5, threads: int | None = No
     """Best-of-`reps` read bandwidth over an `nbytes` buffer (well past the caches), all threads."""
     import numba
 
-    # kernel_bench has no public name for its probe yet; this is the one place that reaches for it
-    from hybrid.bench.kernel_bench import _read_sum
-
     before = numba.get_num_threads()
     if threads:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
         buf = np.ones(max(nbytes, 1 << 20) // 8, np.uint64)
-        _read_sum(buf, 64)  # compile (or load from cache) and fault the pages in
+        read_sum(buf, 64)  # compile (or load from cache) and fault the pages in
         best = float("inf")
         for _ in range(reps):
             t0 = time.perf_counter()
-            _read_sum(buf, 64)
+            read_sum(buf, 64)
             best = min(best, time.perf_counter() - t0)
         return buf.nbytes / best / GB
     finally:
@@ -47,21 +46,28 @@ def disk_read_gbps(directory: str | os.PathLike, nbytes: int = 256 << 20, chunk:
     while not d.exists() and d != d.parent:
         d = d.parent
     block = np.random.default_rng(0).integers(0, 256, chunk, dtype=np.uint8).tobytes()  # incompressible
-    n = max(1, nbytes // chunk)
     with tempfile.NamedTemporaryFile(dir=d, prefix=".kimi-hybrid-probe-") as f:
-        for _ in range(n):
+        for _ in range(max(1, nbytes // chunk)):
             f.write(block)
         f.flush()
-        os.fsync(f.fileno())
+        os.fsync(f.fileno())  # on the disk, so that dropping it from the page cache makes the read go there
+        return file_read_gbps(f.name, chunk=chunk)
+
+
+def file_read_gbps(file: str | os.PathLike, nbytes: int | None = None, chunk: int = 8 << 20) -> float:
+    """Sequential read GB/s of `file` from its disk (its first `nbytes`; all of it when None): dropped
+    from the page cache first, then read in `chunk`-sized reads."""
+    buf = bytearray(chunk)
+    limit = os.path.getsize(file) if nbytes is None else nbytes
+    done = 0
+    with open(file, "rb", buffering=0) as r:
         if hasattr(os, "posix_fadvise"):  # without it the read comes from the page cache
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        buf = bytearray(chunk)
-        with open(f.name, "rb", buffering=0) as r:
-            t0 = time.perf_counter()
-            while r.readinto(buf):
-                pass
-            dt = time.perf_counter() - t0
-    return n * chunk / dt / GB
+            os.posix_fadvise(r.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        while done < limit and (n := r.readinto(buf)):
+            done += n
+        dt = time.perf_counter() - t0
+    return done / dt / GB
 
 
 def gpu_read_gbps(index: int = 0, nbytes: int = 1 << 30, reps: int = 5) -> float:

@@ -1,24 +1,29 @@
 """`--model` / `hybrid.load(model)` -> a checkpoint directory: a directory (`~` expanded), a Hugging Face
-repo id already in the local HF cache, or a built-in preset generated into the cache on first use.
+repo id already in the local HF cache (found by huggingface_hub's cache scan), or a built-in preset, made
+on first use by the maker the caller hands in (hybrid.load and the CLI pass hybrid.synth's).
 
 Owns the one resolution rule and its error, which says how to fetch what is missing. Never downloads
-anything, and renders nothing (the CLI adds a progress bar through `progress`).
+anything, renders nothing (the CLI adds a progress bar through `progress`) and never imports synth.
 """
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Callable
 
 from hybrid.checkpoint.reader import CheckpointError
-from hybrid.synth.writer import PRESETS, Progress, ensure_preset
 
 REAL_MODEL = "moonshotai/Kimi-K2-Thinking"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+PresetMaker = Callable[[Progress | None], Path]  # writes its preset on first use; -> the directory
 
 
 def hf_hub_cache() -> Path:
-    """Where huggingface_hub keeps downloads: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    """Where huggingface_hub keeps downloads: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub.
+    Read at each call (huggingface_hub.constants fixes it when the library is first imported)."""
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
@@ -26,14 +31,20 @@ def hf_hub_cache() -> Path:
 
 
 def find_in_hf_cache(repo_id: str, hub: Path | None = None) -> Path | None:
-    """The snapshot directory of `repo_id` in the HF cache: the one refs/main names, else the newest."""
-    repo = (hub or hf_hub_cache()) / f"models--{repo_id.replace('/', '--')}"
-    snaps = repo / "snapshots"
-    ref = repo / "refs" / "main"
-    if ref.is_file() and (snaps / ref.read_text().strip()).is_dir():
-        return snaps / ref.read_text().strip()
-    found = sorted((p for p in snaps.glob("*") if (p / "config.json").exists()), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    """The snapshot directory of model `repo_id` in the HF cache: the one refs/main names, else the newest
+    with a config.json; None when there is none. Reads the cache only (huggingface_hub.scan_cache_dir)."""
+    from huggingface_hub import scan_cache_dir  # here: its import costs ~0.2 s that only a repo id needs
+
+    hub = hub or hf_hub_cache()
+    if not hub.is_dir():
+        return None  # (scan_cache_dir would raise CacheNotFound)
+    root = hub.resolve()  # the scan reports paths under the resolved cache; ours keep the caller's spelling
+    revisions = [r for repo in scan_cache_dir(root).repos if repo.repo_type == "model" and repo.repo_id == repo_id
+                 for r in repo.revisions]  # a repo the scan finds corrupt (a blob missing) is not here
+    main = [r for r in revisions if "main" in r.refs]
+    found = main or sorted((r for r in revisions if (r.snapshot_path / "config.json").exists()),
+                           key=lambda r: r.last_modified)[-1:]
+    return hub / found[0].snapshot_path.relative_to(root) if found else None
 
 
 def fetch_hint(repo_id: str) -> str:
@@ -45,15 +56,18 @@ def is_repo_id(model: str) -> bool:
     return bool(_REPO_ID.match(model)) and not model.startswith(".")
 
 
-def resolve_model(model: str | os.PathLike, progress: Progress | None = None) -> Path:
-    """A checkpoint directory for `model`. A preset is generated on first use (progress(done, total) is
-    called as it is written); anything else that is not here raises CheckpointError saying what to do."""
+def resolve_model(model: str | os.PathLike, presets: Mapping[str, PresetMaker] | None = None,
+                  progress: Progress | None = None) -> Path:
+    """A checkpoint directory for `model`. presets: the built-in checkpoints by name; one is made on first
+    use by its maker (progress(done, total) is called as it is written). Anything else that is not here
+    raises CheckpointError saying what to do."""
     name = os.fspath(model)
+    presets = presets or {}
     p = Path(name).expanduser()
     if p.is_dir():
         return p
-    if name in PRESETS:
-        return ensure_preset(name, progress=progress)
+    if name in presets:
+        return presets[name](progress)
     if is_repo_id(name):
         found = find_in_hf_cache(name)
         if found is not None:
@@ -62,5 +76,6 @@ def resolve_model(model: str | os.PathLike, progress: Progress | None = None) ->
                               f"{fetch_hint(name)}")
     if p.is_file():
         raise CheckpointError(f"{name} is a file; --model takes a checkpoint directory (the folder with config.json)")
+    or_preset = f" or a preset ({', '.join(presets)})" if presets else ""
     raise CheckpointError(f"{name}: no such checkpoint directory; --model takes a directory, a Hugging Face repo id "
-                          f"in the local cache (like {REAL_MODEL}) or a preset ({', '.join(PRESETS)})")
+                          f"in the local cache (like {REAL_MODEL}){or_preset}")

@@ -1,8 +1,9 @@
 """Byte-level BPE training and the tiktoken.model file format, for synthetic checkpoints and tests.
 
-Owns: the Kimi pre-tokenizer pattern, a small deterministic trainer, the writer of `base64 rank` lines,
-and a built-in multilingual sample corpus. Must not: load tokenizers or know about special tokens
-(that is hybrid/tokenizer.py); it never touches the network.
+Owns: a small deterministic trainer (splitting text with the tokenizer's own pattern, KIMI_PAT_STR of
+hybrid.text.tokenizer), the writer of `base64 rank` lines, and a built-in multilingual sample corpus.
+Must not: load tokenizers or know about special tokens (that is hybrid.text.tokenizer); it never touches
+the network.
 """
 
 from __future__ import annotations
@@ -15,21 +16,9 @@ from collections import Counter
 
 import regex
 
-logger = logging.getLogger(__name__)
+from hybrid.text.tokenizer import KIMI_PAT_STR
 
-# Kimi's tiktoken split pattern: 8 alternatives; `&&` is character-class intersection, which
-# tiktoken's Rust engine and `regex` (with the V1 flag) support and the stdlib `re` does not.
-_KIMI_PAT_PARTS = [
-    r"""[\p{Han}]+""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""\p{N}{1,3}""",
-    r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
-    r"""\s*[\r\n]+""",
-    r"""\s+(?!\S)""",
-    r"""\s+""",
-]
-KIMI_PAT_STR: str = "|".join(_KIMI_PAT_PARTS)
+logger = logging.getLogger(__name__)
 
 
 def _pair_counts(word: list[int]) -> Counter:

@@ -8,6 +8,7 @@ tensor's values depend only on (seed, tensor name). Never reads weights; the rea
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from hybrid.checkpoint.config import ModelConfig
+from hybrid.checkpoint.paths import cache_dir
 from hybrid.checkpoint.layout import TensorSpec, expert_shapes, global_specs, layer_specs, spec_nbytes
 from hybrid.checkpoint.int4 import f32_to_bf16
 
@@ -237,11 +239,6 @@ def write_tokenizer_files(out: Path, vocab_size: int) -> None:
     shutil.copyfile(REFERENCE_DIR / "chat_template.jinja", out / "chat_template.jinja")
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("KIMI_HYBRID_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kimi-hybrid"
-    return Path(root)
-
-
 def preset_path(name: str, seed: int = 0) -> Path:
     """Where the cache keeps a preset; it is complete when is_generated(path)."""
     return cache_dir() / f"{name}-seed{seed}-v{GENERATOR_VERSION}"
@@ -257,3 +254,9 @@ def ensure_preset(name: str, seed: int = 0, progress: Progress | None = None) ->
     if is_generated(path):
         return path
     return write_checkpoint(path, preset_config(name), seed=seed, sparse=(name == "k2-full-sparse"), progress=progress)
+
+
+def preset_makers(seed: int = 0) -> dict[str, Callable[[Progress | None], Path]]:
+    """{preset: maker(progress) -> its directory (ensure_preset)}: what hybrid.load and the CLI hand to
+    hybrid.runtime.resolve, which may not import this package."""
+    return {name: functools.partial(ensure_preset, name, seed) for name in PRESETS}

@@ -42,6 +42,12 @@ CALLABLE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what the OpenAI and Anthro
 ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
 
 
+def template_role(role: str) -> str:
+    """The role as the K2 template knows it: OpenAI's `developer` (its newer name for system) is `system`.
+    The one place for that rule: the engine, the servers and the CLI's /load all go through it."""
+    return "system" if role == "developer" else role
+
+
 def check_message(m: Any, where: str) -> None:
     """One chat message as the K2 template reads it (OpenAI style, plus reasoning_content), or a
     ValueError that names `where` and says what is wrong: the template itself would render a bad

@@ -1,9 +1,10 @@
 """Kimi's tiktoken tokenizer, loaded from a checkpoint directory, and a streaming detokenizer.
 
-Owns: reading `tiktoken.model` + `tokenizer_config.json`, the 256 reserved special ids after the BPE
-ranks, special-token policy (user/tool text never becomes control tokens, also through the template via
+Owns: reading `tiktoken.model` + `tokenizer_config.json`, Kimi's pre-tokenizer pattern (KIMI_PAT_STR,
+which the synthetic BPE trainer also splits with), the 256 reserved special ids after the BPE ranks,
+special-token policy (user/tool text never becomes control tokens, also through the template via
 mark_user_text + encode_chat), the real tokenizer's chunking of long inputs, and UTF-8-safe streaming
-decode. Must not: render chat templates or parse model output (hybrid/chat.py, hybrid/parser.py); it
+decode. Must not: render chat templates or parse model output (text/template.py, text/parser.py); it
 never touches the network.
 """
 
@@ -22,9 +23,21 @@ from typing import Any
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from hybrid.synth.bpe import KIMI_PAT_STR
-
 logger = logging.getLogger(__name__)
+
+# Kimi's tiktoken split pattern: 8 alternatives; `&&` is character-class intersection, which
+# tiktoken's Rust engine and `regex` (with the V1 flag) support and the stdlib `re` does not.
+_KIMI_PAT_PARTS = [
+    r"""[\p{Han}]+""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+]
+KIMI_PAT_STR: str = "|".join(_KIMI_PAT_PARTS)
 
 NUM_RESERVED_SPECIAL = 256
 REAL_N_RANKS = 163_584  # the real checkpoint's BPE ranks; its specials are 163584..163839
