@@ -126,10 +126,10 @@ def test_engine_decode_graphs_on_with_cache_prefetch_and_hot_experts(tiny_path, 
             return run
 
         import hybrid.runtime.decode_segments as ds
-        import hybrid.experts.scheduler as sc
+        import hybrid.experts.hot as hx
         sched.predict = outside_host_functions(sched.predict)
         monkeypatch.setattr(ds, "hot_moe_by_slot", outside_host_functions(ds.hot_moe_by_slot))
-        monkeypatch.setattr(sc, "hot_expert_moe", outside_host_functions(sc.hot_expert_moe))
+        monkeypatch.setattr(hx, "hot_expert_moe", outside_host_functions(hx.hot_expert_moe))
         eng.model.shared_expert = outside_host_functions(eng.model.shared_expert)
     fused_calls = []
     if TRITON_ON_CPU:
@@ -227,9 +227,9 @@ def test_hot_experts_in_plain_dicts_send_the_step_to_segment_mode(tiny_path):
         assert dec.mode == ("token" if r < 2 else "segments")
         for a, b in zip(got, want):
             assert rel_err(a, b) < 1e-3
-    b = dec.buf
+    b = dec.bufs
     with pytest.raises(ValueError, match="plain dict"):
-        sched.submit_host(layer, b["x"], b["ids"], b["w"], *dec._host_np[:3], device_hot=True)
+        sched.submit_host(layer, b.x, b.ids, b.w, b.x_np, b.ids_np, b.w_np, device_hot=True)
     oracle.close()
     eng.close()
 
@@ -342,11 +342,11 @@ def test_static_decode_times_each_stretch_once(tiny_path):
     list(eng.generate(PROMPT + [3], 2, sampler=lambda lg: 3))  # the cache holds it all: the last token again, one step
     t = eng.model.times
     assert eng.decoder.steps == 2  # one per request: the one-token prefill is a plain forward
-    assert t["attention"] > 0 and t["shared"] > 0 and t["experts_wait"] > 0 and t["lm_head"] > 0
+    assert t.attention > 0 and t.shared > 0 and t.experts_wait > 0 and t.lm_head > 0
     eng.model.times.clear()
     eng.decoder.step(5)
-    assert t["dense"] == t["router"] == 0  # counted inside the segments' time, not again
-    assert t["attention"] + t["submit"] + t["shared"] + t["experts_wait"] + t["lm_head"] <= t["forward"]
+    assert t.dense == t.router == 0  # counted inside the segments' time, not again
+    assert t.attention + t.submit + t.shared + t.experts_wait + t.lm_head <= t.forward
     eng.close()
 
 

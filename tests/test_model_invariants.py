@@ -212,11 +212,11 @@ def test_engine_holds_the_gpu_side_as_the_plan_counts_it(tiny_path):
 
     from hybrid.checkpoint.reader import Checkpoint
     from hybrid.runtime.engine import Engine
-    from hybrid.runtime.placement import GPU_SIDE, _sizes
+    from hybrid.runtime.tensor_classes import GPU_SIDE, class_sizes
     from hybrid.experts.reference import ReferenceExperts
 
     ckpt = Checkpoint(tiny_path)
-    sizes = _sizes(ckpt.config)
+    sizes = class_sizes(ckpt.config)
     for int8, precision in ((False, "bf16"), (True, "int8")):
         e = Engine(ckpt, ReferenceExperts(ckpt), dtype=torch.bfloat16, context=16, int8=int8)
         w = e.model.w

@@ -1,8 +1,8 @@
-"""DeepSeek-V3 / Kimi K2 forward pass as pure math over a plain config and a dict of weights.
+"""DeepSeek-V3 / Kimi K2 forward pass as pure math over a plain config and the weights (model/weights.py).
 
 Owns RMSNorm, YaRN rope (interleaved pairs), MLA (naive for prefill, absorbed over the 576-value
-latent cache for decode), the sigmoid router, the shared expert and the dense layer. Routed experts
-go through an injected backend (submit / wait), so where they live is not this file's business.
+latent cache for decode), the sigmoid router, the shared expert and the dense layer, as the pieces a
+fixed-shape decode step also calls. Routed experts go through an injected backend (submit / wait).
 Letters: T new tokens, S cached + new positions, D hidden, H heads, Q q_lora_rank, L kv_lora_rank,
 P qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, E routed experts, K experts per token.
 """
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,21 +18,16 @@ import torch.nn.functional as F
 from kernels_gpu.mla import chunked_prefill_attention, mla_decode
 
 from hybrid.checkpoint.config import ModelConfig
+from hybrid.experts.backend import ExpertBackend
 from hybrid.model.linear import Weight, fp32_linear, linear
+from hybrid.model.timers import Timers
+from hybrid.model.weights import MLPWeights, ModelWeights
 
 LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
 ABSORB_MAX_TOKENS = 8  # at or below this many new tokens, attend in the absorbed (latent) form
 CHUNKED_MIN_SCORES = 1 << 22  # T x S above this: the chunked kernel, never a whole [T, H, S] score matrix
 
 AttnMode = Literal["auto", "naive", "absorbed"]
-
-
-class ExpertBackend(Protocol):
-    """Routed experts of one MoE layer: y[T, D] = sum_k weights[t, k] * Expert_ids[t, k](x[t])."""
-
-    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Any: ...
-
-    def wait(self, handle: Any) -> torch.Tensor: ...
 
 
 class KVCache:
@@ -88,22 +82,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).reshape(shape).to(x.dtype)
 
 
-def swiglu(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
-    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+def swiglu(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
+    """x [T, D] -> [T, D] through a dense layer's MLP or a shared expert."""
+    return linear(F.silu(linear(x, w.gate_proj)) * linear(x, w.up_proj), w.down_proj)
+
+
+def moe_sum(shared: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """An MoE layer's output [T, D]: the shared expert's plus the routed sum (fp32 from the backend)."""
+    return shared + routed.to(shared.dtype)
 
 
 class Model:
-    """The transformer. `weights` maps Hugging Face tensor names to tensors on the compute device."""
+    """The transformer. `weights` maps Hugging Face tensor names to tensors on the compute device.
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], experts: ExpertBackend):
+    forward() runs layer i as attention_block, then dense_mlp or moe (route, submit, shared_expert,
+    wait, moe_sum), then head: the pieces a fixed-shape decode step calls in its own order."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, Weight], experts: ExpertBackend, defer_experts: int = 0):
         self.cfg = cfg
-        self.w = weights
+        self.w = weights  # by name, as loaded: what the plan counts
+        self.weights = ModelWeights.from_names(cfg, weights)  # the same tensors, per layer: what the math reads
         self.experts = experts
-        self.device = weights["model.norm.weight"].device
-        self.dtype = weights["model.norm.weight"].dtype  # the compute dtype of the GPU side
+        self.device = self.weights.norm.device
+        self.dtype = self.weights.norm.dtype  # the compute dtype of the GPU side
         self.inv_freq = yarn_inv_freq(cfg).to(self.device)
-        self.times: defaultdict[str, float] = defaultdict(float)  # seconds by part, for the bench's split
-        self.defer_experts = 0  # experts per token whose output is added one MoE layer late (0 = exact)
+        self.times = Timers()  # seconds by part, for the bench's split
+        self.defer_experts = defer_experts  # experts per token whose output is added one MoE layer late (0 = exact)
         self._deferred: Any = None
 
     def new_cache(self, max_len: int) -> KVCache:
@@ -120,26 +124,30 @@ class Model:
         h = self.embed(ids)  # [T, D]
         if attn == "auto":
             attn = "absorbed" if T <= ABSORB_MAX_TOKENS else "naive"
-        t_start = time.perf_counter()
+        times, t_start = self.times, time.perf_counter()
         self._deferred = None  # nothing carries over from a forward that failed midway
         for i in range(self.cfg.num_hidden_layers):
             t0 = time.perf_counter()
-            h = h + self.attention(i, rms_norm(h, self.w[f"model.layers.{i}.input_layernorm.weight"], self.cfg.rms_norm_eps),
-                                   cache, s0, cos, sin, attn)
-            x = rms_norm(h, self.w[f"model.layers.{i}.post_attention_layernorm.weight"], self.cfg.rms_norm_eps)
-            self.times["attention"] += time.perf_counter() - t0
-            h = h + (self.moe(i, x) if self.cfg.is_moe_layer(i) else self.dense_mlp(i, x))
+            h, x = self.attention_block(i, h, cache, s0, cos, sin, attn)
+            t1 = time.perf_counter()
+            times.attention += t1 - t0
+            if self.cfg.is_moe_layer(i):
+                h = h + self.moe(i, x)  # times its parts itself
+            else:
+                y = self.dense_mlp(i, x)
+                times.dense += time.perf_counter() - t1
+                h = h + y
         cache.length = s0 + T
         t0 = time.perf_counter()
         logits = self.head(h[-1:] if last_only else h)
-        self.times["lm_head"] += time.perf_counter() - t0
-        self.times["forward"] += time.perf_counter() - t_start
+        times.lm_head += time.perf_counter() - t0
+        times.forward += time.perf_counter() - t_start
         return logits
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [T] -> their embedding rows [T, D] on the device in the compute dtype. The table may live
         in host RAM (the engine keeps it there: 2.35 GB for K2, of which a token needs one row)."""
-        table = self.w["model.embed_tokens.weight"]
+        table = self.weights.embed_tokens
         return table[ids.to(table.device)].to(self.device, self.dtype)
 
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,18 +155,26 @@ class Model:
         ang = pos.float()[:, None] * self.inv_freq[None, :]
         return ang.cos(), ang.sin()
 
+    def attention_block(self, i: int, h: torch.Tensor, cache: KVCache, s0: int | torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, mode: AttnMode, span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i up to its MLP: h [T, D] -> (h + attention(input_layernorm(h)), the MLP's input x
+        [T, D], the post_attention_layernorm of that sum). s0, mode, span: as attention() takes them."""
+        layer, eps = self.weights.layers[i], self.cfg.rms_norm_eps
+        h = h + self.attention(i, rms_norm(h, layer.input_layernorm, eps), cache, s0, cos, sin, mode, span)
+        return h, rms_norm(h, layer.post_attention_layernorm, eps)
+
     def attention(self, i: int, x: torch.Tensor, cache: KVCache, s0: int | torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, mode: AttnMode, span: int | None = None) -> torch.Tensor:
         """s0: position of x's first token. An int; or a 0-d device tensor with mode 'absorbed' and
         `span` (a fixed number of cache rows to attend over, masked beyond s0 + T): shapes then do not
         depend on the position, which is what a captured (CUDA-graph) decode step needs."""
-        c, w, p = self.cfg, self.w, f"model.layers.{i}.self_attn."
+        c, a = self.cfg, self.weights.layers[i].self_attn
         T, H, P, R, L, Vd = x.shape[0], c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank, c.v_head_dim
-        cq = rms_norm(linear(x, w[p + "q_a_proj.weight"]), w[p + "q_a_layernorm.weight"], LATENT_NORM_EPS)  # [T, Q]
-        q = linear(cq, w[p + "q_b_proj.weight"]).view(T, H, P + R)
+        cq = rms_norm(linear(x, a.q_a_proj), a.q_a_layernorm, LATENT_NORM_EPS)  # [T, Q]
+        q = linear(cq, a.q_b_proj).view(T, H, P + R)
         q_nope, q_pe = q[..., :P], apply_rope(q[..., P:], cos, sin)  # [T, H, P], [T, H, R]
-        kv = linear(x, w[p + "kv_a_proj_with_mqa.weight"])  # [T, L + R]
-        latent = rms_norm(kv[:, :L], w[p + "kv_a_layernorm.weight"], LATENT_NORM_EPS)
+        kv = linear(x, a.kv_a_proj_with_mqa)  # [T, L + R]
+        latent = rms_norm(kv[:, :L], a.kv_a_layernorm, LATENT_NORM_EPS)
         if isinstance(s0, torch.Tensor):  # positions on the device: written by index, read through a fixed span
             if mode != "absorbed" or span is None:
                 raise ValueError("a device-tensor position needs mode='absorbed' and a span")
@@ -171,28 +187,26 @@ class Model:
             cache.kv[i, s0:S] = latent
             cache.pe[i, s0:S] = apply_rope(kv[:, L:], cos, sin)
         kv_latent, k_pe = cache.kv[i, :S], cache.pe[i, :S]  # [S, L], [S, R]
-        w_kv_b = w[p + "kv_b_proj.weight"].view(H, P + Vd, L)
-        w_uk, w_uv = w_kv_b[:, :P], w_kv_b[:, P:]  # [H, P, L], [H, V, L]
         if mode == "absorbed":  # decode: q absorbed into the latent space, the cache read as stored
-            o = mla_decode(q_nope, q_pe, kv_latent, k_pe, w_uk, w_uv, c.softmax_scale, s0)
+            o = mla_decode(q_nope, q_pe, kv_latent, k_pe, a.w_uk, a.w_uv, c.softmax_scale, s0)
         elif T * S > CHUNKED_MIN_SCORES:  # long prompts: same math, bounded memory
-            o = chunked_prefill_attention(q_nope, q_pe, kv_latent, k_pe, w_uk, w_uv, c.softmax_scale, s0)
+            o = chunked_prefill_attention(q_nope, q_pe, kv_latent, k_pe, a.w_uk, a.w_uv, c.softmax_scale, s0)
         else:  # the naive form: keys and values expanded per head; scores [T, H, S]
-            kvb = (kv_latent @ w[p + "kv_b_proj.weight"].T).view(S, H, P + Vd)
+            kvb = (kv_latent @ a.kv_b_proj.T).view(S, H, P + Vd)
             # the rope part is MQA: one k_pe shared by all heads
             scores = torch.einsum("thr,sr->ths", q_pe, k_pe) + torch.einsum("thp,shp->ths", q_nope, kvb[..., :P])
             causal = torch.arange(S, device=x.device)[None, :] > torch.arange(s0, S, device=x.device)[:, None]  # [T, S]
             scores = (scores * c.softmax_scale).masked_fill(causal[:, None, :], float("-inf"))
             probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
             o = torch.einsum("ths,shv->thv", probs, kvb[..., P:])  # [T, H, V]
-        return linear(o.reshape(T, H * Vd), w[p + "o_proj.weight"])
+        return linear(o.reshape(T, H * Vd), a.o_proj)
 
     def route(self, i: int, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (ids [T, K], weights [T, K]); DeepSeek-V3: the bias picks experts but does not weight them.
         k: how many to pick (default top-K; prefetch asks for a wider candidate set)."""
-        c, p = self.cfg, f"model.layers.{i}.mlp.gate."
-        scores = torch.sigmoid(fp32_linear(x, self.w[p + "weight"]))  # [T, E]
-        choice = scores + self.w[p + "e_score_correction_bias"].float()
+        c, gate = self.cfg, self.weights.layers[i].mlp.gate
+        scores = torch.sigmoid(fp32_linear(x, gate.weight))  # [T, E]
+        choice = scores + gate.e_score_correction_bias.float()
         if c.n_group > 1:
             T, G = x.shape[0], c.n_group
             grouped = choice.view(T, G, -1)
@@ -207,6 +221,8 @@ class Model:
         return ids, weights * c.routed_scaling_factor
 
     def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """MoE layer i's output for its input x [T, D]: the routed experts on the backend while the
+        shared expert runs here (the overlap), added by moe_sum. Times its parts."""
         t0 = time.perf_counter()
         ids, weights = self.route(i, x)
         t1 = time.perf_counter()
@@ -228,26 +244,23 @@ class Model:
             routed = routed + self.experts.wait(self._deferred).to(x.dtype)
         self._deferred = deferred
         t4 = time.perf_counter()
-        self.times["router"] += t1 - t0
-        self.times["submit"] += t2 - t1
-        self.times["shared"] += t3 - t2
-        self.times["experts_wait"] += t4 - t3
-        return shared + routed
+        times = self.times
+        times.router += t1 - t0
+        times.submit += t2 - t1
+        times.shared += t3 - t2
+        times.experts_wait += t4 - t3
+        return moe_sum(shared, routed)
 
     def dense_mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
-        y = self.ffn(f"model.layers.{i}.mlp.", x)
-        self.times["dense"] += time.perf_counter() - t0
-        return y
-
-    def ffn(self, prefix: str, x: torch.Tensor) -> torch.Tensor:
-        """The SwiGLU MLP whose weights start with `prefix` (a dense layer's, or a shared expert's)."""
-        return swiglu(x, self.w[prefix + "gate_proj.weight"], self.w[prefix + "up_proj.weight"],
-                      self.w[prefix + "down_proj.weight"])
+        """Dense layer i's MLP: x [T, D] -> [T, D]."""
+        return swiglu(x, self.weights.layers[i].mlp)
 
     def shared_expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn(f"model.layers.{i}.mlp.shared_experts.", x) if self.cfg.n_shared_experts else torch.zeros_like(x)
+        """MoE layer i's shared expert: x [T, D] -> [T, D] (zeros without one)."""
+        shared = self.weights.layers[i].mlp.shared_experts
+        return swiglu(x, shared) if shared is not None else torch.zeros_like(x)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head: h [T, D] -> fp32 logits [T, vocab]."""
-        return linear(rms_norm(h, self.w["model.norm.weight"], self.cfg.rms_norm_eps), self.w["lm_head.weight"]).float()
+        w = self.weights
+        return linear(rms_norm(h, w.norm, self.cfg.rms_norm_eps), w.lm_head).float()

@@ -1,8 +1,8 @@
 """The decode step with fixed shapes: one CUDA graph per token, the CPU expert hops inside it.
 
-Owns running one token: the buffers its segments share (pinned host buffers for the hop), the hop's
-host functions, KV-length buckets, capture, failure handling and timing. What each segment computes
-is hybrid/decode_segments.py; neither file adds math. Without CUDA the same code runs eagerly.
+Owns running one token: the hop's host functions, KV-length buckets, capture, failure handling and
+timing. What each segment computes is decode_segments.py (the model's own functions), the buffers
+they share decode_buffers.py; none of the three adds math. Without CUDA the same code runs eagerly.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import Any, Callable
 
 import torch
 
-from hybrid.runtime.graphs import GraphChain, HostFuncs
 from hybrid.experts.hot import HotSlots, fused_kernel
-
-from hybrid.runtime.decode_segments import Segment, build_segments
 from hybrid.model.k2 import KVCache, Model
+from hybrid.runtime.decode_buffers import StepBuffers
+from hybrid.runtime.decode_segments import HostHops, Segment, build_segments
+from hybrid.runtime.graphs import GraphChain, HostFuncs
 
 log = logging.getLogger(__name__)
 BUCKET_MIN = 256  # smallest KV span a decode graph reads; the waste is at most 2x of attention's reads
@@ -39,10 +39,10 @@ class StaticDecoder:
     whole token is one graph, one launch from Python. Mode 'segments': pre and shared+head are
     graphs of their own and the host hops between them (two launches per MoE layer); it needs no
     host functions and takes any expert backend and hot experts kept in plain dicts.
-    Segments pass tensors on through device buffers allocated once and written with copy_, never
-    through rebound names, so a replay moves data exactly as the eager run the CPU tests check. The
-    KV cache is read through a fixed span (the bucket: a power of two >= the length, at least
-    BUCKET_MIN), masked beyond the position, which lives in a device tensor; each bucket is
+    Segments pass tensors on through buffers allocated once (decode_buffers.StepBuffers) and written
+    with copy_, never through rebound names, so a replay moves data exactly as the eager run the CPU
+    tests check. The KV cache is read through a fixed span (the bucket: a power of two >= the length,
+    at least BUCKET_MIN), masked beyond the position, which lives in a device tensor; each bucket is
     captured once.
 
     graphs: capture CUDA graphs (None: when the model is on CUDA; True without CUDA runs eagerly).
@@ -63,45 +63,19 @@ class StaticDecoder:
         self.cuda = self.device.type == "cuda"
         self.graphs = self.cuda if graphs is None else bool(graphs and self.cuda)
         self.mode = "segments"
-        cfg = model.cfg
-        D, K = cfg.hidden_size, cfg.num_experts_per_tok
         ex = model.experts
-        self.predicting = bool(getattr(ex, "prefetch", False)) and getattr(ex, "predict", None) is not None
-
-        def host(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-            t = torch.zeros(shape, dtype=dtype)
-            return t.pin_memory() if self.cuda else t  # in-graph copies to or from the host need pinned pages
-
-        self.tp_h = host((2,), torch.long)  # this step's token id and position
-        self.emb_h = host((1, D), model.dtype)  # its embedding row (the table may live in host RAM)
-        self.x_h, self.ids_h, self.w_h = host((1, D), torch.float32), host((1, K), torch.long), host((1, K), torch.float32)
-        self.routed_h = host((1, D), torch.float32)  # the CPU's share of the routed sum
-        width = getattr(ex, "prefetch_width", 0) or K
-        self.cand_h = host((width,), torch.long)  # the next MoE layer's candidate experts (prefetch)
-        # numpy views of the pinned buffers, made once: what the CPU expert kernels read and write
-        self._host_np = (self.x_h.numpy(), self.ids_h.numpy(), self.w_h.numpy(), self.routed_h.numpy())
-        self._cand_np = self.cand_h.numpy()
-        self.routed_dev = torch.zeros(1, D, device=self.device, dtype=torch.float32)  # the GPU side's share
-        self._routed_dev_used = False
-        # What the segments pass on lives in these device buffers, allocated once, outside any graph
-        # pool: a segment reads them and writes its results into them with copy_, never rebinding a
-        # name. So a replayed graph and an eager run move data the same way, every bucket's graphs
-        # share them, and the host reads a layer's x / ids / w before the next segment overwrites them.
-        dt, R, V = model.dtype, cfg.qk_rope_head_dim, cfg.vocab_size
-        dev, f32 = self.device, torch.float32
-        self.buf = {"s0": torch.zeros((), device=dev, dtype=torch.long),
-                    "cos": torch.zeros(1, R // 2, device=dev, dtype=f32), "sin": torch.zeros(1, R // 2, device=dev, dtype=f32),
-                    "h": torch.zeros(1, D, device=dev, dtype=dt), "x": torch.zeros(1, D, device=dev, dtype=dt),
-                    "ids": torch.zeros(1, K, device=dev, dtype=torch.long), "w": torch.zeros(1, K, device=dev, dtype=f32),
-                    "shared": torch.zeros(1, D, device=dev, dtype=dt), "logits": torch.zeros(1, V, device=dev, dtype=f32)}
+        self.predicting = ex.prefetch_width > 0  # the next MoE layer's candidates, for the backend's prefetch
+        # outside any graph pool; the host's copies pinned (in-graph copies to or from the host need pinned pages)
+        self.bufs = StepBuffers.allocate(model, self.cuda, ex.prefetch_width or model.cfg.num_experts_per_tok)
+        self._routed_dev_used = False  # segment mode: bufs.routed holds a layer's device share
         self._segs: dict[int, list[Segment]] = {}  # span -> its segments
-        self.chains: dict[int, Any] = {}  # span -> hybrid.runtime.graphs.GraphChain
+        self.chains: dict[int, GraphChain] = {}  # span -> its captured graphs
         # span -> what runs each segment: the segments themselves, then their graphs' replays once captured
         # (token mode: one entry, the whole token)
         self._calls: dict[int, list[Callable[[], None]]] = {}
         self._hot_seen: tuple = ()  # token mode: the scheduler's hot-set objects the segments were built over
         # one memory pool for every bucket's graphs: they run one at a time and pass data only through
-        # self.buf, so any may reuse another's temporaries (K2's dequantised lm_head alone is 2.3 GB)
+        # self.bufs, so any may reuse another's temporaries (K2's dequantised lm_head alone is 2.3 GB)
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         # a spinning (non-blocking) event: while the host waits on it, the CPU workers have nothing to do yet
         self.event = torch.cuda.Event() if self.cuda else None
@@ -122,14 +96,13 @@ class StaticDecoder:
     def token_blocker(self) -> str | None:
         """Why mode 'token' cannot run on this model (None: it can)."""
         ex = self.model.experts
-        if not (hasattr(ex, "submit_host") and hasattr(ex, "wait_host")):
-            return "the expert backend has no host entry points (submit_host / wait_host)"
-        hot_sets = getattr(ex, "hot", {}).values()
+        if not ex.host_hops:
+            return "the expert backend has no host entry points a CUDA host function may call (host_hops is False)"
+        hot_sets = ex.hot.values()
         if any(hot and not isinstance(hot, HotSlots) for hot in hot_sets):
             return "hot experts are kept in plain dicts, not HotSlots (the step computes them from its slots)"
         if self.cuda:
-            if any(isinstance(hot, HotSlots) for hot in hot_sets) and fused_kernel(getattr(ex, "fused_hot", None),
-                                                                                  True) is None:
+            if any(isinstance(hot, HotSlots) for hot in hot_sets) and fused_kernel(ex.fused_hot, True) is None:
                 return "hot experts need Triton for the fused kernel (pip install triton)"
             try:
                 HostFuncs(True)
@@ -162,8 +135,10 @@ class StaticDecoder:
         if self.mode == "token":
             self._check_hot_sets()
         span = self.bucket(pos + 1)
-        self.tp_h[0], self.tp_h[1] = token, pos
-        self.emb_h.copy_(self.model.w["model.embed_tokens.weight"][token:token + 1])
+        b = self.bufs
+        b.tp_h[0], b.tp_h[1] = token, pos
+        # Model.embed's row, indexed here on the host: the table may live in host RAM
+        b.emb_h.copy_(self.model.weights.embed_tokens[token:token + 1])
         t_start = time.perf_counter()
         if span not in self._segs:
             self._segs[span] = self._segments(span)
@@ -186,7 +161,7 @@ class StaticDecoder:
             if gc_paused:
                 gc.enable()
             # also for a failed step: its parts were counted, and they must stay within the whole
-            self.model.times["forward"] += time.perf_counter() - t_start
+            self.model.times.forward += time.perf_counter() - t_start
         cache.length = pos + 1
         self.steps += 1
         return logits
@@ -201,7 +176,7 @@ class StaticDecoder:
                     self._run(segments, self._calls[span], t_start)  # the real step, eagerly: this token's result
             finally:  # also on failure: waiting on this stream then waits for what the side stream queued
                 torch.cuda.current_stream().wait_stream(side)
-            logits = self.buf["logits"].clone()
+            logits = self.bufs.logits.clone()
             self._finish()
             try:  # the outer stream context restores this stream even when a failed capture cannot
                 with torch.cuda.stream(torch.cuda.current_stream()):
@@ -213,7 +188,7 @@ class StaticDecoder:
                 self.graphs = False
         else:
             self._run(segments, self._calls[span], t_start)
-            logits = self.buf["logits"].clone()
+            logits = self.bufs.logits.clone()
             self._finish()
         return logits
 
@@ -226,7 +201,7 @@ class StaticDecoder:
         self._hot_seen = ()
         if self.host is not None:
             self.host.clear()
-        self.routed_dev.zero_()  # token mode writes it for HotSlots layers; segment mode adds it everywhere
+        self.bufs.routed.zero_()  # token mode writes it for HotSlots layers; segment mode adds it everywhere
         self._routed_dev_used = False
 
     def _abandon(self) -> None:
@@ -263,13 +238,13 @@ class StaticDecoder:
                 go()
                 if self.event is not None:
                     self.event.record()
-                times["attention"] += time.perf_counter() - t0
+                times.attention += time.perf_counter() - t0
             elif kind == "shared":
                 if self.cuda:  # on the GPU's queue before the host blocks: overlaps the CPU experts
                     go()
                     self.event.synchronize()  # x, ids and weights are in the pinned buffers
                     t1 = time.perf_counter()
-                    times["attention"] += t1 - t0  # the rest of pre[i], as the host waited for it
+                    times.attention += t1 - t0  # the rest of pre[i], as the host waited for it
                     self._hop(layer, None)
                 else:  # one CPU does both: submit first, so the shared expert overlaps the workers
                     self._hop(layer, go)
@@ -277,7 +252,7 @@ class StaticDecoder:
                 go()
                 if self.cuda:
                     torch.cuda.current_stream().synchronize()
-                times["lm_head"] += time.perf_counter() - t0
+                times.lm_head += time.perf_counter() - t0
 
     def _finish(self) -> None:
         """Token mode: wait for the token (sleeping, so the host functions can run) and count the head's
@@ -286,38 +261,31 @@ class StaticDecoder:
             return
         if self.cuda:
             HostFuncs.wait(self.event)
-        self.model.times["lm_head"] += time.perf_counter() - self._mark
+        self.model.times.lm_head += time.perf_counter() - self._mark
         self._handles.clear()
         self.host.raise_error()
 
     def _hop(self, layer: int, shared: Callable[[], None] | None) -> None:
         """Segment mode: the routed experts of `layer`: submit from the pinned buffers, collect into
-        routed_h / routed_dev."""
-        ex, times = self.model.experts, self.model.times
-        x, ids, w = self.buf["x"], self.buf["ids"], self.buf["w"]  # layer's, until the next pre segment runs
+        bufs.routed_h / bufs.routed."""
+        ex, times, b = self.model.experts, self.model.times, self.bufs
         t0 = time.perf_counter()
-        if hasattr(ex, "submit_host"):  # the scheduler reads the host copies: no device sync
-            handle = ex.submit_host(layer, x, ids, w, *self._host_np[:3])
-        else:
-            handle = ex.submit(layer, x, ids, w)
+        # x, ids, w are layer's until the next pre segment runs; a backend with host hops reads the host copies
+        handle = ex.submit_host(layer, b.x, b.ids, b.w, b.x_np, b.ids_np, b.w_np)
         t1 = time.perf_counter()
         if shared is not None:
             shared()
         t2 = time.perf_counter()
-        if hasattr(ex, "wait_host"):
-            y_dev = ex.wait_host(handle, self._host_np[3])
-        else:  # a generic backend hands back the whole routed sum on the device
-            y_dev = ex.wait(handle)
-            self.routed_h.zero_()
+        y_dev = ex.wait_host(handle, b.routed_np)
         if y_dev is not None:
-            self.routed_dev.copy_(y_dev)
+            b.routed.copy_(y_dev)
             self._routed_dev_used = True
         elif self._routed_dev_used:
-            self.routed_dev.zero_()
+            b.routed.zero_()
             self._routed_dev_used = False
-        times["submit"] += t1 - t0
-        times["shared"] += t2 - t1
-        times["experts_wait"] += time.perf_counter() - t2
+        times.submit += t1 - t0
+        times.shared += t2 - t1
+        times.experts_wait += time.perf_counter() - t2
 
     # ---- token mode: the host functions ---------------------------------------------------------
     def _token_fn(self, segments: list[Segment]) -> Callable[[], None]:
@@ -334,27 +302,26 @@ class StaticDecoder:
         return token
 
     def _submit(self, layer: int) -> Callable[[], None]:
-        ex, times = self.model.experts, self.model.times
-        b, (xn, idn, wn, _) = self.buf, self._host_np
+        ex, times, b = self.model.experts, self.model.times, self.bufs
         predicting = self.predicting and layer in ex.next_layer
 
         def run() -> None:  # a CUDA host function: no device work in here
             t0 = time.perf_counter()
-            times["attention"] += t0 - self._mark  # pre[i] on the device, as the host saw it
+            times.attention += t0 - self._mark  # pre[i] on the device, as the host saw it
             try:
-                self._handles[layer] = ex.submit_host(layer, b["x"], b["ids"], b["w"], xn, idn, wn, device_hot=True,
-                                                      predicted=self._cand_np if predicting else None)
+                self._handles[layer] = ex.submit_host(layer, b.x, b.ids, b.w, b.x_np, b.ids_np, b.w_np, device_hot=True,
+                                                      predicted=b.cand_np if predicting else None)
             finally:
                 self._mark = time.perf_counter()
-                times["submit"] += self._mark - t0
+                times.submit += self._mark - t0
         return run
 
     def _wait(self, layer: int) -> Callable[[], None]:
-        ex, times, out = self.model.experts, self.model.times, self._host_np[3]
+        ex, times, out = self.model.experts, self.model.times, self.bufs.routed_np
 
         def run() -> None:  # a CUDA host function
             t0 = time.perf_counter()
-            times["shared"] += t0 - self._mark  # the shared and hot experts on the device
+            times.shared += t0 - self._mark  # the shared and hot experts on the device
             handle = self._handles.pop(layer, None)
             try:
                 if handle is None:  # its submit failed (the step raises that): add nothing
@@ -367,13 +334,13 @@ class StaticDecoder:
                 raise
             finally:
                 self._mark = time.perf_counter()
-                times["experts_wait"] += self._mark - t0
+                times.experts_wait += self._mark - t0
         return run
 
     def _check_hot_sets(self) -> None:
         """Token mode reads each layer's HotSlots from inside the graph: if the scheduler now holds
         other objects (set_hot), build and capture again; plain dicts need segment mode."""
-        hot = getattr(self.model.experts, "hot", {})
+        hot = self.model.experts.hot
         # the objects themselves (an id could be reused), and whether a plain dict has experts in it
         seen = tuple((layer, h, not isinstance(h, HotSlots) and bool(h)) for layer, h in sorted(hot.items()))
         if len(seen) == len(self._hot_seen) and all(a[0] == b[0] and a[1] is b[1] and a[2] == b[2]
@@ -389,4 +356,5 @@ class StaticDecoder:
             self.mode = "segments"
 
     def _segments(self, span: int) -> list[Segment]:
-        return build_segments(self, span)
+        hops = HostHops(self._submit, self._wait) if self.mode == "token" else None
+        return build_segments(self.model, self.cache, self.bufs, span, hops)

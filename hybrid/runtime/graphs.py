@@ -2,8 +2,8 @@
 
 Owns static input/output buffers, warm-up on a side stream, capture and replay, and host functions
 in a stream's order (HostFuncs: how a graph hands data to the CPU and back). It does not decide what
-goes into a step (the engine does); the callable is the same function either way. Imports nothing
-from hybrid/.
+goes into a step (hybrid.runtime.decode_step does); the callable is the same function either way.
+Imports nothing from hybrid/.
 """
 from __future__ import annotations
 
