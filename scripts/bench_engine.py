@@ -3,8 +3,8 @@
 
     python scripts/bench_engine.py [--model k2-slice] [--tokens 16] [--cache-fraction 0.5]
 
-Measures, in one run: the disk's sequential read speed (O_DIRECT where allowed, shard evicted from
-the page cache first), decode in mmap mode (MoE block time against the kernel's own time), and
+Measures, in one run: the disk's sequential read speed (hybrid.runtime.probe.file_read_gbps over the
+largest shard, evicted from the page cache first), decode in mmap mode (MoE block time against the kernel's own time), and
 decode in cache mode with the given share of the experts in RAM after evicting the shards from the
 page cache (hit rate, IO GB/s, overlap efficiency), and whether both modes give the same tokens.
 """
@@ -14,7 +14,9 @@ import os
 import time
 
 import hybrid
+from hybrid.runtime.probe import file_read_gbps
 from hybrid.runtime.resolve import resolve_model
+from hybrid.synth.writer import preset_makers
 
 
 def drop_page_cache(path) -> None:
@@ -22,27 +24,6 @@ def drop_page_cache(path) -> None:
         fd = os.open(f, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
-
-
-def disk_read_gbps(path, nbytes: int = 1 << 30) -> float:
-    import mmap
-
-    f = max(path.glob("*.safetensors"), key=lambda p: p.stat().st_size)
-    drop_page_cache(path)
-    buf = mmap.mmap(-1, 16 << 20)  # page-aligned, as O_DIRECT needs
-    try:
-        fd = os.open(f, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-    except OSError:
-        fd = os.open(f, os.O_RDONLY)
-    done, t0 = 0, time.perf_counter()
-    while done < min(nbytes, f.stat().st_size):
-        n = os.preadv(fd, [buf], done)
-        if n <= 0:
-            break
-        done += n
-    dt = time.perf_counter() - t0
-    os.close(fd)
-    return done / dt / 1e9
 
 
 def decode(engine, prompt, n):
@@ -54,7 +35,7 @@ def decode(engine, prompt, n):
     st = engine.stats()
     t = engine.model.times
     # the MoE block as the token sees it: routing, hand-off, shared expert (overlapping the kernel), wait
-    moe_block = t["router"] + t["submit"] + t["shared"] + t["experts_wait"]
+    moe_block = t.router + t.submit + t.shared + t.experts_wait
     return toks, wall, st, moe_block
 
 
@@ -66,9 +47,10 @@ def main() -> None:
     ap.add_argument("--prefetch-width", type=int, default=None, help="candidates per token (default: the engine's)")
     ap.add_argument("--no-prefetch", action="store_true")
     args = ap.parse_args()
-    path = resolve_model(args.model)
+    path = resolve_model(args.model, preset_makers())
     prompt = list(range(10, 30))
-    out = {"model": str(path), "disk_read_gbps": disk_read_gbps(path)}
+    shard = max(path.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    out = {"model": str(path), "disk_read_gbps": file_read_gbps(shard, nbytes=1 << 30, chunk=16 << 20)}
 
     # hot_experts=0: on a GPU with room for them all, the plan would take every expert off the CPU
     e = hybrid.load(path, backend="numba", expert_mode="mmap", hot_experts=0)
@@ -93,7 +75,7 @@ def main() -> None:
     c = st["cache"]
     # overlap efficiency = (t_io + t_compute - t_total) / min(t_io, t_compute): t_compute is the same
     # decode with nothing to read (mmap, page cache warm), t_io the readers' busy time per IO thread
-    t_io, t_comp = st["io_s"] / len(e.model.experts.cache._threads), wall_mmap
+    t_io, t_comp = st["io_s"] / e.model.experts.cache.io_threads, wall_mmap
     out["cache"] = {
         "slots": slots, "fraction_of_experts": args.cache_fraction, "decode_tok_s": n / wall,
         "prefetch": "off" if args.no_prefetch else "auto", "prefetch_width": args.prefetch_width,

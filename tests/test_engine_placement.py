@@ -170,17 +170,17 @@ def test_adaptive_prefetch_follows_its_hit_rate(tiny_path, reference_tokens):
     from types import SimpleNamespace
 
     from hybrid.experts.cache import LayerStats
-    from hybrid.experts.scheduler import PREFETCH_SAMPLE, PREFETCH_WINDOW, Scheduler
+    from hybrid.experts.prefetch import PREFETCH_SAMPLE, PREFETCH_WINDOW, Prefetcher
 
     st = LayerStats()
     fake_cache = SimpleNamespace(tables={1: None}, stats={1: st})
-    s = Scheduler([1], cache=fake_cache, prefetch_width=8, adaptive_prefetch=True)
-    assert s._prefetch_pays()
+    s = Prefetcher(fake_cache, {}, 8, adaptive=True)
+    assert s.pays()
     st.prefetched, st.prefetch_used = PREFETCH_WINDOW, PREFETCH_WINDOW // 10  # a window of poor guesses
-    decisions = [s._prefetch_pays() for _ in range(2 * PREFETCH_SAMPLE)]
+    decisions = [s.pays() for _ in range(2 * PREFETCH_SAMPLE)]
     assert sum(decisions) == 2  # off, but sampling one layer call in PREFETCH_SAMPLE
     st.prefetched, st.prefetch_used = 2 * PREFETCH_WINDOW, PREFETCH_WINDOW // 10 + PREFETCH_WINDOW // 2  # good again
-    assert all(s._prefetch_pays() for _ in range(8))
+    assert all(s.pays() for _ in range(8))
     for mode in (True, "auto"):
         e = hybrid.load(tiny_path, backend="numba", cache_slots=12, prefetch=mode, prefetch_width=12)
         assert greedy(e, 40)[:12] == reference_tokens

@@ -116,6 +116,7 @@ class ExpertCache:
         self._seq = itertools.count()
         self._wake = threading.Condition(self.lock)
         self._closed = False
+        self.io_threads = io_threads
         self._threads = [threading.Thread(target=self._io_loop, name=f"expert-io-{i}", daemon=True) for i in range(io_threads)]
         for t in self._threads:
             t.start()

@@ -1,22 +1,29 @@
-"""HotSlots: one MoE layer's hot experts in fixed device buffers, found by expert id on the device.
+"""Hot experts: the most-routed experts of each MoE layer, kept and computed on the GPU side.
 
-Owns placing and dropping experts in place (a captured CUDA graph keeps reading the same addresses),
-the device-side expert -> slot map, the torch fixed-shape sum over them (hot_moe_by_slot) and the
-single rule for when the fused Triton kernel computes them (fused_kernel). Imports nothing from hybrid/.
+Owns HotSlots (one layer's hot experts in fixed device buffers, changed in place so a captured CUDA
+graph keeps reading the same addresses; the device-side expert -> slot map), HotExperts (every
+layer's hot set, chosen from the routing counts, and the split of a layer call into hot and cold
+pairs), the torch fixed-shape sum (hot_moe_by_slot) and the one rule for the fused Triton kernel.
 """
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels_gpu.int4 import DeviceInt4, as_bf16, dequantize
+from kernels_gpu.int4 import DeviceInt4, as_bf16, cold_pairs, dequantize, hot_expert_moe
+
+from hybrid.checkpoint.reader import Checkpoint
+from hybrid.experts.backend import HotSet
 
 PARTS = ("gate", "up", "down")  # an expert's projections, in ExpertWeights order
+FUSED_HOT_TOKENS = 4  # at most, tokens per call the fused hot-expert kernel takes (a GEMV per pair)
 
 
 class HotSlots(Mapping):
@@ -132,7 +139,8 @@ def hot_moe_by_slot(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, s
 
 
 def fused_kernel(want: bool | None, cuda: bool) -> Callable | None:
-    """kernels_gpu.int4_triton.fused_hot_moe when it should compute hot experts, else None.
+    """kernels_gpu.int4_triton.fused_hot_moe, called as hot_moe_by_slot is, when it should compute hot
+    experts, else None.
 
     want: None (on CUDA, when Triton imports), True (always; Triton's interpreter without CUDA; an
     error if Triton does not import), False (never). The one rule for the scheduler and the decode step."""
@@ -151,4 +159,87 @@ def _triton_kernel() -> Callable | None:  # imported once: a failed import is no
         from kernels_gpu.int4_triton import fused_hot_moe
     except ImportError:
         return None
-    return fused_hot_moe
+
+    def fused_hot_moe_by_slot(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                              slots: HotSlots) -> torch.Tensor:  # hot_moe_by_slot's call; the kernel takes tensors
+        return fused_hot_moe(x, ids, weights, slots.slot_of, slots.packed, slots.scale)
+
+    return fused_hot_moe_by_slot
+
+
+class HotExperts:
+    """Every MoE layer's hot set, and the GPU side's share of a layer call.
+
+    capacity: hot experts per layer (0: none; each layer's set is then an empty dict until set()).
+    Each layer gets one HotSlots, made here and never replaced by refresh(), so a captured decode
+    step stays valid as the hot experts change. counts: layer -> int64 [E] routing counts, read
+    (live) by refresh(). fused: hybrid.experts.hot.fused_kernel's switch for decode's hot pairs.
+    """
+
+    def __init__(self, ckpt: Checkpoint, capacity: int, device: torch.device | str,
+                 counts: Mapping[int, np.ndarray], fused: bool | None = None):
+        cfg = ckpt.config
+        self.ckpt, self.capacity, self.counts, self.fused = ckpt, capacity, counts, fused
+        group = cfg.quant.group_size if cfg.quant else 32
+        self._own: dict[int, HotSlots] = {layer: HotSlots(capacity, cfg.n_routed_experts, cfg.hidden_size,
+                                                          cfg.moe_intermediate_size, group, device)
+                                          for layer in cfg.moe_layers} if capacity else {}
+        self._sets: dict[int, HotSet] = {layer: self._own.get(layer, {}) for layer in cfg.moe_layers}
+        self.sets: Mapping[int, HotSet] = MappingProxyType(self._sets)  # read-only view, always current
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.hot_pairs = 0  # (token, expert) pairs computed by hot experts
+        self.hot_s = 0.0
+
+    def set(self, layer: int, hot: HotSet) -> None:
+        """Replace layer's hot set: a HotSlots (the decode graph reads it on the device) or a plain
+        {expert: (gate, up, down) DeviceInt4} dict."""
+        self._sets[layer] = hot
+
+    def refresh(self) -> None:
+        """Make each layer's hot set its `capacity` most-routed experts so far (uploading only changes)."""
+        if not self.capacity:
+            return
+        for layer, slots in self._own.items():
+            if self._sets[layer] is not slots:  # set() replaced it: back to the layer's own buffers, emptied
+                slots.keep_only([])
+                self._sets[layer] = slots
+        for layer, counts in self.counts.items():
+            if not counts.any():
+                continue
+            want = [int(e) for e in np.argsort(-counts, kind="stable")[: self.capacity] if counts[e] > 0]
+            slots = self._own[layer]
+            for e in slots.keep_only(want):
+                ws = [self.ckpt.expert(layer, e, p) for p in ("gate_proj", "up_proj", "down_proj")]
+                slots.put(e, [DeviceInt4.from_arrays(w.packed, w.scale, w.shape) for w in ws])
+
+    def split(self, layer: int, idn: np.ndarray, wn: np.ndarray, device_hot: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """-> (the CPU's weights fp32 [T, K], zero on hot pairs; cold bool [T, K] or None without a
+        hot set). device_hot: the caller computes the hot pairs from HotSlots on the device."""
+        hot = self._sets.get(layer)
+        if device_hot and hot and not isinstance(hot, HotSlots):
+            raise ValueError(f"layer {layer}: device_hot needs its hot experts in a HotSlots (the caller computes "
+                             "them from its slots), not a plain dict")
+        if not hot:
+            return wn, None
+        cold = hot.cold(idn) if isinstance(hot, HotSlots) else cold_pairs(torch.from_numpy(idn), hot).numpy()
+        if device_hot:
+            self.hot_pairs += int((~cold).sum())
+        return np.where(cold, wn, 0.0).astype(np.float32), cold  # a zero weight drops a pair from the CPU's work
+
+    def compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, idn: np.ndarray,
+                cold: np.ndarray) -> torch.Tensor:
+        """The hot pairs' sum y_hot fp32 [T, D] on x's device (split() gave `cold` for this call)."""
+        hot = self._sets[layer]
+        t0 = time.perf_counter()
+        fused = fused_kernel(self.fused, x.device.type == "cuda") \
+            if isinstance(hot, HotSlots) and x.shape[0] <= FUSED_HOT_TOKENS else None
+        if fused is not None:  # the ids are read on the device: no host round trip, no per-expert loop
+            y_hot = fused(x, ids.to(x.device), weights, hot)
+            self.hot_pairs += int((~cold).sum())
+        else:
+            y_hot, cold_mask = hot_expert_moe(x, torch.from_numpy(idn), weights, hot)
+            self.hot_pairs += int((~cold_mask).sum())
+        self.hot_s += time.perf_counter() - t0
+        return y_hot

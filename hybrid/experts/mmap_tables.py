@@ -1,7 +1,7 @@
 """Routed-expert storage in mmap mode: ExpertTables straight over the memory-mapped shard files.
 
 Owns describing where each routed expert lies for the CPU kernels, with no copies: the page cache
-is the store. Cache mode (RAM slots fed by explicit reads) lives in expert_cache.py.
+is the store. Cache mode (RAM slots fed by explicit reads) lives in cache.py.
 """
 from __future__ import annotations
 

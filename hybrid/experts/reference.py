@@ -1,7 +1,8 @@
 """The reference expert backend: the oracle every faster backend is tested against.
 
 Dequantises each chosen expert with the compressed-tensors rule (q * scale, exact in fp32) and runs
-fp32 matmuls in torch. Slow by design: obviously correct, no caching, no threads.
+fp32 matmuls in torch. Slow by design: obviously correct, no caching, no threads, and none of the
+optional features of ExpertBackend (its defaults: no host hops, prefetch, hot experts or counts).
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import torch.nn.functional as F
 
 from hybrid.checkpoint.reader import Checkpoint
 from hybrid.checkpoint.int4 import dequantize_int4
+from hybrid.experts.backend import ExpertBackend, Handle
 
 
-class ReferenceExperts:
+class ReferenceExperts(ExpertBackend):
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
 
@@ -20,10 +22,10 @@ class ReferenceExperts:
         w = self.ckpt.expert(layer, expert, proj)
         return torch.from_numpy(dequantize_int4(w.packed, w.scale, w.shape))  # [out, in] fp32
 
-    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Handle:
         return layer, x, ids, weights
 
-    def wait(self, handle) -> torch.Tensor:
+    def wait(self, handle: Handle) -> torch.Tensor:
         layer, x, ids, weights = handle
         x32 = x.float().cpu()
         y = torch.zeros_like(x32)  # [T, D]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hybrid.synth.writer import cache_dir
+from hybrid.checkpoint.paths import cache_dir
 
 log = logging.getLogger(__name__)
 

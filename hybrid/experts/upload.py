@@ -1,21 +1,28 @@
-"""Long-prompt prefill offload: the CPU-or-GPU decision per MoE layer, and a double-buffered uploader.
+"""Long-prompt prefill offload: the CPU-or-GPU decision per MoE layer, and running a layer on the GPU side.
 
-Owns the threshold arithmetic (from measured speeds, never a constant), the PCIe measurement and the
-mechanics of moving one layer's experts to the device while the previous layer computes. It does not
-choose experts, read checkpoints or run any MoE: callers hand it arrays and speeds.
-Imports nothing from hybrid/.
+Owns the threshold arithmetic (from measured speeds, never a constant), the PCIe measurement, the
+mechanics of moving one layer's experts to the device while the previous layer computes, and
+PromptUpload, which streams a layer's used experts from the checkpoint and sums them there. It does
+not choose which experts a token uses, and the decode path never comes here.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from kernels_cpu.table import PARTS, ExpertTable
+from kernels_gpu.int4 import DeviceInt4, as_bf16, hot_expert_moe
+
+from hybrid.checkpoint.reader import Checkpoint
+
 ALIGN = 256  # byte alignment of each tensor inside an upload buffer (CUDA kernels like 256)
+UPLOAD_GROUP = 16  # at most, experts per upload for a long prompt (K2: 0.4 GB; x2 pinned and x2 on the GPU)
+Offload = Callable[[int, int], bool]  # (prompt tokens, experts touched) -> run this layer on the GPU side?
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,32 @@ def measure_pcie_gbps(nbytes: int = 256 << 20, repeats: int = 5, device: int | N
         torch.cuda.synchronize(dev)
         best = min(best, time.perf_counter() - t0)
     return nbytes / best / 1e9
+
+
+def measured_rule(hidden: int, inter: int, top_k: int, expert_bytes: int, device: torch.device,
+                  cpu_rate: Callable[[], float]) -> Offload:
+    """prefill_on_gpu from speeds measured on this machine (CUDA only): PCIe and the GPU's matmul rate
+    at the first decision, the CPU experts' prefill rate (cpu_rate(), tokens/s) as prefills run."""
+    flops_tok = expert_flops_per_token(hidden, inter, top_k)
+    speeds: dict = {}
+
+    def decide(n_tokens: int, n_experts: int) -> bool:
+        if not speeds:
+            a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(4):
+                a @ a
+            torch.cuda.synchronize()
+            # dequantising INT4 runs well below the dense rate: count half of it
+            speeds.update(pcie=measure_pcie_gbps() or 0.0, gpu=0.5 * 4 * 2 * 4096**3 / (time.perf_counter() - t0))
+        cpu_tps = cpu_rate()
+        if cpu_tps == 0.0:
+            return False  # measure the CPU on this prefill first
+        return prefill_on_gpu(n_tokens, PrefillSpeeds(speeds["pcie"], cpu_tps, speeds["gpu"]), n_experts,
+                              expert_bytes, flops_tok)
+
+    return decide
 
 
 # ---- double-buffered upload ---------------------------------------------------------------------
@@ -174,3 +207,43 @@ class LayerUploader:
         if self.stream_ is not None:
             self.used[slot] = torch.cuda.Event()
             self.used[slot].record(torch.cuda.current_stream(self.device))
+
+
+class PromptUpload:
+    """A long prompt's MoE layer computed on the GPU side: its used experts streamed up from the
+    checkpoint in double-buffered groups of at most `group`, the routed sum run there (exact: the sum
+    splits over groups). rule decides per layer call, for multi-token calls only."""
+
+    def __init__(self, ckpt: Checkpoint, tables: dict[int, ExpertTable], rule: Offload, group: int = UPLOAD_GROUP):
+        if group < 1:
+            raise ValueError(f"PromptUpload needs a group of at least one expert, got {group}")
+        self.ckpt, self.tables, self.rule, self.group = ckpt, tables, rule, group
+        self._uploader: LayerUploader | None = None  # made at the first upload, on the input's device
+        self.uploaded_layers = 0
+
+    def wants(self, n_tokens: int, n_experts: int) -> bool:
+        """Whether a call of n_tokens tokens touching n_experts experts runs on the GPU side."""
+        return n_tokens > 1 and self.rule(n_tokens, n_experts)
+
+    def compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                used: list[int]) -> torch.Tensor:
+        """x [T, D], ids [T, K], weights [T, K] (zero on pairs computed elsewhere); used: the experts
+        with a non-zero weight -> y fp32 [T, D] on x's device."""
+        table, n = self.tables[layer], self.group
+        if self._uploader is None:
+            self._uploader = LayerUploader(n * int(table.expert_nbytes) + 64 * 6 * n, x.device)
+        D, I = table.hidden, table.inter
+        shapes = ((I, D), (I, D), (D, I))
+        groups = [used[i:i + n] for i in range(0, len(used), n)]
+        payloads = ([a for e in g for a in self._fetch(layer, e)] for g in groups)
+        y = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+        for g, arrays in zip(groups, self._uploader.stream(payloads)):
+            hot = {e: tuple(DeviceInt4(arrays[6 * k + 2 * j], as_bf16(arrays[6 * k + 2 * j + 1]), *shapes[j])
+                            for j in range(3)) for k, e in enumerate(g)}
+            y += hot_expert_moe(x, ids, weights, hot)[0]
+        self.uploaded_layers += 1
+        return y
+
+    def _fetch(self, layer: int, e: int) -> list[np.ndarray]:
+        """An expert's 6 arrays in PARTS order, in the on-disk layout."""
+        return [self.ckpt.array(f"model.layers.{layer}.mlp.experts.{e}.{part}") for part in PARTS]

@@ -1,7 +1,9 @@
 """Engine: a loaded model you can call (generate with KV prefix reuse, chat, logits, statistics).
 
-Owns the non-expert weights as compute tensors, placed as the plan counts them, and the persistent KV
-cache. hybrid.runtime.loader builds it (plan, expert backend, options); the math is model.py's; no rendering.
+Owns the non-expert weights as compute tensors, placed as the plan counts them, the persistent KV
+cache and the static decode step over it. hybrid.runtime.loader builds it (plan, expert backend,
+options); the math is the model's, the experts are the backend's (used only through ExpertBackend).
+No rendering.
 """
 from __future__ import annotations
 
@@ -9,18 +11,20 @@ import weakref
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 
 from kernels_gpu.int8 import quantize_int8
 
 from hybrid.text.template import ChatTemplateError, load_chat_template, normalize_messages, render_chat
 from hybrid.checkpoint.reader import Checkpoint
-from hybrid.text.conversation import Done, apply_tool_choice, check_message, check_tools, run_chat
+from hybrid.text.conversation import Done, apply_tool_choice, check_message, check_tools, run_chat, template_role
+from hybrid.runtime.decode_step import StaticDecoder
 from hybrid.runtime.token_loop import Sampler, Step, generate
-from hybrid.model.k2 import AttnMode, ExpertBackend, Model
+from hybrid.experts.backend import ExpertBackend
+from hybrid.model.k2 import AttnMode, Model
 from hybrid.text.parser import Event
-from hybrid.runtime.placement import int8_eligible, widen_eligible
+from hybrid.runtime.placement import Plan
+from hybrid.runtime.tensor_classes import int8_eligible, widen_eligible
 from hybrid.experts.routing_stats import save_counts
 from hybrid.model.sampling import SamplingParams, sample
 from hybrid.text.tokenizer import Tokenizer
@@ -52,9 +56,15 @@ def gpu_side_weight(name: str, t: torch.Tensor, device: torch.device, dtype: tor
 class Engine:
     def __init__(self, ckpt: Checkpoint, experts: ExpertBackend, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, context: int = 4096, int8: bool = False,
-                 bf16w: bool | None = None):
+                 bf16w: bool | None = None, *, plan: Plan | None = None, prefill_chunk: int | None = PREFILL_CHUNK,
+                 defer_experts: int = 0, decode_mode: str | None = None, routing_stats: Path | None = None):
         """bf16w: keep the big linear weights in bf16 under fp32 math (gpu_side_weight); None: on a
-        CPU computing in fp32, as the plan's 'bf16w' (and, with int8, 'int8w') counts them."""
+        CPU computing in fp32, as the plan's 'bf16w' (and, with int8, 'int8w') counts them.
+        plan: the placement plan it was built from (reported, as engine.plan; not used here).
+        prefill_chunk: prompt tokens per forward pass (None: the whole prompt at once).
+        defer_experts: the model's expert deferral (0: exact). decode_mode: single-token steps through
+        a StaticDecoder in this mode ('auto', 'token' or 'segments'), or None (the plain forward).
+        routing_stats: where the backend's routing counts are saved after each request (None: nowhere)."""
         self.checkpoint = ckpt
         self.config = ckpt.config
         self.device = torch.device(device)
@@ -63,17 +73,19 @@ class Engine:
         # everything but the routed experts (and the embedding) goes to the compute device
         weights = {name: gpu_side_weight(name, ckpt.tensor(name), self.device, dtype, int8, bf16w)
                    for name in ckpt.tensors if ".mlp.experts." not in name and not name.endswith("inv_freq")}
-        self.model = Model(self.config, weights, experts)
+        self.model = Model(self.config, weights, experts, defer_experts)
         self.context = context
         self.tokenizer = Tokenizer.from_dir(ckpt.path)
         self.chat_template = load_chat_template(ckpt.path)
         self._cache = self.model.new_cache(context)  # persistent across requests, for prefix reuse
         self._cached_ids: list[int] = []  # the tokens whose KV the cache holds, in order
-        self.plan = None  # the placement plan, set by load()
-        self.hot_experts = 0  # per MoE layer, on the GPU side; set by load()
-        self.prefill_chunk: int | None = PREFILL_CHUNK  # prompt tokens per forward pass; set by load()
-        self.decoder = None  # a decode_step.StaticDecoder over the engine's cache, when decode graphs are on
-        self.routing_stats: Path | None = None  # where routing counts persist across sessions; set by load()
+        self.plan = plan
+        # hot experts per MoE layer on the GPU side, refreshed at each request's start (0: left as they are)
+        self.hot_experts = experts.hot_capacity
+        self.prefill_chunk = prefill_chunk
+        # the fixed-shape decode step over the engine's cache (after defer_experts: it refuses deferral)
+        self.decoder = StaticDecoder(self.model, self._cache, mode=decode_mode) if decode_mode else None
+        self.routing_stats = routing_stats
         self._tokens = {"prefill": 0, "decode": 0}
         self._epoch = 0  # counts generate() calls; only the newest may touch the cache
         # threads and the slot arena belong to the backend: release them when the engine goes away
@@ -84,39 +96,22 @@ class Engine:
     def reset_stats(self) -> None:
         self.model.times.clear()
         self._tokens = {"prefill": 0, "decode": 0}
-        if hasattr(self.model.experts, "reset_stats"):
-            self.model.experts.reset_stats()
-        cache = getattr(self.model.experts, "cache", None)
-        if cache is not None:
-            cache.reset_stats()
+        self.model.experts.reset_stats()
 
     def stats(self) -> dict:
         """Where the time went since reset_stats(): GPU-side work, waits on the CPU experts, IO."""
         t = self.model.times
-        ex = self.model.experts
-        gpu_side = t["attention"] + t["router"] + t["shared"] + t["dense"] + t["lm_head"]
+        ex = self.model.experts.stats()  # experts_compute_s, io_wait_s, expert_bytes, io_s, bytes_read, cache
+        gpu_side = t.attention + t.router + t.shared + t.dense + t.lm_head
         out = {
-            "forward_s": t["forward"], "gpu_side_s": gpu_side, "attention_s": t["attention"],
-            "shared_s": t["shared"], "experts_wait_s": t["experts_wait"], "submit_s": t["submit"],
-            "experts_compute_s": getattr(ex, "compute_s", 0.0), "io_wait_s": getattr(ex, "io_wait_s", 0.0),
-            "expert_bytes": getattr(ex, "expert_bytes", 0), "tokens": dict(self._tokens),
-            "io_s": 0.0, "bytes_read": 0, "cache": None,
+            "forward_s": t.forward, "gpu_side_s": gpu_side, "attention_s": t.attention,
+            "shared_s": t.shared, "experts_wait_s": t.experts_wait, "submit_s": t.submit,
+            "experts_compute_s": ex["experts_compute_s"], "io_wait_s": ex["io_wait_s"],
+            "expert_bytes": ex["expert_bytes"], "tokens": dict(self._tokens),
+            "io_s": ex["io_s"], "bytes_read": ex["bytes_read"], "cache": ex["cache"],
             "decode_graphs": self._decode_graphs(),
         }
-        out["overhead_s"] = max(0.0, t["forward"] - gpu_side - t["experts_wait"])
-        cache = getattr(ex, "cache", None)
-        if cache is not None:
-            hits = sum(s.hits for s in cache.stats.values())
-            misses = sum(s.misses for s in cache.stats.values())
-            out["io_s"] = sum(s.io_s for s in cache.stats.values())
-            out["bytes_read"] = sum(s.bytes_read for s in cache.stats.values())
-            out["cache"] = {
-                "slots": cache.n_slots, "hits": hits, "misses": misses,
-                "hit_rate": hits / (hits + misses) if hits + misses else None,
-                "prefetched": sum(s.prefetched for s in cache.stats.values()),
-                "prefetch_used": sum(s.prefetch_used for s in cache.stats.values()),
-                "per_layer": {l: vars(s).copy() for l, s in cache.stats.items()},
-            }
+        out["overhead_s"] = max(0.0, t.forward - gpu_side - t.experts_wait)
         return out
 
     def _decode_graphs(self) -> dict | None:
@@ -225,31 +220,11 @@ class Engine:
                             self.config.n_routed_experts)
 
     def refresh_hot_experts(self) -> None:
-        """Keep the most-routed `hot_experts` experts of each MoE layer on the GPU side (uploads only changes).
+        """Keep the most-routed experts of each MoE layer on the GPU side (the backend uploads only changes).
 
-        Each layer's hot experts live in a HotSlots of fixed buffers, written in place: a captured
-        decode step reads them by address, so it stays valid as the hot set changes."""
-        from hybrid.experts.hot import HotSlots
-        from kernels_gpu.int4 import DeviceInt4
-
-        sched, cfg = self.model.experts, self.config
-        group = cfg.quant.group_size if cfg.quant else 32
-        fresh = [layer for layer in cfg.moe_layers
-                 if not isinstance(sched.hot.get(layer), HotSlots) or sched.hot[layer].capacity != self.hot_experts]
-        if fresh and self.decoder is not None:
-            self.decoder.reset()  # its graphs and closures hold the old buffers: let them go first
-        for layer in fresh:  # the buffers first, in every layer: a decode graph captures them
-            sched.set_hot(layer, {})
-            sched.set_hot(layer, HotSlots(self.hot_experts, cfg.n_routed_experts, cfg.hidden_size,
-                                          cfg.moe_intermediate_size, group, self.device))
-        for layer, counts in sched.route_counts.items():
-            if not counts.any():
-                continue
-            want = [int(e) for e in np.argsort(-counts, kind="stable")[: self.hot_experts] if counts[e] > 0]
-            slots = sched.hot[layer]
-            for e in slots.keep_only(want):
-                ws = [self.checkpoint.expert(layer, e, p) for p in ("gate_proj", "up_proj", "down_proj")]
-                slots.put(e, [DeviceInt4.from_arrays(w.packed, w.scale, w.shape) for w in ws])
+        The backend writes them into fixed buffers in place: a captured decode step reads them by
+        address, so it stays valid as the hot set changes (and rebuilds itself if the sets are replaced)."""
+        self.model.experts.refresh_hot()
 
     # ---- chat ---------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
@@ -290,7 +265,7 @@ class Engine:
             raise ValueError(f"messages: {e}") from None
         for i, m in enumerate(messages):
             check_message(m, f"messages[{i}]")
-        messages = [dict(m, role="system") if m["role"] == "developer" else m for m in messages]  # as the server does
+        messages = [dict(m, role=template_role(m["role"])) for m in messages]
         if tools is not None:
             check_tools(tools, "tools", lambda i: f"tools[{i}]")
             tools = list(tools)
@@ -313,7 +288,6 @@ class Engine:
         yield from run_chat(self, prompt, params, names, self.answer_budget(prompt, max_tokens), forced)
 
 
-def _release(experts, ckpt: Checkpoint) -> None:
-    if hasattr(experts, "close"):
-        experts.close()
+def _release(experts: ExpertBackend, ckpt: Checkpoint) -> None:
+    experts.close()
     ckpt.close()

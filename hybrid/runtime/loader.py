@@ -1,28 +1,28 @@
 """hybrid.load: from a path or preset and the user's options to a running Engine.
 
-Owns validating the options up front, planning placement (placement.plan on the measured machine),
-building the expert backend (reference, or the Numba scheduler over mmap or the RAM cache) and wiring
-the GPU-side extras the plan and options ask for (hot experts, long-prompt upload, decode graphs).
-No math (model.py), no generation (engine.py).
+Owns checking the options up front (options.LoadOptions), planning placement (placement.plan on the
+measured machine), building the expert backend (reference, or the Numba scheduler over mmap or the RAM
+cache) and wiring the GPU-side extras the plan and options ask for (hot experts, long-prompt upload,
+decode graphs). No math (model.py), no generation (engine.py).
 """
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from hybrid.checkpoint.reader import Checkpoint
 from hybrid.runtime.engine import PREFILL_CHUNK, Engine
-from hybrid.runtime.hardware import MAX_IO_THREADS, MAX_THREADS
-from hybrid.model.k2 import ExpertBackend, Model
-from hybrid.experts.reference import ReferenceExperts
-from hybrid.runtime.resolve import resolve_model
+from hybrid.runtime.placement import Plan
+from hybrid.experts.build import ExpertOptions, build_backend
+from hybrid.experts.upload import UPLOAD_GROUP
+from hybrid.runtime.options import LoadOptions
+from hybrid.runtime.resolve import PresetMaker, resolve_model
 from hybrid.experts.routing_stats import default_path, load_counts
 
 log = logging.getLogger(__name__)
-DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "auto", context: int = 4096,
@@ -31,7 +31,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
          prefetch_width: int | None = None, cache_policy: str = "lrfu", io_threads: int = 2,
          trace: str | Path | None = None, defer_experts: int = 0, hot_experts: int | None = None,
          prefill_offload: str = "auto", decode_graphs: str = "auto", prefill_chunk: int = PREFILL_CHUNK,
-         dtype: str = "auto", routing_stats: str | Path | None = "auto", gpu_precision: str = "auto") -> Engine:
+         dtype: str = "auto", routing_stats: str | Path | None = "auto", gpu_precision: str = "auto",
+         presets: Mapping[str, PresetMaker] | None = None) -> Engine:
     """Open a checkpoint (directory or preset name), plan placement, and return an Engine.
 
     backend: 'numba' (INT4 kernels over mmap'd shards or the RAM expert cache), 'reference'
@@ -67,67 +68,24 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     (also without CUDA, where the same step runs eagerly), 'segments' (a graph per segment, the host
     hopping between them: two launches per MoE layer; what 'auto'/'on' fall back to where the token
     step cannot run, see StaticDecoder.token_blocker), 'off' (the plain forward).
+    presets: the built-in checkpoints by name, each made on first use (hybrid.load passes hybrid.synth's;
+    see hybrid.runtime.resolve).
     """
     from hybrid.runtime.hardware import detect
     from hybrid.runtime.placement import plan as make_plan
 
-    # option errors first, before anything large is opened or allocated
-    if not isinstance(model, (str, Path)):
-        raise ValueError(f"model must be a checkpoint directory, a preset name or a Hugging Face repo id, got {model!r}")
-    if trace is not None and not isinstance(trace, (str, Path)):
-        raise ValueError(f"trace must be a file path or None, got {trace!r}")
-    if expert_mode not in ("auto", "mmap", "cache"):
-        raise ValueError(f"expert_mode must be 'auto', 'mmap' or 'cache', got {expert_mode!r}")
-    if prefetch not in (True, False, "auto"):
-        raise ValueError(f"prefetch must be True, False or 'auto', got {prefetch!r}")
-    if backend not in ("auto", "numba", "reference"):
-        raise ValueError(f"backend {backend!r} is not known; use 'numba', 'reference' or 'auto'")
-    if prefill_offload not in ("auto", "on", "off"):
-        raise ValueError(f"prefill_offload must be 'auto', 'on' or 'off', got {prefill_offload!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if decode_graphs not in ("auto", "on", "segments", "off"):
-        raise ValueError(f"decode_graphs must be 'auto', 'on', 'segments' or 'off', got {decode_graphs!r}")
-    if decode_graphs in ("on", "segments") and defer_experts:
-        raise ValueError(f"decode_graphs={decode_graphs!r} does not combine with defer_experts (the deferred sum "
-                         "crosses the graph segments); use one or the other")
-    from hybrid.experts.policy import POLICIES
-
-    if cache_policy not in POLICIES:
-        raise ValueError(f"cache_policy {cache_policy!r} is not known; choose one of {', '.join(POLICIES)}")
-    # (name, value, lowest, highest, None allowed)
-    for name, value, low, high, optional in (
-            ("io_threads", io_threads, 1, MAX_IO_THREADS, False), ("cpu_threads", cpu_threads, 1, MAX_THREADS, True),
-            ("prefetch_width", prefetch_width, 1, None, True), ("cache_slots", cache_slots, 1, None, True),
-            ("prefill_chunk", prefill_chunk, 1, None, False), ("context", context, 1, None, False),
-            ("hot_experts", hot_experts, 0, None, True), ("defer_experts", defer_experts, 0, None, False)):
-        if value is None and optional:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-            span = f"in {low}..{high}" if high is not None else f">= {low}"
-            raise ValueError(f"{name} must be an integer {span}, got {value!r}")
-    if backend == "reference" and (cache_slots is not None or expert_mode == "cache" or trace or hot_experts
-                                   or routing_stats not in ("auto", None)):
-        raise ValueError("the reference backend computes every expert itself from the checkpoint: cache_slots, "
-                         "expert_mode='cache', trace, hot_experts and routing_stats need backend='numba'")
-    if not (routing_stats is None or isinstance(routing_stats, (str, Path))):
-        raise ValueError(f"routing_stats must be 'auto', a file path or None, got {routing_stats!r}")
-    if trace is not None and not Path(trace).parent.is_dir():
-        raise ValueError(f"trace: the folder of {trace} does not exist")
-    if routing_stats not in ("auto", None) and not Path(routing_stats).parent.is_dir():
-        raise ValueError(f"routing_stats: the folder of {routing_stats} does not exist; create it, or pass 'auto' "
-                         "for a file under the cache directory")
-    ckpt = Checkpoint(resolve_model(model))
+    # every option checked up front, before anything large is opened or allocated (runtime/options.py)
+    options = LoadOptions(model=model, backend=backend, device=device, context=context, expert_mode=expert_mode,
+                          cache_slots=cache_slots, ram_budget=ram_budget, gpu_memory=gpu_memory,
+                          cpu_threads=cpu_threads, prefetch=prefetch, prefetch_width=prefetch_width,
+                          cache_policy=cache_policy, io_threads=io_threads, trace=trace, defer_experts=defer_experts,
+                          hot_experts=hot_experts, prefill_offload=prefill_offload, decode_graphs=decode_graphs,
+                          prefill_chunk=prefill_chunk, dtype=dtype, routing_stats=routing_stats,
+                          gpu_precision=gpu_precision)
+    ckpt = Checkpoint(resolve_model(model, presets))
     cfg = ckpt.config
     try:  # the options that need the config, then the plan: a refusal closes what was opened
-        n_experts = cfg.n_routed_experts * len(cfg.moe_layers)
-        if cache_slots is not None and cache_slots > n_experts:
-            raise ValueError(f"cache_slots {cache_slots} exceeds the model's {n_experts} routed experts; "
-                             f"use at most {n_experts} (or expert_mode='mmap' when they all fit in RAM)")
-        if not 0 <= defer_experts < cfg.num_experts_per_tok:
-            raise ValueError(f"defer_experts must lie in 0..{cfg.num_experts_per_tok - 1}, got {defer_experts}")
-        if hot_experts is not None and not 0 <= hot_experts <= cfg.n_routed_experts:
-            raise ValueError(f"hot_experts must lie in 0..{cfg.n_routed_experts}, got {hot_experts}")
+        options.check_config(cfg)
         if cache_slots is not None:
             expert_mode = "cache"
         plan = make_plan(cfg, detect(), gpu_memory=gpu_memory, ram_budget=ram_budget, context=context,
@@ -143,99 +101,75 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     except BaseException:
         ckpt.close()
         raise
-    if backend == "reference":
-        experts: ExpertBackend = ReferenceExperts(ckpt)
-    else:
-        experts = _numba_backend(ckpt, plan, cache_slots, prefetch, prefetch_width, cache_policy, io_threads, trace)
+    return _engine(ckpt, plan, options, backend, hot)
+
+
+def _engine(ckpt: Checkpoint, plan: Plan, options: LoadOptions, backend: str, hot: int) -> Engine:
+    """The expert backend, built complete, then the engine over it; a failure releases what was built.
+    backend: 'numba' or 'reference' ('auto' resolved); hot: hot experts per MoE layer (plan or option)."""
+    stats_path, saved = _routing_stats(ckpt, plan, options.routing_stats, backend, hot)
+    offload, group = _prefill_offload(plan, backend, options.prefill_offload)
+    opts = ExpertOptions(kind=backend, device=plan.device, expert_mode=plan.expert_mode,
+                         cache_slots=options.cache_slots or plan.cache_slots, io_threads=options.io_threads,
+                         cache_policy=options.cache_policy, cpu_threads=plan.cpu_threads, prefetch=options.prefetch,
+                         prefetch_width=options.prefetch_width or 0,
+                         trace=Path(options.trace) if options.trace else None, hot_experts=hot,
+                         prefill_offload=offload, upload_group=group)
+    graphs, defer = options.decode_graphs, options.defer_experts
+    decode_mode = None  # the plain forward for single-token steps
+    if graphs in ("on", "segments") or (graphs == "auto" and plan.device == "cuda" and not defer):
+        decode_mode = "segments" if graphs == "segments" else "auto"
     # as the plan counted it: bf16 on CUDA (int8 weights aside); on a CPU fp32 math over bf16 weights
     # unless bf16 was asked for
-    dtype = "bfloat16" if plan.device == "cuda" or plan.gpu_precision == "bf16" else "float32"
+    dtype = torch.bfloat16 if plan.device == "cuda" or plan.gpu_precision == "bf16" else torch.float32
+    # prefetch guesses with the next layer's router: the model's own, built over this backend below
+    # (the lambda reads `model` when it runs, after the engine exists; it holds the model, never the
+    # engine, whose finalizer frees the backend)
+    predict = lambda layer, x, k: model.route(layer, x, k)[0]  # noqa: E731
     try:
-        engine = Engine(ckpt, experts, device=plan.device, dtype=DTYPES[dtype], context=context,
-                        int8=plan.gpu_precision in ("int8", "int8w"), bf16w=plan.gpu_precision in ("bf16w", "int8w"))
-    except BaseException:  # IO threads, file descriptors and the slot arena must not outlive a failed load
-        if hasattr(experts, "close"):
-            experts.close()
+        experts = build_backend(ckpt, opts, predict, saved)
+    except BaseException:
         ckpt.close()
         raise
-    engine.model.defer_experts = defer_experts
-    engine.prefill_chunk = prefill_chunk
-    engine.plan = plan
-    engine.hot_experts = hot
-    model = engine.model  # closures below hold the model, never the engine (its finalizer frees the backend)
-    if getattr(experts, "prefetch", False):  # the next layer's router predicts what to prefetch
-        experts.predict = lambda layer, x, k: model.route(layer, x, k)[0]
-    if routing_stats == "auto":
-        routing_stats = default_path(ckpt.path) if hot and plan.device == "cuda" else None
-    if routing_stats is not None and backend != "numba":  # 'auto' picked the reference backend (no AVX2)
-        log.warning("routing_stats ignored: the reference backend keeps no routing counts")
-    elif routing_stats is not None:
-        engine.routing_stats = Path(routing_stats)
-        saved = load_counts(engine.routing_stats, cfg.moe_layers, cfg.n_routed_experts)
-        if saved is not None:
-            experts.route_counts.update(saved)  # what earlier sessions routed: the hot set, chosen now
-    if hot:
-        engine.refresh_hot_experts()  # the per-layer buffers, filled from the saved counts if any
-    if decode_graphs in ("on", "segments") or (decode_graphs == "auto" and plan.device == "cuda" and not defer_experts):
-        from hybrid.runtime.decode_step import StaticDecoder
-
-        engine.decoder = StaticDecoder(engine.model, engine._cache, mode="segments" if decode_graphs == "segments" else "auto")
-    if backend == "numba" and (prefill_offload == "on" or (prefill_offload == "auto" and plan.device == "cuda")):
-        from kernels_cpu.table import PARTS
-
-        experts.fetch = lambda layer, e: [ckpt.array(f"model.layers.{layer}.mlp.experts.{e}.{part}") for part in PARTS]
-        experts.offload = (lambda n_tokens, n_experts: True) if prefill_offload == "on" else _measured_offload(model)
-        if plan.device == "cuda":  # two upload buffers must fit in the VRAM the plan leaves over
-            spare = plan.gpu_budget - plan.gpu_bytes
-            experts.upload_group = min(experts.upload_group, spare // (2 * plan.slot_bytes))
-            if experts.upload_group < 1:
-                experts.offload = None
-                log.info("long-prompt expert upload off: %.2f GB of VRAM left, two experts need more", spare / 1e9)
+    try:
+        engine = Engine(ckpt, experts, device=plan.device, dtype=dtype, context=options.context,
+                        int8=plan.gpu_precision in ("int8", "int8w"), bf16w=plan.gpu_precision in ("bf16w", "int8w"),
+                        plan=plan, prefill_chunk=options.prefill_chunk, defer_experts=defer,
+                        decode_mode=decode_mode, routing_stats=stats_path)
+    except BaseException:  # IO threads, file descriptors and the slot arena must not outlive a failed load
+        experts.close()
+        ckpt.close()
+        raise
+    model = engine.model
     return engine
 
 
-def _measured_offload(model: Model):
-    """The long-prompt rule of hybrid.experts.upload from speeds measured on this machine (CUDA only):
-    PCIe at the first decision, the GPU's matmul rate, and the CPU experts' rate as prefills run."""
-    from hybrid.experts.upload import PrefillSpeeds, expert_flops_per_token, measure_pcie_gbps, prefill_on_gpu
-
-    cfg, sched = model.cfg, model.experts
-    flops_tok = expert_flops_per_token(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok)
-    expert_bytes = sched.tables[cfg.moe_layers[0]].expert_nbytes
-    speeds: dict = {}
-
-    def decide(n_tokens: int, n_experts: int) -> bool:
-        if not speeds:
-            a = torch.randn(4096, 4096, device=model.device, dtype=torch.bfloat16)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(4):
-                a @ a
-            torch.cuda.synchronize()
-            # dequantising INT4 runs well below the dense rate: count half of it
-            speeds.update(pcie=measure_pcie_gbps() or 0.0, gpu=0.5 * 4 * 2 * 4096**3 / (time.perf_counter() - t0))
-        toks = sched.cpu_prefill_tokens
-        cpu_tps = toks / sched.cpu_prefill_s if sched.cpu_prefill_s else 0.0
-        if cpu_tps == 0.0:
-            return False  # measure the CPU on this prefill first
-        return prefill_on_gpu(n_tokens, PrefillSpeeds(speeds["pcie"], cpu_tps, speeds["gpu"]), n_experts,
-                              expert_bytes, flops_tok)
-
-    return decide
+def _routing_stats(ckpt: Checkpoint, plan: Plan, routing_stats: str | Path | None, backend: str,
+                   hot: int) -> tuple[Path | None, dict | None]:
+    """-> (the file routing counts persist in, or None; the counts it holds, which choose the hot
+    experts at load, or None). 'auto': one file per checkpoint, with hot experts on CUDA only."""
+    if routing_stats == "auto":
+        routing_stats = default_path(ckpt.path) if hot and plan.device == "cuda" else None
+    if routing_stats is None:
+        return None, None
+    if backend != "numba":  # 'auto' picked the reference backend (no AVX2)
+        log.warning("routing_stats ignored: the reference backend keeps no routing counts")
+        return None, None
+    path = Path(routing_stats)
+    return path, load_counts(path, ckpt.config.moe_layers, ckpt.config.n_routed_experts)
 
 
-def _numba_backend(ckpt: Checkpoint, plan, cache_slots, prefetch, prefetch_width, cache_policy, io_threads, trace):
-    from hybrid.experts.cache import ExpertCache
-    from hybrid.experts.mmap_tables import mmap_tables
-    from hybrid.experts.scheduler import Scheduler
-
-    cfg = ckpt.config
-    trace_file = open(trace, "w") if trace else None  # noqa: SIM115 (closed by Scheduler.close)
-    width = prefetch_width or 2 * cfg.num_experts_per_tok
-    if plan.expert_mode == "cache":
-        slots = cache_slots or plan.cache_slots
-        cache = ExpertCache(ckpt, slots, io_threads=io_threads, policy=cache_policy)
-        return Scheduler(cfg.moe_layers, cache=cache, prefetch_width=width if prefetch else 0,
-                         adaptive_prefetch=prefetch == "auto",
-                         trace=trace_file, threads=plan.cpu_threads)
-    return Scheduler(cfg.moe_layers, tables=mmap_tables(ckpt), trace=trace_file, threads=plan.cpu_threads)
+def _prefill_offload(plan: Plan, backend: str, prefill_offload: str) -> tuple[str, int]:
+    """The long-prompt expert upload as the backend takes it: ('on' | 'measured' | 'off', experts per upload).
+    'auto' measures (CUDA only); on CUDA two upload buffers must fit in the VRAM the plan leaves over."""
+    if backend != "numba" or prefill_offload == "off" or (prefill_offload == "auto" and plan.device != "cuda"):
+        return "off", UPLOAD_GROUP
+    mode = "on" if prefill_offload == "on" else "measured"
+    if plan.device != "cuda":
+        return mode, UPLOAD_GROUP
+    spare = plan.gpu_budget - plan.gpu_bytes
+    group = min(UPLOAD_GROUP, spare // (2 * plan.slot_bytes))
+    if group < 1:
+        log.info("long-prompt expert upload off: %.2f GB of VRAM left, two experts need more", spare / 1e9)
+        return "off", UPLOAD_GROUP
+    return mode, group

@@ -1,0 +1,76 @@
+"""The expert-backend interface: a backend that implements only submit and wait plugs into the engine
+and its decode step unchanged (experts elsewhere, say), and the Numba backend keeps its hot-expert
+buffers for good: refresh_hot puts them back where set_hot replaced them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hybrid
+from hybrid.experts.backend import ExpertBackend
+from hybrid.experts.reference import ReferenceExperts
+from hybrid.experts.hot import HotSlots
+from hybrid.runtime.engine import Engine
+from hybrid.checkpoint.reader import Checkpoint
+from kernels_cpu.simd import host_has_avx2
+
+PROMPT = list(range(5, 30))
+
+
+class Elsewhere(ExpertBackend):
+    """Only the seam: the routed sum computed by another object, as a remote backend would."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.remote = ReferenceExperts(ckpt)
+        self.calls = 0
+
+    def submit(self, layer, x, ids, weights):
+        self.calls += 1
+        return self.remote.submit(layer, x, ids, weights)
+
+    def wait(self, handle) -> torch.Tensor:
+        return self.remote.wait(handle)
+
+
+def test_the_interface_needs_submit_and_wait():
+    with pytest.raises(TypeError, match="abstract"):
+        ExpertBackend()
+
+
+@pytest.mark.parametrize("decode_mode", [None, "auto"])
+def test_a_backend_with_only_submit_and_wait_plugs_into_the_engine(tiny_path, decode_mode):
+    """Its defaults (no host hops, prefetch, hot experts or counts) run the plain forward and the decode
+    step's segment mode, and give the reference backend's tokens."""
+    ckpt, ref_ckpt = Checkpoint(tiny_path), Checkpoint(tiny_path)
+    backend = Elsewhere(ckpt)
+    eng = Engine(ckpt, backend, context=64, decode_mode=decode_mode)
+    ref = Engine(ref_ckpt, ReferenceExperts(ref_ckpt), context=64)
+    got = [s.token for s in eng.generate(PROMPT, 6, temperature=0)]
+    want = [s.token for s in ref.generate(PROMPT, 6, temperature=0)]
+    assert got == want and backend.calls > 0
+    assert eng.hot_experts == 0 and (eng.decoder is None) == (decode_mode is None)
+    if decode_mode is not None:
+        assert eng.decoder.mode == "segments" and eng.decoder.steps == 5
+    st = eng.stats()
+    assert st["experts_compute_s"] == 0.0 and st["cache"] is None and st["tokens"] == {"prefill": len(PROMPT), "decode": 5}
+    eng.close()
+    ref.close()
+
+
+@pytest.mark.skipif(not host_has_avx2(), reason="the Numba INT4 kernels need AVX2 + FMA")
+def test_refresh_puts_the_backends_own_hot_buffers_back(tiny_path):
+    eng = hybrid.load(tiny_path, backend="numba", expert_mode="mmap", hot_experts=2, decode_graphs="off")
+    ex = eng.model.experts
+    layer = eng.config.moe_layers[0]
+    own = ex.hot[layer]
+    assert isinstance(own, HotSlots) and len(own) == 0 and ex.hot_capacity == eng.hot_experts == 2
+    list(eng.generate(PROMPT, 1, temperature=0))  # routing counts to choose from
+    ex.set_hot(layer, {})
+    assert ex.hot[layer] == {}
+    with pytest.raises(TypeError):
+        ex.hot[layer] = own  # the view is read-only: set_hot is the one way in
+    ex.refresh_hot()
+    counts = ex.route_counts[layer]
+    assert ex.hot[layer] is own and sorted(own) == sorted(int(e) for e in np.argsort(-counts, kind="stable")[:2])
+    eng.close()
