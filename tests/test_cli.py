@@ -282,11 +282,11 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
 
 def test_device_reaches_the_plan(tiny_path, monkeypatch):
     args = ["run", "hi", "-m", str(tiny_path), "--max-tokens", "2"]
-    import hybrid
+    import hybrid.cli.common as common  # the commands load through the runtime's loader, as imported there
 
     seen = {}
-    load = hybrid.load
-    monkeypatch.setattr(hybrid, "load", lambda path, **kw: (seen.update(kw), load(path, **kw))[1])
+    load = common.load
+    monkeypatch.setattr(common, "load", lambda path, **kw: (seen.update(kw), load(path, **kw))[1])
     assert CliRunner().invoke(main, args + ["--device", "cpu"]).exit_code == 0
     assert seen["device"] == "cpu"
     monkeypatch.undo()

@@ -132,3 +132,15 @@ def test_the_rules_table_names_every_package():
     table, known = rules(), modules()
     for name in known:
         package_of(name, table)  # asserts
+
+
+def test_nothing_probes_the_expert_backend():
+    """The backend is used through hybrid.experts.backend.ExpertBackend only: no hasattr/getattr on it."""
+    probe = re.compile(r"\b(ex|experts|backend)\b")
+    bad = []
+    for p in (ROOT / "hybrid").rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr") \
+                    and node.args and probe.search(ast.unparse(node.args[0])):
+                bad.append(f"{p.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
+    assert not bad, "\n".join(bad)

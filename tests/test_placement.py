@@ -13,7 +13,8 @@ import pytest
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.runtime.hardware import Hardware, detect
 from hybrid.checkpoint.layout import size_report
-from hybrid.runtime.placement import GPU_RESERVE, GPU_SIDE, PlanError, plan, projected_decode_tps, ram_reserve
+from hybrid.runtime.placement import GPU_RESERVE, GPU_SIDE, PlanError, plan, ram_reserve
+from hybrid.runtime.projection import projected_decode_tps
 from hybrid.synth.writer import preset_config
 
 from tests.conftest import REAL_CONFIG

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from hybrid.runtime.token_loop import greedy
-from hybrid.runtime.placement import GPU_SIDE
+from hybrid.runtime.tensor_classes import GPU_SIDE
 from hybrid.runtime.probe import GB, mem_read_gbps
 
 if TYPE_CHECKING:
@@ -76,33 +76,15 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
     mem_gbps: the RAM read bandwidth if already measured; else probed here over `probe_bytes`.
     on_run(r) is called after measured run r (0-based), for progress display.
     """
-    cfg = engine.config
     if prompt_tokens < 1 or gen_tokens < 2 or runs < 1:
         raise ValueError("bench needs --prompt-tokens >= 1, --gen-tokens >= 2 and --runs >= 1")
     if prompt_tokens + gen_tokens > engine.context:
         raise ValueError(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} exceed the context of "
                          f"{engine.context} tokens; lower them or pass --context")
-    n_ids = engine.tokenizer.n_ranks  # ordinary tokens only
     rng = np.random.default_rng(seed)
     prefill, decode = _Phase(), _Phase()
-
-    def one(r: int, P: int, G: int, record: bool) -> None:
-        prompt = rng.integers(0, n_ids, P).tolist()
-        prompt[0] = r % n_ids  # never the previous run's first token: nothing to reuse
-        engine.reset_stats()
-        it = engine.generate(prompt, G, sampler=greedy, stop_ids=frozenset())
-        first = next(it)  # the prefill forward and the first sampled token
-        pre = engine.stats()
-        engine.reset_stats()
-        last, n = first, 1
-        for last in it:
-            n += 1
-        if record:
-            prefill.add(first.prefill_tokens, first.elapsed_s, pre)
-            decode.add(n - 1, last.elapsed_s - first.elapsed_s, engine.stats())
-
     if warmup:  # compile the kernels and fault the weights in, on both the prefill and the decode path
-        one(runs, min(prompt_tokens, 16), 2, record=False)
+        _run(engine, rng, runs, min(prompt_tokens, 16), 2)
     if mem_gbps is None:
         try:
             mem_gbps = mem_read_gbps(probe_bytes)
@@ -110,10 +92,36 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
             raise MemoryError(f"the RAM bandwidth probe could not allocate its {probe_bytes >> 20:,} MB buffer; "
                               "use a smaller --probe-mb") from None
     for r in range(runs):
-        one(r, prompt_tokens, gen_tokens, record=True)
+        _run(engine, rng, r, prompt_tokens, gen_tokens, (prefill, decode))
         if on_run:
             on_run(r)
+    settings = {"backend": backend, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "runs": runs}
+    return _report(engine, name, settings, mem_gbps, prefill, decode)
 
+
+def _run(engine: Engine, rng: np.random.Generator, r: int, P: int, G: int,
+         record: tuple[_Phase, _Phase] | None = None) -> None:
+    """One run r: prefill P random tokens, decode G; into record's (prefill, decode) phases if given."""
+    n_ids = engine.tokenizer.n_ranks  # ordinary tokens only
+    prompt = rng.integers(0, n_ids, P).tolist()
+    prompt[0] = r % n_ids  # never the previous run's first token: nothing to reuse
+    engine.reset_stats()
+    it = engine.generate(prompt, G, sampler=greedy, stop_ids=frozenset())
+    first = next(it)  # the prefill forward and the first sampled token
+    pre = engine.stats()
+    engine.reset_stats()
+    last, n = first, 1
+    for last in it:
+        n += 1
+    if record is not None:
+        record[0].add(first.prefill_tokens, first.elapsed_s, pre)
+        record[1].add(n - 1, last.elapsed_s - first.elapsed_s, engine.stats())
+
+
+def _report(engine: Engine, name: str | None, settings: dict, mem_gbps: float, prefill: _Phase,
+            decode: _Phase) -> dict[str, Any]:
+    """The schema's dict (docs/bench_schema.md) from the measured phases."""
+    cfg = engine.config
     graphs = engine.stats()["decode_graphs"]
     experts = decode.per_token("expert_bytes")
     weights = weight_bytes_per_token(engine)
@@ -128,8 +136,7 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
                   "routed_experts": cfg.n_routed_experts, "experts_per_token": cfg.num_experts_per_tok},
         "machine": {"cpu_threads": engine.plan.cpu_threads, "mem_read_gbps": mem_gbps,
                     "loadavg_1min": os.getloadavg()[0]},
-        "settings": {"backend": backend, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "runs": runs,
-                     "context": engine.context, "expert_mode": engine.plan.expert_mode,
+        "settings": {**settings, "context": engine.context, "expert_mode": engine.plan.expert_mode,
                      "hot_experts": engine.hot_experts, "gpu_precision": engine.plan.gpu_precision,
                      "decode_graphs": "off" if graphs is None else graphs["mode"] + ("+cuda_graphs" if graphs["cuda_graphs"] else "")},
         "prefill": {"tok_s": _spread(prefill.tok_s), "runs_tok_s": prefill.tok_s, "split_ms_per_token": prefill.split(),

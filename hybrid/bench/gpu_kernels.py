@@ -107,7 +107,7 @@ def _hot_moe(s: dict, dev: torch.device, repeats: int) -> dict | None:
     ids = torch.arange(K, device=dev)[None]
     w = torch.full((1, K), 1.0 / K, device=dev)
     nbytes = slots.nbytes  # K experts, each read once
-    ms = _time_ms(lambda: fused_hot_moe(x, ids, w, slots), dev, repeats)
+    ms = _time_ms(lambda: fused_hot_moe(x, ids, w, slots.slot_of, slots.packed, slots.scale), dev, repeats)
     loop = _time_ms(lambda: hot_expert_moe(x, ids, w, slots), dev, repeats)
     return {"experts": K, "fused_ms": _r(ms), "fused_gbps": _r(nbytes / ms / 1e6), "torch_loop_ms": _r(loop)}
 

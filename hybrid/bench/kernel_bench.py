@@ -21,33 +21,20 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import llvmlite.binding as llvm_binding
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
 
 from kernels_cpu import ExpertTable, moe_forward
+from kernels_cpu.membw import read_sum
 
 log = logging.getLogger(__name__)
 
 K2 = dict(hidden=7168, inter=2048, experts=32, topk=8, model_experts=384, gemv=(7168, 8192))  # gemv: o_proj
 SMALL = dict(hidden=256, inter=128, experts=8, topk=4, model_experts=96, gemv=(256, 512))
-
-
-@njit(nogil=True, cache=True, parallel=True)
-def _read_sum(buf, nblocks):
-    # buf uint64 [n]; each block summed with unit stride (vectorised), blocks spread over threads
-    n = buf.shape[0] // nblocks
-    part = np.zeros(nblocks, np.uint64)
-    for b in prange(nblocks):
-        s = buf[b * n:(b + 1) * n]
-        acc = np.uint64(0)
-        for i in range(s.shape[0]):
-            acc += s[i]
-        part[b] = acc
-    return part.sum()
 
 
 def _cpu_seconds() -> tuple[float, float, float]:
@@ -242,7 +229,7 @@ def _dense_gemv(shp: dict, reps: int, rng: np.random.Generator, probe: np.ndarra
     x = rng.standard_normal((1, In)).astype(np.float32)
     xt, out = torch.from_numpy(x), np.empty((1, O), np.float32)
     bf16_gemv(x, w16, out)
-    _read_sum(probe, 64)
+    read_sum(probe, 64)
     t16 = _best(lambda: bf16_gemv(x, w16, out), reps)
     t32 = _best(lambda: torch.mm(xt, w32.T), reps)
     g16, g32 = 2 * O * In / t16 / 1e9, 4 * O * In / t32 / 1e9
@@ -250,43 +237,87 @@ def _dense_gemv(shp: dict, reps: int, rng: np.random.Generator, probe: np.ndarra
             "torch_fp32_ms": t32 * 1e3, "torch_fp32_gbps": g32, "speedup": t32 / t16}
 
 
+def _decode(ex: _Experts, probe: np.ndarray, K: int, reps: int, rng: np.random.Generator, n_threads: int) -> dict:
+    """Decode and the read-sum probe on n_threads, interleaved so both see the same interference."""
+    nt = numba.get_num_threads()
+    numba.set_num_threads(n_threads)
+    D, E = ex.table.hidden, ex.table.num_experts
+    x = rng.standard_normal((1, D)).astype(np.float32)
+    out = np.empty((1, D), np.float32)
+    moe_forward(x, *_routing(1, E, K, rng), ex.table, out)
+    read_sum(probe, 64)
+    td, tb = [], []
+    for _ in range(reps * 2):
+        ids, w = _routing(1, E, K, rng)
+        td.append(_best(lambda: moe_forward(x, ids, w, ex.table, out), 1))
+        tb.append(_best(lambda: read_sum(probe, 64), 1))
+    numba.set_num_threads(nt)
+    td, tb = np.array(td), np.array(tb)
+    gbps, bw = K * ex.expert_bytes / td.min() / 1e9, probe.nbytes / tb.min() / 1e9
+    return {"ms": td.min() * 1e3, "gbps": gbps, "mem_read_gbps": bw, "pct_of_mem_read": 100 * gbps / bw,
+            "ms_median": float(np.median(td)) * 1e3,
+            # each decode against the probe run right after it: robust to load changes
+            "pct_of_mem_read_paired_median": float(np.median(tb / td)) * 100 * K * ex.expert_bytes / probe.nbytes}
+
+
+def _prefill(ex: _Experts, shp: dict, reps: int, rng: np.random.Generator) -> dict:
+    """moe_forward at prefill: qlen 16/128/512, 64 tokens per expert and the real model's density,
+    against torch's fp32 matmul of the same width."""
+    D, I, E, K = ex.table.hidden, ex.table.inter, ex.table.num_experts, shp["topk"]
+    out: dict = {"moe_prefill": {str(T): _prefill_entry(ex, ex.table, T, K, max(2, reps // 4), rng)
+                                 for T in (16, 128, 512)}}
+    a, b = torch.randn(512, D), torch.randn(D, I)
+    torch.mm(a, b)
+    fp32 = out["fp32_matmul_gflops"] = 2 * 512 * D * I / _best(lambda: torch.mm(a, b), reps) / 1e9
+    dense = _prefill_entry(ex, ex.table, 64 * E // K, K, max(2, reps // 4), rng)
+    out["prefill_64_per_expert"] = dict(dense, pct_of_fp32_matmul=100 * dense["gflops"] / fp32)
+    # the real model's density: 512 tokens over 384 experts, aliased onto the E stored ones
+    M = shp["model_experts"]
+    alias = ExpertTable(ex.table.arenas, np.ascontiguousarray(ex.table.loc[np.arange(M) % E]), D, I)
+    model = _prefill_entry(ex, alias, 512, K, max(2, reps // 4), rng)
+    out["prefill_model_density"] = dict(model, experts=M, pct_of_fp32_matmul=100 * model["gflops"] / fp32)
+    return out
+
+
+def _scaling(ex: _Experts, probe: np.ndarray, K: int, reps: int, rng: np.random.Generator, nt: int) -> dict:
+    """Decode and prefill on 1 thread and on all nt."""
+    scaling = {}
+    for n in sorted({1, nt}):
+        d = _decode(ex, probe, K, reps, rng, n)
+        numba.set_num_threads(n)
+        pre = _prefill_entry(ex, ex.table, 64 * ex.table.num_experts // K, K, 2, rng)
+        numba.set_num_threads(nt)
+        scaling[str(n)] = {"mem_read_gbps": d["mem_read_gbps"], "decode_ms": d["ms"],
+                           "decode_gbps": d["gbps"], "decode_pct_of_mem_read": d["pct_of_mem_read"],
+                           "prefill_64_per_expert_gflops": pre["gflops"]}
+    return scaling
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Numba and torch on n threads for the run, restored after (the caller's process goes on)."""
+    numba_threads, torch_threads = numba.get_num_threads(), torch.get_num_threads()
+    numba.set_num_threads(n)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(numba_threads)
+        torch.set_num_threads(torch_threads)
+
+
 def run_kernel_bench(small: bool = False, threads: int | None = None) -> dict:
     """Measure and return the figures of issue 3 as a JSON-able dict (see module docstring)."""
     shp = SMALL if small else K2
     D, I, E, K = shp["hidden"], shp["inter"], shp["experts"], shp["topk"]
     nt = threads or numba.config.NUMBA_NUM_THREADS
-    numba_threads = numba.get_num_threads()
-    numba.set_num_threads(nt)
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(nt)
     rng = np.random.default_rng(0)
     reps = 3 if small else 15
-    try:
+    with _threads(nt):
         ex = _random_experts(D, I, E, rng)
         probe = np.ones((16 if small else 1024) << 17, np.uint64)      # 16 MiB / 1 GiB
-
-        def decode(n_threads: int) -> dict:
-            """Decode and the read-sum probe, interleaved so both see the same interference."""
-            numba.set_num_threads(n_threads)
-            x = rng.standard_normal((1, D)).astype(np.float32)
-            out = np.empty((1, D), np.float32)
-            moe_forward(x, *_routing(1, E, K, rng), ex.table, out)
-            _read_sum(probe, 64)
-            td, tb = [], []
-            for _ in range(reps * 2):
-                ids, w = _routing(1, E, K, rng)
-                td.append(_best(lambda: moe_forward(x, ids, w, ex.table, out), 1))
-                tb.append(_best(lambda: _read_sum(probe, 64), 1))
-            numba.set_num_threads(nt)
-            td, tb = np.array(td), np.array(tb)
-            gbps, bw = K * ex.expert_bytes / td.min() / 1e9, probe.nbytes / tb.min() / 1e9
-            return {"ms": td.min() * 1e3, "gbps": gbps, "mem_read_gbps": bw, "pct_of_mem_read": 100 * gbps / bw,
-                    "ms_median": float(np.median(td)) * 1e3,
-                    # each decode against the probe run right after it: robust to load changes
-                    "pct_of_mem_read_paired_median": float(np.median(tb / td)) * 100 * K * ex.expert_bytes / probe.nbytes}
-
         cpu0 = _cpu_seconds()
-        dec = decode(nt)
+        dec = _decode(ex, probe, K, reps, rng, nt)
         bw = dec.pop("mem_read_gbps")
         result: dict = {
             "config": {"hidden": D, "inter": I, "group": 32, "experts": E, "topk": K, "threads": nt,
@@ -300,30 +331,8 @@ def run_kernel_bench(small: bool = False, threads: int | None = None) -> dict:
             "moe_decode": dec,
         }
         result["dense_gemv"] = _dense_gemv(shp, reps, rng, probe, bw)
-        result["moe_prefill"] = {str(T): _prefill_entry(ex, ex.table, T, K, max(2, reps // 4), rng)
-                                 for T in (16, 128, 512)}
-        a, b = torch.randn(512, D), torch.randn(D, I)
-        torch.mm(a, b)
-        fp32 = 2 * 512 * D * I / _best(lambda: torch.mm(a, b), reps) / 1e9
-        result["fp32_matmul_gflops"] = fp32
-        dense = _prefill_entry(ex, ex.table, 64 * E // K, K, max(2, reps // 4), rng)
-        result["prefill_64_per_expert"] = dict(dense, pct_of_fp32_matmul=100 * dense["gflops"] / fp32)
-        # the real model's density: 512 tokens over 384 experts, aliased onto the E stored ones
-        M = shp["model_experts"]
-        alias = ExpertTable(ex.table.arenas, np.ascontiguousarray(ex.table.loc[np.arange(M) % E]), D, I)
-        model = _prefill_entry(ex, alias, 512, K, max(2, reps // 4), rng)
-        result["prefill_model_density"] = dict(model, experts=M, pct_of_fp32_matmul=100 * model["gflops"] / fp32)
-
-        scaling = {}
-        for n in sorted({1, nt}):
-            d = decode(n)
-            numba.set_num_threads(n)
-            pre = _prefill_entry(ex, ex.table, 64 * E // K, K, 2, rng)
-            numba.set_num_threads(nt)
-            scaling[str(n)] = {"mem_read_gbps": d["mem_read_gbps"], "decode_ms": d["ms"],
-                               "decode_gbps": d["gbps"], "decode_pct_of_mem_read": d["pct_of_mem_read"],
-                               "prefill_64_per_expert_gflops": pre["gflops"]}
-        result["threads"] = scaling
+        result.update(_prefill(ex, shp, reps, rng))
+        result["threads"] = _scaling(ex, probe, K, reps, rng, nt)
         if small:
             kt = {"available": False, "reason": "not run by the small smoke configuration"}
         else:
@@ -335,6 +344,3 @@ def run_kernel_bench(small: bool = False, threads: int | None = None) -> dict:
         # CPU time other processes took while this ran (they share the cores and the memory bus)
         result["config"]["other_processes_cpu_pct"] = 100 * max(0.0, busy - ours) / (wall * os.cpu_count())
         return result
-    finally:
-        numba.set_num_threads(numba_threads)
-        torch.set_num_threads(torch_threads)

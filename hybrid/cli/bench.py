@@ -12,7 +12,8 @@ from typing import Any
 import click
 from rich.table import Table
 
-from hybrid.cli.common import MAX_THREADS, UserError, console, engine_options, err_console, load_engine, resolve_model
+from hybrid.cli.common import UserError, console, engine_options, err_console, load_engine, resolve_model
+from hybrid.runtime.hardware import MAX_THREADS
 
 SPLIT_LABELS = {"gpu_side": "GPU-side layers (attention, router, shared expert, dense, lm_head)",
                 "experts_compute": "CPU experts computing (worker threads, overlapping)",

@@ -17,7 +17,7 @@ import click
 from hybrid.cli.chat_ui import Turn, speeds, status_line, visible
 from hybrid.cli.common import (REAL_MODEL, SEED, USER_ERRORS, FiniteFloat, UserError, console, engine_options, err_console,
                          load_engine, resolve_model, user_message)
-from hybrid.text.conversation import Done, check_message, check_tools
+from hybrid.text.conversation import Done, check_message, check_tools, template_role
 
 if TYPE_CHECKING:
     from hybrid.runtime.engine import Engine
@@ -217,7 +217,7 @@ class ChatSession:
         except ValueError as e:
             raise UserError(f"{arg} is not valid JSON ({e})") from None
         messages, tools = validate_messages(data, arg)
-        if messages and messages[0]["role"] in ("system", "developer"):  # developer: OpenAI's name for it
+        if messages and template_role(messages[0]["role"]) == "system":
             self.system, messages = messages[0].get("content") or None, messages[1:]
         self.messages, self.tools = list(messages), tools if tools is not None else self.tools
         console.print(f"loaded {len(messages)} messages from {arg}", style="dim", highlight=False)

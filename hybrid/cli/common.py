@@ -1,7 +1,7 @@
 """What every `kimi-hybrid` command shares: the consoles, the user-error types, numeric option types that
 refuse inf and nan, `--model` resolution (hybrid.runtime.resolve: checkpoint directory, a Hugging Face repo id
 already in the local HF cache, or a built-in preset, here with a progress bar on its first generation)
-and the engine-loading options.
+and the engine-loading flags, built from hybrid.load's option specs (hybrid.runtime.options).
 
 Never downloads anything: a model that is not here is an error that prints the command that fetches it.
 """
@@ -19,9 +19,11 @@ from hybrid.runtime import resolve
 from hybrid.text.template import ChatTemplateError
 from hybrid.checkpoint.reader import CheckpointError
 from hybrid.checkpoint.config import ConfigError
-from hybrid.runtime.hardware import MAX_THREADS
+from hybrid.runtime.options import FLAGS, SPECS
 from hybrid.runtime.resolve import REAL_MODEL
-from hybrid.synth.writer import PRESETS, GeneratorError, cache_dir, is_generated, preset_path
+from hybrid.checkpoint.paths import cache_dir
+from hybrid.runtime.loader import load
+from hybrid.synth.writer import PRESETS, GeneratorError, is_generated, preset_makers, preset_path
 from hybrid.text.tokenizer import TokenizerError
 
 console = Console(highlight=False)  # no automatic colouring of numbers and brackets in model text
@@ -77,56 +79,42 @@ def progress_bar(label: str) -> tuple[Progress, Callable[[int, int], None]]:
 # ---- --model ----------------------------------------------------------------------------------
 
 def resolve_model(model: str) -> Path:
-    """--model -> a checkpoint directory (hybrid.runtime.resolve); a preset's first generation shows a progress bar."""
+    """--model -> a checkpoint directory (hybrid.runtime.resolve, with hybrid.synth's presets); a preset's first
+    generation shows a progress bar."""
     if model in PRESETS and not Path(model).expanduser().is_dir() and not is_generated(preset_path(model)):
         err_console.print(f"generating the built-in '{model}' checkpoint into {cache_dir()} (first use only)")
         bar, cb = progress_bar(model)
         with bar:
-            return resolve.resolve_model(model, progress=cb)
-    return resolve.resolve_model(model)
+            return resolve.resolve_model(model, preset_makers(), progress=cb)
+    return resolve.resolve_model(model, preset_makers())
 
 
 # ---- loading an engine --------------------------------------------------------------------------
 
+def engine_flag(name: str, **overrides: Any) -> Callable:
+    """The click option --name-with-dashes for hybrid.load's keyword `name`: its type and help from the
+    keyword's spec (hybrid.runtime.options), so a flag accepts what Python does; overrides (default, help,
+    type) for a command whose flag says more, like plan's defaults."""
+    spec = SPECS[name]
+    if spec.kind == "choice":
+        kind: click.ParamType = click.Choice([str(c) for c in spec.choices])
+    elif spec.kind == "gb":
+        kind = GB_SIZE  # also bounded above: past 1 PB is a typo
+    elif spec.kind == "int":
+        kind = click.IntRange(spec.low if spec.flag_low is None else spec.flag_low, spec.high)
+    else:
+        raise TypeError(f"{name}: a {spec.kind} option has no flag type")
+    return click.option(f"--{name.replace('_', '-')}", **{"type": kind, "help": spec.help, **overrides})
+
+
 def engine_options(f: Callable) -> Callable:
-    """The options of hybrid.load(), for commands that run the model."""
-    opts = [
-        click.option("--backend", type=click.Choice(["auto", "numba", "reference"]),
-                     help="Routed experts: Numba INT4 kernels, the torch fp32 reference (the oracle), or auto "
-                          "(numba where the CPU has AVX2; the default)."),
-        click.option("--context", type=click.IntRange(min=16), help="Tokens the KV cache holds (default: the engine's)."),
-        click.option("--cpu-threads", type=click.IntRange(1, MAX_THREADS), help="Threads for the CPU experts."),
-        click.option("--ram-budget", type=GB_SIZE, help="GB of RAM for routed experts."),
-        click.option("--gpu-memory", type=GB_SIZE, help="GB of VRAM the plan may use."),
-        click.option("--expert-mode", type=click.Choice(["mmap", "cache"]),
-                     help="Routed experts from the page cache (mmap) or a RAM slot cache fed from disk."),
-        click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]),
-                     help="Where the GPU side runs (auto: CUDA when there is a GPU; cpu: everything on the CPU)."),
-        click.option("--gpu-precision", type=click.Choice(["auto", "bf16", "int8"]),
-                     help="Storage of the big GPU-side linears (auto: bf16 when it fits with the KV cache, else "
-                          "int8 weight-only; without a GPU, bf16 weights with fp32 math, or int8 ones: faster, "
-                          "int8's rounding)."),
-        click.option("--hot-experts", type=click.IntRange(min=0),
-                     help="Routed experts per MoE layer kept on the GPU (default: what the plan's spare VRAM holds)."),
-        click.option("--prefill-chunk", type=click.IntRange(min=1),
-                     help="Prompt tokens per forward pass (default 4096): bounds prefill memory on long prompts."),
-        click.option("--decode-graphs", type=click.Choice(["auto", "on", "segments", "off"]),
-                     help="Decode through a fixed-shape step, one CUDA graph per token on CUDA with the CPU expert "
-                          "hops inside (auto: on with CUDA; on: also without CUDA, eagerly; segments: a graph per "
-                          "segment, the host hopping between them, also where 'on' cannot run; off: the plain "
-                          "forward)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
+    """The flags of hybrid.load(), for commands that run the model: one per keyword its spec marks a flag."""
+    for name in reversed(FLAGS):
+        f = engine_flag(name)(f)
     return f
 
 
-ENGINE_KEYS = ("backend", "context", "cpu_threads", "ram_budget", "gpu_memory", "expert_mode", "decode_graphs",
-               "prefill_chunk", "hot_experts", "gpu_precision", "device")
-
-
 def load_engine(path: Path, **options: Any):
-    """hybrid.load with only the options the user gave (the rest keep the engine's defaults)."""
-    from hybrid import load
-
-    return load(path, **{k: v for k, v in options.items() if k in ENGINE_KEYS and v is not None})
+    """hybrid.runtime.loader.load (a resolved directory) with only the options the user gave (the rest keep
+    the engine's defaults)."""
+    return load(path, **{k: v for k, v in options.items() if k in FLAGS and v is not None})

@@ -1,8 +1,8 @@
 """`kimi-hybrid plan`: the machine, what lives where (placement plan) and the decode speed to expect.
 
-Owns rendering placement.plan() and projected_decode_tps() for this machine or a hypothetical one
-(--ram-gb / --gpu-gb, to plan a purchase), with bandwidths measured here unless given. Reads only a
-config: planning never loads weights, and a preset is not generated to be planned.
+Owns rendering placement.plan() and projection.projected_decode_tps() for this machine or a
+hypothetical one (--ram-gb / --gpu-gb, to plan a purchase), with bandwidths measured here unless given.
+Reads only a config: planning never loads weights, and a preset is not generated to be planned.
 """
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from typing import Any
 import click
 from rich.table import Table
 
-from hybrid.cli.common import GB_SIZE, GBPS, MACHINE_GB, MAX_THREADS, FiniteFloat, UserError, console, err_console, resolve_model
+from hybrid.cli.common import (GBPS, MACHINE_GB, FiniteFloat, UserError, console, engine_flag, err_console,
+                               resolve_model)
 from hybrid.checkpoint.config import ModelConfig
-from hybrid.runtime.hardware import GB, Hardware, detect
+from hybrid.runtime.hardware import GB, MAX_THREADS, Hardware, detect
 from hybrid.runtime.placement import PlanError
 from hybrid.synth.writer import PRESETS, REFERENCE_DIR, preset_config
 
@@ -46,19 +47,20 @@ def _machine(ram_gb: float | None, gpu_gb: tuple[float, ...], cores: int | None)
 @click.command()
 @click.option("--model", "-m", help="Checkpoint directory, config.json, HF repo id in the local cache, or preset "
                                     "(default: the real Kimi K2 Thinking config).")
-@click.option("--context", type=click.IntRange(min=1), default=8192, show_default=True, help="Tokens the KV cache holds.")
-@click.option("--gpu-memory", type=GB_SIZE, help="GB of VRAM the plan may use (default: free VRAM minus a reserve).")
-@click.option("--ram-budget", type=GB_SIZE, help="GB of RAM for routed experts (default: what is left).")
-@click.option("--cpu-threads", type=click.IntRange(1, MAX_THREADS), help="Threads for the CPU experts (default: physical cores).")
-@click.option("--expert-mode", type=click.Choice(["auto", "mmap", "cache"]), default="auto", show_default=True)
-@click.option("--gpu-precision", type=click.Choice(["auto", "bf16", "int8"]), default="auto", show_default=True,
-              help="Storage of the big GPU-side linears (on a CPU: auto is bf16 weights with fp32 math; int8 halves "
-                   "them again).")
+# hybrid.load's flags with the plan's defaults; any context the model allows can be planned
+@engine_flag("context", type=click.IntRange(min=1), default=8192, show_default=True, help="Tokens the KV cache holds.")
+@engine_flag("gpu_memory", help="GB of VRAM the plan may use (default: free VRAM minus a reserve).")
+@engine_flag("ram_budget", help="GB of RAM for routed experts (default: what is left).")
+@engine_flag("cpu_threads", help="Threads for the CPU experts (default: physical cores).")
+@engine_flag("expert_mode", default="auto", show_default=True)
+@engine_flag("gpu_precision", default="auto", show_default=True,
+             help="Storage of the big GPU-side linears (on a CPU: auto is bf16 weights with fp32 math; int8 halves "
+                  "them again).")
 @click.option("--ram-gb", type=MACHINE_GB, help="Plan for a machine with this much RAM.")
 @click.option("--gpu-gb", type=MACHINE_GB, multiple=True,
               help="Plan for a machine with a GPU of this many GB (one: kimi-hybrid runs on GPU 0).")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
-              help="Where the GPU side runs (auto: CUDA when there is a GPU).")
+@engine_flag("device", default="auto", show_default=True,
+             help="Where the GPU side runs (auto: CUDA when there is a GPU).")
 @click.option("--cores", type=click.IntRange(1, MAX_THREADS), help="Physical cores of the hypothetical machine [default: 16].")
 @click.option("--mem-gbps", type=GBPS, help="RAM read GB/s (default: measured here).")
 @click.option("--disk-gbps", type=GBPS,
@@ -73,7 +75,7 @@ def plan(model: str | None, context: int, gpu_memory: float | None, ram_budget: 
          hit_rate: float | None, as_json: bool) -> None:
     """Where each part of the model goes on this (or a hypothetical) machine, and the decode speed to expect."""
     from hybrid.runtime.placement import plan as make_plan
-    from hybrid.runtime.placement import projected_decode_tps
+    from hybrid.runtime.projection import projected_decode_tps
     from hybrid.runtime.probe import disk_read_gbps, gpu_read_gbps, mem_read_gbps
 
     if len(gpu_gb) > 1:

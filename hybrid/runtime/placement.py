@@ -1,9 +1,9 @@
 """The placement planner: model config + measured machine + user options -> a frozen `Plan`.
 
-Owns what lives where (GPU / RAM / mmap'd page cache / RAM expert cache), in which precision, and how
-many bytes each class of tensor takes; refuses a plan that cannot fit, naming the short budget, the
-shortfall and the option that fixes it, before anything large is allocated. It allocates nothing and
-reads no weights; everything else reads the Plan and nothing else decides placement.
+Owns what lives where (GPU / RAM / mmap'd page cache / RAM expert cache) and in which precision, from
+the bytes of each class of tensor (tensor_classes.py); refuses a plan that cannot fit, naming the short
+budget, the shortfall and the option that fixes it, before anything large is allocated. It allocates
+nothing and reads no weights; everything else reads the Plan and nothing else decides placement.
 GB = 10^9 bytes. Option names in messages are the CLI flags (plan()'s keywords with dashes).
 """
 from __future__ import annotations
@@ -15,14 +15,13 @@ from pathlib import Path
 
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.runtime.hardware import GB, Disk, Hardware
-from hybrid.checkpoint.layout import TensorSpec, spec_groups, spec_nbytes
+from hybrid.runtime.options import check
+from hybrid.runtime.tensor_classes import GPU_SIDE, INT8_CLASSES, ClassSizes, class_sizes
 
 log = logging.getLogger(__name__)
 
 GPU_RESERVE = int(1.5 * GB)  # CUDA context, cuBLAS workspace, prefill activations, allocator slack
 SLOT_ALIGN = 4096  # cache slots are O_DIRECT targets
-GPU_SIDE = ("attention", "router", "shared_experts", "dense_mlp", "norms", "lm_head")
-INT8_CLASSES = ("attention", "shared_experts", "dense_mlp", "lm_head")  # router and norms are never int8
 
 LABELS = {"attention": "attention (MLA)", "router": "router", "shared_experts": "shared experts",
           "dense_mlp": "dense MLP layers", "norms": "norms", "lm_head": "lm_head", "embedding": "embedding",
@@ -111,73 +110,6 @@ class Plan:
                 f"context {self.context:,}; {self.cpu_threads} CPU threads")
 
 
-# ---- sizes from the tensor table ----------------------------------------------------------
-
-_CLASS_BY_SUBSTRING = ((".mlp.experts.", "routed_experts"), (".self_attn.", "attention"),
-                       (".mlp.shared_experts.", "shared_experts"), (".mlp.gate.", "router"), (".mlp.", "dense_mlp"),
-                       ("model.embed_tokens.", "embedding"), ("lm_head.", "lm_head"))
-
-
-def tensor_class(name: str) -> str:
-    """The placement class of a checkpoint tensor name."""
-    if name.endswith("norm.weight"):  # input/post-attention, q_a/kv_a and the final norm
-        return "norms"
-    for key, what in _CLASS_BY_SUBSTRING:
-        if key in name:
-            return what
-    raise ValueError(f"no placement class for tensor {name!r}")
-
-
-def int8_eligible(name: str, shape: tuple[int, ...]) -> bool:
-    """Whether the engine stores this GPU-side tensor as int8 weight-only when the plan says int8: the
-    2-D weights of INT8_CLASSES, except kv_b_proj (attention reads it as per-head views). One rule for
-    the engine and for the sizes the plan counts."""
-    return tensor_class(name) in INT8_CLASSES and len(shape) == 2 and "kv_b_proj" not in name
-
-
-def widen_eligible(name: str, shape: tuple[int, ...]) -> bool:
-    """Whether a GPU side on the CPU with fp32 math ('bf16w') keeps this tensor in bf16, as the
-    checkpoint stores it, widening it inside each product (linear.widening_linear): the weights that
-    int8 would quantise, and the router's. The rest (kv_b_proj, read as per-head views; norms; the
-    router's bias) is held in fp32. One rule for the engine and for the sizes the plan counts."""
-    return int8_eligible(name, shape) or (tensor_class(name) == "router" and len(shape) == 2)
-
-
-@dataclass(frozen=True)
-class _Sizes:
-    specs: dict[str, list[tuple[str, TensorSpec, int]]]  # class -> (name, spec, how many layers hold it)
-    routed_bytes: int
-    n_experts: int  # routed experts in all MoE layers
-    disk_bytes: int
-
-    def nbytes(self, what: str, precision: str) -> int:
-        n = 0
-        for name, spec, count in self.specs.get(what, []):
-            if precision in ("int8", "int8w") and int8_eligible(name, spec.shape):
-                b = spec.params + spec.shape[0] * 2  # int8 weights + a bf16 scale per output row
-            elif precision in ("bf16w", "int8w") and not widen_eligible(name, spec.shape):  # held in fp32
-                b = spec.params * 4
-            else:
-                b = spec_nbytes(spec)
-            n += b * count
-        return n
-
-
-def _sizes(cfg: ModelConfig) -> _Sizes:
-    """Per placement class, from layout.spec_groups (one representative layer of each kind)."""
-    specs: dict[str, list[tuple[str, TensorSpec, int]]] = {}
-    routed = disk = 0
-    for tensors, count in spec_groups(cfg):
-        for name, spec in tensors:
-            what = tensor_class(name)
-            disk += spec_nbytes(spec) * count
-            if what == "routed_experts":
-                routed += spec_nbytes(spec) * count
-            else:
-                specs.setdefault(what, []).append((name, spec, count))
-    return _Sizes(specs, routed, len(cfg.moe_layers) * cfg.n_routed_experts, disk)
-
-
 def _gb(n: float) -> str:
     return f"{n / GB:.2f} GB"
 
@@ -208,37 +140,10 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     dtype: the GPU side's dtype when it runs on the CPU: 'auto' or 'float32' (fp32), 'bfloat16';
         on CUDA it is bf16 (int8 where gpu_precision says), so 'float32' is refused there.
     """
-    if not 1 <= context <= cfg.max_position_embeddings:
-        raise ValueError(f"--context {context} must lie in 1..{cfg.max_position_embeddings} (max_position_embeddings)")
-    for opt, gb in (("--gpu-memory", gpu_memory), ("--ram-budget", ram_budget)):
-        ok = isinstance(gb, (int, float)) and not isinstance(gb, bool) and math.isfinite(gb) and gb > 0
-        if gb is not None and not ok:
-            raise ValueError(f"{opt} must be a finite number of GB above 0, got {gb!r}; leave it out for the default")
-    for opt, val, ok in (("gpu_precision", gpu_precision, ("auto", "bf16", "int8")), ("device", device, ("auto", "cuda", "cpu")),
-                         ("expert_mode", expert_mode, ("auto", "mmap", "cache"))):
-        if val not in ok:
-            raise ValueError(f"{opt} must be one of {', '.join(ok)}, got {val!r}")
-    if device == "cuda" and not hw.gpus:
-        raise ValueError("device 'cuda' asked for, but no CUDA GPU was detected (to plan a machine with one, "
-                         "pass --gpu-gb)")
-    dev = "cuda" if device == "cuda" or (device == "auto" and hw.gpus) else "cpu"
-    if dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"dtype must be one of auto, float32, bfloat16, got {dtype!r}")
-    if dev == "cuda" and dtype == "float32":
-        raise ValueError("dtype 'float32' is for a GPU side on the CPU; on CUDA it is bf16 (or int8 weights): "
-                         "leave dtype at 'auto' or pick device 'cpu'")
-    if dev == "cpu" and gpu_precision == "bf16":
-        raise ValueError("gpu_precision 'bf16' needs a CUDA GPU; without one the GPU side runs on the CPU, its "
-                         "weights in bf16 with fp32 math ('bf16w', the default); use --gpu-precision auto (or int8)")
-    if dev == "cpu" and gpu_precision == "int8" and dtype == "bfloat16":
-        raise ValueError("gpu_precision 'int8' on the CPU computes in fp32; leave dtype at 'auto' or 'float32'")
-    threads = cpu_threads if cpu_threads is not None else hw.threads
-    if threads < 1 or (hot_experts or 0) < 0:
-        raise ValueError(f"cpu_threads must be >= 1 and hot_experts >= 0, got {threads} and {hot_experts}")
-    if threads > hw.logical_cores:
-        log.warning("cpu_threads %d exceeds the %d logical cores; expect slower experts", threads, hw.logical_cores)
-
-    sizes = _sizes(cfg)
+    dev, threads = _check(cfg, hw, context=context, device=device, dtype=dtype, gpu_precision=gpu_precision,
+                          cpu_threads=cpu_threads, gpu_memory=gpu_memory, ram_budget=ram_budget,
+                          expert_mode=expert_mode, hot_experts=hot_experts)
+    sizes = class_sizes(cfg)
     n_moe, E, K = len(cfg.moe_layers), cfg.n_routed_experts, cfg.num_experts_per_tok
     expert_bytes = sizes.routed_bytes // max(1, n_moe * E)
     slot_bytes = -(-expert_bytes // SLOT_ALIGN) * SLOT_ALIGN
@@ -253,26 +158,14 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     if dev == "cuda":
         precision, gpu_budget = _fit_gpu(sizes, hw, gpu_memory, gpu_precision, context, kv_per_token)
         left = gpu_budget - sum(sizes.nbytes(w, precision) for w in GPU_SIDE) - context * kv_per_token
-        fit = min(E, left // (n_moe * expert_bytes)) if n_moe else 0  # the same count in every MoE layer
-        if hot_experts is not None and hot_experts > fit:
-            raise PlanError("VRAM", (hot_experts - fit) * n_moe * expert_bytes,
-                            f"--hot-experts {hot_experts} needs {_gb(hot_experts * n_moe * expert_bytes)} but "
-                            f"{_gb(left)} is left after the GPU-side weights and KV cache; use --hot-experts "
-                            f"{fit} or less (or --context / --gpu-precision int8 to free VRAM)")
-        hot = fit if hot_experts is None else hot_experts
+        hot = _fit_hot(hot_experts, left, n_moe, E, expert_bytes)
     else:
         precision = cpu_precision
         if hot_experts:
             raise ValueError("hot_experts needs a CUDA GPU")
         if gpu_memory is not None:
             log.warning("--gpu-memory ignored: the GPU side runs on the CPU")
-
-    where_gpu = "gpu" if dev == "cuda" else "ram"
-    side = {w: precision if precision not in ("int8", "int8w") or w in INT8_CLASSES else
-            "bf16" if precision == "int8" else "bf16w" for w in GPU_SIDE}
-    entries = [Entry(w, where_gpu, side[w], sizes.nbytes(w, side[w])) for w in GPU_SIDE]
-    entries.append(Entry("kv_cache", where_gpu, "bf16" if kv_per_token == 2 * kv_values else "fp32", context * kv_per_token,
-                         f"{context:,} tokens"))
+    entries = _side_entries(sizes, "gpu" if dev == "cuda" else "ram", precision, context, kv_per_token, kv_values)
     if dev == "cuda":
         entries.append(Entry("hot_experts", "gpu", expert_dtype, hot * n_moe * expert_bytes,
                              f"{hot}/layer x {n_moe} layers"))
@@ -287,32 +180,85 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     entries.append(Entry("routed_experts", mode, expert_dtype,
                          sizes.routed_bytes if mode == "mmap" else slots * slot_bytes, detail))
 
-    # -- the disk ---------------------------------------------------------------------------
-    disk = hw.disk_for(checkpoint_dir) if checkpoint_dir is not None else None
-    if disk is not None:
-        d = Path(checkpoint_dir)
-        present = sum(f.stat().st_size for f in d.glob("*.safetensors")) if d.is_dir() else 0
-        missing = max(0, sizes.disk_bytes - present)
-        if missing > disk.free_bytes:
-            raise PlanError("disk", missing - disk.free_bytes,
-                            f"the checkpoint needs {_gb(sizes.disk_bytes)} and {_gb(missing)} of it is not in "
-                            f"{checkpoint_dir} yet, but its filesystem has {_gb(disk.free_bytes)} free; "
-                            "choose a checkpoint directory on a larger disk")
-        if mode == "cache" and disk.rotational:
-            log.warning("expert cache misses will be read from a rotational disk (%s): expect well under 1 tok/s",
-                        disk.device)
-
     p = Plan(device=dev, gpu_precision=precision, entries=tuple(entries), context=context,
              kv_bytes_per_token=kv_per_token, expert_mode=mode, expert_bytes=expert_bytes, slot_bytes=slot_bytes,
              cache_slots=slots, hot_experts_per_layer=hot, n_moe_layers=n_moe, experts_per_layer=E,
              experts_per_token=K, expert_bytes_per_token=expert_bytes * K * n_moe, cpu_threads=threads,
              numa_nodes=hw.numa_nodes, gpu_index=0 if dev == "cuda" else None, gpu_budget=gpu_budget,
-             ram_budget=budget, ram_available=hw.ram_available, ram_reserve=ram_reserve(hw.ram_total), disk=disk)
+             ram_budget=budget, ram_available=hw.ram_available, ram_reserve=ram_reserve(hw.ram_total),
+             disk=_check_disk(sizes, hw, checkpoint_dir, mode))
     log.info("plan: %s", p.summary())
     return p
 
 
-def _fit_ram(sizes: _Sizes, hw: Hardware, needs: dict[str, int], ram_budget: float | None, want: str,
+def _check(cfg: ModelConfig, hw: Hardware, *, context: int, device: str, dtype: str, gpu_precision: str,
+           cpu_threads: int | None, **shared: object) -> tuple[str, int]:
+    """plan()'s option checks, the values by hybrid.load's own specs (options.py), then how they combine
+    on `hw`; returns (where the GPU side runs, CPU threads for the experts)."""
+    check(context=context, device=device, dtype=dtype, gpu_precision=gpu_precision, cpu_threads=cpu_threads,
+          **shared)
+    if context > cfg.max_position_embeddings:
+        raise ValueError(f"--context {context} must lie in 1..{cfg.max_position_embeddings} (max_position_embeddings)")
+    if device == "cuda" and not hw.gpus:
+        raise ValueError("device 'cuda' asked for, but no CUDA GPU was detected (to plan a machine with one, "
+                         "pass --gpu-gb)")
+    dev = "cuda" if device == "cuda" or (device == "auto" and hw.gpus) else "cpu"
+    if dev == "cuda" and dtype == "float32":
+        raise ValueError("dtype 'float32' is for a GPU side on the CPU; on CUDA it is bf16 (or int8 weights): "
+                         "leave dtype at 'auto' or pick device 'cpu'")
+    if dev == "cpu" and gpu_precision == "bf16":
+        raise ValueError("gpu_precision 'bf16' needs a CUDA GPU; without one the GPU side runs on the CPU, its "
+                         "weights in bf16 with fp32 math ('bf16w', the default); use --gpu-precision auto (or int8)")
+    if dev == "cpu" and gpu_precision == "int8" and dtype == "bfloat16":
+        raise ValueError("gpu_precision 'int8' on the CPU computes in fp32; leave dtype at 'auto' or 'float32'")
+    threads = cpu_threads if cpu_threads is not None else hw.threads
+    if threads > hw.logical_cores:
+        log.warning("cpu_threads %d exceeds the %d logical cores; expect slower experts", threads, hw.logical_cores)
+    return dev, threads
+
+
+def _fit_hot(hot_experts: int | None, left: int, n_moe: int, E: int, expert_bytes: int) -> int:
+    """Hot experts per MoE layer in the `left` bytes of VRAM (the same count in every MoE layer)."""
+    fit = min(E, left // (n_moe * expert_bytes)) if n_moe else 0
+    if hot_experts is not None and hot_experts > fit:
+        raise PlanError("VRAM", (hot_experts - fit) * n_moe * expert_bytes,
+                        f"--hot-experts {hot_experts} needs {_gb(hot_experts * n_moe * expert_bytes)} but "
+                        f"{_gb(left)} is left after the GPU-side weights and KV cache; use --hot-experts "
+                        f"{fit} or less (or --context / --gpu-precision int8 to free VRAM)")
+    return fit if hot_experts is None else hot_experts
+
+
+def _side_entries(sizes: ClassSizes, where: str, precision: str, context: int, kv_per_token: int,
+                  kv_values: int) -> list[Entry]:
+    """The GPU side's classes and its KV cache, `where` it runs; with int8 only INT8_CLASSES are int8."""
+    side = {w: precision if precision not in ("int8", "int8w") or w in INT8_CLASSES else
+            "bf16" if precision == "int8" else "bf16w" for w in GPU_SIDE}
+    entries = [Entry(w, where, side[w], sizes.nbytes(w, side[w])) for w in GPU_SIDE]
+    entries.append(Entry("kv_cache", where, "bf16" if kv_per_token == 2 * kv_values else "fp32",
+                         context * kv_per_token, f"{context:,} tokens"))
+    return entries
+
+
+def _check_disk(sizes: ClassSizes, hw: Hardware, checkpoint_dir: str | Path | None, mode: str) -> Disk | None:
+    """The checkpoint's filesystem (None without checkpoint_dir): the part not there yet must fit on it."""
+    disk = hw.disk_for(checkpoint_dir) if checkpoint_dir is not None else None
+    if disk is None:
+        return None
+    d = Path(checkpoint_dir)
+    present = sum(f.stat().st_size for f in d.glob("*.safetensors")) if d.is_dir() else 0
+    missing = max(0, sizes.disk_bytes - present)
+    if missing > disk.free_bytes:
+        raise PlanError("disk", missing - disk.free_bytes,
+                        f"the checkpoint needs {_gb(sizes.disk_bytes)} and {_gb(missing)} of it is not in "
+                        f"{checkpoint_dir} yet, but its filesystem has {_gb(disk.free_bytes)} free; "
+                        "choose a checkpoint directory on a larger disk")
+    if mode == "cache" and disk.rotational:
+        log.warning("expert cache misses will be read from a rotational disk (%s): expect well under 1 tok/s",
+                    disk.device)
+    return disk
+
+
+def _fit_ram(sizes: ClassSizes, hw: Hardware, needs: dict[str, int], ram_budget: float | None, want: str,
              min_cache: int, slot_bytes: int, dev: str, precision: str) -> tuple[str, int, int]:
     """(expert mode, expert budget, cache slots); min_cache = the current layer's top-k + a prefetched next."""
     avail, reserve, need = hw.ram_available, ram_reserve(hw.ram_total), sum(needs.values())
@@ -347,7 +293,7 @@ def _fit_ram(sizes: _Sizes, hw: Hardware, needs: dict[str, int], ram_budget: flo
     return mode, max(0, budget), slots
 
 
-def _fit_gpu(sizes: _Sizes, hw: Hardware, gpu_memory: float | None, want: str, context: int,
+def _fit_gpu(sizes: ClassSizes, hw: Hardware, gpu_memory: float | None, want: str, context: int,
              kv_per_token: int) -> tuple[str, int]:
     """(precision, VRAM budget): bf16 when it fits with the KV cache, else int8 ('auto')."""
     g = hw.gpus[0]
@@ -383,63 +329,3 @@ def _fit_gpu(sizes: _Sizes, hw: Hardware, gpu_memory: float | None, want: str, c
                     f"the GPU side needs {_gb(need)} (weights in {best} {_gb(weights[best])} + KV cache for "
                     f"{context:,} tokens {_gb(kv)}) but the VRAM budget is {_gb(budget)} ({where}); "
                     f"fix: {'; '.join(fixes)}")
-
-
-# ---- what the plan can do at best -----------------------------------------------------------
-
-def projected_decode_tps(plan: Plan, cfg: ModelConfig, mem_read_gbps: float, disk_gbps: float | None = None,
-                         hit_rate: float | None = None, gpu_gbps: float | None = None) -> dict:
-    """Decode ceiling (batch 1) from bytes per token over bandwidth, stage by stage.
-
-    Routed bytes per token = experts_per_token x MoE layers x one expert (size_report's figure). Hot
-    experts take hot/E of them off the CPU (uniform routing assumed). Cache misses come from disk:
-    hit_rate defaults to the cache's share of all experts (what i.i.d. routing would give; replayed
-    traces give the real figure). The KV term assumes a full cache. On a CPU-only plan the GPU-side
-    weights are read from RAM by the same cores: they join the RAM term. Returns bytes per token,
-    seconds per token per stage, tok_s (stages overlapped), tok_s_serial (summed), bottleneck, explain.
-    tok_s and tok_s_serial are None when nothing counted takes time (all on a GPU of unknown bandwidth).
-    """
-    if len(cfg.moe_layers) != plan.n_moe_layers or cfg.n_routed_experts != plan.experts_per_layer:
-        raise ValueError("the plan was made for a different model config")
-    routed = plan.expert_bytes_per_token
-    hot_frac = plan.hot_experts_per_layer / plan.experts_per_layer
-    cpu_experts = int(routed * (1 - hot_frac))
-    gpu_experts = routed - cpu_experts
-    capacity = min(1.0, plan.cache_slots / (plan.n_moe_layers * plan.experts_per_layer))
-    hit = 1.0 if plan.expert_mode == "mmap" else capacity if hit_rate is None else hit_rate
-    if not 0 <= hit <= 1:
-        raise ValueError(f"hit_rate must lie in 0..1, got {hit}")
-    miss = int(cpu_experts * (1 - hit))
-    side = sum(e.nbytes for e in plan.entries if e.what in GPU_SIDE + ("kv_cache",))
-    if miss and not disk_gbps:
-        raise ValueError(f"cache misses read {_gb(miss)} per token from disk; pass disk_gbps")
-    terms: dict[str, float | None] = {"disk": miss / (disk_gbps * GB) if miss else 0.0}
-    if plan.device == "cpu":
-        terms.update(ram=(cpu_experts + side) / (mem_read_gbps * GB), gpu=0.0)
-    else:
-        terms.update(ram=cpu_experts / (mem_read_gbps * GB), gpu=(side + gpu_experts) / (gpu_gbps * GB) if gpu_gbps else None)
-    known = {k: v for k, v in terms.items() if v is not None}
-    worst = max(known, key=known.get)
-    serial, overlapped = sum(known.values()), known[worst]
-    explain = [f"routed experts: {plan.experts_per_token} x {plan.n_moe_layers} layers x "
-               f"{plan.expert_bytes / 1e6:.1f} MB = {_gb(routed)} per token",
-               f"hot experts on the GPU ({plan.hot_experts_per_layer}/{plan.experts_per_layer} per layer) take "
-               f"{_gb(gpu_experts)}; the CPU reads {_gb(cpu_experts)} at {mem_read_gbps:.1f} GB/s"]
-    if plan.expert_mode == "cache":
-        explain.append(f"cache hit rate {hit:.0%}: {_gb(miss)} per token from disk" +
-                       (f" at {disk_gbps:g} GB/s" if miss else ""))
-    explain.append(f"GPU side (weights + full KV cache) reads {_gb(side)} per token " +
-                   ("from RAM on the CPU" if plan.device == "cpu" else
-                    f"at {gpu_gbps:g} GB/s" if gpu_gbps else "(no gpu_gbps given: not counted)"))
-    if overlapped > 0:
-        explain.append(f"ceiling {1 / overlapped:.2f} tok/s with stages overlapped, {1 / serial:.2f} tok/s "
-                       f"summed; bottleneck: {worst}")
-    else:  # every byte a token reads is on the GPU, whose bandwidth was not given
-        worst = "gpu"
-        explain.append("ceiling: not counted: every byte a token reads is on the GPU; pass gpu_gbps "
-                       "(--gpu-gbps) for a figure")
-    return {"routed_bytes_per_token": routed, "cpu_expert_bytes": cpu_experts, "gpu_expert_bytes": gpu_experts,
-            "gpu_side_bytes": side, "disk_bytes": miss, "hit_rate": hit,
-            "ram_s": terms["ram"], "disk_s": terms["disk"], "gpu_s": terms["gpu"],
-            "tok_s": 1 / overlapped if overlapped else None, "tok_s_serial": 1 / serial if serial else None,
-            "bottleneck": worst, "explain": explain}

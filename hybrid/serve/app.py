@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from hybrid.runtime.options import LoadOptions
 from hybrid.serve import anthropic_api as api_anthropic, openai_api as api_openai
 from hybrid.serve.common import ApiError, ServerState, check_model, server_state
 from hybrid.serve.runner import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_QUEUE, EngineRunner
@@ -114,7 +115,13 @@ def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-
         app.add_middleware(RequestGuard, api_key=api_key, allowed_hosts=allowed_hosts)
     app.include_router(api_openai.router)
     app.include_router(api_anthropic.router)
-    created = int(time.time())
+    _add_error_handlers(app)
+    _add_info_routes(app, engine, model_name)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error, raised or unforeseen, as a body in the style of the API its path belongs to."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -134,6 +141,11 @@ def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("500 for %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(request.url.path, 500, f"internal error: {type(exc).__name__}: {exc}", None, "server_error")
+
+
+def _add_info_routes(app: FastAPI, engine: Any, model_name: str) -> None:
+    """/health (the queue's state) and /v1/models (the one model, as OpenAI lists models)."""
+    created = int(time.time())
 
     @app.get("/health")
     async def health(request: Request) -> dict:
@@ -155,29 +167,29 @@ def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-
         check_model(server_state(request), model_id)
         return model_card()
 
-    return app
-
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           backend: str = "auto", context: int | None = 32768, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_prompt_tokens: int | None = None, log_level: str = "info", model_name: str = "kimi-k2-thinking",
           max_queue: int | None = DEFAULT_MAX_QUEUE, keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
           **load_options: Any) -> None:
-    """Load the model (checkpoint directory or preset; load_options go to hybrid.load) and serve it
+    """Load the model (a checkpoint directory or a repo id in the Hugging Face cache; `kimi-hybrid serve`
+    resolves presets first; load_options go to hybrid.load) and serve it
     until interrupted, as `model_name`. Binds to loopback unless told otherwise."""
     import uvicorn
 
     from hybrid.runtime.loader import load
 
+    kwargs = {"backend": backend, **load_options}
+    if context is not None:  # None: the engine's own default
+        kwargs["context"] = context
+    options = LoadOptions(model=model, **kwargs)  # a bad option is refused before logging or loading starts
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("hybrid").setLevel(log_level.upper())  # queue positions and per-request figures
     if host not in LOOPBACK and not api_key:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", host)
-    options = {"backend": backend, **load_options}
-    if context is not None:
-        options["context"] = context
-    engine = load(model, **options)
+    engine = load(**options.kwargs())
     app = create_app(engine, api_key=api_key, model_name=model_name, max_body_bytes=max_body_bytes,
                      max_prompt_tokens=max_prompt_tokens, max_queue=max_queue, keepalive_s=keepalive_s,
                      allowed_hosts=LOOPBACK if host in LOOPBACK and not api_key else None)

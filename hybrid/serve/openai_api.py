@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hybrid.serve.common import (ApiError, JobStream, ServerState, check_model, collect, join_text_parts,
                          normalize_tool_ids, prepare, read_json, sampling_params, server_state, submit, validate)
-from hybrid.text.conversation import ToolChoiceError, apply_tool_choice
+from hybrid.text.conversation import ToolChoiceError, apply_tool_choice, template_role
 from hybrid.serve.runner import Failed, Finished, Job, Started
 from hybrid.text.parser import ContentDelta, ReasoningDelta, ToolCall, ToolCallError
 
@@ -105,7 +105,7 @@ def _messages(req: ChatRequest) -> list[dict]:
         if m.content is None and m.role != "assistant":  # an assistant turn may be tool calls alone
             raise ApiError(400, f"messages[{i}].content is required for a {m.role} message", f"messages[{i}].content",
                            "missing_required_parameter")
-        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+        msg: dict[str, Any] = {"role": template_role(m.role),
                                "content": _text(m.content, f"messages[{i}].content")}
         if m.name:
             msg["name"] = m.name  # the K2 template shows it as the speaker

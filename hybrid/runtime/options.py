@@ -1,0 +1,159 @@
+"""The options of hybrid.load, written once as data: each field of LoadOptions carries its default, what it
+accepts (an integer range, a closed set of choices, GB, a file path) and its help text, checked in
+__post_init__. The CLI builds its engine flags from the same fields and the server checks its load options
+with it; placement.plan checks the options it shares through check(). Must not open a checkpoint or
+allocate anything: the checks that need the model's config wait for check_config().
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hybrid.experts.policy import POLICIES
+from hybrid.runtime.hardware import MAX_IO_THREADS, MAX_THREADS
+
+if TYPE_CHECKING:
+    from hybrid.checkpoint.config import ModelConfig
+
+ONE_OF = "{name} must be one of {listed}, got {value!r}"  # the refusal of the options plan() checked first
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one option accepts. kind 'int' (low..high), 'gb' (a finite number of GB above 0), 'choice'
+    (one of choices) or 'path' (a str or Path). refusal: the message where the kind's usual one is not
+    it ({name}, {value!r}, {either}: "'a', 'b' or 'c'", {listed}: "a, b, c"). flag: every command that
+    runs the model offers it as --name-with-dashes, with help as its --help."""
+
+    kind: str
+    help: str
+    choices: tuple[Any, ...] = ()
+    low: int = 0
+    high: int | None = None
+    optional: bool = False  # None accepted: the engine (or the plan) chooses
+    flag: bool = False
+    flag_low: int | None = None  # the flag's floor where the CLI asks for more than Python does
+    refusal: str = ""
+
+    def check(self, name: str, value: Any) -> None:
+        """Raise ValueError, naming the option and the value, unless value is acceptable."""
+        if value is None and self.optional:
+            return
+        if self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int) or value < self.low or (
+                    self.high is not None and value > self.high):
+                span = f"in {self.low}..{self.high}" if self.high is not None else f">= {self.low}"
+                raise ValueError(f"{name} must be an integer {span}, got {value!r}")
+        elif self.kind == "gb":  # named as the flag, as plan() has always named it (CLI and Python alike)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number of GB above 0, got {value!r}; "
+                                 "leave it out for the default")
+        elif self.kind == "choice":
+            if value not in self.choices:
+                either = ", ".join(map(repr, self.choices[:-1])) + f" or {self.choices[-1]!r}"
+                raise ValueError((self.refusal or "{name} must be {either}, got {value!r}").format(
+                    name=name, value=value, either=either, listed=", ".join(map(str, self.choices))))
+        elif not isinstance(value, (str, Path)):  # 'path'
+            raise ValueError((self.refusal or "{name} must be a file path or None, got {value!r}").format(
+                name=name, value=value))
+
+
+def _opt(default: Any, kind: str, help: str, **spec: Any) -> Any:
+    return field(default=default, metadata={"spec": Spec(kind, help, **spec)})
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """hybrid.load's keywords (the same names and defaults; its docstring says what each does)."""
+
+    model: str | Path = _opt("tiny", "path", "Checkpoint directory, preset name or Hugging Face repo id.",
+                             refusal="model must be a checkpoint directory, a preset name or a Hugging Face repo id, "
+                                     "got {value!r}")
+    backend: str = _opt("auto", "choice", "Routed experts: Numba INT4 kernels, the torch fp32 reference (the oracle), "
+                        "or auto (numba where the CPU has AVX2; the default).", choices=("auto", "numba", "reference"),
+                        flag=True, refusal="backend {value!r} is not known; use 'numba', 'reference' or 'auto'")
+    device: str = _opt("auto", "choice", "Where the GPU side runs (auto: CUDA when there is a GPU; cpu: everything "
+                       "on the CPU).", choices=("auto", "cuda", "cpu"), flag=True, refusal=ONE_OF)
+    # the flag's floor of 16: a command's prompt needs room in the cache (Python callers may go lower)
+    context: int = _opt(4096, "int", "Tokens the KV cache holds (default: the engine's).", low=1, flag=True,
+                        flag_low=16)
+    expert_mode: str = _opt("auto", "choice", "Routed experts from the page cache (mmap) or a RAM slot cache fed "
+                            "from disk.", choices=("auto", "mmap", "cache"), flag=True)
+    cache_slots: int | None = _opt(None, "int", "RAM cache slots (implies expert_mode='cache').", low=1, optional=True)
+    ram_budget: float | None = _opt(None, "gb", "GB of RAM for routed experts.", optional=True, flag=True)
+    gpu_memory: float | None = _opt(None, "gb", "GB of VRAM the plan may use.", optional=True, flag=True)
+    cpu_threads: int | None = _opt(None, "int", "Threads for the CPU experts.", low=1, high=MAX_THREADS,
+                                   optional=True, flag=True)
+    prefetch: bool | str = _opt("auto", "choice", "Prefetch the next layer's predicted experts (cache mode).",
+                                choices=(True, False, "auto"))
+    prefetch_width: int | None = _opt(None, "int", "Experts prefetched per layer (default: twice the top-k).", low=1,
+                                      optional=True)
+    cache_policy: str = _opt("lrfu", "choice", "Expert cache eviction.", choices=tuple(POLICIES),
+                             refusal="cache_policy {value!r} is not known; choose one of {listed}")
+    io_threads: int = _opt(2, "int", "Expert cache readers.", low=1, high=MAX_IO_THREADS)
+    trace: str | Path | None = _opt(None, "path", "Write routing decisions as JSON lines to this file.", optional=True)
+    defer_experts: int = _opt(0, "int", "Lowest-weight experts per MoE layer added one layer later.")
+    hot_experts: int | None = _opt(None, "int", "Routed experts per MoE layer kept on the GPU (default: what the "
+                                   "plan's spare VRAM holds).", optional=True, flag=True)
+    prefill_offload: str = _opt("auto", "choice", "Long prompts: upload a layer's experts to the GPU side.",
+                                choices=("auto", "on", "off"))
+    decode_graphs: str = _opt("auto", "choice", "Decode through a fixed-shape step, one CUDA graph per token on CUDA "
+                              "with the CPU expert hops inside (auto: on with CUDA; on: also without CUDA, eagerly; "
+                              "segments: a graph per segment, the host hopping between them, also where 'on' cannot "
+                              "run; off: the plain forward).", choices=("auto", "on", "segments", "off"), flag=True)
+    # engine.PREFILL_CHUNK (this module must not import the engine: placement imports it); a test holds them equal
+    prefill_chunk: int = _opt(4096, "int", "Prompt tokens per forward pass (default 4096): bounds prefill memory on "
+                              "long prompts.", low=1, flag=True)
+    dtype: str = _opt("auto", "choice", "The GPU side's compute dtype.", choices=("auto", "bfloat16", "float32"),
+                      refusal=ONE_OF)
+    routing_stats: str | Path | None = _opt("auto", "path", "File keeping the routing counts across sessions.",
+                                            optional=True,
+                                            refusal="routing_stats must be 'auto', a file path or None, got {value!r}")
+    gpu_precision: str = _opt("auto", "choice", "Storage of the big GPU-side linears (auto: bf16 when it fits with "
+                              "the KV cache, else int8 weight-only; without a GPU, bf16 weights with fp32 math, or "
+                              "int8 ones: faster, int8's rounding).", choices=("auto", "bf16", "int8"), flag=True,
+                              refusal=ONE_OF)
+
+    def __post_init__(self) -> None:
+        # option errors first, before anything large is opened or allocated
+        for f in fields(self):
+            f.metadata["spec"].check(f.name, getattr(self, f.name))
+        if self.decode_graphs in ("on", "segments") and self.defer_experts:
+            raise ValueError(f"decode_graphs={self.decode_graphs!r} does not combine with defer_experts (the deferred "
+                             "sum crosses the graph segments); use one or the other")
+        if self.backend == "reference" and (self.cache_slots is not None or self.expert_mode == "cache" or self.trace
+                                            or self.hot_experts or self.routing_stats not in ("auto", None)):
+            raise ValueError("the reference backend computes every expert itself from the checkpoint: cache_slots, "
+                             "expert_mode='cache', trace, hot_experts and routing_stats need backend='numba'")
+        if self.trace is not None and not Path(self.trace).parent.is_dir():
+            raise ValueError(f"trace: the folder of {self.trace} does not exist")
+        if self.routing_stats not in ("auto", None) and not Path(self.routing_stats).parent.is_dir():
+            raise ValueError(f"routing_stats: the folder of {self.routing_stats} does not exist; create it, or pass "
+                             "'auto' for a file under the cache directory")
+
+    def check_config(self, cfg: ModelConfig) -> None:
+        """The checks that need the model's config (the checkpoint is open, nothing large allocated yet)."""
+        n_experts = cfg.n_routed_experts * len(cfg.moe_layers)
+        if self.cache_slots is not None and self.cache_slots > n_experts:
+            raise ValueError(f"cache_slots {self.cache_slots} exceeds the model's {n_experts} routed experts; "
+                             f"use at most {n_experts} (or expert_mode='mmap' when they all fit in RAM)")
+        if not 0 <= self.defer_experts < cfg.num_experts_per_tok:
+            raise ValueError(f"defer_experts must lie in 0..{cfg.num_experts_per_tok - 1}, got {self.defer_experts}")
+        if self.hot_experts is not None and not 0 <= self.hot_experts <= cfg.n_routed_experts:
+            raise ValueError(f"hot_experts must lie in 0..{cfg.n_routed_experts}, got {self.hot_experts}")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The options as hybrid.load's keywords."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+SPECS: dict[str, Spec] = {f.name: f.metadata["spec"] for f in fields(LoadOptions)}
+FLAGS = tuple(name for name, spec in SPECS.items() if spec.flag)  # what every model-running command offers
+
+
+def check(**values: Any) -> None:
+    """Check options by their LoadOptions spec, for callers that take some of them (placement.plan)."""
+    for name, value in values.items():
+        SPECS[name].check(name, value)
