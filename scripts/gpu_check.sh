@@ -35,12 +35,12 @@ echo "== kernel timings (JSON on stdout)" >&2
 # --hot-experts 0: a big GPU holds all of k2-slice's experts, and the point is the CPU-expert hybrid.
 for graphs in on segments off; do
   echo "== engine: kimi-hybrid bench --json on k2-slice, --decode-graphs $graphs (k2-slice is generated on first use, ~5 GB)" >&2
-  "$PY" -m hybrid.cli.main bench --json --runs 2 --prompt-tokens 64 --gen-tokens 16 --decode-graphs "$graphs" --hot-experts 0
+  "$PY" -m hybrid.cli bench --json --runs 2 --prompt-tokens 64 --gen-tokens 16 --decode-graphs "$graphs" --hot-experts 0
 done
 echo "== engine: the same with the plan's hot experts on the GPU (all of them, on a big GPU)" >&2
-"$PY" -m hybrid.cli.main bench --json --runs 2 --prompt-tokens 64 --gen-tokens 16 --decode-graphs on
+"$PY" -m hybrid.cli bench --json --runs 2 --prompt-tokens 64 --gen-tokens 16 --decode-graphs on
 echo "== engine: int8 GPU-side weights (the Triton GEMV in each decode step), one CUDA graph per token" >&2
-"$PY" -m hybrid.cli.main bench --json --runs 2 --prompt-tokens 64 --gen-tokens 16 --decode-graphs on --hot-experts 0 \
+"$PY" -m hybrid.cli bench --json --runs 2 --prompt-tokens 64 --gen-tokens 16 --decode-graphs on --hot-experts 0 \
   --gpu-precision int8
 echo "== engine: scheduler and expert-cache figures (MoE block vs kernel, cache overlap)" >&2
 "$PY" scripts/bench_engine.py --tokens 16

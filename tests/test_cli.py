@@ -261,7 +261,7 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])
     check_schema(out)
-    assert out["schema"] == "kimi-hybrid.bench.engine_bench/2" and out["settings"]["runs"] == 2
+    assert out["schema"] == "kimi-hybrid.bench/2" and out["settings"]["runs"] == 2
     assert len(out["decode"]["runs_tok_s"]) == 2 and out["decode"]["tok_s"]["min"] <= out["decode"]["tok_s"]["max"]
     d = out["decode"]
     assert d["bytes_per_token"] == d["expert_bytes_per_token"] + d["weight_bytes_per_token"] > 0

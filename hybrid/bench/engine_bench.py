@@ -20,7 +20,7 @@ from hybrid.runtime.probe import GB, mem_read_gbps
 if TYPE_CHECKING:
     from hybrid.runtime.engine import Engine
 
-SCHEMA = "kimi-hybrid.bench.engine_bench/2"
+SCHEMA = "kimi-hybrid.bench/2"
 # the split's keys (ms per token) <- Engine.stats() seconds; all but 'unaccounted' come from there
 SPLIT = {"gpu_side": "gpu_side_s", "experts_compute": "experts_compute_s", "experts_wait": "experts_wait_s",
          "io_wait": "io_wait_s", "overhead": "overhead_s"}
