@@ -222,7 +222,7 @@ def documented_fields() -> dict[str, tuple[str, bool]]:
     """field path -> (type, nullable) from the table in docs/bench_schema.md."""
     out = {}
     for line in SCHEMA_DOC.read_text().splitlines():
-        m = re.match(r"\| `([\w.]+)` \| ([a-z ]+?) \|", line)
+        m = re.match(r"\| `([\w.*]+)` \| ([a-z ]+?) \|", line)
         if m:
             typ, nullable = m.group(2).removesuffix(" or null"), m.group(2).endswith(" or null")
             assert typ in TYPES, f"unknown type {typ!r} in the schema doc"
@@ -237,7 +237,9 @@ def check_schema(out: dict) -> None:
     def walk(obj: dict, prefix: str) -> None:
         for k, v in obj.items():
             path = prefix + k
-            assert path in fields, f"{path} is in the output but not in docs/bench_schema.md"
+            if path not in fields:  # a documented family: `a.b.*.c` stands for every listed `a.b.X`'s `c`
+                path = ".".join(prefix.split(".")[:-2] + ["*", k]) if prefix.count(".") >= 2 else path
+            assert path in fields, f"{prefix + k} is in the output but not in docs/bench_schema.md"
             seen.add(path)
             typ, nullable = fields[path]
             if v is None:
@@ -278,6 +280,22 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
     assert d["overlap_efficiency"] == pytest.approx(max(0.0, 1 - split["experts_wait"] / split["experts_compute"]))
     assert out["settings"]["decode_graphs"] == "off" and out["settings"]["hot_experts"] == 0
     assert out["settings"]["gpu_precision"] == ("bf16" if torch.cuda.is_available() else "bf16w")
+    # the per-component account: its bytes add up to the plan's weights, the experts' and the latent cache's
+    comp, cfg = d["components"], ck.config
+    weights = ("attention_projections", "attention_math", "router", "shared_expert", "dense_mlp", "head")
+    latent = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 * (8 + 4 / 2)  # fp32, mean length
+    assert sum(comp[k]["bytes_per_token"] for k in weights) == pytest.approx(d["weight_bytes_per_token"] + latent)
+    assert comp["experts"]["bytes_per_token"] == d["expert_bytes_per_token"]
+    assert comp["experts"]["ms_per_token"] == pytest.approx(split["experts_compute"])
+    assert all(comp[k]["bytes_per_token"] is None for k in ("experts_wait", "sampling", "dispatch_overhead"))
+    in_forward = ("attention_projections", "attention_math", "router", "shared_expert", "dense_mlp", "head",
+                  "experts_wait", "dispatch_overhead")
+    assert sum(comp[k]["ms_per_token"] for k in in_forward) == pytest.approx(
+        split["gpu_side"] + split["experts_wait"] + split["overhead"], rel=1e-6)
+    for c in comp.values():
+        if c["gbps"] is not None:
+            assert c["gbps"] == pytest.approx(c["bytes_per_token"] / c["ms_per_token"] / 1e6)
+            assert c["pct_of_mem_read"] == pytest.approx(100 * c["gbps"] / out["machine"]["mem_read_gbps"])
 
 
 def test_device_reaches_the_plan(tiny_path, monkeypatch):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from hybrid.bench.account import decode_account
 from hybrid.runtime.token_loop import greedy
 from hybrid.runtime.tensor_classes import GPU_SIDE
 from hybrid.runtime.probe import GB, mem_read_gbps
@@ -24,7 +25,8 @@ SCHEMA = "kimi-hybrid.bench/2"
 # the split's keys (ms per token) <- Engine.stats() seconds; all but 'unaccounted' come from there
 SPLIT = {"gpu_side": "gpu_side_s", "experts_compute": "experts_compute_s", "experts_wait": "experts_wait_s",
          "io_wait": "io_wait_s", "overhead": "overhead_s"}
-SUMMED = (*SPLIT.values(), "forward_s", "expert_bytes", "bytes_read")
+SUMMED = (*SPLIT.values(), "forward_s", "expert_bytes", "bytes_read", "attention_s", "attention_proj_s", "router_s",
+          "shared_s", "dense_s", "lm_head_s", "sampling_s")
 
 
 def _spread(xs: list[float]) -> dict[str, float]:
@@ -149,7 +151,9 @@ def _report(engine: Engine, name: str | None, settings: dict, mem_gbps: float, p
                    "disk_bytes_per_token": decode.per_token("bytes_read"),
                    "per_moe_layer_ms": {k: decode_split[k] / max(1, len(cfg.moe_layers))
                                         for k in ("gpu_side", "experts_compute", "experts_wait")},
-                   "overlap_efficiency": max(0.0, 1 - decode.sums["experts_wait_s"] / compute) if compute > 0 else None},
+                   "overlap_efficiency": max(0.0, 1 - decode.sums["experts_wait_s"] / compute) if compute > 0 else None,
+                   "components": decode_account(engine, decode.sums, decode.tokens, decode.wall_s,
+                                                settings["prompt_tokens"] + settings["gen_tokens"] / 2, mem_gbps)},
         "cache": ({"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else None}
                   if prefill.cache or decode.cache else None),
     }

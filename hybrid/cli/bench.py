@@ -81,6 +81,28 @@ def _num(x: float | None, fmt: str = ",.1f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+COMPONENT_LABELS = {"attention_projections": "attention projections (q_a, q_b, kv_a, o_proj)",
+                    "attention_math": "attention math (norms, rope, latent cache, MLA)",
+                    "router": "router", "shared_expert": "shared expert (and hot experts)",
+                    "dense_mlp": "dense layer MLP", "head": "final norm and lm_head",
+                    "experts": "routed experts (CPU workers, overlapping)",
+                    "experts_wait": "waiting for the routed experts", "sampling": "sampling",
+                    "dispatch_overhead": "Python and torch dispatch between the timed parts",
+                    "outside_forward": "token loop outside the forward pass"}
+
+
+def _render_components(comp: dict, mem_gbps: float) -> None:
+    t = Table(title=f"decode, by component (RAM read bandwidth {mem_gbps:.1f} GB/s in this run)", title_justify="left")
+    for col in ("component", "ms/token", "MB/token", "GB/s", "% of RAM"):
+        t.add_column(col, justify="left" if col == "component" else "right")
+    for key, label in COMPONENT_LABELS.items():
+        c = comp[key]
+        mb = None if c["bytes_per_token"] is None else c["bytes_per_token"] / 1e6
+        t.add_row(label, _num(c["ms_per_token"], ",.2f"), _num(mb, ",.1f"), _num(c["gbps"], ",.1f"),
+                  _num(c["pct_of_mem_read"], ",.0f"))
+    console.print(t)
+
+
 def render(r: dict) -> None:
     m, s, pre, dec = r["model"], r["settings"], r["prefill"], r["decode"]
     console.print(f"[bold]{m['name']}[/]: {m['layers']} layers ({m['moe_layers']} MoE x {m['routed_experts']} experts, "
@@ -101,6 +123,8 @@ def render(r: dict) -> None:
     for key, label in SPLIT_LABELS.items():
         t.add_row(label, *(_num(ph["split_ms_per_token"][key], ",.2f") for ph in (pre, dec)))
     console.print(t)
+
+    _render_components(dec["components"], r["machine"]["mem_read_gbps"])
 
     t = Table(title="decode, per token per MoE layer", title_justify="left", show_header=False)
     t.add_column("figure")

@@ -170,10 +170,11 @@ class Model:
         depend on the position, which is what a captured (CUDA-graph) decode step needs."""
         c, a = self.cfg, self.weights.layers[i].self_attn
         T, H, P, R, L, Vd = x.shape[0], c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank, c.v_head_dim
-        cq = rms_norm(linear(x, a.q_a_proj), a.q_a_layernorm, LATENT_NORM_EPS)  # [T, Q]
-        q = linear(cq, a.q_b_proj).view(T, H, P + R)
+        proj = self._projection
+        cq = rms_norm(proj(x, a.q_a_proj), a.q_a_layernorm, LATENT_NORM_EPS)  # [T, Q]
+        q = proj(cq, a.q_b_proj).view(T, H, P + R)
         q_nope, q_pe = q[..., :P], apply_rope(q[..., P:], cos, sin)  # [T, H, P], [T, H, R]
-        kv = linear(x, a.kv_a_proj_with_mqa)  # [T, L + R]
+        kv = proj(x, a.kv_a_proj_with_mqa)  # [T, L + R]
         latent = rms_norm(kv[:, :L], a.kv_a_layernorm, LATENT_NORM_EPS)
         if isinstance(s0, torch.Tensor):  # positions on the device: written by index, read through a fixed span
             if mode != "absorbed" or span is None:
@@ -199,7 +200,14 @@ class Model:
             scores = (scores * c.softmax_scale).masked_fill(causal[:, None, :], float("-inf"))
             probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
             o = torch.einsum("ths,shv->thv", probs, kvb[..., P:])  # [T, H, V]
-        return linear(o.reshape(T, H * Vd), a.o_proj)
+        return proj(o.reshape(T, H * Vd), a.o_proj)
+
+    def _projection(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
+        """An attention projection, timed apart from the attention math for the bench's account."""
+        t0 = time.perf_counter()
+        y = linear(x, w)
+        self.times.attention_proj += time.perf_counter() - t0
+        return y
 
     def route(self, i: int, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (ids [T, K], weights [T, K]); DeepSeek-V3: the bias picks experts but does not weight them.

@@ -105,6 +105,8 @@ class Engine:
         gpu_side = t.attention + t.router + t.shared + t.dense + t.lm_head
         out = {
             "forward_s": t.forward, "gpu_side_s": gpu_side, "attention_s": t.attention,
+            "attention_proj_s": t.attention_proj, "router_s": t.router, "dense_s": t.dense, "lm_head_s": t.lm_head,
+            "sampling_s": t.sampling,
             "shared_s": t.shared, "experts_wait_s": t.experts_wait, "submit_s": t.submit,
             "experts_compute_s": ex["experts_compute_s"], "io_wait_s": ex["io_wait_s"],
             "expert_bytes": ex["expert_bytes"], "tokens": dict(self._tokens),

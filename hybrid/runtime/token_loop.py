@@ -56,7 +56,9 @@ def generate(model: Model, cache: KVCache, prompt: list[int], max_new_tokens: in
             return
         logits = model.forward(new[c0:c0 + chunk], cache, last_only=True)[-1]
     for i in range(max_new_tokens):
+        t_sample = time.perf_counter()
         tok = sample(logits)
+        model.times.sampling += time.perf_counter() - t_sample
         last = i + 1 == max_new_tokens or cache.length >= cache.max_len  # context full: no room for this token
         finish = "stop" if tok in stop_ids else ("length" if last else None)
         yield Step(tok, i, len(new), time.perf_counter() - t0, finish)
