@@ -50,18 +50,41 @@ def _weight_impl(w, o, i):
     return lambda w, o, i: np.float32(w[o, i])
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _scale(s, o):
+    # row o's bf16 scale widened, or 1 where there are none (s.shape[0] == 0)
+    return _bf16_to_f32(s[o]) if s.shape[0] else np.float32(1.0)
+
+
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
 def _rows(x, w, s, out, lo, hi):
     # rows lo..hi-1 of out f32 [T, O] from x f32 [T, I], w [O, I] (uint16 bf16 bits or int8 codes)
     # and s uint16 [O] bf16 row scales ([0]: none)
+    # Four output rows at a time: four independent sums, so the vectorised loop is not bound by one
+    # accumulator's FMA latency (on a CPU with 256-bit FMA units that capped one core at ~2 weights a
+    # cycle), and each x[t, i] loaded once for the four
     T, I = x.shape
-    for o in range(lo, hi):
-        scale = _bf16_to_f32(s[o]) if s.shape[0] else np.float32(1.0)
-        for t in range(T):  # the row is re-read from L1 for each row of x
+    o = lo
+    while o + 4 <= hi:
+        for t in range(T):  # the rows are re-read from L1 for each row of x
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for i in range(I):
+                xi = x[t, i]
+                a0 += _weight(w, o, i) * xi
+                a1 += _weight(w, o + 1, i) * xi
+                a2 += _weight(w, o + 2, i) * xi
+                a3 += _weight(w, o + 3, i) * xi
+            out[t, o] = a0 * _scale(s, o)
+            out[t, o + 1] = a1 * _scale(s, o + 1)
+            out[t, o + 2] = a2 * _scale(s, o + 2)
+            out[t, o + 3] = a3 * _scale(s, o + 3)
+        o += 4
+    for o in range(o, hi):
+        for t in range(T):
             acc = np.float32(0.0)
             for i in range(I):
                 acc += _weight(w, o, i) * x[t, i]
-            out[t, o] = acc * scale
+            out[t, o] = acc * _scale(s, o)
 
 
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
