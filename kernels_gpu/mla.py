@@ -39,14 +39,15 @@ def _online_step(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, s: torch.T
 # ---- decode: absorbed form over the latent cache -----------------------------------------------
 
 def mla_decode(q: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
-               w_uk: torch.Tensor | None, w_uv: torch.Tensor, softmax_scale: float, offset: Offset,
+               w_uk: torch.Tensor | None, w_uv: torch.Tensor | None, softmax_scale: float, offset: Offset,
                *, absorbed: bool = False, block: int | None = None) -> torch.Tensor:
     """Absorbed-MLA attention of a few new tokens over the latent cache -> o [T, H, V].
 
     q: q_nope [T, H, P] (absorbed here with w_uk [H, P, L]), or q_lat [T, H, L] when absorbed=True
     (w_uk may then be None). q_pe [T, H, R] roped. kv [S, L] normed latent, k_pe [S, R] roped: the
     cache rows of one layer, positions 0..S-1, S >= offset + T (the new tokens already written).
-    w_uv [H, V, L] (kv_b_proj.view(H, P+V, L)[:, P:]). offset: position of the first new token, an int
+    w_uv [H, V, L] (kv_b_proj.view(H, P+V, L)[:, P:]), or None: return the attention's latent o_lat
+    [T, H, L] for the caller to apply it. offset: position of the first new token, an int
     or a 0-d device tensor (then S may be a fixed bucket larger than offset + T: a CUDA graph
     replays the same shapes while the length lives on the device).
     All H heads share one 576-value key and one 512-value value per position (MQA), so the cache is
@@ -80,6 +81,8 @@ def mla_decode(q: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torc
             k1 = min(S, k0 + block)
             m, l, acc = _online_step(m, l, acc, scores(k0, k1), kv[k0:k1])
         o_lat = (acc / l).to(kv.dtype)
+    if w_uv is None:
+        return o_lat.view(T, H, L)
     return torch.einsum("thl,hvl->thv", o_lat.view(T, H, L), w_uv)  # [T, H, V]
 
 

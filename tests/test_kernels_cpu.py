@@ -317,3 +317,28 @@ def test_avx2_kernels_in_a_subprocess():
                           "-k", "not avx2_kernels_in_a_subprocess"],
                          cwd=here.parents[1], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]   # 5 would mean no test ran
+
+
+def test_head_products_equal_the_float64_einsums():
+    """The absorbed-MLA per-head products against float64 einsums over the same kv_b_proj view: T tokens,
+    odd sizes, both halves of each head; and they refuse what their loops cannot take."""
+    from kernels_cpu.heads import head_absorb, head_values
+
+    rng = np.random.default_rng(11)
+    H, P, V, L = 5, 7, 9, 37
+    kvb = rng.standard_normal((H, P + V, L)).astype(np.float32)
+    k64 = kvb.astype(np.float64)
+    for T in (1, 3):
+        q = rng.standard_normal((T, H, P)).astype(np.float32)
+        o_lat = rng.standard_normal((T, H, L)).astype(np.float32)
+        np.testing.assert_allclose(head_absorb(q, kvb), np.einsum("thp,hpl->thl", q.astype(np.float64), k64[:, :P]),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(head_values(o_lat, kvb, P), np.einsum("thl,hvl->thv", o_lat.astype(np.float64), k64[:, P:]),
+                                   rtol=1e-5, atol=1e-5)
+    q[0, 1, 2] = np.nan  # NaN reaches its head's output only
+    y = head_absorb(q, kvb)
+    assert np.isnan(y[0, 1]).all() and np.isfinite(np.delete(y[0], 1, axis=0)).all()
+    with pytest.raises(ValueError, match="contiguous kv_b"):
+        head_absorb(q, kvb[:, ::2])
+    with pytest.raises(ValueError, match="does not fit"):
+        head_values(o_lat[:, :, :-1], kvb, P)

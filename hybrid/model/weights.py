@@ -28,6 +28,7 @@ class AttentionWeights:
     o_proj: Weight  # [D, H * V]
     w_uk: torch.Tensor  # [H, P, L]: keys out of the latent
     w_uv: torch.Tensor  # [H, V, L]: values out of the latent
+    kv_b_heads: torch.Tensor  # [H, P + V, L]: both, per head (what the CPU's head products read)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ def _attention(cfg: ModelConfig, w: Mapping[str, Weight], p: str) -> AttentionWe
     return AttentionWeights(q_a_proj=w[p + "q_a_proj.weight"], q_a_layernorm=w[p + "q_a_layernorm.weight"],
                             q_b_proj=w[p + "q_b_proj.weight"], kv_a_proj_with_mqa=w[p + "kv_a_proj_with_mqa.weight"],
                             kv_a_layernorm=w[p + "kv_a_layernorm.weight"], kv_b_proj=kv_b,
-                            o_proj=w[p + "o_proj.weight"], w_uk=w_kv_b[:, :P], w_uv=w_kv_b[:, P:])
+                            o_proj=w[p + "o_proj.weight"], w_uk=w_kv_b[:, :P], w_uv=w_kv_b[:, P:],
+                            kv_b_heads=w_kv_b)
 
 
 def _mlp(w: Mapping[str, Weight], p: str) -> MLPWeights:

@@ -1,0 +1,69 @@
+"""Per-head products of absorbed-MLA decode on the CPU: the query into the latent space and the values
+out of it, reading kv_b_proj as stored ([H, P + V, L] fp32, contiguous), each head on one thread.
+
+Owns head_absorb and head_values. torch's batched product over 64 one-row heads ran at a fraction of
+the RAM bandwidth; these stream each head's rows once, vectorised along the contiguous L. Pure
+functions on arrays; imports nothing from hybrid/.
+Letters: T tokens, H heads, P nope dim, V value dim, L latent rank.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+FASTMATH = {"reassoc", "contract"}  # a vectorised sum and FMA; NaN and inf keep their meaning
+
+
+@njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
+def _absorb(q, kvb, out):
+    T, H, P = q.shape
+    L = kvb.shape[2]
+    for h in prange(H):
+        for t in range(T):
+            for l in range(L):
+                out[t, h, l] = 0.0
+            for p in range(P):  # out[t, h] += q[t, h, p] * row p of head h
+                qp = q[t, h, p]
+                for l in range(L):
+                    out[t, h, l] += qp * kvb[h, p, l]
+
+
+@njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
+def _values(o_lat, kvb, P, out):
+    T, H, L = o_lat.shape
+    V = out.shape[2]
+    for h in prange(H):
+        for t in range(T):
+            for v in range(V):
+                acc = np.float32(0.0)
+                for l in range(L):
+                    acc += o_lat[t, h, l] * kvb[h, P + v, l]
+                out[t, h, v] = acc
+
+
+def _check(a: np.ndarray, kvb: np.ndarray, name: str) -> None:
+    if a.dtype != np.float32 or kvb.dtype != np.float32 or kvb.ndim != 3 or not kvb.flags.c_contiguous:
+        raise ValueError(f"{name}: fp32 operands and a contiguous kv_b [H, P + V, L] are needed, got "
+                         f"{a.dtype} and {kvb.dtype} {kvb.shape}")
+
+
+def head_absorb(q_nope: np.ndarray, kvb: np.ndarray) -> np.ndarray:
+    """q_nope fp32 [T, H, P], kvb fp32 [H, P + V, L] -> q_lat [T, H, L] = q_nope[t, h] @ kvb[h, :P]."""
+    _check(q_nope, kvb, "head_absorb")
+    T, H, P = q_nope.shape
+    if kvb.shape[0] != H or kvb.shape[1] <= P:
+        raise ValueError(f"head_absorb: q_nope {q_nope.shape} does not fit kv_b {kvb.shape}")
+    out = np.empty((T, H, kvb.shape[2]), np.float32)
+    _absorb(np.ascontiguousarray(q_nope), kvb, out)
+    return out
+
+
+def head_values(o_lat: np.ndarray, kvb: np.ndarray, P: int) -> np.ndarray:
+    """o_lat fp32 [T, H, L], kvb fp32 [H, P + V, L] -> o [T, H, V] = o_lat[t, h] @ kvb[h, P:].T."""
+    _check(o_lat, kvb, "head_values")
+    T, H, L = o_lat.shape
+    if kvb.shape[0] != H or kvb.shape[2] != L or not 0 <= P < kvb.shape[1]:
+        raise ValueError(f"head_values: o_lat {o_lat.shape} does not fit kv_b {kvb.shape} past P = {P}")
+    out = np.empty((T, H, kvb.shape[1] - P), np.float32)
+    _values(np.ascontiguousarray(o_lat), kvb, P, out)
+    return out
