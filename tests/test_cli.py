@@ -292,7 +292,15 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
                   "experts_wait", "dispatch_overhead")
     assert sum(comp[k]["ms_per_token"] for k in in_forward) == pytest.approx(
         split["gpu_side"] + split["experts_wait"] + split["overhead"], rel=1e-6)
-    for c in comp.values():
+    pre = out["prefill"]  # prefill: 8 tokens in one pass, so weights read once per 8 tokens, the cache once at 8
+    latent_pre = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 * 8 / 8
+    assert sum(pre["components"][k]["bytes_per_token"] for k in weights) == pytest.approx(
+        d["weight_bytes_per_token"] / 8 + latent_pre)
+    assert pre["components"]["experts"]["bytes_per_token"] == pre["expert_bytes_per_token"]
+    assert sum(pre["components"][k]["ms_per_token"] for k in in_forward) == pytest.approx(
+        pre["split_ms_per_token"]["gpu_side"] + pre["split_ms_per_token"]["experts_wait"]
+        + pre["split_ms_per_token"]["overhead"], rel=1e-6)
+    for c in [*comp.values(), *pre["components"].values()]:
         if c["gbps"] is not None:
             assert c["gbps"] == pytest.approx(c["bytes_per_token"] / c["ms_per_token"] / 1e6)
             assert c["pct_of_mem_read"] == pytest.approx(100 * c["gbps"] / out["machine"]["mem_read_gbps"])

@@ -1,4 +1,4 @@
-"""The time and bytes account of one decoded token, by component, for `kimi-hybrid bench`.
+"""The time and bytes account of a token, by component, for `kimi-hybrid bench` (decode and prefill).
 
 Owns the split of the GPU side's weights into the components the forward pass times (Model.times)
 and the figures per component: ms per token, bytes per token, GB/s and its share of the measured RAM
@@ -66,17 +66,19 @@ def cache_bytes(engine: Engine, positions: float) -> float:
     return positions * row * cfg.num_hidden_layers
 
 
-def decode_account(engine: Engine, sums: dict[str, float], tokens: int, wall_s: float, mean_positions: float,
-                   mem_gbps: float) -> dict[str, dict[str, Any]]:
+def account(engine: Engine, sums: dict[str, float], tokens: int, passes: int, wall_s: float, mean_positions: float,
+            mem_gbps: float) -> dict[str, dict[str, Any]]:
     """component -> ms_per_token, bytes_per_token (None: reads no weights), gbps and pct_of_mem_read.
 
-    sums: Engine.stats() seconds and expert_bytes summed over `tokens` decoded tokens taking `wall_s`;
-    mean_positions: the cache length those tokens attended over, on average."""
+    sums: Engine.stats() seconds and expert_bytes summed over `tokens` tokens taking `wall_s` in
+    `passes` forward passes (decode: one a token; prefill: one a prompt chunk), each reading every
+    GPU-side weight once and the latent cache at `mean_positions` positions, on average."""
     seconds = {k: sums[src] for k, (src, _) in COMPONENTS.items() if src}
     seconds["attention_math"] = max(0.0, sums["attention_s"] - sums["attention_proj_s"])
     seconds["outside_forward"] = max(0.0, wall_s - sums["forward_s"] - sums["sampling_s"])
-    nbytes: dict[str, float] = {**weight_bytes(engine), "experts": sums["expert_bytes"] / tokens}
-    nbytes["attention_math"] += cache_bytes(engine, mean_positions)
+    per_pass = {k: v * passes / tokens for k, v in weight_bytes(engine).items()}
+    nbytes: dict[str, float] = {**per_pass, "experts": sums["expert_bytes"] / tokens}
+    nbytes["attention_math"] += cache_bytes(engine, mean_positions) * passes / tokens
     out = {}
     for k, (_, reads) in COMPONENTS.items():
         s = seconds[k] / tokens

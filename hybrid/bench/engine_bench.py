@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from hybrid.bench.account import decode_account
+from hybrid.bench.account import account
 from hybrid.runtime.token_loop import greedy
 from hybrid.runtime.tensor_classes import GPU_SIDE
 from hybrid.runtime.probe import GB, mem_read_gbps
@@ -131,6 +131,7 @@ def _report(engine: Engine, name: str | None, settings: dict, mem_gbps: float, p
     compute = decode.sums["experts_compute_s"]
     decode_split = decode.split()
     hits, misses = prefill.hits + decode.hits, prefill.misses + decode.misses
+    chunks = -(-settings["prompt_tokens"] // (engine.prefill_chunk or settings["prompt_tokens"]))  # passes a prompt takes
     return {
         "schema": SCHEMA,
         "model": {"name": name or engine.checkpoint.path.name, "path": str(engine.checkpoint.path),
@@ -142,7 +143,9 @@ def _report(engine: Engine, name: str | None, settings: dict, mem_gbps: float, p
                      "hot_experts": engine.hot_experts, "gpu_precision": engine.plan.gpu_precision,
                      "decode_graphs": "off" if graphs is None else graphs["mode"] + ("+cuda_graphs" if graphs["cuda_graphs"] else "")},
         "prefill": {"tok_s": _spread(prefill.tok_s), "runs_tok_s": prefill.tok_s, "split_ms_per_token": prefill.split(),
-                    "expert_bytes_per_token": prefill.per_token("expert_bytes")},
+                    "expert_bytes_per_token": prefill.per_token("expert_bytes"),
+                    "components": account(engine, prefill.sums, prefill.tokens, len(prefill.tok_s) * chunks,
+                                          prefill.wall_s, settings["prompt_tokens"], mem_gbps)},
         "decode": {"tok_s": _spread(decode.tok_s), "runs_tok_s": decode.tok_s, "split_ms_per_token": decode_split,
                    "expert_bytes_per_token": experts, "weight_bytes_per_token": weights,
                    "bytes_per_token": experts + weights, "achieved_gbps": achieved,
@@ -152,8 +155,8 @@ def _report(engine: Engine, name: str | None, settings: dict, mem_gbps: float, p
                    "per_moe_layer_ms": {k: decode_split[k] / max(1, len(cfg.moe_layers))
                                         for k in ("gpu_side", "experts_compute", "experts_wait")},
                    "overlap_efficiency": max(0.0, 1 - decode.sums["experts_wait_s"] / compute) if compute > 0 else None,
-                   "components": decode_account(engine, decode.sums, decode.tokens, decode.wall_s,
-                                                settings["prompt_tokens"] + settings["gen_tokens"] / 2, mem_gbps)},
+                   "components": account(engine, decode.sums, decode.tokens, decode.tokens, decode.wall_s,
+                                         settings["prompt_tokens"] + settings["gen_tokens"] / 2, mem_gbps)},
         "cache": ({"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else None}
                   if prefill.cache or decode.cache else None),
     }

@@ -91,15 +91,16 @@ COMPONENT_LABELS = {"attention_projections": "attention projections (q_a, q_b, k
                     "outside_forward": "token loop outside the forward pass"}
 
 
-def _render_components(comp: dict, mem_gbps: float) -> None:
-    t = Table(title=f"decode, by component (RAM read bandwidth {mem_gbps:.1f} GB/s in this run)", title_justify="left")
-    for col in ("component", "ms/token", "MB/token", "GB/s", "% of RAM"):
+def _render_components(comp: dict, pre: dict, mem_gbps: float) -> None:
+    t = Table(title=f"by component: prefill ms per prompt token; decode per token (RAM read bandwidth {mem_gbps:.1f} "
+              "GB/s in this run)", title_justify="left")
+    for col in ("component", "prefill ms", "decode ms", "MB", "GB/s", "% of RAM"):
         t.add_column(col, justify="left" if col == "component" else "right")
     for key, label in COMPONENT_LABELS.items():
         c = comp[key]
         mb = None if c["bytes_per_token"] is None else c["bytes_per_token"] / 1e6
-        t.add_row(label, _num(c["ms_per_token"], ",.2f"), _num(mb, ",.1f"), _num(c["gbps"], ",.1f"),
-                  _num(c["pct_of_mem_read"], ",.0f"))
+        t.add_row(label, _num(pre[key]["ms_per_token"], ",.2f"), _num(c["ms_per_token"], ",.2f"), _num(mb, ",.1f"),
+                  _num(c["gbps"], ",.1f"), _num(c["pct_of_mem_read"], ",.0f"))
     console.print(t)
 
 
@@ -124,7 +125,7 @@ def render(r: dict) -> None:
         t.add_row(label, *(_num(ph["split_ms_per_token"][key], ",.2f") for ph in (pre, dec)))
     console.print(t)
 
-    _render_components(dec["components"], r["machine"]["mem_read_gbps"])
+    _render_components(dec["components"], pre["components"], r["machine"]["mem_read_gbps"])
 
     t = Table(title="decode, per token per MoE layer", title_justify="left", show_header=False)
     t.add_column("figure")
