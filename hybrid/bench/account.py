@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from hybrid.runtime.probe import GB
 
 if TYPE_CHECKING:
@@ -51,7 +49,7 @@ def component_of(name: str) -> str | None:
 
 def weight_bytes(engine: Engine) -> dict[str, int]:
     """Bytes of GPU-side weights each component reads per decoded token, as the engine holds them."""
-    out = dict.fromkeys(("attention_projections", "attention_math", "router", "shared_expert", "dense_mlp", "head"), 0)
+    out = {k: 0 for k, (_, reads) in COMPONENTS.items() if reads and k != "experts"}  # experts: not GPU-side
     for name, w in engine.model.w.items():
         what = component_of(name)
         if what is not None:
@@ -62,7 +60,7 @@ def weight_bytes(engine: Engine) -> dict[str, int]:
 def cache_bytes(engine: Engine, positions: float) -> float:
     """Latent cache bytes one decoded token reads at `positions` cached positions (each layer once)."""
     cfg = engine.config
-    row = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * torch.empty((), dtype=engine.model.dtype).element_size()
+    row = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * engine.model.dtype.itemsize
     return positions * row * cfg.num_hidden_layers
 
 

@@ -62,7 +62,7 @@ def bench(model: str, prompt_tokens: int, gen_tokens: int, runs: int, probe_mb: 
     path = resolve_model(model)
     with err_console.status(f"loading {model}..."):
         engine = load_engine(path, **engine_opts)
-    with err_console.status("warming up (compiling kernels, reading weights), then measuring...") as status:
+    with engine, err_console.status("warming up (compiling kernels, reading weights), then measuring...") as status:
         def progress(r: int) -> None:
             if r + 1 < runs:
                 status.update(f"run {r + 2}/{runs}: {prompt_tokens} prompt tokens, then {gen_tokens} generated...")
@@ -73,8 +73,6 @@ def bench(model: str, prompt_tokens: int, gen_tokens: int, runs: int, probe_mb: 
         click.echo(json.dumps(result))
     else:
         render(result)
-    if hasattr(engine, "close"):
-        engine.close()
 
 
 def _num(x: float | None, fmt: str = ",.1f") -> str:

@@ -189,7 +189,7 @@ class Model:
             cache.pe[i, s0:S] = apply_rope(kv[:, L:], cos, sin)
         kv_latent, k_pe = cache.kv[i, :S], cache.pe[i, :S]  # [S, L], [S, R]
         if mode == "absorbed":  # decode: q absorbed into the latent space, the cache read as stored
-            o = absorbed_attention(q_nope, q_pe, kv_latent, k_pe, a.kv_b_heads, c.softmax_scale, s0)
+            o = absorbed_attention(q_nope, q_pe, kv_latent, k_pe, a.kv_b_heads, a.w_uk, a.w_uv, c.softmax_scale, s0)
         elif T * S > CHUNKED_MIN_SCORES:  # long prompts: same math, bounded memory
             o = chunked_prefill_attention(q_nope, q_pe, kv_latent, k_pe, a.w_uk, a.w_uv, c.softmax_scale, s0)
         else:  # the naive form: keys and values expanded per head; scores [T, H, S]

@@ -105,17 +105,18 @@ def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
-                       kv_b_heads: torch.Tensor, softmax_scale: float, offset: Offset) -> torch.Tensor:
-    """Absorbed-MLA decode (kernels_gpu.mla.mla_decode's arguments, kv_b_proj as [H, P + V, L]) -> o [T, H, V].
+                       kv_b_heads: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, softmax_scale: float,
+                       offset: Offset) -> torch.Tensor:
+    """Absorbed-MLA decode (kernels_gpu.mla.mla_decode's arguments, and kv_b_proj as [H, P + V, L] of
+    which w_uk and w_uv are the halves) -> o [T, H, V].
 
     With fp32 on a CPU the two per-head products with kv_b_proj run as kernels_cpu.heads' Numba loops
     (a head a thread, at memory speed) around the softmax over the cache; elsewhere mla_decode does
     all of it. Where Numba may not run two parallel regions at once (workqueue), torch's product."""
-    P = q_nope.shape[-1]
     if kv_b_heads.device.type == "cpu" and kv_b_heads.dtype == torch.float32 and q_nope.dtype == torch.float32 \
             and kv_b_heads.is_contiguous() and concurrent_parallel_ok():
         kvb = kv_b_heads.numpy()
         q_lat = torch.from_numpy(head_absorb(q_nope.numpy(), kvb))  # [T, H, L]
         o_lat = mla_decode(q_lat, q_pe, kv, k_pe, None, None, softmax_scale, offset, absorbed=True)
-        return torch.from_numpy(head_values(o_lat.contiguous().numpy(), kvb, P))
-    return mla_decode(q_nope, q_pe, kv, k_pe, kv_b_heads[:, :P], kv_b_heads[:, P:], softmax_scale, offset)
+        return torch.from_numpy(head_values(o_lat.contiguous().numpy(), kvb, w_uk.shape[1]))
+    return mla_decode(q_nope, q_pe, kv, k_pe, w_uk, w_uv, softmax_scale, offset)
