@@ -12,7 +12,7 @@ from typing import Annotated, Any, AsyncIterator, Literal, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from hybrid.serve.common import (ApiError, JobStream, ServerState, check_model, collect, join_text_parts,
                          normalize_tool_ids, prepare, read_json, sampling_params, server_state, submit, validate)
@@ -54,7 +54,7 @@ class ToolResultBlock(_Open):
     type: Literal["tool_result"]
     tool_use_id: str = Field(min_length=1)
     content: str | list[dict] | None = None
-    is_error: bool = False
+    is_error: StrictBool = False
 
 
 class OtherBlock(_Open):  # image, document, ...: refused with a clear message after validation
@@ -84,25 +84,28 @@ class ToolChoice(_Open):
 
 class Thinking(_Open):
     type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: StrictInt | None = None
 
 
 class MessagesRequest(_Open):
+    """Scalars are typed strictly, as Anthropic's API checks them ("max_tokens: Input should be a valid
+    integer" for "5", true or 5.0)."""
     model: str
-    max_tokens: int
+    max_tokens: StrictInt
     messages: list[Message] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
-    stop_sequences: list[str] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    stream: bool = False
+    stop_sequences: list[StrictStr] | None = None
+    temperature: StrictFloat | None = None
+    top_p: StrictFloat | None = None
+    top_k: StrictInt | None = None
+    stream: StrictBool = False
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
 
 
 class CountTokensRequest(MessagesRequest):
-    max_tokens: int | None = None  # type: ignore[assignment]
+    max_tokens: StrictInt | None = None  # type: ignore[assignment]
 
 
 def _result_text(block: ToolResultBlock, where: str) -> str:
@@ -112,13 +115,24 @@ def _result_text(block: ToolResultBlock, where: str) -> str:
     return f"Error: {content or ''}" if block.is_error else content or ""
 
 
+def _check_result(block: ToolResultBlock, uses: set[str], where: str) -> None:
+    """A tool_result answers a tool_use of the assistant's last message, as Anthropic's API requires."""
+    if block.tool_use_id not in uses:
+        raise ApiError(400, f"{where}: unexpected `tool_use_id` found in `tool_result` blocks: {block.tool_use_id}. "
+                            "Each `tool_result` block must have a corresponding `tool_use` block in the previous "
+                            "message.", f"{where}.tool_use_id")
+
+
 def _messages(req: MessagesRequest) -> list[dict]:
     """Anthropic turns -> the OpenAI-style messages the K2 template reads."""
     out: list[dict[str, Any]] = []
     if req.system:
         system = req.system if isinstance(req.system, str) else "".join(b.text for b in req.system)
         out.append({"role": "system", "content": system})
+    uses: set[str] = set()  # ids of the tool_use blocks of the last assistant message: results answer those
     for i, m in enumerate(req.messages):
+        if m.role == "assistant":
+            uses = set() if isinstance(m.content, str) else {b.id for b in m.content if isinstance(b, ToolUseBlock)}
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
@@ -128,6 +142,7 @@ def _messages(req: MessagesRequest) -> list[dict]:
             if isinstance(b, TextBlock):
                 text.append(b.text)
             elif m.role == "user" and isinstance(b, ToolResultBlock):
+                _check_result(b, uses, where)
                 out.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": _result_text(b, where)})
             elif m.role == "assistant" and isinstance(b, ThinkingBlock):
                 reasoning.append(b.thinking)

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from hybrid.serve.common import (ApiError, JobStream, ServerState, check_model, collect, join_text_parts,
                          normalize_tool_ids, prepare, read_json, sampling_params, server_state, submit, validate)
-from hybrid.text.conversation import ToolChoiceError, apply_tool_choice, template_role
+from hybrid.text.conversation import (ToolChoiceError, ToolReplyError, apply_tool_choice, check_tool_replies,
+                                      template_role)
 from hybrid.serve.runner import Failed, Finished, Job, Started
 from hybrid.text.parser import ContentDelta, ReasoningDelta, ToolCall, ToolCallError
 
@@ -66,30 +68,59 @@ class NamedChoice(_Open):
 
 
 class StreamOptions(_Open):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatRequest(_Open):
+    """Scalars are typed strictly, as OpenAI's API checks them: "5", true or 5.0 is no integer, "0.5"
+    or true no number, "true" or 1 no boolean (an integer is a number)."""
     model: str
     messages: list[Message] = Field(min_length=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedChoice | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # vLLM-style extras
-    min_p: float | None = None
-    seed: int | None = None
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    temperature: StrictFloat | None = None
+    top_p: StrictFloat | None = None
+    top_k: StrictInt | None = None  # vLLM-style extras
+    min_p: StrictFloat | None = None
+    seed: StrictInt | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
-    n: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logprobs: bool | None = None
+    n: StrictInt | None = None
+    frequency_penalty: StrictFloat | None = None
+    presence_penalty: StrictFloat | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    parallel_tool_calls: StrictBool | None = None
     logit_bias: dict | None = None
     response_format: dict | None = None
+
+
+_EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "a boolean"}
+_FIELD_PATH = re.compile(r"[a-z_]+(\.[a-z_]+|\[\d+\])*")
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    kinds = {int: "an integer", float: "a decimal number", str: "a string", list: "an array", dict: "an object"}
+    return next((v for k, v in kinds.items() if isinstance(value, k)), "null")
+
+
+def _request(data: dict) -> ChatRequest:
+    """The request, or a 400: a scalar of the wrong type in OpenAI's words ("Invalid type for
+    'max_tokens': expected an integer, but got a string instead."), anything else as common.validate says."""
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+            if err["type"] in _EXPECTED and _FIELD_PATH.fullmatch(path):  # not a union member's tag
+                raise ApiError(400, f"Invalid type for '{path}': expected {_EXPECTED[err['type']]}, "
+                                    f"but got {_json_kind(err['input'])} instead.", path, "invalid_type") from None
+    return validate(ChatRequest, data)
 
 
 def _text(content: str | list[dict] | None, where: str) -> str:
@@ -123,6 +154,10 @@ def _messages(req: ChatRequest) -> list[dict]:
                                f"messages[{i}].tool_call_id", "missing_required_parameter")
             msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
+    try:  # on the client's own ids, before normalize_tool_ids renames them
+        check_tool_replies(out)
+    except ToolReplyError as e:
+        raise ApiError(400, f"Invalid parameter: {e}", f"messages[{e.index}].{e.field}") from None
     return normalize_tool_ids(out)
 
 
@@ -164,7 +199,7 @@ def usage(fin: Finished) -> dict:
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Any:
     state = server_state(request)
-    req: ChatRequest = validate(ChatRequest, await read_json(request, state.max_body_bytes))
+    req = _request(await read_json(request, state.max_body_bytes))
     check_model(state, req.model)
     _refuse_unsupported(req)
     messages = _messages(req)

@@ -96,6 +96,36 @@ def check_tools(tools: Any, where: str, item: Callable[[int], str]) -> None:
             raise ValueError(f"{at} ({fn['name']}): function.description must be a string")
 
 
+class ToolReplyError(ValueError):
+    """A tool message that answers no call: `index` is the message's, `field` 'role' (no assistant
+    message with tool_calls right before it) or 'tool_call_id' (that message made no call of this id)."""
+
+    def __init__(self, message: str, index: int, field: str):
+        super().__init__(message)
+        self.index, self.field = index, field
+
+
+def check_tool_replies(messages: list[dict]) -> None:
+    """OpenAI's rule for tool messages: each follows an assistant message with tool_calls (only other
+    tool messages between them) and answers one of its calls by id; else a ToolReplyError. A reply to
+    nothing would render as a result of a call the model never made."""
+    calls: set[str] | None = None  # ids of the assistant's calls that tool messages may answer now
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if role == "assistant":
+            calls = {c.get("id") for c in m.get("tool_calls") or []} or None
+        elif role == "tool":
+            if calls is None:
+                raise ToolReplyError(f"messages[{i}]: messages with role 'tool' must be a response to a "
+                                     "preceding message with 'tool_calls'", i, "role")
+            if m.get("tool_call_id") not in calls:
+                raise ToolReplyError(f"messages[{i}]: 'tool_call_id' of {m.get('tool_call_id')!r} not found in "
+                                     "'tool_calls' of the previous assistant message "
+                                     f"(its calls: {', '.join(sorted(map(str, calls)))})", i, "tool_call_id")
+        else:
+            calls = None
+
+
 class ToolChoiceError(ValueError):
     """A tool_choice that cannot be honoured, or tools that cannot be declared. field: 'tool_choice'
     (no tools to call), 'tool_choice.name' (the named tool is not among them) or 'tools' (one is
@@ -181,4 +211,5 @@ def run_chat(engine, prompt: list[int], params: SamplingParams, tool_names: list
     yield Done(finish, len(prompt), prefill, n_gen, n_reasoning, t_first, t_end - t_first)
 
 
-__all__ = ["Done", "ToolChoiceError", "apply_tool_choice", "forced_call_prefix", "run_chat"]
+__all__ = ["Done", "ToolChoiceError", "ToolReplyError", "apply_tool_choice", "check_tool_replies",
+           "forced_call_prefix", "run_chat"]

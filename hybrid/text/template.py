@@ -24,6 +24,8 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from hybrid.text.tokenizer import strip_marks
+
 logger = logging.getLogger(__name__)
 
 # Names a message's reasoning may arrive under; the first is the one chat templates read.
@@ -155,9 +157,13 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+def _unmarked_key(item: tuple) -> Any:
+    return strip_marks(item[0]) if isinstance(item[0], str) else item[0]
+
+
 def _sorted_keys(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _sorted_keys(v) for k, v in sorted(obj.items())}
+    if isinstance(obj, dict):  # by the user's text: keys marked by Tokenizer.mark_user_text sort as unmarked
+        return {k: _sorted_keys(v) for k, v in sorted(obj.items(), key=_unmarked_key)}
     if isinstance(obj, list):
         return [_sorted_keys(v) for v in obj]
     return obj

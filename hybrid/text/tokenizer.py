@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import codecs
 import copy
+import dataclasses
 import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,15 +168,22 @@ class Tokenizer:
         return ids
 
     def mark_user_text(self, obj: Any) -> Any:
-        """Copy of messages / tools (str, dict, list, tuple; other values as is) with every special-token
-        string inside their strings wrapped in private-use markers. Render the marked copy, then
-        encode_chat() keeps those as plain text while the template's own control strings become ids."""
+        """Copy of messages / tools with every special-token string inside their strings wrapped in
+        private-use markers, at any depth: values and dict keys alike (a tool's property names, the keys
+        of call arguments), in dicts and other mappings, lists, tuples, dataclasses and pydantic models
+        (which become dicts, as the template sees them anyway); other values as is. Render the marked
+        copy, then encode_chat() keeps those as plain text while the template's own control strings
+        become ids."""
         if isinstance(obj, str):
             return self._special_re.sub(lambda m: MARK_OPEN + m.group(0) + MARK_CLOSE, strip_marks(obj))
-        if isinstance(obj, dict):
-            return {k: self.mark_user_text(v) for k, v in obj.items()}
+        if isinstance(obj, Mapping):
+            return {self.mark_user_text(k): self.mark_user_text(v) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
-            return type(obj)(self.mark_user_text(v) for v in obj)
+            return (list if isinstance(obj, list) else tuple)(self.mark_user_text(v) for v in obj)
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return {f.name: self.mark_user_text(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if callable(getattr(obj, "model_dump", None)):  # a pydantic model
+            return self.mark_user_text(obj.model_dump())
         return obj
 
     def encode_chat(self, rendered: str) -> list[int]:
