@@ -212,17 +212,21 @@ class Checkpoint:
                                   f"config.json implies {list(want)}")
         return Int4Weight(self.array(pre + ".weight_packed"), self.array(pre + ".weight_scale"), shape)
 
+    def file_ends(self) -> dict[Path, int]:
+        """Shard -> the bytes it must hold (the end of its last tensor); computed once (208k tensors for K2)."""
+        if self._file_ends is None:
+            self._file_ends = {}
+            for info in self.tensors.values():
+                self._file_ends[info.file] = max(self._file_ends.get(info.file, 0), info.offset + info.nbytes)
+        return dict(self._file_ends)
+
     def check_files(self) -> None:
         """Re-check that every shard is still present and long enough (cheap: one stat per shard).
 
         Call before touching mapped data after a long pause: a shard truncated under a live map
-        would otherwise end the process with SIGBUS.
+        would otherwise end the process with SIGBUS (checkpoint.guard notices one during use).
         """
-        if self._file_ends is None:  # bytes each shard must hold, computed once (208k tensors for K2)
-            self._file_ends = {}
-            for info in self.tensors.values():
-                self._file_ends[info.file] = max(self._file_ends.get(info.file, 0), info.offset + info.nbytes)
-        for f, n in self._file_ends.items():
+        for f, n in self.file_ends().items():
             try:
                 size = f.stat().st_size
             except OSError as e:

@@ -1,9 +1,9 @@
 """Engine: a loaded model you can call (generate with KV prefix reuse, chat, logits, statistics).
 
 Owns the non-expert weights as compute tensors, placed as the plan counts them, the persistent KV
-cache and the static decode step over it. hybrid.runtime.loader builds it (plan, expert backend,
-options); the math is the model's, the experts are the backend's (used only through ExpertBackend).
-No rendering.
+cache and the static decode step over it, and its callers' turns (turns.py) and the shards' leases
+(checkpoint.guard). hybrid.runtime.loader builds it (plan, expert backend, options); the math is the
+model's, the experts are the backend's (used only through ExpertBackend). No rendering.
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from hybrid.checkpoint.reader import Checkpoint
 from hybrid.text.conversation import Done, apply_tool_choice, check_message, check_tools, run_chat, template_role
 from hybrid.runtime.decode_step import StaticDecoder
 from hybrid.runtime.token_loop import Sampler, Step, generate
+from hybrid.runtime.turns import Turns
+from hybrid.runtime.shard_safety import ShardSafety
 from hybrid.experts.backend import ExpertBackend
 from hybrid.model.k2 import AttnMode, Model
 from hybrid.text.parser import Event
@@ -54,6 +56,32 @@ def gpu_side_weight(name: str, t: torch.Tensor, device: torch.device, dtype: tor
 
 
 class Engine:
+    """A loaded model: generate (a stream of Steps, reusing the KV cache's prefix), chat, logits, stats.
+
+    Threads: one engine serves one generation at a time. Every step, prefill, logits call and close
+    takes the engine's lock (never held while a generator waits for its consumer). generate() from
+    another thread waits while a generation is live (begun, not yet run to its end, closed or
+    dropped: a generator left unfinished and still referenced keeps other threads waiting); from the
+    generation's own thread it supersedes it, and the older generator raises "superseded" on its next
+    use. The cache and its bookkeeping stay exact whatever callers do. close() waits for the step in
+    progress; a generator used afterwards raises "this engine is closed".
+
+    Shards changing under the maps: the engine holds a read lease on each shard (checkpoint.guard),
+    so a truncation or a write-open waits until the lease is given back. A pending break found while
+    a generation is live ends it at its next safe point (between tokens or prefill chunks, nothing
+    reading the maps) with an error naming the shard, marks the model unusable (health() says why;
+    load it again) and stops the expert threads, then gives the leases back; found while idle, the
+    leases are given back at once and the next request checks the shards' sizes and leases them again.
+    Costs (measured): per step a lock and two flags, about 1 us; an fd per shard; a watcher thread
+    asking F_GETLEASE of each shard every ShardGuard.poll_s = 0.25 s (about 1 us a shard: 60 us for
+    K2's 62), which is also how long a writer waits while the engine is idle; where no lease can be
+    had, an fstat per such shard per step (1.5-3 us each: up to 0.2 ms a token for 62). What is left:
+    a forward pass longer than /proc/sys/fs/lease-break-time (45 s) lets the kernel break the lease
+    while it reads (raise it, or lower prefill_chunk); without a lease, a truncation during a forward
+    pass is still a SIGBUS (between passes it is this error); the backend's build, before the
+    engine's leases, is unguarded.
+    """
+
     def __init__(self, ckpt: Checkpoint, experts: ExpertBackend, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, context: int = 4096, int8: bool = False,
                  bf16w: bool | None = None, *, plan: Plan | None = None, prefill_chunk: int | None = PREFILL_CHUNK,
@@ -68,29 +96,36 @@ class Engine:
         self.checkpoint = ckpt
         self.config = ckpt.config
         self.device = torch.device(device)
-        if bf16w is None:  # with int8 the rest of the linears (the router's) as 'int8w' counts them
-            bf16w = self.device.type == "cpu" and dtype == torch.float32
-        # everything but the routed experts (and the embedding) goes to the compute device
-        weights = {name: gpu_side_weight(name, ckpt.tensor(name), self.device, dtype, int8, bf16w)
-                   for name in ckpt.tensors if ".mlp.experts." not in name and not name.endswith("inv_freq")}
-        self.model = Model(self.config, weights, experts, defer_experts)
+        self._turns = Turns()
+        self._closed = False
+        self._safety = ShardSafety(ckpt, experts, self._turns)
+        try:
+            with self._turns.lock:  # a lease break during the load is handled once the engine is complete
+                self._safety.open_shards()
+                if bf16w is None:  # with int8 the rest of the linears (the router's) as 'int8w' counts them
+                    bf16w = self.device.type == "cpu" and dtype == torch.float32
+                # everything but the routed experts (and the embedding) goes to the compute device
+                weights = {name: gpu_side_weight(name, ckpt.tensor(name), self.device, dtype, int8, bf16w)
+                           for name in ckpt.tensors if ".mlp.experts." not in name and not name.endswith("inv_freq")}
+                self.model = Model(self.config, weights, experts, defer_experts)
+                self.tokenizer = Tokenizer.from_dir(ckpt.path)
+                self.chat_template = load_chat_template(ckpt.path)
+                self._cache = self.model.new_cache(context)  # persistent across requests, for prefix reuse
+                # the fixed-shape decode step over the engine's cache (after defer_experts: it refuses deferral)
+                self.decoder = StaticDecoder(self.model, self._cache, mode=decode_mode) if decode_mode else None
+        except BaseException:  # the caller closes the backend and the checkpoint; the leases are ours
+            self._safety.guard.release()
+            raise
         self.context = context
-        self.tokenizer = Tokenizer.from_dir(ckpt.path)
-        self.chat_template = load_chat_template(ckpt.path)
-        self._cache = self.model.new_cache(context)  # persistent across requests, for prefix reuse
         self._cached_ids: list[int] = []  # the tokens whose KV the cache holds, in order
         self.plan = plan
         # hot experts per MoE layer on the GPU side, refreshed at each request's start (0: left as they are)
         self.hot_experts = experts.hot_capacity
         self.prefill_chunk = prefill_chunk
-        # the fixed-shape decode step over the engine's cache (after defer_experts: it refuses deferral)
-        self.decoder = StaticDecoder(self.model, self._cache, mode=decode_mode) if decode_mode else None
         self.routing_stats = routing_stats
         self._tokens = {"prefill": 0, "decode": 0}
-        self._epoch = 0  # counts generate() calls; only the newest may touch the cache
-        # threads and the slot arena belong to the backend: release them when the engine goes away
-        self._finalizer = weakref.finalize(self, _release, experts, ckpt)
-        self._closed = False
+        # the backend's threads and slot arena, the leases and the maps: released when the engine goes away
+        self._finalizer = weakref.finalize(self, self._safety.release)
 
     # ---- statistics (bench) -----------------------------------------------------------------
     def reset_stats(self) -> None:
@@ -124,14 +159,25 @@ class Engine:
         return {"mode": dec.mode, "cuda_graphs": dec.graphs, "captured_buckets": sorted(dec.chains), "steps": dec.steps}
 
     def close(self) -> None:
-        """Stop the expert workers and IO threads and release the maps (also done when the engine is collected)."""
-        self._closed = True
-        self._finalizer()
+        """Stop the expert workers and IO threads, give the leases back and release the maps (also done
+        when the engine is collected). Waits for a step in progress, not for a whole generation."""
+        with self._turns.lock:
+            self._closed = True
+            self._finalizer()
+            self._turns.wake()
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this engine is closed (its expert threads and checkpoint maps are released); "
                                "load the model again with hybrid.load")
+        self._safety.check_usable()
+
+    def health(self) -> str | None:
+        """None while the engine can serve; else why not: closed, unusable (a shard changed under a
+        request: load it again), or a shard missing or too short now. Cheap (a stat per shard), any thread."""
+        if self._closed:
+            return "this engine is closed; load the model again with hybrid.load"
+        return self._safety.health()
 
     def __enter__(self) -> "Engine":
         return self
@@ -147,7 +193,10 @@ class Engine:
             raise ValueError(f"attn must be 'auto', 'naive' or 'absorbed', got {attn!r}")
         ids = self._check_ids(token_ids)
         cache = self.model.new_cache(ids.numel())
-        return self.model.forward(ids, cache, attn=attn)
+        with self._turns.lock:
+            self._check_open()
+            self._safety.open_shards()
+            return self.model.forward(ids, cache, attn=attn)
 
 
     def _check_ids(self, token_ids) -> torch.Tensor:
@@ -173,7 +222,8 @@ class Engine:
         """Stream Steps. The KV cache keeps the longest common prefix with the previous request,
         so only the new tail of `token_ids` is prefilled (Step.prefill_tokens counts it).
         should_stop: asked between prefill chunks; True ends the request there (a client that left
-        during a long prefill), keeping what was prefilled for the next request to reuse."""
+        during a long prefill), keeping what was prefilled for the next request to reuse.
+        Threads: see the class docstring (one live generation; the same thread's newer one supersedes)."""
         self._check_open()
         prompt = self._check_ids(token_ids).tolist()
         if len(prompt) >= self.context:
@@ -189,44 +239,81 @@ class Engine:
         if sampler is None:
             gen = params.make_generator()
             sampler = lambda logits: sample(logits, params, gen)  # noqa: E731
-        self.checkpoint.check_files()  # a shard shrunk under the map would be a SIGBUS, not an error
+        with self._turns.lock:  # the checks above touch no state: the turn begins here
+            epoch = self._turns.begin(self._check_open)
+            try:
+                self._safety.open_shards()
+                self._reuse_prefix(prompt)
+            except BaseException:
+                self._turns.end(epoch)
+                raise
+        yield from self._steps(epoch, prompt, max_new_tokens, sampler, stop_ids, should_stop)
+
+    def _reuse_prefix(self, prompt: list[int]) -> None:
+        """Under the lock, the turn begun, the shards open: refresh the hot experts; keep the cache's
+        longest common prefix with prompt."""
         if self.hot_experts:
-            self.refresh_hot_experts()
+            self.model.experts.refresh_hot()
         common = 0
         for a, b in zip(self._cached_ids, prompt):
             if a != b:
                 break
             common += 1
-        self._epoch += 1  # one cache, one live generation: a newer request supersedes this one
-        epoch = self._epoch
         self._cache.truncate(common)
         self._cached_ids = self._cached_ids[:self._cache.length]
+
+    def _steps(self, epoch: int, prompt: list[int], max_new_tokens: int, sampler: Sampler,
+               stop_ids: frozenset[int], should_stop: Callable[[], bool] | None) -> Iterator[Step]:
+        """The live generation: each step under the lock, after the checks of _check_turn."""
+
+        def between_chunks() -> bool:  # a safe point inside a long prefill (under the lock)
+            self._safety.safe_point()
+            return should_stop is not None and should_stop()
+
         generated: list[int] = []
+        steps = generate(self.model, self._cache, prompt, max_new_tokens, sampler, stop_ids, self.prefill_chunk,
+                         between_chunks, self.decoder.step if self.decoder else None)
         try:
-            for step in generate(self.model, self._cache, prompt, max_new_tokens, sampler, stop_ids, self.prefill_chunk,
-                                 should_stop, self.decoder.step if self.decoder else None):
-                if step.index == 0:
-                    self._tokens["prefill"] += step.prefill_tokens
-                else:
-                    self._tokens["decode"] += 1
-                generated.append(step.token)
+            while True:
+                with self._turns.lock:
+                    self._check_turn(epoch)
+                    step = next(steps, None)
+                    if step is None:
+                        return
+                    if step.index == 0:
+                        self._tokens["prefill"] += step.prefill_tokens
+                    else:
+                        self._tokens["decode"] += 1
+                    generated.append(step.token)
                 yield step
-                if self._epoch != epoch:
-                    raise RuntimeError("this generation was superseded by a newer request on the same engine "
-                                       "(the KV cache now holds that one); start it again")
-        finally:  # also when the consumer stops early or a forward fails: keep ids and cache in step
-            if self._epoch == epoch:
-                self._cached_ids = (prompt + generated)[:self._cache.length]
-            if self.routing_stats is not None:
-                save_counts(self.routing_stats, self.model.experts.route_counts, self.config.moe_layers,
-                            self.config.n_routed_experts)
+                if step.finish:
+                    return
+        finally:  # also when the consumer stops early, a forward fails or the request was superseded
+            with self._turns.lock:
+                steps.close()
+                if self._turns.end(epoch):  # still the newest: the cache holds what it computed
+                    self._cached_ids = (prompt + generated)[:self._cache.length]
+                    if self.routing_stats is not None and not self._safety.released:
+                        save_counts(self.routing_stats, self.model.experts.route_counts, self.config.moe_layers,
+                                    self.config.n_routed_experts)
+
+    def _check_turn(self, epoch: int) -> None:
+        """Before a step: the engine open and usable, this generation still the newest, the shards unchanged."""
+        self._check_open()
+        if not self._turns.current(epoch):
+            raise RuntimeError("this generation was superseded by a newer request on the same engine "
+                               "(the KV cache now holds that one); start it again")
+        self._safety.safe_point()
 
     def refresh_hot_experts(self) -> None:
         """Keep the most-routed experts of each MoE layer on the GPU side (the backend uploads only changes).
 
         The backend writes them into fixed buffers in place: a captured decode step reads them by
         address, so it stays valid as the hot set changes (and rebuilds itself if the sets are replaced)."""
-        self.model.experts.refresh_hot()
+        with self._turns.lock:
+            self._check_open()
+            self._safety.open_shards()
+            self.model.experts.refresh_hot()
 
     # ---- chat ---------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
@@ -288,8 +375,3 @@ class Engine:
         params = SamplingParams(**sampling, max_tokens=max_tokens)
         prompt = self.chat_prompt(messages, tools, forced)
         yield from run_chat(self, prompt, params, names, self.answer_budget(prompt, max_tokens), forced)
-
-
-def _release(experts: ExpertBackend, ckpt: Checkpoint) -> None:
-    experts.close()
-    ckpt.close()

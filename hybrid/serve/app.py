@@ -148,11 +148,15 @@ def _add_info_routes(app: FastAPI, engine: Any, model_name: str) -> None:
     created = int(time.time())
 
     @app.get("/health")
-    async def health(request: Request) -> dict:
+    async def health(request: Request) -> Any:
         st = server_state(request)
-        return {"status": "ok", "model": st.model_name, "busy": st.runner.active is not None,
+        body = {"status": "ok", "model": st.model_name, "busy": st.runner.active is not None,
                 "waiting": st.runner.waiting, "max_queue": st.runner.max_queue, "served": st.runner.served,
                 "cancelled": st.runner.cancelled}
+        reason = engine.health()  # None, or why requests fail (closed; a shard changed, missing or short)
+        if reason is not None:
+            return JSONResponse({**body, "status": "unusable", "reason": reason}, status_code=503)
+        return body
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "kimi-hybrid",
