@@ -253,3 +253,14 @@ def test_a_malformed_tool_is_a_clear_error(scripted, bad):
     with pytest.raises(ValueError, match=r"tools\[1\]( must be an object|: function.name must be)"):
         list(scripted.chat([{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL, bad]))
     assert len(scripted.prompts) == n
+
+
+def test_chat_refuses_a_tool_reply_to_no_call(engine):
+    """Engine.chat holds tool messages to OpenAI's rule, as the servers do: each answers a call of the
+    assistant message before it, by id."""
+    with pytest.raises(ValueError, match=r"messages\[1\]: messages with role 'tool' must be a response"):
+        list(engine.chat([{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "c1", "content": "x"}]))
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    with pytest.raises(ValueError, match=r"'tool_call_id' of 'c2' not found"):
+        list(engine.chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                          {"role": "tool", "tool_call_id": "c2", "content": "x"}]))

@@ -17,7 +17,8 @@ from kernels_gpu.int8 import quantize_int8
 
 from hybrid.text.template import ChatTemplateError, load_chat_template, normalize_messages, render_chat
 from hybrid.checkpoint.reader import Checkpoint
-from hybrid.text.conversation import Done, apply_tool_choice, check_message, check_tools, run_chat, template_role
+from hybrid.text.conversation import (Done, apply_tool_choice, check_message, check_tool_replies, check_tools, run_chat,
+                                      template_role)
 from hybrid.runtime.decode_step import StaticDecoder
 from hybrid.runtime.token_loop import Sampler, Step, generate
 from hybrid.runtime.turns import Turns
@@ -354,6 +355,7 @@ class Engine:
             raise ValueError(f"messages: {e}") from None
         for i, m in enumerate(messages):
             check_message(m, f"messages[{i}]")
+        check_tool_replies(messages)  # a reply to no call would render as the result of a call never made
         messages = [dict(m, role=template_role(m["role"])) for m in messages]
         if tools is not None:
             check_tools(tools, "tools", lambda i: f"tools[{i}]")
