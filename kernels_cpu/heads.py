@@ -1,5 +1,6 @@
 """Per-head products of absorbed-MLA decode on the CPU: the query into the latent space and the values
-out of it, reading kv_b_proj as stored ([H, P + V, L] fp32, contiguous), each head on one thread.
+out of it, reading kv_b_proj as held ([H, P + V, L], contiguous: bf16 bits as uint16, widened in
+registers like kernels_cpu.widen's GEMVs, or fp32), each head on one thread.
 
 Owns head_absorb and head_values. torch's batched product over 64 one-row heads ran at a fraction of
 the RAM bandwidth; these stream each head's rows once, vectorised along the contiguous L. Pure
@@ -9,9 +10,24 @@ Letters: T tokens, H heads, P nope dim, V value dim, L latent rank.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
+
+from kernels_cpu.widen import bf16_to_f32
 
 FASTMATH = {"reassoc", "contract"}  # a vectorised sum and FMA; NaN and inf keep their meaning
+
+
+def _kv(kvb, h, r, l):
+    """kvb[h, r, l] as float32 (bf16 bits widened, or fp32 as it is). Numba only."""
+    raise NotImplementedError
+
+
+@overload(_kv, inline="always")
+def _kv_impl(kvb, h, r, l):
+    if kvb.dtype == types.uint16:
+        return lambda kvb, h, r, l: bf16_to_f32(kvb[h, r, l])
+    return lambda kvb, h, r, l: kvb[h, r, l]
 
 
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
@@ -25,7 +41,7 @@ def _absorb(q, kvb, out):
             for p in range(P):  # out[t, h] += q[t, h, p] * row p of head h
                 qp = q[t, h, p]
                 for l in range(L):
-                    out[t, h, l] += qp * kvb[h, p, l]
+                    out[t, h, l] += qp * _kv(kvb, h, p, l)
 
 
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
@@ -37,18 +53,18 @@ def _values(o_lat, kvb, P, out):
             for v in range(V):
                 acc = np.float32(0.0)
                 for l in range(L):
-                    acc += o_lat[t, h, l] * kvb[h, P + v, l]
+                    acc += o_lat[t, h, l] * _kv(kvb, h, P + v, l)
                 out[t, h, v] = acc
 
 
 def _check(a: np.ndarray, kvb: np.ndarray, name: str) -> None:
-    if a.dtype != np.float32 or kvb.dtype != np.float32 or kvb.ndim != 3 or not kvb.flags.c_contiguous:
-        raise ValueError(f"{name}: fp32 operands and a contiguous kv_b [H, P + V, L] are needed, got "
-                         f"{a.dtype} and {kvb.dtype} {kvb.shape}")
+    if a.dtype != np.float32 or kvb.dtype not in (np.float32, np.uint16) or kvb.ndim != 3 or not kvb.flags.c_contiguous:
+        raise ValueError(f"{name}: fp32 activations and a contiguous kv_b [H, P + V, L] (fp32, or bf16 bits as "
+                         f"uint16) are needed, got {a.dtype} and {kvb.dtype} {kvb.shape}")
 
 
 def head_absorb(q_nope: np.ndarray, kvb: np.ndarray) -> np.ndarray:
-    """q_nope fp32 [T, H, P], kvb fp32 [H, P + V, L] -> q_lat [T, H, L] = q_nope[t, h] @ kvb[h, :P]."""
+    """q_nope fp32 [T, H, P], kvb [H, P + V, L] (fp32 or bf16 bits) -> q_lat [T, H, L] = q_nope[t, h] @ kvb[h, :P]."""
     _check(q_nope, kvb, "head_absorb")
     T, H, P = q_nope.shape
     if kvb.shape[0] != H or kvb.shape[1] <= P:
@@ -59,7 +75,7 @@ def head_absorb(q_nope: np.ndarray, kvb: np.ndarray) -> np.ndarray:
 
 
 def head_values(o_lat: np.ndarray, kvb: np.ndarray, P: int) -> np.ndarray:
-    """o_lat fp32 [T, H, L], kvb fp32 [H, P + V, L] -> o [T, H, V] = o_lat[t, h] @ kvb[h, P:].T."""
+    """o_lat fp32 [T, H, L], kvb [H, P + V, L] (fp32 or bf16 bits) -> o [T, H, V] = o_lat[t, h] @ kvb[h, P:].T."""
     _check(o_lat, kvb, "head_values")
     T, H, L = o_lat.shape
     if kvb.shape[0] != H or kvb.shape[2] != L or not 0 <= P < kvb.shape[1]:

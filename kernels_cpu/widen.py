@@ -27,7 +27,7 @@ FASTMATH = {"reassoc", "contract"}
 
 
 @intrinsic
-def _bf16_to_f32(typingctx, bits):
+def bf16_to_f32(typingctx, bits):
     """uint16 bf16 bits -> float32 (the bits are the float's upper half)."""
     sig = types.float32(types.uint16)
 
@@ -46,14 +46,14 @@ def _weight(w, o, i):
 @overload(_weight, inline="always")
 def _weight_impl(w, o, i):
     if w.dtype == types.uint16:
-        return lambda w, o, i: _bf16_to_f32(w[o, i])
+        return lambda w, o, i: bf16_to_f32(w[o, i])
     return lambda w, o, i: np.float32(w[o, i])
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _scale(s, o):
     # row o's bf16 scale widened, or 1 where there are none (s.shape[0] == 0)
-    return _bf16_to_f32(s[o]) if s.shape[0] else np.float32(1.0)
+    return bf16_to_f32(s[o]) if s.shape[0] else np.float32(1.0)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")

@@ -335,10 +335,19 @@ def test_head_products_equal_the_float64_einsums():
                                    rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(head_values(o_lat, kvb, P), np.einsum("thl,hvl->thv", o_lat.astype(np.float64), k64[:, P:]),
                                    rtol=1e-5, atol=1e-5)
+    # kv_b held as bf16 bits: the same products of the widened values (bf16 -> fp32 is exact)
+    bits = (kvb.view(np.uint32) >> 16).astype(np.uint16)
+    wide = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    np.testing.assert_allclose(head_absorb(q, bits), np.einsum("thp,hpl->thl", q.astype(np.float64), wide[:, :P]),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(head_values(o_lat, bits, P), np.einsum("thl,hvl->thv", o_lat.astype(np.float64), wide[:, P:]),
+                               rtol=1e-5, atol=1e-5)
     q[0, 1, 2] = np.nan  # NaN reaches its head's output only
     y = head_absorb(q, kvb)
     assert np.isnan(y[0, 1]).all() and np.isfinite(np.delete(y[0], 1, axis=0)).all()
     with pytest.raises(ValueError, match="contiguous kv_b"):
         head_absorb(q, kvb[:, ::2])
+    with pytest.raises(ValueError, match="contiguous kv_b"):
+        head_absorb(q, kvb.astype(np.float16))
     with pytest.raises(ValueError, match="does not fit"):
         head_values(o_lat[:, :, :-1], kvb, P)

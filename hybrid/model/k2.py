@@ -19,7 +19,7 @@ from kernels_gpu.mla import chunked_prefill_attention
 
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.experts.backend import ExpertBackend
-from hybrid.model.linear import Weight, absorbed_attention, fp32_linear, linear
+from hybrid.model.linear import Weight, absorbed_attention, as_dtype, fp32_linear, linear
 from hybrid.model.timers import Timers
 from hybrid.model.weights import MLPWeights, ModelWeights
 
@@ -191,9 +191,10 @@ class Model:
         if mode == "absorbed":  # decode: q absorbed into the latent space, the cache read as stored
             o = absorbed_attention(q_nope, q_pe, kv_latent, k_pe, a.kv_b_heads, a.w_uk, a.w_uv, c.softmax_scale, s0)
         elif T * S > CHUNKED_MIN_SCORES:  # long prompts: same math, bounded memory
-            o = chunked_prefill_attention(q_nope, q_pe, kv_latent, k_pe, a.w_uk, a.w_uv, c.softmax_scale, s0)
+            o = chunked_prefill_attention(q_nope, q_pe, kv_latent, k_pe, as_dtype(a.w_uk, q_nope.dtype),
+                                          as_dtype(a.w_uv, q_nope.dtype), c.softmax_scale, s0)
         else:  # the naive form: keys and values expanded per head; scores [T, H, S]
-            kvb = (kv_latent @ a.kv_b_proj.T).view(S, H, P + Vd)
+            kvb = linear(kv_latent, a.kv_b_proj).view(S, H, P + Vd)
             # the rope part is MQA: one k_pe shared by all heads
             scores = torch.einsum("thr,sr->ths", q_pe, k_pe) + torch.einsum("thp,shp->ths", q_nope, kvb[..., :P])
             causal = torch.arange(S, device=x.device)[None, :] > torch.arange(s0, S, device=x.device)[:, None]  # [T, S]

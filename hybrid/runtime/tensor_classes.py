@@ -37,10 +37,11 @@ def int8_eligible(name: str, shape: tuple[int, ...]) -> bool:
 
 def widen_eligible(name: str, shape: tuple[int, ...]) -> bool:
     """Whether a GPU side on the CPU with fp32 math ('bf16w') keeps this tensor in bf16, as the
-    checkpoint stores it, widening it inside each product (linear.widening_linear): the weights that
-    int8 would quantise, and the router's. The rest (kv_b_proj, read as per-head views; norms; the
-    router's bias) is held in fp32. One rule for the engine and for the sizes the plan counts."""
-    return int8_eligible(name, shape) or (tensor_class(name) == "router" and len(shape) == 2)
+    checkpoint stores it, widening it inside each product (linear.widening_linear, and kv_b_proj in
+    kernels_cpu.heads' per-head products): the weights that int8 would quantise, kv_b_proj and the
+    router's. The rest (norms, the router's bias) is held in fp32. One rule for the engine and for
+    the sizes the plan counts."""
+    return int8_eligible(name, shape) or (len(shape) == 2 and (tensor_class(name) == "router" or "kv_b_proj" in name))
 
 
 @dataclass(frozen=True)
