@@ -159,19 +159,27 @@ def run(prompt: str, model: str, max_tokens: int, temperature: float, seed: int 
 @click.option("--keepalive", "keepalive_s", type=FiniteFloat(min=0, min_open=True), default=DEFAULT_KEEPALIVE_S,
               show_default=True, help="Seconds a streamed answer may stay silent (queued, a long prefill) before an "
               "SSE comment keeps the connection open.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1),
+              help="Refuse larger request bodies with HTTP 413 [default: 32 MiB].")
+@click.option("--max-pending-bytes", type=click.IntRange(min=1),
+              help="Request bytes that requests may hold at once while they are read and tokenized; one that "
+              "would pass it gets HTTP 429 (memory use is a few times this) [default: 64 MiB].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def serve(model: str, host: str, port: int, api_key: str | None, model_name: str, max_prompt_tokens: int | None,
-          max_queue: int, keepalive_s: float, log_level: str, **engine_opts) -> None:
-    """Serve the model over OpenAI- and Anthropic-compatible HTTP APIs (see README: Serve)."""
+          max_queue: int, keepalive_s: float, max_body_bytes: int | None, max_pending_bytes: int | None, log_level: str,
+          **engine_opts) -> None:
+    """Serve the model over OpenAI- and Anthropic-compatible HTTP APIs until SIGTERM or Ctrl-C, which end
+    every request gracefully (see README: Serve)."""
     from hybrid.serve.app import serve as run_server
 
-    options = {k: v for k, v in engine_opts.items() if v is not None}  # serve() keeps its own defaults
+    limits = {"max_body_bytes": max_body_bytes, "max_pending_bytes": max_pending_bytes}
+    options = {k: v for k, v in {**engine_opts, **limits}.items() if v is not None}  # serve() keeps its own defaults
     run_server(str(resolve_model(model)), host=host, port=port, api_key=api_key, model_name=model_name,
                max_prompt_tokens=max_prompt_tokens, max_queue=max_queue, keepalive_s=keepalive_s,
                log_level=log_level, **options)
 
 
-for command in (chat, bench, plan):
+for command in (chat, bench, plan, node):
     main.add_command(command)
 
 

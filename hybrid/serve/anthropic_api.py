@@ -274,7 +274,8 @@ async def _stream(state: ServerState, job: Job, show_thinking: bool) -> AsyncIte
             yield _event("message_start", {"message": message})
             continue
         if isinstance(item, Failed):
-            yield _event("error", {"error": {"type": "api_error", "message": item.message}})
+            kind = "overloaded_error" if item.status == 503 else "api_error"  # 503: shutting down
+            yield _event("error", {"error": {"type": kind, "message": item.message}})
             continue  # the end of the job's events follows
         if isinstance(item, Finished):
             if open_kind is not None:

@@ -1,31 +1,38 @@
 """The HTTP face: an OpenAI- and Anthropic-compatible server over one engine (FastAPI + uvicorn).
 
-Owns the app (routes, API-key and Host checks, error bodies in each API's style, /health, /v1/models), and
-serve(). Must not: render terminal output (cli.py does), or run generation outside the one worker of
-engine_runner.EngineRunner; no request may take the server down.
+Owns the app (routes, API-key and Host checks, the budget of request bytes held at once, error bodies in
+each API's style, /health, /v1/models), the graceful end on SIGTERM / SIGINT, and serve(). Must not: render
+terminal output (cli/ does), or run generation outside the one worker of runner.EngineRunner; no request
+may take the server down.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import signal
+import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from types import FrameType
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hybrid.runtime.options import LoadOptions
 from hybrid.serve import anthropic_api as api_anthropic, openai_api as api_openai
-from hybrid.serve.common import ApiError, ServerState, check_model, server_state
+from hybrid.serve.common import ApiError, ServerState, check_model, longest_token_bytes, server_state
 from hybrid.serve.runner import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_QUEUE, EngineRunner
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20  # a 256K-token history with tools is a few MB of JSON
+DEFAULT_MAX_PENDING_BYTES = 64 << 20  # request bytes held at once; the memory they take is a few times this
+GRACE_S = 5  # after a signal, how long connections may take to close (all jobs end at once; this is slack)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # bound here without a key, it answers only requests addressed here
 
 _OPENAI_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_exceeded",
@@ -82,36 +89,89 @@ class RequestGuard:
         return None
 
 
+class BodyBudget:
+    """ASGI middleware: bounds the request bytes that requests hold at once (bodies being read, parsed,
+    rendered, tokenized, until their response starts) to max_bytes. A request whose body would pass the
+    budget while others hold bytes is refused with a 429 (one request alone may always use it all), so
+    a burst of huge prompts cannot take the machine's memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes, self.held = app, max_bytes, 0
+        self.holders = 0  # requests holding bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        mine = 0
+
+        def release() -> None:
+            nonlocal mine
+            if mine:
+                self.held, self.holders, mine = self.held - mine, self.holders - 1, 0
+
+        async def counted() -> Message:
+            nonlocal mine
+            message = await receive()
+            n = len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            if n and self.held + n > self.max_bytes and self.holders > (1 if mine else 0):
+                raise ApiError(429, f"the server is busy reading other large requests ({self.held} bytes held, "
+                                    f"max_pending_bytes={self.max_bytes}); retry in a second", None,
+                               "too_many_pending_bytes", {"Retry-After": "1"})
+            if n:
+                self.holders += 0 if mine else 1
+                self.held, mine = self.held + n, mine + n
+            return message
+
+        async def sent(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                release()
+            await send(message)
+
+        try:
+            await self.app(scope, counted, sent)
+        finally:
+            release()
+
+
 def create_app(engine: Any, api_key: str | None = None, model_name: str = "kimi-k2-thinking",
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_tokens: int | None = None,
                allowed_hosts: tuple[str, ...] | None = None, max_queue: int | None = DEFAULT_MAX_QUEUE,
-               keepalive_s: float | None = DEFAULT_KEEPALIVE_S) -> FastAPI:
-    """The app over a loaded engine (hybrid.load(...), or anything with its generate /
+               keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
+               max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES) -> FastAPI:
+    """The app over a loaded engine (hybrid.load(...), or anything with its generate / apply_chat_template /
     chat_prompt / answer_budget / tokenizer / context). Requests run one at a time, in arrival order.
     allowed_hosts: host names the Host header may give (None: any). max_queue: requests that may
     wait behind the running one (None: no limit); beyond it a 429 with a Retry-After header.
     keepalive_s: a streamed answer that has nothing to send for this long (queued, a long prefill)
-    sends an SSE comment, so idle-timeouts in proxies and clients do not cut it (None: never)."""
+    sends an SSE comment, so idle-timeouts in proxies and clients do not cut it (None: never).
+    max_pending_bytes: request bytes held at once (BodyBudget); beyond it a 429."""
     if keepalive_s is not None and not keepalive_s > 0:
         raise ValueError(f"keepalive_s must be > 0 or None, got {keepalive_s}")
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
+    if max_pending_bytes < 1:
+        raise ValueError(f"max_pending_bytes must be >= 1, got {max_pending_bytes}")
     runner = EngineRunner(engine, max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runner.start()
         log.info("serving %r (context %d tokens)", model_name, engine.context)
+        undo = end_jobs_on_signal(runner)
         try:
             yield
         finally:
+            undo()
             runner.stop()
 
     app = FastAPI(title="kimi-hybrid", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = ServerState(engine, runner, model_name, max_body_bytes, max_prompt_tokens, keepalive_s)
-    if api_key or allowed_hosts:
+    app.state.server = ServerState(engine, runner, model_name, max_body_bytes, max_prompt_tokens, keepalive_s,
+                                   longest_token_bytes(engine.tokenizer))
+    app.add_middleware(BodyBudget, max_bytes=max_pending_bytes)
+    if api_key or allowed_hosts:  # added last: it runs first, before a body is read
         app.add_middleware(RequestGuard, api_key=api_key, allowed_hosts=allowed_hosts)
     app.include_router(api_openai.router)
     app.include_router(api_anthropic.router)
@@ -172,14 +232,46 @@ def _add_info_routes(app: FastAPI, engine: Any, model_name: str) -> None:
         return model_card()
 
 
+def end_jobs_on_signal(runner: EngineRunner) -> Callable[[], None]:
+    """On SIGTERM or SIGINT, end every job at once (runner.shutdown, run on the event loop: the running
+    answer gets an error event, queued requests a 503), then hand the signal to the handler before ours
+    (uvicorn's: stop accepting, wait for connections to close). Without this, jobs ended only when
+    uvicorn's grace period ran out and it cancelled their tasks. Returns what undoes it. Signal handlers
+    belong to the main thread: in another (a server run by a test) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+
+    def handler(sig: int, frame: FrameType | None) -> None:
+        before = previous[sig]
+        if before == signal.SIG_IGN:
+            return
+        loop.call_soon_threadsafe(runner.shutdown)  # not here: a signal handler may interrupt a lock's holder
+        if callable(before):
+            before(sig, frame)
+        else:  # nobody else handles it (SIG_DFL): what it would have done without us
+            signal.signal(sig, signal.SIG_DFL)
+            signal.raise_signal(sig)
+
+    def undo() -> None:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    return undo
+
+
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           backend: str = "auto", context: int | None = 32768, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_prompt_tokens: int | None = None, log_level: str = "info", model_name: str = "kimi-k2-thinking",
           max_queue: int | None = DEFAULT_MAX_QUEUE, keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
-          **load_options: Any) -> None:
+          max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES, **load_options: Any) -> None:
     """Load the model (a checkpoint directory or a repo id in the Hugging Face cache; `kimi-hybrid serve`
-    resolves presets first; load_options go to hybrid.load) and serve it
-    until interrupted, as `model_name`. Binds to loopback unless told otherwise."""
+    resolves presets first; load_options go to hybrid.load) and serve it as `model_name` until SIGTERM or
+    SIGINT, then return (every request answered; see end_jobs_on_signal). Binds to loopback unless told
+    otherwise."""
     import uvicorn
 
     from hybrid.runtime.loader import load
@@ -196,10 +288,15 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     engine = load(**options.kwargs())
     app = create_app(engine, api_key=api_key, model_name=model_name, max_body_bytes=max_body_bytes,
                      max_prompt_tokens=max_prompt_tokens, max_queue=max_queue, keepalive_s=keepalive_s,
+                     max_pending_bytes=max_pending_bytes,
                      allowed_hosts=LOOPBACK if host in LOOPBACK and not api_key else None)
+    # uvicorn raises the signal again once it has shut down; SIGTERM then returns from here, as Ctrl-C does
+    # (exit 0), rather than killing the process before the engine is closed
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: None)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACE_S)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         close = getattr(engine, "close", None)
         if close is not None:
             close()

@@ -1,8 +1,10 @@
 """What the HTTP APIs share: request bodies, API errors, prompts within limits, and job responses.
 
 Owns reading bodies under a size and depth limit, validation errors that name the field, rendering
-and tokenizing messages within the prompt limit, and cancelling a job when its client hangs up. Must
-not: know either wire format (api_openai.py, api_anthropic.py) or run generation (engine_runner.py).
+and tokenizing messages within the prompt limit (a text too long to fit is refused before it is
+tokenized), a job's ending as an HTTP status (a stream's status line waits for its job's first item),
+and cancelling a job when its client hangs up. Must not: know either wire format (openai_api.py,
+anthropic_api.py) or run generation (runner.py).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import asyncio
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from pydantic import BaseModel, ValidationError
@@ -20,14 +22,15 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from hybrid.text.template import ChatTemplateError
-from hybrid.serve.runner import EngineRunner, Failed, Finished, Job, QueueFull, Started
+from hybrid.serve.runner import EngineRunner, Failed, Finished, Job, QueueFull, ShuttingDown, Started
 from hybrid.text.parser import Event
 from hybrid.model.sampling import SamplingError, SamplingParams
-from hybrid.text.tokenizer import TokenizerError
+from hybrid.text.tokenizer import MARK_CLOSE, MARK_OPEN, TokenizerError
 
 log = logging.getLogger(__name__)
 
 MAX_JSON_DEPTH = 100
+TOKENIZE_AT_ONCE = 2
 
 
 class ApiError(Exception):
@@ -42,12 +45,24 @@ class ApiError(Exception):
 
 @dataclass
 class ServerState:
-    engine: Any  # hybrid.Engine, or anything with its tokenizer / context / generate / chat_prompt / answer_budget
+    engine: Any  # hybrid.Engine, or anything with its tokenizer / context / generate / apply_chat_template /
+    #              chat_prompt / answer_budget
     runner: EngineRunner
     model_name: str
     max_body_bytes: int
     max_prompt_tokens: int | None
     keepalive_s: float | None = None  # a streamed answer sends an SSE comment after this long without data
+    token_bytes: int = 0  # the most bytes one token stands for (longest_token_bytes); 0: no cheap bound
+    # prompts rendered and tokenized at once: CPU-bound work, whose memory (~20 bytes per byte of text
+    # tokenized) this bounds to a few prompts' worth whatever the number of requests
+    tokenizing: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(TOKENIZE_AT_ONCE))
+
+
+def longest_token_bytes(tokenizer: Any) -> int:
+    """The most UTF-8 bytes one token of this tokenizer stands for: its longest BPE rank or special-token
+    name. A text of n bytes is at least n / this many tokens, however it is split."""
+    ranks = max(map(len, tokenizer.encoding.token_byte_values()))
+    return max([ranks] + [len(name.encode()) for name in tokenizer.special_tokens])
 
 
 def server_state(request: Request) -> ServerState:
@@ -172,27 +187,57 @@ async def prepare(state: ServerState, messages: list[dict], tools: list[dict] | 
     """Render and tokenize (off the event loop), enforce the prompt limits, size the output budget.
     forced: the start of the assistant's turn (a tool call that tool_choice demands), appended."""
     engine = state.engine
+    limit = min(state.max_prompt_tokens or engine.context, engine.context - 1)  # leave room for one token
     try:
-        prompt = await run_in_threadpool(engine.chat_prompt, messages, tools, forced)
+        async with state.tokenizing:
+            prompt = await run_in_threadpool(_prompt_within, state, limit, messages, tools, forced)
     except (ChatTemplateError, TokenizerError) as exc:
         raise ApiError(400, f"these messages cannot be rendered: {exc}", "messages") from None
-    limit = min(state.max_prompt_tokens or engine.context, engine.context - 1)  # leave room for one token
     if len(prompt) > limit:
-        which = (f"max_prompt_tokens={state.max_prompt_tokens}" if limit == state.max_prompt_tokens
-                 else f"the context of {engine.context} tokens less one")
-        raise ApiError(400, f"the prompt is {len(prompt)} tokens, over this server's limit of {limit} ({which}); "
-                            "shorten the conversation", "messages", "context_length_exceeded")
+        raise _too_long(state, limit, str(len(prompt)))
     return Job(prompt, params, tool_names, engine.answer_budget(prompt, params.max_tokens), forced)
 
 
+def _prompt_within(state: ServerState, limit: int, messages: list[dict], tools: list[dict] | None,
+                   forced: str) -> list[int]:
+    """The prompt's ids, refusing before tokenizing a text too long to fit (tokenizing costs ~0.4 s per
+    MB of text and ~20 bytes of memory per byte; rendering a small fraction of that). Sound: a token
+    stands for at most state.token_bytes bytes, so more than limit * token_bytes bytes is more than limit
+    tokens."""
+    if state.token_bytes:
+        text = state.engine.apply_chat_template(messages, tools=tools)  # what chat_prompt tokenizes, unmarked
+        n = utf8_len(text) - 4 * (text.count(MARK_OPEN) + text.count(MARK_CLOSE))  # it drops these (4 bytes each)
+        if n > limit * state.token_bytes:
+            raise _too_long(state, limit, f"at least {-(-n // state.token_bytes)} ({n} bytes)")
+    return state.engine.chat_prompt(messages, tools, forced)
+
+
+def _too_long(state: ServerState, limit: int, tokens: str) -> ApiError:
+    which = (f"max_prompt_tokens={state.max_prompt_tokens}" if limit == state.max_prompt_tokens
+             else f"the context of {state.engine.context} tokens less one")
+    return ApiError(400, f"the prompt is {tokens} tokens, over this server's limit of {limit} ({which}); "
+                         "shorten the conversation", "messages", "context_length_exceeded")
+
+
+def utf8_len(text: str) -> int:
+    """len(text.encode()) without a copy of a long text (lone surrogates count as 3 bytes)."""
+    if text.isascii():
+        return len(text)
+    step = 1 << 20
+    return sum(len(text[i:i + step].encode("utf-8", "surrogatepass")) for i in range(0, len(text), step))
+
+
 def submit(state: ServerState, job: Job) -> Job:
-    """Queue the job, or refuse it with a 429 and Retry-After when max_queue requests already wait."""
+    """Queue the job, or refuse it: 429 with Retry-After when max_queue requests already wait, 503 when
+    the server is shutting down."""
     try:
         return state.runner.submit(job)
     except QueueFull as full:
         raise ApiError(429, f"the server is busy: {full.waiting} requests are already waiting for the model "
                             f"(max_queue={state.runner.max_queue}); retry in about {full.retry_after_s} s",
                        None, "queue_full", {"Retry-After": str(full.retry_after_s)}) from None
+    except ShuttingDown:
+        raise ApiError(503, "the server is shutting down; retry later", None, "shutting_down") from None
 
 
 async def collect(request: Request, runner: EngineRunner, job: Job) -> tuple[list[Event], Finished]:
@@ -205,7 +250,7 @@ async def collect(request: Request, runner: EngineRunner, job: Job) -> tuple[lis
         watcher.cancel()
     for item in items:
         if isinstance(item, Failed):
-            raise ApiError(500, item.message, None, "server_error")
+            raise ApiError(item.status, item.message, None, item.code)
     fin = next((item for item in items if isinstance(item, Finished)), None)
     if fin is None and client_left:  # nobody reads this answer; the status is for the log (nginx's 499)
         raise ApiError(499, "the client disconnected before the answer was ready; the request was cancelled",
@@ -248,26 +293,49 @@ async def with_keepalive(content: AsyncIterator[str], every_s: float | None) -> 
 
 
 class JobStream(StreamingResponse):
-    """Server-sent events of one job. However the response ends (done, client gone, error), the job is
-    cancelled if it still runs: it stops at its next token, or never starts. keepalive_s: see
-    with_keepalive."""
+    """Server-sent events of one job. The status line waits for the job's first item (at most keepalive_s,
+    then keepalive comments flow): a job that ends before it starts (the server shutting down) is then an
+    error with its own status and body, not a 200 stream. However the response ends (done, client gone,
+    error), the job is cancelled if it still runs: it stops at its next token, or never starts."""
 
     def __init__(self, content: AsyncIterator[str], job: Job, keepalive_s: float | None = None):
         super().__init__(with_keepalive(content, keepalive_s), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache"})
-        self.job = job
+        self.job, self.hold_s = job, keepalive_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            if await self._opened(receive):
+                await super().__call__(scope, receive, send)
         finally:
             if not self.job.finished.is_set():
                 log.info("request %s: the client disconnected", self.job.id)
                 self.job.cancel()
 
+    async def _opened(self, receive: Receive) -> bool:
+        """Wait for the job's first item, the client leaving, or hold_s. False: the client left. Raises
+        the ApiError of a job that failed before anything else came."""
+        first = asyncio.ensure_future(self.job.opening())
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({first, gone}, timeout=self.hold_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            first.cancel()
+            gone.cancel()
+        if gone.done() and not gone.cancelled():
+            return False
+        failed = first.result() if first.done() and not first.cancelled() else None
+        if failed is not None:
+            raise ApiError(failed.status, failed.message, None, failed.code)
+        return True
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    await _disconnected(request.receive)
     log.info("request %s: the client disconnected", job.id)
     job.cancel()

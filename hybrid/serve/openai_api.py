@@ -272,5 +272,5 @@ async def _stream(state: ServerState, job: Job, head: dict, include_usage: bool)
             if include_usage:
                 yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(item)})
         elif isinstance(item, Failed):
-            yield _sse({"error": {"message": item.message, "type": "server_error", "param": None, "code": "server_error"}})
+            yield _sse({"error": {"message": item.message, "type": "server_error", "param": None, "code": item.code}})
     yield "data: [DONE]\n\n"

@@ -1,8 +1,10 @@
 """One engine, one worker thread: chat jobs run one at a time, in the order they were submitted.
 
-Owns the FIFO queue (queue positions logged), handing each job's events from the worker thread to its
-asyncio consumer, and stopping a generation between tokens once its job is cancelled (the client left).
-Must not: know HTTP or any wire format, or touch the model other than through engine.generate.
+Owns the FIFO queue (queue positions logged, Retry-After estimated from the queue and the measured job
+time), handing each job's events from the worker thread to its asyncio consumer with exactly one ending,
+stopping a generation between tokens once its job is cancelled (the client left), and shutdown (every job
+in line ends at once with a 503 Failed). Must not: know HTTP or any wire format, or touch the model other
+than through engine.generate.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from hybrid.text.conversation import Done, run_chat
 from hybrid.text.parser import Event
@@ -40,25 +42,34 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
+    """The job ended without an answer: status and code say why, as HTTP would (500: generation failed;
+    503: the server is shutting down)."""
     message: str
+    status: int = 500
+    code: str = "server_error"
 
 
 _END = object()  # the last item of every job
-RETRY_AFTER_DEFAULT_S = 2  # before any request has finished, what a refused client is told to wait
-RETRY_AFTER_MAX_S = 60  # clients honour a Retry-After up to about this
+RETRY_AFTER_DEFAULT_S = 2  # before any request has finished, the seconds a job is assumed to take
+RETRY_AFTER_MAX_S = 60  # clients honour a Retry-After up to about this (the OpenAI and Anthropic SDKs: 60)
 
 
 class QueueFull(Exception):
-    """The runner already holds max_queue waiting jobs; retry_after_s estimates when one will have started."""
+    """The runner already holds max_queue waiting jobs; retry_after_s estimates when there will be room."""
 
     def __init__(self, waiting: int, retry_after_s: int):
         super().__init__(f"{waiting} requests are already waiting for the model")
         self.waiting, self.retry_after_s = waiting, retry_after_s
 
 
+class ShuttingDown(Exception):
+    """The runner takes no more jobs: the server is stopping."""
+
+
 @dataclass(eq=False)
 class Job:
-    """One chat request for the worker: a tokenized prompt, sampling, and the tools the parser accepts."""
+    """One chat request for the worker: a tokenized prompt, sampling, and the tools the parser accepts.
+    Its items go to one asyncio consumer, the last (Finished or Failed) once, from either side."""
     prompt: list[int]
     params: SamplingParams
     tool_names: list[str] | None
@@ -67,17 +78,62 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
+    begun: bool = False  # the worker took it (it may have been cut short since)
     _loop: asyncio.AbstractEventLoop | None = None
     _out: asyncio.Queue | None = None
+    _ready: asyncio.Event | None = None  # set with the first item delivered
+    _first: object = None
+    _closed: bool = False  # the last item was handed over
+    _ended: bool = False  # and the end of the items
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def cancel(self) -> None:
         self.cancelled.set()
 
-    def emit(self, item: object) -> None:  # from the worker thread
-        try:
-            self._loop.call_soon_threadsafe(self._out.put_nowait, item)
+    def emit(self, item: object) -> None:
+        """Hand an item to the consumer (from any thread); nothing passes once the job's last item did."""
+        with self._lock:
+            if not self._closed:
+                self._send(item)
+
+    def finish(self, last: object) -> bool:
+        """Hand over the job's last item (Finished or Failed), unless it already has one: the worker's
+        answer and the server's shutdown may race, and the consumer must see exactly one. The end of the
+        items follows with end()."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._closed = True
+            self._send(last)
+            return True
+
+    def end(self, last: object | None = None) -> None:
+        """finish(last) when given, then the end of the items (once): the consumer stops reading."""
+        with self._lock:
+            if last is not None and not self._closed:
+                self._closed = True
+                self._send(last)
+            if not self._ended:
+                self._closed = self._ended = True
+                self._send(_END)
+
+    def _send(self, item: object) -> None:
+        try:  # through the loop even from its own thread, so items already in flight stay in order
+            self._loop.call_soon_threadsafe(self._deliver, item)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             self.cancel()
+
+    def _deliver(self, item: object) -> None:  # on the event loop
+        if not self._ready.is_set():
+            self._first = item
+            self._ready.set()
+        self._out.put_nowait(item)
+
+    async def opening(self) -> Failed | None:
+        """Wait for the first item; the Failed the job ended with if nothing came before it (it never
+        started: the server is shutting down, or its prefill failed), else None."""
+        await self._ready.wait()
+        return self._first if isinstance(self._first, Failed) else None
 
 
 class _Cancellable:
@@ -104,14 +160,17 @@ class _Cancellable:
 
 class EngineRunner:
     """One worker thread runs jobs one at a time, in the order they were submitted.
-    max_queue: how many jobs may wait behind the running one (None: no limit); submit() refuses more."""
+    max_queue: how many jobs may wait behind the running one (None: no limit); submit() refuses more.
+    clock: seconds (monotonic), for the measured job time behind Retry-After."""
 
-    def __init__(self, engine: Any, max_queue: int | None = None):
+    def __init__(self, engine: Any, max_queue: int | None = None, clock: Callable[[], float] = time.monotonic):
         if max_queue is not None and max_queue < 0:
             raise ValueError(f"max_queue must be >= 0 or None, got {max_queue}")
         self.engine = engine
         self.max_queue = max_queue
+        self._clock = clock
         self._job_s: float | None = None  # moving average of how long a job holds the worker
+        self._promised: list[float] = []  # when the clients refused lately were told to come back
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.active: Job | None = None
@@ -119,6 +178,7 @@ class EngineRunner:
         self._stopping = False
         self._lock = threading.Lock()
         self._in_line = 0  # submitted and not yet finished, the running job included
+        self._live: set[Job] = set()  # the same jobs: whom a shutdown must answer
 
     @property
     def waiting(self) -> int:
@@ -139,34 +199,63 @@ class EngineRunner:
             self._thread = threading.Thread(target=self._work, name="kimi-engine", daemon=True)
             self._thread.start()
 
+    def shutdown(self) -> None:
+        """Take no more jobs, and end every one in line now (from the event loop's thread): the running
+        one stops at its next token, and each consumer gets a 503 Failed at once instead of waiting."""
+        with self._lock:
+            first = not self._stopping
+            self._stopping = True
+            live = list(self._live)
+        for job in live:
+            job.cancel()
+            why = "the answer was cut short" if job.begun else "the request was not started; retry later"
+            job.end(Failed(f"the server is shutting down: {why}", 503, "shutting_down"))
+        if first:
+            log.info("shutting down: %d request(s) ended, %s", len(live), "none running" if self.active is None
+                     else f"request {self.active.id} stops at its next token")
+            self._jobs.put(None)  # the worker ends after the token it is computing
+
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel what runs and what waits, then end the worker."""
+        """shutdown(), then wait (up to timeout) for the worker to finish its current token and end."""
         if self._thread is None:
             return
-        self._stopping = True
-        if self.active is not None:
-            self.active.cancel()
-        self._jobs.put(None)
+        self.shutdown()
         self._thread.join(timeout)
         self._thread = None
 
     def submit(self, job: Job) -> Job:
         """Queue a job (from the event loop); its items arrive through events(job)."""
         with self._lock:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
             ahead = self._in_line  # submitted and not finished: one of them runs (or is about to)
             if self.max_queue is not None and (waiting := self._behind_running()) >= self.max_queue:
-                raise QueueFull(waiting, self.retry_after_s())
+                wait = self._wait_s(waiting)
+                self._promised.append(self._clock() + wait)
+                raise QueueFull(waiting, wait)
             self._in_line += 1
-        job._loop, job._out = asyncio.get_running_loop(), asyncio.Queue()
+            self._live.add(job)
+        job._loop, job._out, job._ready = asyncio.get_running_loop(), asyncio.Queue(), asyncio.Event()
         log.info("request %s: %d prompt tokens, queue position %d (%s)", job.id, len(job.prompt), ahead + 1,
                  "starts now" if ahead == 0 else f"{ahead} ahead")
         self._jobs.put(job)
         return job
 
     def retry_after_s(self) -> int:
-        """Seconds until the running job is likely done (its average so far), as whole seconds for Retry-After."""
-        est = RETRY_AFTER_DEFAULT_S if self._job_s is None else self._job_s
-        return max(1, min(RETRY_AFTER_MAX_S, math.ceil(est)))
+        """What a client refused now would be told to wait, in whole seconds (see _wait_s)."""
+        with self._lock:
+            return self._wait_s(self.waiting)
+
+    def _wait_s(self, waiting: int) -> int:
+        """When a refused client will find room: once the jobs waiting have run (at the measured seconds
+        per job), plus a queue's worth of jobs for each full group of clients refused before it that are
+        still due back, so a burst returns spread out in groups the queue can take. Hold self._lock."""
+        now = self._clock()
+        self._promised = [t for t in self._promised if t > now]
+        job_s = RETRY_AFTER_DEFAULT_S if self._job_s is None else self._job_s
+        room = (self.max_queue or 0) + 1  # max_queue waiting, and one starting
+        jobs = max(1, waiting) + len(self._promised) // room * room
+        return max(1, min(RETRY_AFTER_MAX_S, math.ceil(job_s * jobs)))
 
     async def events(self, job: Job) -> AsyncIterator[Event | Started | Finished | Failed]:
         """The job's events, Started, then Finished or Failed. Leaving early (the client went away)
@@ -185,27 +274,28 @@ class EngineRunner:
                 self.cancelled += 1
                 self._done(job)
                 continue
-            self.active = job
-            t0 = time.perf_counter()
+            self.active, job.begun = job, True
+            t0 = self._clock()
             try:
                 self._run(job)
             except Exception as exc:  # a request must never take the worker down
                 log.exception("request %s failed", job.id)
-                job.emit(Failed(f"generation failed: {type(exc).__name__}: {exc}"))
+                job.finish(Failed(f"generation failed: {type(exc).__name__}: {exc}"))
             finally:
-                dt = time.perf_counter() - t0
+                dt = self._clock() - t0
                 self._job_s = dt if self._job_s is None else 0.7 * self._job_s + 0.3 * dt
                 self.active = None
                 self._done(job)
         while not self._jobs.empty():  # stopping: tell whoever still waits
             if (job := self._jobs.get()) is not None:
-                job.emit(_END)
+                self._done(job)
 
     def _done(self, job: Job) -> None:
         with self._lock:
             self._in_line -= 1
+            self._live.discard(job)
         job.finished.set()
-        job.emit(_END)
+        job.end()
 
     def _run(self, job: Job) -> None:
         tokens: list[int] = []
@@ -216,20 +306,22 @@ class EngineRunner:
             for item in chat:
                 if job.cancelled.is_set():
                     break
-                if isinstance(item, Done):
-                    item = Finished(item, self._stop_sequence(job, item, tokens))
-                    answered = True
+                if not isinstance(item, Done):
+                    job.emit(item)
+                    continue
+                answered = job.finish(Finished(item, self._stop_sequence(job, item, tokens)))  # False: a shutdown did
+                if answered:
                     self.served += 1
                     log.info("request %s: %s after %d tokens (%d reasoning); prefilled %d of %d prompt tokens "
-                             "in %.2f s; %.1f tokens/s", job.id, item.done.finish_reason, item.done.completion_tokens,
-                             item.done.reasoning_tokens, item.done.prefill_tokens, item.done.prompt_tokens,
-                             item.done.prefill_s, item.done.completion_tokens / max(item.done.decode_s, 1e-9))
-                job.emit(item)
+                             "in %.2f s; %.1f tokens/s", job.id, item.finish_reason, item.completion_tokens,
+                             item.reasoning_tokens, item.prefill_tokens, item.prompt_tokens,
+                             item.prefill_s, item.completion_tokens / max(item.decode_s, 1e-9))
         finally:
             chat.close()
         if job.cancelled.is_set() and not answered:
             self.cancelled += 1
-            log.info("request %s: the client left; stopped after %d tokens", job.id, len(tokens))
+            why = "the server is shutting down" if self._stopping else "the client left"
+            log.info("request %s: %s; stopped after %d tokens", job.id, why, len(tokens))
 
     def _stop_sequence(self, job: Job, done: Done, tokens: list[int]) -> str | None:
         """Which stop string ended the answer (run_chat only says 'stop')."""

@@ -4,10 +4,13 @@ Owns writing: config.json with quantization_config, sharded safetensors plus ind
 dense layers, one per MoE layer, one for embeddings and lm_head, as the real model does), routed
 experts packed as compressed-tensors does, a small BPE tiktoken.model and the real tokenizer_config /
 chat template with special ids moved after the small vocabulary. Deterministic from a seed: each
-tensor's values depend only on (seed, tensor name). Never reads weights; the reader lives elsewhere.
+tensor's values depend only on (seed, tensor name). Writes into a locked `.partial-*` directory renamed
+into place when complete; removes the ones in the cache whose writer died. Never reads weights; the
+reader lives elsewhere.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import logging
@@ -15,6 +18,7 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +37,10 @@ GENERATOR_VERSION = 2  # bump whenever a preset's shapes or values change: cache
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "assets"
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 MARKER = ".kimi-hybrid-synthetic"  # written last: a directory holding it is a complete checkpoint
+LOCK = ".writer.lock"  # in a .partial-* directory: locked (flock) by its writer for as long as it writes
+UNLOCKED_STALE_S = 60  # a .partial-* without a lock file this old is stale (an older version wrote it)
+SPACE_MARGIN = 0.05  # free space asked beyond the checkpoint's own size, as a share of it (plus 1 MB)
+_BLOCK = 4096  # each file takes whole blocks
 
 
 class GeneratorError(Exception):
@@ -150,12 +158,9 @@ def write_checkpoint(out: str | Path, config: dict, seed: int = 0, sparse: bool 
     plan = shard_plan(cfg)
     total = sum(spec_nbytes(s) for sh in plan for _, s in sh.tensors)
     out.parent.mkdir(parents=True, exist_ok=True)
-    need = (0 if sparse else total) + (64 << 20)
-    free = shutil.disk_usage(out.parent).free
-    if need > free * 0.9:
-        raise GeneratorError(f"writing {out.name} needs {need / 1e9:.1f} GB but {out.parent} has {free / 1e9:.1f} GB free; "
-                             "free space or choose a smaller preset")
+    _check_space(out, disk_bytes(cfg, plan, sparse))
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".partial-"))  # one per writer
+    lock = _lock(tmp)  # held until the directory is in place or gone: clean_stale_partials leaves it alone
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would keep the checkpoint from other users
         _write_files(tmp, cfg, plan, total, config, seed, sparse, progress)
@@ -169,11 +174,90 @@ def write_checkpoint(out: str | Path, config: dict, seed: int = 0, sparse: bool 
             log.info("%s was completed by another writer meanwhile; keeping that copy", out)
             shutil.rmtree(tmp, ignore_errors=True)
             return out
+        (out / LOCK).unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     log.info("wrote %s (%.2f GB of tensors%s)", out, total / 1e9, ", sparse" if sparse else "")
     return out
+
+
+def disk_bytes(cfg: ModelConfig, plan: list[Shard], sparse: bool) -> int:
+    """What the checkpoint takes on disk: the shards (headers, and tensor data unless sparse: holes take
+    none), the index, the tokenizer and the small files, each rounded up to whole blocks."""
+    shards = [len(_header(sh.tensors)[0]) + (0 if sparse else sum(spec_nbytes(s) for _, s in sh.tensors))
+              for sh in plan]
+    index = 64 + sum(len(name) + len(sh.file) + 16 for sh in plan for name, _ in sh.tensors)  # '    "name": "file",'
+    tokenizer = 32 * cfg.vocab_size  # a line per rank: base64 bytes and the rank
+    small = 64 << 10  # config.json, tokenizer_config.json, the chat template, the marker
+    return sum(-(-n // _BLOCK) * _BLOCK for n in shards + [index, tokenizer, small])
+
+
+def _check_space(out: Path, need: int) -> None:
+    want = need + int(need * SPACE_MARGIN) + (1 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if want > free:
+        raise GeneratorError(f"writing {out.name} needs {human_bytes(want)} ({human_bytes(need)} of files and "
+                             f"{human_bytes(want - need)} to spare) but {out.parent} has {human_bytes(free)} free; "
+                             "free space or choose a smaller preset")
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in the largest SI unit that keeps the number >= 1, to 3 significant figures: 812 B, 3.15 MB,
+    594 GB (GB = 10^9, as everywhere here)."""
+    units = ("B", "KB", "MB", "GB", "TB")
+    k = 0
+    while k + 1 < len(units) and n >= 1000 ** (k + 1):
+        k += 1
+    v = n / 1000 ** k
+    return f"{v:.0f} {units[k]}" if k == 0 or v >= 100 else f"{v:.{1 if v >= 10 else 2}f} {units[k]}"
+
+
+def _lock(tmp: Path) -> int:
+    """Lock tmp for this writer (the kernel lets go when the process dies, however it dies): an open fd.
+    The lock file gets its name only once locked, so a cleaner never finds it unlocked while we live."""
+    fd = os.open(tmp / (LOCK + ".new"), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, f"{os.getpid()}\n".encode())  # for whoever looks; the lock is what counts
+    os.rename(tmp / (LOCK + ".new"), tmp / LOCK)
+    return fd
+
+
+def clean_stale_partials(directory: Path) -> int:
+    """Remove the `.partial-*` directories in `directory` that no writer is using any more (one killed
+    mid-write, kill -9 or a power cut, leaves up to a checkpoint's size behind): those whose lock file no
+    process holds, or without a lock file and older than UNLOCKED_STALE_S. Returns the bytes freed."""
+    freed = 0
+    for d in directory.glob("*.partial-*"):
+        try:
+            fd = os.open(d / LOCK, os.O_RDONLY)
+        except FileNotFoundError:  # written before locks existed, or its writer is between mkdtemp and _lock
+            try:
+                if d.is_dir() and time.time() - d.stat().st_mtime > UNLOCKED_STALE_S:
+                    freed += _remove(d)
+            except OSError:  # renamed or removed meanwhile
+                pass
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live writer
+        else:
+            freed += _remove(d)  # nothing if its writer renamed it into place meanwhile
+        finally:
+            os.close(fd)
+    return freed
+
+
+def _remove(d: Path) -> int:
+    size = sum(f.stat().st_blocks * 512 for f in d.rglob("*") if f.is_file())
+    shutil.rmtree(d, ignore_errors=True)
+    log.warning("removed %s (%s), left by a writer that was interrupted", d, human_bytes(size))
+    return size
 
 
 def _same_checkpoint(out: Path, config: dict, marker: dict) -> bool:
@@ -251,6 +335,8 @@ def is_generated(path: Path) -> bool:
 def ensure_preset(name: str, seed: int = 0, progress: Progress | None = None) -> Path:
     """Path of a preset checkpoint, generated into the cache directory on first use and reused after."""
     path = preset_path(name, seed)
+    if path.parent.is_dir():
+        clean_stale_partials(path.parent)
     if is_generated(path):
         return path
     return write_checkpoint(path, preset_config(name), seed=seed, sparse=(name == "k2-full-sparse"), progress=progress)
