@@ -179,7 +179,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, model_name: str
                log_level=log_level, **options)
 
 
-for command in (chat, bench, plan, node):
+for command in (chat, bench, plan):
     main.add_command(command)
 
 
