@@ -300,7 +300,7 @@ def test_cuda_graph_replay_equals_eager():
 
 def kernel_attention(model, i, x, cache, s0, cos, sin, mode):
     """Model.attention's math routed through kernels_gpu: the wiring the engine uses."""
-    from hybrid.model.linear import linear
+    from hybrid.model.linear import as_dtype, linear
     from hybrid.model.k2 import LATENT_NORM_EPS, apply_rope, rms_norm
     c, w, p = model.cfg, model.w, f"model.layers.{i}.self_attn."
     T, Hh, Pp, Rr, Ll, Vv = (x.shape[0], c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim,
@@ -311,7 +311,7 @@ def kernel_attention(model, i, x, cache, s0, cos, sin, mode):
     kv = linear(x, w[p + "kv_a_proj_with_mqa.weight"])
     cache.kv[i, s0:s0 + T] = rms_norm(kv[:, :Ll], w[p + "kv_a_layernorm.weight"], LATENT_NORM_EPS)
     cache.pe[i, s0:s0 + T] = apply_rope(kv[:, Ll:], cos, sin)
-    w_kv_b = w[p + "kv_b_proj.weight"].view(Hh, Pp + Vv, Ll)
+    w_kv_b = as_dtype(w[p + "kv_b_proj.weight"], q_nope.dtype).view(Hh, Pp + Vv, Ll)  # bf16 as held under bf16w
     w_uk, w_uv = w_kv_b[:, :Pp], w_kv_b[:, Pp:]  # [H, P, L], [H, V, L]
     args = (q_nope, q_pe, cache.kv[i, :s0 + T], cache.pe[i, :s0 + T], w_uk, w_uv, c.softmax_scale, s0)
     o = mla_decode(*args) if mode == "absorbed" else chunked_prefill_attention(*args, q_chunk=4, k_block=8)
