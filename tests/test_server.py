@@ -539,3 +539,30 @@ def test_max_queue_holds_for_a_burst_at_an_idle_worker(engine):
         return accepted
 
     assert asyncio.run(burst(0)) == 1 and asyncio.run(burst(1)) == 2
+
+
+def test_a_lost_expert_node_fails_its_request_with_503(engine):
+    """A cluster node lost mid-request (hybrid.cluster raises a ConnectionError naming it) ends that
+    request as a 503 'node_lost', not a 500: the head goes on, computing the node's experts itself."""
+    from hybrid.serve.runner import EngineRunner, Failed
+
+    runner = EngineRunner(engine)
+    runner.start()
+    prompt = engine.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
+
+    def forward(ids, cache, **kw):
+        raise ConnectionError("expert node 1 (127.0.0.1:29400) stopped answering")
+
+    async def run() -> list:
+        job = runner.submit(Job(prompt, SamplingParams(temperature=0), None, 4))
+        return [item async for item in runner.events(job)]
+
+    engine.model.forward = forward
+    try:
+        items = asyncio.run(run())
+    finally:
+        del engine.model.forward
+        runner.stop()
+    failed = [i for i in items if isinstance(i, Failed)]
+    assert len(failed) == 1 and (failed[0].status, failed[0].code) == (503, "node_lost")
+    assert "expert node 1" in failed[0].message

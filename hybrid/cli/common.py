@@ -102,6 +102,12 @@ def engine_flag(name: str, **overrides: Any) -> Callable:
         kind = GB_SIZE  # also bounded above: past 1 PB is a typo
     elif spec.kind == "int":
         kind = click.IntRange(spec.low if spec.flag_low is None else spec.flag_low, spec.high)
+    elif spec.kind == "seconds":
+        kind = FiniteFloat(min=0, min_open=True, max=1e7)
+    elif spec.kind == "text":
+        kind = click.STRING
+    elif spec.kind == "bool":  # a switch; absent: None, so the engine keeps its default
+        return click.option(f"--{name.replace('_', '-')}", is_flag=True, default=None, help=spec.help, **overrides)
     else:
         raise TypeError(f"{name}: a {spec.kind} option has no flag type")
     return click.option(f"--{name.replace('_', '-')}", **{"type": kind, "help": spec.help, **overrides})

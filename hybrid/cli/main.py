@@ -18,6 +18,7 @@ from hybrid.cli.bench import bench
 from hybrid.cli.chat import chat
 from hybrid.cli.common import (REAL_MODEL, SEED, USER_ERRORS, FiniteFloat, console, engine_options, err_console, load_engine,
                          progress_bar, resolve_model, user_message)
+from hybrid.cli.node import node
 from hybrid.cli.plan import plan
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.checkpoint.layout import size_report
@@ -179,7 +180,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, model_name: str
                log_level=log_level, **options)
 
 
-for command in (chat, bench, plan):
+for command in (chat, bench, plan, node):
     main.add_command(command)
 
 

@@ -68,11 +68,16 @@ def _machine(ram_gb: float | None, gpu_gb: tuple[float, ...], cores: int | None)
 @click.option("--gpu-gbps", type=GBPS,
               help="GPU memory GB/s (default: measured on a real GPU; not counted for a hypothetical one).")
 @click.option("--hit-rate", type=FiniteFloat(0, 1), help="Expert cache hit rate (default: the cache's share).")
+@click.option("--nodes", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Project N alike machines as one (each MoE layer's experts split across them; see README).")
+@click.option("--net-gbps", type=GBPS, default=1.25, show_default=True, help="With --nodes: the head's link, GB/s.")
+@click.option("--net-latency-us", type=FiniteFloat(min=0, max=1e6), default=50.0, show_default=True,
+              help="With --nodes: one request-reply round trip between head and node, microseconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan(model: str | None, context: int, gpu_memory: float | None, ram_budget: float | None,
          cpu_threads: int | None, expert_mode: str, gpu_precision: str, ram_gb: float | None, gpu_gb: tuple[float, ...],
          device: str, cores: int | None, mem_gbps: float | None, disk_gbps: float | None, gpu_gbps: float | None,
-         hit_rate: float | None, as_json: bool) -> None:
+         hit_rate: float | None, nodes: int, net_gbps: float, net_latency_us: float, as_json: bool) -> None:
     """Where each part of the model goes on this (or a hypothetical) machine, and the decode speed to expect."""
     from hybrid.runtime.placement import plan as make_plan
     from hybrid.runtime.projection import projected_decode_tps
@@ -111,14 +116,35 @@ def plan(model: str | None, context: int, gpu_memory: float | None, ram_budget: 
         err_console.print("note: --gpu-gbps ignored: this plan runs the GPU side on the CPU (its weights are read "
                           "from RAM, at --mem-gbps)", style="yellow", highlight=False)
     proj = projected_decode_tps(p, cfg, mem_gbps, disk_gbps=disk_gbps, hit_rate=hit_rate, gpu_gbps=gpu_gbps)
+    cluster = _cluster(p, cfg, proj, nodes, mem_gbps, disk_gbps, net_gbps, net_latency_us) if nodes > 1 else None
     if as_json:
         rows = [{"what": w, "where": where, "precision": prec, "gb": gb} for w, where, prec, gb in p.rows()]
         click.echo(json.dumps({"model": label, "machine": machine, "plan": {"summary": p.summary(), "rows": rows,
                                 "device": p.device, "expert_mode": p.expert_mode, "context": p.context},
-                               "projection": proj}))
+                               "projection": proj, "cluster": cluster}))
         return
     _render_plan(label, p)
     _render_projection(proj, hypothetical, machine)
+    if cluster is not None:
+        console.print(f"[bold]{nodes} machines like this one as one[/] (kimi-hybrid node; README: Several machines "
+                      f"as one): [bold]{cluster['tok_s']:,.2f} tok/s[/]", highlight=False)
+        for line in cluster["explain"]:
+            console.print(f"  {line}", highlight=False, markup=False)
+
+
+def _cluster(p, cfg: ModelConfig, proj: dict, nodes: int, mem_gbps: float, disk_gbps: float | None,
+             net_gbps: float, net_latency_us: float) -> dict:
+    """The projection for `nodes` machines alike to the planned one (hybrid.cluster.projection)."""
+    from hybrid.cluster.projection import project_cluster
+
+    # the head's own side per token: on the GPU at its bandwidth, or on a CPU-only head from its RAM
+    side_s = proj["gpu_side_bytes"] / (mem_gbps * GB) if p.device == "cpu" else proj["gpu_s"] or 0.0
+    try:
+        return project_cluster(nodes, p.n_moe_layers, p.experts_per_layer, p.experts_per_token, cfg.hidden_size,
+                               p.expert_bytes, None if p.expert_mode == "mmap" else p.cache_slots, mem_gbps,
+                               disk_gbps, side_s, net_gbps, net_latency_us)
+    except ValueError as e:
+        raise UserError(f"--nodes {nodes}: {e} (--disk-gbps)") from None
 
 
 def _render_machine(hw: Hardware, hypothetical: bool, m: dict) -> None:

@@ -148,6 +148,7 @@ class Engine:
             "expert_bytes": ex["expert_bytes"], "tokens": dict(self._tokens),
             "io_s": ex["io_s"], "bytes_read": ex["bytes_read"], "cache": ex["cache"],
             "decode_graphs": self._decode_graphs(),
+            "cluster": ex.get("cluster"),  # per node with --nodes (hybrid.cluster), else None
         }
         out["overhead_s"] = max(0.0, t.forward - gpu_side - t.experts_wait)
         return out

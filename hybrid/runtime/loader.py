@@ -16,6 +16,8 @@ import torch
 from hybrid.checkpoint.reader import Checkpoint
 from hybrid.runtime.engine import PREFILL_CHUNK, Engine
 from hybrid.runtime.placement import Plan
+from hybrid.cluster.head import connect
+from hybrid.experts.backend import ExpertBackend
 from hybrid.experts.build import ExpertOptions, build_backend
 from hybrid.experts.upload import UPLOAD_GROUP
 from hybrid.runtime.options import LoadOptions
@@ -32,7 +34,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
          trace: str | Path | None = None, defer_experts: int = 0, hot_experts: int | None = None,
          prefill_offload: str = "auto", decode_graphs: str = "auto", prefill_chunk: int = PREFILL_CHUNK,
          dtype: str = "auto", routing_stats: str | Path | None = "auto", gpu_precision: str = "auto",
-         presets: Mapping[str, PresetMaker] | None = None) -> Engine:
+         nodes: int = 1, listen: str | None = None, token: str | None = None, node_timeout: float = 60.0,
+         join_timeout: float = 600.0, listen_any: bool = False, presets: Mapping[str, PresetMaker] | None = None) -> Engine:
     """Open a checkpoint (directory or preset name), plan placement, and return an Engine.
 
     backend: 'numba' (INT4 kernels over mmap'd shards or the RAM expert cache), 'reference'
@@ -68,6 +71,7 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     (also without CUDA, where the same step runs eagerly), 'segments' (a graph per segment, the host
     hopping between them: two launches per MoE layer; what 'auto'/'on' fall back to where the token
     step cannot run, see StaticDecoder.token_blocker), 'off' (the plain forward).
+    nodes, listen, token, node_timeout, join_timeout, listen_any: several machines as one (hybrid.cluster.head.connect).
     presets: the built-in checkpoints by name, each made on first use (hybrid.load passes hybrid.synth's;
     see hybrid.runtime.resolve).
     """
@@ -81,7 +85,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
                           cache_policy=cache_policy, io_threads=io_threads, trace=trace, defer_experts=defer_experts,
                           hot_experts=hot_experts, prefill_offload=prefill_offload, decode_graphs=decode_graphs,
                           prefill_chunk=prefill_chunk, dtype=dtype, routing_stats=routing_stats,
-                          gpu_precision=gpu_precision)
+                          gpu_precision=gpu_precision, nodes=nodes, listen=listen, token=token,
+                          node_timeout=node_timeout, join_timeout=join_timeout, listen_any=listen_any)
     ckpt = Checkpoint(resolve_model(model, presets))
     cfg = ckpt.config
     try:  # the options that need the config, then the plan: a refusal closes what was opened
@@ -111,7 +116,8 @@ def _engine(ckpt: Checkpoint, plan: Plan, options: LoadOptions, backend: str, ho
     offload, group = _prefill_offload(plan, backend, options.prefill_offload)
     opts = ExpertOptions(kind=backend, device=plan.device, expert_mode=plan.expert_mode,
                          cache_slots=options.cache_slots or plan.cache_slots, io_threads=options.io_threads,
-                         cache_policy=options.cache_policy, cpu_threads=plan.cpu_threads, prefetch=options.prefetch,
+                         cache_policy=options.cache_policy, cpu_threads=plan.cpu_threads,
+                         prefetch=options.prefetch if options.nodes == 1 else False,
                          prefetch_width=options.prefetch_width or 0,
                          trace=Path(options.trace) if options.trace else None, hot_experts=hot,
                          prefill_offload=offload, upload_group=group)
@@ -131,6 +137,8 @@ def _engine(ckpt: Checkpoint, plan: Plan, options: LoadOptions, backend: str, ho
     except BaseException:
         ckpt.close()
         raise
+    if options.nodes > 1:
+        experts = _cluster(ckpt, experts, options)
     try:
         engine = Engine(ckpt, experts, device=plan.device, dtype=dtype, context=options.context,
                         int8=plan.gpu_precision in ("int8", "int8w"), bf16w=plan.gpu_precision in ("bf16w", "int8w"),
@@ -142,6 +150,18 @@ def _engine(ckpt: Checkpoint, plan: Plan, options: LoadOptions, backend: str, ho
         raise
     model = engine.model
     return engine
+
+
+def _cluster(ckpt: Checkpoint, local: ExpertBackend, options: LoadOptions) -> ExpertBackend:
+    """The head's backend over options.nodes machines (local computes the head's share); waits for the
+    nodes to join. A failure closes local and the checkpoint."""
+    try:
+        return connect(ckpt, local, options.nodes, options.listen, options.token, options.node_timeout,
+                       options.join_timeout, options.listen_any)
+    except BaseException:
+        local.close()
+        ckpt.close()
+        raise
 
 
 def _routing_stats(ckpt: Checkpoint, plan: Plan, routing_stats: str | Path | None, backend: str,

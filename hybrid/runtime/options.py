@@ -7,10 +7,14 @@ allocate anything: the checks that need the model's config wait for check_config
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hybrid.cluster.plan import MAX_RANKS
+from hybrid.cluster.rendezvous import TOKEN_ENV, check_token
+from hybrid.cluster.wire import is_wildcard, parse_address
 from hybrid.experts.policy import POLICIES
 from hybrid.runtime.hardware import MAX_IO_THREADS, MAX_THREADS
 
@@ -22,8 +26,9 @@ ONE_OF = "{name} must be one of {listed}, got {value!r}"  # the refusal of the o
 
 @dataclass(frozen=True)
 class Spec:
-    """What one option accepts. kind 'int' (low..high), 'gb' (a finite number of GB above 0), 'choice'
-    (one of choices) or 'path' (a str or Path). refusal: the message where the kind's usual one is not
+    """What one option accepts. kind 'int' (low..high), 'gb' (a finite number of GB above 0), 'seconds'
+    (a finite number of seconds above 0), 'choice' (one of choices), 'text' (a str), 'bool' (True or
+    False; its flag is a switch) or 'path' (a str or Path). refusal: the message where the kind's usual one is not
     it ({name}, {value!r}, {either}: "'a', 'b' or 'c'", {listed}: "a, b, c"). flag: every command that
     runs the model offers it as --name-with-dashes, with help as its --help."""
 
@@ -50,6 +55,13 @@ class Spec:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number of GB above 0, got {value!r}; "
                                  "leave it out for the default")
+        elif self.kind == "seconds":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number of seconds above 0, got {value!r}")
+        elif self.kind in ("text", "bool"):
+            if not isinstance(value, str if self.kind == "text" else bool):
+                raise ValueError(f"{name} must be {'a string' if self.kind == 'text' else 'True or False'}, "
+                                 f"got {value!r}")
         elif self.kind == "choice":
             if value not in self.choices:
                 either = ", ".join(map(repr, self.choices[:-1])) + f" or {self.choices[-1]!r}"
@@ -115,6 +127,18 @@ class LoadOptions:
                               "the KV cache, else int8 weight-only; without a GPU, bf16 weights with fp32 math, or "
                               "int8 ones: faster, int8's rounding).", choices=("auto", "bf16", "int8"), flag=True,
                               refusal=ONE_OF)
+    # several machines as one (hybrid.cluster): this process is the head, rank 0 of `nodes`
+    nodes: int = _opt(1, "int", "Machines that compute the routed experts, this head included: each MoE layer's "
+                      "experts are split across them (the others run `kimi-hybrid node`).", low=1, high=MAX_RANKS,
+                      flag=True)
+    listen: str | None = _opt(None, "text", "HOST:PORT the expert nodes join at (with --nodes; an interface of the "
+                              "trusted network, not a wildcard).", optional=True, flag=True)
+    token: str | None = _opt(None, "text", f"Shared secret the nodes must present to join (with --nodes; default: "
+                             f"${TOKEN_ENV}).", optional=True, flag=True)
+    node_timeout: float = _opt(60.0, "seconds", "Seconds a node may take to answer one layer before the request "
+                               "fails and the head computes its experts itself.", flag=True)
+    join_timeout: float = _opt(600.0, "seconds", "Seconds the head waits for the nodes to join.", flag=True)
+    listen_any: bool = _opt(False, "bool", "Allow --listen on a wildcard address (every interface).", flag=True)
 
     def __post_init__(self) -> None:
         # option errors first, before anything large is opened or allocated
@@ -129,9 +153,24 @@ class LoadOptions:
                              "expert_mode='cache', trace, hot_experts and routing_stats need backend='numba'")
         if self.trace is not None and not Path(self.trace).parent.is_dir():
             raise ValueError(f"trace: the folder of {self.trace} does not exist")
+        self._check_cluster()
         if self.routing_stats not in ("auto", None) and not Path(self.routing_stats).parent.is_dir():
             raise ValueError(f"routing_stats: the folder of {self.routing_stats} does not exist; create it, or pass "
                              "'auto' for a file under the cache directory")
+
+    def _check_cluster(self) -> None:
+        if self.nodes == 1:
+            if self.listen is not None or self.token is not None:
+                raise ValueError("listen and token are for a cluster: give nodes >= 2 (--nodes) as well")
+            return
+        if self.listen is None:
+            raise ValueError(f"nodes={self.nodes} needs listen='HOST:PORT' (--listen): the address on the trusted "
+                             "network at which the nodes reach this head")
+        host, _ = parse_address(self.listen)
+        if is_wildcard(host) and not self.listen_any:
+            raise ValueError(f"listen {self.listen!r} binds every interface and the cluster is not encrypted; name "
+                             "the interface of the trusted network, or allow it with listen_any=True (--listen-any)")
+        check_token(self.token if self.token is not None else os.environ.get(TOKEN_ENV))
 
     def check_config(self, cfg: ModelConfig) -> None:
         """The checks that need the model's config (the checkpoint is open, nothing large allocated yet)."""

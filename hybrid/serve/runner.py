@@ -278,6 +278,9 @@ class EngineRunner:
             t0 = self._clock()
             try:
                 self._run(job)
+            except ConnectionError as exc:  # a cluster node lost (hybrid.cluster): the head goes on without it
+                log.error("request %s failed: %s", job.id, exc)
+                job.finish(Failed(f"an expert node was lost: {exc}", 503, "node_lost"))
             except Exception as exc:  # a request must never take the worker down
                 log.exception("request %s failed", job.id)
                 job.finish(Failed(f"generation failed: {type(exc).__name__}: {exc}"))

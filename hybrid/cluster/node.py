@@ -1,0 +1,176 @@
+"""An expert node: join a head, hold this node's share of every MoE layer, answer its requests.
+
+Owns the node's session: open the local checkpoint (validated; a broken one is reported to the head
+at join, naming file and tensor), join, build an expert backend that computes only the pairs the head
+assigns to this rank (mmap: only those experts' pages are ever read; cache: only they are loaded),
+then serve until the head says stop or goes away. Non-expert tensors are never read.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hybrid.checkpoint.reader import Checkpoint, CheckpointError
+from hybrid.checkpoint.config import ConfigError
+from hybrid.cluster.identity import checkpoint_identity
+from hybrid.cluster.link import IDLE_S, ClusterError, Group, address_toward, join_store
+from hybrid.cluster.plan import ClusterPlan
+from hybrid.cluster.rendezvous import check_token, join, read_plan, ready
+from hybrid.cluster.wire import (LAYER, OK, PING, REFUSED, REPLY_HEAD, REQ_HEAD, STOP, TAG_PAYLOAD, TAG_REPLY,
+                                 TAG_REQUEST, Reply, pack_reply, parse_address, parse_request, payload_nbytes,
+                                 payload_views, request_nbytes, reply_sum)
+from hybrid.experts.backend import ExpertBackend
+from hybrid.experts.build import ExpertOptions, build_backend
+from hybrid.experts.cache import expert_span
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class NodeOptions:
+    head: str  # 'HOST:PORT' the head listens on
+    token: str
+    kind: str = "numba"  # 'numba' or 'reference' (no AVX2)
+    expert_mode: str = "auto"  # 'mmap', 'cache' (RAM slots fed from disk) or 'auto' (mmap when the share fits)
+    ram_budget: int = 0  # bytes of RAM for this node's experts (0: 80% of ram_bytes)
+    cpu_threads: int | None = None
+    ram_bytes: int = 0  # what this machine has (reported at join)
+    join_timeout_s: float = 600.0
+
+    def __post_init__(self):
+        if self.expert_mode not in ("auto", "mmap", "cache") or self.kind not in ("numba", "reference"):
+            raise ValueError(f"expert_mode {self.expert_mode!r} or kind {self.kind!r} is not known")
+
+
+def run_node(path, opts: NodeOptions) -> str:
+    """Serve one head session with the checkpoint at path; -> why it ended cleanly ('the head closed the
+    session'). Raises ClusterError (refused, head lost), ValueError (options)."""
+    host, port = parse_address(opts.head, "--head")
+    secret = check_token(opts.token)
+    ckpt, identity, problem = None, None, ""
+    try:
+        ckpt = Checkpoint(path)
+        identity = checkpoint_identity(ckpt)
+    except (CheckpointError, ConfigError) as e:  # said to the head at join, then raised here
+        problem = f"its checkpoint cannot be used: {e}"
+    try:
+        store = join_store(host, port, opts.join_timeout_s)
+        me = address_toward(host, port)
+        hello, rank = join(store, secret, identity, problem, f"{socket.gethostname()} {me}", opts.ram_bytes,
+                           opts.cpu_threads or 0, opts.join_timeout_s)
+        log.info("joined %s as node %d of %d; waiting for the plan", opts.head, rank, hello.world - 1)
+        plan = _plan(store, rank, ckpt, opts.join_timeout_s)
+        try:
+            local = build_backend(ckpt, _expert_options(opts, ckpt, plan.experts_of(rank)))
+        except (CheckpointError, ValueError, OSError, MemoryError) as e:
+            ready(store, rank, plan.digest(), f"cannot load its experts: {e}")
+            raise ClusterError(f"cannot load this node's experts: {e}") from None
+        try:
+            ready(store, rank, plan.digest())
+            timeout_s = hello.node_timeout_ms / 1000
+            group = Group(store, rank, plan.world, me, max(timeout_s, 30.0))
+            log.info("serving %d routed experts for %s", plan.experts_of(rank), opts.head)
+            cfg = ckpt.config
+            return Server(local, group, store, rank, cfg.hidden_size, cfg.num_experts_per_tok, timeout_s).serve()
+        finally:
+            local.close()
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+
+
+def _expert_options(opts: NodeOptions, ckpt: Checkpoint, share: int) -> ExpertOptions:
+    """mmap when this node's `share` of routed experts fits its RAM budget, else (or when asked) a RAM
+    cache of as many slots as the budget holds, never more than the share."""
+    cfg = ckpt.config
+    slot = expert_span(ckpt, cfg.moe_layers[0], 0).length
+    budget = opts.ram_budget or int(0.8 * opts.ram_bytes)
+    mode = opts.expert_mode
+    if mode == "auto":
+        mode = "mmap" if not budget or share * slot <= budget else "cache"
+    slots = max(1, min(share, budget // slot if budget else share))
+    if mode == "cache":
+        log.info("cache mode: %d slots for %d experts (%.1f GB)", slots, share, slots * slot / 1e9)
+    return ExpertOptions(kind=opts.kind, expert_mode=mode, cache_slots=slots if mode == "cache" else 0,
+                         cpu_threads=opts.cpu_threads)
+
+
+def _plan(store, rank: int, ckpt: Checkpoint, timeout_s: float) -> ClusterPlan:
+    """The head's plan, checked against this checkpoint (a misfit is said to the head and raised)."""
+    world, owner = read_plan(store, timeout_s)
+    cfg = ckpt.config
+    want = (len(cfg.moe_layers), cfg.n_routed_experts)
+    if owner.shape != want:
+        ready(store, rank, b"", f"the plan covers {list(owner.shape)} experts; its checkpoint {list(want)}")
+        raise ClusterError(f"the head's plan covers {list(owner.shape)} experts, this checkpoint {list(want)}")
+    return ClusterPlan(world, tuple(cfg.moe_layers), owner)
+
+
+class Server:
+    """The request loop of one session: each LAYER request's pairs assigned to this rank, summed."""
+
+    def __init__(self, local: ExpertBackend, group: Group, store, rank: int, hidden: int, top_k: int,
+                 timeout_s: float):
+        self.local, self.group, self.store, self.rank = local, group, store, rank
+        self.hidden, self.top_k, self.timeout_s = hidden, top_k, timeout_s
+        self.last_seq = 0
+
+    def serve(self) -> str:
+        req = np.empty(request_nbytes(self.top_k, self.hidden), np.uint8)
+        try:
+            while True:
+                why = Group.wait(self.group.recv(req, 0, TAG_REQUEST), time.monotonic() + IDLE_S)
+                if why is not None:
+                    raise ClusterError(f"the head {why}; this node's session is over. Start it again to join the "
+                                       "head's next session")
+                r, K, D = parse_request(req)
+                if r.seq <= self.last_seq:
+                    raise ClusterError(f"request {r.seq} after {self.last_seq}: out of step with the head")
+                self.last_seq = r.seq
+                if r.cmd == STOP:
+                    return "the head closed the session"
+                if r.cmd == PING:
+                    self._reply(np.zeros(REPLY_HEAD, np.uint8), Reply(r.seq, OK, 0, 0.0))
+                elif r.cmd == LAYER:
+                    self._layer(req, r.layer, r.tokens, K, D, r.seq)
+        finally:
+            self.group.close()
+
+    def _layer(self, req: np.ndarray, layer: int, T: int, K: int, D: int, seq: int) -> None:
+        if D != self.hidden or K != self.top_k:
+            raise ClusterError(f"the head sent hidden size {D}, top-k {K}; this checkpoint has {self.hidden}, "
+                               f"{self.top_k}")
+        body = req[REQ_HEAD:]
+        if T > 1:
+            body = np.empty(payload_nbytes(T, K, D), np.uint8)
+            why = Group.wait(self.group.recv(body, 0, TAG_PAYLOAD), time.monotonic() + self.timeout_s)
+            if why is not None:
+                raise ClusterError(f"the head {why} in the middle of a request")
+        x, w, ids, who = payload_views(body, T, K, D)
+        idn = ids.astype(np.int64)
+        wn = np.where(who == self.rank, w, 0.0).astype(np.float32)
+        out = np.empty(REPLY_HEAD + T * D * 4, np.uint8)
+        y = reply_sum(out, T, D)
+        t0 = time.perf_counter()
+        try:
+            xt = torch.from_numpy(x)
+            h = self.local.submit_host(layer, xt, torch.from_numpy(idn), torch.from_numpy(wn), x, idn, wn)
+            y_dev = self.local.wait_host(h, y)
+            if y_dev is not None:
+                y += y_dev.float().cpu().numpy()
+        except Exception as e:  # tell the head why, then stop serving
+            self.store.set(f"khc/error/{self.rank}", f"{type(e).__name__}: {e}".encode())
+            self._reply(out, Reply(seq, REFUSED, 0, 0.0))
+            raise
+        experts = len(np.unique(idn[wn != 0]))
+        self._reply(out, Reply(seq, OK, experts, time.perf_counter() - t0))
+
+    def _reply(self, out: np.ndarray, r: Reply) -> None:
+        pack_reply(out, r)
+        why = Group.wait(self.group.send(out, 0, TAG_REPLY), time.monotonic() + self.timeout_s)
+        if why is not None:
+            raise ClusterError(f"the head {why} while this node answered")
