@@ -46,13 +46,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def nodes(path, n: int, port: int, token: str = TOKEN):
-    """n `kimi-hybrid node` processes joining 127.0.0.1:port; killed on the way out if still running."""
+def nodes(path, n: int, port: int, token: str = TOKEN, extra: dict[int, list[str]] | None = None):
+    """n `kimi-hybrid node` processes joining 127.0.0.1:port (node i with the flags extra[i] too); killed on
+    the way out if still running."""
     env = dict(os.environ, KIMI_HYBRID_CLUSTER_TOKEN=token)
     cmd = [sys.executable, "-m", "hybrid.cli", "node", "--head", f"127.0.0.1:{port}", "--model", str(path),
            "--join-timeout", str(JOIN_S), "--cpu-threads", "1"]
     logs = [tempfile.TemporaryFile("w+") for _ in range(n)]  # files, not pipes: a full pipe would block a node
-    procs = [subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True) for log in logs]
+    procs = [subprocess.Popen(cmd + (extra or {}).get(i, []), env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+             for i, log in enumerate(logs)]
     try:
         yield procs, logs
     finally:
@@ -204,6 +206,15 @@ def test_a_layer_request_round_trips():
         body = req[wire.REQ_HEAD:] if tokens == 1 else payload
         for a, b in zip(wire.payload_views(body, tokens, K, D), (x, w, ids, who)):
             np.testing.assert_array_equal(a, b[:tokens])
+
+
+def test_a_reply_round_trips_with_the_nodes_figures():
+    T, D = 2, 16
+    buf = np.zeros(wire.REPLY_HEAD + T * D * 4, np.uint8)
+    wire.reply_sum(buf, T, D)[...] = np.arange(T * D, dtype=np.float32).reshape(T, D)
+    reply = wire.Reply(9, wire.OK, 5, 0.25, 3 << 33, 12345)
+    wire.pack_reply(buf, reply)
+    assert wire.parse_reply(buf) == reply and wire.reply_sum(buf, T, D)[1, 0] == D
 
 
 def test_the_split_covers_every_expert_in_proportion_and_rotates():

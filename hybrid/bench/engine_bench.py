@@ -43,6 +43,7 @@ class _Phase:
         self.sums = dict.fromkeys(SUMMED, 0.0)
         self.hits = self.misses = 0
         self.cache = False
+        self.cluster: dict | None = None  # Engine.stats()['cluster'] summed over the runs (several machines)
 
     def add(self, tokens: int, wall_s: float, stats: dict) -> None:
         self.tok_s.append(tokens / wall_s)
@@ -54,6 +55,8 @@ class _Phase:
             self.cache = True
             self.hits += stats["cache"]["hits"]
             self.misses += stats["cache"]["misses"]
+        if stats.get("cluster") is not None:
+            self.cluster = _add_cluster(self.cluster, stats["cluster"])
 
     def per_token(self, key: str) -> float:
         return self.sums[key] / self.tokens
@@ -62,6 +65,33 @@ class _Phase:
         out = {k: 1e3 * self.per_token(src) for k, src in SPLIT.items()}
         out["unaccounted"] = 1e3 * max(0.0, self.wall_s - self.sums["forward_s"]) / self.tokens
         return out
+
+
+NODE_SUMS = ("experts", "compute_s", "expert_bytes", "disk_bytes", "wait_s", "network_s")
+
+
+def _add_cluster(acc: dict | None, st: dict) -> dict:
+    """acc + one run's cluster figures (ClusterExperts.stats()['cluster']): counters summed, the rest the latest."""
+    if acc is None:
+        return {**st, "nodes": [dict(n) for n in st["nodes"]]}
+    out = {**st, **{k: acc[k] + st[k] for k in ("layer_calls", "wait_s", "overhead_s")}}
+    out["nodes"] = [{**b, **{k: a[k] + b[k] for k in NODE_SUMS}} for a, b in zip(acc["nodes"], st["nodes"])]
+    return out
+
+
+def _cluster_report(c: dict | None, tokens: int, wall_s: float) -> dict | None:
+    """Per decoded token: the nodes' work and the time the network added (docs/bench_schema.md, decode.cluster)."""
+    if c is None:
+        return None
+    per = {"experts_per_token": ("experts", 1), "compute_ms_per_token": ("compute_s", 1e3),
+           "network_ms_per_token": ("network_s", 1e3), "wait_ms_per_token": ("wait_s", 1e3),
+           "expert_bytes_per_token": ("expert_bytes", 1), "disk_bytes_per_token": ("disk_bytes", 1)}
+    return {"world": c["world"], "lost": c["lost"], "experts_per_rank": c["experts_per_rank"],
+            "layer_calls_per_token": c["layer_calls"] / tokens,
+            "overhead_ms_per_moe_layer": 1e3 * c["overhead_s"] / c["layer_calls"] if c["layer_calls"] else None,
+            "network_ms_per_token": 1e3 * c["overhead_s"] / tokens, "network_share": c["overhead_s"] / wall_s,
+            "wait_ms_per_token": 1e3 * c["wait_s"] / tokens,
+            "nodes": {k: [n[src] * scale / tokens for n in c["nodes"]] for k, (src, scale) in per.items()}}
 
 
 def weight_bytes_per_token(engine: Engine) -> int:
@@ -156,7 +186,8 @@ def _report(engine: Engine, name: str | None, settings: dict, mem_gbps: float, p
                                         for k in ("gpu_side", "experts_compute", "experts_wait")},
                    "overlap_efficiency": max(0.0, 1 - decode.sums["experts_wait_s"] / compute) if compute > 0 else None,
                    "components": account(engine, decode.sums, decode.tokens, decode.tokens, decode.wall_s,
-                                         settings["prompt_tokens"] + settings["gen_tokens"] / 2, mem_gbps)},
+                                         settings["prompt_tokens"] + settings["gen_tokens"] / 2, mem_gbps),
+                   "cluster": _cluster_report(decode.cluster, decode.tokens, decode.wall_s)},
         "cache": ({"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else None}
                   if prefill.cache or decode.cache else None),
     }

@@ -136,6 +136,9 @@ def render(r: dict) -> None:
     t.add_row("overlap efficiency (CPU expert time not waited for)", "-" if eff is None else f"{100 * eff:.1f}%")
     console.print(t)
 
+    if dec["cluster"] is not None:
+        _render_cluster(dec["cluster"])
+
     t = Table(title="bandwidth (decode)", title_justify="left", show_header=False)
     t.add_column("figure")
     t.add_column("value", justify="right")
@@ -151,6 +154,23 @@ def render(r: dict) -> None:
               f"{_num(None if cache['hit_rate'] is None else 100 * cache['hit_rate'])}% "
               f"({cache['hits']:,} hits, {cache['misses']:,} misses)")
     console.print(t)
+
+
+def _render_cluster(c: dict) -> None:
+    per = c["overhead_ms_per_moe_layer"]
+    t = Table(title=f"decode on {c['world']} machines, per token: the head and {c['world'] - 1} node(s); per-layer "
+              f"overhead {_num(per, ',.3f')} ms; the network {_num(c['network_ms_per_token'], ',.2f')} ms per token "
+              f"({100 * c['network_share']:.1f}%)", title_justify="left")
+    for col in ("node", "experts", "compute ms", "network ms", "wait ms", "expert MB", "disk MB"):
+        t.add_column(col, justify="left" if col == "node" else "right")
+    n = c["nodes"]
+    for i in range(len(n["experts_per_token"])):
+        t.add_row(str(i + 1), _num(n["experts_per_token"][i]), _num(n["compute_ms_per_token"][i], ",.2f"),
+                  _num(n["network_ms_per_token"][i], ",.2f"), _num(n["wait_ms_per_token"][i], ",.2f"),
+                  _num(n["expert_bytes_per_token"][i] / 1e6), _num(n["disk_bytes_per_token"][i] / 1e6))
+    console.print(t)
+    if c["lost"]:
+        console.print(f"  the nodes were lost: {c['lost']}", style="yellow", highlight=False, markup=False)
 
 
 def _check_probe(probe_mb: int) -> None:

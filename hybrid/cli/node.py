@@ -40,4 +40,4 @@ def node(head: str, model: str, token: str | None, expert_mode: str, ram_budget:
                        ram_bytes=detect().ram_total, join_timeout_s=join_timeout)
     check_token(opts.token)  # before any waiting
     err_console.print(f"joining the head at {head} with {path}")
-    err_console.print(run_node(path, opts))
+    err_console.print(run_node(path, opts, on_serving=err_console.print))

@@ -38,6 +38,10 @@ class NodeStats:
     requests: int = 0  # layer calls it computed
     experts: int = 0  # distinct experts per layer call, summed
     compute_s: float = 0.0  # its own time computing them
+    expert_bytes: int = 0  # routed-expert bytes its kernels read
+    disk_bytes: int = 0  # of those, read from its disk (cache mode)
+    wait_s: float = 0.0  # the head blocked on its replies (after its own share and the nodes before it)
+    network_s: float = 0.0  # of wait_s, the part after it must have finished computing (the network, messaging)
 
 
 @dataclass
@@ -152,9 +156,11 @@ class ClusterExperts(ExpertBackend):
         total = np.zeros((p.tokens, self.hidden), np.float32)
         slowest = 0.0
         for r, (work, buf) in p.recvs.items():
+            t0 = time.perf_counter()
             why = Group.wait(work, deadline)
             if why is not None:
                 self._lose(r, why)
+            seen = time.perf_counter()
             reply = parse_reply(buf)
             if reply.status != OK:
                 self._lose(r, f"failed: {self._error_text(r)}")
@@ -164,6 +170,9 @@ class ClusterExperts(ExpertBackend):
             st = self.node_stats[r]
             st.requests, st.experts, st.compute_s = st.requests + 1, st.experts + reply.experts, \
                 st.compute_s + reply.compute_s
+            st.expert_bytes, st.disk_bytes = st.expert_bytes + reply.expert_bytes, st.disk_bytes + reply.disk_bytes
+            st.wait_s += seen - t0
+            st.network_s += max(0.0, seen - max(t0, p.sent_at + reply.compute_s))
             slowest = max(slowest, reply.compute_s)
         done = time.perf_counter()
         self.wait_s += done - t_wait
@@ -236,8 +245,10 @@ class ClusterExperts(ExpertBackend):
     # ---- statistics -------------------------------------------------------------------------
     def stats(self) -> dict:
         """The head's own figures (its local backend's), plus 'cluster': per node its state, layer calls,
-        experts and compute time; wait_s (the head blocked on nodes after its own share), overhead_s
-        (per layer, the time beyond the slowest rank's own expert time, summed), layer_calls."""
+        experts, compute time, bytes read (its kernels', its disk's), the head's wait on it and the part of
+        that wait after it must have finished computing (network_s); wait_s (the head blocked on nodes
+        after its own share), overhead_s (per layer, the time beyond the slowest rank's own expert time,
+        summed), layer_calls."""
         out = dict(self.local.stats())
         out["cluster"] = {
             "world": self.plan.world, "lost": self.lost, "layer_calls": self.layer_calls, "wait_s": self.wait_s,
@@ -252,5 +263,5 @@ class ClusterExperts(ExpertBackend):
         self.wait_s = self.overhead_s = 0.0
         self.layer_calls = 0
         for st in self.node_stats.values():  # the state stays: a lost node stays lost
-            st.requests = st.experts = 0
-            st.compute_s = 0.0
+            st.requests = st.experts = st.expert_bytes = st.disk_bytes = 0
+            st.compute_s = st.wait_s = st.network_s = 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,9 +47,10 @@ class NodeOptions:
             raise ValueError(f"expert_mode {self.expert_mode!r} or kind {self.kind!r} is not known")
 
 
-def run_node(path, opts: NodeOptions) -> str:
+def run_node(path, opts: NodeOptions, on_serving: Callable[[str], None] | None = None) -> str:
     """Serve one head session with the checkpoint at path; -> why it ended cleanly ('the head closed the
-    session'). Raises ClusterError (refused, head lost), ValueError (options)."""
+    session'). on_serving(text): told what this node serves, once its share is loaded. Raises
+    ClusterError (refused, head lost), ValueError (options)."""
     host, port = parse_address(opts.head, "--head")
     secret = check_token(opts.token)
     ckpt, identity, problem = None, None, ""
@@ -64,8 +66,9 @@ def run_node(path, opts: NodeOptions) -> str:
                            opts.cpu_threads or 0, opts.join_timeout_s)
         log.info("joined %s as node %d of %d; waiting for the plan", opts.head, rank, hello.world - 1)
         plan = _plan(store, rank, ckpt, opts.join_timeout_s)
+        eopts = _expert_options(opts, ckpt, plan.experts_of(rank))
         try:
-            local = build_backend(ckpt, _expert_options(opts, ckpt, plan.experts_of(rank)))
+            local = build_backend(ckpt, eopts)
         except (CheckpointError, ValueError, OSError, MemoryError) as e:
             ready(store, rank, plan.digest(), f"cannot load its experts: {e}")
             raise ClusterError(f"cannot load this node's experts: {e}") from None
@@ -73,9 +76,16 @@ def run_node(path, opts: NodeOptions) -> str:
             ready(store, rank, plan.digest())
             timeout_s = hello.node_timeout_ms / 1000
             group = Group(store, rank, plan.world, me, max(timeout_s, 30.0))
-            log.info("serving %d routed experts for %s", plan.experts_of(rank), opts.head)
+            how = (f"cache mode, RAM for {eopts.cache_slots} of them" if eopts.expert_mode == "cache" else
+                   "mmap mode")
+            said = f"node {rank} of {plan.world - 1}: serving {plan.experts_of(rank)} routed experts ({how})"
+            log.info("%s for %s", said, opts.head)
+            if on_serving is not None:
+                on_serving(said)
             cfg = ckpt.config
-            return Server(local, group, store, rank, cfg.hidden_size, cfg.num_experts_per_tok, timeout_s).serve()
+            nbytes = expert_span(ckpt, cfg.moe_layers[0], 0).length
+            return Server(local, group, store, rank, cfg.hidden_size, cfg.num_experts_per_tok, timeout_s, nbytes,
+                          eopts.expert_mode == "cache").serve()
         finally:
             local.close()
     finally:
@@ -114,9 +124,12 @@ class Server:
     """The request loop of one session: each LAYER request's pairs assigned to this rank, summed."""
 
     def __init__(self, local: ExpertBackend, group: Group, store, rank: int, hidden: int, top_k: int,
-                 timeout_s: float):
+                 timeout_s: float, expert_nbytes: int = 0, disk: bool = False):
+        """expert_nbytes: one routed expert's bytes; disk: the backend reads experts from disk (cache mode),
+        so each reply asks its statistics for the bytes read (not in mmap mode: a cost per layer)."""
         self.local, self.group, self.store, self.rank = local, group, store, rank
         self.hidden, self.top_k, self.timeout_s = hidden, top_k, timeout_s
+        self.expert_nbytes, self.disk = expert_nbytes, disk
         self.last_seq = 0
 
     def serve(self) -> str:
@@ -155,6 +168,7 @@ class Server:
         wn = np.where(who == self.rank, w, 0.0).astype(np.float32)
         out = np.empty(REPLY_HEAD + T * D * 4, np.uint8)
         y = reply_sum(out, T, D)
+        disk0 = self.local.stats()["bytes_read"] if self.disk else 0
         t0 = time.perf_counter()
         try:
             xt = torch.from_numpy(x)
@@ -166,8 +180,10 @@ class Server:
             self.store.set(f"khc/error/{self.rank}", f"{type(e).__name__}: {e}".encode())
             self._reply(out, Reply(seq, REFUSED, 0, 0.0))
             raise
+        compute_s = time.perf_counter() - t0
+        disk = self.local.stats()["bytes_read"] - disk0 if self.disk else 0
         experts = len(np.unique(idn[wn != 0]))
-        self._reply(out, Reply(seq, OK, experts, time.perf_counter() - t0))
+        self._reply(out, Reply(seq, OK, experts, compute_s, experts * self.expert_nbytes, int(disk)))
 
     def _reply(self, out: np.ndarray, r: Reply) -> None:
         pack_reply(out, r)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"KHC\x00"
-VERSION = 1  # bump on any change below; head and node refuse each other across versions
+VERSION = 2  # bump on any change below; head and node refuse each other across versions (2: bytes in replies)
 TEXT_MAX = 2048  # bytes of a message's text field (a refusal's reason, a node's name)
 
 _PREFIX = struct.Struct("<4sHH")  # magic, version, a small field per message (world, status)
@@ -152,9 +152,9 @@ def parse_plan(raw: bytes) -> tuple[int, np.ndarray]:
 # payload(T): x fp32 [T, D], weights fp32 [T, K], ids int32 [T, K], assign uint8 [T, K] (rank per pair)
 # A reply: a fixed trailer, then y fp32 [T, D] (the node's weighted sum over the pairs assigned to it).
 _REQ = struct.Struct("<HHIIIIQ")  # cmd, status, layer, T, K, D, seq
-_REPLY = struct.Struct("<QIIdd")  # seq, status, experts computed, compute_s, spare
+_REPLY = struct.Struct("<QIIdQQQ")  # seq, status, experts computed, compute_s, expert bytes, disk bytes, spare
 REQ_HEAD = 32  # bytes (_REQ padded)
-REPLY_HEAD = 32
+REPLY_HEAD = 48
 LAYER, PING, STOP = 1, 2, 3
 TAG_REQUEST, TAG_PAYLOAD, TAG_REPLY = 1, 2, 3  # gloo tags: requests, multi-token payloads, replies
 
@@ -173,6 +173,8 @@ class Reply:
     status: int  # OK, or REFUSED (the node failed; its error is in the store)
     experts: int  # distinct experts the node computed for this layer
     compute_s: float  # the node's own time for them
+    expert_bytes: int = 0  # routed-expert bytes its kernels read for them
+    disk_bytes: int = 0  # of those, read from its disk (cache mode misses)
 
 
 def payload_nbytes(T: int, K: int, D: int) -> int:
@@ -219,12 +221,12 @@ def payload_views(buf: np.ndarray, T: int, K: int, D: int) -> tuple[np.ndarray, 
 
 def pack_reply(buf: np.ndarray, r: Reply) -> None:
     buf[:REPLY_HEAD] = 0
-    _REPLY.pack_into(buf, 0, r.seq, r.status, r.experts, r.compute_s, 0.0)
+    _REPLY.pack_into(buf, 0, r.seq, r.status, r.experts, r.compute_s, r.expert_bytes, r.disk_bytes, 0)
 
 
 def parse_reply(buf: np.ndarray) -> Reply:
-    seq, status, experts, compute_s, _ = _REPLY.unpack_from(buf, 0)
-    return Reply(seq, status, experts, compute_s)
+    seq, status, experts, compute_s, expert_bytes, disk_bytes, _ = _REPLY.unpack_from(buf, 0)
+    return Reply(seq, status, experts, compute_s, expert_bytes, disk_bytes)
 
 
 def reply_sum(buf: np.ndarray, T: int, D: int) -> np.ndarray:
