@@ -32,6 +32,9 @@ def interrupt_mid_answer(child, message: str) -> str:
     child.expect(r"\S{40}", timeout=30)  # tokens are arriving (reasoning, dim)
     streamed = child.after
     child.sendintr()
+    # the stopped turn's speed line, then the question
+    child.expect(r"\[interrupted\] [\d,]+ prompt tokens computed, prefill [\d,.]+ tok/s \| [1-9][\d,]* generated, "
+                 r"decode [\d,.]+ tok/s")
     child.expect_exact("keep the partial answer in the conversation? [y/N]")
     return streamed
 
@@ -41,6 +44,11 @@ def test_chat_in_a_terminal(chat, tmp_path):
     assert streamed
     chat.sendline("y")
     chat.expect_exact("[interrupted; the partial answer is kept]")
+    chat.expect_exact(PROMPT)
+
+    chat.sendline("/stats")  # the stopped turn counts
+    chat.expect(r"0 answers \(1 interrupted\), [1-9][\d,]* tokens generated")
+    chat.expect(r"the conversation takes [1-9][\d,]* of the 131,072 context tokens")
     chat.expect_exact(PROMPT)
 
     chat.sendline("/save kept.json")
@@ -63,8 +71,23 @@ def test_chat_in_a_terminal(chat, tmp_path):
     chat.sendline("/reset")
     chat.expect_exact("conversation cleared")
     chat.expect_exact(PROMPT)
+    chat.sendline("/stats")  # the cleared conversation, not the last answer's
+    chat.expect_exact("the conversation takes 0 of the 131,072 context tokens")
+    chat.expect_exact(PROMPT)
     chat.sendline("/load kept.json")
     chat.expect_exact("loaded 2 messages from kept.json")
+    chat.expect_exact(PROMPT)
+
+    chat.sendline("/system Be brief.")  # /save and /load count the system prompt alike
+    chat.expect_exact(PROMPT)
+    chat.sendline("/save sys.json")
+    chat.expect_exact("saved 3 messages (system prompt and 2 more) to sys.json")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/load sys.json")
+    chat.expect_exact("loaded 3 messages (system prompt and 2 more) from sys.json")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/load nope.json")
+    chat.expect_exact("error: nope.json: no such file")
     chat.expect_exact(PROMPT)
 
     chat.sendeof()  # Ctrl-D leaves
@@ -79,7 +102,40 @@ def test_a_finished_answer_shows_the_status_line(tiny_path, tmp_path):
                           cwd=str(tmp_path), encoding="utf-8", timeout=30, dimensions=(40, 160))
     child.expect_exact(PROMPT)
     child.sendline("hi")
-    child.expect(r"\[(length|stop)\] prompt \d+ tokens, prefill [\d,.]+ tok/s \| \d+ generated")
+    child.expect(r"\[(cut at --max-tokens|finished)\] prompt \d+ tokens, prefill [\d,.]+ tok/s \| \d+ generated")
+    child.expect_exact(PROMPT)
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_the_first_run_says_it_compiles_the_kernels(tiny_path, tmp_path):
+    # a fresh install: Numba's cache reads as empty (so the spinner says why the wait), though the kernels
+    # here load from the cache (a real compile would take a minute of this test)
+    code = "import hybrid.cli.warmup as w; w.kernels_cached = lambda: False; from hybrid.cli.main import main; main()"
+    child = pexpect.spawn(sys.executable, ["-c", code, "chat", "-m", str(tiny_path)], cwd=str(tmp_path),
+                          encoding="utf-8", timeout=30, dimensions=(40, 160))
+    child.expect_exact("compiling CPU kernels, first run only")
+    child.expect_exact("/help for commands")
+    child.expect_exact(PROMPT)
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_hidden_thinking_counts_live(tiny_path, tmp_path):
+    child = pexpect.spawn(sys.executable, ["-c", "from hybrid.cli.main import main; main()", "chat", "-m", str(tiny_path),
+                                           "--hide-thinking", "--max-tokens", "400", "--seed", "0", "--on-interrupt",
+                                           "drop"], cwd=str(tmp_path), encoding="utf-8", timeout=30, dimensions=(40, 160))
+    child.expect_exact(PROMPT)
+    child.sendline("think hard")
+    child.expect(r"thinking\.\.\. ([\d,]+) tokens, [\d.,]+ s, [\d.,]+ tok/s \(/think on shows it live\)")
+    first = int(child.match.group(1).replace(",", ""))
+    child.expect(r"thinking\.\.\. ([\d,]+) tokens")  # redrawn as tokens arrive
+    assert int(child.match.group(1).replace(",", "")) > first
+    child.expect(r"\[thought: [\d,]+ words, hidden; /think shows it\]")
     child.expect_exact(PROMPT)
     child.sendline("/exit")
     child.expect(pexpect.EOF)

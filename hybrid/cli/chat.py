@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from rich.text import Text
 
 from hybrid.cli.chat_ui import Turn, speeds, status_line, visible
-from hybrid.cli.common import (REAL_MODEL, SEED, USER_ERRORS, FiniteFloat, UserError, console, engine_options, err_console,
-                         load_engine, resolve_model, user_message)
+from hybrid.cli.common import (SEED, USER_ERRORS, FiniteFloat, UserError, console, engine_options, err_console,
+                               model_option, resolve_model, start_engine, user_message)
 from hybrid.text.conversation import Done, check_message, check_tools, template_role
 
 if TYPE_CHECKING:
@@ -99,6 +101,32 @@ def validate_tools(tools: Any, source: str) -> list[dict]:
     return tools
 
 
+def read_json(name: str) -> Any:
+    """A JSON file the user named, every failure (missing, a folder, unreadable, not JSON) one plain sentence."""
+    path = Path(name).expanduser()
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{name} is a folder; name a JSON file") from None
+    except PermissionError:
+        raise UserError(f"{name}: permission denied") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{name} is not a text file") from None
+    except ValueError as e:
+        raise UserError(f"{name} is not valid JSON ({e})") from None
+
+
+def counted(messages: list[dict]) -> str:
+    """'5 messages (system prompt and 4 more)': /save and /load count the same things the same way."""
+    n = len(messages)
+    head = f"{n} message{'s' if n != 1 else ''}"
+    if messages and template_role(messages[0]["role"]) == "system":
+        return f"{head} (system prompt and {n - 1} more)"
+    return head
+
+
 class ChatSession:
     def __init__(self, engine: Engine, sampling: dict, *, system: str | None, show_thinking: bool, on_interrupt: str,
                  tools: list[dict] | None):
@@ -106,7 +134,7 @@ class ChatSession:
         self.system, self.show_thinking, self.on_interrupt, self.tools = system, show_thinking, on_interrupt, tools
         self.messages: list[dict] = []  # without the system prompt
         self.last_reasoning = ""
-        self.turns, self.generated, self.last_done = 0, 0, None
+        self.turns, self.interrupted, self.generated, self.last_done = 0, 0, 0, None
         engine.reset_stats()
 
     def request(self) -> list[dict]:
@@ -117,10 +145,12 @@ class ChatSession:
         """Generate the assistant's answer to the history; Ctrl-C keeps or drops the partial answer."""
         turn = Turn(console, self.show_thinking)
         done: Done | None = None
+        before, t0, first = self.engine.stats()["tokens"], time.perf_counter(), None
         gen = self.engine.chat(self.request(), tools=self.tools, **self.sampling)
         with _CtrlC() as ctrl_c:
             try:
                 for ev in gen:
+                    first = first or time.perf_counter()
                     if isinstance(ev, Done):
                         done = ev
                     else:
@@ -136,10 +166,11 @@ class ChatSession:
         if done is not None:
             self.messages.append(turn.message())
             self.turns, self.generated, self.last_done = self.turns + 1, self.generated + done.completion_tokens, done
-            console.print(status_line(done), soft_wrap=True)
+            console.print(status_line(done, self.engine.context), soft_wrap=True)
             if done.finish_reason == "tool_calls":
                 console.print("(answer the tool call with /tool TEXT, or just write)", style="dim", highlight=False)
             return
+        self._interrupted_speed(before, t0, first)
         if self._keep_partial():
             self.messages.append(turn.message())
             console.print("[interrupted; the partial answer is kept]", style="yellow", markup=False)
@@ -147,6 +178,19 @@ class ChatSession:
             while self.messages and self.messages[-1]["role"] != "assistant":
                 self.messages.pop()  # the unanswered user message (or tool result) goes too
             console.print("[interrupted; the turn is dropped]", style="yellow", markup=False)
+
+    def _interrupted_speed(self, before: dict, t0: float, first: float | None) -> None:
+        """The speed line of a turn Ctrl-C stopped, from the engine's token counts since `before` and the wall
+        clock (t0: the request, first: its first event, about the first token); counted in /stats."""
+        after, end = self.engine.stats()["tokens"], time.perf_counter()
+        pre, dec = after["prefill"] - before["prefill"], after["decode"] - before["decode"]
+        made = dec + 1 if first is not None else 0  # the first token comes out of the prefill
+        self.interrupted, self.generated = self.interrupted + 1, self.generated + made
+        first = first or end
+        pre_speed = f"prefill {pre / (first - t0):,.1f} tok/s" if pre and first > t0 else "prefill stopped"
+        decode = f"decode {dec / (end - first):,.1f} tok/s" if dec and end > first else "no decode step"
+        console.print(Text(f"[interrupted] {pre:,} prompt tokens computed, {pre_speed} | {made:,} generated, {decode}",
+                           style="cyan"), soft_wrap=True)
 
     def _keep_partial(self) -> bool:
         if self.on_interrupt != "ask":
@@ -189,7 +233,7 @@ class ChatSession:
         console.print(HELP, highlight=False, markup=False)
 
     def cmd_reset(self, arg: str) -> None:
-        self.messages, self.last_reasoning = [], ""
+        self.messages, self.last_reasoning, self.last_done = [], "", None
         console.print("conversation cleared" + (" (system prompt kept)" if self.system else ""), style="dim")
 
     def cmd_system(self, arg: str) -> None:
@@ -207,20 +251,18 @@ class ChatSession:
         if self.tools:
             data["tools"] = self.tools
         Path(arg).expanduser().write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        console.print(f"saved {len(data['messages'])} messages to {arg}", style="dim", highlight=False)
+        console.print(f"saved {counted(data['messages'])} to {arg}", style="dim", highlight=False)
 
     def cmd_load(self, arg: str) -> None:
         if not arg:
             raise UserError("/load needs a file name")
-        try:
-            data = json.loads(Path(arg).expanduser().read_text())
-        except ValueError as e:
-            raise UserError(f"{arg} is not valid JSON ({e})") from None
+        data = read_json(arg)
         messages, tools = validate_messages(data, arg)
+        how_many = counted(messages)  # as /save counted them: the system prompt is one
         if messages and template_role(messages[0]["role"]) == "system":
             self.system, messages = messages[0].get("content") or None, messages[1:]
-        self.messages, self.tools = list(messages), tools if tools is not None else self.tools
-        console.print(f"loaded {len(messages)} messages from {arg}", style="dim", highlight=False)
+        self.messages, self.tools, self.last_done = list(messages), tools if tools is not None else self.tools, None
+        console.print(f"loaded {how_many} from {arg}", style="dim", highlight=False)
         for m in messages[-2:]:
             text = m.get("content") if isinstance(m.get("content"), str) else json.dumps(m.get("content"))
             console.print(f"  {m['role']}: {visible(text or '')[:200]}", style="dim", highlight=False, markup=False)
@@ -246,14 +288,23 @@ class ChatSession:
         else:
             console.print(f"{len(pending) - 1} more tool call(s) to answer", style="dim")
 
+    def conversation_tokens(self) -> int:
+        """Tokens the conversation takes now (the next request's prompt, before the new message)."""
+        if not self.messages:
+            return 0
+        request = [dict(m, role=template_role(m["role"])) for m in self.request()]
+        return len(self.engine.chat_prompt(request, self.tools))
+
     def cmd_stats(self, arg: str) -> None:
-        console.print(f"{self.turns} answers, {self.generated:,} tokens generated", highlight=False)
+        stopped = f" ({self.interrupted} interrupted)" if self.interrupted else ""
+        console.print(f"{self.turns} answers{stopped}, {self.generated:,} tokens generated", highlight=False)
         if self.last_done is not None:
             d = self.last_done
             pre, dec = speeds(d)
             decode = f"decode {dec:,.1f} tok/s" if d.completion_tokens > 1 else "no decode step"
-            console.print(f"last answer: prefill {pre:,.1f} tok/s, {decode}; context used "
-                          f"{d.prompt_tokens + d.completion_tokens:,} of {self.engine.context:,} tokens", highlight=False)
+            console.print(f"last answer: prefill {pre:,.1f} tok/s, {decode}", highlight=False)
+        console.print(f"the conversation takes {self.conversation_tokens():,} of the {self.engine.context:,} context "
+                      "tokens", highlight=False)
         stats = self.engine.stats()
         n = max(1, sum(stats["tokens"].values()))
         parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {1e3 * stats[k] / n:.2f}"
@@ -285,8 +336,7 @@ class ChatSession:
 
 
 @click.command()
-@click.option("--model", "-m", default=REAL_MODEL, show_default=True,
-              help="Checkpoint directory, Hugging Face repo id in the local cache, or preset (tiny, k2-slice).")
+@model_option
 @engine_options
 @click.option("--system", help="System prompt (default: the chat template's own).")
 @click.option("--temperature", type=FiniteFloat(min=0), default=1.0, show_default=True,
@@ -310,16 +360,8 @@ def chat(model: str, system: str | None, temperature: float, top_p: float, top_k
     """Chat with the model: streaming answers, reasoning dim, tool calls as blocks; /help inside."""
     import readline  # noqa: F401  (line editing and history for input())
 
-    tools = None
-    if tools_file is not None:
-        try:
-            data = json.loads(tools_file.read_text())
-        except ValueError as e:
-            raise UserError(f"{tools_file} is not valid JSON ({e})") from None
-        tools = validate_tools(data, str(tools_file))
-    path = resolve_model(model)
-    with err_console.status(f"loading {model}..."):
-        engine = load_engine(path, **engine_opts)
+    tools = None if tools_file is None else validate_tools(read_json(str(tools_file)), str(tools_file))
+    engine = start_engine(resolve_model(model), model, **engine_opts)
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens)
     session = ChatSession(engine, sampling, system=system, show_thinking=show_thinking, on_interrupt=on_interrupt,
                           tools=tools)
@@ -327,4 +369,8 @@ def chat(model: str, system: str | None, temperature: float, top_p: float, top_k
         session.cmd_load(str(load_file))
     console.print(f"kimi-hybrid chat: {model}, context {engine.context:,} tokens. /help for commands, Ctrl-D to leave.",
                   style="bold", highlight=False, markup=False)
+    if tools:
+        names = ", ".join(visible(t["function"]["name"]) for t in tools)
+        console.print(f"tools: {len(tools)} loaded from {tools_file} ({names})", style="dim", highlight=False,
+                      markup=False, soft_wrap=True)
     session.loop()

@@ -7,6 +7,7 @@ assistant message (content, reasoning_content, tool_calls). Must not run the mod
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from rich.console import Console, Group
@@ -30,14 +31,17 @@ def visible(text: str) -> str:
 class Turn:
     """Feed one turn's events; it streams them to `console` and keeps the text for the history."""
 
-    def __init__(self, console: Console, show_thinking: bool = True):
+    def __init__(self, console: Console, show_thinking: bool = True, in_chat: bool = True):
         self.console = console
         self.show_thinking = show_thinking
+        self.in_chat = in_chat  # the hints name chat's /think; run's do not
         self.reasoning: list[str] = []
         self.content: list[str] = []
         self.tool_calls: list[ToolCall] = []
         self._mode: str | None = None  # 'reasoning' | 'content' | 'block': what was printed last
         self._folded = False  # the one-line "thinking..." placeholder is on screen
+        self._fold_start = self._fold_drawn = 0.0  # when the hidden reasoning began, when its line was last drawn
+        self._fold_tokens = 0  # reasoning deltas while folded: one per generated token
 
     def feed(self, ev: Event) -> None:
         if isinstance(ev, ReasoningDelta):
@@ -47,8 +51,12 @@ class Turn:
                 self.console.print(visible(ev.text), style="dim", end="", markup=False, highlight=False)
             elif not self._folded:
                 self._switch("reasoning")
-                self.console.print("thinking... (/think on shows it live)", style="dim italic", end="")
-                self._folded = True
+                self._folded, self._fold_tokens = True, 1
+                self._fold_start = self._fold_drawn = time.perf_counter()
+                self.console.print(self._fold_line(0.0), style="dim italic", end="", highlight=False)
+            else:
+                self._fold_tokens += 1
+                self._redraw_fold()
         elif isinstance(ev, ContentDelta):
             self._switch("content")
             self.console.print(visible(ev.text), end="", markup=False, highlight=False)
@@ -71,11 +79,28 @@ class Turn:
             self.console.print("\n" if mode == "content" else "")
         self._mode = mode
 
+    def _fold_line(self, elapsed: float) -> str:
+        hint = " (/think on shows it live)" if self.in_chat else ""
+        if elapsed <= 0:
+            return f"thinking...{hint}"
+        n = self._fold_tokens
+        return f"thinking... {n:,} tokens, {elapsed:,.1f} s, {n / elapsed:,.1f} tok/s{hint}"
+
+    def _redraw_fold(self) -> None:
+        """On a terminal, the placeholder counts live: tokens, seconds, tok/s (redrawn at most 10 times a second)."""
+        now = time.perf_counter()
+        if not self.console.is_terminal or now - self._fold_drawn < 0.1:
+            return
+        self._fold_drawn = now
+        self.console.file.write("\r\x1b[2K")
+        self.console.print(self._fold_line(now - self._fold_start), style="dim italic", end="", highlight=False)
+
     def _fold_summary(self) -> None:
         text = "".join(self.reasoning)
         erase = "\r\x1b[2K" if self.console.is_terminal else "\n"
         self.console.file.write(erase)
-        self.console.print(f"[thought: {len(text.split()):,} words, hidden; /think shows it]", style="dim",
+        shows = "; /think shows it" if self.in_chat else ""
+        self.console.print(f"[thought: {len(text.split()):,} words, hidden{shows}]", style="dim",
                            highlight=False, markup=False)
         self._folded = False
 
@@ -115,12 +140,23 @@ def speeds(done: Done) -> tuple[float, float]:
     return pre, dec
 
 
-def status_line(done: Done) -> Text:
+def why_stopped(done: Done, context: int | None = None, in_chat: bool = True) -> str:
+    """finish_reason in words: the answer ended, a tool call, the --max-tokens cap, or a full context."""
+    if done.finish_reason == "stop":
+        return "finished"
+    if done.finish_reason == "tool_calls":
+        return "tool call"
+    if context is not None and done.prompt_tokens + done.completion_tokens >= context:
+        return f"context full ({context:,} tokens): raise --context" + (" or /reset" if in_chat else "")
+    return "cut at --max-tokens"
+
+
+def status_line(done: Done, context: int | None = None, in_chat: bool = True) -> Text:
     """One line: why it stopped, prompt tokens (reused from the KV cache) and both speeds."""
     pre, dec = speeds(done)
     reused = done.prompt_tokens - done.prefill_tokens
     cached = f" ({reused:,} cached)" if reused > 0 else ""
     decode = f"decode {dec:,.1f} tok/s" if done.completion_tokens > 1 else "no decode step"  # token 1: prefill
-    return Text(f"[{done.finish_reason}] prompt {done.prompt_tokens:,} tokens{cached}, prefill {pre:,.1f} tok/s | "
-                f"{done.completion_tokens:,} generated ({done.reasoning_tokens:,} thinking), {decode}",
+    return Text(f"[{why_stopped(done, context, in_chat)}] prompt {done.prompt_tokens:,} tokens{cached}, prefill "
+                f"{pre:,.1f} tok/s | {done.completion_tokens:,} generated ({done.reasoning_tokens:,} thinking), {decode}",
                 style="cyan")

@@ -4,10 +4,12 @@ already in the local HF cache, or a built-in preset, here with a progress bar on
 and the engine-loading flags, built from hybrid.load's option specs (hybrid.runtime.options).
 
 Never downloads anything: a model that is not here is an error that prints the command that fetches it.
+Every command that runs a model has the same default (DEFAULT_MODEL: the real one) through model_option.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,10 +21,11 @@ from hybrid.runtime import resolve
 from hybrid.text.template import ChatTemplateError
 from hybrid.checkpoint.reader import CheckpointError
 from hybrid.checkpoint.config import ConfigError
-from hybrid.runtime.options import FLAGS, SPECS
+from hybrid.runtime.options import FLAGS, SPECS, LoadOptions
 from hybrid.runtime.resolve import REAL_MODEL
 from hybrid.checkpoint.paths import cache_dir
 from hybrid.runtime.loader import load
+from hybrid.cli.warmup import load_with_progress
 from hybrid.synth.writer import PRESETS, GeneratorError, is_generated, preset_makers, preset_path
 from hybrid.text.tokenizer import TokenizerError
 
@@ -78,6 +81,15 @@ def progress_bar(label: str) -> tuple[Progress, Callable[[int, int], None]]:
 
 # ---- --model ----------------------------------------------------------------------------------
 
+DEFAULT_MODEL = REAL_MODEL  # one default for every command; when it is missing the error says how to fetch it
+MODEL_HELP = f"Checkpoint directory, Hugging Face repo id in the local cache, or preset ({', '.join(PRESETS)})."
+
+
+def model_option(f: Callable) -> Callable:
+    """--model / -m, the same default and help on every command that runs the model."""
+    return click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)(f)
+
+
 def resolve_model(model: str) -> Path:
     """--model -> a checkpoint directory (hybrid.runtime.resolve, with hybrid.synth's presets); a preset's first
     generation shows a progress bar."""
@@ -96,6 +108,10 @@ def engine_flag(name: str, **overrides: Any) -> Callable:
     keyword's spec (hybrid.runtime.options), so a flag accepts what Python does; overrides (default, help,
     type) for a command whose flag says more, like plan's defaults."""
     spec = SPECS[name]
+    default = DEFAULTS.get(name)
+    if default is not None and spec.kind != "bool":  # the engine's default, though the flag's own stays None
+        text = spec.help.replace(" (default: the engine's).", ".")
+        overrides = {"help": f"{text} [default: {default}]", **overrides}
     if spec.kind == "choice":
         kind: click.ParamType = click.Choice([str(c) for c in spec.choices])
     elif spec.kind == "gb":
@@ -113,6 +129,9 @@ def engine_flag(name: str, **overrides: Any) -> Callable:
     return click.option(f"--{name.replace('_', '-')}", **{"type": kind, "help": spec.help, **overrides})
 
 
+DEFAULTS = {f.name: f.default for f in fields(LoadOptions)}
+
+
 def engine_options(f: Callable) -> Callable:
     """The flags of hybrid.load(), for commands that run the model: one per keyword its spec marks a flag."""
     for name in reversed(FLAGS):
@@ -124,3 +143,9 @@ def load_engine(path: Path, **options: Any):
     """hybrid.runtime.loader.load (a resolved directory) with only the options the user gave (the rest keep
     the engine's defaults)."""
     return load(path, **{k: v for k, v in options.items() if k in FLAGS and v is not None})
+
+
+def start_engine(path: Path, model: str, **options: Any):
+    """load_engine with a spinner for each wait (loading, then the kernels' first compile, which a warm-up run
+    before the first prompt keeps out of every tok/s figure); for the commands that answer prompts."""
+    return load_with_progress(lambda: load_engine(path, **options), model, err_console)

@@ -1,7 +1,8 @@
 """The `kimi-hybrid` command: the terminal face. Rendering (click, rich) lives only in the cli* modules.
 
 This file holds the group (every user mistake becomes one clear line and exit 1; `--debug` shows the
-traceback) and the small commands: generate, info, run, serve. chat, bench and plan live in their own files.
+traceback; `--version`) and the small commands: generate, info, serve. run, chat, bench, plan and doctor live
+in their own files.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from rich.text import Text
 
 from hybrid.cli.bench import bench
 from hybrid.cli.chat import chat
-from hybrid.cli.common import (REAL_MODEL, SEED, USER_ERRORS, FiniteFloat, console, engine_options, err_console, load_engine,
-                         progress_bar, resolve_model, user_message)
+from hybrid.cli.common import (DEFAULT_MODEL, MODEL_HELP, SEED, USER_ERRORS, FiniteFloat, console, engine_options,
+                               err_console, model_option, progress_bar, resolve_model, user_message)
+from hybrid.cli.doctor import doctor
 from hybrid.cli.node import node
 from hybrid.cli.plan import plan
+from hybrid.cli.run import run
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.checkpoint.layout import size_report
 from hybrid.serve.runner import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_QUEUE  # not from .server: that imports FastAPI, which only `serve` needs
@@ -38,6 +41,7 @@ class Cli(click.Group):
 
 
 @click.group(cls=Cli)
+@click.version_option(package_name="kimi-hybrid", prog_name="kimi-hybrid")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 def main(debug: bool) -> None:
     """Run Kimi K2 Thinking on one workstation: GPU-side attention, CPU INT4 experts."""
@@ -64,8 +68,8 @@ def generate(preset: str, out: Path | None, seed: int) -> None:
 
 
 @main.command()
-@click.option("--model", "-m", default="k2-full-sparse", show_default=True,
-              help="Checkpoint directory, preset name, or a config.json file.")
+@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
+              help=f"{MODEL_HELP.removesuffix('.')}, or a config.json file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(model: str, as_json: bool) -> None:
     """Model size from its config: parameters (total, active per token) and bytes on disk."""
@@ -76,7 +80,9 @@ def info(model: str, as_json: bool) -> None:
     else:
         from hybrid.checkpoint.reader import Checkpoint
 
-        ckpt = Checkpoint(resolve_model(model))
+        path = resolve_model(model)
+        with err_console.status(f"validating {model}: every tensor's header, dtype and shape..."):
+            ckpt = Checkpoint(path)
         cfg, n_tensors = ckpt.config, len(ckpt.tensors)
     r = size_report(cfg)
     out = {
@@ -121,34 +127,7 @@ def nbytes(n: float) -> str:
 
 
 @main.command()
-@click.argument("prompt")
-@click.option("--model", "-m", default="tiny", show_default=True,
-              help="Checkpoint directory, Hugging Face repo id in the local cache, or preset.")
-@engine_options
-@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens to generate at most.")
-@click.option("--temperature", type=FiniteFloat(min=0), default=1.0, show_default=True,
-              help="0 = greedy; 1.0 is Moonshot's recommendation.")
-@click.option("--seed", type=SEED, help="Seed for reproducible sampling.")
-@click.option("--hide-thinking", is_flag=True, help="Fold the reasoning to one line.")
-def run(prompt: str, model: str, max_tokens: int, temperature: float, seed: int | None, hide_thinking: bool,
-        **engine_opts) -> None:
-    """Answer one prompt: reasoning dim, content plain, tool calls as blocks, then speed."""
-    from hybrid.cli.chat_ui import Turn, status_line
-    from hybrid.text.conversation import Done
-
-    engine = load_engine(resolve_model(model), **engine_opts)
-    turn = Turn(console, show_thinking=not hide_thinking)
-    for ev in engine.chat([{"role": "user", "content": prompt}], temperature=temperature, seed=seed, max_tokens=max_tokens):
-        if isinstance(ev, Done):
-            turn.finish()
-            err_console.print(status_line(ev), soft_wrap=True)
-        else:
-            turn.feed(ev)
-
-
-@main.command()
-@click.option("--model", "-m", default=REAL_MODEL, show_default=True,
-              help="Checkpoint directory, Hugging Face repo id in the local cache, or preset.")
+@model_option
 @engine_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
@@ -180,7 +159,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, model_name: str
                log_level=log_level, **options)
 
 
-for command in (chat, bench, plan, node):
+for command in (run, chat, bench, plan, node, doctor):
     main.add_command(command)
 
 

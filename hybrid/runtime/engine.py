@@ -19,6 +19,7 @@ from hybrid.text.template import ChatTemplateError, load_chat_template, normaliz
 from hybrid.checkpoint.reader import Checkpoint
 from hybrid.text.conversation import (Done, apply_tool_choice, check_message, check_tool_replies, check_tools, run_chat,
                                       template_role)
+from hybrid.runtime.completion import Completion, collect
 from hybrid.runtime.decode_step import StaticDecoder
 from hybrid.runtime.token_loop import Sampler, Step, generate
 from hybrid.runtime.turns import Turns
@@ -338,6 +339,11 @@ class Engine:
         """Tokens the answer may take: max_tokens, never past the end of the context."""
         budget = self.context - len(prompt)
         return min(max_tokens or budget, budget)
+
+    def complete(self, messages: list[dict], tools: list[dict] | None = None,
+                 tool_choice: str | dict | None = "auto", **sampling) -> Completion:
+        """chat() run to its end: the finished answer (content, reasoning, tool calls, finish_reason, usage)."""
+        return collect(self.chat(messages, tools, tool_choice, **sampling))
 
     def chat(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: str | dict | None = "auto",
              **sampling) -> Iterator[Event | Done]:

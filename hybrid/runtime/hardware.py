@@ -24,6 +24,24 @@ MAX_IO_THREADS = 64  # expert-cache readers: a few saturate an NVMe drive; more 
 FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx")
 _UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a huge number
 
+# ---- typical figures, for a machine not at hand (kimi-hybrid plan; README "Plan" shows this table) -----
+# RAM: a streaming read sustains about 75% of the DDR peak of 8 bytes per transfer per channel
+RAM_TYPES = {"ddr4-3200": 3200, "ddr5-4800": 4800, "ddr5-5600": 5600, "ddr5-6400": 6400}  # MT/s
+RAM_READ_EFFICIENCY = 0.75
+DESKTOP_MAX_RAM_GB = 256  # up to this a 2-channel desktop board holds it; past it: an 8-channel workstation
+# disks: sequential reads (one 25 MB pread per K2 expert is close to sequential), GB/s
+DISK_TYPES = {"hdd": 0.2, "sata-ssd": 0.55, "nvme-gen3": 3.5, "nvme-gen4": 7.0, "nvme-gen5": 12.0}
+
+
+def typical_channels(ram_gb: float) -> int:
+    """Memory channels a machine with this much RAM typically has: 2 (desktop) or 8 (workstation)."""
+    return 2 if ram_gb <= DESKTOP_MAX_RAM_GB else 8
+
+
+def typical_mem_gbps(channels: int, ram_type: str) -> float:
+    """Sustained RAM read GB/s of `channels` channels of `ram_type` (a key of RAM_TYPES)."""
+    return channels * 8 * RAM_TYPES[ram_type] / 1000 * RAM_READ_EFFICIENCY
+
 
 class GPU(NamedTuple):
     name: str

@@ -99,13 +99,14 @@ class Plan:
                 for e in self.entries]
 
     def summary(self) -> str:
-        side = f"GPU {self.gpu_index}" if self.device == "cuda" else "CPU (no CUDA GPU)"
+        side = (f"GPU side on GPU {self.gpu_index}" if self.device == "cuda" else
+                "no CUDA GPU: attention, router and shared experts on the CPU")
         experts = ("mmap, all resident in RAM" if self.expert_mode == "mmap" else
                    f"cache, {self.cache_slots:,} slots ({self.slots_per_layer:.1f}/layer) of "
                    f"{self.n_moe_layers * self.experts_per_layer:,}")
         gpu = f"{self.gpu_bytes / GB:.2f}/{self.gpu_budget / GB:.2f} GB VRAM, " if self.device == "cuda" else ""
-        return (f"GPU side on {side} in {self.gpu_precision}; routed experts: {experts}; "
-                f"hot experts {self.hot_experts_per_layer}/layer; {gpu}"
+        hot = f"hot experts {self.hot_experts_per_layer}/layer; " if self.device == "cuda" else ""
+        return (f"{side} in {self.gpu_precision}; routed experts: {experts}; {hot}{gpu}"
                 f"{self.ram_bytes / GB:.2f} GB RAM of {self.ram_available / GB:.2f} available; "
                 f"context {self.context:,}; {self.cpu_threads} CPU threads")
 

@@ -1,18 +1,29 @@
 """What a placement Plan can do at best: the batch-1 decode ceiling from the bytes one token reads in
-each stage (RAM, disk, GPU) over that stage's bandwidth, measured or given.
+each stage (RAM, disk, GPU) over that stage's bandwidth, measured, given or typical; and what would move
+that ceiling (more RAM, a faster disk, more RAM bandwidth, int8), each change re-planned and re-projected.
 
 Owns the projection only (kimi-hybrid plan renders it); it decides nothing about placement (placement.py)
 and measures nothing (probe.py). GB = 10^9 bytes.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 from hybrid.checkpoint.config import ModelConfig
-from hybrid.runtime.hardware import GB
-from hybrid.runtime.placement import GPU_SIDE, Plan
+from hybrid.runtime.hardware import DISK_TYPES, GB, Hardware
+from hybrid.runtime.placement import GPU_RESERVE, GPU_SIDE, Plan, PlanError
+from hybrid.runtime.placement import plan as make_plan
+from hybrid.runtime.tensor_classes import class_sizes
 
 
 def _gb(n: float) -> str:
     return f"{n / GB:.2f} GB"
+
+
+def gbps(x: float) -> str:
+    """A bandwidth as people write it: '1,000', '300', '57.6', '1.56' (never '1.55624')."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def projected_decode_tps(plan: Plan, cfg: ModelConfig, mem_read_gbps: float, disk_gbps: float | None = None,
@@ -50,15 +61,18 @@ def projected_decode_tps(plan: Plan, cfg: ModelConfig, mem_read_gbps: float, dis
     worst = max(known, key=known.get)
     serial, overlapped = sum(known.values()), known[worst]
     explain = [f"routed experts: {plan.experts_per_token} x {plan.n_moe_layers} layers x "
-               f"{plan.expert_bytes / 1e6:.1f} MB = {_gb(routed)} per token",
-               f"hot experts on the GPU ({plan.hot_experts_per_layer}/{plan.experts_per_layer} per layer) take "
-               f"{_gb(gpu_experts)}; the CPU reads {_gb(cpu_experts)} at {mem_read_gbps:.1f} GB/s"]
+               f"{plan.expert_bytes / 1e6:.1f} MB = {_gb(routed)} per token"]
+    if plan.device == "cpu":  # no GPU: every byte below is read from RAM by the same cores
+        explain.append(f"the CPU reads them at {gbps(mem_read_gbps)} GB/s")
+    else:
+        explain.append(f"hot experts on the GPU ({plan.hot_experts_per_layer}/{plan.experts_per_layer} per layer) "
+                       f"take {_gb(gpu_experts)}; the CPU reads {_gb(cpu_experts)} at {gbps(mem_read_gbps)} GB/s")
     if plan.expert_mode == "cache":
         explain.append(f"cache hit rate {hit:.0%}: {_gb(miss)} per token from disk" +
-                       (f" at {disk_gbps:g} GB/s" if miss else ""))
-    explain.append(f"GPU side (weights + full KV cache) reads {_gb(side)} per token " +
-                   ("from RAM on the CPU" if plan.device == "cpu" else
-                    f"at {gpu_gbps:g} GB/s" if gpu_gbps else "(no gpu_gbps given: not counted)"))
+                       (f" at {gbps(disk_gbps)} GB/s" if miss else ""))
+    explain.append(f"non-expert weights + full KV cache: {_gb(side)} per token, read from RAM too" if plan.device == "cpu"
+                   else f"GPU side (weights + full KV cache) reads {_gb(side)} per token " +
+                   (f"at {gbps(gpu_gbps)} GB/s" if gpu_gbps else "(no gpu_gbps given: not counted)"))
     if overlapped > 0:
         explain.append(f"ceiling {1 / overlapped:.2f} tok/s with stages overlapped, {1 / serial:.2f} tok/s "
                        f"summed; bottleneck: {worst}")
@@ -71,3 +85,104 @@ def projected_decode_tps(plan: Plan, cfg: ModelConfig, mem_read_gbps: float, dis
             "ram_s": terms["ram"], "disk_s": terms["disk"], "gpu_s": terms["gpu"],
             "tok_s": 1 / overlapped if overlapped else None, "tok_s_serial": 1 / serial if serial else None,
             "bottleneck": worst, "explain": explain}
+
+
+# ---- what would move the bottleneck (kimi-hybrid plan's last lines) ------------------------------------
+
+def _tok_s(proj: dict) -> str:
+    return "not counted (GPU bandwidth unknown)" if proj["tok_s"] is None else f"~{proj['tok_s']:,.2f} tok/s"
+
+
+def _ram_for_all_experts(cfg: ModelConfig, hw: Hardware, plan_kw: dict) -> tuple[Hardware, Plan]:
+    """The least whole-GB RAM with which every routed expert is resident (mmap), and that plan."""
+    more = 0
+    for _ in range(8):  # the reserve grows with RAM (2%): a few rounds reach the fixed point
+        bigger = replace(hw, ram_total=hw.ram_total + more, ram_available=hw.ram_available + more)
+        try:
+            return bigger, make_plan(cfg, bigger, **dict(plan_kw, expert_mode="mmap", ram_budget=None))
+        except PlanError as e:
+            if e.budget != "RAM":
+                raise
+            more += math.ceil(e.short_bytes / GB) * int(GB)
+    raise PlanError("RAM", 0, "no amount of RAM was found to hold every expert")
+
+
+def what_would_help(cfg: ModelConfig, hw: Hardware, plan_kw: dict, plan: Plan, proj: dict, mem_gbps: float,
+                    disk_gbps: float | None, gpu_gbps: float | None, hit_rate: float | None = None) -> list[dict]:
+    """What would move the bottleneck and by how much, each change alone, projected as projected_decode_tps
+    projects `plan` (same bandwidths and hit_rate unless the change is one). plan_kw: the keywords `plan` was made with.
+    Each item: kind ('ram' | 'disk' | 'mem_bw' | 'int8'), its figures, tok_s and a sentence."""
+    out: list[dict] = []
+    bw = dict(disk_gbps=disk_gbps, gpu_gbps=gpu_gbps, hit_rate=hit_rate)
+    if plan.expert_mode == "cache":
+        bigger, p = _ram_for_all_experts(cfg, hw, plan_kw)
+        ram_gb = math.ceil(bigger.ram_total / GB)
+        q = projected_decode_tps(p, cfg, mem_gbps, gpu_gbps=gpu_gbps)
+        more = ram_gb - math.ceil(hw.ram_total / GB)
+        what = (f"{ram_gb:,} GB of RAM (+{more:,}): every routed expert fits" if more > 0 else
+                "every routed expert already fits this RAM: --expert-mode auto and no --ram-budget")
+        out.append(dict(kind="ram", ram_gb=ram_gb, tok_s=q["tok_s"], text=(
+            f"{what}, none read from disk: {_tok_s(q)} at the same {gbps(mem_gbps)} GB/s")))
+    if proj["disk_s"]:
+        faster = next((v for v in sorted(DISK_TYPES.values()) if v > disk_gbps), 2 * disk_gbps)
+        name = next((k for k, v in DISK_TYPES.items() if v == faster), "two such disks striped")
+        q = projected_decode_tps(plan, cfg, mem_gbps, **dict(bw, disk_gbps=faster))
+        out.append(dict(kind="disk", disk_gbps=faster, tok_s=q["tok_s"], text=(
+            f"a faster disk ({name}, ~{gbps(faster)} GB/s instead of {gbps(disk_gbps)}): {_tok_s(q)}")))
+    if proj["bottleneck"] == "ram":
+        q = projected_decode_tps(plan, cfg, 2 * mem_gbps, **bw)
+        out.append(dict(kind="mem_bw", mem_gbps=2 * mem_gbps, tok_s=q["tok_s"], text=(
+            f"twice the RAM bandwidth ({gbps(2 * mem_gbps)} GB/s: twice the memory channels, or faster DIMMs): "
+            f"{_tok_s(q)}")))
+    if plan.gpu_precision in ("bf16", "bf16w"):
+        try:
+            p = make_plan(cfg, hw, **dict(plan_kw, gpu_precision="int8"))
+        except PlanError:
+            p = None
+        if p is not None:
+            q = projected_decode_tps(p, cfg, mem_gbps, **bw)
+            hot = (f", hot experts {plan.hot_experts_per_layer} -> {p.hot_experts_per_layer} per layer"
+                   if p.device == "cuda" else "")
+            side = "the GPU side" if p.device == "cuda" else "the non-expert weights"
+            out.append(dict(kind="int8", gpu_side_gb=q["gpu_side_bytes"] / GB, tok_s=q["tok_s"], text=(
+                f"int8 for {side} (--gpu-precision int8): weights + KV cache {_gb(proj['gpu_side_bytes'])} "
+                f"-> {_gb(q['gpu_side_bytes'])}{hot}: {_tok_s(q)}; outputs may differ slightly from bf16")))
+    return out
+
+
+def int8_note(cfg: ModelConfig, plan: Plan, asked: str) -> str | None:
+    """Why 'auto' chose int8 for the GPU side and what that changes; None when it did not."""
+    if asked != "auto" or plan.device != "cuda" or plan.gpu_precision != "int8":
+        return None
+    sizes = class_sizes(cfg)
+    bf16 = sum(sizes.nbytes(w, "bf16") for w in GPU_SIDE)
+    kv = plan.context * plan.kv_bytes_per_token
+    longest = (plan.gpu_budget - bf16) // plan.kv_bytes_per_token
+    keep = (f"--gpu-precision bf16 with --context {longest - longest % 1024:,} or less keeps bf16"
+            if longest >= 1024 else "a GPU with more memory keeps bf16")
+    return (f"int8 chosen automatically for the GPU side: in bf16 its weights ({_gb(bf16)}) and the KV cache for "
+            f"{plan.context:,} tokens ({_gb(kv)}) exceed the {_gb(plan.gpu_budget)} VRAM budget; int8 weight-only "
+            f"halves the big linears. Outputs may differ slightly from bf16 (int8's rounding); {keep}.")
+
+
+def other_gpus_help(cfg: ModelConfig, hw: Hardware, plan: Plan, mem_gbps: float, disk_gbps: float | None,
+                    gpu_gbps: float | None, hit_rate: float | None = None) -> list[dict]:
+    """What each GPU past GPU 0 would add if it held hot experts (kimi-hybrid runs on GPU 0 only and leaves
+    the others idle): the experts its free VRAM (less GPU_RESERVE) holds per MoE layer, projected as if
+    GPU 0 held them (the hot experts' bytes join the GPU term: a lower bound on what two GPUs would do)."""
+    out: list[dict] = []
+    if plan.device != "cuda":
+        return out
+    hot = plan.hot_experts_per_layer
+    for i, g in enumerate(hw.gpus[1:], start=1):
+        extra = max(0, min(plan.experts_per_layer - hot,
+                           (g.free_bytes - GPU_RESERVE) // (plan.n_moe_layers * plan.expert_bytes)))
+        hot += extra
+        q = projected_decode_tps(replace(plan, hot_experts_per_layer=hot), cfg, mem_gbps, disk_gbps=disk_gbps,
+                                 hit_rate=hit_rate, gpu_gbps=gpu_gbps)
+        worth = (f"as hot experts it would hold {extra} more per layer ({hot}/{plan.experts_per_layer} with GPU "
+                 f"0's): {_tok_s(q)}" if extra else "it would add nothing: no expert is left for it to hold" if
+                 hot == plan.experts_per_layer else "its free VRAM holds no more hot experts")
+        out.append(dict(kind="gpu", gpu=i, hot_experts_per_layer=hot, tok_s=q["tok_s"],
+                        text=f"GPU {i} ({g.total_bytes / GB:,.0f} GB) stays idle: kimi-hybrid runs on GPU 0; {worth}"))
+    return out

@@ -2,20 +2,27 @@
 repo id already in the local HF cache (found by huggingface_hub's cache scan), or a built-in preset, made
 on first use by the maker the caller hands in (hybrid.load and the CLI pass hybrid.synth's).
 
-Owns the one resolution rule and its error, which says how to fetch what is missing. Never downloads
-anything, renders nothing (the CLI adds a progress bar through `progress`) and never imports synth.
+Owns the one resolution rule and its errors, which say how to fetch what is missing (every missing shard of a
+partial download, a close preset name, why a GGUF file is not read). Never downloads anything, renders
+nothing (the CLI adds a progress bar through `progress`) and never imports synth.
 """
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
-from hybrid.checkpoint.reader import CheckpointError
+from hybrid.checkpoint.reader import INDEX_NAME, CheckpointError
 
 REAL_MODEL = "moonshotai/Kimi-K2-Thinking"
+TRY_PRESET = "tiny"  # the preset a missing model's error suggests, to try the pipeline in seconds
+GGUF_WHY = ("kimi-hybrid reads the checkpoint as Moonshot ships it: safetensors with the routed experts in native "
+            "INT4 (quantisation-aware trained, so these are the model's own weights), mapped from disk without any "
+            "conversion; a GGUF file is llama.cpp's format, re-packed and often re-quantised, and is not read here")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 PresetMaker = Callable[[Progress | None], Path]  # writes its preset on first use; -> the directory
@@ -52,6 +59,32 @@ def fetch_hint(repo_id: str) -> str:
             f"{repo_id}`) and run this again, or add `--local-dir DIR` to that and pass --model DIR")
 
 
+def try_hint(presets: Mapping[str, PresetMaker]) -> str:
+    return (f"; or try the pipeline first on the small synthetic preset: --model {TRY_PRESET}"
+            if TRY_PRESET in presets else "")
+
+
+def missing_shards(path: Path) -> list[str]:
+    """Shards the index names that are not in `path` (a partial download); [] without an index. A corrupt index
+    is left to the checkpoint reader, which names it."""
+    try:
+        names = set(json.loads((path / INDEX_NAME).read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return sorted(n for n in names if isinstance(n, str) and not (path / n).is_file())
+
+
+def check_complete(path: Path, repo_id: str | None = None) -> Path:
+    """`path`, or CheckpointError listing every shard its index names that is not there."""
+    missing = missing_shards(path)
+    if missing:
+        fetch = (f"`hf download {repo_id}`" if repo_id else
+                 f"`hf download {REAL_MODEL} --local-dir {path}` (or the repo it came from)")
+        raise CheckpointError(f"{path}: the download is incomplete, {len(missing)} shard(s) missing: "
+                              f"{', '.join(missing)}; {fetch} resumes it, fetching only what is missing")
+    return path
+
+
 def is_repo_id(model: str) -> bool:
     return bool(_REPO_ID.match(model)) and not model.startswith(".")
 
@@ -65,17 +98,22 @@ def resolve_model(model: str | os.PathLike, presets: Mapping[str, PresetMaker] |
     presets = presets or {}
     p = Path(name).expanduser()
     if p.is_dir():
-        return p
+        return check_complete(p)
     if name in presets:
         return presets[name](progress)
+    if name.lower().endswith(".gguf"):
+        raise CheckpointError(f"{name} is a GGUF file: {GGUF_WHY}; fetch the native checkpoint with "
+                              f"`hf download {REAL_MODEL}`")
     if is_repo_id(name):
         found = find_in_hf_cache(name)
         if found is not None:
-            return found
+            return check_complete(found, name)
         raise CheckpointError(f"{name} is not in the Hugging Face cache ({hf_hub_cache()}) nor a directory here; "
-                              f"{fetch_hint(name)}")
+                              f"{fetch_hint(name)}{try_hint(presets)}")
     if p.is_file():
         raise CheckpointError(f"{name} is a file; --model takes a checkpoint directory (the folder with config.json)")
+    close = difflib.get_close_matches(name, [*presets, REAL_MODEL], n=1)
+    mean = f"did you mean {close[0]}? " if close else ""
     or_preset = f" or a preset ({', '.join(presets)})" if presets else ""
-    raise CheckpointError(f"{name}: no such checkpoint directory; --model takes a directory, a Hugging Face repo id "
-                          f"in the local cache (like {REAL_MODEL}){or_preset}")
+    raise CheckpointError(f"{name}: no such checkpoint directory; {mean}--model takes a directory, a Hugging Face "
+                          f"repo id in the local cache (like {REAL_MODEL}){or_preset}")

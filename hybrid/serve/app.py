@@ -57,7 +57,8 @@ def error_response(path: str, status: int, message: str, param: str | None = Non
 class RequestGuard:
     """ASGI middleware, before any route runs: with allowed_hosts, the Host header must name one of them
     (403: a web page that rebinds its DNS name to 127.0.0.1 cannot reach the model); with api_key,
-    every request must carry it as `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic)."""
+    every request must carry it as `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic),
+    except GET / HEAD /health: load balancers probe it without a key, and it tells nothing private."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, allowed_hosts: tuple[str, ...] | None):
         self.app, self.hosts = app, allowed_hosts
@@ -65,7 +66,8 @@ class RequestGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            refusal = self._refusal(dict(scope["headers"]))
+            open_path = scope["path"] == "/health" and scope["method"] in ("GET", "HEAD")
+            refusal = self._refusal(dict(scope["headers"]), open_path)
             if refusal is not None:
                 status, why, code = refusal
                 log.warning("%d for %s %s: %s", status, scope["method"], scope["path"], why)
@@ -73,14 +75,14 @@ class RequestGuard:
                 return
         await self.app(scope, receive, send)
 
-    def _refusal(self, headers: dict[bytes, bytes]) -> tuple[int, str, str] | None:
+    def _refusal(self, headers: dict[bytes, bytes], open_path: bool) -> tuple[int, str, str] | None:
         if self.hosts is not None:
             host = headers.get(b"host", b"").decode("latin-1")
             name = host.rsplit("]", 1)[0].lstrip("[") if host.startswith("[") else host.split(":")[0]
             if name not in self.hosts:
                 return 403, (f"Host {host!r} is not allowed here; address the server as {' or '.join(self.hosts)} "
                              "(or start it with an API key)"), "host_not_allowed"
-        if self.key is not None:
+        if self.key is not None and not open_path:
             bearer = headers.get(b"authorization", b"")
             given = headers.get(b"x-api-key") or (bearer[7:].strip() if bearer[:7].lower() == b"bearer " else b"")
             if not hmac.compare_digest(given, self.key):
