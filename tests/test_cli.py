@@ -309,11 +309,11 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
 
 def test_device_reaches_the_plan(tiny_path, monkeypatch):
     args = ["run", "hi", "-m", str(tiny_path), "--max-tokens", "2"]
-    import hybrid.cli.common as common  # the commands load through the runtime's loader, as imported there
+    import hybrid.runtime.loader as loader  # the commands load through the runtime's loader, imported when they run
 
     seen = {}
-    load = common.load
-    monkeypatch.setattr(common, "load", lambda path, **kw: (seen.update(kw), load(path, **kw))[1])
+    load = loader.load
+    monkeypatch.setattr(loader, "load", lambda path, **kw: (seen.update(kw), load(path, **kw))[1])
     assert CliRunner().invoke(main, args + ["--device", "cpu"]).exit_code == 0
     assert seen["device"] == "cpu"
     monkeypatch.undo()
@@ -388,7 +388,22 @@ def test_bench_kernels_is_still_there(monkeypatch):
     r = CliRunner().invoke(main, ["bench", "--kernels", "--small", "--json"])
     assert r.exit_code == 0 and json.loads(r.output) == {"mem_read_gbps": 25.0, "moe_decode": {"ms": 48.0}}
     r = CliRunner().invoke(main, ["bench", "--kernels", "--small"])
-    assert r.exit_code == 0 and "moe_decode.ms" in r.output and "48.00" in r.output
+    assert r.exit_code == 0 and "48.00" in r.output
+
+
+def test_bench_kernels_table_is_in_words(monkeypatch):
+    """The table names each figure in words with its unit; --json keeps the keys (above)."""
+    import hybrid.bench.kernel_bench as kb
+
+    result = {"mem_read_gbps": 25.0, "moe_decode": {"ms": 0.0669, "pct_of_mem_read": 2.2},
+              "threads": {"1": {"decode_gbps": 2.4}}, "peers": {"torch_int4pack": {"prefill_16": {"gbps": None}}}}
+    monkeypatch.setattr(kb, "run_kernel_bench", lambda small, threads: result)
+    r = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["bench", "--kernels", "--small"])
+    assert r.exit_code == 0 and not re.findall(r"[a-z_]+\.[a-z_0-9]+", r.output), r.output  # no dotted keys
+    for says in ("RAM read bandwidth, measured in this run (GB/s)", "routed experts, decode", "time (ms)", "0.0669",
+                 "share of the RAM bandwidth (%)", "1 thread: decode bandwidth (GB/s)",
+                 "torch int4pack: prefill, 16 tokens: bandwidth (GB/s)"):
+        assert says in r.output, says
 
 
 # ---- plan -----------------------------------------------------------------------------------------

@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import re
+import socket
+import subprocess
+import sys
 from importlib import metadata
 
 import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
+import hybrid
 import hybrid.cli.common as common
 import hybrid.cli.warmup as warmup
+import hybrid.runtime.loader as loader
 from hybrid.cli.chat_ui import status_line
 from hybrid.cli.main import main
 from hybrid.runtime.completion import collect
+from hybrid.runtime.options import LoadOptions
 from hybrid.runtime.resolve import REAL_MODEL
 from hybrid.text.conversation import Done
 from hybrid.text.parser import ContentDelta, ReasoningDelta, ToolCall
@@ -29,13 +37,27 @@ def test_every_command_has_the_same_default_model(command):
     assert opt.default == common.DEFAULT_MODEL == REAL_MODEL
 
 
-@pytest.mark.parametrize("args", [["run", "hi"], ["chat"], ["serve"], ["info"]])
+@pytest.mark.parametrize("args", [["run", "hi"], ["chat"], ["serve"], ["info"], ["bench", "-m", REAL_MODEL]])
 def test_the_missing_default_says_how_to_fetch_it_and_suggests_tiny(args, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert f"hf download {REAL_MODEL}" in r.output and "--model tiny" in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_bench_says_why_its_default_is_not_the_real_model():
+    opt = next(p for p in main.commands["bench"].params if p.name == "model")
+    assert opt.default == "k2-slice" != common.DEFAULT_MODEL
+    assert "on purpose" in opt.help and "real layer shapes" in opt.help and f"-m {REAL_MODEL}" in opt.help
+
+
+def test_plan_without_a_model_plans_the_real_k2_from_its_shipped_config():
+    r = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["plan", "--help"])
+    assert "default: the real Kimi K2 Thinking config" in " ".join(r.output.split())
+    r = CliRunner(env={"COLUMNS": "250"}).invoke(main, ["plan", "--ram-gb", "768", "--gpu-gb", "24", "--json"])
+    out = json.loads(r.output)
+    assert r.exit_code == 0 and "Kimi K2 Thinking" in out["model"] and "8 x 60 layers" in out["projection"]["explain"][0]
 
 
 @pytest.mark.parametrize("typo, meant", [("tinny", "tiny"), ("k2-slise", "k2-slice"), ("k2-full-sparce", "k2-full-sparse")])
@@ -77,12 +99,79 @@ def test_version():
     assert r.exit_code == 0 and r.output.strip() == f"kimi-hybrid, version {metadata.version('kimi-hybrid')}"
 
 
-@pytest.mark.parametrize("command", ["run", "chat", "serve"])
-def test_help_shows_the_context_default(command):
+HELP_ONLY = """
+import sys
+from hybrid.cli.main import main
+for args in ([], *([name] for name in main.commands)):
+    try:
+        main([*args, "--help"], prog_name="kimi-hybrid")
+    except SystemExit as e:
+        assert e.code == 0, (args, e.code)
+print(sorted(m for m in ("torch", "numba", "fastapi", "hybrid.runtime.loader") if m in sys.modules))
+import hybrid
+print(sorted(m for m in ("torch", "numba") if m in sys.modules), set(hybrid.__all__) <= set(dir(hybrid)))
+"""
+
+
+def test_help_imports_neither_torch_nor_numba():
+    """--help (of the group and of every command) parses before anything heavy loads; so does `import hybrid`.
+    Not a timing test: what makes --help slow is torch and Numba being imported, so that is what it checks."""
+    r = subprocess.run([sys.executable, "-c", HELP_ONLY], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-2:] == ["[]", "[] True"], r.stdout[-500:]
+
+
+def test_the_public_names_are_there_on_first_use():
+    code = ("import hybrid, inspect; print(sorted(n for n in hybrid.__all__ if getattr(hybrid, n) is not None)); "
+            "print('context' in inspect.signature(hybrid.load).parameters)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split("\n")[:2] == [str(sorted(hybrid.__all__)), "True"], r.stderr[-2000:]
+    from hybrid.runtime.engine import Engine
+
+    assert hybrid.Engine is Engine and hybrid.load.__doc__ == hybrid.runtime.loader.load.__doc__
+
+
+@pytest.mark.parametrize("command, context", [("run", 4096), ("chat", 4096), ("serve", 32768)])
+def test_help_shows_the_context_default(command, context):
+    """Each command's help says the context it loads with: the engine's, or serve's longer one."""
     r = CliRunner(env={"COLUMNS": "200"}).invoke(main, [command, "--help"])
     assert r.exit_code == 0
     line = next(x for x in r.output.splitlines() if "--context" in x)
-    assert "[default: 4096]" in line
+    assert f"[default: {context}]" in line
+
+
+def test_serve_loads_the_context_its_help_says(tiny_path, monkeypatch):
+    """Without --context, serve loads SERVE_CONTEXT tokens (what its --help shows), not the engine's 4096."""
+    import hybrid.serve.app as app
+    from hybrid.serve.limits import SERVE_CONTEXT
+
+    seen = {}
+
+    def load(model, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("hybrid.runtime.loader.load", load)
+    with pytest.raises(RuntimeError, match="stop here"):
+        app.serve(str(tiny_path), port=9011)
+    assert seen["context"] == SERVE_CONTEXT == 32768
+
+
+def test_plan_assumes_the_context_the_engine_loads_with():
+    """One default context (runtime.options.DEFAULT_CONTEXT): what plan projects is what run and chat load."""
+    import inspect
+
+    from hybrid.runtime.engine import Engine
+    from hybrid.runtime.loader import load
+    from hybrid.runtime.placement import plan
+
+    ctx = LoadOptions().context
+    assert {inspect.signature(f).parameters["context"].default for f in (Engine, load, plan)} == {ctx}
+    assert next(p for p in main.commands["plan"].params if p.name == "context").default == ctx
+    r = CliRunner(env={"COLUMNS": "250"}).invoke(main, ["plan", "--ram-gb", "768", "--gpu-gb", "24", "--mem-gbps", "200"])
+    assert r.exit_code == 0 and f"KV cache ({ctx:,} tokens)" in r.output and f"context {ctx:,};" in r.output, r.output
+    r = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["plan", "--help"])
+    assert re.search(r"--context .*?\[default: (\d+)", " ".join(r.output.split()))[1] == str(ctx)
 
 
 # ---- doctor ---------------------------------------------------------------------------------------
@@ -110,10 +199,10 @@ def test_doctor_reports_the_environment(tmp_path, monkeypatch):
 
 
 def test_doctor_shows_the_speeds_it_measured(monkeypatch):
-    import hybrid.cli.doctor as doctor
+    import hybrid.runtime.probe as probe  # doctor imports it when it measures
 
-    monkeypatch.setattr(doctor, "mem_read_gbps", lambda nbytes: 41.25)
-    monkeypatch.setattr(doctor, "disk_read_gbps", lambda directory, nbytes: 3.456)
+    monkeypatch.setattr(probe, "mem_read_gbps", lambda nbytes: 41.25)
+    monkeypatch.setattr(probe, "disk_read_gbps", lambda directory, nbytes: 3.456)
     r = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["doctor"])
     assert r.exit_code == 0 and "reads at 41.2 GB/s" in r.output and "reads at 3.46 GB/s" in r.output
 
@@ -158,7 +247,7 @@ def fake(monkeypatch, tiny_path):
     made = []
 
     def install(events):
-        monkeypatch.setattr(common, "load", lambda path, **kw: made.append(FakeEngine(events)) or made[-1])
+        monkeypatch.setattr(loader, "load", lambda path, **kw: made.append(FakeEngine(events)) or made[-1])
         return made
     return install
 
@@ -239,3 +328,36 @@ def test_info_shows_what_it_validates(tiny_path, tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+# ---- serve: the port first, the warm-up before it opens ------------------------------------------------
+
+def test_serve_names_a_port_in_use_before_loading(tiny_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded before the port was checked")
+
+    monkeypatch.setattr(loader, "load", no_load)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = CliRunner().invoke(main, ["serve", "-m", str(tiny_path), "--port", str(port)])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert f"port {port} on 127.0.0.1 is already in use" in r.output and "--port" in r.output
+
+
+@pytest.mark.parametrize("cached, says", [(False, "compiling CPU kernels, first run only"), (True, "warming up")])
+def test_serve_warms_the_engine_up_before_the_port_opens(tiny_path, monkeypatch, caplog, cached, says):
+    import uvicorn
+
+    import hybrid.runtime.warmup as runtime_warmup
+    import hybrid.serve.app as app
+
+    order = []
+    monkeypatch.setattr(app, "kernels_cached", lambda: cached)
+    monkeypatch.setattr(app, "warm_up", lambda engine: (order.append("warm-up"), runtime_warmup.warm_up(engine)))
+    monkeypatch.setattr(uvicorn, "run", lambda asgi, **kw: order.append("port open"))
+    with caplog.at_level(logging.INFO, logger="hybrid"):
+        app.serve(str(tiny_path), port=9003, backend="reference", context=256)
+    assert order == ["warm-up", "port open"]
+    assert says in caplog.text

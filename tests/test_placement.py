@@ -13,13 +13,19 @@ import pytest
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.runtime.hardware import Hardware, detect
 from hybrid.checkpoint.layout import size_report
-from hybrid.runtime.placement import GPU_RESERVE, GPU_SIDE, PlanError, plan, ram_reserve
+import hybrid.runtime.placement as placement
+from hybrid.runtime.placement import GPU_RESERVE, GPU_SIDE, PlanError, ram_reserve
 from hybrid.runtime.projection import projected_decode_tps
 from hybrid.synth.writer import preset_config
 
 from tests.conftest import REAL_CONFIG
 
 GB = 10**9
+CONTEXT = 8192  # the hand-worked figures below are for an 8K context (the planner's default is the engine's)
+
+
+def plan(cfg: ModelConfig, hw: Hardware, **options) -> placement.Plan:
+    return placement.plan(cfg, hw, **{"context": CONTEXT, **options})
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,9 @@ import numpy as np
 import torch
 
 from hybrid.checkpoint.config import ConfigError, ModelConfig
+from hybrid.checkpoint.files import INDEX_NAME, SINGLE_NAME, CheckpointError
 from hybrid.checkpoint.layout import DTYPE_SIZE, TensorSpec, expert_prefix, expert_shapes, tensor_specs
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 # names a checkpoint may carry that the runtime recomputes and ignores
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -29,10 +28,6 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _NP = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8,
        "U8": np.uint8, "I16": np.int16, "I32": np.int32, "I64": np.int64, "U16": np.uint16,
        "U32": np.uint32, "U64": np.uint64, "BOOL": np.bool_}
-
-
-class CheckpointError(Exception):
-    """The checkpoint on disk is incomplete or inconsistent; the message names file and tensor."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ already in the local HF cache, or a built-in preset, here with a progress bar on
 and the engine-loading flags, built from hybrid.load's option specs (hybrid.runtime.options).
 
 Never downloads anything: a model that is not here is an error that prints the command that fetches it.
-Every command that runs a model has the same default (DEFAULT_MODEL: the real one) through model_option.
+Every command that runs a model has the same default (DEFAULT_MODEL: the real one) through model_option, but
+bench (k2-slice, on purpose: a benchmark needs real shapes on any machine).
 """
 from __future__ import annotations
 
@@ -19,12 +20,11 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 
 from hybrid.runtime import resolve
 from hybrid.text.template import ChatTemplateError
-from hybrid.checkpoint.reader import CheckpointError
+from hybrid.checkpoint.files import CheckpointError
 from hybrid.checkpoint.config import ConfigError
 from hybrid.runtime.options import FLAGS, SPECS, LoadOptions
 from hybrid.runtime.resolve import REAL_MODEL
 from hybrid.checkpoint.paths import cache_dir
-from hybrid.runtime.loader import load
 from hybrid.cli.warmup import load_with_progress
 from hybrid.synth.writer import PRESETS, GeneratorError, is_generated, preset_makers, preset_path
 from hybrid.text.tokenizer import TokenizerError
@@ -81,7 +81,7 @@ def progress_bar(label: str) -> tuple[Progress, Callable[[int, int], None]]:
 
 # ---- --model ----------------------------------------------------------------------------------
 
-DEFAULT_MODEL = REAL_MODEL  # one default for every command; when it is missing the error says how to fetch it
+DEFAULT_MODEL = REAL_MODEL  # one default (bench: k2-slice); when it is missing the error says how to fetch it
 MODEL_HELP = f"Checkpoint directory, Hugging Face repo id in the local cache, or preset ({', '.join(PRESETS)})."
 
 
@@ -132,16 +132,30 @@ def engine_flag(name: str, **overrides: Any) -> Callable:
 DEFAULTS = {f.name: f.default for f in fields(LoadOptions)}
 
 
+def engine_options_with(**defaults: Any) -> Callable[[Callable], Callable]:
+    """engine_options for a command whose own default for some keywords differs from the engine's
+    (serve's context): their help says that default instead."""
+    def decorate(f: Callable) -> Callable:
+        for name in reversed(FLAGS):
+            over = {}
+            if name in defaults:
+                text = SPECS[name].help.replace(" (default: the engine's).", ".")
+                over = {"help": f"{text} [default: {defaults[name]}]"}
+            f = engine_flag(name, **over)(f)
+        return f
+    return decorate
+
+
 def engine_options(f: Callable) -> Callable:
     """The flags of hybrid.load(), for commands that run the model: one per keyword its spec marks a flag."""
-    for name in reversed(FLAGS):
-        f = engine_flag(name)(f)
-    return f
+    return engine_options_with()(f)
 
 
 def load_engine(path: Path, **options: Any):
     """hybrid.runtime.loader.load (a resolved directory) with only the options the user gave (the rest keep
     the engine's defaults)."""
+    from hybrid.runtime.loader import load  # torch and Numba: only once a command loads a model
+
     return load(path, **{k: v for k, v in options.items() if k in FLAGS and v is not None})
 
 

@@ -15,7 +15,6 @@ from rich.table import Table
 
 from hybrid.cli.common import console, err_console
 from hybrid.checkpoint.paths import cache_dir
-from hybrid.runtime.probe import disk_read_gbps, mem_read_gbps
 from hybrid.runtime.resolve import REAL_MODEL, find_in_hf_cache, hf_hub_cache, missing_shards
 from hybrid.synth.writer import PRESETS, is_generated, preset_path
 
@@ -61,6 +60,8 @@ def models_present() -> dict[str, str]:
 
 def speeds() -> dict[str, Any]:
     """RAM and cache-disk sequential read GB/s (what decoding from RAM and from disk is bounded by)."""
+    from hybrid.runtime.probe import disk_read_gbps, mem_read_gbps  # Numba: only when doctor measures
+
     try:
         disk: Any = disk_read_gbps(cache_dir(), PROBE_BYTES)
     except OSError as e:

@@ -18,6 +18,7 @@ from rich.text import Text
 from hybrid.cli.bench import bench
 from hybrid.cli.chat import chat
 from hybrid.cli.common import (DEFAULT_MODEL, MODEL_HELP, SEED, USER_ERRORS, FiniteFloat, console, engine_options,
+                               engine_options_with,
                                err_console, model_option, progress_bar, resolve_model, user_message)
 from hybrid.cli.doctor import doctor
 from hybrid.cli.node import node
@@ -25,7 +26,7 @@ from hybrid.cli.plan import plan
 from hybrid.cli.run import run
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.checkpoint.layout import size_report
-from hybrid.serve.runner import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_QUEUE  # not from .server: that imports FastAPI, which only `serve` needs
+from hybrid.serve.limits import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_QUEUE, SERVE_CONTEXT  # not from app or runner: FastAPI, torch
 from hybrid.synth.writer import PRESETS, GeneratorError
 
 
@@ -128,7 +129,7 @@ def nbytes(n: float) -> str:
 
 @main.command()
 @model_option
-@engine_options
+@engine_options_with(context=SERVE_CONTEXT)  # a server loads a longer context than the engine's default
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--api-key", envvar="KIMI_HYBRID_API_KEY", help="Require this key on every request [env KIMI_HYBRID_API_KEY].")

@@ -7,8 +7,7 @@ from __future__ import annotations
 import click
 
 from hybrid.cli.common import GB_SIZE, REAL_MODEL, FiniteFloat, err_console, resolve_model
-from hybrid.cluster.node import NodeOptions, run_node
-from hybrid.cluster.rendezvous import TOKEN_ENV, check_token
+from hybrid.cluster.token import TOKEN_ENV, check_token
 from hybrid.runtime.hardware import MAX_THREADS, detect
 
 
@@ -30,6 +29,8 @@ def node(head: str, model: str, token: str | None, expert_mode: str, ram_budget:
          cpu_threads: int | None, backend: str, join_timeout: float) -> None:
     """Join a head (`--nodes N --listen HOST:PORT` on chat, run, bench or serve) and compute this machine's
     share of the routed experts until the head closes the session. Trusted networks only: see README."""
+    from hybrid.cluster.node import NodeOptions, run_node  # torch: only once the command runs
+
     if backend == "auto":
         from kernels_cpu.simd import host_has_avx2
 

@@ -19,6 +19,7 @@ from hybrid.cli.common import (GBPS, MACHINE_GB, FiniteFloat, UserError, console
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.runtime.hardware import (DESKTOP_MAX_RAM_GB, DISK_TYPES, GB, MAX_THREADS, RAM_TYPES, Hardware, detect, typical_channels,
                                      typical_mem_gbps)
+from hybrid.runtime.options import DEFAULT_CONTEXT
 from hybrid.runtime.placement import PlanError
 from hybrid.runtime.projection import gbps
 from hybrid.synth.writer import PRESETS, REFERENCE_DIR, preset_config
@@ -51,7 +52,8 @@ def _machine(ram_gb: float | None, gpu_gb: tuple[float, ...], cores: int | None)
 @click.option("--model", "-m", help="Checkpoint directory, config.json, HF repo id in the local cache, or preset "
                                     "(default: the real Kimi K2 Thinking config).")
 # hybrid.load's flags with the plan's defaults; any context the model allows can be planned
-@engine_flag("context", type=click.IntRange(min=1), default=8192, show_default=True, help="Tokens the KV cache holds.")
+@engine_flag("context", type=click.IntRange(min=1), default=DEFAULT_CONTEXT, show_default=True,
+             help="Tokens the KV cache holds (the default is the engine's: what run, chat and bench load with).")
 @engine_flag("gpu_memory", help="GB of VRAM the plan may use (default: free VRAM minus a reserve).")
 @engine_flag("ram_budget", help="GB of RAM for routed experts (default: what is left).")
 @engine_flag("cpu_threads", help="Threads for the CPU experts (default: physical cores).")

@@ -15,7 +15,8 @@ from hybrid.cluster.backend import ClusterExperts
 from hybrid.cluster.identity import checkpoint_identity
 from hybrid.cluster.link import Group, serve_store
 from hybrid.cluster.plan import split
-from hybrid.cluster.rendezvous import TOKEN_ENV, admit, check_token, publish_plan
+from hybrid.cluster.rendezvous import admit, publish_plan
+from hybrid.cluster.token import TOKEN_ENV, check_token
 from hybrid.cluster.wire import is_wildcard, parse_address
 from hybrid.experts.backend import ExpertBackend
 

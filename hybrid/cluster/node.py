@@ -21,7 +21,8 @@ from hybrid.checkpoint.config import ConfigError
 from hybrid.cluster.identity import checkpoint_identity
 from hybrid.cluster.link import IDLE_S, ClusterError, Group, address_toward, join_store
 from hybrid.cluster.plan import ClusterPlan
-from hybrid.cluster.rendezvous import check_token, join, read_plan, ready
+from hybrid.cluster.rendezvous import join, read_plan, ready
+from hybrid.cluster.token import check_token
 from hybrid.cluster.wire import (LAYER, OK, PING, REFUSED, REPLY_HEAD, REQ_HEAD, STOP, TAG_PAYLOAD, TAG_REPLY,
                                  TAG_REQUEST, Reply, pack_reply, parse_address, parse_request, payload_nbytes,
                                  payload_views, request_nbytes, reply_sum)

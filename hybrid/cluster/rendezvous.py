@@ -26,18 +26,7 @@ from hybrid.cluster.wire import (OK, REFUSED, Hello, Identity, Join, Verdict, Wi
 log = logging.getLogger(__name__)
 
 K_HELLO, K_RANKS, K_PLAN = "khc/hello", "khc/ranks", "khc/plan"
-TOKEN_ENV = "KIMI_HYBRID_CLUSTER_TOKEN"
-MIN_TOKEN = 8
 SEEN_S = 5.0  # how long a head that refused a node waits for it to read why
-
-
-def check_token(token: str | None) -> bytes:
-    if not token:
-        raise ValueError(f"a cluster needs a shared secret: pass token= (--token) or set {TOKEN_ENV}, the same on "
-                         "the head and every node (e.g. python -c 'import secrets; print(secrets.token_hex(16))')")
-    if len(token) < MIN_TOKEN:
-        raise ValueError(f"the cluster token must have at least {MIN_TOKEN} characters, got {len(token)}")
-    return token.encode("utf-8")
 
 
 def proof(token: bytes, *parts: bytes) -> bytes:

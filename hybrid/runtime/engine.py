@@ -28,6 +28,7 @@ from hybrid.experts.backend import ExpertBackend
 from hybrid.model.k2 import AttnMode, Model
 from hybrid.text.parser import Event
 from hybrid.runtime.placement import Plan
+from hybrid.runtime.options import DEFAULT_CONTEXT
 from hybrid.runtime.tensor_classes import int8_eligible, widen_eligible
 from hybrid.experts.routing_stats import save_counts
 from hybrid.model.sampling import SamplingParams, sample
@@ -85,7 +86,7 @@ class Engine:
     """
 
     def __init__(self, ckpt: Checkpoint, experts: ExpertBackend, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, context: int = 4096, int8: bool = False,
+                 dtype: torch.dtype = torch.float32, context: int = DEFAULT_CONTEXT, int8: bool = False,
                  bf16w: bool | None = None, *, plan: Plan | None = None, prefill_chunk: int | None = PREFILL_CHUNK,
                  defer_experts: int = 0, decode_mode: str | None = None, routing_stats: Path | None = None):
         """bf16w: keep the big linear weights in bf16 under fp32 math (gpu_side_weight); None: on a

@@ -20,14 +20,14 @@ from hybrid.cluster.head import connect
 from hybrid.experts.backend import ExpertBackend
 from hybrid.experts.build import ExpertOptions, build_backend
 from hybrid.experts.upload import UPLOAD_GROUP
-from hybrid.runtime.options import LoadOptions
+from hybrid.runtime.options import DEFAULT_CONTEXT, LoadOptions
 from hybrid.runtime.resolve import PresetMaker, resolve_model
 from hybrid.experts.routing_stats import default_path, load_counts
 
 log = logging.getLogger(__name__)
 
 
-def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "auto", context: int = 4096,
+def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "auto", context: int = DEFAULT_CONTEXT,
          expert_mode: str = "auto", cache_slots: int | None = None, ram_budget: float | None = None,
          gpu_memory: float | None = None, cpu_threads: int | None = None, prefetch: bool | str = "auto",
          prefetch_width: int | None = None, cache_policy: str = "lrfu", io_threads: int = 2,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hybrid.cluster.plan import MAX_RANKS
-from hybrid.cluster.rendezvous import TOKEN_ENV, check_token
+from hybrid.cluster.token import TOKEN_ENV, check_token
 from hybrid.cluster.wire import is_wildcard, parse_address
 from hybrid.experts.policy import POLICIES
 from hybrid.runtime.hardware import MAX_IO_THREADS, MAX_THREADS
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from hybrid.checkpoint.config import ModelConfig
 
 ONE_OF = "{name} must be one of {listed}, got {value!r}"  # the refusal of the options plan() checked first
+DEFAULT_CONTEXT = 4096  # tokens the KV cache holds unless told: the engine's, the planner's and `plan`'s default
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class LoadOptions:
     device: str = _opt("auto", "choice", "Where the GPU side runs (auto: CUDA when there is a GPU; cpu: everything "
                        "on the CPU).", choices=("auto", "cuda", "cpu"), flag=True, refusal=ONE_OF)
     # the flag's floor of 16: a command's prompt needs room in the cache (Python callers may go lower)
-    context: int = _opt(4096, "int", "Tokens the KV cache holds (default: the engine's).", low=1, flag=True,
+    context: int = _opt(DEFAULT_CONTEXT, "int", "Tokens the KV cache holds (default: the engine's).", low=1, flag=True,
                         flag_low=16)
     expert_mode: str = _opt("auto", "choice", "Routed experts from the page cache (mmap) or a RAM slot cache fed "
                             "from disk.", choices=("auto", "mmap", "cache"), flag=True)

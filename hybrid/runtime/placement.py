@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.runtime.hardware import GB, Disk, Hardware
-from hybrid.runtime.options import check
+from hybrid.runtime.options import DEFAULT_CONTEXT, check
 from hybrid.runtime.tensor_classes import GPU_SIDE, INT8_CLASSES, ClassSizes, class_sizes
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def _itemise(parts: dict[str, int]) -> str:
 # ---- the planner ----------------------------------------------------------------------------
 
 def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram_budget: float | None = None,
-         context: int = 8192, cpu_threads: int | None = None, gpu_precision: str = "auto",
+         context: int = DEFAULT_CONTEXT, cpu_threads: int | None = None, gpu_precision: str = "auto",
          expert_mode: str = "auto", hot_experts: int | None = None, device: str = "auto",
          checkpoint_dir: str | Path | None = None, dtype: str = "auto") -> Plan:
     """Place every tensor class of `cfg` on `hw`.

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
-from hybrid.checkpoint.reader import INDEX_NAME, CheckpointError
+from hybrid.checkpoint.files import INDEX_NAME, CheckpointError
 
 REAL_MODEL = "moonshotai/Kimi-K2-Thinking"
 TRY_PRESET = "tiny"  # the preset a missing model's error suggests, to try the pipeline in seconds

@@ -8,9 +8,11 @@ may take the server down.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import logging
 import signal
+import socket
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -24,14 +26,15 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hybrid.runtime.options import LoadOptions
+from hybrid.runtime.warmup import COMPILING, WARMING, kernels_cached, warm_up
 from hybrid.serve import anthropic_api as api_anthropic, openai_api as api_openai
 from hybrid.serve.common import ApiError, ServerState, check_model, longest_token_bytes, server_state
-from hybrid.serve.runner import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_QUEUE, EngineRunner
+from hybrid.serve.limits import (SERVE_CONTEXT, DEFAULT_KEEPALIVE_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PENDING_BYTES,
+                                 DEFAULT_MAX_QUEUE)
+from hybrid.serve.runner import EngineRunner
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 32 << 20  # a 256K-token history with tools is a few MB of JSON
-DEFAULT_MAX_PENDING_BYTES = 64 << 20  # request bytes held at once; the memory they take is a few times this
 GRACE_S = 5  # after a signal, how long connections may take to close (all jobs end at once; this is slack)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # bound here without a key, it answers only requests addressed here
 
@@ -266,14 +269,15 @@ def end_jobs_on_signal(runner: EngineRunner) -> Callable[[], None]:
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          backend: str = "auto", context: int | None = 32768, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          backend: str = "auto", context: int | None = SERVE_CONTEXT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_prompt_tokens: int | None = None, log_level: str = "info", model_name: str = "kimi-k2-thinking",
           max_queue: int | None = DEFAULT_MAX_QUEUE, keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
           max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES, **load_options: Any) -> None:
     """Load the model (a checkpoint directory or a repo id in the Hugging Face cache; `kimi-hybrid serve`
     resolves presets first; load_options go to hybrid.load) and serve it as `model_name` until SIGTERM or
     SIGINT, then return (every request answered; see end_jobs_on_signal). Binds to loopback unless told
-    otherwise."""
+    otherwise. The port is checked before the model loads, and the model runs once before it opens (Numba's
+    first compile, logged, is never paid by a request)."""
     import uvicorn
 
     from hybrid.runtime.loader import load
@@ -287,11 +291,18 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     logging.getLogger("hybrid").setLevel(log_level.upper())  # queue positions and per-request figures
     if host not in LOOPBACK and not api_key:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", host)
+    check_port(host, port)  # before the load: a port in use is said at once, not after minutes of loading
     engine = load(**options.kwargs())
-    app = create_app(engine, api_key=api_key, model_name=model_name, max_body_bytes=max_body_bytes,
-                     max_prompt_tokens=max_prompt_tokens, max_queue=max_queue, keepalive_s=keepalive_s,
-                     max_pending_bytes=max_pending_bytes,
-                     allowed_hosts=LOOPBACK if host in LOOPBACK and not api_key else None)
+    try:
+        log.info("%s before the port opens", WARMING if kernels_cached() else COMPILING)
+        warm_up(engine)  # so the first request does not pay for the compile
+        app = create_app(engine, api_key=api_key, model_name=model_name, max_body_bytes=max_body_bytes,
+                         max_prompt_tokens=max_prompt_tokens, max_queue=max_queue, keepalive_s=keepalive_s,
+                         max_pending_bytes=max_pending_bytes,
+                         allowed_hosts=LOOPBACK if host in LOOPBACK and not api_key else None)
+    except BaseException:
+        _close(engine)
+        raise
     # uvicorn raises the signal again once it has shut down; SIGTERM then returns from here, as Ctrl-C does
     # (exit 0), rather than killing the process before the engine is closed
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: None)
@@ -299,6 +310,27 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACE_S)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        close = getattr(engine, "close", None)
-        if close is not None:
-            close()
+        _close(engine)
+
+
+def _close(engine: Any) -> None:
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind host:port and let it go again; OSError naming the port when that fails (in use, not an address of
+    this machine, a privileged port). uvicorn binds it for real once the model is loaded."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"cannot listen on {host!r}: {e.strerror}; pass --host an address of this machine") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a closing socket does not count
+        try:
+            s.bind(address)
+        except OSError as e:
+            why = "is already in use (another server?)" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+            raise OSError(f"port {port} on {host} {why}; stop what holds it or choose another with --port") from None

@@ -21,9 +21,8 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from hybrid.text.conversation import Done, run_chat
 from hybrid.text.parser import Event
 from hybrid.model.sampling import SamplingParams
+from hybrid.serve.limits import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_QUEUE
 
-DEFAULT_MAX_QUEUE = 16  # requests waiting behind the running one; more get a 429 with Retry-After
-DEFAULT_KEEPALIVE_S = 10.0  # a streamed answer with nothing to send for this long gets an SSE comment
 
 log = logging.getLogger(__name__)
 

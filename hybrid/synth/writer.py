@@ -29,7 +29,6 @@ import numpy as np
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.checkpoint.paths import cache_dir
 from hybrid.checkpoint.layout import TensorSpec, expert_shapes, global_specs, layer_specs, spec_nbytes
-from hybrid.checkpoint.int4 import f32_to_bf16
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +108,8 @@ def _rng(seed: int, name: str) -> np.random.Generator:
 
 def tensor_bytes(cfg: ModelConfig, name: str, spec: TensorSpec, seed: int) -> bytes:
     """Deterministic contents of one tensor; scales chosen so activations stay O(1) through depth."""
+    from hybrid.checkpoint.int4 import f32_to_bf16  # torch: here, so the CLI can list the presets without it
+
     rng = _rng(seed, name)
     shape = spec.shape
     if name.endswith("weight_shape"):

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from hybrid.text.parser import ContentDelta, Event, OutputParser, ReasoningDelta, ToolCall
-from hybrid.model.sampling import SamplingParams, StopMatcher
+
+if TYPE_CHECKING:  # hybrid.model.sampling imports torch: run_chat imports it when it runs, so the CLI starts without
+    from hybrid.model.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,8 @@ def run_chat(engine, prompt: list[int], params: SamplingParams, tool_names: list
              max_tokens: int, forced: str = "") -> Iterator[Event | Done]:
     """forced: text the prompt already ends with that belongs to the assistant's turn (see
     forced_call_prefix); the parser reads it first, so the answer parses as if the model wrote it."""
+    from hybrid.model.sampling import StopMatcher
+
     tok = engine.tokenizer
     parser = OutputParser(tool_names)
     yield from parser.feed(forced)
