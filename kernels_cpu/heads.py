@@ -1,6 +1,7 @@
 """Per-head products of absorbed-MLA decode on the CPU: the query into the latent space and the values
 out of it, reading kv_b_proj as held ([H, P + V, L], contiguous: bf16 bits as uint16, widened in
-registers like kernels_cpu.widen's GEMVs, or fp32), each head on one thread.
+registers like kernels_cpu.widen's GEMVs, or fp32), each head on one thread (parallel=False: all on the
+calling thread, where a second parallel region beside the expert kernels' may not run).
 
 Owns head_absorb and head_values. torch's batched product over 64 one-row heads ran at a fraction of
 the RAM bandwidth; these stream each head's rows once, vectorised along the contiguous L. Pure
@@ -30,31 +31,54 @@ def _kv_impl(kvb, h, r, l):
     return lambda kvb, h, r, l: kvb[h, r, l]
 
 
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def _absorb_head(q, kvb, out, h):
+    # out[t, h] = sum over p of q[t, h, p] * row p of head h
+    T, _, P = q.shape
+    L = kvb.shape[2]
+    for t in range(T):
+        for l in range(L):
+            out[t, h, l] = 0.0
+        for p in range(P):
+            qp = q[t, h, p]
+            for l in range(L):
+                out[t, h, l] += qp * _kv(kvb, h, p, l)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def _values_head(o_lat, kvb, P, out, h):
+    # out[t, h, v] = o_lat[t, h] . row P + v of head h
+    T, _, L = o_lat.shape
+    for t in range(T):
+        for v in range(out.shape[2]):
+            acc = np.float32(0.0)
+            for l in range(L):
+                acc += o_lat[t, h, l] * _kv(kvb, h, P + v, l)
+            out[t, h, v] = acc
+
+
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
 def _absorb(q, kvb, out):
-    T, H, P = q.shape
-    L = kvb.shape[2]
-    for h in prange(H):
-        for t in range(T):
-            for l in range(L):
-                out[t, h, l] = 0.0
-            for p in range(P):  # out[t, h] += q[t, h, p] * row p of head h
-                qp = q[t, h, p]
-                for l in range(L):
-                    out[t, h, l] += qp * _kv(kvb, h, p, l)
+    for h in prange(q.shape[1]):
+        _absorb_head(q, kvb, out, h)
 
 
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
 def _values(o_lat, kvb, P, out):
-    T, H, L = o_lat.shape
-    V = out.shape[2]
-    for h in prange(H):
-        for t in range(T):
-            for v in range(V):
-                acc = np.float32(0.0)
-                for l in range(L):
-                    acc += o_lat[t, h, l] * _kv(kvb, h, P + v, l)
-                out[t, h, v] = acc
+    for h in prange(o_lat.shape[1]):
+        _values_head(o_lat, kvb, P, out, h)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _absorb_serial(q, kvb, out):
+    for h in range(q.shape[1]):
+        _absorb_head(q, kvb, out, h)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _values_serial(o_lat, kvb, P, out):
+    for h in range(o_lat.shape[1]):
+        _values_head(o_lat, kvb, P, out, h)
 
 
 def _check(a: np.ndarray, kvb: np.ndarray, name: str) -> None:
@@ -63,23 +87,23 @@ def _check(a: np.ndarray, kvb: np.ndarray, name: str) -> None:
                          f"uint16) are needed, got {a.dtype} and {kvb.dtype} {kvb.shape}")
 
 
-def head_absorb(q_nope: np.ndarray, kvb: np.ndarray) -> np.ndarray:
+def head_absorb(q_nope: np.ndarray, kvb: np.ndarray, parallel: bool = True) -> np.ndarray:
     """q_nope fp32 [T, H, P], kvb [H, P + V, L] (fp32 or bf16 bits) -> q_lat [T, H, L] = q_nope[t, h] @ kvb[h, :P]."""
     _check(q_nope, kvb, "head_absorb")
     T, H, P = q_nope.shape
     if kvb.shape[0] != H or kvb.shape[1] <= P:
         raise ValueError(f"head_absorb: q_nope {q_nope.shape} does not fit kv_b {kvb.shape}")
     out = np.empty((T, H, kvb.shape[2]), np.float32)
-    _absorb(np.ascontiguousarray(q_nope), kvb, out)
+    (_absorb if parallel else _absorb_serial)(np.ascontiguousarray(q_nope), kvb, out)
     return out
 
 
-def head_values(o_lat: np.ndarray, kvb: np.ndarray, P: int) -> np.ndarray:
+def head_values(o_lat: np.ndarray, kvb: np.ndarray, P: int, parallel: bool = True) -> np.ndarray:
     """o_lat fp32 [T, H, L], kvb [H, P + V, L] (fp32 or bf16 bits) -> o [T, H, V] = o_lat[t, h] @ kvb[h, P:].T."""
     _check(o_lat, kvb, "head_values")
     T, H, L = o_lat.shape
     if kvb.shape[0] != H or kvb.shape[2] != L or not 0 <= P < kvb.shape[1]:
         raise ValueError(f"head_values: o_lat {o_lat.shape} does not fit kv_b {kvb.shape} past P = {P}")
     out = np.empty((T, H, kvb.shape[1] - P), np.float32)
-    _values(np.ascontiguousarray(o_lat), kvb, P, out)
+    (_values if parallel else _values_serial)(np.ascontiguousarray(o_lat), kvb, P, out)
     return out

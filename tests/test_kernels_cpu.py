@@ -342,6 +342,9 @@ def test_head_products_equal_the_float64_einsums():
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(head_values(o_lat, bits, P), np.einsum("thl,hvl->thv", o_lat.astype(np.float64), wide[:, P:]),
                                rtol=1e-5, atol=1e-5)
+    # the serial kernels (where two parallel regions may not run at once) give the same products
+    np.testing.assert_array_equal(head_absorb(q, bits, parallel=False), head_absorb(q, bits))
+    np.testing.assert_array_equal(head_values(o_lat, bits, P, parallel=False), head_values(o_lat, bits, P))
     q[0, 1, 2] = np.nan  # NaN reaches its head's output only
     y = head_absorb(q, kvb)
     assert np.isnan(y[0, 1]).all() and np.isfinite(np.delete(y[0], 1, axis=0)).all()

@@ -112,14 +112,15 @@ def absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tenso
 
     With fp32 on a CPU the two per-head products with kv_b_proj run as kernels_cpu.heads' Numba loops
     (a head a thread, at memory speed; kv_b_proj read as held, bf16 under 'bf16w') around the softmax
-    over the cache; elsewhere mla_decode does all of it. Where Numba may not run two parallel regions
-    at once (workqueue), torch's product."""
+    over the cache, on the calling thread alone where Numba may not run two parallel regions at once
+    (workqueue); elsewhere mla_decode does all of it."""
     if kv_b_heads.device.type == "cpu" and kv_b_heads.dtype in (torch.float32, torch.bfloat16) \
-            and q_nope.dtype == torch.float32 and kv_b_heads.is_contiguous() and concurrent_parallel_ok():
+            and q_nope.dtype == torch.float32 and kv_b_heads.is_contiguous():
         kvb = _bits(kv_b_heads) if kv_b_heads.dtype == torch.bfloat16 else kv_b_heads.numpy()
-        q_lat = torch.from_numpy(head_absorb(q_nope.numpy(), kvb))  # [T, H, L]
+        par = concurrent_parallel_ok()
+        q_lat = torch.from_numpy(head_absorb(q_nope.numpy(), kvb, par))  # [T, H, L]
         o_lat = mla_decode(q_lat, q_pe, kv, k_pe, None, None, softmax_scale, offset, absorbed=True)
-        return torch.from_numpy(head_values(o_lat.contiguous().numpy(), kvb, w_uk.shape[1]))
+        return torch.from_numpy(head_values(o_lat.contiguous().numpy(), kvb, w_uk.shape[1], par))
     return mla_decode(q_nope, q_pe, kv, k_pe, as_dtype(w_uk, q_nope.dtype), as_dtype(w_uv, q_nope.dtype),
                       softmax_scale, offset)
 
