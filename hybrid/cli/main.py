@@ -18,8 +18,8 @@ from rich.text import Text
 from hybrid.cli.bench import bench
 from hybrid.cli.chat import chat
 from hybrid.cli.common import (DEFAULT_MODEL, MODEL_HELP, SEED, USER_ERRORS, FiniteFloat, console, engine_options,
-                               engine_options_with,
-                               err_console, model_option, progress_bar, resolve_model, user_message)
+                               engine_options_with, err_console, model_option, progress_bar, resolve_model,
+                               user_message)
 from hybrid.cli.doctor import doctor
 from hybrid.cli.node import node
 from hybrid.cli.plan import plan

@@ -202,7 +202,6 @@ class Engine:
             self._safety.open_shards()
             return self.model.forward(ids, cache, attn=attn)
 
-
     def _check_ids(self, token_ids) -> torch.Tensor:
         try:
             ids = torch.as_tensor(token_ids)
