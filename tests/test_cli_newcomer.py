@@ -346,17 +346,58 @@ def test_serve_names_a_port_in_use_before_loading(tiny_path, monkeypatch):
     assert f"port {port} on 127.0.0.1 is already in use" in r.output and "--port" in r.output
 
 
-@pytest.mark.parametrize("cached, says", [(False, "compiling CPU kernels, first run only"), (True, "warming up")])
-def test_serve_warms_the_engine_up_before_the_port_opens(tiny_path, monkeypatch, caplog, cached, says):
+def test_serve_holds_the_port_it_checked_and_serves_that_socket(tiny_path, monkeypatch):
+    """Bound once, before the load, and served as is (#18: checking, then letting uvicorn bind again, left a gap):
+    while the model loads another server cannot take the port, and the app answers on the socket checked."""
+    import errno
+    import threading
+
+    import httpx
     import uvicorn
 
+    import hybrid.serve.app as app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    real_load, answers = loader.load, []
+
+    def load(*args, **kwargs):
+        with socket.socket() as rival, pytest.raises(OSError) as taken:
+            rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # binding as uvicorn would
+            rival.bind(("127.0.0.1", port))
+            rival.listen()
+        assert taken.value.errno == errno.EADDRINUSE
+        return real_load(*args, **kwargs)
+
+    def serve_on(sock, asgi, host, log_level):  # uvicorn on that very socket, in a thread it can be stopped in
+        assert sock.getsockname() == ("127.0.0.1", port)
+        server = uvicorn.Server(uvicorn.Config(asgi, log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        try:
+            answers.append(httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code)
+        finally:
+            server.should_exit = True
+            thread.join(30)
+
+    monkeypatch.setattr(loader, "load", load)
+    monkeypatch.setattr(app, "serve_on", serve_on)
+    app.serve(str(tiny_path), port=port, backend="reference", context=256)
+    assert answers == [200]
+    with socket.socket() as again:  # let go once the server has stopped
+        again.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize("cached, says", [(False, "compiling CPU kernels, first run only"), (True, "warming up")])
+def test_serve_warms_the_engine_up_before_the_port_opens(tiny_path, monkeypatch, caplog, cached, says):
     import hybrid.runtime.warmup as runtime_warmup
     import hybrid.serve.app as app
 
     order = []
     monkeypatch.setattr(app, "kernels_cached", lambda: cached)
     monkeypatch.setattr(app, "warm_up", lambda engine: (order.append("warm-up"), runtime_warmup.warm_up(engine)))
-    monkeypatch.setattr(uvicorn, "run", lambda asgi, **kw: order.append("port open"))
+    monkeypatch.setattr(app, "serve_on", lambda sock, asgi, **kw: order.append("port open"))
     with caplog.at_level(logging.INFO, logger="hybrid"):
         app.serve(str(tiny_path), port=9003, backend="reference", context=256)
     assert order == ["warm-up", "port open"]

@@ -360,15 +360,14 @@ def test_serve_binds_loopback_checks_host_and_stops_on_ctrl_c(tiny_path):
 
 def test_serve_builds_the_app_with_its_options(tiny_path, monkeypatch):
     """serve() hands keepalive_s, max_queue and the model name to the app it runs, and closes the engine."""
-    import uvicorn
-
-    from hybrid.serve.app import serve
+    import hybrid.serve.app as serve_app
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
-    serve(str(tiny_path), port=9002, backend="reference", context=256, model_name="m", keepalive_s=7.5, max_queue=3)
+    monkeypatch.setattr(serve_app, "serve_on", lambda sock, app, **kw: seen.update(kw, app=app, at=sock.getsockname()))
+    serve_app.serve(str(tiny_path), port=9002, backend="reference", context=256, model_name="m", keepalive_s=7.5,
+                    max_queue=3)
     state = seen["app"].state.server
-    assert seen["port"] == 9002 and seen["host"] == "127.0.0.1"
+    assert seen["at"] == ("127.0.0.1", 9002) and seen["host"] == "127.0.0.1"
     assert state.keepalive_s == 7.5 and state.runner.max_queue == 3 and state.model_name == "m"
     assert state.engine.context == 256
 

@@ -35,6 +35,7 @@ from hybrid.serve.runner import EngineRunner
 
 log = logging.getLogger(__name__)
 
+BACKLOG = 2048  # uvicorn's default: connections that may wait to be accepted
 GRACE_S = 5  # after a signal, how long connections may take to close (all jobs end at once; this is slack)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # bound here without a key, it answers only requests addressed here
 
@@ -276,10 +277,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     """Load the model (a checkpoint directory or a repo id in the Hugging Face cache; `kimi-hybrid serve`
     resolves presets first; load_options go to hybrid.load) and serve it as `model_name` until SIGTERM or
     SIGINT, then return (every request answered; see end_jobs_on_signal). Binds to loopback unless told
-    otherwise. The port is checked before the model loads, and the model runs once before it opens (Numba's
-    first compile, logged, is never paid by a request)."""
-    import uvicorn
-
+    otherwise. The port is bound and listening before the model loads, and held until the server stops (no
+    other process can take it meanwhile; connections made during the load wait and are answered once it is
+    ready). The model runs once before requests are answered (Numba's first compile, logged, is never paid by
+    a request)."""
     from hybrid.runtime.loader import load
 
     kwargs = {"backend": backend, **load_options}
@@ -291,26 +292,27 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     logging.getLogger("hybrid").setLevel(log_level.upper())  # queue positions and per-request figures
     if host not in LOOPBACK and not api_key:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", host)
-    check_port(host, port)  # before the load: a port in use is said at once, not after minutes of loading
-    engine = load(**options.kwargs())
-    try:
-        log.info("%s before the port opens", WARMING if kernels_cached() else COMPILING)
-        warm_up(engine)  # so the first request does not pay for the compile
-        app = create_app(engine, api_key=api_key, model_name=model_name, max_body_bytes=max_body_bytes,
-                         max_prompt_tokens=max_prompt_tokens, max_queue=max_queue, keepalive_s=keepalive_s,
-                         max_pending_bytes=max_pending_bytes,
-                         allowed_hosts=LOOPBACK if host in LOOPBACK and not api_key else None)
-    except BaseException:
-        _close(engine)
-        raise
-    # uvicorn raises the signal again once it has shut down; SIGTERM then returns from here, as Ctrl-C does
-    # (exit 0), rather than killing the process before the engine is closed
-    previous = signal.signal(signal.SIGTERM, lambda sig, frame: None)
-    try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACE_S)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        _close(engine)
+    # before the load: a port in use is said at once, not after minutes of loading
+    with bind_port(host, port) as sock:
+        engine = load(**options.kwargs())
+        try:
+            log.info("%s before requests are answered", WARMING if kernels_cached() else COMPILING)
+            warm_up(engine)  # so the first request does not pay for the compile
+            app = create_app(engine, api_key=api_key, model_name=model_name, max_body_bytes=max_body_bytes,
+                             max_prompt_tokens=max_prompt_tokens, max_queue=max_queue, keepalive_s=keepalive_s,
+                             max_pending_bytes=max_pending_bytes,
+                             allowed_hosts=LOOPBACK if host in LOOPBACK and not api_key else None)
+        except BaseException:
+            _close(engine)
+            raise
+        # uvicorn raises the signal again once it has shut down; SIGTERM then returns from here, as Ctrl-C does
+        # (exit 0), rather than killing the process before the engine is closed
+        previous = signal.signal(signal.SIGTERM, lambda sig, frame: None)
+        try:
+            serve_on(sock, app, host=host, log_level=log_level)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            _close(engine)
 
 
 def _close(engine: Any) -> None:
@@ -319,18 +321,39 @@ def _close(engine: Any) -> None:
         close()
 
 
-def check_port(host: str, port: int) -> None:
-    """Bind host:port and let it go again; OSError naming the port when that fails (in use, not an address of
-    this machine, a privileged port). uvicorn binds it for real once the model is loaded."""
+def bind_port(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port and listening, for serve_on; OSError naming the port when that fails (in
+    use, not an address of this machine, a privileged port). Bound once and served as is: checking the port
+    and letting uvicorn bind it again later left a gap in which another process could take it."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise OSError(f"cannot listen on {host!r}: {e.strerror}; pass --host an address of this machine") from None
     family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a closing socket does not count
-        try:
-            s.bind(address)
-        except OSError as e:
-            why = "is already in use (another server?)" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
-            raise OSError(f"port {port} on {host} {why}; stop what holds it or choose another with --port") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a closing socket does not count
+        sock.bind(address)
+        sock.listen(BACKLOG)  # now: on Linux a bound socket that is not listening can still be bound by another
+    except OSError as e:
+        sock.close()
+        why = "is already in use (another server?)" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+        raise OSError(f"port {port} on {host} {why}; stop what holds it or choose another with --port") from None
+    return sock
+
+
+def serve_on(sock: socket.socket, app: ASGIApp, host: str, log_level: str) -> None:
+    """Run uvicorn on sock (from bind_port) until a signal ends it; uvicorn closes sock on the way out."""
+    import uvicorn
+
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, backlog=BACKLOG,
+                                           timeout_graceful_shutdown=GRACE_S))
+    # uvicorn says this itself only when it binds; given sockets (its reload and worker modes) it is said by
+    # uvicorn's Config.bind_socket, which we replace. The socket already listens: a client may connect now.
+    address = f"[{host}]" if ":" in host else host
+    logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", address, port)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises SIGINT again once it has shut down, as uvicorn.run expects
+        pass
