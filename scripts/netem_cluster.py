@@ -11,8 +11,11 @@ rate GBIT`. A kernel without netem (e.g. a Firecracker guest) gets the same thro
 kh-netem-wire, in which this script relays the frames between two veth pairs itself (AF_PACKET,
 holding each frame LAT_US/2 after its serialisation at GBIT): its own latency shows in the bare case.
 Prints one JSON line per case: measured decode tok/s, the bench's per-layer overhead and network
-share, the round trip ping measured, and `kimi-hybrid plan --nodes 2 --net-gbps GBIT/8 --mem-gbps M`'s
-projection at LAT_US and at the ping's round trip (M: the RAM bandwidth the bare run measured).
+share, the round trip ping measured, the projection from the same run's measured speeds (the head's
+side, its own and the node's expert kernel times, the software's overhead:
+hybrid.cluster.projection.measured_parts) with the network modelled at the case's ping and rate
+(project_measured), the same from the bare link's run, and `kimi-hybrid plan --nodes 2 --net-gbps GBIT/8 --mem-gbps M`'s projection at
+LAT_US and at the ping's round trip (M: the RAM bandwidth the bare run measured).
 Needs root and iproute2 (ethtool and ping for the relay). Always removes its namespaces (also an
 earlier run's leftovers, at start). Both "machines" share this one's cores and RAM; the projection
 assumes each has its own.
@@ -33,12 +36,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from hybrid.cluster.projection import measured_parts, project_measured
+
 NS_HEAD, NS_NODE, NS_WIRE = "kh-netem-head", "kh-netem-node", "kh-netem-wire"
 VETH_HEAD, VETH_NODE = "kh-veth-h", "kh-veth-n"
 WIRE_HEAD, WIRE_NODE = "kh-wire-h", "kh-wire-n"  # the relay's ends of the two pairs (relay mode)
 MTU = 65000  # one frame per message: the relay forwards frames, never segments them
 IP_HEAD, IP_NODE = "10.231.0.1", "10.231.0.2"
 PORT = 29411
+UNSHAPED_GBPS = 100.0  # GB/s: a link without a rate limit (the veth, or the relay at full speed)
 CACHE = Path.home() / ".cache" / "kimi-hybrid"
 
 
@@ -201,13 +207,15 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--cpu-threads", type=int, default=1, help="expert threads, head and node each")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds for one case")
+    ap.add_argument("--save", type=Path, help="also write each case's bench JSON into this directory")
     args = ap.parse_args()
     model = args.model or default_model()
     cases = [(None, None)] + [tuple(float(v) for v in c.split(":")) for c in (args.case or ["50:10", "250:1"])]
     use_relay = args.emulator == "relay" or (args.emulator == "auto" and not has_netem())
     setup(use_relay)
+    hidden = json.loads((Path(resolve(model)) / "config.json").read_text())["hidden_size"]
     try:
-        mem_gbps = None
+        mem_gbps, bare = None, None
         for lat, gbit in cases:
             relay_proc = start_relay(lat, gbit) if use_relay else None
             try:
@@ -220,7 +228,20 @@ def main() -> None:
                     relay_proc.kill()
                     relay_proc.wait(timeout=30)
             mem_gbps = mem_gbps or r["machine"]["mem_read_gbps"]
-            print(json.dumps(report(model, lat, gbit, rtt, r, mem_gbps, "relay" if use_relay else "netem")), flush=True)
+            if args.save:
+                args.save.mkdir(parents=True, exist_ok=True)
+                (args.save / f"bench-{'bare' if lat is None else f'{lat:g}us-{gbit:g}gbit'}.json").write_text(json.dumps(r))
+            bare = bare or measured_parts(r, hidden, rtt or 0.0, UNSHAPED_GBPS)
+            row = report(model, lat, gbit, rtt, r, mem_gbps, "relay" if use_relay else "netem")
+            link = gbit / 8 if gbit else UNSHAPED_GBPS
+            same = project_measured(measured_parts(r, hidden, rtt or 0.0, link), rtt or 0.0, link)
+            row["projected_tok_s_same_run"] = same["tok_s"]  # this run's measured speeds, the network modelled
+            row["measured_over_projected_same_run"] = row["decode_tok_s"] / same["tok_s"]
+            p = project_measured(bare, rtt or 0.0, link)
+            row["projected_tok_s_from_bare_run"] = p["tok_s"]
+            row["measured_over_projected_from_bare_run"] = row["decode_tok_s"] / p["tok_s"]
+            row["bare_run_parts_ms"] = {k: bare[k] for k in ("side_ms", "head_ms", "node_ms", "software_ms", "calls")}
+            print(json.dumps(row), flush=True)
     finally:
         cleanup()
 
@@ -240,27 +261,17 @@ def report(model: str, lat: float | None, gbit: float | None, rtt: float | None,
             p = projection(model, us, gbit or 10.0, mem_gbps)["cluster"]
             row[f"projected_tok_s_{key}"] = p["tok_s"]
             row[f"measured_over_projected_{key}"] = row["decode_tok_s"] / p["tok_s"]
-    if rtt is not None:  # the same arithmetic with this run's own speeds: is the model of the cluster right?
-        p = at_measured_speeds(r, rtt, gbit or 10.0)
-        row["projected_tok_s_at_ping_measured_speeds"] = p["tok_s"]
-        row["projected_tok_s_serial_at_ping_measured_speeds"] = p["tok_s_serial"]
-        row["measured_over_projected_serial_at_measured_speeds"] = row["decode_tok_s"] / p["tok_s_serial"]
     return row
 
 
-def at_measured_speeds(r: dict, rtt_us: float, gbit: float) -> dict:
-    """hybrid.cluster.projection with the node kernels' measured bandwidth in place of the RAM's and the
-    head's measured GPU-side time in place of its weights over the RAM's bandwidth (tok_s: experts and the
-    head's side overlapped; tok_s_serial: one after the other, as a CPU-only head runs them)."""
-    from hybrid.cluster.projection import project_cluster
-
-    m, d, n = r["model"], r["decode"], r["decode"]["cluster"]["nodes"]
-    hidden = json.loads((Path(m["path"]) / "config.json").read_text())["hidden_size"]
-    nbytes = n["expert_bytes_per_token"][0] / n["experts_per_token"][0]
-    kernel_gbps = n["expert_bytes_per_token"][0] / n["compute_ms_per_token"][0] / 1e6
-    head_side_s = d["split_ms_per_token"]["gpu_side"] / 1e3
-    return project_cluster(2, m["moe_layers"], m["routed_experts"], m["experts_per_token"], hidden, int(nbytes), None,
-                           kernel_gbps, None, head_side_s, gbit / 8, rtt_us)
+def resolve(model: str) -> str:
+    """A preset name (tiny, k2-slice) -> its directory in the cache; a path as given."""
+    if Path(model).is_dir():
+        return model
+    found = sorted(CACHE.glob(f"{model}-seed*"))
+    if not found:
+        raise SystemExit(f"{model}: no such directory, and no generated preset of that name in {CACHE}")
+    return str(found[-1])
 
 
 if __name__ == "__main__":

@@ -75,6 +75,10 @@ def _add_cluster(acc: dict | None, st: dict) -> dict:
     if acc is None:
         return {**st, "nodes": [dict(n) for n in st["nodes"]]}
     out = {**st, **{k: acc[k] + st[k] for k in ("layer_calls", "wait_s", "overhead_s")}}
+    a, b = acc["balance"], st["balance"]  # per-call averages: weighted by each run's calls
+    n = a["layer_calls"] + b["layer_calls"]
+    out["balance"] = {k: (a["layer_calls"] * (a[k] or 0) + b["layer_calls"] * (b[k] or 0)) / n if n else None
+                      for k in a if k != "layer_calls"} | {"layer_calls": n}
     out["nodes"] = [{**b, **{k: a[k] + b[k] for k in NODE_SUMS}} for a, b in zip(acc["nodes"], st["nodes"])]
     return out
 
@@ -87,6 +91,8 @@ def _cluster_report(c: dict | None, tokens: int, wall_s: float) -> dict | None:
            "network_ms_per_token": ("network_s", 1e3), "wait_ms_per_token": ("wait_s", 1e3),
            "expert_bytes_per_token": ("expert_bytes", 1), "disk_bytes_per_token": ("disk_bytes", 1)}
     return {"world": c["world"], "lost": c["lost"], "experts_per_rank": c["experts_per_rank"],
+            "held_per_rank": c["held_per_rank"], "gbps_per_rank": c["gbps_per_rank"],
+            "balance": {k: v for k, v in c["balance"].items() if k != "layer_calls"},
             "layer_calls_per_token": c["layer_calls"] / tokens,
             "overhead_ms_per_moe_layer": 1e3 * c["overhead_s"] / c["layer_calls"] if c["layer_calls"] else None,
             "network_ms_per_token": 1e3 * c["overhead_s"] / tokens, "network_share": c["overhead_s"] / wall_s,

@@ -24,6 +24,7 @@ from hybrid.cli.doctor import doctor
 from hybrid.cli.node import node
 from hybrid.cli.plan import plan
 from hybrid.cli.run import run
+from hybrid.cli.split import split
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.checkpoint.layout import size_report
 from hybrid.serve.limits import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_QUEUE, SERVE_CONTEXT  # not from app or runner: FastAPI, torch
@@ -160,7 +161,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, model_name: str
                log_level=log_level, **options)
 
 
-for command in (run, chat, bench, plan, node, doctor):
+for command in (run, chat, bench, plan, node, split, doctor):
     main.add_command(command)
 
 

@@ -14,7 +14,8 @@ from hybrid.runtime.hardware import MAX_THREADS, detect
 @click.command()
 @click.option("--head", required=True, help="HOST:PORT the head listens at (its --listen).")
 @click.option("--model", "-m", default=REAL_MODEL, show_default=True,
-              help="This machine's copy of the head's checkpoint (directory, repo id in the local cache, or preset).")
+              help="This machine's copy of the head's checkpoint (directory, repo id in the local cache, or preset), "
+              "or its share of it (kimi-hybrid split).")
 @click.option("--token", envvar=TOKEN_ENV, help=f"The head's shared secret [env {TOKEN_ENV}].")
 @click.option("--expert-mode", type=click.Choice(["auto", "mmap", "cache"]), default="auto", show_default=True,
               help="This node's experts from the page cache (mmap) or a RAM slot cache fed from disk; auto: mmap "
@@ -23,10 +24,13 @@ from hybrid.runtime.hardware import MAX_THREADS, detect
 @click.option("--cpu-threads", type=click.IntRange(1, MAX_THREADS), help="Threads for the expert kernels.")
 @click.option("--backend", type=click.Choice(["auto", "numba", "reference"]), default="auto", show_default=True,
               help="Expert kernels: numba (AVX2), or the torch reference.")
+@click.option("--mem-gbps", type=FiniteFloat(min=0, min_open=True, max=1e5),
+              help="Read GB/s to report for placement, instead of measuring it at start (the head gives each "
+              "machine a share of the experts in proportion to it).")
 @click.option("--join-timeout", type=FiniteFloat(min=0, min_open=True, max=1e7), default=600.0, show_default=True,
               help="Seconds to wait for the head.")
 def node(head: str, model: str, token: str | None, expert_mode: str, ram_budget: float | None,
-         cpu_threads: int | None, backend: str, join_timeout: float) -> None:
+         cpu_threads: int | None, backend: str, mem_gbps: float | None, join_timeout: float) -> None:
     """Join a head (`--nodes N --listen HOST:PORT` on chat, run, bench or serve) and compute this machine's
     share of the routed experts until the head closes the session. Trusted networks only: see README."""
     from hybrid.cluster.node import NodeOptions, run_node  # torch: only once the command runs
@@ -38,7 +42,7 @@ def node(head: str, model: str, token: str | None, expert_mode: str, ram_budget:
     path = resolve_model(model)
     opts = NodeOptions(head=head, token=token or "", kind=backend, expert_mode=expert_mode,
                        ram_budget=int(ram_budget * 1e9) if ram_budget else 0, cpu_threads=cpu_threads,
-                       ram_bytes=detect().ram_total, join_timeout_s=join_timeout)
+                       ram_bytes=detect().ram_total, join_timeout_s=join_timeout, gbps=mem_gbps or 0.0)
     check_token(opts.token)  # before any waiting
     err_console.print(f"joining the head at {head} with {path}")
     err_console.print(run_node(path, opts, on_serving=err_console.print))

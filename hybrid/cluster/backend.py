@@ -1,7 +1,7 @@
 """ClusterExperts: the head's expert backend when other machines hold part of every MoE layer.
 
-Owns one layer call across the cluster: assign each (token, expert) pair to the rank that holds the
-expert (the plan; the head's hot experts stay on the head), send each node that has pairs one request
+Owns one layer call across the cluster: give each (token, expert) pair to a rank that holds the expert
+(choose.py picks among replicas; the head's hot experts stay on the head), send each node that has pairs one request
 (the layer's input, ids, weights and the assignment), compute the head's own share on its local
 backend meanwhile, then add the nodes' weighted sums. Per layer: one request (plus one payload for a
 multi-token call) and one reply per node, no per-expert traffic.
@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from hybrid.cluster.link import ClusterError, Group, NodeLost, first_line
-from hybrid.cluster.plan import ClusterPlan, assign
+from hybrid.cluster.choose import Chooser
+from hybrid.cluster.plan import ClusterPlan
 from hybrid.cluster.rendezvous import Member
 from hybrid.cluster.wire import (LAYER, OK, REPLY_HEAD, STOP, TAG_PAYLOAD, TAG_REPLY, TAG_REQUEST, pack_request,
                                  parse_reply, payload_nbytes, reply_sum, request_nbytes)
@@ -60,9 +61,9 @@ class ClusterExperts(ExpertBackend):
     """local: the head's own backend (it computes the pairs assigned to rank 0, and everything once
     the nodes are lost); group, store, members: the admitted cluster (cluster.head.connect)."""
 
-    def __init__(self, local: ExpertBackend, plan: ClusterPlan, group: Group, store: dist.Store,
+    def __init__(self, local: ExpertBackend, plan: ClusterPlan, chooser: Chooser, group: Group, store: dist.Store,
                  members: list[Member], hidden: int, top_k: int, timeout_s: float):
-        self.local, self.plan, self.group, self.store = local, plan, group, store
+        self.local, self.plan, self.choose, self.group, self.store = local, plan, chooser, group, store
         self.hidden, self.top_k, self.timeout_s = hidden, top_k, timeout_s
         self.members = {m.rank: m for m in members}
         self._row = plan.row
@@ -122,8 +123,7 @@ class ClusterExperts(ExpertBackend):
         if self.group is None:
             return None, wn
         T, D = xn.shape
-        who = assign(self.plan, self._row[layer], idn, frozenset(self.local.hot.get(layer, ())))
-        who[wn == 0] = 0  # dropped pairs need nobody
+        who = self.choose(self._row[layer], idn, wn, frozenset(self.local.hot.get(layer, ())))
         ranks = sorted(set(np.unique(who).tolist()) - {0})
         if not ranks:
             return None, wn
@@ -248,18 +248,25 @@ class ClusterExperts(ExpertBackend):
         experts, compute time, bytes read (its kernels', its disk's), the head's wait on it and the part of
         that wait after it must have finished computing (network_s); wait_s (the head blocked on nodes
         after its own share), overhead_s (per layer, the time beyond the slowest rank's own expert time,
-        summed), layer_calls."""
+        summed), layer_calls; experts_per_rank (each rank's first-choice experts), held_per_rank (with
+        its replicas), gbps_per_rank (what placement used) and balance (choose.Chooser.stats: how
+        uneven the layer calls left the ranks)."""
         out = dict(self.local.stats())
+        world = range(self.plan.world)
         out["cluster"] = {
             "world": self.plan.world, "lost": self.lost, "layer_calls": self.layer_calls, "wait_s": self.wait_s,
             "overhead_s": self.overhead_s,
             "nodes": [vars(s).copy() for s in self.node_stats.values()],
-            "experts_per_rank": [self.plan.experts_of(r) for r in range(self.plan.world)],
+            "experts_per_rank": [self.plan.experts_of(r) for r in world],
+            "held_per_rank": [self.plan.held_of(r) for r in world],
+            "gbps_per_rank": [float(g) for g in self.choose.speeds],
+            "balance": self.choose.stats(),
         }
         return out
 
     def reset_stats(self) -> None:
         self.local.reset_stats()
+        self.choose.reset_stats()
         self.wait_s = self.overhead_s = 0.0
         self.layer_calls = 0
         for st in self.node_stats.values():  # the state stays: a lost node stays lost

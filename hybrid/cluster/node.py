@@ -1,8 +1,9 @@
 """An expert node: join a head, hold this node's share of every MoE layer, answer its requests.
 
-Owns the node's session: open the local checkpoint (validated; a broken one is reported to the head
-at join, naming file and tensor), join, build an expert backend that computes only the pairs the head
-assigns to this rank (mmap: only those experts' pages are ever read; cache: only they are loaded),
+Owns the node's session: open the local checkpoint, full or a share (kimi-hybrid split; validated: a
+broken one is reported to the head at join, naming file and tensor), measure and report its figures,
+join, build an expert backend that computes only the pairs the head gives this rank, of the experts
+the plan has it hold (mmap: only those experts' pages are ever read; cache: only they are loaded),
 then serve until the head says stop or goes away. Non-expert tensors are never read.
 """
 from __future__ import annotations
@@ -18,10 +19,12 @@ import torch
 
 from hybrid.checkpoint.reader import Checkpoint, CheckpointError
 from hybrid.checkpoint.config import ConfigError
+from hybrid.cluster.figures import RAM_SHARE, measure_gbps
 from hybrid.cluster.identity import checkpoint_identity
 from hybrid.cluster.link import IDLE_S, ClusterError, Group, address_toward, join_store
 from hybrid.cluster.plan import ClusterPlan
-from hybrid.cluster.rendezvous import join, read_plan, ready
+from hybrid.cluster.rendezvous import Offer, join, read_plan, ready
+from hybrid.cluster.share import ShareCheckpoint, is_share
 from hybrid.cluster.token import check_token
 from hybrid.cluster.wire import (LAYER, OK, PING, REFUSED, REPLY_HEAD, REQ_HEAD, STOP, TAG_PAYLOAD, TAG_REPLY,
                                  TAG_REQUEST, Reply, pack_reply, parse_address, parse_request, payload_nbytes,
@@ -42,6 +45,7 @@ class NodeOptions:
     cpu_threads: int | None = None
     ram_bytes: int = 0  # what this machine has (reported at join)
     join_timeout_s: float = 600.0
+    gbps: float = 0.0  # read bandwidth reported for placement (0: measured at start, cluster.figures)
 
     def __post_init__(self):
         if self.expert_mode not in ("auto", "mmap", "cache") or self.kind not in ("numba", "reference"):
@@ -54,20 +58,26 @@ def run_node(path, opts: NodeOptions, on_serving: Callable[[str], None] | None =
     ClusterError (refused, head lost), ValueError (options)."""
     host, port = parse_address(opts.head, "--head")
     secret = check_token(opts.token)
-    ckpt, identity, problem = None, None, ""
+    ckpt, identity, problem, holds = None, None, "", None
     try:
-        ckpt = Checkpoint(path)
-        identity = checkpoint_identity(ckpt)
+        if is_share(path):
+            ckpt = ShareCheckpoint(path)
+            identity, holds = ckpt.source, ckpt.holds
+        else:
+            ckpt = Checkpoint(path)
+            identity = checkpoint_identity(ckpt)
     except (CheckpointError, ConfigError) as e:  # said to the head at join, then raised here
         problem = f"its checkpoint cannot be used: {e}"
     try:
+        gbps = opts.gbps or measure_gbps(opts.cpu_threads)
         store = join_store(host, port, opts.join_timeout_s)
         me = address_toward(host, port)
-        hello, rank = join(store, secret, identity, problem, f"{socket.gethostname()} {me}", opts.ram_bytes,
-                           opts.cpu_threads or 0, opts.join_timeout_s)
+        offer = Offer(f"{socket.gethostname()} {me}", opts.ram_bytes, opts.cpu_threads or 0, gbps,
+                      opts.ram_budget or int(RAM_SHARE * opts.ram_bytes), holds)
+        hello, rank = join(store, secret, identity, problem, offer, opts.join_timeout_s)
         log.info("joined %s as node %d of %d; waiting for the plan", opts.head, rank, hello.world - 1)
-        plan = _plan(store, rank, ckpt, opts.join_timeout_s)
-        eopts = _expert_options(opts, ckpt, plan.experts_of(rank))
+        plan = _plan(store, rank, ckpt, holds, opts.join_timeout_s)
+        eopts = _expert_options(opts, ckpt, plan.held_of(rank))
         try:
             local = build_backend(ckpt, eopts)
         except (CheckpointError, ValueError, OSError, MemoryError) as e:
@@ -79,14 +89,15 @@ def run_node(path, opts: NodeOptions, on_serving: Callable[[str], None] | None =
             group = Group(store, rank, plan.world, me, max(timeout_s, 30.0))
             how = (f"cache mode, RAM for {eopts.cache_slots} of them" if eopts.expert_mode == "cache" else
                    "mmap mode")
-            said = f"node {rank} of {plan.world - 1}: serving {plan.experts_of(rank)} routed experts ({how})"
+            said = (f"node {rank} of {plan.world - 1}: serving {plan.held_of(rank)} routed experts, the first choice "
+                    f"for {plan.experts_of(rank)} ({how}{', a share' if holds is not None else ''})")
             log.info("%s for %s", said, opts.head)
             if on_serving is not None:
                 on_serving(said)
             cfg = ckpt.config
             nbytes = expert_span(ckpt, cfg.moe_layers[0], 0).length
             return Server(local, group, store, rank, cfg.hidden_size, cfg.num_experts_per_tok, timeout_s, nbytes,
-                          eopts.expert_mode == "cache").serve()
+                          eopts.expert_mode == "cache", plan).serve()
         finally:
             local.close()
     finally:
@@ -110,25 +121,40 @@ def _expert_options(opts: NodeOptions, ckpt: Checkpoint, share: int) -> ExpertOp
                          cpu_threads=opts.cpu_threads)
 
 
-def _plan(store, rank: int, ckpt: Checkpoint, timeout_s: float) -> ClusterPlan:
-    """The head's plan, checked against this checkpoint (a misfit is said to the head and raised)."""
-    world, owner = read_plan(store, timeout_s)
+def _plan(store, rank: int, ckpt: Checkpoint, holds, timeout_s: float) -> ClusterPlan:
+    """The head's plan, checked against this checkpoint and, for a share, what its files hold (a misfit
+    is said to the head and raised)."""
+    world, owner, holders = read_plan(store, timeout_s)
     cfg = ckpt.config
     want = (len(cfg.moe_layers), cfg.n_routed_experts)
+    problem = ""
     if owner.shape != want:
-        ready(store, rank, b"", f"the plan covers {list(owner.shape)} experts; its checkpoint {list(want)}")
-        raise ClusterError(f"the head's plan covers {list(owner.shape)} experts, this checkpoint {list(want)}")
-    return ClusterPlan(world, tuple(cfg.moe_layers), owner)
+        problem = f"the plan covers {list(owner.shape)} experts; its checkpoint {list(want)}"
+    else:
+        try:
+            plan = ClusterPlan(world, tuple(cfg.moe_layers), owner, holders)
+        except ValueError as e:
+            problem = str(e)
+        else:
+            if holds is not None and (plan.held_by(rank) & ~holds).any():
+                problem = "the plan gives it experts its share does not hold (another kimi-hybrid split?)"
+    if problem:
+        ready(store, rank, b"", problem)
+        raise ClusterError(f"the head's plan does not fit this node: {problem}")
+    return plan
 
 
 class Server:
     """The request loop of one session: each LAYER request's pairs assigned to this rank, summed."""
 
     def __init__(self, local: ExpertBackend, group: Group, store, rank: int, hidden: int, top_k: int,
-                 timeout_s: float, expert_nbytes: int = 0, disk: bool = False):
+                 timeout_s: float, expert_nbytes: int = 0, disk: bool = False, plan: ClusterPlan | None = None):
         """expert_nbytes: one routed expert's bytes; disk: the backend reads experts from disk (cache mode),
-        so each reply asks its statistics for the bytes read (not in mmap mode: a cost per layer)."""
+        so each reply asks its statistics for the bytes read (not in mmap mode: a cost per layer).
+        plan: what this rank holds; a request for another expert is refused (None: any)."""
         self.local, self.group, self.store, self.rank = local, group, store, rank
+        self.held = plan.held_by(rank) if plan is not None else None
+        self.row = plan.row if plan is not None else {}
         self.hidden, self.top_k, self.timeout_s = hidden, top_k, timeout_s
         self.expert_nbytes, self.disk = expert_nbytes, disk
         self.last_seq = 0
@@ -166,7 +192,14 @@ class Server:
                 raise ClusterError(f"the head {why} in the middle of a request")
         x, w, ids, who = payload_views(body, T, K, D)
         idn = ids.astype(np.int64)
-        wn = np.where(who == self.rank, w, 0.0).astype(np.float32)
+        mine = who == self.rank
+        wn = np.where(mine, w, 0.0).astype(np.float32)
+        if self.held is not None and not self.held[self.row[layer]][idn[mine]].all():
+            e = int(idn[mine][~self.held[self.row[layer]][idn[mine]]][0])
+            self.store.set(f"khc/error/{self.rank}", f"asked for expert {layer}.{e}, which it does not hold".encode())
+            self._reply(np.zeros(REPLY_HEAD + T * D * 4, np.uint8), Reply(seq, REFUSED, 0, 0.0))
+            raise ClusterError(f"the head asked for expert {layer}.{e}, which this node does not hold (out of step "
+                               "with the plan)")
         out = np.empty(REPLY_HEAD + T * D * 4, np.uint8)
         y = reply_sum(out, T, D)
         disk0 = self.local.stats()["bytes_read"] if self.disk else 0

@@ -58,3 +58,37 @@ def project_cluster(world: int, moe_layers: int, n_experts: int, top_k: int, hid
     return {"world": world, "experts_per_machine": share, "hit_rate": hit, "busiest_share": busiest,
             "ram_s": ram_s, "disk_s": disk_s, "net_s": net_s, "head_side_s": head_side_s, "tok_s": tok_s,
             "tok_s_serial": 1 / (experts_s + head_side_s + net_s), "explain": explain}
+
+
+def wire_bytes(world: int, top_k: int, hidden: int) -> int:
+    """Bytes one decoded token's MoE layer puts on the head's link: a request and a reply per node."""
+    return (world - 1) * (REQ_HEAD + payload_nbytes(1, top_k, hidden) + REPLY_HEAD + 4 * hidden)
+
+
+def measured_parts(run: dict, hidden: int, rtt_us: float, net_gbps: float) -> dict:
+    """A cluster bench run's own speeds (`bench --json` with --nodes; the link it ran on: rtt_us round trip,
+    net_gbps GB/s), per decoded token: the head's side (its measured GPU-side time, its own overhead and
+    what the engine did not account for: everything but waiting on the experts), and per call
+    the head's own expert time, the busiest node's, and the software's part of the per-layer overhead
+    (what is left of it once the network's exposed part, the round trip and wire time not hidden under
+    the head's own share, is taken out)."""
+    d, m = run["decode"], run["model"]
+    c, split = d["cluster"], d["split_ms_per_token"]
+    calls = c["layer_calls_per_token"]
+    head_ms = split["experts_compute"] / calls  # the head's own share, per call
+    node_ms = max(c["nodes"]["compute_ms_per_token"]) / calls
+    nbytes = wire_bytes(c["world"], m["experts_per_token"], hidden)
+    exposed = max(0.0, node_ms + rtt_us / 1e3 + nbytes / (net_gbps * 1e6) - head_ms)
+    side_ms = split["gpu_side"] + split["overhead"] + split["unaccounted"] + split["io_wait"]
+    return {"world": c["world"], "calls": calls, "side_ms": side_ms, "head_ms": head_ms, "node_ms": node_ms,
+            "software_ms": max(0.0, c["overhead_ms_per_moe_layer"] - exposed), "wire_bytes": nbytes}
+
+
+def project_measured(parts: dict, rtt_us: float, net_gbps: float) -> dict:
+    """Decode tok/s with a run's measured parts (measured_parts) on another link: each MoE layer call ends
+    when the head's own share and the busiest node's (plus a round trip and the wire time) are both
+    done, plus the software's overhead."""
+    net_ms = rtt_us / 1e3 + parts["wire_bytes"] / (net_gbps * 1e6)
+    layer_ms = max(parts["head_ms"], parts["node_ms"] + net_ms) + parts["software_ms"]
+    token_ms = parts["side_ms"] + parts["calls"] * layer_ms
+    return {"tok_s": 1e3 / token_ms, "token_ms": token_ms, "layer_ms": layer_ms, **parts}

@@ -15,13 +15,14 @@ import secrets
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch.distributed as dist
 
 from hybrid.cluster.identity import difference
 from hybrid.cluster.link import ClusterError, first_line, seconds
-from hybrid.cluster.wire import (OK, REFUSED, Hello, Identity, Join, Verdict, WireError, pack_hello, pack_join,
-                                 pack_plan, pack_ready, pack_verdict, parse_hello, parse_join, parse_plan, parse_ready,
-                                 parse_verdict)
+from hybrid.cluster.wire import (HOLDS_SHARE, OK, REFUSED, Hello, Identity, Join, Verdict, WireError, pack_hello,
+                                 pack_holds, pack_join, pack_plan, pack_ready, pack_verdict, parse_hello, parse_holds,
+                                 parse_join, parse_plan, parse_ready, parse_verdict)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class Member:
     name: str  # host and address, as the node described itself
     ram_bytes: int
     cpu_threads: int
+    gbps: float = 0.0  # its measured read bandwidth
+    budget_bytes: int = 0  # the RAM it gives its experts
+    holds: np.ndarray | None = None  # bool [moe layers, E] for a share node (kimi-hybrid split), else None
 
 
 def _get(store: dist.Store, key: str, deadline: float, waiting_for: str) -> bytes:
@@ -78,12 +82,19 @@ def admit(store: dist.Store, token: bytes, world: int, identity: Identity, node_
         if problem is None:
             problem = difference(identity, j.identity)
         name = j.text if j.status == OK else "?"
+        holds = None
+        if problem is None and j.flags & HOLDS_SHARE:
+            try:
+                holds = parse_holds(_get(store, f"khc/holds/{rank}", deadline, f"node {rank}'s holdings"))
+            except WireError as e:
+                problem = str(e)
         if problem is not None:
             _refuse(store, rank, problem)
             raise ClusterError(f"node {rank} ({name}) was refused: {problem}")
         store.set(f"khc/verdict/{rank}", pack_verdict(Verdict(rank, proof(token, b"head", j.nonce), "")))
-        members.append(Member(rank, name, j.ram_bytes, j.cpu_threads))
-        log.info("cluster: node %d (%s) joined", rank, name)
+        members.append(Member(rank, name, j.ram_bytes, j.cpu_threads, j.gbps, j.budget_bytes, holds))
+        log.info("cluster: node %d (%s) joined: %.1f GB/s, %.1f GB for experts%s", rank, name, j.gbps,
+                 j.budget_bytes / 1e9, "" if holds is None else f", a share of {int(holds.sum())} experts")
     return members
 
 
@@ -96,10 +107,10 @@ def _refuse(store: dist.Store, rank: int, why: str) -> None:
         pass
 
 
-def publish_plan(store: dist.Store, world: int, owner, plan_hash: bytes, members: list[Member],
+def publish_plan(store: dist.Store, world: int, owner, holders, plan_hash: bytes, members: list[Member],
                  timeout_s: float) -> None:
     """Publish the plan and wait until every node has built its share of it (or said why it cannot)."""
-    store.set(K_PLAN, pack_plan(world, owner))
+    store.set(K_PLAN, pack_plan(world, owner, holders))
     deadline = time.monotonic() + timeout_s
     for m in members:
         got, problem = parse_ready(_get(store, f"khc/ready/{m.rank}", deadline,
@@ -111,8 +122,20 @@ def publish_plan(store: dist.Store, world: int, owner, plan_hash: bytes, members
 
 
 # ---- node -----------------------------------------------------------------------------------------
-def join(store: dist.Store, token: bytes, identity: Identity | None, problem: str, name: str, ram_bytes: int,
-         cpu_threads: int, timeout_s: float) -> tuple[Hello, int]:
+@dataclass(frozen=True)
+class Offer:
+    """What a node tells the head at join besides its identity: its name, machine and placement figures."""
+
+    name: str
+    ram_bytes: int
+    cpu_threads: int
+    gbps: float
+    budget_bytes: int
+    holds: np.ndarray | None = None  # bool [moe layers, E]: a share node's experts (kimi-hybrid split)
+
+
+def join(store: dist.Store, token: bytes, identity: Identity | None, problem: str, offer: Offer,
+         timeout_s: float) -> tuple[Hello, int]:
     """Join the head's session -> (its hello, this node's rank). identity None with `problem`: the node
     cannot serve (its checkpoint is broken) and says so to the head before giving up."""
     deadline = time.monotonic() + timeout_s
@@ -129,8 +152,11 @@ def join(store: dist.Store, token: bytes, identity: Identity | None, problem: st
     status = REFUSED if problem or identity is None else OK
     ident = identity or Identity(bytes(32), bytes(32), bytes(32))
     p = proof(token, b"join", hello.nonce, bytes([rank])) if hello is not None else bytes(32)
-    store.set(f"khc/join/{rank}", pack_join(Join(status, nonce, ident, p, ram_bytes, cpu_threads,
-                                                 problem if status != OK else name)))
+    if offer.holds is not None and status == OK:  # before the join: the head reads it once the join is there
+        store.set(f"khc/holds/{rank}", pack_holds(offer.holds))
+    store.set(f"khc/join/{rank}", pack_join(Join(status, nonce, ident, p, offer.ram_bytes, offer.cpu_threads,
+                                                 problem if status != OK else offer.name, offer.gbps,
+                                                 offer.budget_bytes, HOLDS_SHARE if offer.holds is not None else 0)))
     if status != OK:
         raise ClusterError(f"refused to join: {problem}")
     verdict = parse_verdict(_get(store, f"khc/verdict/{rank}", deadline, "the head's verdict"))
@@ -143,8 +169,9 @@ def join(store: dist.Store, token: bytes, identity: Identity | None, problem: st
     return hello, rank
 
 
-def read_plan(store: dist.Store, timeout_s: float) -> tuple[int, object]:
-    """-> (world, owner uint8 [moe layers, E]) once the head has admitted every node."""
+def read_plan(store: dist.Store, timeout_s: float) -> tuple[int, np.ndarray, np.ndarray]:
+    """-> (world, owner uint8 [moe layers, E], holders uint64 [moe layers, E]) once the head has admitted
+    every node."""
     return parse_plan(_get(store, K_PLAN, time.monotonic() + timeout_s, "the head's plan (the other nodes to join)"))
 
 

@@ -13,17 +13,22 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"KHC\x00"
-VERSION = 2  # bump on any change below; head and node refuse each other across versions (2: bytes in replies)
+VERSION = 3  # bump on any change below; head and node refuse each other across versions (2: bytes in replies;
+# 3: speed, budget and a share's holdings at join, replicas in the plan)
 TEXT_MAX = 2048  # bytes of a message's text field (a refusal's reason, a node's name)
 
 _PREFIX = struct.Struct("<4sHH")  # magic, version, a small field per message (world, status)
 _HELLO = struct.Struct("<4sHHI16s32s32s32s")  # + node_timeout_ms, nonce, config/index/data hashes
-_JOIN = struct.Struct("<4sHH16s32s32s32s32sQH")  # + status, node nonce, 3 hashes, proof, ram bytes, threads
+_JOIN = struct.Struct("<4sHH16s32s32s32s32sQHdQH")  # + status, node nonce, 3 hashes, proof, ram bytes, threads,
+# measured GB/s, RAM budget for experts (bytes), flags (HOLDS_SHARE)
 _VERDICT = struct.Struct("<4sHHh32s")  # + status, rank (-1: refused), head proof
 _READY = struct.Struct("<4sHH32s")  # + status, plan hash
-_PLAN = struct.Struct("<4sHHHI")  # + world, moe layers, experts per layer; then owner uint8 [layers, E]
+_PLAN = struct.Struct("<4sHHHI")  # + world, moe layers, experts per layer; then owner uint8 [layers, E] and
+# holders uint64 [layers, E] (bit r: rank r holds the expert)
+_HOLDS = struct.Struct("<4sHHHI")  # + spare, moe layers, experts per layer; then bits [layers, E] (np.packbits)
 
 OK, REFUSED = 0, 1
+HOLDS_SHARE = 1  # Join.flags: the node holds only a share (kimi-hybrid split); its holdings follow in the store
 
 
 class WireError(ValueError):
@@ -56,6 +61,9 @@ class Join:
     ram_bytes: int
     cpu_threads: int
     text: str  # the node's name (host and address), or why it refuses
+    gbps: float = 0.0  # its measured read bandwidth (cluster.figures): placement's speed
+    budget_bytes: int = 0  # RAM it gives its experts: placement's capacity
+    flags: int = 0  # HOLDS_SHARE
 
 
 @dataclass(frozen=True)
@@ -101,13 +109,15 @@ def parse_hello(raw: bytes) -> Hello:
 def pack_join(j: Join) -> bytes:
     i = j.identity
     return _JOIN.pack(MAGIC, VERSION, j.status, j.nonce, i.config, i.index, i.data, j.proof, j.ram_bytes,
-                      j.cpu_threads) + _enc(j.text)
+                      j.cpu_threads, j.gbps, j.budget_bytes, j.flags) + _enc(j.text)
 
 
 def parse_join(raw: bytes) -> Join:
     _check(raw, "a node's join", _JOIN.size)
-    _, _, status, nonce, c, x, d, proof, ram, threads = _JOIN.unpack_from(raw)
-    return Join(status, nonce, Identity(c, x, d), proof, ram, threads, _text(raw[_JOIN.size:]))
+    _, _, status, nonce, c, x, d, proof, ram, threads, gbps, budget, flags = _JOIN.unpack_from(raw)
+    if not (gbps >= 0 and gbps < 1e6):  # also NaN
+        raise WireError(f"a node's join: bandwidth {gbps!r} GB/s is not a measurement")
+    return Join(status, nonce, Identity(c, x, d), proof, ram, threads, _text(raw[_JOIN.size:]), gbps, budget, flags)
 
 
 def pack_verdict(v: Verdict) -> bytes:
@@ -131,20 +141,39 @@ def parse_ready(raw: bytes) -> tuple[bytes, str]:
     return plan_hash, (_text(raw[_READY.size:]) or "refused") if status != OK else ""
 
 
-def pack_plan(world: int, owner: np.ndarray) -> bytes:
-    """owner uint8 [moe layers, E]: the rank that computes each routed expert."""
+def pack_plan(world: int, owner: np.ndarray, holders: np.ndarray) -> bytes:
+    """owner uint8 [moe layers, E]: each routed expert's primary rank; holders uint64 [moe layers, E]:
+    bit r set when rank r holds it (the owner and its replicas)."""
     layers, experts = owner.shape
-    return _PLAN.pack(MAGIC, VERSION, world, layers, experts) + owner.astype(np.uint8).tobytes()
+    return (_PLAN.pack(MAGIC, VERSION, world, layers, experts) + owner.astype(np.uint8).tobytes()
+            + holders.astype("<u8").tobytes())
 
 
-def parse_plan(raw: bytes) -> tuple[int, np.ndarray]:
-    """-> (world, owner uint8 [moe layers, E])."""
+def parse_plan(raw: bytes) -> tuple[int, np.ndarray, np.ndarray]:
+    """-> (world, owner uint8 [moe layers, E], holders uint64 [moe layers, E])."""
     _check(raw, "the head's plan", _PLAN.size)
     _, _, world, layers, experts = _PLAN.unpack_from(raw)
     body = raw[_PLAN.size:]
-    if len(body) != layers * experts:
-        raise WireError(f"the head's plan: {len(body)} bytes of owners for {layers} x {experts} experts")
-    return world, np.frombuffer(body, dtype=np.uint8).reshape(layers, experts).copy()
+    n = layers * experts
+    if len(body) != 9 * n:
+        raise WireError(f"the head's plan: {len(body)} bytes of owners and holders for {layers} x {experts} experts")
+    owner = np.frombuffer(body[:n], dtype=np.uint8).reshape(layers, experts).copy()
+    return world, owner, np.frombuffer(body[n:], dtype="<u8").reshape(layers, experts).astype(np.uint64)
+
+
+def pack_holds(holds: np.ndarray) -> bytes:
+    """holds bool [moe layers, E]: the routed experts a node's share (kimi-hybrid split) contains."""
+    layers, experts = holds.shape
+    return _HOLDS.pack(MAGIC, VERSION, 0, layers, experts) + np.packbits(holds.astype(bool), axis=None).tobytes()
+
+
+def parse_holds(raw: bytes) -> np.ndarray:
+    _check(raw, "a node's holdings", _HOLDS.size)
+    _, _, _, layers, experts = _HOLDS.unpack_from(raw)
+    bits = np.frombuffer(raw[_HOLDS.size:], dtype=np.uint8)
+    if bits.size != -(-layers * experts // 8):
+        raise WireError(f"a node's holdings: {bits.size} bytes for {layers} x {experts} experts")
+    return np.unpackbits(bits, count=layers * experts).reshape(layers, experts).astype(bool)
 
 
 # ---- per MoE layer, over gloo -------------------------------------------------------------------

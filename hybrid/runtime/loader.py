@@ -16,6 +16,7 @@ import torch
 from hybrid.checkpoint.reader import Checkpoint
 from hybrid.runtime.engine import PREFILL_CHUNK, Engine
 from hybrid.runtime.placement import Plan
+from hybrid.cluster.figures import measure_gbps
 from hybrid.cluster.head import connect
 from hybrid.experts.backend import ExpertBackend
 from hybrid.experts.build import ExpertOptions, build_backend
@@ -156,8 +157,9 @@ def _cluster(ckpt: Checkpoint, local: ExpertBackend, options: LoadOptions) -> Ex
     """The head's backend over options.nodes machines (local computes the head's share); waits for the
     nodes to join. A failure closes local and the checkpoint."""
     try:
+        # the head's read speed on the threads its experts get: placement weighs it against the nodes'
         return connect(ckpt, local, options.nodes, options.listen, options.token, options.node_timeout,
-                       options.join_timeout, options.listen_any)
+                       options.join_timeout, options.listen_any, head_gbps=measure_gbps(options.cpu_threads))
     except BaseException:
         local.close()
         ckpt.close()
