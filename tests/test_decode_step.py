@@ -96,7 +96,10 @@ def test_static_decode_segments_follow_the_layer_pattern(make_checkpoint, over):
     seg_cache = eng.model.new_cache(32)
     seg = StaticDecoder(eng.model, seg_cache, mode="segments")
     want = teacher_forced(eng.model, seg_cache, toks, seg.step)
-    got = teacher_forced(eng.model, eng._cache, toks, dec.step)
+    tok_cache = eng.model.new_cache(32)  # the engine's own cache holds bf16 pages; this one fp32 rows like seg_cache
+    tok = StaticDecoder(eng.model, tok_cache)
+    assert tok.mode == "token"
+    got = teacher_forced(eng.model, tok_cache, toks, tok.step)
     for a, b in zip(got, want):  # the same numba experts and the same math, hopped to another way
         assert rel_err(a, b) < 1e-6
     eng.close()
@@ -356,7 +359,9 @@ def test_token_step_raises_what_a_host_function_raised_and_then_goes_on(tiny_pat
     driver: the step keeps it, finishes the token without that layer's CPU share, raises it, and
     leaves the cache length alone; the next step is whole again. An error in a device segment
     (shared_expert) stops the token at once; the step drops what its host functions left."""
-    eng = hybrid.load(tiny_path, backend="numba", expert_mode="mmap", device="cpu", context=32, decode_graphs="on")
+    # fp32 pages: the engine's paged cache against a contiguous fp32 one, the same values
+    eng = hybrid.load(tiny_path, backend="numba", expert_mode="mmap", device="cpu", context=32, decode_graphs="on",
+                      kv_dtype="fp32")
     dec, sched = eng.decoder, eng.model.experts
     assert dec.mode == "token"
     ref_cache = eng.model.new_cache(32)

@@ -34,7 +34,7 @@ def test_second_turn_prefills_only_new_tokens_and_matches_fresh_logits(engine, t
     prompt1 = engine.apply_chat_template(msgs, tokenize=True)
     events, done = collect(engine, msgs, temperature=0, max_tokens=6)
     assert done.prefill_tokens == len(prompt1)  # only the first request's shared prefix was cached before
-    generated = [s for s in engine._cached_ids[len(prompt1):]]
+    generated = engine._kv.held[len(prompt1):]  # the answer's tokens the cache holds
     turn2 = msgs + [assistant_message(events), {"role": "user", "content": "And of Italy?"}]
     prompt2 = engine.apply_chat_template(turn2, tokenize=True)
     held = prompt1 + generated

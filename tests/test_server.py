@@ -171,6 +171,22 @@ def test_growing_conversation_prefills_only_the_new_tokens(client):
     assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1  # logits of the last
 
 
+def test_interleaved_conversations_each_find_their_own_prefix(client):
+    """Two conversations taking turns (an agent and its sub-agent): each turn's cached_tokens counts that
+    conversation's whole previous prompt, although the other conversation ran in between."""
+    convs = [[{"role": "user", "content": "Tell me about the sea, in detail please."}],
+             [{"role": "user", "content": "Name three birds that live near rivers."}]]
+    last = [None, None]
+    for turn in range(3):
+        for c, messages in enumerate(convs):
+            r = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=4)
+            if last[c] is not None:
+                assert r.usage.prompt_tokens_details.cached_tokens >= last[c].usage.prompt_tokens, (turn, c)
+            last[c] = r
+            messages += [r.choices[0].message.model_dump(exclude_none=True),
+                         {"role": "user", "content": f"Go on ({turn})."}]
+
+
 def test_eight_clients_queue_in_order_and_all_complete(client, engine, app):
     hold = threading.Event()
     engine.play("<think>busy", hold=hold)  # keeps the engine busy until all eight are queued

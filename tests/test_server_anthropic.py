@@ -177,3 +177,20 @@ def test_wrong_api_key_is_401(base_url):
         with pytest.raises(anthropic.AuthenticationError) as exc:
             bad.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "hi"}])
     assert exc.value.body["error"]["type"] == "authentication_error"
+
+
+def test_interleaved_conversations_report_their_cache_reads(client):
+    """Two conversations taking turns: each turn's cache_read_input_tokens covers that conversation's
+    whole previous prompt, although the other ran in between."""
+    convs = [[{"role": "user", "content": "Tell me about the sea, in detail please."}],
+             [{"role": "user", "content": "Name three birds that live near rivers."}]]
+    last = [None, None]
+    for turn in range(3):
+        for c, messages in enumerate(convs):
+            m = create(client, messages, max_tokens=4)
+            total = m.usage.input_tokens + m.usage.cache_read_input_tokens
+            if last[c] is not None:
+                assert m.usage.cache_read_input_tokens >= last[c], (turn, c)
+            last[c] = total
+            text = "".join(getattr(b, "text", "") or "" for b in m.content) or "ok"
+            messages += [{"role": "assistant", "content": text}, {"role": "user", "content": f"Go on ({turn})."}]

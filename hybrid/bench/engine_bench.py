@@ -44,6 +44,8 @@ class _Phase:
         self.hits = self.misses = 0
         self.cache = False
         self.cluster: dict | None = None  # Engine.stats()['cluster'] summed over the runs (several machines)
+        self.kv_read = 0  # KV-cache bytes the attention read, summed over the runs
+        self.kv: dict = {}  # the last run's Engine.stats()['kv'] (pages, reuse counts)
 
     def add(self, tokens: int, wall_s: float, stats: dict) -> None:
         self.tok_s.append(tokens / wall_s)
@@ -57,6 +59,8 @@ class _Phase:
             self.misses += stats["cache"]["misses"]
         if stats.get("cluster") is not None:
             self.cluster = _add_cluster(self.cluster, stats["cluster"])
+        self.kv_read += stats["kv"]["kv_bytes_read"]
+        self.kv = stats["kv"]
 
     def per_token(self, key: str) -> float:
         return self.sums[key] / self.tokens
@@ -193,7 +197,10 @@ def _report(engine: Engine, name: str | None, settings: dict, mem_gbps: float, p
                    "overlap_efficiency": max(0.0, 1 - decode.sums["experts_wait_s"] / compute) if compute > 0 else None,
                    "components": account(engine, decode.sums, decode.tokens, decode.tokens, decode.wall_s,
                                          settings["prompt_tokens"] + settings["gen_tokens"] / 2, mem_gbps),
-                   "cluster": _cluster_report(decode.cluster, decode.tokens, decode.wall_s)},
+                   "cluster": _cluster_report(decode.cluster, decode.tokens, decode.wall_s),
+                   "kv_bytes_read_per_token": decode.kv_read / decode.tokens},
+        "kv": {k: prefill.kv.get(k, 0) + decode.kv.get(k, 0) for k in ("requests", "prompt_tokens", "reused_tokens")}
+        | {k: decode.kv.get(k) for k in ("page_size", "pages", "spill_pages", "bytes")},
         "cache": ({"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else None}
                   if prefill.cache or decode.cache else None),
     }

@@ -122,6 +122,8 @@ def engine_flag(name: str, **overrides: Any) -> Callable:
         kind = FiniteFloat(min=0, min_open=True, max=1e7)
     elif spec.kind == "text":
         kind = click.STRING
+    elif spec.kind == "path":
+        kind = click.Path(file_okay=False)
     elif spec.kind == "bool":  # a switch; absent: None, so the engine keeps its default
         return click.option(f"--{name.replace('_', '-')}", is_flag=True, default=None, help=spec.help, **overrides)
     else:

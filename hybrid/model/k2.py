@@ -20,6 +20,7 @@ from kernels_gpu.mla import chunked_prefill_attention
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.experts.backend import ExpertBackend
 from hybrid.model.linear import Weight, absorbed_attention, as_dtype, fp32_linear, linear
+from hybrid.model.paged import PagedKVCache
 from hybrid.model.timers import Timers
 from hybrid.model.weights import MLPWeights, ModelWeights
 
@@ -44,6 +45,29 @@ class KVCache:
     def truncate(self, n: int) -> None:
         """Forget positions >= n (prefix reuse keeps the common prefix)."""
         self.length = min(self.length, n)
+
+    def prepare(self, s0: int, s1: int) -> None:
+        """Positions s0..s1-1 about to be written: they must fit."""
+        if s1 > self.max_len:
+            raise ValueError(f"{s1} positions exceed the KV cache of {self.max_len}; raise the context size")
+
+    def write(self, i: int, s0: int | torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
+        """Layer i's rows for the T new positions s0.. (latent [T, L], k_pe [T, R]); s0 an int or a 0-d
+        device tensor (written by index: a captured decode step)."""
+        if isinstance(s0, torch.Tensor):
+            rows = s0 + torch.arange(latent.shape[0], device=latent.device)
+            self.kv[i].index_copy_(0, rows, latent.to(self.kv.dtype))
+            self.pe[i].index_copy_(0, rows, k_pe.to(self.pe.dtype))
+        else:
+            self.kv[i, s0:s0 + latent.shape[0]] = latent
+            self.pe[i, s0:s0 + latent.shape[0]] = k_pe
+
+    def rows(self, i: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's first S positions: (kv [S, L], k_pe [S, R]), views."""
+        return self.kv[i, :S], self.pe[i, :S]
+
+
+Cache = KVCache | PagedKVCache  # what attention writes and reads: write / rows / prepare, length, max_len
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -113,13 +137,12 @@ class Model:
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.cfg, max_len, self.device, self.dtype)
 
-    def forward(self, ids: torch.Tensor, cache: KVCache, attn: AttnMode = "auto", last_only: bool = False) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, cache: Cache, attn: AttnMode = "auto", last_only: bool = False) -> torch.Tensor:
         """ids [T] at positions cache.length .. cache.length+T-1 -> logits [T, vocab] (fp32), or with
         last_only the last position's [1, vocab] (generation: lm_head over a 4096-token prefill chunk
         costs more than a layer, and its logits take ~4 GB)."""
         T, s0 = ids.shape[0], cache.length
-        if s0 + T > cache.max_len:
-            raise ValueError(f"{s0 + T} positions exceed the KV cache of {cache.max_len}; raise the context size")
+        cache.prepare(s0, s0 + T)
         cos, sin = self.rope(torch.arange(s0, s0 + T, device=self.device))
         h = self.embed(ids)  # [T, D]
         if attn == "auto":
@@ -155,7 +178,7 @@ class Model:
         ang = pos.float()[:, None] * self.inv_freq[None, :]
         return ang.cos(), ang.sin()
 
-    def attention_block(self, i: int, h: torch.Tensor, cache: KVCache, s0: int | torch.Tensor, cos: torch.Tensor,
+    def attention_block(self, i: int, h: torch.Tensor, cache: Cache, s0: int | torch.Tensor, cos: torch.Tensor,
                         sin: torch.Tensor, mode: AttnMode, span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i up to its MLP: h [T, D] -> (h + attention(input_layernorm(h)), the MLP's input x
         [T, D], the post_attention_layernorm of that sum). s0, mode, span: as attention() takes them."""
@@ -163,7 +186,7 @@ class Model:
         h = h + self.attention(i, rms_norm(h, layer.input_layernorm, eps), cache, s0, cos, sin, mode, span)
         return h, rms_norm(h, layer.post_attention_layernorm, eps)
 
-    def attention(self, i: int, x: torch.Tensor, cache: KVCache, s0: int | torch.Tensor, cos: torch.Tensor,
+    def attention(self, i: int, x: torch.Tensor, cache: Cache, s0: int | torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, mode: AttnMode, span: int | None = None) -> torch.Tensor:
         """s0: position of x's first token. An int; or a 0-d device tensor with mode 'absorbed' and
         `span` (a fixed number of cache rows to attend over, masked beyond s0 + T): shapes then do not
@@ -179,15 +202,11 @@ class Model:
         if isinstance(s0, torch.Tensor):  # positions on the device: written by index, read through a fixed span
             if mode != "absorbed" or span is None:
                 raise ValueError("a device-tensor position needs mode='absorbed' and a span")
-            rows = s0 + torch.arange(T, device=x.device)
-            cache.kv[i].index_copy_(0, rows, latent.to(cache.kv.dtype))
-            cache.pe[i].index_copy_(0, rows, apply_rope(kv[:, L:], cos, sin).to(cache.pe.dtype))
             S = span
         else:
             S = s0 + T
-            cache.kv[i, s0:S] = latent
-            cache.pe[i, s0:S] = apply_rope(kv[:, L:], cos, sin)
-        kv_latent, k_pe = cache.kv[i, :S], cache.pe[i, :S]  # [S, L], [S, R]
+        cache.write(i, s0, latent, apply_rope(kv[:, L:], cos, sin))
+        kv_latent, k_pe = cache.rows(i, S)  # [S, L], [S, R]
         if mode == "absorbed":  # decode: q absorbed into the latent space, the cache read as stored
             o = absorbed_attention(q_nope, q_pe, kv_latent, k_pe, a.kv_b_heads, a.w_uk, a.w_uv, c.softmax_scale, s0)
         elif T * S > CHUNKED_MIN_SCORES:  # long prompts: same math, bounded memory

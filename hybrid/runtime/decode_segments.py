@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from hybrid.experts.hot import HotSlots, fused_kernel, hot_moe_by_slot
-from hybrid.model.k2 import KVCache, Model, moe_sum
+from hybrid.model.k2 import Cache, Model, moe_sum
 from hybrid.runtime.decode_buffers import StepBuffers
 
 Run = Callable[[], None]
@@ -26,7 +26,7 @@ class HostHops:
     wait: Callable[[int], Run]
 
 
-def build_segments(model: Model, cache: KVCache, bufs: StepBuffers, span: int, hops: HostHops | None) -> list[Segment]:
+def build_segments(model: Model, cache: Cache, bufs: StepBuffers, span: int, hops: HostHops | None) -> list[Segment]:
     """The step's segments for KV span `span`, in run order. With hops (mode 'token'): pre, submit, gpu,
     wait per MoE layer, then head; without (mode 'segments'): pre, shared per MoE layer, then head
     (the decoder hops on the host after each shared)."""
@@ -45,7 +45,7 @@ class StepSegments:
     """What the segments of one span run: the model's pieces over fixed shapes, with the position in
     a device tensor and the KV cache read through `span` rows."""
 
-    def __init__(self, model: Model, cache: KVCache, bufs: StepBuffers, span: int, token_mode: bool):
+    def __init__(self, model: Model, cache: Cache, bufs: StepBuffers, span: int, token_mode: bool):
         self.m, self.cache, self.b, self.span = model, cache, bufs, span
         self.moe, self.token_mode = model.cfg.moe_layers, token_mode
         ex = model.experts

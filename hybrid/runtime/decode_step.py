@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from hybrid.experts.hot import HotSlots, fused_kernel
-from hybrid.model.k2 import KVCache, Model
+from hybrid.model.k2 import Cache, Model
 from hybrid.runtime.decode_buffers import StepBuffers
 from hybrid.runtime.decode_segments import HostHops, Segment, build_segments
 from hybrid.runtime.graphs import GraphChain, HostFuncs
@@ -51,7 +51,7 @@ class StaticDecoder:
     Not for defer_experts > 0 (the deferred sum crosses layers outside these segments).
     """
 
-    def __init__(self, model: Model, cache: KVCache, graphs: bool | None = None, bucket_min: int = BUCKET_MIN,
+    def __init__(self, model: Model, cache: Cache, graphs: bool | None = None, bucket_min: int = BUCKET_MIN,
                  mode: str = "auto"):
         if mode not in MODES:
             raise ValueError(f"decode step mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -126,8 +126,7 @@ class StaticDecoder:
 
     def _step(self, token: int) -> torch.Tensor:
         cache, pos = self.cache, self.cache.length
-        if pos + 1 > cache.max_len:
-            raise ValueError(f"{pos + 1} positions exceed the KV cache of {cache.max_len}; raise the context size")
+        cache.prepare(pos, pos + 1)  # the page it writes allocated (or the bound checked) before any launch
         if self.model.defer_experts:
             raise ValueError("the static decode step does not support defer_experts; set it back to 0")
         if not 0 <= token < self.model.cfg.vocab_size:

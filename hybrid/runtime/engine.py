@@ -28,7 +28,8 @@ from hybrid.experts.backend import ExpertBackend
 from hybrid.model.k2 import AttnMode, Model
 from hybrid.text.parser import Event
 from hybrid.runtime.placement import Plan
-from hybrid.runtime.options import DEFAULT_CONTEXT
+from hybrid.runtime.options import DEFAULT_CONTEXT, DEFAULT_KEEP, KEEP_TOKENS, PAGE_SIZE
+from hybrid.runtime.kv_store import KVSizes, KVStore
 from hybrid.runtime.tensor_classes import int8_eligible, widen_eligible
 from hybrid.experts.routing_stats import save_counts
 from hybrid.model.sampling import SamplingParams, sample
@@ -88,14 +89,17 @@ class Engine:
     def __init__(self, ckpt: Checkpoint, experts: ExpertBackend, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, context: int = DEFAULT_CONTEXT, int8: bool = False,
                  bf16w: bool | None = None, *, plan: Plan | None = None, prefill_chunk: int | None = PREFILL_CHUNK,
-                 defer_experts: int = 0, decode_mode: str | None = None, routing_stats: Path | None = None):
+                 defer_experts: int = 0, decode_mode: str | None = None, routing_stats: Path | None = None,
+                 kv: KVStore | None = None):
         """bf16w: keep the big linear weights in bf16 under fp32 math (gpu_side_weight); None: on a
         CPU computing in fp32, as the plan's 'bf16w' (and, with int8, 'int8w') counts them.
         plan: the placement plan it was built from (reported, as engine.plan; not used here).
         prefill_chunk: prompt tokens per forward pass (None: the whole prompt at once).
         defer_experts: the model's expert deferral (0: exact). decode_mode: single-token steps through
         a StaticDecoder in this mode ('auto', 'token' or 'segments'), or None (the plain forward).
-        routing_stats: where the backend's routing counts are saved after each request (None: nowhere)."""
+        routing_stats: where the backend's routing counts are saved after each request (None: nowhere).
+        kv: the paged KV store (runtime/kv_store.py) with positions for `context`; None: one in bf16 on
+        `device` holding the context and DEFAULT_KEEP earlier conversations."""
         self.checkpoint = ckpt
         self.config = ckpt.config
         self.device = torch.device(device)
@@ -113,14 +117,18 @@ class Engine:
                 self.model = Model(self.config, weights, experts, defer_experts)
                 self.tokenizer = Tokenizer.from_dir(ckpt.path)
                 self.chat_template = load_chat_template(ckpt.path)
-                self._cache = self.model.new_cache(context)  # persistent across requests, for prefix reuse
+                # persistent across requests: the live sequence and the prefixes earlier ones left
+                self._kv = kv or KVStore(self.config.num_hidden_layers, self.config.kv_lora_rank,
+                                         self.config.qk_rope_head_dim, context,
+                                         KVSizes.for_tokens(context + DEFAULT_KEEP * min(context, KEEP_TOKENS) + PAGE_SIZE),
+                                         self.device, torch.bfloat16, dtype)
+                self._cache = self._kv.cache
                 # the fixed-shape decode step over the engine's cache (after defer_experts: it refuses deferral)
                 self.decoder = StaticDecoder(self.model, self._cache, mode=decode_mode) if decode_mode else None
         except BaseException:  # the caller closes the backend and the checkpoint; the leases are ours
             self._safety.guard.release()
             raise
         self.context = context
-        self._cached_ids: list[int] = []  # the tokens whose KV the cache holds, in order
         self.plan = plan
         # hot experts per MoE layer on the GPU side, refreshed at each request's start (0: left as they are)
         self.hot_experts = experts.hot_capacity
@@ -135,6 +143,7 @@ class Engine:
         self.model.times.clear()
         self._tokens = {"prefill": 0, "decode": 0}
         self.model.experts.reset_stats()
+        self._kv.reset_stats()
 
     def stats(self) -> dict:
         """Where the time went since reset_stats(): GPU-side work, waits on the CPU experts, IO."""
@@ -151,6 +160,7 @@ class Engine:
             "io_s": ex["io_s"], "bytes_read": ex["bytes_read"], "cache": ex["cache"],
             "decode_graphs": self._decode_graphs(),
             "cluster": ex.get("cluster"),  # per node with --nodes (hybrid.cluster), else None
+            "kv": self._kv.stats(),  # pages, reused prompt tokens, evictions, spills, KV bytes read
         }
         out["overhead_s"] = max(0.0, t.forward - gpu_side - t.experts_wait)
         return out
@@ -166,6 +176,8 @@ class Engine:
         """Stop the expert workers and IO threads, give the leases back and release the maps (also done
         when the engine is collected). Waits for a step in progress, not for a whole generation."""
         with self._turns.lock:
+            if not self._closed:
+                self._kv.close()  # kept prefixes to the disk tier, when there is one
             self._closed = True
             self._finalizer()
             self._turns.wake()
@@ -222,8 +234,8 @@ class Engine:
     def generate(self, token_ids: list[int], max_new_tokens: int, temperature: float = 1.0, seed: int | None = None,
                  *, sampling: SamplingParams | None = None, sampler: Sampler | None = None,
                  stop_ids: frozenset[int] = frozenset(), should_stop: Callable[[], bool] | None = None) -> Iterator[Step]:
-        """Stream Steps. The KV cache keeps the longest common prefix with the previous request,
-        so only the new tail of `token_ids` is prefilled (Step.prefill_tokens counts it).
+        """Stream Steps. The KV store finds the longest prefix of `token_ids` any earlier request left
+        (kv_store.py), so only the rest is prefilled (Step.prefill_tokens counts it).
         should_stop: asked between prefill chunks; True ends the request there (a client that left
         during a long prefill), keeping what was prefilled for the next request to reuse.
         Threads: see the class docstring (one live generation; the same thread's newer one supersedes)."""
@@ -246,24 +258,13 @@ class Engine:
             epoch = self._turns.begin(self._check_open)
             try:
                 self._safety.open_shards()
-                self._reuse_prefix(prompt)
+                if self.hot_experts:
+                    self.model.experts.refresh_hot()
+                self._kv.begin(prompt)
             except BaseException:
                 self._turns.end(epoch)
                 raise
         yield from self._steps(epoch, prompt, max_new_tokens, sampler, stop_ids, should_stop)
-
-    def _reuse_prefix(self, prompt: list[int]) -> None:
-        """Under the lock, the turn begun, the shards open: refresh the hot experts; keep the cache's
-        longest common prefix with prompt."""
-        if self.hot_experts:
-            self.model.experts.refresh_hot()
-        common = 0
-        for a, b in zip(self._cached_ids, prompt):
-            if a != b:
-                break
-            common += 1
-        self._cache.truncate(common)
-        self._cached_ids = self._cached_ids[:self._cache.length]
 
     def _steps(self, epoch: int, prompt: list[int], max_new_tokens: int, sampler: Sampler,
                stop_ids: frozenset[int], should_stop: Callable[[], bool] | None) -> Iterator[Step]:
@@ -275,7 +276,7 @@ class Engine:
 
         generated: list[int] = []
         steps = generate(self.model, self._cache, prompt, max_new_tokens, sampler, stop_ids, self.prefill_chunk,
-                         between_chunks, self.decoder.step if self.decoder else None)
+                         between_chunks, self._decode_step if self.decoder else None)
         try:
             while True:
                 with self._turns.lock:
@@ -295,10 +296,19 @@ class Engine:
             with self._turns.lock:
                 steps.close()
                 if self._turns.end(epoch):  # still the newest: the cache holds what it computed
-                    self._cached_ids = (prompt + generated)[:self._cache.length]
+                    self._kv.finish((prompt + generated)[:self._cache.length])
                     if self.routing_stats is not None and not self._safety.released:
                         save_counts(self.routing_stats, self.model.experts.route_counts, self.config.moe_layers,
                                     self.config.n_routed_experts)
+
+    def _decode_step(self, token: int) -> torch.Tensor:
+        """One token through the static decode step, or the plain forward while the live sequence has
+        pages in the host tier (a fixed-shape step reads the compute device's pool only)."""
+        cache = self._cache
+        cache.prepare(cache.length, cache.length + 1)  # may spill: then this token is the plain forward's
+        if cache.spilled():
+            return self.model.forward(torch.tensor([token], device=self.device), cache, last_only=True)
+        return self.decoder.step(token)
 
     def _check_turn(self, epoch: int) -> None:
         """Before a step: the engine open and usable, this generation still the newest, the shards unchanged."""

@@ -21,7 +21,10 @@ from hybrid.cluster.head import connect
 from hybrid.experts.backend import ExpertBackend
 from hybrid.experts.build import ExpertOptions, build_backend
 from hybrid.experts.upload import UPLOAD_GROUP
-from hybrid.runtime.options import DEFAULT_CONTEXT, LoadOptions
+from hybrid.runtime.options import DEFAULT_CONTEXT, DEFAULT_KEEP, SPECS, LoadOptions
+from hybrid.runtime.kv_store import KVSizes, KVStore
+from hybrid.runtime.prefix_disk import DiskPrefixCache, KVLayout
+from hybrid.cluster.identity import checkpoint_identity
 from hybrid.runtime.resolve import PresetMaker, resolve_model
 from hybrid.experts.routing_stats import default_path, load_counts
 
@@ -36,7 +39,9 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
          prefill_offload: str = "auto", decode_graphs: str = "auto", prefill_chunk: int = PREFILL_CHUNK,
          dtype: str = "auto", routing_stats: str | Path | None = "auto", gpu_precision: str = "auto",
          nodes: int = 1, listen: str | None = None, token: str | None = None, node_timeout: float = 60.0,
-         join_timeout: float = 600.0, listen_any: bool = False, presets: Mapping[str, PresetMaker] | None = None) -> Engine:
+         join_timeout: float = 600.0, listen_any: bool = False, keep_conversations: int = DEFAULT_KEEP,
+         kv_spill_tokens: int | None = None, prefix_cache_dir: str | Path | None = None,
+         prefix_cache_gb: float = 20.0, kv_dtype: str = "bf16", presets: Mapping[str, PresetMaker] | None = None) -> Engine:
     """Open a checkpoint (directory or preset name), plan placement, and return an Engine.
 
     backend: 'numba' (INT4 kernels over mmap'd shards or the RAM expert cache), 'reference'
@@ -73,6 +78,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     hopping between them: two launches per MoE layer; what 'auto'/'on' fall back to where the token
     step cannot run, see StaticDecoder.token_blocker), 'off' (the plain forward).
     nodes, listen, token, node_timeout, join_timeout, listen_any: several machines as one (hybrid.cluster.head.connect).
+    keep_conversations, kv_spill_tokens, prefix_cache_dir, prefix_cache_gb, kv_dtype: the paged KV store
+    (runtime/kv_store.py): room for earlier conversations, the host tier, the disk tier across restarts.
     presets: the built-in checkpoints by name, each made on first use (hybrid.load passes hybrid.synth's;
     see hybrid.runtime.resolve).
     """
@@ -80,14 +87,7 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     from hybrid.runtime.placement import plan as make_plan
 
     # every option checked up front, before anything large is opened or allocated (runtime/options.py)
-    options = LoadOptions(model=model, backend=backend, device=device, context=context, expert_mode=expert_mode,
-                          cache_slots=cache_slots, ram_budget=ram_budget, gpu_memory=gpu_memory,
-                          cpu_threads=cpu_threads, prefetch=prefetch, prefetch_width=prefetch_width,
-                          cache_policy=cache_policy, io_threads=io_threads, trace=trace, defer_experts=defer_experts,
-                          hot_experts=hot_experts, prefill_offload=prefill_offload, decode_graphs=decode_graphs,
-                          prefill_chunk=prefill_chunk, dtype=dtype, routing_stats=routing_stats,
-                          gpu_precision=gpu_precision, nodes=nodes, listen=listen, token=token,
-                          node_timeout=node_timeout, join_timeout=join_timeout, listen_any=listen_any)
+    options = LoadOptions(**{k: v for k, v in locals().items() if k in SPECS})  # every keyword but presets
     ckpt = Checkpoint(resolve_model(model, presets))
     cfg = ckpt.config
     try:  # the options that need the config, then the plan: a refusal closes what was opened
@@ -96,7 +96,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
             expert_mode = "cache"
         plan = make_plan(cfg, detect(), gpu_memory=gpu_memory, ram_budget=ram_budget, context=context,
                          cpu_threads=cpu_threads, expert_mode=expert_mode, device=device, dtype=dtype,
-                         gpu_precision=gpu_precision)
+                         gpu_precision=gpu_precision, keep_conversations=keep_conversations,
+                         kv_spill_tokens=kv_spill_tokens, kv_dtype=kv_dtype)
         if backend == "auto":
             from kernels_cpu.simd import host_has_avx2
 
@@ -144,13 +145,28 @@ def _engine(ckpt: Checkpoint, plan: Plan, options: LoadOptions, backend: str, ho
         engine = Engine(ckpt, experts, device=plan.device, dtype=dtype, context=options.context,
                         int8=plan.gpu_precision in ("int8", "int8w"), bf16w=plan.gpu_precision in ("bf16w", "int8w"),
                         plan=plan, prefill_chunk=options.prefill_chunk, defer_experts=defer,
-                        decode_mode=decode_mode, routing_stats=stats_path)
+                        decode_mode=decode_mode, routing_stats=stats_path, kv=_kv_store(ckpt, plan, options, dtype))
     except BaseException:  # IO threads, file descriptors and the slot arena must not outlive a failed load
         experts.close()
         ckpt.close()
         raise
     model = engine.model
     return engine
+
+
+def _kv_store(ckpt: Checkpoint, plan: Plan, options: LoadOptions, compute_dtype: torch.dtype) -> KVStore:
+    """The engine's paged KV store as the plan sized it, with the disk tier when a directory was given."""
+    cfg = ckpt.config
+    disk = None
+    if options.prefix_cache_dir is not None:
+        layout = KVLayout(cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim, plan.kv_dtype)
+        ident = checkpoint_identity(ckpt)
+        disk = DiskPrefixCache(Path(options.prefix_cache_dir).expanduser(), (ident.config + ident.index + ident.data).hex(),
+                               layout, int(options.prefix_cache_gb * 1e9))
+    dtype = torch.bfloat16 if plan.kv_dtype == "bfloat16" else torch.float32
+    return KVStore(cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim, options.context,
+                   KVSizes.for_tokens(plan.kv_pool_tokens, plan.kv_spill_tokens), plan.device, dtype, compute_dtype,
+                   disk)
 
 
 def _cluster(ckpt: Checkpoint, local: ExpertBackend, options: LoadOptions) -> ExpertBackend:

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 ONE_OF = "{name} must be one of {listed}, got {value!r}"  # the refusal of the options plan() checked first
 DEFAULT_CONTEXT = 4096  # tokens the KV cache holds unless told: the engine's, the planner's and `plan`'s default
+DEFAULT_KEEP = 0  # room for earlier conversations beyond the context; until the live one needs them they share its pages
+KEEP_TOKENS = 16384  # what each kept conversation is sized at (or the context, when smaller)
+PAGE_SIZE = 64  # KV positions per page (runtime/kv_store.py; README "How conversations are kept": why 64)
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,22 @@ class LoadOptions:
     join_timeout: float = _opt(600.0, "seconds", "Seconds the head waits for the nodes to join.", flag=True)
     listen_any: bool = _opt(False, "bool", "Allow --listen on a wildcard address (every interface).", flag=True)
 
+    # the KV store (runtime/kv_store.py): earlier conversations kept beside the live one, a host tier, a disk tier
+    keep_conversations: int = _opt(DEFAULT_KEEP, "int", "Earlier conversations whose KV pages are kept beside the live "
+                                   "one (each up to 16,384 tokens, or the context if smaller), so switching back "
+                                   "prefills only what is new.", low=0, high=4096, flag=True)
+    kv_spill_tokens: int | None = _opt(None, "int", "Positions of the live conversation's KV cache that may move to "
+                                       "host RAM when the compute device's pages run out (default: what the plan "
+                                       "needs for --context).", low=0, optional=True, flag=True)
+    prefix_cache_dir: str | Path | None = _opt(None, "path", "Directory where evicted conversation prefixes are saved "
+                                               "and found again after a restart (off unless given).", optional=True,
+                                               flag=True)
+    prefix_cache_gb: float = _opt(20.0, "gb", "GB the prefix-cache directory may hold; the least recently used "
+                                  "prefixes go first.", flag=True)
+    kv_dtype: str = _opt("bf16", "choice", "Storage of the KV cache (bf16 halves the bytes long-context decode reads; "
+                         "fp32 only on a CPU, where attention computes in fp32 anyway).", choices=("bf16", "fp32"),
+                         flag=True, refusal=ONE_OF)
+
     def __post_init__(self) -> None:
         # option errors first, before anything large is opened or allocated
         for f in fields(self):
@@ -155,6 +174,10 @@ class LoadOptions:
         if self.trace is not None and not Path(self.trace).parent.is_dir():
             raise ValueError(f"trace: the folder of {self.trace} does not exist")
         self._check_cluster()
+        if self.prefix_cache_dir is not None and Path(self.prefix_cache_dir).exists() \
+                and not Path(self.prefix_cache_dir).is_dir():
+            raise ValueError(f"prefix_cache_dir: {self.prefix_cache_dir} exists and is not a directory; name a "
+                             "directory (it is created if missing)")
         if self.routing_stats not in ("auto", None) and not Path(self.routing_stats).parent.is_dir():
             raise ValueError(f"routing_stats: the folder of {self.routing_stats} does not exist; create it, or pass "
                              "'auto' for a file under the cache directory")

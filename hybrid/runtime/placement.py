@@ -15,17 +15,19 @@ from pathlib import Path
 
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.runtime.hardware import GB, Disk, Hardware
-from hybrid.runtime.options import DEFAULT_CONTEXT, check
+from hybrid.runtime.options import DEFAULT_CONTEXT, DEFAULT_KEEP, KEEP_TOKENS, PAGE_SIZE, check
 from hybrid.runtime.tensor_classes import GPU_SIDE, INT8_CLASSES, ClassSizes, class_sizes
 
 log = logging.getLogger(__name__)
 
 GPU_RESERVE = int(1.5 * GB)  # CUDA context, cuBLAS workspace, prefill activations, allocator slack
+COW_TOKENS = PAGE_SIZE  # one page beyond the context: a request copies the page where it leaves a shared prefix
+MIN_POOL_TOKENS = 8192  # the fewest KV positions kept on the GPU when the rest of the context goes to host RAM
 SLOT_ALIGN = 4096  # cache slots are O_DIRECT targets
 
 LABELS = {"attention": "attention (MLA)", "router": "router", "shared_experts": "shared experts",
           "dense_mlp": "dense MLP layers", "norms": "norms", "lm_head": "lm_head", "embedding": "embedding",
-          "kv_cache": "KV cache", "hot_experts": "hot experts", "routed_experts": "routed experts"}
+          "kv_cache": "KV cache", "kv_spill": "KV cache, host tier", "hot_experts": "hot experts", "routed_experts": "routed experts"}
 
 
 def ram_reserve(ram_total: int) -> int:
@@ -75,6 +77,10 @@ class Plan:
     ram_available: int
     ram_reserve: int
     disk: Disk | None = None  # the checkpoint's filesystem when plan() was given checkpoint_dir
+    kv_pool_tokens: int = 0  # KV positions in the compute device's page pool (live + kept conversations)
+    kv_spill_tokens: int = 0  # KV positions of the live conversation that may move to host RAM
+    kv_dtype: str = "bfloat16"  # the KV pages' dtype
+    keep_conversations: int = DEFAULT_KEEP
 
     # ---- formatting helpers --------------------------------------------------------------
     def entry(self, what: str) -> Entry:
@@ -127,7 +133,8 @@ def _itemise(parts: dict[str, int]) -> str:
 def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram_budget: float | None = None,
          context: int = DEFAULT_CONTEXT, cpu_threads: int | None = None, gpu_precision: str = "auto",
          expert_mode: str = "auto", hot_experts: int | None = None, device: str = "auto",
-         checkpoint_dir: str | Path | None = None, dtype: str = "auto") -> Plan:
+         checkpoint_dir: str | Path | None = None, dtype: str = "auto", keep_conversations: int = DEFAULT_KEEP,
+         kv_spill_tokens: int | None = None, kv_dtype: str = "bf16") -> Plan:
     """Place every tensor class of `cfg` on `hw`.
 
     gpu_memory: GB of VRAM the plan may use (default: free VRAM of GPU 0 minus GPU_RESERVE).
@@ -140,6 +147,11 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     checkpoint_dir: when given, the part of the checkpoint not yet there must fit on its disk.
     dtype: the GPU side's dtype when it runs on the CPU: 'auto' or 'float32' (fp32), 'bfloat16';
         on CUDA it is bf16 (int8 where gpu_precision says), so 'float32' is refused there.
+    keep_conversations, kv_spill_tokens, kv_dtype: the KV store (runtime/kv_store.py). Its compute-device
+        pool holds the context plus keep_conversations earlier conversations of up to KEEP_TOKENS each;
+        on a GPU too small for that, the pool holds what the VRAM left over allows (at least
+        MIN_POOL_TOKENS) and the rest of the context spills to host RAM (kv_spill_tokens: that many,
+        whatever the plan would say).
     """
     dev, threads = _check(cfg, hw, context=context, device=device, dtype=dtype, gpu_precision=gpu_precision,
                           cpu_threads=cpu_threads, gpu_memory=gpu_memory, ram_budget=ram_budget,
@@ -152,21 +164,26 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     kv_values = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # MLA latent + rope key
     # the GPU side on the CPU: bf16 math, or fp32 math over bf16 (or, asked for, int8) linear weights
     cpu_precision = "bf16" if dtype == "bfloat16" else "int8w" if gpu_precision == "int8" else "bf16w"
-    kv_per_token = kv_values * (2 if dev == "cuda" or cpu_precision == "bf16" else 4)  # the cache in that dtype
+    if kv_dtype == "fp32" and dev == "cuda":
+        raise ValueError("--kv-dtype fp32 is for the CPU; on CUDA the KV cache is bf16 (leave --kv-dtype out)")
+    kv_per_token = kv_values * (4 if kv_dtype == "fp32" else 2)  # bf16 pages on every device unless fp32 is asked for
+    want_pool = context + keep_conversations * min(context, KEEP_TOKENS)
 
     # -- the GPU side ---------------------------------------------------------------------
     gpu_budget = hot = 0
     if dev == "cuda":
-        precision, gpu_budget = _fit_gpu(sizes, hw, gpu_memory, gpu_precision, context, kv_per_token)
-        left = gpu_budget - sum(sizes.nbytes(w, precision) for w in GPU_SIDE) - context * kv_per_token
+        precision, gpu_budget, pool = _fit_gpu(sizes, hw, gpu_memory, gpu_precision, context, kv_per_token, want_pool)
+        left = gpu_budget - sum(sizes.nbytes(w, precision) for w in GPU_SIDE) - pool * kv_per_token
         hot = _fit_hot(hot_experts, left, n_moe, E, expert_bytes)
     else:
-        precision = cpu_precision
+        precision, pool = cpu_precision, want_pool
         if hot_experts:
             raise ValueError("hot_experts needs a CUDA GPU")
         if gpu_memory is not None:
             log.warning("--gpu-memory ignored: the GPU side runs on the CPU")
-    entries = _side_entries(sizes, "gpu" if dev == "cuda" else "ram", precision, context, kv_per_token, kv_values)
+    pool, spill, kv_entries = _kv_pages(dev, pool, want_pool, context, kv_spill_tokens, kv_per_token,
+                                        2 * kv_values, keep_conversations)
+    entries = _side_entries(sizes, "gpu" if dev == "cuda" else "ram", precision) + kv_entries
     if dev == "cuda":
         entries.append(Entry("hot_experts", "gpu", expert_dtype, hot * n_moe * expert_bytes,
                              f"{hot}/layer x {n_moe} layers"))
@@ -187,7 +204,8 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
              experts_per_token=K, expert_bytes_per_token=expert_bytes * K * n_moe, cpu_threads=threads,
              numa_nodes=hw.numa_nodes, gpu_index=0 if dev == "cuda" else None, gpu_budget=gpu_budget,
              ram_budget=budget, ram_available=hw.ram_available, ram_reserve=ram_reserve(hw.ram_total),
-             disk=_check_disk(sizes, hw, checkpoint_dir, mode))
+             disk=_check_disk(sizes, hw, checkpoint_dir, mode), kv_pool_tokens=pool, kv_spill_tokens=spill,
+             kv_dtype="float32" if kv_dtype == "fp32" else "bfloat16", keep_conversations=keep_conversations)
     log.info("plan: %s", p.summary())
     return p
 
@@ -229,15 +247,35 @@ def _fit_hot(hot_experts: int | None, left: int, n_moe: int, E: int, expert_byte
     return fit if hot_experts is None else hot_experts
 
 
-def _side_entries(sizes: ClassSizes, where: str, precision: str, context: int, kv_per_token: int,
-                  kv_values: int) -> list[Entry]:
-    """The GPU side's classes and its KV cache, `where` it runs; with int8 only INT8_CLASSES are int8."""
+def _side_entries(sizes: ClassSizes, where: str, precision: str) -> list[Entry]:
+    """The GPU side's classes `where` it runs; with int8 only INT8_CLASSES are int8."""
     side = {w: precision if precision not in ("int8", "int8w") or w in INT8_CLASSES else
             "bf16" if precision == "int8" else "bf16w" for w in GPU_SIDE}
-    entries = [Entry(w, where, side[w], sizes.nbytes(w, side[w])) for w in GPU_SIDE]
-    entries.append(Entry("kv_cache", where, "bf16" if kv_per_token == 2 * kv_values else "fp32",
-                         context * kv_per_token, f"{context:,} tokens"))
-    return entries
+    return [Entry(w, where, side[w], sizes.nbytes(w, side[w])) for w in GPU_SIDE]
+
+
+def _kv_pages(dev: str, pool: int, want_pool: int, context: int, spill_asked: int | None, kv_per_token: int,
+              bf16_per_token: int, keep: int) -> tuple[int, int, list[Entry]]:
+    """(pool tokens, host-tier tokens, their entries): the compute device's KV pool in whole pages (rounded
+    down where the VRAM decided it), and the host tier holding the rest of the context (or as asked)."""
+    whole = dev == "cpu" or pool >= context  # the context fits: whole pages, and the copy-on-write page
+    pool = -(-pool // PAGE_SIZE) * PAGE_SIZE + COW_TOKENS if whole else pool // PAGE_SIZE * PAGE_SIZE
+    spill = (0 if whole else context - pool + COW_TOKENS) if spill_asked is None else spill_asked
+    spill = -(-spill // PAGE_SIZE) * PAGE_SIZE
+    if pool + spill < context:
+        raise PlanError("VRAM" if dev == "cuda" else "RAM", (context - pool - spill) * kv_per_token,
+                        f"--kv-spill-tokens {spill:,} and the {pool:,} tokens of the compute device's pool hold "
+                        f"less than --context {context:,}; raise --kv-spill-tokens to {context - pool:,} or leave it out")
+    precision = "bf16" if kv_per_token == bf16_per_token else "fp32"
+    held = (f"{pool:,} tokens: the context and {keep} earlier conversations of up to "
+            f"{min(context, KEEP_TOKENS):,}" if pool >= want_pool and keep else
+            f"{context:,} tokens, and a page for copy-on-write" if whole else
+            f"{pool:,} tokens of the context, the rest in host RAM")
+    entries = [Entry("kv_cache", "gpu" if dev == "cuda" else "ram", precision, pool * kv_per_token, held)]
+    if spill:
+        entries.append(Entry("kv_spill", "ram", precision, spill * kv_per_token,
+                             f"{spill:,} tokens of the live conversation"))
+    return pool, spill, entries
 
 
 def _check_disk(sizes: ClassSizes, hw: Hardware, checkpoint_dir: str | Path | None, mode: str) -> Disk | None:
@@ -295,8 +333,10 @@ def _fit_ram(sizes: ClassSizes, hw: Hardware, needs: dict[str, int], ram_budget:
 
 
 def _fit_gpu(sizes: ClassSizes, hw: Hardware, gpu_memory: float | None, want: str, context: int,
-             kv_per_token: int) -> tuple[str, int]:
-    """(precision, VRAM budget): bf16 when it fits with the KV cache, else int8 ('auto')."""
+             kv_per_token: int, want_pool: int) -> tuple[str, int, int]:
+    """(precision, VRAM budget, KV pool positions): bf16 when its weights fit with the context's KV pages,
+    else int8 ('auto'); the pool with room for the kept conversations where that fits too, else the
+    context, else what is left (at least MIN_POOL_TOKENS, the rest of the context spilling to host RAM)."""
     g = hw.gpus[0]
     default = g.free_bytes - GPU_RESERVE
     if gpu_memory is None:
@@ -307,26 +347,29 @@ def _fit_gpu(sizes: ClassSizes, hw: Hardware, gpu_memory: float | None, want: st
             raise PlanError("VRAM", budget - g.free_bytes,
                             f"--gpu-memory {gpu_memory:g} GB asked for, but GPU 0 ({g.name}) has "
                             f"{_gb(g.free_bytes)} free; use --gpu-memory {default / GB:.1f} or less")
-    kv = context * kv_per_token
     weights = {p: sum(sizes.nbytes(w, p) for w in GPU_SIDE) for p in ("bf16", "int8")}
     tries = ("bf16", "int8") if want == "auto" else (want,)
-    for p in tries:
-        if weights[p] + kv <= budget:
-            return p, budget
+    for p in tries:  # precision first: bf16 with the context alone beats int8 with room for kept conversations
+        for tokens in (want_pool, context):
+            if weights[p] + (tokens + COW_TOKENS) * kv_per_token <= budget:
+                return p, budget, tokens
+    floor = min(context, MIN_POOL_TOKENS)
+    for p in sorted(tries, key=weights.get):  # some of the context in host RAM: the smaller weights spill less
+        if weights[p] + floor * kv_per_token <= budget:
+            return p, budget, (budget - weights[p]) // kv_per_token
     best = tries[-1]
+    kv = floor * kv_per_token
     need = weights[best] + kv
     fixes = []
     if want == "bf16" and weights["int8"] + kv <= budget:
         fixes.append("--gpu-precision int8 (or auto)")
-    if weights[best] < budget:
-        longest = (budget - weights[best]) // kv_per_token
-        fixes.append(f"--context {longest - longest % 1024 if longest >= 1024 else longest} or less")
     if gpu_memory is not None and budget < default:
         fixes.append(f"--gpu-memory up to {default / GB:.1f}")
     fixes.append(f"a GPU with {_gb(need + GPU_RESERVE)} free, or --device cpu")
     where = (f"--gpu-memory {gpu_memory:g}" if gpu_memory is not None else
              f"GPU 0 {g.name}: {_gb(g.free_bytes)} free, minus {_gb(GPU_RESERVE)} reserve")
     raise PlanError("VRAM", need - budget,
-                    f"the GPU side needs {_gb(need)} (weights in {best} {_gb(weights[best])} + KV cache for "
-                    f"{context:,} tokens {_gb(kv)}) but the VRAM budget is {_gb(budget)} ({where}); "
+                    f"the GPU side needs {_gb(need)} (weights in {best} {_gb(weights[best])} + KV pages for "
+                    f"{floor:,} tokens {_gb(kv)}, the rest of the context in host RAM) but the VRAM budget is "
+                    f"{_gb(budget)} ({where}); "
                     f"fix: {'; '.join(fixes)}")

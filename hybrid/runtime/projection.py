@@ -16,6 +16,8 @@ from hybrid.runtime.placement import GPU_RESERVE, GPU_SIDE, Plan, PlanError
 from hybrid.runtime.placement import plan as make_plan
 from hybrid.runtime.tensor_classes import class_sizes
 
+PCIE_GBPS = 25.0  # a typical PCIe 4.0 x16 host-to-device copy, for the host tier of the KV cache
+
 
 def _gb(n: float) -> str:
     return f"{n / GB:.2f} GB"
@@ -49,7 +51,9 @@ def projected_decode_tps(plan: Plan, cfg: ModelConfig, mem_read_gbps: float, dis
     if not 0 <= hit <= 1:
         raise ValueError(f"hit_rate must lie in 0..1, got {hit}")
     miss = int(cpu_experts * (1 - hit))
-    side = sum(e.nbytes for e in plan.entries if e.what in GPU_SIDE + ("kv_cache",))
+    # a token at full context reads the live conversation's KV pages once (the kept ones it does not)
+    side = sum(e.nbytes for e in plan.entries if e.what in GPU_SIDE) + \
+        min(plan.context, plan.kv_pool_tokens or plan.context) * plan.kv_bytes_per_token
     if miss and not disk_gbps:
         raise ValueError(f"cache misses read {_gb(miss)} per token from disk; pass disk_gbps")
     terms: dict[str, float | None] = {"disk": miss / (disk_gbps * GB) if miss else 0.0}
@@ -57,6 +61,9 @@ def projected_decode_tps(plan: Plan, cfg: ModelConfig, mem_read_gbps: float, dis
         terms.update(ram=(cpu_experts + side) / (mem_read_gbps * GB), gpu=0.0)
     else:
         terms.update(ram=cpu_experts / (mem_read_gbps * GB), gpu=(side + gpu_experts) / (gpu_gbps * GB) if gpu_gbps else None)
+        spilled = max(0, plan.context - plan.kv_pool_tokens) * plan.kv_bytes_per_token if plan.kv_pool_tokens else 0
+        if spilled:  # the host tier's pages cross PCIe for every token at full context
+            terms["pcie"] = spilled / (PCIE_GBPS * GB)
     known = {k: v for k, v in terms.items() if v is not None}
     worst = max(known, key=known.get)
     serial, overlapped = sum(known.values()), known[worst]
@@ -70,6 +77,9 @@ def projected_decode_tps(plan: Plan, cfg: ModelConfig, mem_read_gbps: float, dis
     if plan.expert_mode == "cache":
         explain.append(f"cache hit rate {hit:.0%}: {_gb(miss)} per token from disk" +
                        (f" at {gbps(disk_gbps)} GB/s" if miss else ""))
+    if terms.get("pcie"):
+        explain.append(f"at full context {_gb(spilled)} of KV pages come from host RAM over PCIe (typical "
+                       f"{PCIE_GBPS:g} GB/s): {terms['pcie'] * 1e3:.0f} ms per token")
     explain.append(f"non-expert weights + full KV cache: {_gb(side)} per token, read from RAM too" if plan.device == "cpu"
                    else f"GPU side (weights + full KV cache) reads {_gb(side)} per token " +
                    (f"at {gbps(gpu_gbps)} GB/s" if gpu_gbps else "(no gpu_gbps given: not counted)"))

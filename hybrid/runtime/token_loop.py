@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from hybrid.model.k2 import KVCache, Model
+from hybrid.model.k2 import Cache, Model
 
 Sampler = Callable[[torch.Tensor], int]  # logits [vocab] -> token id
 
@@ -30,7 +30,7 @@ def greedy(logits: torch.Tensor) -> int:
 
 
 @torch.inference_mode()
-def generate(model: Model, cache: KVCache, prompt: list[int], max_new_tokens: int,
+def generate(model: Model, cache: Cache, prompt: list[int], max_new_tokens: int,
              sample: Sampler = greedy, stop_ids: frozenset[int] = frozenset(),
              prefill_chunk: int | None = None, should_stop: Callable[[], bool] | None = None,
              decode_step: Callable[[int], torch.Tensor] | None = None) -> Iterator[Step]:
