@@ -30,52 +30,56 @@ def _value_impl(a, p, r, w):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _page(main, spill, table, S, out, k):
-    # rows k*P .. of the sequence from page table[k], in whichever pool holds it
+def _page(main, spill, table, S, out, k, k0):
+    # rows k*P .. of the sequence from page table[k], in whichever pool holds it, to out[(k - k0)*P ..]
     P, W = main.shape[1], main.shape[2]
     e = table[k]
     src = main if e >= 0 else spill
     page = e if e >= 0 else -1 - e
     n = min(P, S - k * P)
     for r in range(n):
-        row = k * P + r
+        row = (k - k0) * P + r
         for w in range(W):
             out[row, w] = _value(src, page, r, w)
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _gather(main, spill, table, S, out):
+def _gather(main, spill, table, k0, S, out):
     P = main.shape[1]
-    for k in prange((S + P - 1) // P):
-        _page(main, spill, table, S, out, k)
+    for k in prange(k0, (S + P - 1) // P):
+        _page(main, spill, table, S, out, k, k0)
 
 
 @njit(nogil=True, cache=True)
-def _gather_serial(main, spill, table, S, out):
+def _gather_serial(main, spill, table, k0, S, out):
     P = main.shape[1]
-    for k in range((S + P - 1) // P):
-        _page(main, spill, table, S, out, k)
+    for k in range(k0, (S + P - 1) // P):
+        _page(main, spill, table, S, out, k, k0)
 
 
 def gather_rows(main: np.ndarray, spill: np.ndarray, table: np.ndarray, S: int, out: np.ndarray,
-                parallel: bool = True) -> np.ndarray:
-    """The first S positions of a paged sequence -> out[:S] (fp32 [>= S, W], returned as out[:S]).
+                parallel: bool = True, start: int = 0) -> np.ndarray:
+    """Positions start..S-1 of a paged sequence -> out[:S - start] (fp32 [>= S - start, W], returned).
 
     main, spill: pools [N, P, W] of one dtype (uint16 bf16 bits or float32; spill may be a one-page
     dummy when nothing is spilled); table int32 [>= ceil(S / P)]: e >= 0 main[e], e < 0 spill[-1 - e].
-    parallel=False: all on the calling thread (where a second Numba parallel region may not run)."""
+    start: a multiple of P. parallel=False: all on the calling thread (where a second Numba parallel
+    region may not run)."""
     if main.dtype != spill.dtype or main.dtype not in (np.uint16, np.float32) or main.ndim != 3 \
             or spill.ndim != 3 or main.shape[1:] != spill.shape[1:]:
         raise ValueError(f"gather_rows: two pools [N, P, W] of one dtype (uint16 bf16 bits or float32) are needed, "
                          f"got {main.dtype} {main.shape} and {spill.dtype} {spill.shape}")
     P, W = main.shape[1], main.shape[2]
     pages = -(-S // P)
-    if out.dtype != np.float32 or out.ndim != 2 or out.shape[0] < S or out.shape[1] != W or not out.flags.c_contiguous:
-        raise ValueError(f"gather_rows: out must be contiguous fp32 [>= {S}, {W}], got {out.dtype} {out.shape}")
+    if start % P or not 0 <= start <= S:
+        raise ValueError(f"gather_rows: start {start} must be a multiple of the page size {P} in 0..{S}")
+    if out.dtype != np.float32 or out.ndim != 2 or out.shape[0] < S - start or out.shape[1] != W \
+            or not out.flags.c_contiguous:
+        raise ValueError(f"gather_rows: out must be contiguous fp32 [>= {S - start}, {W}], got {out.dtype} {out.shape}")
     if table.dtype != np.int32 or table.shape[0] < pages:
         raise ValueError(f"gather_rows: table must be int32 with >= {pages} entries, got {table.dtype} {table.shape}")
     t = table[:pages]
-    if pages and (int(t.max()) >= main.shape[0] or int(t.min()) < -spill.shape[0]):
+    if S > start and (int(t[start // P:].max()) >= main.shape[0] or int(t[start // P:].min()) < -spill.shape[0]):
         raise ValueError(f"gather_rows: a page id lies outside the pools ({main.shape[0]} and {spill.shape[0]} pages)")
-    (_gather if parallel else _gather_serial)(main, spill, t, S, out)
-    return out[:S]
+    (_gather if parallel else _gather_serial)(main, spill, t, start // P, S, out)
+    return out[:S - start]

@@ -89,8 +89,8 @@ def attention(model: str, contexts: list[int], steps: int) -> list[dict]:
                 t0 = time.perf_counter()
                 for i in range(cfg.num_hidden_layers):  # the attention over the cache alone, every layer
                     a = m.weights.layers[i].self_attn
-                    kv, pe = cache.rows(i, ctx)
-                    absorbed_attention(q_nope, q_pe, kv, pe, a.kv_b_heads, a.w_uk, a.w_uv, cfg.softmax_scale, ctx - 1)
+                    attend = lambda ql, qp: cache.attend(i, ctx, ql, qp, cfg.softmax_scale, ctx - 1)  # noqa: B023,E731
+                    absorbed_attention(q_nope, q_pe, attend, a.kv_b_heads, a.w_uk, a.w_uv)
                 t1 = time.perf_counter()
                 m.forward(torch.tensor([5 + s]), cache, last_only=True)  # a whole decode step
                 t2 = time.perf_counter()

@@ -384,5 +384,7 @@ def test_token_step_raises_what_a_host_function_raised_and_then_goes_on(tiny_pat
     n_moe = len(eng.config.moe_layers)
     assert eng._cache.length == len(PROMPT) and dec.steps == 0 and len(calls) == (1 if where == "shared_expert" else n_moe)
     assert dec.host.error is None and not dec._handles and not dec.host.cancelled
-    assert rel_err(dec.step(3), seg.step(3)) < 1e-6
+    # the engine's fp32 pages against a contiguous fp32 cache: one score GEMM over [latent, key] rows
+    # instead of two, so the sums differ in order only
+    assert rel_err(dec.step(3), seg.step(3)) < 1e-4
     eng.close()

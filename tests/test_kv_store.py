@@ -43,6 +43,38 @@ def test_gather_rows_matches_numpy_across_both_pools(bf16):
         gather_rows(main, spill, np.array([5], np.int32), 3, np.zeros((3, 12), np.float32))
 
 
+@pytest.mark.parametrize("T, S, block", [(1, 300, 128), (3, 300, 128), (2, 100, 4096)])
+def test_paged_attention_matches_the_contiguous_kernel(monkeypatch, T, S, block):
+    """PagedKVCache.attend on a CPU (pages gathered block by block, some from the spill pool, the softmax
+    over every block at once, causal for T > 1) against kernels_gpu.mla over the same rows contiguous."""
+    from hybrid.model import paged
+    from hybrid.model.paged import PagedKVCache
+    from kernels_gpu.mla import mla_decode
+
+    monkeypatch.setattr(paged, "ATTEND_BLOCK", block)
+    H, L, R, page = 4, 16, 8, 32
+    main, spill = PagePool(1, 12, page, L + R, "cpu", torch.float32), PagePool(1, 4, page, L + R, "cpu", torch.float32)
+    store = Pages(main, spill)
+    cache = PagedKVCache(store, 1, L, 12 * page, main.alloc, torch.float32)
+    cache.prepare(0, S)
+    for k in (0, 2):  # two pages in the spill pool
+        h = spill.alloc()
+        store.copy(cache.pages[k], -1 - h, page)
+        store.decref(cache.pages[k])
+        cache.pages[k] = -1 - h
+    cache.set_pages(cache.pages, 0)
+    g = torch.Generator().manual_seed(T)
+    rows = torch.randn(S, L + R, generator=g)
+    cache.write(0, 0, rows[:, :L], rows[:, L:])
+    q_lat, q_pe = torch.randn(T, H, L, generator=g), torch.randn(T, H, R, generator=g)
+    want = mla_decode(q_lat, q_pe, rows[:, :L], rows[:, L:], None, None, 0.3, S - T, absorbed=True)
+    got = cache.attend(0, S, q_lat, q_pe, 0.3, S - T)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    out = np.zeros((S - 64, L + R), np.float32)  # a gather from a page boundary on
+    assert np.array_equal(gather_rows(main.data[0].numpy(), spill.data[0].numpy(), cache.table, S, out, start=64),
+                          rows[64:].numpy())
+
+
 # ---- the tree over pools ---------------------------------------------------------------------
 def _tree(pages: int = 8, page: int = 4) -> tuple[Pages, PrefixTree]:
     pool = PagePool(1, pages, page, 2, "cpu", torch.float32)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from kernels_gpu.mla import chunked_prefill_attention
+from kernels_gpu.mla import chunked_prefill_attention, mla_decode
 
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.experts.backend import ExpertBackend
@@ -65,6 +65,11 @@ class KVCache:
     def rows(self, i: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's first S positions: (kv [S, L], k_pe [S, R]), views."""
         return self.kv[i, :S], self.pe[i, :S]
+
+    def attend(self, i: int, S: int, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float,
+               offset: int | torch.Tensor) -> torch.Tensor:
+        """Absorbed attention of q_lat [T, H, L], q_pe [T, H, R] over layer i's first S positions -> o_lat."""
+        return mla_decode(q_lat, q_pe, self.kv[i, :S], self.pe[i, :S], None, None, scale, offset, absorbed=True)
 
 
 Cache = KVCache | PagedKVCache  # what attention writes and reads: write / rows / prepare, length, max_len
@@ -206,10 +211,12 @@ class Model:
         else:
             S = s0 + T
         cache.write(i, s0, latent, apply_rope(kv[:, L:], cos, sin))
+        if mode == "absorbed":  # decode: q absorbed into the latent space, the cache read as stored, by the cache
+            attend = lambda q_lat, qpe: cache.attend(i, S, q_lat, qpe, c.softmax_scale, s0)  # noqa: E731
+            return proj(absorbed_attention(q_nope, q_pe, attend, a.kv_b_heads, a.w_uk, a.w_uv).reshape(T, H * Vd),
+                        a.o_proj)
         kv_latent, k_pe = cache.rows(i, S)  # [S, L], [S, R]
-        if mode == "absorbed":  # decode: q absorbed into the latent space, the cache read as stored
-            o = absorbed_attention(q_nope, q_pe, kv_latent, k_pe, a.kv_b_heads, a.w_uk, a.w_uv, c.softmax_scale, s0)
-        elif T * S > CHUNKED_MIN_SCORES:  # long prompts: same math, bounded memory
+        if T * S > CHUNKED_MIN_SCORES:  # long prompts: same math, bounded memory
             o = chunked_prefill_attention(q_nope, q_pe, kv_latent, k_pe, as_dtype(a.w_uk, q_nope.dtype),
                                           as_dtype(a.w_uv, q_nope.dtype), c.softmax_scale, s0)
         else:  # the naive form: keys and values expanded per head; scores [T, H, S]

@@ -16,7 +16,7 @@ from kernels_cpu.heads import head_absorb, head_values
 from kernels_cpu.widen import MAX_ROWS as MAX_WIDEN_ROWS
 from kernels_cpu.widen import bf16_gemv, concurrent_parallel_ok, int8_gemv
 from kernels_gpu.int8 import int8_linear
-from kernels_gpu.mla import Offset, mla_decode
+from kernels_gpu.mla import absorb_query
 
 log = logging.getLogger(__name__)
 
@@ -104,25 +104,28 @@ def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.float() @ w.float().T
 
 
-def absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
-                       kv_b_heads: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, softmax_scale: float,
-                       offset: Offset) -> torch.Tensor:
-    """Absorbed-MLA decode (kernels_gpu.mla.mla_decode's arguments, and kv_b_proj as [H, P + V, L] of
-    which w_uk and w_uv are the halves) -> o [T, H, V].
+Attend = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (q_lat [T, H, L], q_pe [T, H, R]) -> o_lat [T, H, L]
+
+
+def absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, attend: Attend, kv_b_heads: torch.Tensor,
+                       w_uk: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+    """Absorbed-MLA decode: q_nope [T, H, P] into the latent space, attend (the softmax over the cache,
+    the cache's own: KVCache.attend / PagedKVCache.attend), and the values out of it -> o [T, H, V].
+    kv_b_proj as [H, P + V, L], of which w_uk and w_uv are the halves.
 
     With fp32 on a CPU the two per-head products with kv_b_proj run as kernels_cpu.heads' Numba loops
-    (a head a thread, at memory speed; kv_b_proj read as held, bf16 under 'bf16w') around the softmax
-    over the cache, on the calling thread alone where Numba may not run two parallel regions at once
-    (workqueue); elsewhere mla_decode does all of it."""
+    (a head a thread, at memory speed; kv_b_proj read as held, bf16 under 'bf16w'), on the calling
+    thread alone where Numba may not run two parallel regions at once (workqueue); elsewhere as
+    kernels_gpu.mla's einsums."""
     if kv_b_heads.device.type == "cpu" and kv_b_heads.dtype in (torch.float32, torch.bfloat16) \
             and q_nope.dtype == torch.float32 and kv_b_heads.is_contiguous():
         kvb = _bits(kv_b_heads) if kv_b_heads.dtype == torch.bfloat16 else kv_b_heads.numpy()
         par = concurrent_parallel_ok()
         q_lat = torch.from_numpy(head_absorb(q_nope.numpy(), kvb, par))  # [T, H, L]
-        o_lat = mla_decode(q_lat, q_pe, kv, k_pe, None, None, softmax_scale, offset, absorbed=True)
+        o_lat = attend(q_lat, q_pe)
         return torch.from_numpy(head_values(o_lat.contiguous().numpy(), kvb, w_uk.shape[1], par))
-    return mla_decode(q_nope, q_pe, kv, k_pe, as_dtype(w_uk, q_nope.dtype), as_dtype(w_uv, q_nope.dtype),
-                      softmax_scale, offset)
+    o_lat = attend(absorb_query(q_nope, as_dtype(w_uk, q_nope.dtype)), q_pe)
+    return torch.einsum("thl,hvl->thv", o_lat, as_dtype(w_uv, q_nope.dtype))  # [T, H, V]
 
 
 def as_dtype(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

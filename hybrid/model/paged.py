@@ -18,6 +18,9 @@ import torch
 
 from kernels_cpu.paged import gather_rows
 from kernels_cpu.widen import concurrent_parallel_ok
+from kernels_gpu.mla import mla_decode
+
+ATTEND_BLOCK = 4096  # positions gathered at a time for CPU decode attention (K2: 9.4 MB of fp32 rows), a page multiple
 
 
 class PoolFull(RuntimeError):
@@ -215,14 +218,49 @@ class PagedKVCache:
             block = self._gather_torch(i, S)
         return block[:, :self.kv_dim], block[:, self.kv_dim:]
 
-    def _gather_cpu(self, i: int, S: int) -> torch.Tensor:
-        if self._scratch.shape[0] < S:
-            self._scratch = np.empty((max(S, 2 * self._scratch.shape[0]), self._scratch.shape[1]), np.float32)
+    def attend(self, i: int, S: int, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float,
+               offset: int | torch.Tensor) -> torch.Tensor:
+        """Absorbed attention of q_lat [T, H, L], q_pe [T, H, R] over layer i's first S positions -> o_lat
+        [T, H, L]. On a CPU computing in fp32: blocks of ATTEND_BLOCK positions gathered and widened into
+        a cache-sized buffer, each read by the GEMM at once (the widened rows never go to DRAM); else
+        kernels_gpu.mla over the gathered rows."""
+        if self.store.main.data.device.type == "cpu" and self.compute_dtype == torch.float32:
+            return self._attend_cpu(i, S, q_lat, q_pe, scale, int(offset))
+        kv, pe = self.rows(i, S)
+        return mla_decode(q_lat, q_pe, kv, pe, None, None, scale, offset, absorbed=True)
+
+    def _attend_cpu(self, i: int, S: int, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float,
+                    offset: int) -> torch.Tensor:
+        T, H, L = q_lat.shape
+        B = ATTEND_BLOCK
+        q = torch.cat((q_lat, q_pe), dim=-1).reshape(T * H, -1)  # [N, W]: one GEMM for both parts of a score
+        main = self.store.main.data
+        self.bytes_read += S * main.shape[-1] * main.element_size() * (1 if S <= B else 2)
+        scores = torch.empty(S, T * H)  # [S, N]: a block's scores are contiguous rows
+        for b0 in range(0, S, B):
+            block = self._gather_cpu(i, min(S, b0 + B), b0)  # [n, W] fp32
+            torch.mm(block, q.T, out=scores[b0:b0 + block.shape[0]])
+        scores.mul_(scale)
+        if T > 1 or offset < S - 1:  # query t at offset + t sees positions <= offset + t
+            hidden = torch.arange(S)[:, None] > offset + torch.arange(T)[None, :]  # [S, T]
+            scores.view(S, T, H).masked_fill_(hidden[:, :, None], float("-inf"))
+        p = torch.softmax(scores, dim=0)
+        if S <= B:  # one block: still in the buffer
+            return (p.T @ block[:, :L]).view(T, H, L)
+        o = torch.zeros(T * H, L)
+        for b0 in range(0, S, B):
+            block = self._gather_cpu(i, min(S, b0 + B), b0)
+            o.addmm_(p[b0:b0 + block.shape[0]].T, block[:, :L])
+        return o.view(T, H, L)
+
+    def _gather_cpu(self, i: int, S: int, start: int = 0) -> torch.Tensor:
+        if self._scratch.shape[0] < S - start:
+            self._scratch = np.empty((max(S - start, 2 * self._scratch.shape[0]), self._scratch.shape[1]), np.float32)
         if self._par is None:
             self._par = concurrent_parallel_ok()
         main = _as_numpy(self.store.main.data[i])
         spill = _as_numpy(self.store.spill.data[i]) if self.store.spill is not None else main[:1]
-        return torch.from_numpy(gather_rows(main, spill, self.table, S, self._scratch, self._par))
+        return torch.from_numpy(gather_rows(main, spill, self.table, S, self._scratch, self._par, start))
 
     def _gather_torch(self, i: int, S: int) -> torch.Tensor:
         P = self.store.page_size
