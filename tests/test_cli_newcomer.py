@@ -131,47 +131,98 @@ def test_the_public_names_are_there_on_first_use():
     assert hybrid.Engine is Engine and hybrid.load.__doc__ == hybrid.runtime.loader.load.__doc__
 
 
-@pytest.mark.parametrize("command, context", [("run", 4096), ("chat", 4096), ("serve", 32768)])
-def test_help_shows_the_context_default(command, context):
-    """Each command's help says the context it loads with: the engine's, or serve's longer one."""
-    r = CliRunner(env={"COLUMNS": "200"}).invoke(main, [command, "--help"])
+@pytest.mark.parametrize("command", ["run", "chat", "bench", "serve", "plan"])
+def test_help_shows_the_context_default(command):
+    """Each command's help says in words the context it loads with: the plan's, or serve's at least 32K."""
+    from hybrid.runtime.context import DEFAULT_HELP
+    from hybrid.serve.limits import SERVE_CONTEXT_HELP
+
+    r = CliRunner().invoke(main, [command, "--help"])
     assert r.exit_code == 0
-    line = next(x for x in r.output.splitlines() if "--context" in x)
-    assert f"[default: {context}]" in line
+    text = " ".join(r.output.split())  # click wraps the help
+    flag = text[text.index("--context INTEGER RANGE"):].split(" --")[0]
+    assert f"[default: {SERVE_CONTEXT_HELP if command == 'serve' else DEFAULT_HELP}]" in flag
+    assert "4K-128K" in flag and "10%" in flag
 
 
-def test_serve_loads_the_context_its_help_says(tiny_path, monkeypatch):
-    """Without --context, serve loads SERVE_CONTEXT tokens (what its --help shows), not the engine's 4096."""
+def serve_sees(tiny_path, monkeypatch, **kw) -> dict:
+    """The keywords serve() hands hybrid.load (stopped there)."""
     import hybrid.serve.app as app
-    from hybrid.serve.limits import SERVE_CONTEXT
 
     seen = {}
 
-    def load(model, **kw):
-        seen.update(kw)
+    def load(model, **options):
+        seen.update(options)
         raise RuntimeError("stop here")
 
     monkeypatch.setattr("hybrid.runtime.loader.load", load)
     with pytest.raises(RuntimeError, match="stop here"):
-        app.serve(str(tiny_path), port=9011)
-    assert seen["context"] == SERVE_CONTEXT == 32768
+        app.serve(str(tiny_path), port=9011, **kw)
+    return seen
+
+
+def test_serve_keeps_32k_where_it_fits_the_same_share(tiny_path, monkeypatch):
+    """Without --context, serve loads the plan's choice, raised to SERVE_CONTEXT where its KV pages take <= 10% of
+    the same memory; here a GPU the plan keeps bf16 weights on at 16K (room, not the share, stops 32K), so the
+    server takes 32K (int8 weights) while hybrid.load would take 16K. An explicit context is kept."""
+    from hybrid.checkpoint.config import ModelConfig
+    from hybrid.runtime.context import KV_SHARE
+    from hybrid.runtime.hardware import Hardware
+    from hybrid.runtime.placement import plan
+    from hybrid.serve.limits import SERVE_CONTEXT
+    from tests.conftest import REAL_CONFIG
+
+    k2 = ModelConfig.from_file(REAL_CONFIG)
+    # the tiny checkpoint is only there to be resolved: K2's config is planned
+    monkeypatch.setattr("hybrid.checkpoint.config.ModelConfig.from_file", lambda path: k2)
+    hw = Hardware.hypothetical(128, [24.7])
+    monkeypatch.setattr("hybrid.runtime.hardware.detect", lambda: hw)
+    p = plan(k2, hw)
+    assert p.context < SERVE_CONTEXT and p.gpu_precision == "bf16"
+    assert (SERVE_CONTEXT + 64) * p.kv_bytes_per_token <= KV_SHARE * p.gpu_budget
+    assert serve_sees(tiny_path, monkeypatch)["context"] == SERVE_CONTEXT == 32768
+    assert plan(k2, hw, context=SERVE_CONTEXT).gpu_precision == "int8"
+    assert serve_sees(tiny_path, monkeypatch, context=2048)["context"] == 2048
+    # a 16 GB GPU: 32K's pages are over 10% of its budget, so the server takes the plan's choice
+    monkeypatch.setattr("hybrid.runtime.hardware.detect", lambda: Hardware.hypothetical(128, [16]))
+    assert serve_sees(tiny_path, monkeypatch)["context"] is None  # hybrid.load plans it: the plan's choice
+    assert plan(k2, Hardware.hypothetical(128, [16])).context < SERVE_CONTEXT
 
 
 def test_plan_assumes_the_context_the_engine_loads_with():
-    """One default context (runtime.options.DEFAULT_CONTEXT): what plan projects is what run and chat load."""
+    """One default context, the plan's (hybrid.runtime.context): what `plan` projects is what run and chat load,
+    and it says which and why in one line."""
     import inspect
 
-    from hybrid.runtime.engine import Engine
     from hybrid.runtime.loader import load
     from hybrid.runtime.placement import plan
 
-    ctx = LoadOptions().context
-    assert {inspect.signature(f).parameters["context"].default for f in (Engine, load, plan)} == {ctx}
-    assert next(p for p in main.commands["plan"].params if p.name == "context").default == ctx
+    assert LoadOptions().context is None
+    assert {inspect.signature(f).parameters["context"].default for f in (load, plan)} == {None}
+    for command in ("plan", "run", "chat", "bench", "serve"):  # no --context: None, the plan's choice
+        args = ["hi"] if command == "run" else []
+        assert main.commands[command].make_context(command, args).params["context"] is None
     r = CliRunner(env={"COLUMNS": "250"}).invoke(main, ["plan", "--ram-gb", "768", "--gpu-gb", "24", "--mem-gbps", "200"])
-    assert r.exit_code == 0 and f"KV cache ({ctx:,} tokens," in r.output and f"context {ctx:,};" in r.output, r.output
-    r = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["plan", "--help"])
-    assert re.search(r"--context .*?\[default: (\d+)", " ".join(r.output.split()))[1] == str(ctx)
+    # a 24 GB GPU: 22.5 GB of VRAM budget, 10% of it holds 16K tokens of K2's KV pages but not 32K
+    assert r.exit_code == 0 and "KV cache (16,384 tokens," in r.output and "context 16,384;" in r.output, r.output
+    assert "context 16,384 from the plan: its KV pages take 1.16 GB, 5.1% of the 22.50 GB VRAM budget; 32,768 " \
+           "would take 2.31 GB, over 10% (--context sets it)" in r.output
+    r = CliRunner(env={"COLUMNS": "250"}).invoke(main, ["plan", "--ram-gb", "768", "--gpu-gb", "24", "--mem-gbps", "200",
+                                                        "--context", "8192", "--json"])
+    got = json.loads(r.output)["plan"]
+    assert (got["context"], got["context_why"]) == (8192, "context 8,192 as given (--context)")
+
+
+def test_load_gives_the_engine_and_its_kv_store_the_plans_context(tiny_path):
+    """hybrid.load without a context: the engine holds what the plan chose (the warm-up, chat's status line,
+    bench and run read engine.context)."""
+    engine = hybrid.load(tiny_path, backend="reference", decode_graphs="off")
+    try:
+        assert engine.context == engine.plan.context >= 4096 and engine.plan.context_why.startswith("context ")
+        kv = engine.stats()["kv"]  # the pool the plan sized: the context and its copy-on-write page
+        assert kv["pages"] * kv["page_size"] == engine.plan.kv_pool_tokens >= engine.context + 64
+    finally:
+        engine.close()
 
 
 # ---- doctor ---------------------------------------------------------------------------------------

@@ -242,7 +242,7 @@ def test_a_superseded_generation_cannot_corrupt_the_cache(tiny_path):
     (dict(cpu_threads=2.0), "cpu_threads"),
     (dict(cpu_threads="2"), "cpu_threads"),
     (dict(cpu_threads=True), "cpu_threads"),
-    (dict(context=None), "context"),
+    (dict(context=0), "context"),
     (dict(routing_stats="/nonexistent/dir/rs.npy"), "routing_stats: the folder"),
     (dict(trace=5), "trace must be a file path"),
 ])

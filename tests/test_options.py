@@ -29,13 +29,14 @@ def test_every_model_command_offers_the_flags_the_specs_mark(command):
     for name in FLAGS:
         p, spec = params[name], SPECS[name]
         default = getattr(LoadOptions(), name)
-        if command == "serve" and name == "context":  # serve loads a longer context unless told, and says so
-            from hybrid.serve.limits import SERVE_CONTEXT
-            default = SERVE_CONTEXT
+        if name == "context":  # None in Python: the plan decides, and --help says how in words
+            from hybrid.runtime.context import DEFAULT_HELP
+            from hybrid.serve.limits import SERVE_CONTEXT_HELP
+            default = SERVE_CONTEXT_HELP if command == "serve" else DEFAULT_HELP
         if default is None or spec.kind == "bool":
             assert p.help == spec.help
         else:  # the spec's help, saying the engine's default (the flag's own stays None)
-            assert p.help == spec.help.replace(" (default: the engine's).", ".") + f" [default: {default}]"
+            assert p.help == spec.help + f" [default: {default}]"
         if spec.kind == "choice":
             assert isinstance(p.type, click.Choice) and tuple(p.type.choices) == spec.choices
         elif spec.kind == "int":

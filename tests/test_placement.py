@@ -21,7 +21,7 @@ from hybrid.synth.writer import preset_config
 from tests.conftest import REAL_CONFIG
 
 GB = 10**9
-CONTEXT = 8192  # the hand-worked figures below are for an 8K context (the planner's default is the engine's)
+CONTEXT = 8192  # the hand-worked figures below are for an 8K context (the default is the plan's: tests at the end)
 
 
 def plan(cfg: ModelConfig, hw: Hardware, **options) -> placement.Plan:
@@ -292,3 +292,81 @@ def test_this_machine_refuses_k2_cpu_only(k2):
         pytest.skip("this machine could hold the fp32 GPU side")
     with pytest.raises(PlanError, match="RAM is short by"):
         plan(k2, hw)
+
+
+# ---- the default context: chosen from the plan (hybrid.runtime.context) ------------------------------
+CANDIDATES = (131072, 65536, 32768, 16384, 8192, 4096)
+
+
+def expected_context(p: placement.Plan, window: int, weights: int = 0) -> int:
+    """The rule, recomputed from the plan's own numbers: the longest candidate within the model's window whose
+    pages (context + the copy-on-write page) take <= 10% of the memory they live in and, on CUDA, leave room for
+    the GPU side's weights (`weights`) in the VRAM budget; at least 4096 (or the window)."""
+    memory = p.gpu_budget if p.device == "cuda" else p.ram_available
+    ok = [c for c in CANDIDATES if c <= window and (c + 64) * p.kv_bytes_per_token <= 0.10 * memory
+          and (p.device != "cuda" or weights + (c + 64) * p.kv_bytes_per_token <= p.gpu_budget)]
+    return max(ok, default=min(4096, window))
+
+
+def test_default_context_on_a_24gb_gpu_with_128gb_ram(k2):
+    """22.5 GB of VRAM budget: 10% holds 16K tokens of K2's KV pages (1.16 GB) but not 32K (2.31 GB); bf16 stays."""
+    hw = Hardware.hypothetical(128, [24])
+    p = placement.plan(k2, hw)
+    weights = sum(p.entry(w).nbytes for w in GPU_SIDE)
+    assert p.kv_bytes_per_token == KV_VALUES * 2 and p.gpu_budget == 24 * GB - GPU_RESERVE
+    assert p.context == expected_context(p, k2.max_position_embeddings, weights) == 16384
+    assert p.gpu_precision == "bf16" and weights == BF16_SIDE and p.entry("kv_cache").where == "gpu"
+    assert p.entry("kv_cache").nbytes == (16384 + 64) * KV_VALUES * 2 and p.kv_spill_tokens == 0
+    assert p.context_why.startswith("context 16,384 from the plan") and "32,768 would take 2.31 GB" in p.context_why
+
+
+def test_default_context_keeps_bf16_weights_before_a_longer_context(k2):
+    """A 24.7 GB GPU: 10% of its budget would hold 32K, but 32K's pages beside the bf16 weights do not fit, so the
+    plan keeps bf16 and 16K (the precision first, then the context); 32K asked for gets int8."""
+    hw = Hardware.hypothetical(128, [24.7])
+    p = placement.plan(k2, hw)
+    pages_32k = (32768 + 64) * KV_VALUES * 2
+    assert pages_32k <= 0.10 * p.gpu_budget and BF16_SIDE + pages_32k > p.gpu_budget
+    assert (p.context, p.gpu_precision) == (expected_context(p, k2.max_position_embeddings, BF16_SIDE), "bf16")
+    assert p.context == 16384 and "32,768 would not leave room for bf16 GPU-side weights" in p.context_why
+    assert placement.plan(k2, hw, context=32768).gpu_precision == "int8"
+
+
+def test_default_context_on_a_768gb_cpu_only_machine(k2):
+    """No GPU: 10% of 768 GB of RAM holds the longest candidate (131,072 tokens: 9.22 GB); the experts stay mmap'd."""
+    p = placement.plan(k2, Hardware.hypothetical(768))
+    assert p.context == expected_context(p, k2.max_position_embeddings) == 131072
+    assert p.entry("kv_cache").nbytes == (131072 + 64) * KV_VALUES * 2 and p.expert_mode == "mmap"
+    assert "the longest default" in p.context_why
+
+
+def test_default_context_for_tiny_on_this_machine():
+    cfg = ModelConfig.from_dict(preset_config("tiny"))
+    p = placement.plan(cfg, detect())
+    assert p.context == expected_context(p, cfg.max_position_embeddings, sum(
+        p.entry(w).nbytes for w in GPU_SIDE))
+    assert p.kv_pool_tokens >= p.context + 64 and p.entry("kv_cache").nbytes == p.kv_pool_tokens * p.kv_bytes_per_token
+
+
+def test_an_explicit_context_is_kept(k2):
+    for hw in (Hardware.hypothetical(128, [24]), Hardware.hypothetical(768)):
+        for context in (16, 4096, 8192, 262144):
+            p = placement.plan(k2, hw, context=context)
+            assert (p.context, p.context_why) == (context, f"context {context:,} as given (--context)")
+    small = ModelConfig.from_dict(dict(preset_config("tiny"), max_position_embeddings=2048))
+    assert placement.plan(small, detect()).context == 2048  # the model's window, below the 4096 floor
+    assert placement.plan(small, detect(), context=100).context == 100
+
+
+@pytest.mark.parametrize("ram_gb", [24, 27.5, 28, 32, 607, 610, 615, 650])  # 27.5-28, 610-615: the room binds
+def test_the_default_never_costs_what_4096_had(k2, ram_gb):
+    """On a CPU the default's pages also leave the RAM side what 4096 gave it: a plan that fits at 4096 fits, and
+    routed experts resident at 4096 stay resident (a longer context shrinks only the slot cache)."""
+    hw = Hardware.hypothetical(ram_gb)
+    try:
+        short = placement.plan(k2, hw, context=4096)
+    except PlanError:
+        return
+    p = placement.plan(k2, hw)
+    assert p.context >= 4096 and p.expert_mode == short.expert_mode
+    assert (p.context + 64) * p.kv_bytes_per_token <= 0.10 * p.ram_available

@@ -56,8 +56,8 @@ def ceiling(p: Plan, mem: float, disk: float | None = None, gpu: float | None = 
     """Batch-1 ceiling by hand from the plan's numbers: bytes per token over bandwidth, the slowest stage."""
     routed = p.experts_per_token * p.n_moe_layers * p.expert_bytes
     on_cpu = routed * (1 - p.hot_experts_per_layer / p.experts_per_layer)
-    # a token at full context reads the context's KV pages (not the pool's spare ones)
-    side = sum(e.nbytes for e in p.entries if e.what in GPU_SIDE) + p.context * p.kv_bytes_per_token
+    # a token reads the KV pages of a conversation of min(context, 8192) tokens (not the pool's spare ones)
+    side = sum(e.nbytes for e in p.entries if e.what in GPU_SIDE) + min(p.context, 8192) * p.kv_bytes_per_token
     if hit is None:
         hit = 1.0 if p.expert_mode == "mmap" else min(1.0, p.cache_slots / (p.n_moe_layers * p.experts_per_layer))
     stages = [(1 - hit) * on_cpu / (disk * GB) if hit < 1 else 0.0]

@@ -22,6 +22,7 @@ from hybrid.runtime import resolve
 from hybrid.text.template import ChatTemplateError
 from hybrid.checkpoint.files import CheckpointError
 from hybrid.checkpoint.config import ConfigError
+from hybrid.runtime.context import DEFAULT_HELP as CONTEXT_HELP
 from hybrid.runtime.options import FLAGS, SPECS, LoadOptions
 from hybrid.runtime.resolve import REAL_MODEL
 from hybrid.checkpoint.paths import cache_dir
@@ -108,10 +109,9 @@ def engine_flag(name: str, **overrides: Any) -> Callable:
     keyword's spec (hybrid.runtime.options), so a flag accepts what Python does; overrides (default, help,
     type) for a command whose flag says more, like plan's defaults."""
     spec = SPECS[name]
-    default = DEFAULTS.get(name)
+    default = DEFAULT_WORDS.get(name, DEFAULTS.get(name))
     if default is not None and spec.kind != "bool":  # the engine's default, though the flag's own stays None
-        text = spec.help.replace(" (default: the engine's).", ".")
-        overrides = {"help": f"{text} [default: {default}]", **overrides}
+        overrides = {"help": f"{spec.help} [default: {default}]", **overrides}
     if spec.kind == "choice":
         kind: click.ParamType = click.Choice([str(c) for c in spec.choices])
     elif spec.kind == "gb":
@@ -132,6 +132,7 @@ def engine_flag(name: str, **overrides: Any) -> Callable:
 
 
 DEFAULTS = {f.name: f.default for f in fields(LoadOptions)}
+DEFAULT_WORDS = {"context": CONTEXT_HELP}  # None in Python, decided by the plan: the default in words
 
 
 def engine_options_with(**defaults: Any) -> Callable[[Callable], Callable]:
@@ -139,10 +140,7 @@ def engine_options_with(**defaults: Any) -> Callable[[Callable], Callable]:
     (serve's context): their help says that default instead."""
     def decorate(f: Callable) -> Callable:
         for name in reversed(FLAGS):
-            over = {}
-            if name in defaults:
-                text = SPECS[name].help.replace(" (default: the engine's).", ".")
-                over = {"help": f"{text} [default: {defaults[name]}]"}
+            over = {"help": f"{SPECS[name].help} [default: {defaults[name]}]"} if name in defaults else {}
             f = engine_flag(name, **over)(f)
         return f
     return decorate

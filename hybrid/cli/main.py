@@ -27,7 +27,7 @@ from hybrid.cli.run import run
 from hybrid.cli.split import split
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.checkpoint.layout import size_report
-from hybrid.serve.limits import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_QUEUE, SERVE_CONTEXT  # not from app or runner: FastAPI, torch
+from hybrid.serve.limits import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_QUEUE, SERVE_CONTEXT_HELP  # not app/runner: FastAPI, torch
 from hybrid.synth.writer import PRESETS, GeneratorError
 
 
@@ -130,7 +130,7 @@ def nbytes(n: float) -> str:
 
 @main.command()
 @model_option
-@engine_options_with(context=SERVE_CONTEXT)  # a server loads a longer context than the engine's default
+@engine_options_with(context=SERVE_CONTEXT_HELP)  # a server keeps 32K where it fits (serve.app.serve_context)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--api-key", envvar="KIMI_HYBRID_API_KEY", help="Require this key on every request [env KIMI_HYBRID_API_KEY].")

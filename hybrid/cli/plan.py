@@ -19,7 +19,7 @@ from hybrid.cli.common import (GBPS, MACHINE_GB, FiniteFloat, UserError, console
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.runtime.hardware import (DESKTOP_MAX_RAM_GB, DISK_TYPES, GB, MAX_THREADS, RAM_TYPES, Hardware, detect, typical_channels,
                                      typical_mem_gbps)
-from hybrid.runtime.options import DEFAULT_CONTEXT
+from hybrid.runtime.context import DEFAULT_HELP as CONTEXT_HELP
 from hybrid.runtime.placement import PlanError
 from hybrid.runtime.projection import gbps
 from hybrid.synth.writer import PRESETS, REFERENCE_DIR, preset_config
@@ -52,8 +52,8 @@ def _machine(ram_gb: float | None, gpu_gb: tuple[float, ...], cores: int | None)
 @click.option("--model", "-m", help="Checkpoint directory, config.json, HF repo id in the local cache, or preset "
                                     "(default: the real Kimi K2 Thinking config).")
 # hybrid.load's flags with the plan's defaults; any context the model allows can be planned
-@engine_flag("context", type=click.IntRange(min=1), default=DEFAULT_CONTEXT, show_default=True,
-             help="Tokens the KV cache holds (the default is the engine's: what run, chat and bench load with).")
+@engine_flag("context", type=click.IntRange(min=1),
+             help=f"Tokens the KV cache holds, as run, chat and bench load it. [default: {CONTEXT_HELP}]")
 @engine_flag("gpu_memory", help="GB of VRAM the plan may use (default: free VRAM minus a reserve).")
 @engine_flag("ram_budget", help="GB of RAM for routed experts (default: what is left).")
 @engine_flag("cpu_threads", help="Threads for the CPU experts (default: physical cores).")
@@ -89,7 +89,7 @@ def _machine(ram_gb: float | None, gpu_gb: tuple[float, ...], cores: int | None)
 @click.option("--net-latency-us", type=FiniteFloat(min=0, max=1e6), default=50.0, show_default=True,
               help="With --nodes: one request-reply round trip between head and node, microseconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def plan(model: str | None, context: int, gpu_memory: float | None, ram_budget: float | None,
+def plan(model: str | None, context: int | None, gpu_memory: float | None, ram_budget: float | None,
          cpu_threads: int | None, expert_mode: str, gpu_precision: str, ram_gb: float | None, gpu_gb: tuple[float, ...],
          device: str, cores: int | None, mem_gbps: float | None, ram_type: str | None, ram_channels: int | None,
          disk_gbps: float | None, disk_type: str | None, gpu_gbps: float | None, hit_rate: float | None, nodes: int,
@@ -112,6 +112,7 @@ def plan(model: str | None, context: int, gpu_memory: float | None, ram_budget: 
     except PlanError as e:
         hint = "" if hypothetical else "; to plan a machine to buy, pass --ram-gb and --gpu-gb"
         raise UserError(f"the plan does not fit: {e}{hint}") from None
+    plan_kw["context"] = p.context  # what would help is weighed at the same context
     if p.expert_mode == "cache" and (hit_rate if hit_rate is not None else 0.0) < 1:
         bw.disk(disk_gbps, disk_type, ckpt_dir or Path.home())
     if p.device == "cuda":
@@ -134,7 +135,7 @@ def plan(model: str | None, context: int, gpu_memory: float | None, ram_budget: 
         rows = [{"what": w, "where": where, "precision": prec, "gb": gb} for w, where, prec, gb in p.rows()]
         click.echo(json.dumps({"model": label, "machine": bw.json(hw), "plan": {
             "summary": p.summary(), "rows": rows, "device": p.device, "expert_mode": p.expert_mode,
-            "context": p.context, "gpu_precision": p.gpu_precision, "int8_note": note}, "projection": proj,
+            "context": p.context, "context_why": p.context_why, "gpu_precision": p.gpu_precision, "int8_note": note}, "projection": proj,
             "cluster": cluster, "what_would_help": helps}))
         return
     _render_plan(label, p, note)
@@ -254,6 +255,7 @@ def _render_plan(label: str, p, note: str | None) -> None:
     t.add_row("[bold]in RAM[/]", "ram", "", f"[bold]{p.ram_bytes / GB:,.2f}[/] of {p.ram_available / GB:,.2f}")
     console.print(t)
     console.print(p.summary(), style="dim", highlight=False)
+    console.print(p.context_why, highlight=False)
     if note:
         console.print(f"note: {note}", style="yellow", highlight=False)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from hybrid.checkpoint.config import ModelConfig
 from hybrid.checkpoint.reader import Checkpoint
 from hybrid.runtime.engine import PREFILL_CHUNK, Engine
 from hybrid.runtime.placement import Plan
@@ -21,7 +22,7 @@ from hybrid.cluster.head import connect
 from hybrid.experts.backend import ExpertBackend
 from hybrid.experts.build import ExpertOptions, build_backend
 from hybrid.experts.upload import UPLOAD_GROUP
-from hybrid.runtime.options import DEFAULT_CONTEXT, DEFAULT_KEEP, SPECS, LoadOptions
+from hybrid.runtime.options import DEFAULT_KEEP, SPECS, LoadOptions
 from hybrid.runtime.kv_store import KVSizes, KVStore
 from hybrid.runtime.prefix_disk import DiskPrefixCache, KVLayout
 from hybrid.cluster.identity import checkpoint_identity
@@ -31,7 +32,7 @@ from hybrid.experts.routing_stats import default_path, load_counts
 log = logging.getLogger(__name__)
 
 
-def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "auto", context: int = DEFAULT_CONTEXT,
+def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "auto", context: int | None = None,
          expert_mode: str = "auto", cache_slots: int | None = None, ram_budget: float | None = None,
          gpu_memory: float | None = None, cpu_threads: int | None = None, prefetch: bool | str = "auto",
          prefetch_width: int | None = None, cache_policy: str = "lrfu", io_threads: int = 2,
@@ -47,6 +48,9 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     backend: 'numba' (INT4 kernels over mmap'd shards or the RAM expert cache), 'reference'
     (torch, dequantised fp32; the oracle), or 'auto' (numba where the CPU has AVX2).
     device: where the "GPU side" runs: 'cuda', 'cpu' (fp32) or 'auto' (the planner: CUDA when present).
+    context: tokens the KV cache holds; None (the default): the plan's choice (hybrid.runtime.context: the
+    longest of 4K-128K whose KV pages take <= 10% of the VRAM budget, or of the RAM available without a GPU,
+    keeping bf16 weights where they fit), as engine.context and engine.plan.context_why say.
     expert_mode: 'mmap', 'cache' (RAM slots fed by explicit reads; cache_slots overrides the
     planned count) or 'auto' (the planner decides from RAM). ram_budget / gpu_memory in GB.
     prefetch: load the next layer's predicted experts during this layer (cache mode, decode): True,
@@ -83,21 +87,13 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     presets: the built-in checkpoints by name, each made on first use (hybrid.load passes hybrid.synth's;
     see hybrid.runtime.resolve).
     """
-    from hybrid.runtime.hardware import detect
-    from hybrid.runtime.placement import plan as make_plan
-
     # every option checked up front, before anything large is opened or allocated (runtime/options.py)
     options = LoadOptions(**{k: v for k, v in locals().items() if k in SPECS})  # every keyword but presets
     ckpt = Checkpoint(resolve_model(model, presets))
     cfg = ckpt.config
     try:  # the options that need the config, then the plan: a refusal closes what was opened
         options.check_config(cfg)
-        if cache_slots is not None:
-            expert_mode = "cache"
-        plan = make_plan(cfg, detect(), gpu_memory=gpu_memory, ram_budget=ram_budget, context=context,
-                         cpu_threads=cpu_threads, expert_mode=expert_mode, device=device, dtype=dtype,
-                         gpu_precision=gpu_precision, keep_conversations=keep_conversations,
-                         kv_spill_tokens=kv_spill_tokens, kv_dtype=kv_dtype)
+        plan = plan_for(cfg, options)
         if backend == "auto":
             from kernels_cpu.simd import host_has_avx2
 
@@ -109,6 +105,19 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
         ckpt.close()
         raise
     return _engine(ckpt, plan, options, backend, hot)
+
+
+def plan_for(cfg: ModelConfig, options: LoadOptions) -> Plan:
+    """The placement plan load() makes for these options on this machine (the server asks it first, to choose
+    its context)."""
+    from hybrid.runtime.hardware import detect
+    from hybrid.runtime.placement import plan as make_plan
+
+    o = options
+    return make_plan(cfg, detect(), gpu_memory=o.gpu_memory, ram_budget=o.ram_budget, context=o.context,
+                     cpu_threads=o.cpu_threads, expert_mode="cache" if o.cache_slots is not None else o.expert_mode,
+                     device=o.device, dtype=o.dtype, gpu_precision=o.gpu_precision,
+                     keep_conversations=o.keep_conversations, kv_spill_tokens=o.kv_spill_tokens, kv_dtype=o.kv_dtype)
 
 
 def _engine(ckpt: Checkpoint, plan: Plan, options: LoadOptions, backend: str, hot: int) -> Engine:
@@ -142,7 +151,7 @@ def _engine(ckpt: Checkpoint, plan: Plan, options: LoadOptions, backend: str, ho
     if options.nodes > 1:
         experts = _cluster(ckpt, experts, options)
     try:
-        engine = Engine(ckpt, experts, device=plan.device, dtype=dtype, context=options.context,
+        engine = Engine(ckpt, experts, device=plan.device, dtype=dtype, context=plan.context,
                         int8=plan.gpu_precision in ("int8", "int8w"), bf16w=plan.gpu_precision in ("bf16w", "int8w"),
                         plan=plan, prefill_chunk=options.prefill_chunk, defer_experts=defer,
                         decode_mode=decode_mode, routing_stats=stats_path, kv=_kv_store(ckpt, plan, options, dtype))
@@ -164,7 +173,7 @@ def _kv_store(ckpt: Checkpoint, plan: Plan, options: LoadOptions, compute_dtype:
         disk = DiskPrefixCache(Path(options.prefix_cache_dir).expanduser(), (ident.config + ident.index + ident.data).hex(),
                                layout, int(options.prefix_cache_gb * 1e9))
     dtype = torch.bfloat16 if plan.kv_dtype == "bfloat16" else torch.float32
-    return KVStore(cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim, options.context,
+    return KVStore(cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim, plan.context,
                    KVSizes.for_tokens(plan.kv_pool_tokens, plan.kv_spill_tokens), plan.device, dtype, compute_dtype,
                    disk)
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from hybrid.checkpoint.config import ModelConfig
 
 ONE_OF = "{name} must be one of {listed}, got {value!r}"  # the refusal of the options plan() checked first
-DEFAULT_CONTEXT = 4096  # tokens the KV cache holds unless told: the engine's, the planner's and `plan`'s default
+DEFAULT_CONTEXT = 4096  # the shortest context the plan chooses (runtime/context.py), and an Engine's built without one
 DEFAULT_KEEP = 0  # room for earlier conversations beyond the context; until the live one needs them they share its pages
 KEEP_TOKENS = 16384  # what each kept conversation is sized at (or the context, when smaller)
 PAGE_SIZE = 64  # KV positions per page (runtime/kv_store.py; README "How conversations are kept": why 64)
@@ -92,9 +92,10 @@ class LoadOptions:
                         flag=True, refusal="backend {value!r} is not known; use 'numba', 'reference' or 'auto'")
     device: str = _opt("auto", "choice", "Where the GPU side runs (auto: CUDA when there is a GPU; cpu: everything "
                        "on the CPU).", choices=("auto", "cuda", "cpu"), flag=True, refusal=ONE_OF)
-    # the flag's floor of 16: a command's prompt needs room in the cache (Python callers may go lower)
-    context: int = _opt(DEFAULT_CONTEXT, "int", "Tokens the KV cache holds (default: the engine's).", low=1, flag=True,
-                        flag_low=16)
+    # None: the plan chooses (runtime/context.py). The flag's floor of 16: a command's prompt needs room in the
+    # cache (Python callers may go lower)
+    context: int | None = _opt(None, "int", "Tokens the KV cache holds.", low=1, optional=True, flag=True,
+                               flag_low=16)
     expert_mode: str = _opt("auto", "choice", "Routed experts from the page cache (mmap) or a RAM slot cache fed "
                             "from disk.", choices=("auto", "mmap", "cache"), flag=True)
     cache_slots: int | None = _opt(None, "int", "RAM cache slots (implies expert_mode='cache').", low=1, optional=True)

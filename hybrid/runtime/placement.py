@@ -15,13 +15,13 @@ from pathlib import Path
 
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.runtime.hardware import GB, Disk, Hardware
+from hybrid.runtime.context import COW_TOKENS, default_context, ram_room
 from hybrid.runtime.options import DEFAULT_CONTEXT, DEFAULT_KEEP, KEEP_TOKENS, PAGE_SIZE, check
 from hybrid.runtime.tensor_classes import GPU_SIDE, INT8_CLASSES, ClassSizes, class_sizes
 
 log = logging.getLogger(__name__)
 
 GPU_RESERVE = int(1.5 * GB)  # CUDA context, cuBLAS workspace, prefill activations, allocator slack
-COW_TOKENS = PAGE_SIZE  # one page beyond the context: a request copies the page where it leaves a shared prefix
 MIN_POOL_TOKENS = 8192  # the fewest KV positions kept on the GPU when the rest of the context goes to host RAM
 SLOT_ALIGN = 4096  # cache slots are O_DIRECT targets
 
@@ -58,7 +58,7 @@ class Plan:
     device: str  # 'cuda' | 'cpu': where the "GPU side" runs
     gpu_precision: str  # storage of the big GPU-side linears: 'bf16' | 'int8' (cuda), 'bf16w' | 'int8w' | 'bf16' (cpu)
     entries: tuple[Entry, ...]
-    context: int  # tokens the KV cache holds
+    context: int  # tokens the KV cache holds (given, or chosen by runtime/context.py's rule)
     kv_bytes_per_token: int
     expert_mode: str  # 'mmap': all routed experts resident in the page cache; 'cache': RAM slot cache
     expert_bytes: int  # one routed expert as on disk (INT4 + bf16 scales); a hot expert takes the same
@@ -81,6 +81,7 @@ class Plan:
     kv_spill_tokens: int = 0  # KV positions of the live conversation that may move to host RAM
     kv_dtype: str = "bfloat16"  # the KV pages' dtype
     keep_conversations: int = DEFAULT_KEEP
+    context_why: str = ""  # one line: the context as given, or what the rule chose and why
 
     # ---- formatting helpers --------------------------------------------------------------
     def entry(self, what: str) -> Entry:
@@ -131,7 +132,7 @@ def _itemise(parts: dict[str, int]) -> str:
 # ---- the planner ----------------------------------------------------------------------------
 
 def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram_budget: float | None = None,
-         context: int = DEFAULT_CONTEXT, cpu_threads: int | None = None, gpu_precision: str = "auto",
+         context: int | None = None, cpu_threads: int | None = None, gpu_precision: str = "auto",
          expert_mode: str = "auto", hot_experts: int | None = None, device: str = "auto",
          checkpoint_dir: str | Path | None = None, dtype: str = "auto", keep_conversations: int = DEFAULT_KEEP,
          kv_spill_tokens: int | None = None, kv_dtype: str = "bf16") -> Plan:
@@ -143,7 +144,7 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     gpu_precision: 'auto' = bf16 if it fits with the KV cache, else int8 weight-only; the CPU as
         "GPU side" computes in fp32 over its bf16 weights ('bf16w', see widen_eligible), or over int8
         ones where 'int8' is asked for ('int8w': half the bytes again, int8's rounding).
-    hot_experts: per MoE layer on the GPU (None = all that fit).
+    hot_experts: per MoE layer on the GPU (None = all that fit). context: None = from the plan (runtime/context.py).
     checkpoint_dir: when given, the part of the checkpoint not yet there must fit on its disk.
     dtype: the GPU side's dtype when it runs on the CPU: 'auto' or 'float32' (fp32), 'bfloat16';
         on CUDA it is bf16 (int8 where gpu_precision says), so 'float32' is refused there.
@@ -167,6 +168,8 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     if kv_dtype == "fp32" and dev == "cuda":
         raise ValueError("--kv-dtype fp32 is for the CPU; on CUDA the KV cache is bf16 (leave --kv-dtype out)")
     kv_per_token = kv_values * (4 if kv_dtype == "fp32" else 2)  # bf16 pages on every device unless fp32 is asked for
+    context, why = _context(context, cfg, hw, sizes, dev, cpu_precision, kv_per_token, keep_conversations,
+                            kv_spill_tokens, hot_experts, gpu_memory, gpu_precision, ram_budget, expert_mode)
     want_pool = context + keep_conversations * min(context, KEEP_TOKENS)
 
     # -- the GPU side ---------------------------------------------------------------------
@@ -200,7 +203,7 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
 
     p = Plan(device=dev, gpu_precision=precision, entries=tuple(entries), context=context,
              kv_bytes_per_token=kv_per_token, expert_mode=mode, expert_bytes=expert_bytes, slot_bytes=slot_bytes,
-             cache_slots=slots, hot_experts_per_layer=hot, n_moe_layers=n_moe, experts_per_layer=E,
+             cache_slots=slots, hot_experts_per_layer=hot, n_moe_layers=n_moe, experts_per_layer=E, context_why=why,
              experts_per_token=K, expert_bytes_per_token=expert_bytes * K * n_moe, cpu_threads=threads,
              numa_nodes=hw.numa_nodes, gpu_index=0 if dev == "cuda" else None, gpu_budget=gpu_budget,
              ram_budget=budget, ram_available=hw.ram_available, ram_reserve=ram_reserve(hw.ram_total),
@@ -210,13 +213,13 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     return p
 
 
-def _check(cfg: ModelConfig, hw: Hardware, *, context: int, device: str, dtype: str, gpu_precision: str,
+def _check(cfg: ModelConfig, hw: Hardware, *, context: int | None, device: str, dtype: str, gpu_precision: str,
            cpu_threads: int | None, **shared: object) -> tuple[str, int]:
     """plan()'s option checks, the values by hybrid.load's own specs (options.py), then how they combine
     on `hw`; returns (where the GPU side runs, CPU threads for the experts)."""
     check(context=context, device=device, dtype=dtype, gpu_precision=gpu_precision, cpu_threads=cpu_threads,
           **shared)
-    if context > cfg.max_position_embeddings:
+    if context is not None and context > cfg.max_position_embeddings:
         raise ValueError(f"--context {context} must lie in 1..{cfg.max_position_embeddings} (max_position_embeddings)")
     if device == "cuda" and not hw.gpus:
         raise ValueError("device 'cuda' asked for, but no CUDA GPU was detected (to plan a machine with one, "
@@ -234,6 +237,28 @@ def _check(cfg: ModelConfig, hw: Hardware, *, context: int, device: str, dtype: 
     if threads > hw.logical_cores:
         log.warning("cpu_threads %d exceeds the %d logical cores; expect slower experts", threads, hw.logical_cores)
     return dev, threads
+
+
+def _context(context: int | None, cfg: ModelConfig, hw: Hardware, sizes: ClassSizes, dev: str, side: str, kv: int,
+             keep: int, spill: int | None, hot: int | None, gpu_memory: float | None, gpu_precision: str,
+             ram_budget: float | None, expert_mode: str) -> tuple[int, str]:
+    """(context, why): as given, or (None) runtime/context.py's rule over this plan's numbers. On CUDA its pages'
+    room is the VRAM budget less the hot experts asked for and the GPU side's weights at the precision the shortest
+    context gets (bf16 stays where it fits there); on a CPU, what the RAM side leaves (context.ram_room)."""
+    if context is not None:
+        return context, f"context {context:,} as given (--context)"
+    floor, window = min(DEFAULT_CONTEXT, cfg.max_position_embeddings), cfg.max_position_embeddings
+    expert_bytes = sizes.routed_bytes // max(1, len(cfg.moe_layers) * cfg.n_routed_experts)  # as plan() has it
+    min_cache = 2 * cfg.num_experts_per_tok * -(-expert_bytes // SLOT_ALIGN) * SLOT_ALIGN  # top-k + a prefetch, slots
+    if dev == "cuda":
+        p, budget, _ = _fit_gpu(sizes, hw, gpu_memory, gpu_precision, floor, kv, floor)
+        room = budget - sum(sizes.nbytes(w, p) for w in GPU_SIDE) - (hot or 0) * len(cfg.moe_layers) * expert_bytes
+        return default_context(kv, budget, "VRAM budget", window, room, keep, f"room for {p} GPU-side weights")
+    needs = ram_reserve(hw.ram_total) + sum(e.nbytes for e in _side_entries(sizes, "ram", side)) + \
+        sizes.nbytes("embedding", "bf16") + (spill or 0) * kv
+    room, room_for = ram_room(hw.ram_available - needs, sizes.routed_bytes, (floor + keep * min(floor, KEEP_TOKENS)
+                              + COW_TOKENS) * kv, expert_mode, ram_budget, min_cache)
+    return default_context(kv, hw.ram_available, "RAM available", window, room, keep, room_for)
 
 
 def _fit_hot(hot_experts: int | None, left: int, n_moe: int, E: int, expert_bytes: int) -> int:

@@ -17,6 +17,7 @@ from hybrid.runtime.placement import plan as make_plan
 from hybrid.runtime.tensor_classes import class_sizes
 
 PCIE_GBPS = 25.0  # a typical PCIe 4.0 x16 host-to-device copy, for the host tier of the KV cache
+PROJECT_TOKENS = 8192  # the conversation length a projection reads KV pages for, unless the context is shorter
 
 
 def _gb(n: float) -> str:
@@ -29,13 +30,16 @@ def gbps(x: float) -> str:
 
 
 def projected_decode_tps(plan: Plan, cfg: ModelConfig, mem_read_gbps: float, disk_gbps: float | None = None,
-                         hit_rate: float | None = None, gpu_gbps: float | None = None) -> dict:
+                         hit_rate: float | None = None, gpu_gbps: float | None = None,
+                         kv_tokens: int | None = None) -> dict:
     """Decode ceiling (batch 1) from bytes per token over bandwidth, stage by stage.
 
     Routed bytes per token = experts_per_token x MoE layers x one expert (size_report's figure). Hot
     experts take hot/E of them off the CPU (uniform routing assumed). Cache misses come from disk:
     hit_rate defaults to the cache's share of all experts (what i.i.d. routing would give; replayed
-    traces give the real figure). The KV term assumes a full cache. On a CPU-only plan the GPU-side
+    traces give the real figure). The KV term reads kv_tokens positions of the conversation (default: the
+    context, up to PROJECT_TOKENS: a typical conversation; a longer context adds a line with its own
+    figure, the host tier's PCIe reads included). On a CPU-only plan the GPU-side
     weights are read from RAM by the same cores: they join the RAM term. Returns bytes per token,
     seconds per token per stage, tok_s (stages overlapped), tok_s_serial (summed), bottleneck, explain.
     tok_s and tok_s_serial are None when nothing counted takes time (all on a GPU of unknown bandwidth).
@@ -51,9 +55,10 @@ def projected_decode_tps(plan: Plan, cfg: ModelConfig, mem_read_gbps: float, dis
     if not 0 <= hit <= 1:
         raise ValueError(f"hit_rate must lie in 0..1, got {hit}")
     miss = int(cpu_experts * (1 - hit))
-    # a token at full context reads the live conversation's KV pages once (the kept ones it does not)
-    side = sum(e.nbytes for e in plan.entries if e.what in GPU_SIDE) + \
-        min(plan.context, plan.kv_pool_tokens or plan.context) * plan.kv_bytes_per_token
+    n_kv = min(plan.context, PROJECT_TOKENS) if kv_tokens is None else kv_tokens
+    # a token reads the live conversation's KV pages once (the kept ones it does not); past the pool, over PCIe
+    on_device = min(n_kv, plan.kv_pool_tokens or n_kv)
+    side = sum(e.nbytes for e in plan.entries if e.what in GPU_SIDE) + on_device * plan.kv_bytes_per_token
     if miss and not disk_gbps:
         raise ValueError(f"cache misses read {_gb(miss)} per token from disk; pass disk_gbps")
     terms: dict[str, float | None] = {"disk": miss / (disk_gbps * GB) if miss else 0.0}
@@ -61,8 +66,8 @@ def projected_decode_tps(plan: Plan, cfg: ModelConfig, mem_read_gbps: float, dis
         terms.update(ram=(cpu_experts + side) / (mem_read_gbps * GB), gpu=0.0)
     else:
         terms.update(ram=cpu_experts / (mem_read_gbps * GB), gpu=(side + gpu_experts) / (gpu_gbps * GB) if gpu_gbps else None)
-        spilled = max(0, plan.context - plan.kv_pool_tokens) * plan.kv_bytes_per_token if plan.kv_pool_tokens else 0
-        if spilled:  # the host tier's pages cross PCIe for every token at full context
+        spilled = (n_kv - on_device) * plan.kv_bytes_per_token
+        if spilled:  # the host tier's pages cross PCIe for every token
             terms["pcie"] = spilled / (PCIE_GBPS * GB)
     known = {k: v for k, v in terms.items() if v is not None}
     worst = max(known, key=known.get)
@@ -78,10 +83,11 @@ def projected_decode_tps(plan: Plan, cfg: ModelConfig, mem_read_gbps: float, dis
         explain.append(f"cache hit rate {hit:.0%}: {_gb(miss)} per token from disk" +
                        (f" at {gbps(disk_gbps)} GB/s" if miss else ""))
     if terms.get("pcie"):
-        explain.append(f"at full context {_gb(spilled)} of KV pages come from host RAM over PCIe (typical "
+        explain.append(f"{_gb(spilled)} of KV pages come from host RAM over PCIe (typical "
                        f"{PCIE_GBPS:g} GB/s): {terms['pcie'] * 1e3:.0f} ms per token")
-    explain.append(f"non-expert weights + full KV cache: {_gb(side)} per token, read from RAM too" if plan.device == "cpu"
-                   else f"GPU side (weights + full KV cache) reads {_gb(side)} per token " +
+    kv_words = f"KV pages of {n_kv:,} tokens"
+    explain.append(f"non-expert weights + {kv_words}: {_gb(side)} per token, read from RAM too" if plan.device == "cpu"
+                   else f"GPU side (weights + {kv_words}) reads {_gb(side)} per token " +
                    (f"at {gbps(gpu_gbps)} GB/s" if gpu_gbps else "(no gpu_gbps given: not counted)"))
     if overlapped > 0:
         explain.append(f"ceiling {1 / overlapped:.2f} tok/s with stages overlapped, {1 / serial:.2f} tok/s "
@@ -90,6 +96,12 @@ def projected_decode_tps(plan: Plan, cfg: ModelConfig, mem_read_gbps: float, dis
         worst = "gpu"
         explain.append("ceiling: not counted: every byte a token reads is on the GPU; pass gpu_gbps "
                        "(--gpu-gbps) for a figure")
+    if kv_tokens is None and plan.context > n_kv:  # the same at the end of a conversation as long as the context
+        full = projected_decode_tps(plan, cfg, mem_read_gbps, disk_gbps, hit_rate, gpu_gbps, plan.context)
+        pcie = [line for line in full["explain"] if "over PCIe" in line]
+        if full["tok_s"]:
+            explain.append(f"at the full context of {plan.context:,} tokens: {full['tok_s']:.2f} tok/s" +
+                           (f" ({pcie[0]})" if pcie else ""))
     return {"routed_bytes_per_token": routed, "cpu_expert_bytes": cpu_experts, "gpu_expert_bytes": gpu_experts,
             "gpu_side_bytes": side, "disk_bytes": miss, "hit_rate": hit,
             "ram_s": terms["ram"], "disk_s": terms["disk"], "gpu_s": terms["gpu"],

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from types import FrameType
 from typing import Any, AsyncIterator, Callable
 
@@ -270,7 +271,7 @@ def end_jobs_on_signal(runner: EngineRunner) -> Callable[[], None]:
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          backend: str = "auto", context: int | None = SERVE_CONTEXT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          backend: str = "auto", context: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_prompt_tokens: int | None = None, log_level: str = "info", model_name: str = "kimi-k2-thinking",
           max_queue: int | None = DEFAULT_MAX_QUEUE, keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
           max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES, **load_options: Any) -> None:
@@ -280,13 +281,11 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     otherwise. The port is bound and listening before the model loads, and held until the server stops (no
     other process can take it meanwhile; connections made during the load wait and are answered once it is
     ready). The model runs once before requests are answered (Numba's first compile, logged, is never paid by
-    a request)."""
+    a request). context: None (the default) is serve_context's."""
     from hybrid.runtime.loader import load
 
-    kwargs = {"backend": backend, **load_options}
-    if context is not None:  # None: the engine's own default
-        kwargs["context"] = context
-    options = LoadOptions(model=model, **kwargs)  # a bad option is refused before logging or loading starts
+    # a bad option is refused before logging or loading starts
+    options = LoadOptions(model=model, backend=backend, context=context, **load_options)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("hybrid").setLevel(log_level.upper())  # queue positions and per-request figures
@@ -294,6 +293,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", host)
     # before the load: a port in use is said at once, not after minutes of loading
     with bind_port(host, port) as sock:
+        if context is None:
+            options = replace(options, context=serve_context(options))
         engine = load(**options.kwargs())
         try:
             log.info("%s before requests are answered", WARMING if kernels_cached() else COMPILING)
@@ -313,6 +314,35 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         finally:
             signal.signal(signal.SIGTERM, previous)
             _close(engine)
+
+
+def serve_context(options: LoadOptions) -> int | None:
+    """The context a server loads without --context: the plan's choice (hybrid.runtime.context), raised to
+    SERVE_CONTEXT where its KV pages take no more than the same KV_SHARE of the same memory (the VRAM budget, or
+    the RAM available without a GPU), the model's window holds it and the plan fits it. Agent loops run long, so
+    there a server takes 32K over keeping bf16 weights ('auto' then stores them in int8) or some hot experts.
+    None: the plan's choice stands (load() plans it again, the same way)."""
+    from hybrid.checkpoint.config import ModelConfig
+    from hybrid.runtime.context import COW_TOKENS, KV_SHARE
+    from hybrid.runtime.loader import plan_for
+    from hybrid.runtime.placement import PlanError
+    from hybrid.runtime.resolve import resolve_model
+
+    cfg = ModelConfig.from_file(resolve_model(options.model) / "config.json")
+    p = plan_for(cfg, options)
+    memory = p.gpu_budget if p.device == "cuda" else p.ram_available
+    if not p.context < SERVE_CONTEXT <= cfg.max_position_embeddings or \
+            (SERVE_CONTEXT + COW_TOKENS) * p.kv_bytes_per_token > KV_SHARE * memory:
+        log.info("%s", p.context_why)
+        return None
+    try:
+        plan_for(cfg, replace(options, context=SERVE_CONTEXT))
+    except PlanError as e:
+        log.info("%s; a server's %d does not fit: %s", p.context_why, SERVE_CONTEXT, e)
+        return None
+    log.info("context %d: a server's, since its KV pages take <= %.0f%% of the %s too", SERVE_CONTEXT,
+             100 * KV_SHARE, "VRAM budget" if p.device == "cuda" else "RAM available")
+    return SERVE_CONTEXT
 
 
 def _close(engine: Any) -> None:

@@ -5,4 +5,8 @@ DEFAULT_MAX_QUEUE = 16  # requests waiting behind the running one; more get a 42
 DEFAULT_KEEPALIVE_S = 10.0  # a streamed answer with nothing to send for this long gets an SSE comment
 DEFAULT_MAX_BODY_BYTES = 32 << 20  # a 256K-token history with tools is a few MB of JSON
 DEFAULT_MAX_PENDING_BYTES = 64 << 20  # request bytes held at once; the memory they take is a few times this
-SERVE_CONTEXT = 32768  # tokens of KV cache a server loads with unless told: agent loops run long, 4096 is short
+# without --context a server loads the plan's context (hybrid.runtime.context), but at least this many tokens where
+# their KV pages fit the same share of memory: agent loops run long (app.serve_context)
+SERVE_CONTEXT = 32768
+SERVE_CONTEXT_HELP = ("from the plan: the longest of 4K-128K whose KV pages take <= 10% of RAM (CPU) or VRAM (GPU), "
+                      "and at least 32768 where its pages fit that 10%")
