@@ -11,24 +11,11 @@ Letters: T tokens, H heads, P nope dim, V value dim, L latent rank.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
 
-from kernels_cpu.widen import bf16_to_f32
+from kernels_cpu.widen import widened3
 
 FASTMATH = {"reassoc", "contract"}  # a vectorised sum and FMA; NaN and inf keep their meaning
-
-
-def _kv(kvb, h, r, l):
-    """kvb[h, r, l] as float32 (bf16 bits widened, or fp32 as it is). Numba only."""
-    raise NotImplementedError
-
-
-@overload(_kv, inline="always")
-def _kv_impl(kvb, h, r, l):
-    if kvb.dtype == types.uint16:
-        return lambda kvb, h, r, l: bf16_to_f32(kvb[h, r, l])
-    return lambda kvb, h, r, l: kvb[h, r, l]
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
@@ -42,7 +29,7 @@ def _absorb_head(q, kvb, out, h):
         for p in range(P):
             qp = q[t, h, p]
             for l in range(L):
-                out[t, h, l] += qp * _kv(kvb, h, p, l)
+                out[t, h, l] += qp * widened3(kvb, h, p, l)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
@@ -53,7 +40,7 @@ def _values_head(o_lat, kvb, P, out, h):
         for v in range(out.shape[2]):
             acc = np.float32(0.0)
             for l in range(L):
-                acc += o_lat[t, h, l] * _kv(kvb, h, P + v, l)
+                acc += o_lat[t, h, l] * widened3(kvb, h, P + v, l)
             out[t, h, v] = acc
 
 

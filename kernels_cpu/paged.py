@@ -11,22 +11,9 @@ Letters: S positions, P page size, W row width, N pages in a pool.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
 
-from kernels_cpu.widen import bf16_to_f32
-
-
-def _value(a, p, r, w):
-    """a[p, r, w] as float32 (bf16 bits widened, or fp32 as it is). Numba only."""
-    raise NotImplementedError
-
-
-@overload(_value, inline="always")
-def _value_impl(a, p, r, w):
-    if a.dtype == types.uint16:
-        return lambda a, p, r, w: bf16_to_f32(a[p, r, w])
-    return lambda a, p, r, w: a[p, r, w]
+from kernels_cpu.widen import widened3
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -40,7 +27,7 @@ def _page(main, spill, table, S, out, k, k0):
     for r in range(n):
         row = (k - k0) * P + r
         for w in range(W):
-            out[row, w] = _value(src, page, r, w)
+            out[row, w] = widened3(src, page, r, w)
 
 
 @njit(nogil=True, cache=True, parallel=True)

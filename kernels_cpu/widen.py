@@ -38,6 +38,18 @@ def bf16_to_f32(typingctx, bits):
     return sig, codegen
 
 
+def widened3(a, i, j, k):
+    """a[i, j, k] as float32: bf16 bits (uint16) widened, or a float32 value as it is. Numba only."""
+    raise NotImplementedError
+
+
+@overload(widened3, inline="always")
+def _widened3_impl(a, i, j, k):
+    if a.dtype == types.uint16:
+        return lambda a, i, j, k: bf16_to_f32(a[i, j, k])
+    return lambda a, i, j, k: a[i, j, k]
+
+
 def _weight(w, o, i):
     """Weight w[o, i] as float32: bf16 bits (uint16) widened, or an int8 code. Numba only."""
     raise NotImplementedError

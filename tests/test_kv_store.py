@@ -182,6 +182,27 @@ def test_host_tier_holds_most_of_the_sequence_with_identical_tokens(tiny_path):
     roomy.close()
 
 
+def test_host_tier_under_bf16_compute_reads_through_torch_with_identical_tokens(tiny_path):
+    """The device-agnostic path (bf16 compute: the pages gathered with torch, as on CUDA): a main pool of
+    2 pages and the rest in the host tier give the tokens of a pool that holds everything."""
+    ckpt = Checkpoint(tiny_path)
+    cfg = ckpt.config
+
+    def engine(sizes: KVSizes) -> Engine:
+        kv = KVStore(cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim, 512, sizes, "cpu",
+                     torch.bfloat16, torch.bfloat16)
+        return Engine(ckpt, ReferenceExperts(ckpt), dtype=torch.bfloat16, context=512, kv=kv)
+
+    greedy = lambda lg: int(lg.argmax())  # noqa: E731
+    spilling, roomy = engine(KVSizes(P, 2, 6)), engine(KVSizes(P, 8))
+    prompt = list(range(30, 230))
+    a = [s.token for s in spilling.generate(prompt, 60, sampler=greedy)]
+    b = [s.token for s in roomy.generate(prompt, 60, sampler=greedy)]
+    assert a == b and spilling.stats()["kv"]["spilled_now"] >= 2
+    spilling.close()
+    roomy.close()
+
+
 # ---- the disk tier ---------------------------------------------------------------------------------
 def test_restart_resumes_from_the_disk_tier(tiny_path, tmp_path, caplog):
     """A conversation saved at close is found by the next engine on the same directory: the next turn
