@@ -203,6 +203,46 @@ def test_host_tier_under_bf16_compute_reads_through_torch_with_identical_tokens(
     roomy.close()
 
 
+def test_copy_on_write_holds_its_page_while_allocating():
+    """A full pool, the shared page to copy the only one left to free: allocating for the copy evicts the
+    tree's reference and may spill older pages, never the page being copied (that left the table holding
+    a freed page and a spill page owned by nobody); with nothing else to free it is a clean PoolFull."""
+    store = KVStore(1, 3, 1, 64, KVSizes(4, 1, 4), "cpu", torch.float32, torch.float32)
+    prompt = list(range(8))
+    assert store.begin(prompt) == 0
+    store.cache.prepare(0, 8)
+    store.cache.length = 8
+    store.finish(prompt)
+    store.begin(prompt)
+    store.cache.truncate(7)
+    with pytest.raises(PoolFull):  # the one main page is the one to copy: no room for its copy
+        store.cache.prepare(7, 8)
+    entries = store.cache.pages
+    main, spill = store.pages.main, store.pages.spill
+    assert len(set(entries)) == len(entries) == 2 and main.free == 0
+    assert all((main.refs[e] if e >= 0 else spill.refs[-1 - e]) >= 1 for e in entries)
+    assert int(main.refs.sum()) + int(spill.refs.sum()) == len(entries) + store.tree.nodes  # nothing orphaned
+
+
+def test_a_disk_prefix_longer_than_the_pool_loads_what_fits(tmp_path):
+    """A 12-token prefix on disk, a pool of 2 pages of 4, part of the prefix in the tree: the request
+    takes the longest part that fits beside a page to write into, and nothing is left dangling."""
+    from hybrid.runtime.prefix_disk import DiskPrefixCache, KVLayout
+
+    disk = DiskPrefixCache(tmp_path, "id", KVLayout(1, 3, 1, "float32"), 10 ** 9)
+    rows = torch.randn(1, 12, 4)
+    disk.save(list(range(12)), rows[..., :3].contiguous(), rows[..., 3:].contiguous())
+    store = KVStore(1, 3, 1, 64, KVSizes(4, 2), "cpu", torch.float32, torch.float32, disk)
+    store.begin(list(range(4)) + [99])
+    store.cache.prepare(0, 5)
+    store.cache.length = 5
+    store.finish(list(range(4)) + [99])
+    got = store.begin(list(range(12)) + [50])
+    assert got == 4  # one page: the other is kept to write into
+    assert torch.equal(store.pages.page(store.cache.pages[0])[0, :4], rows[0, :4])
+    assert int(store.pages.main.refs.sum()) == len(store.cache.pages) + store.tree.nodes
+
+
 # ---- the disk tier ---------------------------------------------------------------------------------
 def test_restart_resumes_from_the_disk_tier(tiny_path, tmp_path, caplog):
     """A conversation saved at close is found by the next engine on the same directory: the next turn

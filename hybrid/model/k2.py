@@ -46,6 +46,10 @@ class KVCache:
         """Forget positions >= n (prefix reuse keeps the common prefix)."""
         self.length = min(self.length, n)
 
+    def spilled(self) -> int:
+        """Positions held outside the compute device (a contiguous cache: none)."""
+        return 0
+
     def prepare(self, s0: int, s1: int) -> None:
         """Positions s0..s1-1 about to be written: they must fit."""
         if s1 > self.max_len:

@@ -131,6 +131,7 @@ class PagedKVCache:
         self.table = np.zeros(self._max_pages, np.int32)  # the numpy mirror the CPU gather reads
         device = pages.main.data.device
         self.table_dev = torch.zeros(self._max_pages, dtype=torch.long, device=device)  # for writes by device index
+        self._dirty = True  # entries changed since the table was last written
         self._scratch = np.zeros((0, pages.main.data.shape[-1]), np.float32)
         self._par: bool | None = None
         self.bytes_read = 0  # cache bytes rows() read, for the bench's account
@@ -141,21 +142,28 @@ class PagedKVCache:
         if entries is not self.pages:
             self.pages[:] = entries
         self.length = length
-        self._sync(0)
+        self._dirty = True
+        self._sync()
 
     def release(self) -> list[int]:
         """Hand back the entries (the caller drops or keeps their references); the cache is empty after."""
         out = list(self.pages)
         self.pages.clear()
         self.length = 0
-        self._sync(0)
+        self._dirty = True
+        self._sync()
         return out
 
-    def _sync(self, k0: int) -> None:
+    def _sync(self) -> None:
+        """The table (numpy, and on the device for captured steps) after the entries changed; else nothing
+        (on CUDA each copy waits for the stream)."""
+        if not self._dirty:
+            return
         n = len(self.pages)
-        self.table[k0:n] = self.pages[k0:n]
+        self.table[:n] = self.pages
         self.table[n:] = 0
         self.table_dev[:] = torch.from_numpy(np.maximum(self.table, 0).astype(np.int64))
+        self._dirty = False
 
     def truncate(self, n: int) -> None:
         """Forget positions >= n (their pages stay with the sequence until it is released)."""
@@ -170,14 +178,22 @@ class PagedKVCache:
         for k in range(s0 // P, min(len(self.pages), -(-s1 // P))):
             e = self.pages[k]
             if self.store.refs(e) > 1:  # copy on write: the others keep the page as it is
-                fresh = self.allocate()
-                self.store.copy(e, fresh, P)
-                self.store.decref(e)
+                self.store.incref(e)  # allocating may evict the tree's reference and then spill e itself
+                try:
+                    fresh = self.allocate()
+                    self.store.copy(e, fresh, P)
+                finally:
+                    self.store.decref(e)
+                self.store.decref(e)  # the cache's own reference
                 self.pages[k] = fresh
-        while len(self.pages) * P < s1:
-            e = self.allocate()  # may move earlier pages to the spill pool: the table is read afterwards
-            self.pages.append(e)
-        self._sync(0)
+                self._dirty = True
+        try:
+            while len(self.pages) * P < s1:
+                e = self.allocate()  # may move earlier pages to the spill pool: the table is read afterwards
+                self.pages.append(e)
+                self._dirty = True
+        finally:  # consistent even when a pool ran out part-way
+            self._sync()
 
     def spilled(self) -> int:
         """Pages of this sequence in the spill pool."""
@@ -268,10 +284,13 @@ class PagedKVCache:
         main = self.store.main.data[i]  # [N, P, W]
         if not self.spilled():
             return main.index_select(0, self.table_dev[:n]).view(-1, main.shape[-1])[:S].to(self.compute_dtype)
+        t = self.table[:n]
         out = torch.empty(n, P, main.shape[-1], dtype=main.dtype, device=main.device)
-        for k in range(n):  # spilled pages come back from the host tier page by page
-            e = int(self.table[k])
-            out[k] = self.store.page(e)[i].to(main.device, non_blocking=True)
+        here = torch.from_numpy(t >= 0).to(main.device)
+        out[here] = main.index_select(0, self.table_dev[:n][here])
+        # the host tier's pages in one copy (pinned on CUDA: the copy overlaps what was queued before it)
+        host = self.store.spill.data[i].index_select(0, torch.from_numpy(-1 - t[t < 0]).long())
+        out[~here] = host.to(main.device, non_blocking=True)
         return out.view(-1, main.shape[-1])[:S].to(self.compute_dtype)
 
 

@@ -127,6 +127,9 @@ class StaticDecoder:
     def _step(self, token: int) -> torch.Tensor:
         cache, pos = self.cache, self.cache.length
         cache.prepare(pos, pos + 1)  # the page it writes allocated (or the bound checked) before any launch
+        if cache.spilled():  # a replayed graph would read the compute device's pool in their place
+            raise RuntimeError("the static decode step reads the compute device's KV pages only; decode with "
+                               "model.forward while some are in the host tier (Engine does)")
         if self.model.defer_experts:
             raise ValueError("the static decode step does not support defer_experts; set it back to 0")
         if not 0 <= token < self.model.cfg.vocab_size:

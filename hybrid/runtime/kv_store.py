@@ -60,8 +60,8 @@ class KVStore:
         self._drop_live()
         m = self.tree.match(prompt)
         if self.disk is not None and m.tokens < len(prompt) - 1:
-            if self._from_disk(prompt, m.tokens):
-                m = self.tree.match(prompt)
+            self._from_disk(prompt, m.tokens)
+            m = self.tree.match(prompt)  # always: loading may have evicted what matched before
         entries = []
         for node in m.full:
             self.pages.incref(node.page)
@@ -74,10 +74,25 @@ class KVStore:
             self.pages.decref(m.partial.page)
             self.cache.pages.append(fresh)
             self.cache.set_pages(self.cache.pages, m.tokens)
+        self._unspill()
         self.counts["requests"] += 1
         self.counts["prompt_tokens"] += len(prompt)
         self.counts["reused_tokens"] += min(m.tokens, len(prompt) - 1)  # the last token is always recomputed
         return m.tokens
+
+    def _unspill(self) -> None:
+        """Adopted pages in the host tier come back to the compute device while it has free pages (one
+        kept for writing), so the conversation decodes from its own pool (and through a captured step)."""
+        cache, main, moved = self.cache, self.pages.main, False
+        for k, e in enumerate(cache.pages):
+            if e < 0 and main.free > 1:
+                fresh = main.alloc()
+                self.pages.copy(e, fresh, self.sizes.page_size)
+                self.pages.decref(e)
+                cache.pages[k] = fresh
+                moved = True
+        if moved:
+            cache.set_pages(cache.pages, cache.length)
 
     def finish(self, ids: list[int]) -> None:
         """The live sequence holds `ids` (len == cache.length): its pages join the tree."""
@@ -156,11 +171,15 @@ class KVStore:
         if found is None or found[0] <= have:
             return False
         n, entry = found
+        P = self.sizes.page_size
+        n = min(n, (self.pages.main.pages - 1) * P)  # what the pool holds beside a page to write into
+        if n <= have:
+            return False
         loaded = self.disk.load(entry, n)
         if loaded is None:
             return False
         kv, pe = loaded
-        P, entries = self.sizes.page_size, []
+        entries = []
         rows = torch.cat((kv, pe), dim=-1)  # [layers, n, W]
         try:
             for k in range(-(-n // P)):
