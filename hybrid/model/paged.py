@@ -132,8 +132,8 @@ class PagedKVCache:
         device = pages.main.data.device
         self.table_dev = torch.zeros(self._max_pages, dtype=torch.long, device=device)  # for writes by device index
         self._dirty = True  # entries changed since the table was last written
+        self._spilled = 0  # entries in the spill pool, counted when the table is written
         self._scratch = np.zeros((0, pages.main.data.shape[-1]), np.float32)
-        self._par: bool | None = None
         self.bytes_read = 0  # cache bytes rows() read, for the bench's account
 
     # ---- the page table ----------------------------------------------------------------------
@@ -163,6 +163,7 @@ class PagedKVCache:
         self.table[:n] = self.pages
         self.table[n:] = 0
         self.table_dev[:] = torch.from_numpy(np.maximum(self.table, 0).astype(np.int64))
+        self._spilled = int((self.table[:n] < 0).sum())
         self._dirty = False
 
     def truncate(self, n: int) -> None:
@@ -196,8 +197,8 @@ class PagedKVCache:
             self._sync()
 
     def spilled(self) -> int:
-        """Pages of this sequence in the spill pool."""
-        return sum(1 for e in self.pages if e < 0)
+        """Pages of this sequence in the spill pool (asked per layer and token: kept, not recounted)."""
+        return self._spilled
 
     # ---- what the attention calls ------------------------------------------------------------
     def write(self, i: int, s0: int | torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
@@ -272,11 +273,10 @@ class PagedKVCache:
     def _gather_cpu(self, i: int, S: int, start: int = 0) -> torch.Tensor:
         if self._scratch.shape[0] < S - start:
             self._scratch = np.empty((max(S - start, 2 * self._scratch.shape[0]), self._scratch.shape[1]), np.float32)
-        if self._par is None:
-            self._par = concurrent_parallel_ok()
         main = _as_numpy(self.store.main.data[i])
         spill = _as_numpy(self.store.spill.data[i]) if self.store.spill is not None else main[:1]
-        return torch.from_numpy(gather_rows(main, spill, self.table, S, self._scratch, self._par, start))
+        return torch.from_numpy(gather_rows(main, spill, self.table, S, self._scratch, concurrent_parallel_ok(),
+                                            start))
 
     def _gather_torch(self, i: int, S: int) -> torch.Tensor:
         P = self.store.page_size

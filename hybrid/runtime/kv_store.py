@@ -49,7 +49,6 @@ class KVStore:
         self.pages = Pages(main, spill)
         self.tree = PrefixTree(sizes.page_size, self.pages.incref, self.pages.decref)
         self.cache = PagedKVCache(self.pages, layers, kv_dim, max_len, self._allocate, compute_dtype)
-        self._finished = False  # the live sequence's pages are in the tree (finish() ran)
         self.held: list[int] = []  # the tokens the live sequence's pages hold, as of finish()
         self.counts = {"requests": 0, "prompt_tokens": 0, "reused_tokens": 0, "disk_tokens": 0,
                        "evicted_pages": 0, "spilled_pages": 0, "disk_saves": 0}
@@ -100,12 +99,10 @@ class KVStore:
         self.held = ids[:n]
         if n:
             self.tree.insert(ids[:n], self.cache.pages[:-(-n // self.sizes.page_size)])
-        self._finished = True
 
     def _drop_live(self) -> None:
         for e in self.cache.release():
             self.pages.decref(e)
-        self._finished = False
 
     def close(self) -> None:
         """Save what the tree holds to the disk tier (when there is one), then free every page."""
