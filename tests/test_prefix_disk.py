@@ -228,3 +228,10 @@ def _with_one(tmp_path) -> DiskPrefixCache:
     c = cache(tmp_path)
     saved(c, [1, 2, 3, 4])
     return c
+
+
+def test_a_directory_that_cannot_be_made_is_refused_naming_the_option(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"--prefix-cache-dir.*a-file/sub"):
+        DiskPrefixCache(blocker / "sub", "id", KVLayout(1, 3, 1, "float32"), 10 ** 6)

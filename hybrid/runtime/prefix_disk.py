@@ -95,7 +95,13 @@ class DiskPrefixCache:
         self._entries: dict[str, Entry] = {}  # file name -> entry
         self._used: dict[str, int] = {}  # file name -> last use, ns (the file's mtime, which load moves on)
         self._clock = 0
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.directory, os.W_OK | os.X_OK):
+                raise PermissionError(f"no write access to {self.directory}")
+        except OSError as e:
+            raise ValueError(f"prefix_cache_dir (--prefix-cache-dir): cannot use {self.directory} "
+                             f"({e.strerror or e}); name a directory you can write, or leave it out") from None
         self.refresh()
 
     def __len__(self) -> int:
