@@ -74,3 +74,47 @@ def test_refresh_puts_the_backends_own_hot_buffers_back(tiny_path):
     counts = ex.route_counts[layer]
     assert ex.hot[layer] is own and sorted(own) == sorted(int(e) for e in np.argsort(-counts, kind="stable")[:2])
     eng.close()
+
+
+@pytest.mark.skipif(not host_has_avx2(), reason="the Numba INT4 kernels need AVX2 + FMA")
+def test_experts_on_the_callers_thread_when_the_gpu_side_is_the_cpu(tiny_path):
+    """With the GPU side on the CPU the routed experts run on the thread that asks for them (on_caller):
+    nothing runs at submit, the sum equals the worker's, and a failure reaches the asker. The engine
+    loaded with device='cpu' works that way; the reference backend's sum is the oracle."""
+    import threading
+
+    from hybrid.experts.cpu import CpuExperts
+    from hybrid.experts.mmap_tables import mmap_tables
+
+    ckpt = Checkpoint(tiny_path)
+    cfg, layer = ckpt.config, ckpt.config.moe_layers[0]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, cfg.hidden_size)).astype(np.float32)
+    ids = np.stack([rng.choice(cfg.n_routed_experts, cfg.num_experts_per_tok, replace=False) for _ in range(3)])
+    w = rng.uniform(0.1, 1, ids.shape).astype(np.float32)
+    want = ReferenceExperts(ckpt).wait(ReferenceExperts(ckpt).submit(layer, torch.from_numpy(x), torch.from_numpy(ids),
+                                                                     torch.from_numpy(w))).numpy()
+    worker, caller = CpuExperts(tables=mmap_tables(ckpt)), CpuExperts(tables=mmap_tables(ckpt), on_caller=True)
+    try:
+        used = sorted(set(ids.ravel().tolist()))
+        fut = caller.submit(layer, x, ids, w, used)
+        assert caller.compute_s == 0 and not fut.done()  # nothing ran yet
+        seen = []
+        asker = threading.Thread(target=lambda: seen.append(fut.result()))
+        asker.start()
+        asker.join(60)
+        assert caller.compute_s > 0 and fut.done()
+        got_worker = worker.submit(layer, x, ids, w, used).result()
+        np.testing.assert_allclose(seen[0], got_worker, rtol=1e-6, atol=1e-6 * np.abs(got_worker).max())
+        np.testing.assert_allclose(seen[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        bad = caller.submit(layer, x, np.full_like(ids, cfg.n_routed_experts), w, used)
+        with pytest.raises(ValueError, match="expert ids"):
+            bad.result()
+    finally:
+        worker.close()
+        caller.close()
+    eng = hybrid.load(tiny_path, backend="numba", device="cpu")
+    try:
+        assert eng.model.experts.cpu.on_caller
+    finally:
+        eng.close()

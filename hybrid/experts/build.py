@@ -64,9 +64,9 @@ def build_backend(ckpt: Checkpoint, opts: ExpertOptions, predict: Predict | None
     cache = None
     if opts.expert_mode == "cache":
         cache = ExpertCache(ckpt, opts.cache_slots, io_threads=opts.io_threads, policy=opts.cache_policy)
-        cpu = CpuExperts(cache=cache, threads=opts.cpu_threads)
+        cpu = CpuExperts(cache=cache, threads=opts.cpu_threads, on_caller=opts.device == "cpu")
     else:
-        cpu = CpuExperts(tables=mmap_tables(ckpt), threads=opts.cpu_threads)
+        cpu = CpuExperts(tables=mmap_tables(ckpt), threads=opts.cpu_threads, on_caller=opts.device == "cpu")
     trace = open(opts.trace, "w") if opts.trace else None  # noqa: SIM115 (closed by Scheduler.close)
     try:
         routing = RoutingLog(cfg.moe_layers, cfg.n_routed_experts, trace, route_counts)

@@ -1,4 +1,5 @@
-"""CPU dispatch of the routed experts: one worker thread runs kernels_cpu.moe_forward over ExpertTables.
+"""CPU dispatch of the routed experts: kernels_cpu.moe_forward over ExpertTables, on one worker thread
+(beside a GPU side) or on the caller's thread when its result is asked for (the GPU side on the CPU).
 
 Owns the worker, the order of work over the RAM cache (experts already resident run first while the
 misses load; a cache smaller than the layer's working set loads in waves) and the CPU's counters
@@ -23,14 +24,19 @@ class CpuExperts:
     """Routed sums on the CPU: submit(...) -> a Future of y fp32 [T, D] (host).
 
     tables: ExpertTables over the mmap'd shards; or cache: the RAM slot cache (whose tables they are).
-    threads: numba threads for the kernels (None: numba's default)."""
+    threads: numba threads for the kernels (None: numba's default).
+    on_caller: compute when the Future's result is asked for, on the asking thread, instead of on the
+    worker. For a GPU side on the CPU: its products and the experts' are bound by the same RAM and
+    cores, so running them at once only interleaves two thread teams (4 threads on 2 cores, each
+    team's idle threads spinning on the other's cores); one after the other, each gets every core."""
 
     def __init__(self, tables: dict[int, ExpertTable] | None = None, cache: ExpertCache | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, on_caller: bool = False):
         if (tables is None) == (cache is None):
             raise ValueError("CpuExperts needs either mmap tables or a cache")
         self.cache = cache
         self.tables = cache.tables if cache else tables
+        self.on_caller, self._threads = on_caller, threads
         # numba's thread count is per calling thread: set it on the worker that runs the kernels
         init = (lambda: numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))) if threads else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts", initializer=init)
@@ -52,7 +58,7 @@ class CpuExperts:
         if xn.shape[0] > 1:  # the CPU's prefill rate: this layer's tokens, over its kernel calls' time
             self.prefill_tokens += xn.shape[0]
         if self.cache is None:
-            return self._pool.submit(self._kernel, layer, xn, idn, wn, len(used))
+            return self._start(self._kernel, layer, xn, idn, wn, len(used))
         # pin what is resident and start the misses before any prefetch can take their slots
         resident, missing = self.cache.pin_ready(layer, used)
         started, waiting = {}, []
@@ -62,7 +68,13 @@ class CpuExperts:
                 waiting.append(e)
             else:
                 started[e] = fut
-        return self._pool.submit(self._run_cached, layer, xn, idn, wn, resident, started, waiting)
+        return self._start(self._run_cached, layer, xn, idn, wn, resident, started, waiting)
+
+    def _start(self, fn, *args) -> Future:
+        """fn(*args) on the worker, or (on_caller) on the thread that first asks for the result."""
+        if not self.on_caller:
+            return self._pool.submit(fn, *args)
+        return _OnCaller(fn, args, self._threads)
 
     @staticmethod
     def done_zeros(xn: np.ndarray) -> Future:
@@ -118,3 +130,27 @@ class CpuExperts:
             cache.unpin(layer, resident)
             cache.unpin(layer, list(started))  # on error, let go of what is still loading
         return out
+
+
+class _OnCaller(Future):
+    """A Future whose work runs on the first thread that asks for its result (CpuExperts.on_caller),
+    with the kernels' thread count set there for the call."""
+
+    def __init__(self, fn, args: tuple, threads: int | None):
+        super().__init__()
+        self._work = (fn, args, threads)
+
+    def result(self, timeout: float | None = None):
+        if self._work is not None:
+            fn, args, threads = self._work
+            self._work = None
+            before = numba.get_num_threads()
+            if threads:
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            try:
+                self.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 (handed to the asker, as a worker's Future does)
+                self.set_exception(e)
+            finally:
+                numba.set_num_threads(before)
+        return super().result(timeout)
