@@ -1,6 +1,8 @@
 """bf16 (or int8) weights, fp32 math: the GEMVs of the GPU side when it runs on the CPU.
 
-Owns bf16_gemv and int8_gemv. The checkpoint's dense weights are bf16; holding them as fp32 doubles
+Owns bf16_gemv and int8_gemv, and the fused forms a decode step calls to save a parallel region and a
+trip through Python per product: gemv_pair (two weights, one input: q_a and kv_a) and swiglu_gemv (a
+SwiGLU MLP in one call). The checkpoint's dense weights are bf16; holding them as fp32 doubles
 the RAM they take and the bytes every decoded token reads, for no gain in accuracy (bf16 -> fp32 is
 exact). bf16_gemv reads the bf16 bits and widens them in registers (bits << 16), multiplying by
 fp32 activations and summing in fp32, so the result equals the fp32 product up to summation order:
@@ -113,6 +115,51 @@ def _gemv(x, w, s, out, nt):
             it = take(queue, n, th, nt)
 
 
+@njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
+def _gemv_pair(x, w1, s1, out1, w2, s2, out2, nt):
+    # _gemv over two weights in one queue: w1's blocks, then w2's
+    n1 = (w1.shape[0] + RB - 1) // RB
+    n = n1 + (w2.shape[0] + RB - 1) // RB
+    queue = new_queue(nt)
+    for th in prange(nt):
+        it = take(queue, n, th, nt)
+        while it < n:
+            if it < n1:
+                _rows(x, w1, s1, out1, it * RB, min(w1.shape[0], it * RB + RB))
+            else:
+                o = (it - n1) * RB
+                _rows(x, w2, s2, out2, o, min(w2.shape[0], o + RB))
+            it = take(queue, n, th, nt)
+
+
+@njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
+def _swiglu(x, wg, sg, wu, su, wd, sd, g, u, out, nt):
+    # out = (SiLU(x @ wg.T) * (x @ wu.T)) @ wd.T; g, u f32 [T, I] scratch. Two parallel regions, no
+    # Python between them.
+    n1 = (wg.shape[0] + RB - 1) // RB
+    n = 2 * n1
+    queue = new_queue(nt)
+    for th in prange(nt):
+        it = take(queue, n, th, nt)
+        while it < n:
+            if it < n1:
+                _rows(x, wg, sg, g, it * RB, min(wg.shape[0], it * RB + RB))
+            else:
+                o = (it - n1) * RB
+                _rows(x, wu, su, u, o, min(wu.shape[0], o + RB))
+            it = take(queue, n, th, nt)
+    for t in range(g.shape[0]):
+        for i in range(g.shape[1]):
+            g[t, i] = g[t, i] / (np.float32(1.0) + np.exp(-g[t, i])) * u[t, i]
+    nd = (wd.shape[0] + RB - 1) // RB
+    queue2 = new_queue(nt)
+    for th in prange(nt):
+        it = take(queue2, nd, th, nt)
+        while it < nd:
+            _rows(g, wd, sd, out, it * RB, min(wd.shape[0], it * RB + RB))
+            it = take(queue2, nd, th, nt)
+
+
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _gemv_serial(x, w, s, out):
     _rows(x, w, s, out, 0, w.shape[0])
@@ -149,6 +196,50 @@ def int8_gemv(x: np.ndarray, q: np.ndarray, scale: np.ndarray, out: np.ndarray |
         raise ValueError(f"int8_gemv: q must be int8 [O, I] and scale uint16 (bf16 bits) [O], got q {q.dtype} "
                          f"{q.shape} and scale {scale.dtype} {scale.shape}")
     return _run("int8_gemv", x, q, scale, out)
+
+
+def gemv_pair(x: np.ndarray, w1: np.ndarray, s1: np.ndarray, w2: np.ndarray, s2: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(x @ W1.T, x @ W2.T) in one parallel region: x fp32 [T <= MAX_ROWS, I]; w1, w2 [O1, I], [O2, I] of
+    one kind, bf16 bits (uint16, s1 and s2 empty) or int8 codes with bf16 row scales s1 [O1], s2 [O2].
+    Each result equals bf16_gemv's or int8_gemv's of its weight. Only where concurrent_parallel_ok()."""
+    _check_fused("gemv_pair", x, ((w1, s1), (w2, s2)))
+    out1 = np.empty((x.shape[0], w1.shape[0]), np.float32)
+    out2 = np.empty((x.shape[0], w2.shape[0]), np.float32)
+    _gemv_pair(np.ascontiguousarray(x), w1, s1, out1, w2, s2, out2, get_num_threads())
+    return out1, out2
+
+
+def swiglu_gemv(x: np.ndarray, wg: np.ndarray, sg: np.ndarray, wu: np.ndarray, su: np.ndarray, wd: np.ndarray,
+                sd: np.ndarray) -> np.ndarray:
+    """A SwiGLU MLP, (SiLU(x @ Wg.T) * (x @ Wu.T)) @ Wd.T, in one call: x fp32 [T <= MAX_ROWS, D]; wg, wu
+    [I, D] and wd [D, I] of one kind (bf16 bits, scales empty; or int8 codes with bf16 row scales), in
+    fp32 like three bf16_gemv / int8_gemv calls. Only where concurrent_parallel_ok()."""
+    _check_fused("swiglu_gemv", x, ((wg, sg), (wu, su)))
+    if wg.shape != wu.shape or wd.ndim != 2 or wd.shape[1] != wg.shape[0] or wd.dtype != wg.dtype \
+            or sd.shape != ((wd.shape[0],) if sd.shape[0] else (0,)) or not wd.flags.c_contiguous:
+        raise ValueError(f"swiglu_gemv: gate {wg.shape}, up {wu.shape} and down {wd.dtype} {wd.shape} (scales "
+                         f"{sd.shape}) do not form one MLP")
+    T, I = x.shape[0], wg.shape[0]
+    g, u = np.empty((T, I), np.float32), np.empty((T, I), np.float32)
+    out = np.empty((T, wd.shape[0]), np.float32)
+    _swiglu(np.ascontiguousarray(x), wg, sg, wu, su, wd, sd, g, u, out, get_num_threads())
+    return out
+
+
+def _check_fused(name: str, x: np.ndarray, pairs: tuple) -> None:
+    """The fused kernels' checks: x fp32 [T <= MAX_ROWS, I]; weights [O, I] contiguous, all bf16 bits
+    with no scales or all int8 with a bf16 scale a row."""
+    if x.ndim != 2 or x.dtype != np.float32 or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"{name}: x must be float32 [T <= {MAX_ROWS}, I], got {x.dtype} {x.shape}")
+    kind = pairs[0][0].dtype
+    for w, s in pairs:
+        ok = w.dtype == kind and ((kind == np.uint16 and s.shape == (0,)) or
+                                  (kind == np.int8 and s.dtype == np.uint16 and s.shape == (w.shape[0],)))
+        if not ok or w.ndim != 2 or w.shape[1] != x.shape[1] or not w.flags.c_contiguous:
+            raise ValueError(f"{name}: weights must be contiguous [O, {x.shape[1]}], all bf16 bits (uint16, no "
+                             f"scales) or all int8 with a uint16 scale a row; got {w.dtype} {w.shape} with scales "
+                             f"{s.dtype} {s.shape}")
 
 
 def _run(name: str, x: np.ndarray, w: np.ndarray, s: np.ndarray, out: np.ndarray | None) -> np.ndarray:

@@ -258,6 +258,67 @@ def test_int8_gemv_equals_the_scaled_int8_product():
         int8_gemv(x, q.astype(np.int16), scale)
 
 
+def _mlp_ref(x, wg, wu, wd):
+    """SwiGLU in float64 over already-widened weights."""
+    g, u = x.astype(np.float64) @ wg.T, x.astype(np.float64) @ wu.T
+    return (g / (1 + np.exp(-g)) * u) @ wd.T
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_fused_gemvs_equal_the_float64_products(kind):
+    """gemv_pair and swiglu_gemv (one parallel region per product instead of a call each) against
+    float64, for bf16 weights and for int8 codes with bf16 row scales; shapes with partial work items."""
+    from kernels_cpu.widen import MAX_ROWS, RB, gemv_pair, swiglu_gemv
+
+    rng = np.random.default_rng(9)
+    D, I, O2 = 3 * RB + 5, 2 * RB + 7, RB - 3
+
+    def weight(o, i):  # -> (stored array, scales, float64 value)
+        if kind == "bf16":
+            w = bf16_bits(rng.standard_normal((o, i)) / np.sqrt(i))
+            return w, np.empty(0, np.uint16), (w.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        q = rng.integers(-127, 128, (o, i), dtype=np.int64).astype(np.int8)
+        s = bf16_bits(np.full(o, 1 / (64 * np.sqrt(i))))
+        return q, s, q.astype(np.float64) * (s.astype(np.uint32) << 16).view(np.float32).astype(np.float64)[:, None]
+
+    (wg, sg, fg), (wu, su, fu), (wd, sd, fd), (w2, s2, f2) = weight(I, D), weight(I, D), weight(D, I), weight(O2, D)
+    for T in (1, 3, MAX_ROWS):
+        x = rng.standard_normal((T, D)).astype(np.float32)
+        ref = _mlp_ref(x, fg, fu, fd)
+        np.testing.assert_allclose(swiglu_gemv(x, wg, sg, wu, su, wd, sd), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        y1, y2 = gemv_pair(x, wg, sg, w2, s2)
+        for y, f in ((y1, fg), (y2, f2)):
+            r = x.astype(np.float64) @ f.T
+            np.testing.assert_allclose(y, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())
+    with pytest.raises(ValueError, match="one MLP"):
+        swiglu_gemv(x, wg, sg, wu, su, wd[:, :-1].copy(), sd)
+    with pytest.raises(ValueError, match="all bf16 bits"):
+        gemv_pair(x, wg, sg, w2.view(np.uint8) if kind == "int8" else w2.astype(np.int8), s2)
+    with pytest.raises(ValueError, match="T <= 8"):
+        gemv_pair(np.zeros((MAX_ROWS + 1, D), np.float32), wg, sg, w2, s2)
+
+
+def test_fused_products_in_the_model_equal_the_separate_ones():
+    """hybrid.model.linear's swiglu / linear_pair take the fused kernels for a decode step on the CPU and
+    the separate products for a prompt; both give the same numbers (bf16 and int8 weights)."""
+    import torch
+
+    from hybrid.model.linear import linear, linear_pair, swiglu
+    from kernels_gpu.int8 import quantize_int8
+
+    g = torch.Generator().manual_seed(3)
+    D, I = 256, 384
+    ws = [torch.randn(o, i, generator=g).div(i ** 0.5).to(torch.bfloat16) for o, i in ((I, D), (I, D), (D, I))]
+    for weights in (ws, [quantize_int8(w) for w in ws]):
+        for T in (1, 5, 20):  # 20 rows: past the GEMV, the blocked GEMM path
+            x = torch.randn(T, D, generator=g)
+            want = linear(torch.nn.functional.silu(linear(x, weights[0])) * linear(x, weights[1]), weights[2])
+            torch.testing.assert_close(swiglu(x, *weights), want, rtol=1e-5, atol=1e-5)
+            a, b = linear_pair(x, weights[0], weights[1])
+            torch.testing.assert_close(a, linear(x, weights[0]), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(b, linear(x, weights[1]), rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_gemv_beside_the_expert_kernels(experts, table):
     """The engine's decode runs the GEMVs on the forward pass's thread while a worker runs moe_forward:
     every answer stays exact with the two parallel regions at once."""

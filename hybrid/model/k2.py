@@ -13,13 +13,13 @@ import time
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from kernels_gpu.mla import chunked_prefill_attention, mla_decode
 
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.experts.backend import ExpertBackend
-from hybrid.model.linear import Weight, absorbed_attention, as_dtype, fp32_linear, linear
+from hybrid.model.linear import Weight, absorbed_attention, as_dtype, fp32_linear, linear, linear_pair
+from hybrid.model.linear import swiglu as mlp_product
 from hybrid.model.paged import PagedKVCache
 from hybrid.model.timers import Timers
 from hybrid.model.weights import MLPWeights, ModelWeights
@@ -117,7 +117,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def swiglu(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
     """x [T, D] -> [T, D] through a dense layer's MLP or a shared expert."""
-    return linear(F.silu(linear(x, w.gate_proj)) * linear(x, w.up_proj), w.down_proj)
+    return mlp_product(x, w.gate_proj, w.up_proj, w.down_proj)
 
 
 def moe_sum(shared: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
@@ -203,10 +203,12 @@ class Model:
         c, a = self.cfg, self.weights.layers[i].self_attn
         T, H, P, R, L, Vd = x.shape[0], c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank, c.v_head_dim
         proj = self._projection
-        cq = rms_norm(proj(x, a.q_a_proj), a.q_a_layernorm, LATENT_NORM_EPS)  # [T, Q]
+        t0 = time.perf_counter()
+        qa, kv = linear_pair(x, a.q_a_proj, a.kv_a_proj_with_mqa)  # [T, Q], [T, L + R]
+        self.times.attention_proj += time.perf_counter() - t0
+        cq = rms_norm(qa, a.q_a_layernorm, LATENT_NORM_EPS)
         q = proj(cq, a.q_b_proj).view(T, H, P + R)
         q_nope, q_pe = q[..., :P], apply_rope(q[..., P:], cos, sin)  # [T, H, P], [T, H, R]
-        kv = proj(x, a.kv_a_proj_with_mqa)  # [T, L + R]
         latent = rms_norm(kv[:, :L], a.kv_a_layernorm, LATENT_NORM_EPS)
         if isinstance(s0, torch.Tensor):  # positions on the device: written by index, read through a fixed span
             if mode != "absorbed" or span is None:

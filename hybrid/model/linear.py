@@ -1,7 +1,8 @@
 """How the GPU side applies a weight to activations: one call for every storage it may have.
 
 Owns linear (dense, int8 weight-only, bf16 widened under fp32 math; on a CPU the Numba GEMVs of
-kernels_cpu.widen for a decode step) and fp32_linear (the router's fp32 product). Must not know the
+kernels_cpu.widen for a decode step), its fused forms linear_pair and swiglu (one Numba call each for
+a decode step on the CPU) and fp32_linear (the router's fp32 product). Must not know the
 model: model.py calls these with tensors, shapes [..., I] -> [..., O].
 """
 from __future__ import annotations
@@ -11,10 +12,11 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kernels_cpu.heads import head_absorb, head_values
 from kernels_cpu.widen import MAX_ROWS as MAX_WIDEN_ROWS
-from kernels_cpu.widen import bf16_gemv, concurrent_parallel_ok, int8_gemv
+from kernels_cpu.widen import bf16_gemv, concurrent_parallel_ok, gemv_pair, int8_gemv, swiglu_gemv
 from kernels_gpu.int8 import int8_linear
 from kernels_gpu.mla import absorb_query
 
@@ -36,6 +38,53 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     if w.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == "cpu":
         return widening_linear(x, w)
     return x @ w.T
+
+
+def linear_pair(x: torch.Tensor, w1: Weight, w2: Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(x, w1), linear(x, w2)): for a decode step on the CPU one Numba call over both weights
+    (kernels_cpu.widen.gemv_pair: one parallel region, one trip through Python), else two linears."""
+    if (args := _fusable(x, (w1, w2))) is not None:
+        y1, y2 = gemv_pair(x.reshape(-1, x.shape[-1]).contiguous().numpy(), *args[0], *args[1])
+        return (torch.from_numpy(y1).view(*x.shape[:-1], -1), torch.from_numpy(y2).view(*x.shape[:-1], -1))
+    return linear(x, w1), linear(x, w2)
+
+
+def swiglu(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
+    """A SwiGLU MLP, down(SiLU(gate x) * up x): for a decode step on the CPU one Numba call
+    (kernels_cpu.widen.swiglu_gemv), else three linears."""
+    if (args := _fusable(x, (gate, up, down))) is not None:
+        (wg, sg), (wu, su), (wd, sd) = args
+        if wd.shape[1] == wg.shape[0] and wg.shape == wu.shape:
+            y = swiglu_gemv(x.reshape(-1, x.shape[-1]).contiguous().numpy(), wg, sg, wu, su, wd, sd)
+            return torch.from_numpy(y).view(*x.shape[:-1], -1)
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+
+
+def _fusable(x: torch.Tensor, ws: tuple[Weight, ...]) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """The (weight, scales) arrays the fused Numba kernels read, when x is a decode step's fp32 rows on
+    the CPU and every weight is held the same way (bf16, or int8 with bf16 row scales) and contiguous;
+    else None (the caller falls back to linear)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not 1 <= x.numel() // x.shape[-1] <= MAX_WIDEN_ROWS \
+            or not concurrent_parallel_ok():
+        return None
+    out = []
+    for w in ws:
+        if isinstance(w, tuple):
+            q, scale = w
+            if q.device.type != "cpu" or q.dtype != torch.int8 or scale.dtype != torch.bfloat16 \
+                    or not (q.is_contiguous() and scale.is_contiguous()):
+                return None
+            out.append((q.numpy(), _bits(scale)))
+        elif w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.is_contiguous():
+            out.append((_bits(w), _NO_SCALES))
+        else:
+            return None
+    if len({a.dtype for a, _ in out}) != 1:
+        return None
+    return out
+
+
+_NO_SCALES = np.empty(0, np.uint16)
 
 
 def widening_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
