@@ -211,13 +211,15 @@ def bf16_bits(a: np.ndarray) -> np.ndarray:
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def test_bf16_gemv_equals_the_widened_fp32_product():
+@pytest.mark.parametrize("In", [333, 2053])  # rows read one at a time (<= SHORT_ROW_BYTES), and four at a time
+def test_bf16_gemv_equals_the_widened_fp32_product(In):
     """Every row count the GEMV takes, O past several work items with a partial last one, I not a
     multiple of any vector width; the reference widens the same bits in float64."""
-    from kernels_cpu.widen import MAX_ROWS, RB, bf16_gemv
+    from kernels_cpu.widen import MAX_ROWS, RB, SHORT_ROW_BYTES, bf16_gemv
 
+    assert (2 * In <= SHORT_ROW_BYTES) == (In == 333)
     rng = np.random.default_rng(7)
-    O, In = 5 * RB + 3, 333
+    O = 5 * RB + 3
     w = bf16_bits(rng.standard_normal((O, In)) * np.logspace(-3, 1, O)[:, None])
     wf = (w.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     for T in range(1, MAX_ROWS + 1):
@@ -238,12 +240,14 @@ def test_bf16_gemv_equals_the_widened_fp32_product():
         bf16_gemv(np.zeros((1, In), np.float32), w.astype(np.int32))
 
 
-def test_int8_gemv_equals_the_scaled_int8_product():
+@pytest.mark.parametrize("In", [301, 4099])  # short rows and long ones (SHORT_ROW_BYTES)
+def test_int8_gemv_equals_the_scaled_int8_product(In):
     """int8 codes (both extremes present) with a bf16 scale per row, every row count, against float64."""
-    from kernels_cpu.widen import MAX_ROWS, RB, int8_gemv
+    from kernels_cpu.widen import MAX_ROWS, RB, SHORT_ROW_BYTES, int8_gemv
 
+    assert (In <= SHORT_ROW_BYTES) == (In == 301)
     rng = np.random.default_rng(8)
-    O, In = 3 * RB + 5, 301
+    O = 3 * RB + 5
     q = rng.integers(-127, 128, (O, In), dtype=np.int64).astype(np.int8)
     q[0, :3] = (-127, 127, 0)
     scale = bf16_bits(np.logspace(-4, 0, O))
@@ -271,7 +275,7 @@ def test_fused_gemvs_equal_the_float64_products(kind):
     from kernels_cpu.widen import MAX_ROWS, RB, gemv_pair, swiglu_gemv
 
     rng = np.random.default_rng(9)
-    D, I, O2 = 3 * RB + 5, 2 * RB + 7, RB - 3
+    D, I, O2 = 3 * RB + 5 + 2048, 2 * RB + 7, RB - 3  # gate, up: long rows; down: short ones (SHORT_ROW_BYTES)
 
     def weight(o, i):  # -> (stored array, scales, float64 value)
         if kind == "bf16":
