@@ -419,3 +419,60 @@ def test_head_products_equal_the_float64_einsums():
         head_absorb(q, kvb.astype(np.float16))
     with pytest.raises(ValueError, match="does not fit"):
         head_values(o_lat[:, :, :-1], kvb, P)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_mla_decode_equals_the_float64_attention(dtype):
+    """kernels_cpu.mla.mla_decode, a layer's decode attention in one call, against float64 for 1-3 new
+    tokens (each seeing the positions up to its own), a page boundary crossed, pages in any order
+    and one in the host tier (a negative table entry), bf16 or fp32 pages and kv_b_proj."""
+    from kernels_cpu.mla import mla_decode
+
+    rng = np.random.default_rng(11)
+    H, P, R, L, V, PG = 8, 16, 8, 32, 12, 4
+
+    def stored(a):
+        return bf16_bits(a) if dtype == "bf16" else a.astype(np.float32)
+
+    def value(a):
+        return ((a.astype(np.uint32) << 16).view(np.float32) if dtype == "bf16" else a).astype(np.float64)
+
+    def rope(x, c, s):
+        y = x.copy()
+        y[0::2], y[1::2] = x[0::2] * c - x[1::2] * s, x[0::2] * s + x[1::2] * c
+        return y
+
+    for T, s0 in ((1, 0), (1, 13), (3, 9), (2, 30)):
+        main, spill = stored(rng.standard_normal((12, PG, L + R))), stored(rng.standard_normal((5, PG, L + R)))
+        pages = -(-(s0 + T) // PG)
+        table = np.concatenate([rng.permutation(12)[:pages], np.zeros(3)]).astype(np.int32)
+        if pages > 2:
+            table[1] = -1 - 2  # that page lives in the host tier
+        q = rng.standard_normal((T, H, P + R)).astype(np.float32)
+        ang = rng.uniform(0, 6, (T, R // 2)).astype(np.float32)
+        cos, sin = np.cos(ang), np.sin(ang)
+        kvb = stored(rng.standard_normal((H, P + V, L)) / 4)
+        before = (main.copy(), spill.copy())
+        o = mla_decode(q, cos, sin, kvb, main, spill, table, s0, 0.3, 2)
+        assert (main == before[0]).all() and (spill == before[1]).all()  # reads the pages only
+
+        def row(pos):
+            e = table[pos // PG]
+            return value((main[e] if e >= 0 else spill[-1 - e])[pos % PG])
+
+        kvf = value(kvb)
+        ref = np.zeros((T, H, V))
+        for t in range(T):
+            rows = np.stack([row(p) for p in range(s0 + t + 1)])
+            for h in range(H):
+                qa = q[t, h, :P].astype(np.float64) @ kvf[h, :P]
+                sc = (rows[:, :L] @ qa + rows[:, L:] @ rope(q[t, h, P:].astype(np.float64), cos[t], sin[t])) * 0.3
+                p = np.exp(sc - sc.max())
+                ref[t, h] = (p / p.sum()) @ rows[:, :L] @ kvf[h, P:].T
+        np.testing.assert_allclose(o, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="positions"):
+        mla_decode(q, cos, sin, kvb, main, spill, table[:1], s0, 0.3, 2)
+    with pytest.raises(ValueError, match="outside the pools"):
+        mla_decode(q, cos, sin, kvb, main, spill, np.full(16, 99, np.int32), s0, 0.3, 2)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        mla_decode(q[:, :6].copy(), cos, sin, kvb[:6].copy(), main, spill, table, s0, 0.3, 2)

@@ -182,6 +182,28 @@ def test_host_tier_holds_most_of_the_sequence_with_identical_tokens(tiny_path):
     roomy.close()
 
 
+def test_fused_decode_attention_equals_the_separate_steps(tiny_path, monkeypatch):
+    """A CPU decode step's attention in one Numba call (PagedKVCache.decode_attention, kernels_cpu.mla)
+    gives the logits of the separate steps (write, then the gathered GEMMs of attend), across page
+    boundaries and with pages in the host tier; and it is what runs (its calls are counted)."""
+    from hybrid.model.paged import PagedKVCache
+
+    prompt, greedy = list(range(20, 120)), (lambda out: lambda lg: (out.append(lg.clone()), int(lg.argmax()))[1])
+    fused, calls, real = [], [], PagedKVCache.decode_attention
+    monkeypatch.setattr(PagedKVCache, "decode_attention", lambda *a: (calls.append(1), real(*a))[1])
+    eng = _engine(tiny_path, KVSizes(P, 2, 8), 512)
+    toks = [s.token for s in eng.generate(prompt, 90, sampler=greedy(fused))]
+    assert eng.stats()["kv"]["spilled_now"] >= 1 and len(calls) >= 89 * 3
+    eng.close()
+    monkeypatch.setattr(PagedKVCache, "decode_attention", lambda *a: None)
+    separate = []
+    eng = _engine(tiny_path, KVSizes(P, 2, 8), 512)
+    assert [s.token for s in eng.generate(prompt, 90, sampler=greedy(separate))] == toks
+    eng.close()
+    for a, b in zip(fused, separate):
+        assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max())
+
+
 def test_host_tier_under_bf16_compute_reads_through_torch_with_identical_tokens(tiny_path):
     """The device-agnostic path (bf16 compute: the pages gathered with torch, as on CUDA): a main pool of
     2 pages and the rest in the host tier give the tokens of a pool that holds everything."""
