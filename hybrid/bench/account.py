@@ -22,7 +22,7 @@ COMPONENTS = {
     "shared_expert": ("shared_s", True),
     "dense_mlp": ("dense_s", True),
     "head": ("lm_head_s", True),
-    "experts": ("experts_compute_s", True),  # on the worker threads, overlapping the rest
+    "experts": ("experts_compute_s", True),  # beside the GPU side; with the GPU side on the CPU, within experts_wait
     "experts_wait": ("experts_wait_s", False),
     "sampling": ("sampling_s", False),
     "dispatch_overhead": ("overhead_s", False),  # the forward's time outside every timed part

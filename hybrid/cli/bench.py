@@ -19,7 +19,7 @@ from hybrid.cli.kernel_table import kernel_table
 from hybrid.runtime.hardware import MAX_THREADS
 
 SPLIT_LABELS = {"gpu_side": "GPU-side layers (attention, router, shared expert, dense, lm_head)",
-                "experts_compute": "CPU experts computing (worker threads, overlapping)",
+                "experts_compute": "CPU experts computing (beside the GPU side; CPU-only: within the wait)",
                 "experts_wait": "forward pass waiting for the CPU experts",
                 "io_wait": "expert workers waiting for disk reads",
                 "overhead": "Python overhead in the forward pass",
@@ -90,7 +90,7 @@ COMPONENT_LABELS = {"attention_projections": "attention projections (q_a, q_b, k
                     "attention_math": "attention math (norms, rope, latent cache, MLA)",
                     "router": "router", "shared_expert": "shared expert (and hot experts)",
                     "dense_mlp": "dense layer MLP", "head": "final norm and lm_head",
-                    "experts": "routed experts (CPU workers, overlapping)",
+                    "experts": "routed experts (beside the GPU side; CPU-only: in the wait)",
                     "experts_wait": "waiting for the routed experts", "sampling": "sampling",
                     "dispatch_overhead": "Python and torch dispatch between the timed parts",
                     "outside_forward": "token loop outside the forward pass"}

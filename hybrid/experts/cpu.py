@@ -27,8 +27,8 @@ class CpuExperts:
     threads: numba threads for the kernels (None: numba's default).
     on_caller: compute when the Future's result is asked for, on the asking thread, instead of on the
     worker. For a GPU side on the CPU: its products and the experts' are bound by the same RAM and
-    cores, so running them at once only interleaves two thread teams (4 threads on 2 cores, each
-    team's idle threads spinning on the other's cores); one after the other, each gets every core."""
+    cores, and running them at once (two thread teams, 4 threads on 2 cores) measured no faster;
+    one after the other, each kernel gets every core and the bench's account adds up."""
 
     def __init__(self, tables: dict[int, ExpertTable] | None = None, cache: ExpertCache | None = None,
                  threads: int | None = None, on_caller: bool = False):
