@@ -82,15 +82,7 @@ def _rows(x, w, s, out, lo, hi):
     # 21-25 GB/s against 31-39 for one (K2's q_b_proj and shared down_proj, 2 threads, Zen 4).
     T, I = x.shape
     o = lo
-    if I * w.itemsize <= SHORT_ROW_BYTES:
-        o = hi - (hi - lo) % 4  # all rows go to the loop below
-        for r in range(lo, o):
-            for t in range(T):
-                acc = np.float32(0.0)
-                for i in range(I):
-                    acc += _weight(w, r, i) * x[t, i]
-                out[t, r] = acc * _scale(s, r)
-    while o + 4 <= hi:
+    while o + 4 <= hi and I * w.itemsize > SHORT_ROW_BYTES:
         for t in range(T):  # the rows are re-read from L1 for each row of x
             a0 = a1 = a2 = a3 = np.float32(0.0)
             for i in range(I):
@@ -104,7 +96,7 @@ def _rows(x, w, s, out, lo, hi):
             out[t, o + 2] = a2 * _scale(s, o + 2)
             out[t, o + 3] = a3 * _scale(s, o + 3)
         o += 4
-    for o in range(o, hi):
+    for o in range(o, hi):  # short rows, or what four-row blocks left
         for t in range(T):
             acc = np.float32(0.0)
             for i in range(I):
@@ -126,20 +118,26 @@ def _gemv(x, w, s, out, nt):
             it = take(queue, n, th, nt)
 
 
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def _pair_item(x, w1, s1, out1, w2, s2, out2, it, n1):
+    # work item `it` of a queue over two weights: w1's blocks of RB rows (the first n1), then w2's
+    if it < n1:
+        _rows(x, w1, s1, out1, it * RB, min(w1.shape[0], it * RB + RB))
+    else:
+        o = (it - n1) * RB
+        _rows(x, w2, s2, out2, o, min(w2.shape[0], o + RB))
+
+
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
 def _gemv_pair(x, w1, s1, out1, w2, s2, out2, nt):
-    # _gemv over two weights in one queue: w1's blocks, then w2's
+    # _gemv over two weights in one queue
     n1 = (w1.shape[0] + RB - 1) // RB
     n = n1 + (w2.shape[0] + RB - 1) // RB
     queue = new_queue(nt)
     for th in prange(nt):
         it = take(queue, n, th, nt)
         while it < n:
-            if it < n1:
-                _rows(x, w1, s1, out1, it * RB, min(w1.shape[0], it * RB + RB))
-            else:
-                o = (it - n1) * RB
-                _rows(x, w2, s2, out2, o, min(w2.shape[0], o + RB))
+            _pair_item(x, w1, s1, out1, w2, s2, out2, it, n1)
             it = take(queue, n, th, nt)
 
 
@@ -148,27 +146,16 @@ def _swiglu(x, wg, sg, wu, su, wd, sd, g, u, out, nt):
     # out = (SiLU(x @ wg.T) * (x @ wu.T)) @ wd.T; g, u f32 [T, I] scratch. Two parallel regions, no
     # Python between them.
     n1 = (wg.shape[0] + RB - 1) // RB
-    n = 2 * n1
     queue = new_queue(nt)
     for th in prange(nt):
-        it = take(queue, n, th, nt)
-        while it < n:
-            if it < n1:
-                _rows(x, wg, sg, g, it * RB, min(wg.shape[0], it * RB + RB))
-            else:
-                o = (it - n1) * RB
-                _rows(x, wu, su, u, o, min(wu.shape[0], o + RB))
-            it = take(queue, n, th, nt)
+        it = take(queue, 2 * n1, th, nt)
+        while it < 2 * n1:
+            _pair_item(x, wg, sg, g, wu, su, u, it, n1)
+            it = take(queue, 2 * n1, th, nt)
     for t in range(g.shape[0]):
         for i in range(g.shape[1]):
             g[t, i] = g[t, i] / (np.float32(1.0) + np.exp(-g[t, i])) * u[t, i]
-    nd = (wd.shape[0] + RB - 1) // RB
-    queue2 = new_queue(nt)
-    for th in prange(nt):
-        it = take(queue2, nd, th, nt)
-        while it < nd:
-            _rows(g, wd, sd, out, it * RB, min(wd.shape[0], it * RB + RB))
-            it = take(queue2, nd, th, nt)
+    _gemv(g, wd, sd, out, nt)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
