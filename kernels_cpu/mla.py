@@ -7,8 +7,9 @@ its own threads over a few hundred KB: on two cores that cost ~2.5 ms a layer ag
 reading kv_b_proj. Here it is one parallel region per layer: heads are split between threads, and
 each thread walks the cache a page at a time, scoring the page against each of its heads while the
 page is in L2 (online softmax: running max and sum a head, the value sum rescaled when the max
-grows). Past a few thousand positions the score products are compute-bound and the caller's
-blocked GEMMs (MKL) do them faster: MAX_POSITIONS is where the caller switches.
+grows). Its score products are not blocked like a GEMM's, so past about a thousand positions the
+caller's gather and MKL GEMMs are faster (in the forward, 4 K2 layers: equal at 1,000 positions,
+20-24 against 24-26 ms at 2,000): MAX_POSITIONS is where the caller switches.
 
 Pages: pools [N, PG, W] (uint16 bf16 bits or fp32), W = L latent values then R roped key values; a
 table entry e >= 0 is main[e], e < 0 spill[-1 - e] (as kernels_cpu.paged). Pure functions on arrays;
@@ -23,7 +24,7 @@ from numba import njit, prange
 from kernels_cpu.widen import widened3
 
 FASTMATH = {"reassoc", "contract"}  # a vectorised sum and FMA; NaN and inf keep their meaning
-MAX_POSITIONS = 2048  # at most this many positions per call (see the module doc); the caller checks
+MAX_POSITIONS = 1024  # at most this many positions per call (see the module doc); the caller checks
 MAX_TOKENS = 8
 
 
