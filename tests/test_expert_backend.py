@@ -118,3 +118,30 @@ def test_experts_on_the_callers_thread_when_the_gpu_side_is_the_cpu(tiny_path):
         assert eng.model.experts.cpu.on_caller
     finally:
         eng.close()
+
+
+@pytest.mark.skipif(not host_has_avx2(), reason="the Numba INT4 kernels need AVX2 + FMA")
+def test_unasked_on_caller_work_releases_its_cache_slots(tiny_path):
+    """Cache mode, experts on the caller's thread: work submitted and never asked for (a forward that
+    failed between submit and wait) still unpins its slots by the next submit, so they stay evictable."""
+    from hybrid.experts.cache import ExpertCache
+    from hybrid.experts.cpu import CpuExperts
+
+    ckpt = Checkpoint(tiny_path)
+    cfg, layer = ckpt.config, ckpt.config.moe_layers[0]
+    cache = ExpertCache(ckpt, cfg.n_routed_experts)
+    cpu = CpuExperts(cache=cache, on_caller=True)
+    try:
+        x = np.ones((1, cfg.hidden_size), np.float32)
+        ids = np.arange(cfg.num_experts_per_tok)[None]
+        w = np.full(ids.shape, 0.5, np.float32)
+        used = ids[0].tolist()
+        cpu.submit(layer, x, ids, w, used)  # never asked for
+        assert cache.pins  # held until the work runs
+        second = cpu.submit(layer, x, ids + cfg.num_experts_per_tok, w, (ids[0] + cfg.num_experts_per_tok).tolist())
+        assert {k[1] for k in cache.pins} <= set((ids[0] + cfg.num_experts_per_tok).tolist())  # the first's are gone
+        second.result()
+        assert not cache.pins
+    finally:
+        cpu.close()
+        cache.close()

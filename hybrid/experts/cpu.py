@@ -37,6 +37,7 @@ class CpuExperts:
         self.cache = cache
         self.tables = cache.tables if cache else tables
         self.on_caller, self._threads = on_caller, threads
+        self._unasked: list[Future] = []  # on-caller work over cache slots: pinned until it has run
         # numba's thread count is per calling thread: set it on the worker that runs the kernels
         init = (lambda: numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))) if threads else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts", initializer=init)
@@ -59,6 +60,7 @@ class CpuExperts:
             self.prefill_tokens += xn.shape[0]
         if self.cache is None:
             return self._start(self._kernel, layer, xn, idn, wn, len(used))
+        self._settle()
         # pin what is resident and start the misses before any prefetch can take their slots
         resident, missing = self.cache.pin_ready(layer, used)
         started, waiting = {}, []
@@ -74,7 +76,22 @@ class CpuExperts:
         """fn(*args) on the worker, or (on_caller) on the thread that first asks for the result."""
         if not self.on_caller:
             return self._pool.submit(fn, *args)
-        return _OnCaller(fn, args, self._threads)
+        fut = _OnCaller(fn, args, self._threads)
+        if self.cache is not None:
+            self._unasked = [f for f in self._unasked if not f.done()] + [fut]
+        return fut
+
+    def _settle(self) -> None:
+        """Run the cache-mode on-caller work nobody asked for (a forward that failed between submit and
+        wait, a deferred half dropped): only running it unpins its slots. Its result and error go
+        nowhere; their asker is gone."""
+        for f in self._unasked:
+            if not f.done():
+                try:
+                    f.result()
+                except Exception:  # noqa: BLE001 (nobody to hand it to)
+                    pass
+        self._unasked = []
 
     @staticmethod
     def done_zeros(xn: np.ndarray) -> Future:
