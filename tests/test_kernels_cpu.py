@@ -323,6 +323,45 @@ def test_fused_products_in_the_model_equal_the_separate_ones():
             torch.testing.assert_close(b, linear(x, weights[1]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("gemm", ["_onednn_block", "_mkl_block"])
+def test_prompt_products_equal_the_float64_ones(gemm, monkeypatch):
+    """Past the GEMV's rows, linear widens blocks of weight rows to fp32 and multiplies each with the
+    chosen block GEMM (oneDNN's or MKL's): every block, the partial last one too, holds the fp32 product
+    of the stored bf16 / int8 weights, for a prompt of 20 rows and one of 129."""
+    import torch
+
+    from hybrid.model import linear as lin
+    from kernels_gpu.int8 import quantize_int8
+
+    monkeypatch.setattr(lin, "_GEMM", [getattr(lin, gemm)])
+    monkeypatch.setattr(lin, "ONEDNN_BLOCK_ROWS", 64)
+    monkeypatch.setattr(lin, "WIDEN_BLOCK_ROWS", 96)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(3 * 96 + 17, 200, generator=g).div(200 ** 0.5).to(torch.bfloat16)
+    q, s = quantize_int8(w)
+    for T in (20, 129):
+        x = torch.randn(T, 200, generator=g)
+        for weight, wd in ((w, w.double()), ((q, s), q.double() * s.double()[:, None])):
+            ref = x.double() @ wd.T
+            y = lin.linear(x, weight)
+            assert y.dtype == torch.float32 and y.shape == (T, w.shape[0])
+            torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_prompt_gemm_choice(monkeypatch):
+    """oneDNN's linear is taken where it gives fp32 products (every torch CPU build this project
+    installs has it); KIMI_HYBRID_CPU_GEMM=mkl takes torch.mm."""
+    import torch
+
+    from hybrid.model import linear as lin
+
+    monkeypatch.setattr(lin, "_GEMM", [])
+    assert lin._block_gemm() is (lin._onednn_block if torch.backends.mkldnn.is_available() else lin._mkl_block)
+    monkeypatch.setattr(lin, "_GEMM", [])
+    monkeypatch.setenv("KIMI_HYBRID_CPU_GEMM", "mkl")
+    assert lin._block_gemm() is lin._mkl_block
+
+
 def test_bf16_gemv_beside_the_expert_kernels(experts, table):
     """The engine's decode runs the GEMVs on the forward pass's thread while a worker runs moe_forward:
     every answer stays exact with the two parallel regions at once."""

@@ -1,13 +1,15 @@
 """How the GPU side applies a weight to activations: one call for every storage it may have.
 
 Owns linear (dense, int8 weight-only, bf16 widened under fp32 math; on a CPU the Numba GEMVs of
-kernels_cpu.widen for a decode step), its fused forms linear_pair and swiglu (one Numba call each for
+kernels_cpu.widen for a decode step, for a prompt blocks of rows widened to fp32 under oneDNN's fp32
+GEMM, or MKL's), its fused forms linear_pair and swiglu (one Numba call each for
 a decode step on the CPU) and fp32_linear (the router's fp32 product). Must not know the
 model: model.py calls these with tensors, shapes [..., I] -> [..., O].
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Callable
 
@@ -113,25 +115,67 @@ _widened = threading.local()  # .block: this thread's fp32 buffer for widened we
 def _cpu_product(x: torch.Tensor, O: int, gemv: Callable[[np.ndarray], np.ndarray],
                  block: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """x fp32 [..., I] @ W.T [..., O] on the CPU: gemv(x2) (a kernels_cpu.widen GEMV) for up to
-    MAX_WIDEN_ROWS rows, else one fp32 GEMM per WIDEN_BLOCK_ROWS rows of W, block(o, out) writing rows
-    o..o+len(out)-1 in fp32 into out, a buffer kept per thread: the widened copy stays in cache
-    whatever the layer's size, and is not allocated (and page-faulted) again for every block."""
+    MAX_WIDEN_ROWS rows, else one fp32 GEMM (_block_gemm: oneDNN's, or MKL's) per block of rows of W,
+    block(o, out) writing rows o..o+len(out)-1 in fp32 into out, a buffer kept per thread: the widened
+    copy stays in cache whatever the layer's size, and is not allocated (and page-faulted) again for
+    every block."""
     x2 = x.reshape(-1, x.shape[-1])
     if 1 <= x2.shape[0] <= MAX_WIDEN_ROWS:
-        y = torch.from_numpy(gemv(x2.detach().contiguous().numpy()))
-    else:
-        yt = torch.empty(O, x2.shape[0], dtype=x2.dtype)  # [O, T]: each block's rows are one contiguous slice
-        xt = x2.T
-        need = WIDEN_BLOCK_ROWS * x2.shape[1]
-        buf = getattr(_widened, "block", None)
-        if buf is None or buf.numel() < need:
-            with torch.inference_mode(False):  # a normal tensor: written in place under inference mode or not
-                buf = _widened.block = torch.empty(need)
-        for o in range(0, O, WIDEN_BLOCK_ROWS):
-            n = min(WIDEN_BLOCK_ROWS, O - o)
-            torch.mm(block(o, buf[:n * x2.shape[1]].view(n, x2.shape[1])), xt, out=yt[o:o + n])
-        y = yt.T.contiguous()
+        return torch.from_numpy(gemv(x2.detach().contiguous().numpy())).view(*x.shape[:-1], O)
+    T, In = x2.shape
+    gemm = _block_gemm()
+    rows = WIDEN_BLOCK_ROWS if gemm is _mkl_block else ONEDNN_BLOCK_ROWS
+    buf = getattr(_widened, "block", None)
+    if buf is None or buf.numel() < rows * In:
+        with torch.inference_mode(False):  # a normal tensor: written in place under inference mode or not
+            buf = _widened.block = torch.empty(max(WIDEN_BLOCK_ROWS, ONEDNN_BLOCK_ROWS) * In)
+    y = torch.empty(T, O, dtype=x2.dtype)
+    x2 = x2.contiguous()
+    for o in range(0, O, rows):
+        n = min(rows, O - o)
+        gemm(x2, block(o, buf[:n * In].view(n, In)), y[:, o:o + n])
     return y.view(*x.shape[:-1], O)
+
+
+ONEDNN_BLOCK_ROWS = 256  # widened rows per oneDNN GEMM (K2 shapes, Zen 4: 256 at or above 512)
+
+
+def _mkl_block(x2: torch.Tensor, wb: torch.Tensor, out: torch.Tensor) -> None:
+    """out [T, n] = x2 [T, I] @ wb.T through torch.mm (MKL's sgemm in torch's CPU builds), the block on
+    the left as the engine has always multiplied it."""
+    out.copy_(torch.mm(wb, x2.T).T)
+
+
+def _onednn_block(x2: torch.Tensor, wb: torch.Tensor, out: torch.Tensor) -> None:
+    """out [T, n] = x2 [T, I] @ wb.T through torch's oneDNN fp32 linear (the op torch's compiler uses):
+    on K2's prompt shapes 1.1-1.3x MKL's sgemm on a Zen 4 (oneDNN picks its AVX-512 kernels by
+    instruction set, where MKL takes its AVX2 ones on AMD) and level with it limited to AVX2."""
+    out.copy_(torch.ops.mkldnn._linear_pointwise(x2, wb, None, "none", [], ""))
+
+
+_GEMM: list[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]] = []  # the block GEMM, chosen once
+
+
+def _block_gemm() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    """oneDNN's fp32 linear where this torch has it and it gives the fp32 product, else torch.mm.
+    KIMI_HYBRID_CPU_GEMM=mkl forces the latter (for comparisons)."""
+    if not _GEMM:
+        _GEMM.append(_mkl_block)
+        if os.environ.get("KIMI_HYBRID_CPU_GEMM", "").lower() != "mkl" and torch.backends.mkldnn.is_available():
+            try:
+                with torch.inference_mode(False):
+                    g = torch.Generator().manual_seed(0)
+                    a, w = torch.randn(9, 40, generator=g), torch.randn(24, 40, generator=g)
+                    got = torch.empty(9, 24)
+                    _onednn_block(a, w, got)
+                    want = (a.double() @ w.double().T).float()
+                if torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+                    _GEMM[0] = _onednn_block
+                else:  # e.g. a build whose oneDNN rounds fp32 matmuls to bf16
+                    log.info("oneDNN's fp32 linear is not an fp32 product here; prompt GEMMs use torch.mm")
+            except (RuntimeError, AttributeError, NotImplementedError) as e:
+                log.info("oneDNN's fp32 linear unavailable (%s); prompt GEMMs use torch.mm", e)
+    return _GEMM[0]
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
