@@ -20,7 +20,7 @@ import torch
 
 from hybrid.runtime.graphs import GraphCache, GraphedStep
 from kernels_gpu.int8 import int8_linear, pick_kernel, quantize_int8
-from kernels_gpu.mla import absorb_query, chunked_prefill_attention, mla_decode
+from kernels_gpu.mla import absorb_query, chunked_prefill_attention, mla_decode, prefill_attention
 from hybrid.experts.upload import (LayerUploader, PrefillSpeeds, expert_flops_per_token, measure_pcie_gbps,
                                  offload_threshold, prefill_on_gpu)
 
@@ -90,6 +90,21 @@ def test_chunked_prefill_matches_full_softmax(offset, q_chunk, k_block):
     close(out, ref_attention(**x, scale=SCALE, offset=offset))
 
 
+@pytest.mark.parametrize("T,offset", [(1, 0), (37, 0), (37, 23), (64, 5)])
+@pytest.mark.parametrize("q_block", [1, 8, 64])
+def test_causal_block_prefill_matches_full_softmax(T, offset, q_block):
+    # keys and values expanded as the model does (strided [H, S, *] views of one [S, H, P+V] tensor),
+    # two extra cache rows past the prompt that no query may see
+    x = mla_inputs(T, offset + T + 2, seed=5)
+    kvb = torch.cat((torch.einsum("sl,hpl->shp", x["kv"], x["w_uk"]), torch.einsum("sl,hvl->shv", x["kv"], x["w_uv"])),
+                    dim=-1).transpose(0, 1)  # [H, S, P+V]
+    out = prefill_attention(x["q_nope"], x["q_pe"], kvb[..., :P], kvb[..., P:], x["k_pe"], SCALE, offset,
+                            q_block=q_block)
+    assert out.shape == (T, H, V) and out.dtype == x["q_nope"].dtype
+    close(out, ref_attention(**{**x, "kv": x["kv"][:offset + T], "k_pe": x["k_pe"][:offset + T]}, scale=SCALE,
+                             offset=offset))
+
+
 def test_prefill_then_decode_agree_on_the_same_positions():
     # the last prompt token attended by prefill == the same token decoded (absorbed == naive)
     x = mla_inputs(20, 20, seed=3)
@@ -105,6 +120,8 @@ def test_mla_bf16_close_to_fp32():
     close(mla_decode(x["q_nope"], x["q_pe"], x["kv"], x["k_pe"], x["w_uk"], x["w_uv"], SCALE, 48, block=16), ref, 5e-2)
     close(chunked_prefill_attention(x["q_nope"], x["q_pe"], x["kv"], x["k_pe"], x["w_uk"], x["w_uv"], SCALE, 48,
                                     k_block=16), ref, 5e-2)
+    close(chunked_prefill_attention(x["q_nope"], x["q_pe"], x["kv"], x["k_pe"], x["w_uk"], x["w_uv"], SCALE, 48,
+                                    q_chunk=1), ref, 5e-2)  # one key block: prefill_attention in bf16
 
 
 # ---- int8 -------------------------------------------------------------------------------------

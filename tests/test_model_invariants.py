@@ -64,6 +64,29 @@ def test_chunked_long_prompt_attention_equals_the_direct_form(tiny_path, monkeyp
     assert (chunked - direct).abs().max() <= 1e-4 * direct.abs().max()
 
 
+def test_few_tokens_over_a_long_context_take_the_chunked_form(tiny_path, monkeypatch):
+    """A short turn after a long history expands keys and values a block at a time: the naive form
+    would expand every cache position per head (K2: 64 KB each in fp32, 13 GB at 200 K)."""
+    import hybrid.model.k2 as model
+
+    e = hybrid.load(tiny_path, backend="reference")
+    ids = torch.randint(0, e.config.vocab_size, (40,), generator=torch.Generator().manual_seed(10))
+    cache = e.model.new_cache(64)
+    e.model.forward(ids[:28], cache)
+    direct = e.model.forward(ids[28:], cache, attn="naive")  # 12 tokens over 40 keys
+    calls = []
+    real = model.chunked_prefill_attention
+    monkeypatch.setattr(model, "NAIVE_MAX_KEYS", 32)
+    monkeypatch.setattr(model, "chunked_prefill_attention",
+                        lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k, k_block=16))
+    cache = e.model.new_cache(64)
+    e.model.forward(ids[:28], cache)  # 28 keys: the naive form
+    assert not calls
+    bounded = e.model.forward(ids[28:], cache, attn="naive")
+    assert calls and set(calls) == {12}
+    assert (bounded - direct).abs().max() <= 1e-4 * direct.abs().max()
+
+
 def test_int8_weight_only_gpu_weights_cost_no_more_than_their_precision(tiny_path):
     """The planner's int8 weight-only option (short VRAM). The random tiny model amplifies query errors
     (sharp attention), so the bound is relative: int8 must do no worse than perturbing every weight by

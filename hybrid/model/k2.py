@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from kernels_gpu.mla import chunked_prefill_attention, mla_decode
+from kernels_gpu.mla import chunked_prefill_attention, mla_decode, prefill_attention
 
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.experts.backend import ExpertBackend
@@ -27,6 +27,7 @@ from hybrid.model.weights import MLPWeights, ModelWeights
 LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
 ABSORB_MAX_TOKENS = 8  # at or below this many new tokens, attend in the absorbed (latent) form
 CHUNKED_MIN_SCORES = 1 << 22  # T x S above this: the chunked kernel, never a whole [T, H, S] score matrix
+NAIVE_MAX_KEYS = 8192  # and above this many keys (K2: each expanded per head is 64 KB in fp32, 32 KB in bf16)
 
 AttnMode = Literal["auto", "naive", "absorbed"]
 
@@ -230,17 +231,12 @@ class Model:
             return proj(absorbed_attention(q_nope, q_pe, attend, a.kv_b_heads, a.w_uk, a.w_uv).reshape(T, H * Vd),
                         a.o_proj)
         kv_latent, k_pe = cache.rows(i, S)  # [S, L], [S, R]
-        if T * S > CHUNKED_MIN_SCORES:  # long prompts: same math, bounded memory
+        if T * S > CHUNKED_MIN_SCORES or S > NAIVE_MAX_KEYS:  # long prompts or contexts: same math, bounded memory
             o = chunked_prefill_attention(q_nope, q_pe, kv_latent, k_pe, as_dtype(a.w_uk, q_nope.dtype),
                                           as_dtype(a.w_uv, q_nope.dtype), c.softmax_scale, s0)
-        else:  # the naive form: keys and values expanded per head; scores [T, H, S]
-            kvb = linear(kv_latent, a.kv_b_proj).view(S, H, P + Vd)
-            # the rope part is MQA: one k_pe shared by all heads
-            scores = torch.einsum("thr,sr->ths", q_pe, k_pe) + torch.einsum("thp,shp->ths", q_nope, kvb[..., :P])
-            causal = torch.arange(S, device=x.device)[None, :] > torch.arange(s0, S, device=x.device)[:, None]  # [T, S]
-            scores = (scores * c.softmax_scale).masked_fill(causal[:, None, :], float("-inf"))
-            probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
-            o = torch.einsum("ths,shv->thv", probs, kvb[..., P:])  # [T, H, V]
+        else:  # the naive form: keys and values expanded per head, scored in causal query blocks
+            kvb = linear(kv_latent, a.kv_b_proj).view(S, H, P + Vd).transpose(0, 1)  # [H, S, P+V]
+            o = prefill_attention(q_nope, q_pe, kvb[..., :P], kvb[..., P:], k_pe, c.softmax_scale, s0)  # [T, H, V]
         return proj(o.reshape(T, H * Vd), a.o_proj)
 
     def _projection(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
