@@ -3,7 +3,7 @@
 
     python scripts/compare_llamacpp.py --llama-bench ~/llama.cpp/build/bin/llama-bench \\
         --gguf k2-slice-q4_0-bf16.gguf [--model k2-slice] [--gpu-precision auto|int8] \\
-        [--threads 2] [--prompt-tokens 128] [--gen-tokens 32] [--rounds 3] [--json]
+        [--cpu-prompt-math fp32|bf16] [--threads 2] [--prompt-tokens 128] [--gen-tokens 32] [--rounds 3] [--json]
 
 Each round measures, one after another, the machine's RAM read bandwidth, our prompt processing and
 generation (hybrid.bench.engine_bench, one run), llama.cpp's prompt processing (`llama-bench -p P
@@ -14,6 +14,8 @@ cooler machine. It prints the medians and ours/theirs per test (a table, or one 
 llama.cpp is not a dependency: point --llama-bench at a binary you built (README: "Compare with
 llama.cpp"). Compare like with like: a GGUF whose non-expert weights are BF16 against our default
 (bf16 weights, fp32 math), one whose non-expert weights are Q8_0 against --gpu-precision int8.
+llama.cpp rounds the activations of a bf16 weight's product to bf16; --cpu-prompt-math bf16 does the
+same for our prompt products (on CPUs with AVX512_BF16 or AMX).
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def ours(engine, prompt: int, gen: int, gbps: float, r: int) -> tuple[float, flo
 def compare(args: argparse.Namespace) -> dict:
     P, G, T = args.prompt_tokens, args.gen_tokens, args.threads
     engine = hybrid.load(args.model, device="cpu", cpu_threads=T, gpu_precision=args.gpu_precision,
-                         context=max(4096, P + G + 16))
+                         cpu_prompt_math=args.cpu_prompt_math, context=max(4096, P + G + 16))
     with engine:
         bench_engine(engine, min(P, 16), 2, 1, mem_gbps=1.0)  # compile and fault in; not measured
         llama_bench(args.llama_bench, args.gguf, T, 16, 0, 0)  # the same for llama.cpp: pages in its GGUF
@@ -79,7 +81,8 @@ def compare(args: argparse.Namespace) -> dict:
                   file=sys.stderr)
     med = {k: statistics.median(v) for k, v in rows.items()}
     return {"settings": {"model": str(args.model), "gguf": str(args.gguf), "threads": T, "prompt_tokens": P,
-                         "gen_tokens": G, "depth": P, "rounds": args.rounds, "gpu_precision": args.gpu_precision},
+                         "gen_tokens": G, "depth": P, "rounds": args.rounds, "gpu_precision": args.gpu_precision,
+                         "cpu_prompt_math": args.cpu_prompt_math},
             "mem_read_gbps": med["gbps"], "runs": rows,
             "pp": {"ours_tok_s": med["pp_ours"], "llamacpp_tok_s": med["pp_llama"], "ratio": med["pp_ours"] / med["pp_llama"]},
             "tg": {"ours_tok_s": med["tg_ours"], "llamacpp_tok_s": med["tg_llama"], "ratio": med["tg_ours"] / med["tg_llama"],
@@ -88,7 +91,7 @@ def compare(args: argparse.Namespace) -> dict:
 
 def table(res: dict) -> str:
     s = res["settings"]
-    lines = [f"{s['model']} (ours, --gpu-precision {s['gpu_precision']}) vs {Path(s['gguf']).name} (llama.cpp), "
+    lines = [f"{s['model']} (ours, --gpu-precision {s['gpu_precision']} --cpu-prompt-math {s['cpu_prompt_math']}) vs {Path(s['gguf']).name} (llama.cpp), "
              f"{s['threads']} threads, median of {s['rounds']} interleaved rounds; RAM read {res['mem_read_gbps']:.1f} GB/s",
              f"{'test':<24}{'llama.cpp tok/s':>16}{'ours tok/s':>12}{'ours/theirs':>13}"]
     for key, name in (("pp", f"pp{s['prompt_tokens']}"), ("tg", f"tg{s['gen_tokens']} @ depth {s['depth']}")):
@@ -105,6 +108,8 @@ def main() -> None:
     ap.add_argument("--model", default="k2-slice", help="ours: checkpoint directory or preset (default k2-slice)")
     ap.add_argument("--gpu-precision", choices=("auto", "int8"), default="auto",
                     help="ours: bf16 non-expert weights (auto) or int8 (against a Q8_0 GGUF)")
+    ap.add_argument("--cpu-prompt-math", choices=("fp32", "bf16"), default="fp32",
+                    help="ours: prompt products in fp32 (exact) or bf16 (llama.cpp's rounding; AVX512_BF16 or AMX)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=32)

@@ -322,6 +322,24 @@ def test_device_reaches_the_plan(tiny_path, monkeypatch):
         assert r.exit_code == 1 and "device 'cuda' asked for, but no CUDA GPU was detected" in r.output, r.output
 
 
+def test_cpu_prompt_math_reaches_the_model(tiny_path, monkeypatch):
+    """--cpu-prompt-math bf16 runs the prompt's products in bf16 where the CPU has AVX512_BF16 or AMX
+    (the bench says so), and is refused in one line naming what is missing where it has neither."""
+    args = ["bench", "-m", str(tiny_path), "--prompt-tokens", "12", "--gen-tokens", "2", "--runs", "1",
+            "--probe-mb", "16", "--device", "cpu", "--json", "--cpu-prompt-math", "bf16"]
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "needs a CPU with AVX512_BF16 or AMX" in r.output and "Traceback" not in r.output, \
+        r.output
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # torch computes bf16 on any CPU
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["settings"]["cpu_prompt_math"] == "bf16"
+    r = CliRunner().invoke(main, args[:-1] + ["fp16"])
+    assert r.exit_code == 2 and "'fp16' is not one of" in r.output
+
+
 def test_gpu_precision_reaches_the_plan(tiny_path):
     """--gpu-precision goes to hybrid.load's plan: without CUDA, bf16 is refused in one line that
     names the option, and int8 runs the CPU side over int8 weights; auto runs everywhere."""

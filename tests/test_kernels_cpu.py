@@ -362,6 +362,57 @@ def test_prompt_gemm_choice(monkeypatch):
     assert lin._block_gemm() is lin._mkl_block
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_bf16_prompt_math_rounds_the_activations_and_nothing_else(int8):
+    """Under prompt_math('bf16') a prompt's products are those of the bf16-rounded activations with
+    the weights as held (int8 codes exact in bf16, times their row scales), sums rounded to bf16; a
+    decode step's rows and the router's fp32 product stay exact fp32; 'fp32' is the widened product."""
+    import torch
+
+    from hybrid.model import linear as lin
+
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(20, 96, generator=g)
+    if int8:
+        q = torch.randint(-127, 128, (1100, 96), generator=g, dtype=torch.int8)  # > WIDEN_BLOCK_ROWS: two blocks
+        s = (torch.rand(1100, generator=g) * 0.02 + 0.001).bfloat16()
+        w, w64 = (q, s), q.double() * s.double()[:, None]
+    else:
+        w = torch.randn(1100, 96, generator=g).bfloat16()
+        w64 = w.double()
+    exact = x.double() @ w64.T  # the fp32 path's product
+    rounded = x.bfloat16().double() @ w64.T  # the bf16 path's, before its output rounding
+    scale = exact.abs().max().item()
+    torch.testing.assert_close(lin.linear(x, w).double(), exact, rtol=1e-5, atol=1e-5 * scale)
+    with lin.prompt_math("bf16"):
+        got = lin.linear(x, w).double()
+        torch.testing.assert_close(lin.linear(x[:8], w).double(), exact[:8], rtol=1e-5, atol=1e-5 * scale)
+        if not int8:
+            torch.testing.assert_close(lin.fp32_linear(x, w).double(), exact, rtol=1e-5, atol=1e-5 * scale)
+    assert got.dtype == torch.float64 and got.shape == (20, 1100)
+    torch.testing.assert_close(got, rounded, rtol=2 ** -7, atol=2 ** -7 * scale)  # one bf16 rounding of the sum
+    assert (got - exact).abs().max().item() > 1e-4 * scale  # the activations were rounded: not the fp32 path
+    with pytest.raises(ValueError, match="prompt math must be one of fp32, bf16"):
+        with lin.prompt_math("fp16"):
+            pass
+
+
+def test_bf16_prompt_math_refused_where_it_does_not_apply(monkeypatch):
+    import torch
+
+    from hybrid.model.linear import check_prompt_math
+
+    check_prompt_math("fp32", "cuda")
+    with pytest.raises(ValueError, match="for a GPU side on the CPU"):
+        check_prompt_math("bf16", "cuda")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.raises(ValueError, match="needs a CPU with AVX512_BF16 or AMX"):
+        check_prompt_math("bf16", "cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    check_prompt_math("bf16", "cpu")
+
+
 def test_bf16_gemv_beside_the_expert_kernels(experts, table):
     """The engine's decode runs the GEMVs on the forward pass's thread while a worker runs moe_forward:
     every answer stays exact with the two parallel regions at once."""

@@ -181,6 +181,7 @@ def _report(engine: Engine, name: str | None, settings: dict, mem_gbps: float, p
                     "loadavg_1min": os.getloadavg()[0]},
         "settings": {**settings, "context": engine.context, "expert_mode": engine.plan.expert_mode,
                      "hot_experts": engine.hot_experts, "gpu_precision": engine.plan.gpu_precision,
+                     "cpu_prompt_math": engine.model.prompt_math,
                      "decode_graphs": "off" if graphs is None else graphs["mode"] + ("+cuda_graphs" if graphs["cuda_graphs"] else "")},
         "prefill": {"tok_s": _spread(prefill.tok_s), "runs_tok_s": prefill.tok_s, "split_ms_per_token": prefill.split(),
                     "expert_bytes_per_token": prefill.per_token("expert_bytes"),

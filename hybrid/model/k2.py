@@ -18,7 +18,7 @@ from kernels_gpu.mla import chunked_prefill_attention, mla_decode, prefill_atten
 
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.experts.backend import ExpertBackend
-from hybrid.model.linear import Weight, absorbed_attention, as_dtype, fp32_linear, linear, linear_pair
+from hybrid.model.linear import Weight, absorbed_attention, as_dtype, fp32_linear, linear, linear_pair, prompt_math
 from hybrid.model.linear import swiglu as mlp_product
 from hybrid.model.paged import PagedKVCache
 from hybrid.model.timers import Timers
@@ -146,6 +146,7 @@ class Model:
         self.inv_freq = yarn_inv_freq(cfg).to(self.device)
         self.times = Timers()  # seconds by part, for the bench's split
         self.defer_experts = defer_experts  # experts per token whose output is added one MoE layer late (0 = exact)
+        self.prompt_math = "fp32"  # the math of prompt products on a CPU (linear.prompt_math); the engine sets it
         self._deferred: Any = None
 
     def new_cache(self, max_len: int) -> KVCache:
@@ -154,7 +155,12 @@ class Model:
     def forward(self, ids: torch.Tensor, cache: Cache, attn: AttnMode = "auto", last_only: bool = False) -> torch.Tensor:
         """ids [T] at positions cache.length .. cache.length+T-1 -> logits [T, vocab] (fp32), or with
         last_only the last position's [1, vocab] (generation: lm_head over a 4096-token prefill chunk
-        costs more than a layer, and its logits take ~4 GB)."""
+        costs more than a layer, and its logits take ~4 GB). Prompt products on a CPU in the math
+        self.prompt_math says."""
+        with prompt_math(self.prompt_math):
+            return self._forward(ids, cache, attn, last_only)
+
+    def _forward(self, ids: torch.Tensor, cache: Cache, attn: AttnMode, last_only: bool) -> torch.Tensor:
         T, s0 = ids.shape[0], cache.length
         cache.prepare(s0, s0 + T)
         cos, sin = self.rope(torch.arange(s0, s0 + T, device=self.device))

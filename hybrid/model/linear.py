@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -33,14 +35,69 @@ WIDEN_BLOCK_ROWS = 512  # weight rows widened to fp32 at a time for a GEMM (K2: 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x [..., I] @ w.T; int8 weight-only weights go through kernels_gpu's int8 linear, bf16 weights
-    under fp32 activations (the GPU side on the CPU) through widening_linear."""
+    under fp32 activations (the GPU side on the CPU) through widening_linear; a prompt's rows on the
+    CPU in bf16 math where this thread's forward asked for it (prompt_math)."""
     if isinstance(w, tuple):
         if x.dtype == torch.float32 and x.device.type == "cpu":  # int8 asked for on a CPU ('int8w')
-            return _int8_cpu(x, *w)
+            return _bf16_int8(x, *w) if _bf16_rows(x) else _int8_cpu(x, *w)
         return int8_linear(x, *w)
     if w.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == "cpu":
-        return widening_linear(x, w)
+        return F.linear(x.bfloat16(), w).float() if _bf16_rows(x) else widening_linear(x, w)
     return x @ w.T
+
+
+PROMPT_MATH = ("fp32", "bf16")
+_math = threading.local()  # .bf16: this thread's forward computes its prompt products in bf16
+
+
+@contextmanager
+def prompt_math(mode: str) -> Iterator[None]:
+    """Within the block, this thread's linears of more than MAX_WIDEN_ROWS rows on the CPU (a prompt)
+    compute as `mode` says: 'fp32' (the weights widened) or 'bf16' (the activations rounded to bf16,
+    oneDNN's bf16 product, fp32 sums rounded to bf16, then widened back). fp32_linear (the router)
+    is never affected. The model's forward holds it around each pass."""
+    if mode not in PROMPT_MATH:
+        raise ValueError(f"prompt math must be one of {', '.join(PROMPT_MATH)}, got {mode!r}")
+    before = getattr(_math, "bf16", False)
+    _math.bf16 = mode == "bf16"
+    try:
+        yield
+    finally:
+        _math.bf16 = before
+
+
+def check_prompt_math(mode: str, device: str) -> None:
+    """Refuse bf16 prompt math where it does not apply: a GPU side on CUDA (bf16 there already), or a
+    CPU without AVX512_BF16 or AMX, where torch emulates bf16 products slower than fp32 ones; and a
+    mode that is neither 'fp32' nor 'bf16'."""
+    if mode not in PROMPT_MATH:
+        raise ValueError(f"prompt math must be one of {', '.join(PROMPT_MATH)}, got {mode!r}")
+    if mode != "bf16":
+        return
+    if device != "cpu":
+        raise ValueError("cpu_prompt_math='bf16' is for a GPU side on the CPU (device='cpu'); on CUDA the GPU side "
+                         "computes in bf16 already: leave it at 'fp32'")
+    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        raise ValueError("cpu_prompt_math='bf16' needs a CPU with AVX512_BF16 or AMX, and this one has neither "
+                         "(bf16 products would be emulated, slower than fp32): leave it at 'fp32'")
+
+
+def _bf16_rows(x: torch.Tensor) -> bool:
+    """Whether x (fp32 on the CPU) is a prompt's rows under bf16 prompt math."""
+    return getattr(_math, "bf16", False) and x.numel() // max(1, x.shape[-1]) > MAX_WIDEN_ROWS
+
+
+def _bf16_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """bf16 prompt math over int8 codes [O, I] and bf16 row scales: the codes are exact in bf16, so
+    each block of WIDEN_BLOCK_ROWS rows is converted, multiplied in bf16, and scaled in fp32."""
+    x2 = x.reshape(-1, x.shape[-1]).bfloat16()
+    O = q.shape[0]
+    y = torch.empty(x2.shape[0], O)
+    s32 = scale.float()
+    for o in range(0, O, WIDEN_BLOCK_ROWS):
+        n = min(WIDEN_BLOCK_ROWS, O - o)
+        torch.mul(F.linear(x2, q[o:o + n].to(torch.bfloat16)), s32[o:o + n], out=y[:, o:o + n])
+    return y.view(*x.shape[:-1], O)
 
 
 def linear_pair(x: torch.Tensor, w1: Weight, w2: Weight) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ from hybrid.runtime.turns import Turns
 from hybrid.runtime.shard_safety import ShardSafety
 from hybrid.experts.backend import ExpertBackend
 from hybrid.model.k2 import AttnMode, Model
+from hybrid.model.linear import check_prompt_math
 from hybrid.text.parser import Event
 from hybrid.runtime.placement import Plan
 from hybrid.runtime.options import DEFAULT_CONTEXT, DEFAULT_KEEP, KEEP_TOKENS, PAGE_SIZE
@@ -90,7 +91,7 @@ class Engine:
                  dtype: torch.dtype = torch.float32, context: int = DEFAULT_CONTEXT, int8: bool = False,
                  bf16w: bool | None = None, *, plan: Plan | None = None, prefill_chunk: int | None = PREFILL_CHUNK,
                  defer_experts: int = 0, decode_mode: str | None = None, routing_stats: Path | None = None,
-                 kv: KVStore | None = None):
+                 kv: KVStore | None = None, prompt_math: str = "fp32"):
         """bf16w: keep the big linear weights in bf16 under fp32 math (gpu_side_weight); None: on a
         CPU computing in fp32, as the plan's 'bf16w' (and, with int8, 'int8w') counts them.
         plan: the placement plan it was built from (reported, as engine.plan; not used here).
@@ -99,7 +100,8 @@ class Engine:
         a StaticDecoder in this mode ('auto', 'token' or 'segments'), or None (the plain forward).
         routing_stats: where the backend's routing counts are saved after each request (None: nowhere).
         kv: the paged KV store (runtime/kv_store.py) with positions for `context`; None: one in bf16 on
-        `device` holding the context and DEFAULT_KEEP earlier conversations."""
+        `device` holding the context and DEFAULT_KEEP earlier conversations. prompt_math: 'fp32' or
+        'bf16', the math of prompt products on a CPU (model.linear.prompt_math)."""
         self.checkpoint = ckpt
         self.config = ckpt.config
         self.device = torch.device(device)
@@ -115,6 +117,8 @@ class Engine:
                 weights = {name: gpu_side_weight(name, ckpt.tensor(name), self.device, dtype, int8, bf16w)
                            for name in ckpt.tensors if ".mlp.experts." not in name and not name.endswith("inv_freq")}
                 self.model = Model(self.config, weights, experts, defer_experts)
+                check_prompt_math(prompt_math, self.device.type)
+                self.model.prompt_math = prompt_math
                 self.tokenizer = Tokenizer.from_dir(ckpt.path)
                 self.chat_template = load_chat_template(ckpt.path)
                 # persistent across requests: the live sequence and the prefixes earlier ones left

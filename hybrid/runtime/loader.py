@@ -28,6 +28,7 @@ from hybrid.runtime.prefix_disk import DiskPrefixCache, KVLayout
 from hybrid.cluster.identity import checkpoint_identity
 from hybrid.runtime.resolve import PresetMaker, resolve_model
 from hybrid.experts.routing_stats import default_path, load_counts
+from hybrid.model.linear import check_prompt_math
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
          trace: str | Path | None = None, defer_experts: int = 0, hot_experts: int | None = None,
          prefill_offload: str = "auto", decode_graphs: str = "auto", prefill_chunk: int = PREFILL_CHUNK,
          dtype: str = "auto", routing_stats: str | Path | None = "auto", gpu_precision: str = "auto",
-         nodes: int = 1, listen: str | None = None, token: str | None = None, node_timeout: float = 60.0,
+         cpu_prompt_math: str = "fp32", nodes: int = 1, listen: str | None = None, token: str | None = None, node_timeout: float = 60.0,
          join_timeout: float = 600.0, listen_any: bool = False, keep_conversations: int = DEFAULT_KEEP,
          kv_spill_tokens: int | None = None, prefix_cache_dir: str | Path | None = None,
          prefix_cache_gb: float = 20.0, kv_dtype: str = "bf16", presets: Mapping[str, PresetMaker] | None = None) -> Engine:
@@ -74,6 +75,11 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     cache, else int8 weight-only), 'bf16' or 'int8' (half the VRAM, leaving room for context or hot
     experts; one byte read per weight in a decode step). On a CPU 'auto' (bf16 weights, fp32 math) or
     'int8' (int8 weights, fp32 math: half the RAM and bytes again, int8's rounding); 'bf16' is refused.
+    cpu_prompt_math: where the GPU side runs on the CPU, the math of its prompt products (more than
+    kernels_cpu.widen.MAX_ROWS tokens): 'fp32' (the weights widened, exact up to summation order) or
+    'bf16' (activations rounded to bf16, bf16 products with fp32 sums rounded to bf16: llama.cpp's
+    numerics for bf16 weights, ~1.3x the prompt speed on k2-slice; needs AVX512_BF16 or AMX, refused
+    elsewhere and on CUDA). Decode steps, the router and the attention math stay fp32.
     prefill_chunk: prompt tokens per forward pass (a long prompt is prefilled in chunks, each attending
     to the cache the earlier ones wrote; the same logits, bounded memory).
     decode_graphs: decode through hybrid.runtime.decode_step (fixed shapes; on CUDA one graph per token, the
@@ -94,6 +100,7 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     try:  # the options that need the config, then the plan: a refusal closes what was opened
         options.check_config(cfg)
         plan = plan_for(cfg, options)
+        check_prompt_math(cpu_prompt_math, plan.device)
         if backend == "auto":
             from kernels_cpu.simd import host_has_avx2
 
@@ -154,7 +161,8 @@ def _engine(ckpt: Checkpoint, plan: Plan, options: LoadOptions, backend: str, ho
         engine = Engine(ckpt, experts, device=plan.device, dtype=dtype, context=plan.context,
                         int8=plan.gpu_precision in ("int8", "int8w"), bf16w=plan.gpu_precision in ("bf16w", "int8w"),
                         plan=plan, prefill_chunk=options.prefill_chunk, defer_experts=defer,
-                        decode_mode=decode_mode, routing_stats=stats_path, kv=_kv_store(ckpt, plan, options, dtype))
+                        decode_mode=decode_mode, routing_stats=stats_path, kv=_kv_store(ckpt, plan, options, dtype),
+                        prompt_math=options.cpu_prompt_math)
     except BaseException:  # IO threads, file descriptors and the slot arena must not outlive a failed load
         experts.close()
         ckpt.close()

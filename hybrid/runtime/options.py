@@ -132,6 +132,11 @@ class LoadOptions:
                               "the KV cache, else int8 weight-only; without a GPU, bf16 weights with fp32 math, or "
                               "int8 ones: faster, int8's rounding).", choices=("auto", "bf16", "int8"), flag=True,
                               refusal=ONE_OF)
+    cpu_prompt_math: str = _opt("fp32", "choice", "Math of the prompt products where the GPU side runs on the CPU: "
+                                "fp32 (the bf16 or int8 weights widened, the default) or bf16 (activations and "
+                                "products rounded to bf16, as llama.cpp computes with bf16 weights: faster prompts "
+                                "on CPUs with AVX512_BF16 or AMX, refused on others; decode steps and the router "
+                                "stay fp32).", choices=("fp32", "bf16"), flag=True, refusal=ONE_OF)
     # several machines as one (hybrid.cluster): this process is the head, rank 0 of `nodes`
     nodes: int = _opt(1, "int", "Machines that compute the routed experts, this head included: each MoE layer's "
                       "experts are split across them (the others run `kimi-hybrid node`).", low=1, high=MAX_RANKS,
