@@ -107,14 +107,14 @@ def prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Te
     k[..., :P] = k_nope[:, :n_all]
     k[..., P:] = k_pe[:n_all]
     out = torch.empty(T, H, Vd, dtype=dt, device=dev)
+    future = torch.ones(q_block, q_block, dtype=torch.bool, device=dev).triu_(1)  # a block's diagonal square
     for c0 in range(0, T, q_block):
         c1 = min(T, c0 + q_block)
         n = offset + c1
         q = torch.cat((q_nope[c0:c1], q_pe[c0:c1]), dim=-1).transpose(0, 1)  # [H, C, P+R]
         s = torch.bmm(q, k[:, :n].transpose(1, 2)).float()  # [H, C, n]; the same tensor in fp32
         s *= softmax_scale
-        s[:, :, offset + c0:].masked_fill_(torch.ones(c1 - c0, c1 - c0, dtype=torch.bool, device=dev).triu_(1),
-                                           float("-inf"))
+        s[:, :, offset + c0:].masked_fill_(future[:c1 - c0, :c1 - c0], float("-inf"))
         s -= s.amax(-1, keepdim=True)
         s.exp_()
         l = s.sum(-1, keepdim=True)

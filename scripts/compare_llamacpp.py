@@ -3,7 +3,8 @@
 
     python scripts/compare_llamacpp.py --llama-bench ~/llama.cpp/build/bin/llama-bench \\
         --gguf k2-slice-q4_0-bf16.gguf [--model k2-slice] [--gpu-precision auto|int8] \\
-        [--cpu-prompt-math fp32|bf16] [--threads 2] [--prompt-tokens 128] [--gen-tokens 32] [--rounds 3] [--json]
+        [--cpu-prompt-math fp32|bf16] [--threads 2] [--prompt-tokens 128] [--gen-tokens 32] \\
+        [--rounds 3] [--json]
 
 Each round measures, one after another, the machine's RAM read bandwidth, our prompt processing and
 generation (hybrid.bench.engine_bench, one run), llama.cpp's prompt processing (`llama-bench -p P
@@ -91,7 +92,8 @@ def compare(args: argparse.Namespace) -> dict:
 
 def table(res: dict) -> str:
     s = res["settings"]
-    lines = [f"{s['model']} (ours, --gpu-precision {s['gpu_precision']} --cpu-prompt-math {s['cpu_prompt_math']}) vs {Path(s['gguf']).name} (llama.cpp), "
+    ours_opts = f"--gpu-precision {s['gpu_precision']} --cpu-prompt-math {s['cpu_prompt_math']}"
+    lines = [f"{s['model']} (ours, {ours_opts}) vs {Path(s['gguf']).name} (llama.cpp), "
              f"{s['threads']} threads, median of {s['rounds']} interleaved rounds; RAM read {res['mem_read_gbps']:.1f} GB/s",
              f"{'test':<24}{'llama.cpp tok/s':>16}{'ours tok/s':>12}{'ours/theirs':>13}"]
     for key, name in (("pp", f"pp{s['prompt_tokens']}"), ("tg", f"tg{s['gen_tokens']} @ depth {s['depth']}")):

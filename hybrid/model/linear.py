@@ -56,10 +56,9 @@ def prompt_math(mode: str) -> Iterator[None]:
     compute as `mode` says: 'fp32' (the weights widened) or 'bf16' (the activations rounded to bf16,
     oneDNN's bf16 product, fp32 sums rounded to bf16, then widened back). fp32_linear (the router)
     is never affected. The model's forward holds it around each pass."""
-    if mode not in PROMPT_MATH:
-        raise ValueError(f"prompt math must be one of {', '.join(PROMPT_MATH)}, got {mode!r}")
+    bf16 = _is_bf16(mode)
     before = getattr(_math, "bf16", False)
-    _math.bf16 = mode == "bf16"
+    _math.bf16 = bf16
     try:
         yield
     finally:
@@ -70,9 +69,7 @@ def check_prompt_math(mode: str, device: str) -> None:
     """Refuse bf16 prompt math where it does not apply: a GPU side on CUDA (bf16 there already), or a
     CPU without AVX512_BF16 or AMX, where torch emulates bf16 products slower than fp32 ones; and a
     mode that is neither 'fp32' nor 'bf16'."""
-    if mode not in PROMPT_MATH:
-        raise ValueError(f"prompt math must be one of {', '.join(PROMPT_MATH)}, got {mode!r}")
-    if mode != "bf16":
+    if not _is_bf16(mode):
         return
     if device != "cpu":
         raise ValueError("cpu_prompt_math='bf16' is for a GPU side on the CPU (device='cpu'); on CUDA the GPU side "
@@ -80,6 +77,12 @@ def check_prompt_math(mode: str, device: str) -> None:
     if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         raise ValueError("cpu_prompt_math='bf16' needs a CPU with AVX512_BF16 or AMX, and this one has neither "
                          "(bf16 products would be emulated, slower than fp32): leave it at 'fp32'")
+
+
+def _is_bf16(mode: str) -> bool:
+    if mode not in PROMPT_MATH:
+        raise ValueError(f"prompt math must be one of {', '.join(PROMPT_MATH)}, got {mode!r}")
+    return mode == "bf16"
 
 
 def _bf16_rows(x: torch.Tensor) -> bool:
@@ -185,7 +188,7 @@ def _cpu_product(x: torch.Tensor, O: int, gemv: Callable[[np.ndarray], np.ndarra
     buf = getattr(_widened, "block", None)
     if buf is None or buf.numel() < rows * In:
         with torch.inference_mode(False):  # a normal tensor: written in place under inference mode or not
-            buf = _widened.block = torch.empty(max(WIDEN_BLOCK_ROWS, ONEDNN_BLOCK_ROWS) * In)
+            buf = _widened.block = torch.empty(rows * In)
     y = torch.empty(T, O, dtype=x2.dtype)
     x2 = x2.contiguous()
     for o in range(0, O, rows):

@@ -105,6 +105,7 @@ class Engine:
         self.checkpoint = ckpt
         self.config = ckpt.config
         self.device = torch.device(device)
+        check_prompt_math(prompt_math, self.device.type)  # before any weight is loaded
         self._turns = Turns()
         self._closed = False
         self._safety = ShardSafety(ckpt, experts, self._turns)
@@ -117,7 +118,6 @@ class Engine:
                 weights = {name: gpu_side_weight(name, ckpt.tensor(name), self.device, dtype, int8, bf16w)
                            for name in ckpt.tensors if ".mlp.experts." not in name and not name.endswith("inv_freq")}
                 self.model = Model(self.config, weights, experts, defer_experts)
-                check_prompt_math(prompt_math, self.device.type)
                 self.model.prompt_math = prompt_math
                 self.tokenizer = Tokenizer.from_dir(ckpt.path)
                 self.chat_template = load_chat_template(ckpt.path)

@@ -40,8 +40,8 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
          trace: str | Path | None = None, defer_experts: int = 0, hot_experts: int | None = None,
          prefill_offload: str = "auto", decode_graphs: str = "auto", prefill_chunk: int = PREFILL_CHUNK,
          dtype: str = "auto", routing_stats: str | Path | None = "auto", gpu_precision: str = "auto",
-         cpu_prompt_math: str = "fp32", nodes: int = 1, listen: str | None = None, token: str | None = None, node_timeout: float = 60.0,
-         join_timeout: float = 600.0, listen_any: bool = False, keep_conversations: int = DEFAULT_KEEP,
+         cpu_prompt_math: str = "fp32", nodes: int = 1, listen: str | None = None, token: str | None = None,
+         node_timeout: float = 60.0, join_timeout: float = 600.0, listen_any: bool = False, keep_conversations: int = DEFAULT_KEEP,
          kv_spill_tokens: int | None = None, prefix_cache_dir: str | Path | None = None,
          prefix_cache_gb: float = 20.0, kv_dtype: str = "bf16", presets: Mapping[str, PresetMaker] | None = None) -> Engine:
     """Open a checkpoint (directory or preset name), plan placement, and return an Engine.
