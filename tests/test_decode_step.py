@@ -313,7 +313,7 @@ def test_token_step_with_int8_weights_through_the_triton_gemv(tiny_path, monkeyp
     import hybrid.model.linear as linear_mod
     import kernels_gpu.int8 as int8_mod
     import kernels_gpu.int8_triton as int8_triton
-    from hybrid.runtime.engine import gpu_side_weight
+    from hybrid.runtime.gpu_side import gpu_side_weight
     from hybrid.model.k2 import Model
 
     eng = hybrid.load(tiny_path, backend="numba", device="cpu", context=32, decode_graphs="off")

@@ -114,7 +114,7 @@ def test_int8_weight_only_gpu_weights_cost_no_more_than_their_precision(tiny_pat
     """The planner's int8 weight-only option (short VRAM). The random tiny model amplifies query errors
     (sharp attention), so the bound is relative: int8 must do no worse than perturbing every weight by
     noise of the same size (uniform within half an int8 step), which is the precision int8 allows."""
-    from hybrid.runtime.engine import gpu_side_weight
+    from hybrid.runtime.gpu_side import gpu_side_weight
     from hybrid.model.k2 import Model
 
     e = hybrid.load(tiny_path, backend="reference")

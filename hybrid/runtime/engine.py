@@ -13,8 +13,6 @@ from typing import Callable, Iterator
 
 import torch
 
-from kernels_gpu.int8 import quantize_int8
-
 from hybrid.text.template import ChatTemplateError, load_chat_template, normalize_messages, render_chat
 from hybrid.checkpoint.reader import Checkpoint
 from hybrid.text.conversation import (Done, apply_tool_choice, check_message, check_tool_replies, check_tools, run_chat,
@@ -31,33 +29,12 @@ from hybrid.text.parser import Event
 from hybrid.runtime.placement import Plan
 from hybrid.runtime.options import DEFAULT_CONTEXT, DEFAULT_KEEP, KEEP_TOKENS, PAGE_SIZE
 from hybrid.runtime.kv_store import KVSizes, KVStore
-from hybrid.runtime.tensor_classes import int8_eligible, widen_eligible
+from hybrid.runtime.gpu_side import gpu_side_weight
 from hybrid.experts.routing_stats import save_counts
 from hybrid.model.sampling import SamplingParams, sample
 from hybrid.text.tokenizer import Tokenizer
 
 PREFILL_CHUNK = 4096  # prompt tokens per forward pass: bounds activations (K2: ~0.2 GB of fp32 queries per 1K)
-EMBED = "model.embed_tokens.weight"
-
-
-def gpu_side_weight(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype, int8: bool = False,
-                    bf16w: bool = False):
-    """A non-expert checkpoint tensor as the model holds it, placed as the plan counts it:
-    the router's bias in fp32 (F32 on disk; rounding it moves routing decisions), the embedding in
-    host RAM as stored (a step needs one row: Model.embed), with int8 the plan's int8 weights
-    (placement.int8_eligible) quantised on the host so the device never holds their bf16 copy, with
-    bf16w (a CPU computing in fp32) the weights of placement.widen_eligible kept in bf16 as stored
-    (linear.linear widens them inside each product), and the rest in `dtype` on `device`."""
-    if name.endswith("e_score_correction_bias"):
-        return t.to(device, torch.float32)
-    if name == EMBED:
-        return t.clone()  # host RAM, not a view: the checkpoint's maps close with the engine
-    if int8 and int8_eligible(name, tuple(t.shape)):
-        q, scale = quantize_int8(t)
-        return q.to(device), scale.to(device)
-    if bf16w and t.dtype == torch.bfloat16 and widen_eligible(name, tuple(t.shape)):
-        return t.to(device).clone()  # its own memory, not a view of the checkpoint's maps
-    return t.to(device, dtype)
 
 
 class Engine:
