@@ -6,9 +6,13 @@ SwiGLU MLP in one call). The checkpoint's dense weights are bf16; holding them a
 the RAM they take and the bytes every decoded token reads, for no gain in accuracy (bf16 -> fp32 is
 exact). bf16_gemv reads the bf16 bits and widens them in registers (bits << 16), multiplying by
 fp32 activations and summing in fp32, so the result equals the fp32 product up to summation order:
-~2 bytes read per weight instead of 4. int8_gemv does the same over int8 weight-only codes with a
-bf16 scale per row (gpu_precision 'int8', asked for on purpose: 1 byte a weight, int8's rounding).
-Bandwidth-bound. Pure functions on arrays; imports nothing from hybrid/.
+~2 bytes read per weight instead of 4. int8_gemv reads int8 weight-only codes with a bf16 scale per
+row (gpu_precision 'int8', asked for on purpose: 1 byte a weight, int8's rounding). Where the input
+width is a multiple of int8dot.BLOCK and the CPU has AVX2, its products (and the fused forms' over
+int8) multiply the codes by the activations rounded to int16 per block (int8dot: widening each code to
+fp32 for an FMA left the short rows compute-bound, K2's q_b_proj shape reading 10-11 GB/s on a 2-core
+Xeon against 17-19 now, 1536x7168 12-18 against 21-22; 7168x18432 ~27 either way); elsewhere the
+codes are widened to fp32 like the bf16 bits. Pure functions on arrays; imports nothing from hybrid/.
 Letters: T rows of x, O out features, I in features.
 """
 from __future__ import annotations
@@ -20,6 +24,8 @@ from llvmlite import ir
 from numba import get_num_threads, njit, prange, threading_layer, types
 from numba.extending import intrinsic, overload
 
+from kernels_cpu.int8dot import BLOCK, make_rows_kernel, quantize_blocks
+from kernels_cpu.simd import host_has_avx2
 from kernels_cpu.workqueue import new_queue, take
 
 RB = 16  # output rows per work item
@@ -158,6 +164,79 @@ def _swiglu(x, wg, sg, wu, su, wd, sd, g, u, out, nt):
     _gemv(g, wd, sd, out, nt)
 
 
+_i8x8, _i8x2, _i8x1 = make_rows_kernel(8), make_rows_kernel(2), make_rows_kernel(1)  # int8 rows x a token
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _rows_i8(xq, xs, w, s, out, lo, hi, res):
+    # rows lo..hi-1 of out f32 [T, O] from int16 activations xq [T, I] with block scales xs [T, I / BLOCK]
+    # (int8dot.quantize_blocks) and int8 codes w [O, I] with bf16 row scales s; res f32 [8] scratch.
+    # Long rows eight at a time, short ones (SHORT_ROW_BYTES) two: measured best for each.
+    T, I = xq.shape
+    nb = I // BLOCK
+    for t in range(T):
+        xa, sa = xq.ctypes.data + 2 * I * t, xs.ctypes.data + 4 * nb * t
+        o = lo
+        while o + 8 <= hi and I > SHORT_ROW_BYTES:
+            _i8x8(w.ctypes.data + I * o, I, xa, sa, nb, res.ctypes.data)
+            for r in range(8):
+                out[t, o + r] = res[r] * bf16_to_f32(s[o + r])
+            o += 8
+        while o + 2 <= hi:
+            _i8x2(w.ctypes.data + I * o, I, xa, sa, nb, res.ctypes.data)
+            out[t, o] = res[0] * bf16_to_f32(s[o])
+            out[t, o + 1] = res[1] * bf16_to_f32(s[o + 1])
+            o += 2
+        for o in range(o, hi):
+            _i8x1(w.ctypes.data + I * o, I, xa, sa, nb, res.ctypes.data)
+            out[t, o] = res[0] * bf16_to_f32(s[o])
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _gemv_i8(xq, xs, w1, s1, out1, w2, s2, out2, nt):
+    # int8 rows of w1 then of w2 (w2 may be w1 with n2 = 0 items: one weight) against the quantised x
+    n1 = (w1.shape[0] + RB - 1) // RB
+    n = n1 + ((w2.shape[0] + RB - 1) // RB if out2.shape[1] else 0)
+    queue = new_queue(nt)
+    for th in prange(nt):
+        res = np.empty(8, np.float32)
+        it = take(queue, n, th, nt)
+        while it < n:
+            if it < n1:
+                _rows_i8(xq, xs, w1, s1, out1, it * RB, min(w1.shape[0], it * RB + RB), res)
+            else:
+                o = (it - n1) * RB
+                _rows_i8(xq, xs, w2, s2, out2, o, min(w2.shape[0], o + RB), res)
+            it = take(queue, n, th, nt)
+
+
+@njit(nogil=True, cache=True)
+def _swiglu_i8(xq, xs, wg, sg, wu, su, wd, sd, g, u, out, nt):
+    # _swiglu over int8 weights (I a multiple of BLOCK): gate and up, SiLU(g) * u quantised, down
+    _gemv_i8(xq, xs, wg, sg, g, wu, su, u, nt)
+    for t in range(g.shape[0]):
+        for i in range(g.shape[1]):
+            g[t, i] = g[t, i] / (np.float32(1.0) + np.exp(-g[t, i])) * u[t, i]
+    hq = np.empty(g.shape, np.int16)
+    hs = np.empty((g.shape[0], g.shape[1] // BLOCK), np.float32)
+    quantize_blocks(g, hq, hs)
+    _gemv_i8(hq, hs, wd, sd, out, wd, sd, out[:, :0], nt)
+
+
+def _int8_fast(x: np.ndarray, *ws: np.ndarray) -> bool:
+    """The vpmaddwd path (int8dot) applies: int8 weights whose input width is a multiple of BLOCK,
+    on an x86-64 CPU with AVX2, where a second parallel region may run (concurrent_parallel_ok)."""
+    return all(w.dtype == np.int8 for w in ws) and x.shape[1] % BLOCK == 0 and host_has_avx2() \
+        and concurrent_parallel_ok()
+
+
+def _quantized(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    xq = np.empty(x.shape, np.int16)
+    xs = np.empty((x.shape[0], x.shape[1] // BLOCK), np.float32)
+    quantize_blocks(np.ascontiguousarray(x), xq, xs)
+    return xq, xs
+
+
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _gemv_serial(x, w, s, out):
     _rows(x, w, s, out, 0, w.shape[0])
@@ -204,7 +283,10 @@ def gemv_pair(x: np.ndarray, w1: np.ndarray, s1: np.ndarray, w2: np.ndarray, s2:
     _check_fused("gemv_pair", x, ((w1, s1), (w2, s2)))
     out1 = np.empty((x.shape[0], w1.shape[0]), np.float32)
     out2 = np.empty((x.shape[0], w2.shape[0]), np.float32)
-    _gemv_pair(np.ascontiguousarray(x), w1, s1, out1, w2, s2, out2, get_num_threads())
+    if _int8_fast(x, w1, w2):
+        _gemv_i8(*_quantized(x), w1, s1, out1, w2, s2, out2, get_num_threads())
+    else:
+        _gemv_pair(np.ascontiguousarray(x), w1, s1, out1, w2, s2, out2, get_num_threads())
     return out1, out2
 
 
@@ -221,7 +303,10 @@ def swiglu_gemv(x: np.ndarray, wg: np.ndarray, sg: np.ndarray, wu: np.ndarray, s
     T, I = x.shape[0], wg.shape[0]
     g, u = np.empty((T, I), np.float32), np.empty((T, I), np.float32)
     out = np.empty((T, wd.shape[0]), np.float32)
-    _swiglu(np.ascontiguousarray(x), wg, sg, wu, su, wd, sd, g, u, out, get_num_threads())
+    if _int8_fast(x, wg, wu) and I % BLOCK == 0:
+        _swiglu_i8(*_quantized(x), wg, sg, wu, su, wd, sd, g, u, out, get_num_threads())
+    else:
+        _swiglu(np.ascontiguousarray(x), wg, sg, wu, su, wd, sd, g, u, out, get_num_threads())
     return out
 
 
@@ -254,7 +339,9 @@ def _run(name: str, x: np.ndarray, w: np.ndarray, s: np.ndarray, out: np.ndarray
         raise ValueError(f"{name}: out must be a C-contiguous float32 array of shape {shape}, got {out.dtype} "
                          f"{out.shape}")  # the kernel writes without bounds checks
     x, w, s = np.ascontiguousarray(x), np.ascontiguousarray(w), np.ascontiguousarray(s)
-    if concurrent_parallel_ok():
+    if _int8_fast(x, w):
+        _gemv_i8(*_quantized(x), w, s, out, w, s, out[:, :0], get_num_threads())
+    elif concurrent_parallel_ok():
         _gemv(x, w, s, out, get_num_threads())  # nt passed in: get_num_threads() inside defeats cache=True
     else:
         _gemv_serial(x, w, s, out)  # one core, but never a second parallel region beside the experts'

@@ -262,6 +262,51 @@ def test_int8_gemv_equals_the_scaled_int8_product(In):
         int8_gemv(x, q.astype(np.int16), scale)
 
 
+def _int16_blocks(x):
+    """int8dot.quantize_blocks, independently in numpy: per 128 columns xs = max |x| / 32767 in fp32,
+    xq = x * (1 / xs) rounded half to even, clipped to +-32767."""
+    from kernels_cpu.int8dot import BLOCK
+
+    xb = x.reshape(x.shape[0], -1, BLOCK)
+    m = np.abs(xb).max(-1)
+    xs = np.where(m > 0, m / np.float32(32767), np.float32(1)).astype(np.float32)
+    xq = np.clip(np.rint(xb * (np.float32(1) / xs)[..., None]), -32767, 32767)
+    return xq, xs
+
+
+@pytest.mark.skipif(not host_features()["avx2"], reason="the vpmaddwd path needs AVX2")
+@pytest.mark.parametrize("In", [256, 33 * 128])  # short rows and long ones (SHORT_ROW_BYTES)
+def test_int8_gemv_over_int16_activation_blocks(In):
+    """Input widths that are a multiple of int8dot.BLOCK take the vpmaddwd path: int8 codes against
+    int16 activations with a scale per 128 columns. Exactly that math (float64 over the same codes),
+    every row count and partial work item; and off the fp32-activation product by at most the codes'
+    rounding (half a step each)."""
+    from kernels_cpu.widen import MAX_ROWS, RB, SHORT_ROW_BYTES, _int8_fast, gemv_pair, int8_gemv
+
+    assert (In <= SHORT_ROW_BYTES) == (In == 256)
+    rng = np.random.default_rng(11)
+    O = 3 * RB + 5
+    q = rng.integers(-127, 128, (O, In), dtype=np.int64).astype(np.int8)
+    q[0, :3] = (-127, 127, 0)
+    scale = bf16_bits(np.logspace(-4, 0, O))
+    sf = (scale.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    for T in range(1, MAX_ROWS + 1):
+        x = rng.standard_normal((T, In)).astype(np.float32)
+        x[0, 128:256] = 0  # an all-zero block
+        x[-1, 5] = 40.0  # an outlier: its block's other values get coarser codes
+        assert _int8_fast(x, q)
+        xq, xs = _int16_blocks(x)
+        exact = np.einsum("tbi,obi,tb->to", xq, q.astype(np.float64).reshape(O, -1, 128), xs) * sf
+        got = int8_gemv(x, q, scale)
+        np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
+        full = x.astype(np.float64) @ (q.astype(np.float64) * sf[:, None]).T  # fp32 activations
+        half_steps = 0.5 * np.einsum("tb,obi->to", xs, np.abs(q.astype(np.float64)).reshape(O, -1, 128)) * sf
+        assert (np.abs(got - full) <= half_steps + 1e-6 * np.abs(full).max()).all()  # each code off <= half a step
+        a, b = gemv_pair(x, q, scale, q[:RB + 3], scale[:RB + 3])
+        np.testing.assert_array_equal(a, got)
+        np.testing.assert_array_equal(b, got[:, :RB + 3])
+
+
 def _mlp_ref(x, wg, wu, wd):
     """SwiGLU in float64 over already-widened weights."""
     g, u = x.astype(np.float64) @ wg.T, x.astype(np.float64) @ wu.T
