@@ -240,18 +240,26 @@ def test_bf16_gemv_equals_the_widened_fp32_product(In):
         bf16_gemv(np.zeros((1, In), np.float32), w.astype(np.int32))
 
 
-@pytest.mark.parametrize("In", [301, 4099])  # short rows and long ones (SHORT_ROW_BYTES)
-def test_int8_gemv_equals_the_scaled_int8_product(In):
-    """int8 codes (both extremes present) with a bf16 scale per row, every row count, against float64."""
-    from kernels_cpu.widen import MAX_ROWS, RB, SHORT_ROW_BYTES, int8_gemv
+def _int8_rows(rng, In):
+    """-> O rows (three work items and a partial one), int8 codes [O, In] with both extremes, their
+    bf16 row scales (bits) and those scales as float64."""
+    from kernels_cpu.widen import RB
 
-    assert (In <= SHORT_ROW_BYTES) == (In == 301)
-    rng = np.random.default_rng(8)
     O = 3 * RB + 5
     q = rng.integers(-127, 128, (O, In), dtype=np.int64).astype(np.int8)
     q[0, :3] = (-127, 127, 0)
     scale = bf16_bits(np.logspace(-4, 0, O))
-    sf = (scale.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return O, q, scale, (scale.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("In", [301, 4099])  # short rows and long ones (SHORT_ROW_BYTES)
+def test_int8_gemv_equals_the_scaled_int8_product(In):
+    """int8 codes (both extremes present) with a bf16 scale per row, every row count, against float64."""
+    from kernels_cpu.widen import MAX_ROWS, SHORT_ROW_BYTES, int8_gemv
+
+    assert (In <= SHORT_ROW_BYTES) == (In == 301)
+    rng = np.random.default_rng(8)
+    O, q, scale, sf = _int8_rows(rng, In)
     for T in range(1, MAX_ROWS + 1):
         x = rng.standard_normal((T, In)).astype(np.float32)
         ref = x.astype(np.float64) @ (q.astype(np.float64) * sf[:, None]).T
@@ -285,11 +293,7 @@ def test_int8_gemv_over_int16_activation_blocks(In):
 
     assert (In <= SHORT_ROW_BYTES) == (In == 256)
     rng = np.random.default_rng(11)
-    O = 3 * RB + 5
-    q = rng.integers(-127, 128, (O, In), dtype=np.int64).astype(np.int8)
-    q[0, :3] = (-127, 127, 0)
-    scale = bf16_bits(np.logspace(-4, 0, O))
-    sf = (scale.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    O, q, scale, sf = _int8_rows(rng, In)
     for T in range(1, MAX_ROWS + 1):
         x = rng.standard_normal((T, In)).astype(np.float32)
         x[0, 128:256] = 0  # an all-zero block
