@@ -145,3 +145,44 @@ def test_unasked_on_caller_work_releases_its_cache_slots(tiny_path):
     finally:
         cpu.close()
         cache.close()
+
+
+@pytest.mark.skipif(not host_has_avx2(), reason="the Numba INT4 kernels need AVX2 + FMA")
+def test_a_request_waits_for_slots_that_earlier_reads_still_hold(tiny_path):
+    """A request that failed on one read leaves its other reads queued, each holding a slot. The next
+    request, finding every slot loading, waits for one to end instead of failing 'no slot free'
+    (seen under load in CI); its answer is the reference backend's."""
+    import threading
+
+    from hybrid.experts.cache import ExpertCache
+    from hybrid.experts.cpu import CpuExperts
+
+    ckpt = Checkpoint(tiny_path)
+    cfg, layer = ckpt.config, ckpt.config.moe_layers[0]
+    cache = ExpertCache(ckpt, 3, io_threads=1)
+    cpu = CpuExperts(cache=cache, on_caller=True)
+    gate, refused = threading.Event(), threading.Event()
+    real_read, real_load = cache._read, cache.load
+    cache._read = lambda key, slot: (gate.wait(30), real_read(key, slot))[1]
+    cache.load = lambda *a, **k: (lambda f: (f is None and refused.set(), f)[1])(real_load(*a, **k))
+    try:
+        for e in range(3):  # the earlier request's reads: every slot loading, nothing pinned
+            assert real_load(layer, e) is not None
+        x = np.random.default_rng(0).standard_normal((1, cfg.hidden_size)).astype(np.float32)
+        ids = np.array([[3, 4, 5, 6][:cfg.num_experts_per_tok]])
+        w = np.full(ids.shape, 0.25, np.float32)
+        outcome: dict = {}
+        work = cpu.submit(layer, x, ids, w, ids[0].tolist())
+        t = threading.Thread(target=lambda: outcome.update(y=work.result()))
+        t.start()
+        assert refused.wait(30)  # it found no slot while the reads were held
+        gate.set()
+        t.join(60)
+        assert "y" in outcome, "the request failed instead of waiting for a slot"
+        ref = ReferenceExperts(ckpt)
+        want = ref.wait(ref.submit(layer, torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(w)))
+        np.testing.assert_allclose(np.asarray(outcome["y"]), want.numpy(), rtol=1e-3, atol=1e-4)
+    finally:
+        gate.set()
+        cpu.close()
+        cache.close()

@@ -13,7 +13,8 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,6 +186,18 @@ class ExpertCache:
         heapq.heappush(self._queue, _Job(priority, next(self._seq), key, slot, fut))
         self._wake.notify()
         return fut
+
+    def wait_for_a_load(self) -> bool:
+        """Wait until one of the loads in flight ends (read, or failed: either way its slot can be
+        had again) -> True; False at once when none is in flight. For a caller that found every slot
+        loading: an earlier request that failed on one read leaves its other reads queued, holding
+        their slots until the IO threads get to them."""
+        with self.lock:
+            futures = list(self.loading.values())
+        if not futures:
+            return False
+        wait_futures(futures, return_when=FIRST_COMPLETED)
+        return True
 
     def unpin(self, layer: int, experts: list[int]) -> None:
         with self.lock:

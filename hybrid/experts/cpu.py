@@ -130,6 +130,8 @@ class CpuExperts:
                         break
                     started[waiting.pop(0)] = fut
                 if not started:
+                    if cache.wait_for_a_load():  # slots held by reads an earlier, failed request left queued
+                        continue
                     raise RuntimeError(f"expert cache of {cache.n_slots} slots has no slot free for layer {layer}")
                 t0 = time.perf_counter()
                 done, _ = wait_futures(list(started.values()), return_when=FIRST_COMPLETED)
