@@ -147,6 +147,14 @@ def _gemv_pair(x, w1, s1, out1, w2, s2, out2, nt):
             it = take(queue, n, th, nt)
 
 
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def _silu_times(g, u):
+    # g f32 [T, I] <- SiLU(g) * u, the SwiGLU's middle step
+    for t in range(g.shape[0]):
+        for i in range(g.shape[1]):
+            g[t, i] = g[t, i] / (np.float32(1.0) + np.exp(-g[t, i])) * u[t, i]
+
+
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
 def _swiglu(x, wg, sg, wu, su, wd, sd, g, u, out, nt):
     # out = (SiLU(x @ wg.T) * (x @ wu.T)) @ wd.T; g, u f32 [T, I] scratch. Two parallel regions, no
@@ -158,9 +166,7 @@ def _swiglu(x, wg, sg, wu, su, wd, sd, g, u, out, nt):
         while it < 2 * n1:
             _pair_item(x, wg, sg, g, wu, su, u, it, n1)
             it = take(queue, 2 * n1, th, nt)
-    for t in range(g.shape[0]):
-        for i in range(g.shape[1]):
-            g[t, i] = g[t, i] / (np.float32(1.0) + np.exp(-g[t, i])) * u[t, i]
+    _silu_times(g, u)
     _gemv(g, wd, sd, out, nt)
 
 
@@ -214,9 +220,7 @@ def _gemv_i8(xq, xs, w1, s1, out1, w2, s2, out2, nt):
 def _swiglu_i8(xq, xs, wg, sg, wu, su, wd, sd, g, u, out, nt):
     # _swiglu over int8 weights (I a multiple of BLOCK): gate and up, SiLU(g) * u quantised, down
     _gemv_i8(xq, xs, wg, sg, g, wu, su, u, nt)
-    for t in range(g.shape[0]):
-        for i in range(g.shape[1]):
-            g[t, i] = g[t, i] / (np.float32(1.0) + np.exp(-g[t, i])) * u[t, i]
+    _silu_times(g, u)
     hq = np.empty(g.shape, np.int16)
     hs = np.empty((g.shape[0], g.shape[1] // BLOCK), np.float32)
     quantize_blocks(g, hq, hs)

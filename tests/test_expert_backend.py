@@ -163,8 +163,18 @@ def test_a_request_waits_for_slots_that_earlier_reads_still_hold(tiny_path):
     cpu = CpuExperts(cache=cache, on_caller=True)
     gate, refused = threading.Event(), threading.Event()
     real_read, real_load = cache._read, cache.load
-    cache._read = lambda key, slot: (gate.wait(30), real_read(key, slot))[1]
-    cache.load = lambda *a, **k: (lambda f: (f is None and refused.set(), f)[1])(real_load(*a, **k))
+
+    def held_read(key, slot):  # the IO thread waits until the test lets the reads go
+        gate.wait(30)
+        return real_read(key, slot)
+
+    def noting_load(*args, **kwargs):  # notes when a load finds no slot to take
+        fut = real_load(*args, **kwargs)
+        if fut is None:
+            refused.set()
+        return fut
+
+    cache._read, cache.load = held_read, noting_load
     try:
         for e in range(3):  # the earlier request's reads: every slot loading, nothing pinned
             assert real_load(layer, e) is not None
