@@ -1,4 +1,4 @@
-"""Hand-written LLVM IR for the INT4 x INT16 row-block dot product (vpmaddwd, AVX2 or AVX-512BW).
+"""Hand-written LLVM IR for the INT4 x INT16 row-block dot product (vpmaddwd or vpdpbusd, AVX2 or AVX-512BW).
 
 Owns only the innermost loop: R weight rows x TB tokens over the whole input dimension, written
 into a small fp32 result buffer. Row blocks, expert routing and threading live in moe.py.
@@ -18,6 +18,16 @@ Activations of one token (prepared by actq.quantize_rows, CHUNK = 4L):
 Per group g: dot = ws[g] * dg[g] * (sum(nibble * xa) + xs[g]), since (nibble - 8) * xa sums to
 sum(nibble * xa) - 8 * sum(xa). Per chunk the int32 lanes stay below 8 * 15 * 32767 < 2**24, so
 their conversion to fp32 is exact.
+
+With VNNI (has_vnni) the products go through vpdpbusd instead: unsigned bytes x signed bytes, four
+per int32 lane, added on. The weights need no widening (a nibble is already an unsigned byte: the
+low nibbles of a chunk's 2L bytes are its even columns, the high ones its odd columns), so a chunk
+costs 3 instructions to unpack instead of 7, and each code a = 256 h + l (l in [-128, 127]) goes in
+as two signed bytes: lane = (sum(nibble * h) << 8) + sum(nibble * l), exact. The chunk's 8L bytes of
+activations are then h of the even columns, h of the odd ones, l of the even, l of the odd (byte j
+of each = column 2j, resp. 2j + 1), and codes stop at 32639 so that h fits a byte (actq.QMAX).
+One K2 MoE layer, 2-core Xeon: prefill at 64 tokens per expert 166-183 -> 202-223 GFLOP/s; decode,
+bandwidth-bound, about the same.
 """
 from __future__ import annotations
 
@@ -33,8 +43,11 @@ from numba.extending import intrinsic
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 STEP_GROUPS = 8  # groups per main-loop step: 8 bf16 scales = one 16-byte load
 # Software prefetch of the next PF_BLOCKS blocks of R rows (rows are contiguous in the checkpoint):
-# a row is only 1-3.5 KB, too short for the hardware prefetchers to train on each 4 KB page.
-PF_BLOCKS = 4
+# a row is only 1-3.5 KB, too short for the hardware prefetchers to train on each 4 KB page. Into L2,
+# not L1 (prefetcht1): on a 2-core Xeon (Sapphire Rapids class) an L1 prefetch holds one of the core's
+# few L1 miss buffers for the whole DRAM latency, which capped a core near 10 GB/s; one K2 MoE layer
+# decoded at 19.5 GB/s with 4 blocks into L1 and 22-23.5 with 2 into L2 (probe 33 GB/s).
+PF_BLOCKS = 2
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,7 +61,7 @@ def host_features() -> dict[str, bool]:
         on = {f[1:] for f in numba_config.CPU_FEATURES.split(",") if f.startswith("+")}
     else:
         on = {k for k, v in llvm_binding.get_host_cpu_features().items() if v}
-    return {k: k in on for k in ("avx2", "fma", "avx512f", "avx512bw")}
+    return {k: k in on for k in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni")}
 
 
 def host_has_avx2() -> bool:
@@ -64,6 +77,15 @@ def vector_lanes() -> int:
     """
     f = host_features()
     return 32 if f["avx512f"] and f["avx512bw"] else 16
+
+
+def has_vnni() -> bool:
+    """vpdpbusd (u8 x s8, 4 products per int32 lane) at vector_lanes()' width: AVX512-VNNI for zmm;
+    AVX-VNNI, or AVX512-VNNI with AVX512-VL, for ymm. Fixed per process, like the lanes."""
+    f = host_features()
+    if vector_lanes() == 32:
+        return f["avx512vnni"]
+    return f["avxvnni"] or (f["avx512vnni"] and f["avx512vl"])
 
 
 def _splat(ty: ir.VectorType, val) -> ir.Constant:
@@ -84,8 +106,8 @@ class _Emitter:
     L int16 lanes per vector; a chunk = 2L bytes of one row = 4L columns = L/8 groups.
     """
 
-    def __init__(self, b: ir.IRBuilder, R: int, TB: int, L: int):
-        self.b, self.R, self.TB, self.L = b, R, TB, L
+    def __init__(self, b: ir.IRBuilder, R: int, TB: int, L: int, vnni: bool):
+        self.b, self.R, self.TB, self.L, self.vnni = b, R, TB, L, vnni
         self.CB, self.GPC = 2 * L, L // 8                      # chunk bytes, groups per chunk
         self.VW, self.VD, self.VF = ir.VectorType(I16, L), ir.VectorType(I32, L // 2), ir.VectorType(F32, L // 2)
         mod = b.module
@@ -93,15 +115,18 @@ class _Emitter:
         self.maddwd = cgutils.get_or_insert_function(mod, ir.FunctionType(self.VD, [self.VW, self.VW]), name)
         self.fma = cgutils.get_or_insert_function(
             mod, ir.FunctionType(self.VF, [self.VF] * 3), f"llvm.fma.v{L // 2}f32")
-        self.m0f = _splat(self.VW, 0x0F)
+        self.m0f = _splat(self.VW, 0x0F0F if vnni else 0x0F)
+        if vnni:
+            self.dpbusd = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(self.VD, [self.VD] * 3), f"llvm.x86.avx512.vpdpbusd.{16 * L}")
         self.prefetch = cgutils.get_or_insert_function(
             mod, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0")
 
     def prefetch_line(self, addr):
-        """Prefetch for read into all cache levels (rw=0, locality=3, data)."""
+        """Prefetch for read into L2 and below (rw=0, locality=2: prefetcht1 on x86, data)."""
         b = self.b
         b.call(self.prefetch, [b.inttoptr(addr, I8.as_pointer()), ir.Constant(I32, 0),
-                               ir.Constant(I32, 3), ir.Constant(I32, 1)])
+                               ir.Constant(I32, 2), ir.Constant(I32, 1)])
 
     def scales(self, addr, n: int):
         """n bf16 at addr -> <n x float> (bf16 bits << 16)."""
@@ -120,6 +145,35 @@ class _Emitter:
             return v
         zero = ir.Constant(ir.VectorType(F32, n), None)
         return b.shuffle_vector(v, zero, ir.Constant(ir.VectorType(I32, m), [i if i < n else n for i in range(m)]))
+
+    def _nibbles(self, wv):
+        """One chunk of a weight row -> the vectors its products take.
+
+        vpmaddwd: 4 vectors of L int16, nibble k of each word (lane i = column 4i + k).
+        vpdpbusd: 2 vectors of 2L bytes as <L/2 x i32>, the low and the high nibble of each byte
+        (byte j = column 2j, resp. 2j + 1).
+        """
+        b = self.b
+        if self.vnni:
+            return [b.bitcast(b.and_(wv if k == 0 else b.lshr(wv, _splat(self.VW, 4)), self.m0f), self.VD)
+                    for k in range(2)]
+        return [b.and_(wv if k == 0 else b.lshr(wv, _splat(self.VW, 4 * k)), self.m0f) for k in range(4)]
+
+    def _chunk_dot(self, nib, xv):
+        """int32 lane l = sum over columns 8l..8l+7 of the chunk of nibble * activation.
+
+        vpdpbusd: xv = the high bytes of the even columns, of the odd ones, then the low bytes of
+        the same (actq.quantize_row); a = 256 h + l, so the high products are shifted by 8 before
+        the low ones are added on.
+        """
+        b = self.b
+        if self.vnni:
+            xb = [b.bitcast(v, self.VD) for v in xv]
+            acc = b.call(self.dpbusd, [ir.Constant(self.VD, None), nib[0], xb[0]])
+            acc = b.shl(b.call(self.dpbusd, [acc, nib[1], xb[1]]), _splat(self.VD, 8))
+            return b.call(self.dpbusd, [b.call(self.dpbusd, [acc, nib[0], xb[2]]), nib[1], xb[3]])
+        p = [b.call(self.maddwd, [nib[k], xv[k]]) for k in range(4)]
+        return b.add(b.add(p[0], p[1]), b.add(p[2], p[3]))
 
     def step(self, accs, wrow, srow, xrow, grow, chunk, U: int):
         """U chunks starting at `chunk` (an i64 value); accs[r][t] are <L/2 x float> allocas."""
@@ -144,24 +198,20 @@ class _Emitter:
                 b.store(b.call(self.fma, [sdx[r][t], xss[t], b.load(accs[r][t])]), accs[r][t])
         for j in range(U):
             coff = b.mul(b.add(chunk, _i64(j)), _i64(CB))
-            nibs = []                                             # nibs[r][k]: lane i = column 4i + k
+            nibs = []                                             # see _nibbles
             for r in range(R):
-                wv = _load(b, b.add(wrow[r], coff), self.VW)
-                nibs.append([b.and_(wv if k == 0 else b.lshr(wv, _splat(self.VW, 4 * k)), self.m0f)
-                             for k in range(4)])
+                nibs.append(self._nibbles(_load(b, b.add(wrow[r], coff), self.VW)))
             sel = ir.Constant(ir.VectorType(I32, self.L // 2), [GPC * j + i // 4 for i in range(self.L // 2)])
             for t in range(TB):
-                xoff = b.add(xrow[t], b.mul(coff, _i64(4)))     # 4L int16 per chunk
+                xoff = b.add(xrow[t], b.mul(coff, _i64(4)))     # 4L int16 (or 8L bytes) per chunk
                 xv = [_load(b, b.add(xoff, _i64(CB * k)), self.VW) for k in range(4)]
                 for r in range(R):
-                    p = [b.call(self.maddwd, [nibs[r][k], xv[k]]) for k in range(4)]
-                    q = b.add(b.add(p[0], p[1]), b.add(p[2], p[3]))
-                    f = b.sitofp(q, self.VF)
+                    f = b.sitofp(self._chunk_dot(nibs[r], xv), self.VF)
                     sc = b.shuffle_vector(sdx[r][t], ir.Constant(sdx[r][t].type, None), sel)
                     b.store(b.call(self.fma, [f, sc, b.load(accs[r][t])]), accs[r][t])
 
 
-def make_rowblock_kernel(R: int, TB: int, L: int):
+def make_rowblock_kernel(R: int, TB: int, L: int, vnni: bool = False):
     """An intrinsic rowblock(w, wstride, s, sstride, nch, xa, dg, xs, toks, din, res, rstride) -> None.
 
     w, s: addresses of the first weight row's packed bytes and bf16 scales; row r is at
@@ -175,7 +225,7 @@ def make_rowblock_kernel(R: int, TB: int, L: int):
 
         def codegen(context, b, signature, args):
             w, wstride, s, sstride, nch, xa, dg, xs, toks, din, res, rstride = args
-            em = _Emitter(b, R, TB, L)
+            em = _Emitter(b, R, TB, L, vnni)
             accs = [[cgutils.alloca_once_value(b, ir.Constant(em.VF, None)) for _ in range(TB)]
                     for _ in range(R)]
             wrow = [b.add(w, b.mul(_i64(r), wstride)) for r in range(R)]

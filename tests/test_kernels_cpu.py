@@ -19,7 +19,7 @@ import pytest
 
 from hybrid.checkpoint.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from kernels_cpu import ExpertTable, moe_forward
-from kernels_cpu.actq import CHUNK, quantize_rows
+from kernels_cpu.actq import CHUNK, QMAX, VNNI, quantize_rows
 from kernels_cpu.simd import host_features
 from kernels_cpu.table import PARTS, part_shapes
 
@@ -173,19 +173,34 @@ def test_validation(experts, table):
         ExpertTable(table.arenas, table.loc, D, 192)
 
 
+def codes_in_column_order(xa: np.ndarray) -> np.ndarray:
+    """actq's int16 activation codes [N, din], laid out as kernels_cpu/simd.py documents, back in column
+    order (int64): vpmaddwd's chunk-transposed int16, or vpdpbusd's two signed bytes a = 256 h + l."""
+    col = np.arange(xa.shape[1])
+    c, j = col // CHUNK, col % CHUNK
+    if not VNNI:
+        return xa[:, c * CHUNK + (j % 4) * (CHUNK // 4) + j // 4].astype(np.int64)
+    b = xa.view(np.int8).astype(np.int64)
+    hi = 2 * c * CHUNK + (j % 2) * (CHUNK // 2) + j // 2   # h: even columns, then odd; l: the same after
+    return 256 * b[:, hi] + b[:, hi + CHUNK]
+
+
 def test_activation_layout_round_trips():
+    """Codes in the layout of the kernel this CPU runs (both layouts run here, see the subprocess tests):
+    each group's largest value takes the largest code, every code within half a step of x."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 384)).astype(np.float32)
     x[1, :32] = 0.0                                    # an all-zero group
+    x[2, 40] = -50.0                                   # a group whose largest value is negative
     xa = np.empty((3, 384), np.int16)
     dg = np.empty((3, 12), np.float32)
     xs = np.empty((3, 12), np.float32)
     quantize_rows(x, xa, dg, xs)
-    col = np.arange(384)
-    c, within = col // CHUNK, col % CHUNK
-    pos = c * CHUNK + (within % 4) * (CHUNK // 4) + within // 4   # documented in kernels_cpu/simd.py
-    q = xa[:, pos].astype(np.float32)                  # back in column order
-    np.testing.assert_allclose(q * np.repeat(dg, 32, axis=1), x, atol=np.abs(x).max() / 32767)
+    q = codes_in_column_order(xa)
+    assert QMAX == (32639 if VNNI else 32767)
+    assert np.abs(q).max() == QMAX and q[2, 40] == -QMAX and (q[1, :32] == 0).all()
+    step = np.repeat(dg, 32, axis=1).astype(np.float64)
+    assert (np.abs(q * step - x) <= 0.5001 * step).all()
     np.testing.assert_array_equal(xs, -8 * q.reshape(3, 12, 32).sum(-1))
 
 
@@ -511,16 +526,41 @@ HASWELL = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fsgsbase,+lzcnt
            "+popcnt,+rdrnd,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt")
 
 
-@pytest.mark.skipif(not host_features()["avx512bw"] or os.environ.get("NUMBA_CPU_FEATURES") is not None,
-                    reason="this process already runs the AVX2 kernels")
-def test_avx2_kernels_in_a_subprocess():
-    """The ymm (AVX2) kernels, compiled for a Haswell target, pass this whole file too."""
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=HASWELL)
+def _in_a_subprocess(name: str, features: str, select: str) -> None:
+    """Run this file's tests that `select` picks with numba targeting CPU `name` with `features`."""
+    env = dict(os.environ, NUMBA_CPU_NAME=name, NUMBA_CPU_FEATURES=features)
     here = Path(__file__)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here),
-                          "-k", "not avx2_kernels_in_a_subprocess"],
+                          "-k", select + " and not in_a_subprocess"],
                          cwd=here.parents[1], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]   # 5 would mean no test ran
+
+
+_SUBPROCESS = os.environ.get("NUMBA_CPU_FEATURES") is not None
+# the tests that run the INT4 row kernels and their activation layout
+_MOE_TESTS = "moe or activation_layout or overwritten or zero_weights or memmap or python_threads"
+
+
+@pytest.mark.skipif(not host_features()["avx512bw"] or _SUBPROCESS, reason="this process already runs the AVX2 kernels")
+def test_avx2_kernels_in_a_subprocess():
+    """The ymm (AVX2) kernels, compiled for a Haswell target (vpmaddwd, as on Zen 3), pass this whole file too."""
+    _in_a_subprocess("haswell", HASWELL, "not nothing")
+
+
+@pytest.mark.skipif(not host_features()["avxvnni"] or _SUBPROCESS, reason="needs a CPU with AVX-VNNI")
+def test_avx2_vnni_kernels_in_a_subprocess():
+    """The ymm kernels through VEX vpdpbusd (AVX2 with AVX-VNNI, as on Alder Lake) pass the MoE tests."""
+    _in_a_subprocess("haswell", HASWELL + ",+avxvnni", _MOE_TESTS)
+
+
+@pytest.mark.skipif(not host_features()["avx512vnni"] or _SUBPROCESS, reason="this process already runs vpmaddwd")
+def test_avx512_kernels_without_vnni_in_a_subprocess():
+    """The zmm kernels through vpmaddwd (AVX-512 without VNNI, as on Skylake-SP) pass the MoE tests."""
+    import llvmlite.binding as llvm_binding
+
+    feats = llvm_binding.get_host_cpu_features()
+    feats["avx512vnni"] = feats["avxvnni"] = False
+    _in_a_subprocess("skylake-avx512", feats.flatten(), _MOE_TESTS)
 
 
 def test_head_products_equal_the_float64_einsums():
