@@ -20,15 +20,13 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels_cpu.simd import vector_lanes
+from kernels_cpu.simd import F32, I8, I16, I32, I64, hsum, prefetch_l2, vector_lanes
 
 BLOCK = 128  # columns per activation scale and per exact int32 sum
-# Each block of BLOCK columns prefetches the same columns of the next R rows into L2 (prefetcht1; rows
-# are contiguous): K2's q_b_proj shape, 12288 rows of 1.5 KB, 15-16 -> 20 GB/s on a 2-core Xeon (probe
+# Each block of BLOCK columns prefetches the same columns of the next R rows into L2 (rows are
+# contiguous): K2's q_b_proj shape, 12288 rows of 1.5 KB, 15-16 -> 20 GB/s on a 2-core Xeon (probe
 # 32); into L1 it gained less (an L1 miss buffer held for the DRAM latency), long rows neither way.
 PF_BLOCKS = 1
-PF_LOC = 2
-I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
 
 @njit(nogil=True, cache=True)
@@ -69,18 +67,13 @@ def make_rows_kernel(R: int):
             fma = cgutils.get_or_insert_function(mod, ir.FunctionType(VF, [VF] * 3), f"llvm.fma.v{L // 2}f32")
             facc = [cgutils.alloca_once_value(b, ir.Constant(VF, None)) for _ in range(R)]
             rows_at = [b.add(w, b.mul(ir.Constant(I64, r), wstride)) for r in range(R)]
-            pf = cgutils.get_or_insert_function(
-                mod, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0")
             ahead = b.mul(ir.Constant(I64, R * PF_BLOCKS), wstride)
             with cgutils.for_range(b, nblk) as blk:
                 c0 = b.mul(blk.index, ir.Constant(I64, BLOCK))
                 iacc = [ir.Constant(VD, None)] * R
-                if PF_BLOCKS:
-                    for r in range(R):
-                        for line in range(0, BLOCK, 64):
-                            a = b.add(b.add(rows_at[r], ahead), b.add(c0, ir.Constant(I64, line)))
-                            b.call(pf, [b.inttoptr(a, I8.as_pointer()), ir.Constant(I32, 0),
-                                        ir.Constant(I32, PF_LOC), ir.Constant(I32, 1)])
+                for r in range(R):
+                    for line in range(0, BLOCK, 64):
+                        prefetch_l2(b, b.add(b.add(rows_at[r], ahead), b.add(c0, ir.Constant(I64, line))))
                 for j in range(steps):
                     col = b.add(c0, ir.Constant(I64, j * L))
                     xv = b.load(b.inttoptr(b.add(xq, b.mul(col, ir.Constant(I64, 2))), VW.as_pointer()), align=1)
@@ -93,14 +86,7 @@ def make_rows_kernel(R: int):
                 for r in range(R):
                     b.store(b.call(fma, [b.sitofp(iacc[r], VF), sv, b.load(facc[r])]), facc[r])
             for r in range(R):
-                v, n = b.load(facc[r]), L // 2
-                while n > 1:  # pairwise tree of halves
-                    n //= 2
-                    lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), list(range(n))))
-                    hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), list(range(n, 2 * n))))
-                    v = b.fadd(lo, hi)
-                tot = b.extract_element(v, ir.Constant(I32, 0))
-                b.store(tot, b.inttoptr(b.add(res, ir.Constant(I64, 4 * r)), F32.as_pointer()))
+                b.store(hsum(b, b.load(facc[r])), b.inttoptr(b.add(res, ir.Constant(I64, 4 * r)), F32.as_pointer()))
             return context.get_dummy_value()
 
         return sig, codegen

@@ -88,6 +88,26 @@ def has_vnni() -> bool:
     return f["avxvnni"] or (f["avx512vnni"] and f["avx512vl"])
 
 
+def prefetch_l2(b: ir.IRBuilder, addr) -> None:
+    """Emit a prefetch of the cache line at addr (an i64 value) into L2 and below (rw=0, locality=2:
+    prefetcht1 on x86, data): why L2 and not L1, see PF_BLOCKS. The int8 GEMV (int8dot) uses it too."""
+    fn = cgutils.get_or_insert_function(
+        b.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0")
+    b.call(fn, [b.inttoptr(addr, I8.as_pointer()), ir.Constant(I32, 0), ir.Constant(I32, 2), ir.Constant(I32, 1)])
+
+
+def hsum(b: ir.IRBuilder, v):
+    """<n x float> (n a power of 2) -> the float sum of its lanes, a pairwise tree of halves: log2(n)
+    shuffles and adds."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), list(range(n))))
+        hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), list(range(n, 2 * n))))
+        v = b.fadd(lo, hi)
+    return b.extract_element(v, ir.Constant(I32, 0))
+
+
 def _splat(ty: ir.VectorType, val) -> ir.Constant:
     return ir.Constant(ty, [ir.Constant(ty.element, val)] * ty.count)
 
@@ -119,14 +139,6 @@ class _Emitter:
         if vnni:
             self.dpbusd = cgutils.get_or_insert_function(
                 mod, ir.FunctionType(self.VD, [self.VD] * 3), f"llvm.x86.avx512.vpdpbusd.{16 * L}")
-        self.prefetch = cgutils.get_or_insert_function(
-            mod, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0")
-
-    def prefetch_line(self, addr):
-        """Prefetch for read into L2 and below (rw=0, locality=2: prefetcht1 on x86, data)."""
-        b = self.b
-        b.call(self.prefetch, [b.inttoptr(addr, I8.as_pointer()), ir.Constant(I32, 0),
-                               ir.Constant(I32, 2), ir.Constant(I32, 1)])
 
     def scales(self, addr, n: int):
         """n bf16 at addr -> <n x float> (bf16 bits << 16)."""
@@ -184,8 +196,8 @@ class _Emitter:
             # this step consumes CB * U bytes of each of R rows: fetch as many of the block ahead
             wpos = b.add(self.wnext, b.mul(chunk, _i64(CB * R)))
             for line in range(0, CB * U * R, 64):
-                self.prefetch_line(b.add(wpos, _i64(line)))
-            self.prefetch_line(b.add(self.snext, b.mul(chunk, _i64(2 * GPC * R))))
+                prefetch_l2(b, b.add(wpos, _i64(line)))
+            prefetch_l2(b, b.add(self.snext, b.mul(chunk, _i64(2 * GPC * R))))
         sdx = [[None] * TB for _ in range(R)]
         dgs = [_load(b, b.add(grow[t][0], goff), ir.VectorType(F32, ng)) for t in range(TB)]
         xss = [_load(b, b.add(grow[t][1], goff), ir.VectorType(F32, ng)) for t in range(TB)]
@@ -211,8 +223,11 @@ class _Emitter:
                     b.store(b.call(self.fma, [f, sc, b.load(accs[r][t])]), accs[r][t])
 
 
-def make_rowblock_kernel(R: int, TB: int, L: int, vnni: bool = False):
+def make_rowblock_kernel(R: int, TB: int, L: int, vnni: bool):
     """An intrinsic rowblock(w, wstride, s, sstride, nch, xa, dg, xs, toks, din, res, rstride) -> None.
+
+    vnni: vpdpbusd over actq's byte layout, else vpmaddwd over its int16 one; pass actq.VNNI, which
+    decides the layout the activations come in.
 
     w, s: addresses of the first weight row's packed bytes and bf16 scales; row r is at
     w + r * wstride, s + r * sstride (bytes). nch = din / (4L) chunks. xa int16 [N, din], dg, xs
@@ -246,13 +261,7 @@ def make_rowblock_kernel(R: int, TB: int, L: int, vnni: bool = False):
                 em.step(accs, wrow, srow, xrow, grow, b.add(b.mul(nmain, _i64(U)), loop.index), 1)
             for r in range(R):
                 for t in range(TB):
-                    v, n = b.load(accs[r][t]), L // 2
-                    while n > 1:                    # pairwise tree: log2(n) shuffles and adds
-                        n //= 2
-                        lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), list(range(n))))
-                        hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), list(range(n, 2 * n))))
-                        v = b.fadd(lo, hi)
-                    tot = b.extract_element(v, ir.Constant(I32, 0))
+                    tot = hsum(b, b.load(accs[r][t]))
                     roff = b.mul(b.add(b.mul(_i64(t), rstride), _i64(r)), _i64(4))
                     b.store(tot, b.inttoptr(b.add(res, roff), F32.as_pointer()))
             return context.get_dummy_value()
