@@ -61,7 +61,8 @@ def host_features() -> dict[str, bool]:
         on = {f[1:] for f in numba_config.CPU_FEATURES.split(",") if f.startswith("+")}
     else:
         on = {k for k, v in llvm_binding.get_host_cpu_features().items() if v}
-    return {k: k in on for k in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni")}
+    return {k: k in on for k in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni",
+                                 "amx-tile", "amx-int8")}
 
 
 def host_has_avx2() -> bool:
