@@ -50,11 +50,12 @@ _SYS_ARCH_PRCTL = 158  # x86-64
 
 
 @functools.lru_cache(maxsize=None)
-def available() -> bool:
-    """Whether moe.py may use the tile kernel in this process (see the module docstring)."""
+def available(bf16: bool = False) -> bool:
+    """Whether moe.py may use the tile kernel in this process (see the module docstring); bf16: whether
+    amx_gemm's bf16 tiles may run."""
     if os.environ.get("KIMI_HYBRID_CPU_AMX", "1") == "0":
         return False
-    if not (_compiles() and vector_lanes() == 32 and has_vnni()):
+    if not (compiles_bf16() if bf16 else _compiles() and vector_lanes() == 32 and has_vnni()):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -67,6 +68,12 @@ def _compiles() -> bool:
     """Whether the compile target has the tile instructions (numba's target, as host_features says)."""
     f = host_features()
     return f["amx-tile"] and f["amx-int8"]
+
+
+def compiles_bf16() -> bool:
+    """Whether the compile target has AMX's bf16 tile products (amx_gemm)."""
+    f = host_features()
+    return f["amx-tile"] and f["amx-bf16"]
 
 
 def tile_config() -> np.ndarray:

@@ -62,7 +62,7 @@ def host_features() -> dict[str, bool]:
     else:
         on = {k for k, v in llvm_binding.get_host_cpu_features().items() if v}
     return {k: k in on for k in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni",
-                                 "amx-tile", "amx-int8")}
+                                 "amx-tile", "amx-int8", "amx-bf16")}
 
 
 def host_has_avx2() -> bool:

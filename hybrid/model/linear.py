@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kernels_cpu import amx, amx_gemm
 from kernels_cpu.heads import head_absorb, head_values
 from kernels_cpu.widen import MAX_ROWS as MAX_WIDEN_ROWS
 from kernels_cpu.widen import bf16_gemv, concurrent_parallel_ok, gemv_pair, int8_gemv, swiglu_gemv
@@ -154,10 +155,23 @@ def widening_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x fp32 [..., I] @ w.T for bf16 w [O, I] on the CPU, in fp32, reading w as stored (2 bytes a weight).
 
     Up to kernels_cpu.widen.MAX_ROWS rows (decode): the Numba GEMV, which widens in registers. More
-    rows (prefill, compute-bound): an fp32 GEMM per WIDEN_BLOCK_ROWS weight rows, each block widened
-    into a small buffer first. Either way the products are of the exact fp32 values of the bf16
-    weights, so the result equals the fp32 matmul up to summation order."""
+    rows (prefill, compute-bound): where the CPU has AMX-BF16, its tiles over the weights as stored and
+    the activations split into three bf16 parts (kernels_cpu.amx_gemm); elsewhere an fp32 GEMM per
+    WIDEN_BLOCK_ROWS weight rows, each block widened into a small buffer first. Every way the products
+    are of the exact fp32 values of the bf16 weights, so the result equals the fp32 matmul up to
+    summation order."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] > MAX_WIDEN_ROWS and _tiles_take(w):
+        y = amx_gemm.gemm_bf16x3(x2.detach().contiguous().numpy(), _bits(w))
+        return torch.from_numpy(y).view(*x.shape[:-1], w.shape[0])
     return _cpu_product(x, w.shape[0], lambda a: bf16_gemv(a, _bits(w)), lambda o, out: out.copy_(w[o:o + len(out)]))
+
+
+def _tiles_take(w: torch.Tensor) -> bool:
+    """Whether a prompt's product with bf16 w goes through AMX's bf16 tiles (amx_gemm): the CPU has
+    them, the shape is whole tiles, and Numba may run this parallel region beside the experts' (as the
+    decode GEMVs ask, widen.concurrent_parallel_ok)."""
+    return w.is_contiguous() and amx_gemm.supported(*w.shape) and amx.available(bf16=True) and concurrent_parallel_ok()
 
 
 def _int8_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

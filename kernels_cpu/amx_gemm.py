@@ -1,0 +1,203 @@
+"""fp32 prompt products over bf16 weights through AMX's bf16 tiles, exact to fp32's summation: "bf16x3".
+
+Owns gemm_bf16x3 (x fp32 [T, I] @ w.T for bf16 w [O, I]). The GPU side's prompt products on a CPU
+multiply fp32 activations by bf16 weights (model/linear.py widens the weights to fp32 for an fp32
+GEMM). A bf16 weight is exact in bf16, and an fp32 activation is exactly the sum of three bf16
+values (8 + 8 + 8 significant bits): x1 = bf16(x), x2 = bf16(x - x1), x3 = x - x1 - x2. Each
+product of two bf16 values is exact in fp32 and tdpbf16ps sums in fp32, so
+C += W x1 + W x2 + W x3, all three into one fp32 accumulator, is the fp32 product of the widened
+weights up to summation order, as the widening GEMM is; and reads the weights as stored.
+
+Tiles (palette 1, all 16 rows x 64 bytes): 0-3 the fp32 results of 2 x 2 blocks of 16 weight rows x
+16 tokens; 4, 5 the two blocks of weight rows (32 bf16 of K, read in place, row stride of w); 6, 7
+the two token blocks, in tdpbf16ps' pair layout: row kk holds the bf16 pair 2kk, 2kk + 1 of each of
+16 tokens (pack_x3 writes it, per split, per 32 columns of K).
+
+Blocking: K in chunks of KC columns; per chunk the packed activations of every token (a panel) and
+RB_GEMM weight rows stay in L2 while the threads walk their share of the rows. The results live in
+yT [O, Tp] (fp32, Tp = T padded to a multiple of 32), loaded into the tiles at each chunk's start.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import get_num_threads, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from kernels_cpu.amx import available, compiles_bf16
+from kernels_cpu.simd import I8, I32, I64
+from kernels_cpu.workqueue import new_queue, take
+
+KC = 1024  # columns of K per chunk (a panel of 32 tokens: 32 x 1024 x 3 splits x 2 bytes = 192 KB)
+RB_GEMM = 32  # weight rows per tile step (two A tiles)
+TB = 32  # tokens per tile step (two B tiles)
+
+
+def tile_config() -> np.ndarray:
+    cfg = np.zeros(64, np.uint8)
+    cfg[0] = 1
+    cfg[16:32].view(np.uint16)[:8] = 64
+    cfg[48:56] = 16
+    return cfg
+
+
+def supported(O: int, I: int) -> bool:
+    """Shapes the tile kernel takes: whole tiles of weight rows and of K."""
+    return O % RB_GEMM == 0 and I % 32 == 0 and I > 0
+
+
+def _fn(b, name, args):
+    return cgutils.get_or_insert_function(b.module, ir.FunctionType(ir.VoidType(), args), name)
+
+
+@intrinsic
+def _tile_step(typingctx, cfg, w, wstride, xp, nk, y, ystride, first):
+    """32 weight rows (w, row stride wstride bytes) x 32 tokens over nk steps of 32 columns:
+    xp the tokens' packed panel (3 splits x nk steps x 2 token blocks x 1 KB, see pack_x3's layout),
+    y the fp32 results (row stride ystride bytes), added to (first == 0) or overwritten."""
+    sig = types.void(*([types.intp] * 8))
+
+    def codegen(context, b, signature, args):
+        if not compiles_bf16():
+            return context.get_dummy_value()
+        cfg, w, wstride, xp, nk, y, ystride, first = args
+        i8p = I8.as_pointer()
+        imm = [ir.Constant(I8, t) for t in range(8)]
+        ldcfg = _fn(b, "llvm.x86.ldtilecfg", [i8p])
+        zero = _fn(b, "llvm.x86.tilezero", [I8])
+        load = _fn(b, "llvm.x86.tileloadd64", [I8, i8p, I64])
+        store = _fn(b, "llvm.x86.tilestored64", [I8, i8p, I64])
+        dp = _fn(b, "llvm.x86.tdpbf16ps", [I8, I8, I8])
+        release = _fn(b, "llvm.x86.tilerelease", [])
+        c64 = ir.Constant(I64, 64)
+        b.call(ldcfg, [b.inttoptr(cfg, i8p)])
+
+        def cptr(r, t):  # C tile (row block r, token block t) in y
+            return b.inttoptr(b.add(y, b.add(b.mul(ir.Constant(I64, 16 * r), ystride), ir.Constant(I64, 64 * t))), i8p)
+
+        with b.if_else(b.icmp_unsigned("!=", first, ir.Constant(I64, 0))) as (then, other):
+            with then:
+                for c in range(4):
+                    b.call(zero, [imm[c]])
+            with other:
+                for c in range(4):
+                    b.call(load, [imm[c], cptr(c // 2, c % 2), ystride])
+        step = ir.Constant(I64, 2 * 1024)  # one split's two token blocks per K step
+        split = ir.Constant(I64, KC // 32 * 2 * 1024)
+        with cgutils.for_range(b, nk) as loop:
+            k = loop.index
+            wk = b.add(w, b.mul(k, c64))
+            b.call(load, [imm[4], b.inttoptr(wk, i8p), wstride])
+            b.call(load, [imm[5], b.inttoptr(b.add(wk, b.mul(ir.Constant(I64, 16), wstride)), i8p), wstride])
+            for s in range(3):
+                xs = b.add(xp, b.add(b.mul(ir.Constant(I64, s), split), b.mul(k, step)))
+                b.call(load, [imm[6], b.inttoptr(xs, i8p), c64])
+                b.call(load, [imm[7], b.inttoptr(b.add(xs, ir.Constant(I64, 1024)), i8p), c64])
+                for c in range(4):
+                    b.call(dp, [imm[c], imm[4 + c // 2], imm[6 + c % 2]])
+        for c in range(4):
+            b.call(store, [imm[c], cptr(c // 2, c % 2), ystride])
+        b.call(release, [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _bf16_rne(v):
+    """float32 -> bf16 bits, round to nearest even (finite values)."""
+    u = _bits(v)
+    return np.uint32((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@intrinsic
+def _bits(typingctx, v):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, b, signature, args):
+        return b.bitcast(args[0], I32)
+
+    return sig, codegen
+
+
+@intrinsic
+def _float(typingctx, u):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, b, signature, args):
+        return b.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def pack_x3(x, Tp, KCc):
+    """x fp32 [T, I] -> the tile kernel's panels, int32 (bf16 pairs) [I/KC chunks] of
+    [3 splits, KC/32 steps, Tp/32 token pairs... ] laid out per chunk c as
+    xp[c][t2][s][k][tb][kk][n]: token pair t2 (32 tokens), split s, step k, token block tb, row kk
+    (the pair of columns 2kk, 2kk + 1 of the step), token n; tokens past T are zero."""
+    T, I = x.shape
+    nc = (I + KCc - 1) // KCc
+    xp = np.zeros((nc, Tp // TB, 3, KCc // 32, 2, 16, 16), np.uint32)
+    for t in prange(T):
+        t2, tb, n = t // TB, (t % TB) // 16, t % 16
+        for i in range(0, I, 2):
+            c, k, kk = i // KCc, (i % KCc) // 32, (i % 32) // 2
+            lo, hi = x[t, i], x[t, i + 1]
+            a1, b1 = _bf16_rne(lo), _bf16_rne(hi)
+            ra, rb = lo - _float(a1 << np.uint32(16)), hi - _float(b1 << np.uint32(16))
+            a2, b2 = _bf16_rne(ra), _bf16_rne(rb)
+            a3 = _bf16_rne(ra - _float(a2 << np.uint32(16)))
+            b3 = _bf16_rne(rb - _float(b2 << np.uint32(16)))
+            xp[c, t2, 0, k, tb, kk, n] = a1 | (b1 << np.uint32(16))
+            xp[c, t2, 1, k, tb, kk, n] = a2 | (b2 << np.uint32(16))
+            xp[c, t2, 2, k, tb, kk, n] = a3 | (b3 << np.uint32(16))
+    return xp
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _gemm(w, xp, yT, y, cfg, nt):
+    # w uint16 [O, I] (bf16 bits), xp pack_x3's panels, yT f32 [O, Tp] the tiles' results; y f32 [T, O]
+    # gets them transposed as each block of rows finishes, while they are in cache
+    O, I = w.shape
+    Tp, T = yT.shape[1], y.shape[0]
+    nrb, ntp = O // RB_GEMM, Tp // TB
+    nc = xp.shape[0]
+    for c in range(nc):
+        k0 = c * KC
+        nk = (min(I, k0 + KC) - k0) // 32
+        queue = new_queue(nt)
+        for th in prange(nt):
+            it = take(queue, nrb, th, nt)
+            while it < nrb:
+                o = it * RB_GEMM
+                for t2 in range(ntp):
+                    _tile_step(cfg.ctypes.data, w.ctypes.data + (o * I + k0) * 2, I * 2, xp[c, t2].ctypes.data, nk,
+                               yT.ctypes.data + (o * Tp + t2 * TB) * 4, Tp * 4, 1 if c == 0 else 0)
+                if c == nc - 1:
+                    for t in range(T):
+                        for r in range(RB_GEMM):
+                            y[t, o + r] = yT[o + r, t]
+                it = take(queue, nrb, th, nt)
+
+
+_CFG = tile_config()
+
+
+def gemm_bf16x3(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x fp32 [T, I] @ w.T, w the bits of bf16 weights (uint16 [O, I], C-contiguous): fp32 [T, O].
+    Needs amx.available(bf16=True) and supported(O, I)."""
+    if not available(bf16=True):  # also what asks Linux for the tile state: without it, SIGILL
+        raise RuntimeError("gemm_bf16x3 needs AMX-BF16 tiles, which this CPU or process does not have")
+    T, I = x.shape
+    O = w.shape[0]
+    if not supported(O, I) or w.dtype != np.uint16 or not w.flags.c_contiguous or x.shape[1] != w.shape[1]:
+        raise ValueError(f"gemm_bf16x3: x [T, I] and C-contiguous uint16 w [O, I] with O % {RB_GEMM} == 0 and "
+                         f"I % 32 == 0; got {x.shape} and {w.dtype} {w.shape}")
+    Tp = (T + TB - 1) // TB * TB
+    xp = pack_x3(np.ascontiguousarray(x, dtype=np.float32), Tp, KC)
+    yT = np.empty((O, Tp), np.float32)
+    y = np.empty((T, O), np.float32)
+    _gemm(w, xp, yT, y, _CFG, get_num_threads())
+    return y
