@@ -1,8 +1,9 @@
 """fp32 prompt products over bf16 weights through AMX's bf16 tiles, exact to fp32's summation: "bf16x3".
 
-Owns gemm_bf16x3 (x fp32 [T, I] @ w.T for bf16 w [O, I]). The GPU side's prompt products on a CPU
-multiply fp32 activations by bf16 weights (model/linear.py widens the weights to fp32 for an fp32
-GEMM). A bf16 weight is exact in bf16, and an fp32 activation is exactly the sum of three bf16
+Owns gemm_bf16x3 (x fp32 [T, I] @ w.T for bf16 w [O, I], or int8 codes with row scales: the codes
+are exact in bf16, converted per block of rows, the scale applied to each finished sum). The GPU
+side's prompt products on a CPU multiply fp32 activations by bf16 weights (model/linear.py, without
+AMX, widens the weights to fp32 for an fp32 GEMM). A bf16 weight is exact in bf16, and an fp32 activation is exactly the sum of three bf16
 values (8 + 8 + 8 significant bits): x1 = bf16(x), x2 = bf16(x - x1), x3 = x - x1 - x2. Each
 product of two bf16 values is exact in fp32 and tdpbf16ps sums in fp32, so
 C += W x1 + W x2 + W x3, all three into one fp32 accumulator, is the fp32 product of the widened
@@ -133,10 +134,9 @@ def _float(typingctx, u):
 
 @njit(nogil=True, cache=True, parallel=True)
 def pack_x3(x, Tp, KCc):
-    """x fp32 [T, I] -> the tile kernel's panels, int32 (bf16 pairs) [I/KC chunks] of
-    [3 splits, KC/32 steps, Tp/32 token pairs... ] laid out per chunk c as
-    xp[c][t2][s][k][tb][kk][n]: token pair t2 (32 tokens), split s, step k, token block tb, row kk
-    (the pair of columns 2kk, 2kk + 1 of the step), token n; tokens past T are zero."""
+    """x fp32 [T, I] -> the tile kernel's panels: uint32 (two bf16) [I/KC chunks, Tp/32 token pairs, 3
+    splits, KC/32 steps, 2 token blocks, 16 rows kk, 16 tokens n], row kk holding the parts of
+    columns 2kk and 2kk + 1 of the step (low half, high half); tokens past T are zero."""
     T, I = x.shape
     nc = (I + KCc - 1) // KCc
     xp = np.zeros((nc, Tp // TB, 3, KCc // 32, 2, 16, 16), np.uint32)
@@ -156,10 +156,24 @@ def pack_x3(x, Tp, KCc):
     return xp
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _rows_a(w, o, k0, nk, ab):
+    """(address, row stride in bytes) of the tile kernel's A: 32 weight rows from row o, column k0.
+    bf16 weights are read in place; int8 codes (exact in bf16) are converted into ab first."""
+    I = w.shape[1]
+    if w.itemsize == 2:
+        return w.ctypes.data + (o * I + k0) * 2, I * 2
+    for r in range(RB_GEMM):
+        for k in range(nk * 32):
+            ab[r, k] = np.uint16(_bits(np.float32(w[o + r, k0 + k])) >> np.uint32(16))
+    return ab.ctypes.data, ab.shape[1] * 2
+
+
 @njit(nogil=True, cache=True, parallel=True)
-def _gemm(w, xp, yT, y, cfg, nt):
-    # w uint16 [O, I] (bf16 bits), xp pack_x3's panels, yT f32 [O, Tp] the tiles' results; y f32 [T, O]
-    # gets them transposed as each block of rows finishes, while they are in cache
+def _gemm(w, scale, xp, yT, y, cfg, nt):
+    # w uint16 [O, I] (bf16 bits) or int8 codes with fp32 row scales scale [O] (else empty);
+    # xp pack_x3's panels, yT f32 [O, Tp] the tiles' results; y f32 [T, O] gets them transposed (and
+    # scaled) as each block of rows finishes, while they are in cache
     O, I = w.shape
     Tp, T = yT.shape[1], y.shape[0]
     nrb, ntp = O // RB_GEMM, Tp // TB
@@ -169,35 +183,41 @@ def _gemm(w, xp, yT, y, cfg, nt):
         nk = (min(I, k0 + KC) - k0) // 32
         queue = new_queue(nt)
         for th in prange(nt):
+            ab = np.empty((RB_GEMM, KC if w.itemsize == 1 else 0), np.uint16)
             it = take(queue, nrb, th, nt)
             while it < nrb:
                 o = it * RB_GEMM
+                a, astride = _rows_a(w, o, k0, nk, ab)
                 for t2 in range(ntp):
-                    _tile_step(cfg.ctypes.data, w.ctypes.data + (o * I + k0) * 2, I * 2, xp[c, t2].ctypes.data, nk,
+                    _tile_step(cfg.ctypes.data, a, astride, xp[c, t2].ctypes.data, nk,
                                yT.ctypes.data + (o * Tp + t2 * TB) * 4, Tp * 4, 1 if c == 0 else 0)
                 if c == nc - 1:
                     for t in range(T):
                         for r in range(RB_GEMM):
-                            y[t, o + r] = yT[o + r, t]
+                            y[t, o + r] = yT[o + r, t] * scale[o + r] if scale.size else yT[o + r, t]
                 it = take(queue, nrb, th, nt)
 
 
 _CFG = tile_config()
 
 
-def gemm_bf16x3(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x fp32 [T, I] @ w.T, w the bits of bf16 weights (uint16 [O, I], C-contiguous): fp32 [T, O].
-    Needs amx.available(bf16=True) and supported(O, I)."""
+def gemm_bf16x3(x: np.ndarray, w: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """x fp32 [T, I] @ w.T -> fp32 [T, O]: w the bits of bf16 weights (uint16 [O, I], C-contiguous), or
+    int8 codes [O, I] with fp32 row scales `scale` [O] (x @ (codes * scale).T). Needs
+    amx.available(bf16=True) and supported(O, I)."""
     if not available(bf16=True):  # also what asks Linux for the tile state: without it, SIGILL
         raise RuntimeError("gemm_bf16x3 needs AMX-BF16 tiles, which this CPU or process does not have")
     T, I = x.shape
     O = w.shape[0]
-    if not supported(O, I) or w.dtype != np.uint16 or not w.flags.c_contiguous or x.shape[1] != w.shape[1]:
-        raise ValueError(f"gemm_bf16x3: x [T, I] and C-contiguous uint16 w [O, I] with O % {RB_GEMM} == 0 and "
-                         f"I % 32 == 0; got {x.shape} and {w.dtype} {w.shape}")
+    int8 = w.dtype == np.int8 and scale is not None and scale.shape == (O,)
+    if not supported(O, I) or not (w.dtype == np.uint16 and scale is None or int8) or not w.flags.c_contiguous \
+            or x.shape[1] != w.shape[1]:
+        raise ValueError(f"gemm_bf16x3: x [T, I] and C-contiguous w [O, I] (uint16 bf16 bits, or int8 codes with "
+                         f"[O] scales) with O % {RB_GEMM} == 0 and I % 32 == 0; got {x.shape} and {w.dtype} {w.shape}")
     Tp = (T + TB - 1) // TB * TB
     xp = pack_x3(np.ascontiguousarray(x, dtype=np.float32), Tp, KC)
     yT = np.empty((O, Tp), np.float32)
     y = np.empty((T, O), np.float32)
-    _gemm(w, xp, yT, y, _CFG, get_num_threads())
+    s = np.ascontiguousarray(scale, dtype=np.float32) if int8 else np.empty(0, np.float32)
+    _gemm(w, s, xp, yT, y, _CFG, get_num_threads())
     return y

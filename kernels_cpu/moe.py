@@ -262,7 +262,8 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt, amx_min, cfg):
                 e, p0, n = slot_e[s], slot_p[s], slot_p[s + 1] - slot_p[s]
                 dw = base[loc[e, 4, 0]] + loc[e, 4, 1] + o0 * (I // 2)
                 ds = base[loc[e, 5, 0]] + loc[e, 5, 1] + o0 * (I // 16)
-                got = _block(dw, ds, I, ha, hg, hs, pidx.ctypes.data + 8 * p0, n, bufs, blk[s], blk[s + 1], bt, dgb, cfg)
+                got = _block(dw, ds, I, ha, hg, hs, pidx.ctypes.data + 8 * p0, n, bufs, blk[s], blk[s + 1], bt, dgb,
+                             cfg)
                 for j in range(n):                  # a loop: an array expression would allocate
                     t, wj = pair_tok[p0 + j], pair_w[p0 + j]
                     for r in range(RB):

@@ -61,3 +61,17 @@ def test_widening_linear_takes_the_tiles_for_prompts_and_the_gemv_for_decode():
 def test_refuses_shapes_it_cannot_tile():
     with pytest.raises(ValueError, match="O % 32"):
         amx_gemm.gemm_bf16x3(np.zeros((16, 64), np.float32), np.zeros((48, 64), np.uint16))
+
+
+def test_int8_codes_with_row_scales():
+    """int8 weight-only codes (gpu_precision 'int8') go through the same tiles, converted to bf16 per
+    block of rows (exact), each row's sum then scaled: against float64 over the dequantised weights."""
+    from kernels_gpu.int8 import quantize_int8
+
+    x, w = _case(40, 1056, 64, seed=9)
+    q, scale = quantize_int8(w.float())
+    got = amx_gemm.gemm_bf16x3(x, q.numpy(), scale.float().numpy())
+    deq = q.double() * scale.double()[:, None]
+    ref = x.astype(np.float64) @ deq.numpy().T
+    fp32 = (torch.from_numpy(x) @ deq.float().T).numpy()
+    assert _rel(got, ref) <= max(2 * _rel(fp32, ref), 1e-7)

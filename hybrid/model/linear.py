@@ -168,16 +168,21 @@ def widening_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _tiles_take(w: torch.Tensor) -> bool:
-    """Whether a prompt's product with bf16 w goes through AMX's bf16 tiles (amx_gemm): the CPU has
-    them, the shape is whole tiles, and Numba may run this parallel region beside the experts' (as the
-    decode GEMVs ask, widen.concurrent_parallel_ok)."""
+    """Whether a prompt's product with w (bf16, or int8 codes) goes through AMX's bf16 tiles (amx_gemm):
+    the CPU has them, the shape is whole tiles, and Numba may run this parallel region beside the
+    experts' (as the decode GEMVs ask, widen.concurrent_parallel_ok)."""
     return w.is_contiguous() and amx_gemm.supported(*w.shape) and amx.available(bf16=True) and concurrent_parallel_ok()
 
 
 def _int8_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x fp32 [..., I] on the CPU over int8 codes [O, I] and bf16 row scales [O]: the Numba GEMV for a
-    decode step (1 byte read a weight), else a GEMM per block of rows dequantised to fp32 (aten's
-    int8 kernel measured ~3 GB/s for one row here)."""
+    decode step (1 byte read a weight); for a prompt, AMX's bf16 tiles where the CPU has them (the
+    codes are exact in bf16; kernels_cpu.amx_gemm), else a GEMM per block of rows dequantised to fp32
+    (aten's int8 kernel measured ~3 GB/s for one row here)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] > MAX_WIDEN_ROWS and _tiles_take(q):
+        y = amx_gemm.gemm_bf16x3(x2.detach().contiguous().numpy(), q.numpy(), scale.float().numpy())
+        return torch.from_numpy(y).view(*x.shape[:-1], q.shape[0])
     s32 = scale.float()[:, None]
     return _cpu_product(x, q.shape[0], lambda a: int8_gemv(a, q.numpy(), _bits(scale)),
                         lambda o, out: out.copy_(q[o:o + len(out)]).mul_(s32[o:o + len(out)]))
