@@ -139,7 +139,9 @@ def pack_x3(x, Tp, KCc):
     columns 2kk and 2kk + 1 of the step (low half, high half); tokens past T are zero."""
     T, I = x.shape
     nc = (I + KCc - 1) // KCc
-    xp = np.zeros((nc, Tp // TB, 3, KCc // 32, 2, 16, 16), np.uint32)
+    xp = np.empty((nc, Tp // TB, 3, KCc // 32, 2, 16, 16), np.uint32)
+    for t in range(T, Tp):  # the padding tokens (their columns of the last chunk's tail are never read)
+        xp[:, t // TB, :, :, (t % TB) // 16, :, t % 16] = 0
     for t in prange(T):
         t2, tb, n = t // TB, (t % TB) // 16, t % 16
         for i in range(0, I, 2):
