@@ -33,6 +33,7 @@ from kernels_cpu.workqueue import new_queue, take
 KC = 1024  # columns of K per chunk (a panel of 32 tokens: 32 x 1024 x 3 splits x 2 bytes = 192 KB)
 RB_GEMM = 32  # weight rows per tile step (two A tiles)
 TB = 32  # tokens per tile step (two B tiles)
+GROUP_PAIRS = 4  # token pairs whose panels a pass over the weights takes (4 x 192 KB: within a 2 MB L2)
 
 
 def tile_config() -> np.ndarray:
@@ -198,24 +199,26 @@ def _gemm(w, scale, xp, yT, y, cfg, nt):
     Tp, T = yT.shape[1], y.shape[0]
     nrb, ntp = O // RB_GEMM, Tp // TB
     nc = xp.shape[0]
-    for c in range(nc):
-        k0 = c * KC
-        nk = (min(I, k0 + KC) - k0) // 32
-        queue = new_queue(nt)
-        for th in prange(nt):
-            ab = np.empty((RB_GEMM, KC if w.itemsize == 1 else 0), np.uint16)
-            it = take(queue, nrb, th, nt)
-            while it < nrb:
-                o = it * RB_GEMM
-                a, astride = _rows_a(w, o, k0, nk, ab)
-                for t2 in range(ntp):
-                    _tile_step(cfg.ctypes.data, a, astride, xp[c, t2].ctypes.data, nk,
-                               yT.ctypes.data + (o * Tp + t2 * TB) * 4, Tp * 4, 1 if c == 0 else 0)
-                if c == nc - 1:
-                    for t in range(T):
-                        for r in range(RB_GEMM):
-                            y[t, o + r] = yT[o + r, t] * scale[o + r] if scale.size else yT[o + r, t]
+    for g0 in range(0, ntp, GROUP_PAIRS):  # a group of token pairs at a time: their panels stay in L2
+        g1 = min(ntp, g0 + GROUP_PAIRS)
+        for c in range(nc):
+            k0 = c * KC
+            nk = (min(I, k0 + KC) - k0) // 32
+            queue = new_queue(nt)
+            for th in prange(nt):
+                ab = np.empty((RB_GEMM, KC if w.itemsize == 1 else 0), np.uint16)
                 it = take(queue, nrb, th, nt)
+                while it < nrb:
+                    o = it * RB_GEMM
+                    a, astride = _rows_a(w, o, k0, nk, ab)
+                    for t2 in range(g0, g1):
+                        _tile_step(cfg.ctypes.data, a, astride, xp[c, t2].ctypes.data, nk,
+                                   yT.ctypes.data + (o * Tp + t2 * TB) * 4, Tp * 4, 1 if c == 0 else 0)
+                    if c == nc - 1:
+                        for t in range(g0 * TB, min(T, g1 * TB)):
+                            for r in range(RB_GEMM):
+                                y[t, o + r] = yT[o + r, t] * scale[o + r] if scale.size else yT[o + r, t]
+                    it = take(queue, nrb, th, nt)
 
 
 _CFG = tile_config()
