@@ -238,6 +238,8 @@ def test_doctor_reports_the_environment(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     env = json.loads(r.stdout)
     assert env["torch"] == torch.__version__ and env["cpu_features"] == host_features()
+    from kernels_cpu import amx
+    assert env["amx"] == amx.available()  # AMX tiles for prompts: this CPU has them and Linux grants them
     assert env["numba_threading"].split(",")[0] in ("omp", "tbb", "workqueue")
     assert env["cuda"]["available"] == torch.cuda.is_available() and env["cache_dir"] == str(tmp_path / "cache")
     assert env["ram_gb"]["total"] > 0 and "hf download" in env["models"][REAL_MODEL]

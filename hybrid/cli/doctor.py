@@ -74,6 +74,7 @@ def environment(measure: bool = True) -> dict[str, Any]:
     import torch
 
     from hybrid.runtime.hardware import detect
+    from kernels_cpu import amx
     from kernels_cpu.simd import host_features
 
     hw = detect()
@@ -81,7 +82,7 @@ def environment(measure: bool = True) -> dict[str, Any]:
     return {
         "kimi_hybrid": version_of("kimi-hybrid"), "python": platform.python_version(),
         "torch": torch.__version__, "numba": version_of("numba"), "numba_threading": numba_threading(),
-        "triton": version_of("triton"), "cpu_features": host_features(),
+        "triton": version_of("triton"), "cpu_features": host_features(), "amx": amx.available(),
         "cores": {"physical": hw.physical_cores, "logical": hw.logical_cores, "numa_nodes": hw.numa_nodes},
         "ram_gb": {"total": hw.ram_total / GB, "available": hw.ram_available / GB},
         "cuda": {"available": hw.has_cuda, "torch_cuda": torch.version.cuda,
@@ -100,6 +101,9 @@ def rows(env: dict[str, Any]) -> list[tuple[str, str]]:
     f = env["cpu_features"]
     kernels = "AVX-512 (32 lanes)" if f["avx512f"] and f["avx512bw"] else "AVX2" if f["avx2"] and f["fma"] else \
         "none: the Numba INT4 kernels need AVX2; --backend reference (slow) runs"
+    if f["avx2"] and f["fma"]:
+        kernels += (", VNNI" if f["avx512vnni"] or f["avxvnni"] else "") + \
+            ("; prompts on AMX tiles" if env.get("amx") else "")
     gpus = ", ".join(f"{g['name']} ({g['free_gb']:.1f} of {g['total_gb']:.1f} GB free)" for g in env["cuda"]["gpus"])
     d, ram_s, disk_s = env["cache_disk"], env["ram_read_gbps"], env["disk_read_gbps"]
     ram_speed = f", reads at {ram_s:,.1f} GB/s" if ram_s is not None else ""
