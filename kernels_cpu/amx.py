@@ -1,6 +1,7 @@
 """AMX (Intel's tile matrix unit) for the routed experts' prompt products: INT4 x INT16, exact.
 
-Owns the tile kernel and the two repackings it reads. moe.py decides which experts go through it:
+Owns the tile kernel and the two repackings it reads, and TileOps (the tile instructions as LLVM
+intrinsics, which amx_gemm's bf16 kernel uses too). moe.py decides which experts go through it:
 those with many tokens in a prompt. Decode (one token per expert) stays on the row kernel (simd.py),
 which streams weights at memory speed; a tile product only pays off where each weight row meets
 many tokens.
@@ -88,8 +89,40 @@ def tile_config() -> np.ndarray:
     return cfg
 
 
-def _fn(b, name, args):
-    return cgutils.get_or_insert_function(b.module, ir.FunctionType(ir.VoidType(), args), name)
+class TileOps:
+    """The tile instructions as LLVM intrinsics declared in b's module, tiles named by number (i8
+    immediates): ldcfg(address) loads the configuration, zero(t), load(t, address, stride), store(t,
+    address, stride), dp(c, a, b) the product `product` names (tdpbssd, tdpbf16ps), release()."""
+
+    def __init__(self, b: ir.IRBuilder, product: str):
+        self.b = b
+        i8p = I8.as_pointer()
+        fn = lambda name, args: cgutils.get_or_insert_function(  # noqa: E731
+            b.module, ir.FunctionType(ir.VoidType(), args), f"llvm.x86.{name}")
+        self._cfg, self._zero = fn("ldtilecfg", [i8p]), fn("tilezero", [I8])
+        self._load, self._store = fn("tileloadd64", [I8, i8p, I64]), fn("tilestored64", [I8, i8p, I64])
+        self._dp, self._release = fn(product, [I8, I8, I8]), fn("tilerelease", [])
+
+    def _p(self, addr):
+        return self.b.inttoptr(addr, I8.as_pointer())
+
+    def ldcfg(self, addr) -> None:
+        self.b.call(self._cfg, [self._p(addr)])
+
+    def zero(self, t: int) -> None:
+        self.b.call(self._zero, [ir.Constant(I8, t)])
+
+    def load(self, t: int, addr, stride) -> None:
+        self.b.call(self._load, [ir.Constant(I8, t), self._p(addr), stride])
+
+    def store(self, t: int, addr, stride) -> None:
+        self.b.call(self._store, [ir.Constant(I8, t), self._p(addr), stride])
+
+    def dp(self, c: int, a: int, b: int) -> None:
+        self.b.call(self._dp, [ir.Constant(I8, c), ir.Constant(I8, a), ir.Constant(I8, b)])
+
+    def release(self) -> None:
+        self.b.call(self._release, [])
 
 
 @intrinsic
@@ -103,21 +136,14 @@ def tile_product(typingctx, cfg, a, astride, bt, dgb, wst, ngroups, res):
         if not _compiles():  # a target without AMX (an AVX2 build): never called there (available())
             return context.get_dummy_value()
         cfg, a, astride, bt, dgb, wst, ngroups, res = args
-        i8p = I8.as_pointer()
         VD, VF = ir.VectorType(I32, N), ir.VectorType(F32, N)
-        imm = [ir.Constant(I8, t) for t in range(7)]
-        ldcfg = _fn(b, "llvm.x86.ldtilecfg", [i8p])
-        zero = _fn(b, "llvm.x86.tilezero", [I8])
-        load = _fn(b, "llvm.x86.tileloadd64", [I8, i8p, I64])
-        store = _fn(b, "llvm.x86.tilestored64", [I8, i8p, I64])
-        dp = _fn(b, "llvm.x86.tdpbssd", [I8, I8, I8])
-        release = _fn(b, "llvm.x86.tilerelease", [])
+        t = TileOps(b, "tdpbssd")
         fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(VF, [VF] * 3), f"llvm.fma.v{N}f32")
         cbuf = cgutils.alloca_once(b, ir.ArrayType(I32, 4 * M * N))
         cbuf.align = 64
         cb = b.ptrtoint(cbuf, I64)
         accs = [cgutils.alloca_once_value(b, ir.Constant(VF, None)) for _ in range(M)]
-        b.call(ldcfg, [b.inttoptr(cfg, i8p)])
+        t.ldcfg(cfg)
         stride64 = ir.Constant(I64, 4 * N)
         eight = ir.Constant(VD, [ir.Constant(I32, 8)] * N)
         # two groups a step, their products in two pairs of C tiles (0, 1 and 5, 6), so that one
@@ -125,18 +151,18 @@ def tile_product(typingctx, cfg, a, astride, bt, dgb, wst, ngroups, res):
         with cgutils.for_range(b, b.udiv(ngroups, ir.Constant(I64, 2))) as loop:
             for h in range(2):
                 g = b.add(b.mul(loop.index, ir.Constant(I64, 2)), ir.Constant(I64, h))
-                ch_t, cl_t = (imm[0], imm[1]) if h == 0 else (imm[5], imm[6])
-                b.call(zero, [ch_t])
-                b.call(zero, [cl_t])
-                b.call(load, [imm[2], b.inttoptr(b.add(a, b.mul(g, ir.Constant(I64, GROUP))), i8p), astride])
+                ch_t, cl_t = (0, 1) if h == 0 else (5, 6)
+                t.zero(ch_t)
+                t.zero(cl_t)
+                t.load(2, b.add(a, b.mul(g, ir.Constant(I64, GROUP))), astride)
                 bg = b.add(bt, b.mul(g, ir.Constant(I64, B_GROUP_BYTES)))
-                b.call(load, [imm[3], b.inttoptr(bg, i8p), stride64])
-                b.call(load, [imm[4], b.inttoptr(b.add(bg, ir.Constant(I64, B_GROUP_BYTES // 2)), i8p), stride64])
-                b.call(dp, [ch_t, imm[2], imm[3]])
-                b.call(dp, [cl_t, imm[2], imm[4]])
+                t.load(3, bg, stride64)
+                t.load(4, b.add(bg, ir.Constant(I64, B_GROUP_BYTES // 2)), stride64)
+                t.dp(ch_t, 2, 3)
+                t.dp(cl_t, 2, 4)
                 cbh = b.add(cb, ir.Constant(I64, h * 8 * M * N))
-                b.call(store, [ch_t, b.inttoptr(cbh, i8p), stride64])
-                b.call(store, [cl_t, b.inttoptr(b.add(cbh, ir.Constant(I64, 4 * M * N)), i8p), stride64])
+                t.store(ch_t, cbh, stride64)
+                t.store(cl_t, b.add(cbh, ir.Constant(I64, 4 * M * N)), stride64)
                 dgv = b.load(b.inttoptr(b.add(dgb, b.mul(g, ir.Constant(I64, 4 * N))), VF.as_pointer()), align=4)
                 wsg = b.add(wst, b.mul(g, ir.Constant(I64, 4 * M)))
                 for m in range(M):
@@ -147,7 +173,7 @@ def tile_product(typingctx, cfg, a, astride, bt, dgb, wst, ngroups, res):
                     sv = b.insert_element(ir.Constant(VF, None), s, ir.Constant(I32, 0))
                     sv = b.shuffle_vector(sv, sv, ir.Constant(VD, None))
                     b.store(b.call(fma, [v, b.fmul(sv, dgv), b.load(accs[m])]), accs[m])
-        b.call(release, [])
+        t.release()
         for m in range(M):
             b.store(b.load(accs[m]), b.inttoptr(b.add(res, ir.Constant(I64, 4 * N * m)), VF.as_pointer()), align=4)
         return context.get_dummy_value()

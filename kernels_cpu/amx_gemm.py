@@ -26,7 +26,7 @@ from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels_cpu.amx import available, compiles_bf16
+from kernels_cpu.amx import TileOps, available, compiles_bf16
 from kernels_cpu.simd import I8, I32, I64
 from kernels_cpu.workqueue import new_queue, take
 
@@ -49,10 +49,6 @@ def supported(O: int, I: int) -> bool:
     return O % RB_GEMM == 0 and I % 32 == 0 and I > 0
 
 
-def _fn(b, name, args):
-    return cgutils.get_or_insert_function(b.module, ir.FunctionType(ir.VoidType(), args), name)
-
-
 @intrinsic
 def _tile_step(typingctx, cfg, w, wstride, xp, nk, y, ystride, first):
     """32 weight rows (w, row stride wstride bytes) x 32 tokens over nk steps of 32 columns:
@@ -64,43 +60,36 @@ def _tile_step(typingctx, cfg, w, wstride, xp, nk, y, ystride, first):
         if not compiles_bf16():
             return context.get_dummy_value()
         cfg, w, wstride, xp, nk, y, ystride, first = args
-        i8p = I8.as_pointer()
-        imm = [ir.Constant(I8, t) for t in range(8)]
-        ldcfg = _fn(b, "llvm.x86.ldtilecfg", [i8p])
-        zero = _fn(b, "llvm.x86.tilezero", [I8])
-        load = _fn(b, "llvm.x86.tileloadd64", [I8, i8p, I64])
-        store = _fn(b, "llvm.x86.tilestored64", [I8, i8p, I64])
-        dp = _fn(b, "llvm.x86.tdpbf16ps", [I8, I8, I8])
-        release = _fn(b, "llvm.x86.tilerelease", [])
+        t = TileOps(b, "tdpbf16ps")
         c64 = ir.Constant(I64, 64)
-        b.call(ldcfg, [b.inttoptr(cfg, i8p)])
+        t.ldcfg(cfg)
 
-        def cptr(r, t):  # C tile (row block r, token block t) in y
-            return b.inttoptr(b.add(y, b.add(b.mul(ir.Constant(I64, 16 * r), ystride), ir.Constant(I64, 64 * t))), i8p)
+        def cptr(r, tb):  # C tile (row block r, token block tb) in y
+            return b.add(y, b.add(b.mul(ir.Constant(I64, 16 * r), ystride), ir.Constant(I64, 64 * tb)))
 
         with b.if_else(b.icmp_unsigned("!=", first, ir.Constant(I64, 0))) as (then, other):
             with then:
                 for c in range(4):
-                    b.call(zero, [imm[c]])
+                    t.zero(c)
             with other:
                 for c in range(4):
-                    b.call(load, [imm[c], cptr(c // 2, c % 2), ystride])
+                    t.load(c, cptr(c // 2, c % 2), ystride)
         step = ir.Constant(I64, 2 * 1024)  # one split's two token blocks per K step
         split = ir.Constant(I64, KC // 32 * 2 * 1024)
         with cgutils.for_range(b, nk) as loop:
             k = loop.index
             wk = b.add(w, b.mul(k, c64))
-            b.call(load, [imm[4], b.inttoptr(wk, i8p), wstride])
-            b.call(load, [imm[5], b.inttoptr(b.add(wk, b.mul(ir.Constant(I64, 16), wstride)), i8p), wstride])
+            t.load(4, wk, wstride)
+            t.load(5, b.add(wk, b.mul(ir.Constant(I64, 16), wstride)), wstride)
             for s in range(3):
                 xs = b.add(xp, b.add(b.mul(ir.Constant(I64, s), split), b.mul(k, step)))
-                b.call(load, [imm[6], b.inttoptr(xs, i8p), c64])
-                b.call(load, [imm[7], b.inttoptr(b.add(xs, ir.Constant(I64, 1024)), i8p), c64])
+                t.load(6, xs, c64)
+                t.load(7, b.add(xs, ir.Constant(I64, 1024)), c64)
                 for c in range(4):
-                    b.call(dp, [imm[c], imm[4 + c // 2], imm[6 + c % 2]])
+                    t.dp(c, 4 + c // 2, 6 + c % 2)
         for c in range(4):
-            b.call(store, [imm[c], cptr(c // 2, c % 2), ystride])
-        b.call(release, [])
+            t.store(c, cptr(c // 2, c % 2), ystride)
+        t.release()
         return context.get_dummy_value()
 
     return sig, codegen
