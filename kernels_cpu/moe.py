@@ -52,8 +52,11 @@ _k44 = make_rowblock_kernel(4, 4, _L, VNNI)
 _k28 = make_rowblock_kernel(2, 8, _L, VNNI)
 _CH = 4 * _L  # columns per chunk
 # Experts with at least this many tokens in a call go through AMX's tile kernel where the CPU has it
-# (amx.py); the others, and every decode step, through the row kernel.
-AMX_MIN_TOKENS = 4
+# (amx.py); the others, and every decode step, through the row kernel. A tile product costs the same for
+# 1 to 16 tokens: one K2 MoE layer, 2-core Xeon, GFLOP/s with the threshold at 4 / 8 / never: 384
+# experts, 128 tokens (the real model's pp128: 2.7 per expert) 116-121 / 145-153 / 156-157; 384 experts,
+# 512 tokens 211-213 / 224-232 / 193-199; 48 experts, 128 tokens (k2-slice) 323-329 / 308-313 / 199-208.
+AMX_MIN_TOKENS = 8
 _TILE_CFG = amx.tile_config()
 
 
