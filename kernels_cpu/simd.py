@@ -97,6 +97,18 @@ def prefetch_l2(b: ir.IRBuilder, addr) -> None:
     b.call(fn, [b.inttoptr(addr, I8.as_pointer()), ir.Constant(I32, 0), ir.Constant(I32, 2), ir.Constant(I32, 1)])
 
 
+@intrinsic
+def prefetch_l2_at(typingctx, addr):
+    """prefetch_l2 for @njit code: the cache line at address addr (an integer) into L2."""
+    sig = types.void(types.intp)
+
+    def codegen(context, b, signature, args):
+        prefetch_l2(b, args[0])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def hsum(b: ir.IRBuilder, v):
     """<n x float> (n a power of 2) -> the float sum of its lanes, a pairwise tree of halves: log2(n)
     shuffles and adds."""
