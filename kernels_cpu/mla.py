@@ -22,23 +22,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels_cpu.simd import prefetch_l2_at
+from kernels_cpu.heads import AHEAD, prefetch_head_row
 from kernels_cpu.widen import widened3
 
 FASTMATH = {"reassoc", "contract"}  # a vectorised sum and FMA; NaN and inf keep their meaning
 MAX_POSITIONS = 1024  # at most this many positions per call (see the module doc); the caller checks
 MAX_TOKENS = 8
-AHEAD = 4  # kv_b rows (1-2 KB each) prefetched ahead into L2 while a head's rows stream
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _prefetch_row(kvb, h, r):
-    # row r of head h of kv_b into L2, if it exists (a row is L values: 1 KB in bf16, 2 KB in fp32)
-    if r < kvb.shape[1]:
-        n = kvb.shape[2] * kvb.itemsize
-        at = kvb.ctypes.data + (h * kvb.shape[1] + r) * n
-        for line in range(0, n, 64):
-            prefetch_l2_at(at + line)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
@@ -82,7 +71,7 @@ def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp
             for l in range(L):
                 qa[j, l] = 0.0
             for p in range(P):
-                _prefetch_row(kvb, h, p + AHEAD)
+                prefetch_head_row(kvb, h, p + AHEAD)
                 qv = q[t, h, p]
                 for l in range(L):
                     qa[j, l] += qv * widened3(kvb, h, p, l)
@@ -129,7 +118,7 @@ def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp
             j = h - h0
             inv = np.float32(1.0) / den[j]
             for v in range(V):
-                _prefetch_row(kvb, h, P + v + AHEAD)
+                prefetch_head_row(kvb, h, P + v + AHEAD)
                 a = np.float32(0.0)
                 for l in range(L):
                     a += acc[j, l] * widened3(kvb, h, P + v, l)
