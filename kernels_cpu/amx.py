@@ -39,6 +39,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kernels_cpu.simd import F32, I8, I32, I64, has_vnni, host_features, vector_lanes
+from kernels_cpu.widen import bf16_to_f32
 
 M = 16  # weight rows per tile product
 N = 16  # tokens per tile product
@@ -56,7 +57,7 @@ def available(bf16: bool = False) -> bool:
     amx_gemm's bf16 tiles may run."""
     if os.environ.get("KIMI_HYBRID_CPU_AMX", "1") == "0":
         return False
-    if not (compiles_bf16() if bf16 else _compiles() and vector_lanes() == 32 and has_vnni()):
+    if not (compiles_bf16() if bf16 else (_compiles() and vector_lanes() == 32 and has_vnni())):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -78,8 +79,8 @@ def compiles_bf16() -> bool:
 
 
 def tile_config() -> np.ndarray:
-    """The 64-byte tile configuration (palette 1): tiles 0, 1 = Ch, Cl (16 x 64 bytes), 2 = A (16 x 32),
-    3, 4 = Bh, Bl (8 x 64)."""
+    """The 64-byte tile configuration (palette 1): tiles 0, 1 and 5, 6 = two pairs Ch, Cl (16 x 64
+    bytes, even and odd groups), 2 = A (16 x 32), 3, 4 = Bh, Bl (8 x 64)."""
     cfg = np.zeros(64, np.uint8)
     cfg[0] = 1
     colsb = cfg[16:32].view(np.uint16)
@@ -218,7 +219,7 @@ def unpack_rows(w, wst, s, sst, din, a, wsT):
         _unpack_row(w + m * wst, din // 2, a.ctypes.data + m * din)
         srow = _u16(s + m * sst, G)
         for g in range(G):
-            wsT[g, m] = _bf16(srow[g])
+            wsT[g, m] = bf16_to_f32(srow[g])
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -245,12 +246,6 @@ def pack_tokens(xa32, rowwords, dg, toks, ntok, G, bt, dgb):
 
 
 @intrinsic
-def _u8(typingctx, addr, n):
-    """A uint8 array view of n bytes at addr."""
-    return _view(types.uint8, addr, n)
-
-
-@intrinsic
 def _u16(typingctx, addr, n):
     """A uint16 array view of n items at addr."""
     return _view(types.uint16, addr, n)
@@ -268,16 +263,5 @@ def _view(dtype, addr, n):
                                strides=cgutils.pack_array(b, [itemsize]), itemsize=itemsize,
                                meminfo=None)
         return ary._getvalue()
-
-    return sig, codegen
-
-
-@intrinsic
-def _bf16(typingctx, bits):
-    """bf16 bits (uint16) -> float32."""
-    sig = types.float32(types.uint16)
-
-    def codegen(context, b, signature, args):
-        return b.bitcast(b.shl(b.zext(args[0], I32), ir.Constant(I32, 16)), F32)
 
     return sig, codegen

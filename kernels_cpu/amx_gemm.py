@@ -3,8 +3,9 @@
 Owns gemm_bf16x3 (x fp32 [T, I] @ w.T for bf16 w [O, I], or int8 codes with row scales: the codes
 are exact in bf16, converted per block of rows, the scale applied to each finished sum). The GPU
 side's prompt products on a CPU multiply fp32 activations by bf16 weights (model/linear.py, without
-AMX, widens the weights to fp32 for an fp32 GEMM). A bf16 weight is exact in bf16, and an fp32 activation is exactly the sum of three bf16
-values (8 + 8 + 8 significant bits): x1 = bf16(x), x2 = bf16(x - x1), x3 = x - x1 - x2. Each
+AMX, widens the weights to fp32 for an fp32 GEMM). A bf16 weight is exact in bf16, and an fp32
+activation is exactly the sum of three bf16 values (8 + 8 + 8 significant bits): x1 = bf16(x),
+x2 = bf16(x - x1), x3 = x - x1 - x2. Each
 product of two bf16 values is exact in fp32 and tdpbf16ps sums in fp32, so
 C += W x1 + W x2 + W x3, all three into one fp32 accumulator, is the fp32 product of the widened
 weights up to summation order, as the widening GEMM is; and reads the weights as stored.
@@ -14,9 +15,10 @@ Tiles (palette 1, all 16 rows x 64 bytes): 0-3 the fp32 results of 2 x 2 blocks 
 the two token blocks, in tdpbf16ps' pair layout: row kk holds the bf16 pair 2kk, 2kk + 1 of each of
 16 tokens (pack_x3 writes it, per split, per 32 columns of K).
 
-Blocking: K in chunks of KC columns; per chunk the packed activations of every token (a panel) and
-RB_GEMM weight rows stay in L2 while the threads walk their share of the rows. The results live in
-yT [O, Tp] (fp32, Tp = T padded to a multiple of 32), loaded into the tiles at each chunk's start.
+Blocking: GROUP_PAIRS x 32 tokens at a time, K in chunks of KC columns; per chunk those tokens'
+packed activations (panels) and RB_GEMM weight rows stay in L2 while the threads walk their share of
+the rows. The results live in yT [O, Tp] (fp32, Tp = T padded to a multiple of 32), loaded into the
+tiles at each chunk's start and transposed into y [T, O] after the last.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from numba.extending import intrinsic
 
 from kernels_cpu.amx import TileOps, available, compiles_bf16
 from kernels_cpu.simd import I8, I32, I64
+from kernels_cpu.widen import bf16_to_f32
 from kernels_cpu.workqueue import new_queue, take
 
 KC = 1024  # columns of K per chunk (a panel of 32 tokens: 32 x 1024 x 3 splits x 2 bytes = 192 KB)
@@ -112,36 +115,26 @@ def _bits(typingctx, v):
     return sig, codegen
 
 
-@intrinsic
-def _float(typingctx, u):
-    sig = types.float32(types.uint32)
-
-    def codegen(context, b, signature, args):
-        return b.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
 @njit(nogil=True, cache=True, parallel=True)
-def pack_x3(x, Tp, KCc):
+def pack_x3(x, Tp):
     """x fp32 [T, I] -> the tile kernel's panels: uint32 (two bf16) [I/KC chunks, Tp/32 token pairs, 3
     splits, KC/32 steps, 2 token blocks, 16 rows kk, 16 tokens n], row kk holding the parts of
     columns 2kk and 2kk + 1 of the step (low half, high half); tokens past T are zero."""
     T, I = x.shape
-    nc = (I + KCc - 1) // KCc
-    xp = np.empty((nc, Tp // TB, 3, KCc // 32, 2, 16, 16), np.uint32)
+    nc = (I + KC - 1) // KC
+    xp = np.empty((nc, Tp // TB, 3, KC // 32, 2, 16, 16), np.uint32)
     for t in range(T, Tp):  # the padding tokens (their columns of the last chunk's tail are never read)
         xp[:, t // TB, :, :, (t % TB) // 16, :, t % 16] = 0
     for t in prange(T):
         t2, tb, n = t // TB, (t % TB) // 16, t % 16
         for i in range(0, I, 2):
-            c, k, kk = i // KCc, (i % KCc) // 32, (i % 32) // 2
+            c, k, kk = i // KC, (i % KC) // 32, (i % 32) // 2
             lo, hi = x[t, i], x[t, i + 1]
             a1, b1 = _bf16_rne(lo), _bf16_rne(hi)
-            ra, rb = lo - _float(a1 << np.uint32(16)), hi - _float(b1 << np.uint32(16))
+            ra, rb = lo - bf16_to_f32(np.uint16(a1)), hi - bf16_to_f32(np.uint16(b1))
             a2, b2 = _bf16_rne(ra), _bf16_rne(rb)
-            a3 = _bf16_rne(ra - _float(a2 << np.uint32(16)))
-            b3 = _bf16_rne(rb - _float(b2 << np.uint32(16)))
+            a3 = _bf16_rne(ra - bf16_to_f32(np.uint16(a2)))
+            b3 = _bf16_rne(rb - bf16_to_f32(np.uint16(b2)))
             xp[c, t2, 0, k, tb, kk, n] = a1 | (b1 << np.uint32(16))
             xp[c, t2, 1, k, tb, kk, n] = a2 | (b2 << np.uint32(16))
             xp[c, t2, 2, k, tb, kk, n] = a3 | (b3 << np.uint32(16))
@@ -227,7 +220,7 @@ def gemm_bf16x3(x: np.ndarray, w: np.ndarray, scale: np.ndarray | None = None) -
         raise ValueError(f"gemm_bf16x3: x [T, I] and C-contiguous w [O, I] (uint16 bf16 bits, or int8 codes with "
                          f"[O] scales) with O % {RB_GEMM} == 0 and I % 32 == 0; got {x.shape} and {w.dtype} {w.shape}")
     Tp = (T + TB - 1) // TB * TB
-    xp = pack_x3(np.ascontiguousarray(x, dtype=np.float32), Tp, KC)
+    xp = pack_x3(np.ascontiguousarray(x, dtype=np.float32), Tp)
     yT = np.empty((O, Tp), np.float32)
     y = np.empty((T, O), np.float32)
     s = np.ascontiguousarray(scale, dtype=np.float32) if int8 else np.empty(0, np.float32)

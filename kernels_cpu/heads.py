@@ -3,9 +3,10 @@ out of it, reading kv_b_proj as held ([H, P + V, L], contiguous: bf16 bits as ui
 registers like kernels_cpu.widen's GEMVs, or fp32), each head on one thread (parallel=False: all on the
 calling thread, where a second parallel region beside the expert kernels' may not run).
 
-Owns head_absorb and head_values, and prefetch_head_row (mla.py's decode streams kv_b the same way). torch's batched product over 64 one-row heads ran at a fraction of
-the RAM bandwidth; these stream each head's rows once, vectorised along the contiguous L. Pure
-functions on arrays; imports nothing from hybrid/.
+Owns head_absorb and head_values, and prefetch_head_row (mla.py's decode streams kv_b the same way).
+torch's batched product over 64 one-row heads ran at a fraction of the RAM bandwidth; these stream
+each head's rows once, vectorised along the contiguous L. Pure functions on arrays; imports nothing
+from hybrid/.
 Letters: T tokens, H heads, P nope dim, V value dim, L latent rank.
 """
 from __future__ import annotations
