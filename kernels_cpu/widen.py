@@ -6,7 +6,9 @@ SwiGLU MLP in one call). The checkpoint's dense weights are bf16; holding them a
 the RAM they take and the bytes every decoded token reads, for no gain in accuracy (bf16 -> fp32 is
 exact). bf16_gemv reads the bf16 bits and widens them in registers (bits << 16), multiplying by
 fp32 activations and summing in fp32, so the result equals the fp32 product up to summation order:
-~2 bytes read per weight instead of 4. int8_gemv reads int8 weight-only codes with a bf16 scale per
+~2 bytes read per weight instead of 4. Where the input width is whole steps of bf16dot.PAIR (K2's
+all are), a row at a time through bf16dot.row_dot, one stream at the RAM's speed; elsewhere Numba's
+vectorised loop below. int8_gemv reads int8 weight-only codes with a bf16 scale per
 row (gpu_precision 'int8', asked for on purpose: 1 byte a weight, int8's rounding). Where the input
 width is a multiple of int8dot.BLOCK and the CPU has AVX2, its products (and the fused forms' over
 int8) multiply the codes by the activations rounded to int16 per block (int8dot: widening each code to
@@ -24,6 +26,8 @@ from llvmlite import ir
 from numba import get_num_threads, njit, prange, threading_layer, types
 from numba.extending import intrinsic, overload
 
+from kernels_cpu import bf16dot
+from kernels_cpu.bf16dot import deinterleave, row_dot
 from kernels_cpu.int8dot import BLOCK, make_rows_kernel, quantize_blocks
 from kernels_cpu.simd import host_has_avx2
 from kernels_cpu.workqueue import new_queue, take
@@ -78,15 +82,23 @@ def _scale(s, o):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
-def _rows(x, w, s, out, lo, hi):
+def _rows(x, xd, w, s, out, lo, hi):
     # rows lo..hi-1 of out f32 [T, O] from x f32 [T, I], w [O, I] (uint16 bf16 bits or int8 codes)
-    # and s uint16 [O] bf16 row scales ([0]: none)
+    # and s uint16 [O] bf16 row scales ([0]: none). xd: x deinterleaved for bf16dot.row_dot where it
+    # applies (bf16 weights, bf16dot.fits), else [T, 0].
+    T, I = x.shape
+    if xd.shape[1]:  # one row at a time, one stream with the rows ahead prefetched (see bf16dot)
+        n = I * w.itemsize
+        ahead = bf16dot.ahead_bytes(n)
+        for o in range(lo, hi):
+            for t in range(T):  # the row is re-read from L1 for each row of x
+                out[t, o] = row_dot(w.ctypes.data + o * n, xd.ctypes.data + 4 * I * t, I, ahead) * _scale(s, o)
+        return
     # Long rows: four output rows at a time, four independent sums, so the vectorised loop is not bound
     # by one accumulator's FMA latency (on a CPU with 256-bit FMA units that capped one core at ~2
     # weights a cycle), and each x[t, i] loaded once for the four. Short rows (SHORT_ROW_BYTES): one
     # row after another, one sequential stream; four interleaved streams of 3-4 KB each read at
     # 21-25 GB/s against 31-39 for one (K2's q_b_proj and shared down_proj, 2 threads, Zen 4).
-    T, I = x.shape
     o = lo
     while o + 4 <= hi and I * w.itemsize > SHORT_ROW_BYTES:
         for t in range(T):  # the rows are re-read from L1 for each row of x
@@ -111,7 +123,7 @@ def _rows(x, w, s, out, lo, hi):
 
 
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
-def _gemv(x, w, s, out, nt):
+def _gemv(x, xd, w, s, out, nt):
     # items = blocks of RB rows, handed out by workqueue.take (each thread streams its own contiguous share;
     # one whose core is busy loses items to the rest)
     O = w.shape[0]
@@ -120,22 +132,22 @@ def _gemv(x, w, s, out, nt):
     for th in prange(nt):
         it = take(queue, n, th, nt)
         while it < n:
-            _rows(x, w, s, out, it * RB, min(O, it * RB + RB))
+            _rows(x, xd, w, s, out, it * RB, min(O, it * RB + RB))
             it = take(queue, n, th, nt)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
-def _pair_item(x, w1, s1, out1, w2, s2, out2, it, n1):
+def _pair_item(x, xd, w1, s1, out1, w2, s2, out2, it, n1):
     # work item `it` of a queue over two weights: w1's blocks of RB rows (the first n1), then w2's
     if it < n1:
-        _rows(x, w1, s1, out1, it * RB, min(w1.shape[0], it * RB + RB))
+        _rows(x, xd, w1, s1, out1, it * RB, min(w1.shape[0], it * RB + RB))
     else:
         o = (it - n1) * RB
-        _rows(x, w2, s2, out2, o, min(w2.shape[0], o + RB))
+        _rows(x, xd, w2, s2, out2, o, min(w2.shape[0], o + RB))
 
 
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
-def _gemv_pair(x, w1, s1, out1, w2, s2, out2, nt):
+def _gemv_pair(x, xd, w1, s1, out1, w2, s2, out2, nt):
     # _gemv over two weights in one queue
     n1 = (w1.shape[0] + RB - 1) // RB
     n = n1 + (w2.shape[0] + RB - 1) // RB
@@ -143,7 +155,7 @@ def _gemv_pair(x, w1, s1, out1, w2, s2, out2, nt):
     for th in prange(nt):
         it = take(queue, n, th, nt)
         while it < n:
-            _pair_item(x, w1, s1, out1, w2, s2, out2, it, n1)
+            _pair_item(x, xd, w1, s1, out1, w2, s2, out2, it, n1)
             it = take(queue, n, th, nt)
 
 
@@ -156,18 +168,20 @@ def _silu_times(g, u):
 
 
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
-def _swiglu(x, wg, sg, wu, su, wd, sd, g, u, out, nt):
-    # out = (SiLU(x @ wg.T) * (x @ wu.T)) @ wd.T; g, u f32 [T, I] scratch. Two parallel regions, no
-    # Python between them.
+def _swiglu(x, xd, wg, sg, wu, su, wd, sd, g, u, gd, out, nt):
+    # out = (SiLU(x @ wg.T) * (x @ wu.T)) @ wd.T; g, u f32 [T, I] scratch, gd g's deinterleaved copy
+    # (or [T, 0], as xd: see _rows). Two parallel regions, no Python between them.
     n1 = (wg.shape[0] + RB - 1) // RB
     queue = new_queue(nt)
     for th in prange(nt):
         it = take(queue, 2 * n1, th, nt)
         while it < 2 * n1:
-            _pair_item(x, wg, sg, g, wu, su, u, it, n1)
+            _pair_item(x, xd, wg, sg, g, wu, su, u, it, n1)
             it = take(queue, 2 * n1, th, nt)
     _silu_times(g, u)
-    _gemv(g, wd, sd, out, nt)
+    if gd.shape[1]:
+        deinterleave(g, gd)
+    _gemv(g, gd, wd, sd, out, nt)
 
 
 _i8x8, _i8x2, _i8x1 = make_rows_kernel(8), make_rows_kernel(2), make_rows_kernel(1)  # int8 rows x a token
@@ -234,6 +248,16 @@ def _int8_fast(x: np.ndarray, *ws: np.ndarray) -> bool:
         and concurrent_parallel_ok()
 
 
+def _deinterleaved(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x (fp32 [T, I], contiguous) as bf16dot.row_dot reads it, where w's rows go through it (bf16 bits,
+    bf16dot.fits); else an empty [T, 0], which sends _rows the other way."""
+    if w.dtype != np.uint16 or not bf16dot.fits(x.shape[1]):
+        return np.empty((x.shape[0], 0), np.float32)
+    xd = np.empty(x.shape, np.float32)
+    deinterleave(x, xd)
+    return xd
+
+
 def _quantized(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     xq = np.empty(x.shape, np.int16)
     xs = np.empty((x.shape[0], x.shape[1] // BLOCK), np.float32)
@@ -242,8 +266,8 @@ def _quantized(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _gemv_serial(x, w, s, out):
-    _rows(x, w, s, out, 0, w.shape[0])
+def _gemv_serial(x, xd, w, s, out):
+    _rows(x, xd, w, s, out, 0, w.shape[0])
 
 
 @njit(cache=True, parallel=True)
@@ -290,7 +314,8 @@ def gemv_pair(x: np.ndarray, w1: np.ndarray, s1: np.ndarray, w2: np.ndarray, s2:
     if _int8_fast(x, w1, w2):
         _gemv_i8(*_quantized(x), w1, s1, out1, w2, s2, out2, get_num_threads())
     else:
-        _gemv_pair(np.ascontiguousarray(x), w1, s1, out1, w2, s2, out2, get_num_threads())
+        x = np.ascontiguousarray(x)
+        _gemv_pair(x, _deinterleaved(x, w1), w1, s1, out1, w2, s2, out2, get_num_threads())
     return out1, out2
 
 
@@ -310,7 +335,9 @@ def swiglu_gemv(x: np.ndarray, wg: np.ndarray, sg: np.ndarray, wu: np.ndarray, s
     if _int8_fast(x, wg, wu) and I % BLOCK == 0:
         _swiglu_i8(*_quantized(x), wg, sg, wu, su, wd, sd, g, u, out, get_num_threads())
     else:
-        _swiglu(np.ascontiguousarray(x), wg, sg, wu, su, wd, sd, g, u, out, get_num_threads())
+        x = np.ascontiguousarray(x)
+        gd = np.empty((T, I) if wd.dtype == np.uint16 and bf16dot.fits(I) else (T, 0), np.float32)
+        _swiglu(x, _deinterleaved(x, wg), wg, sg, wu, su, wd, sd, g, u, gd, out, get_num_threads())
     return out
 
 
@@ -346,7 +373,7 @@ def _run(name: str, x: np.ndarray, w: np.ndarray, s: np.ndarray, out: np.ndarray
     if _int8_fast(x, w):
         _gemv_i8(*_quantized(x), w, s, out, w, s, out[:, :0], get_num_threads())
     elif concurrent_parallel_ok():
-        _gemv(x, w, s, out, get_num_threads())  # nt passed in: get_num_threads() inside defeats cache=True
+        _gemv(x, _deinterleaved(x, w), w, s, out, get_num_threads())  # nt: get_num_threads() inside defeats cache
     else:
-        _gemv_serial(x, w, s, out)  # one core, but never a second parallel region beside the experts'
+        _gemv_serial(x, _deinterleaved(x, w), w, s, out)  # one core, but never a second parallel region beside the experts'
     return out

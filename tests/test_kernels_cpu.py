@@ -243,13 +243,16 @@ def bf16_bits(a: np.ndarray) -> np.ndarray:
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-@pytest.mark.parametrize("In", [333, 2053])  # rows read one at a time (<= SHORT_ROW_BYTES), and four at a time
+# I not a multiple of any vector width: Numba's loop, rows one at a time (<= SHORT_ROW_BYTES) and four at a
+# time; whole steps of bf16dot.PAIR: bf16dot.row_dot, short rows and long
+@pytest.mark.parametrize("In", [333, 2053, 96, 4128])
 def test_bf16_gemv_equals_the_widened_fp32_product(In):
-    """Every row count the GEMV takes, O past several work items with a partial last one, I not a
-    multiple of any vector width; the reference widens the same bits in float64."""
+    """Every row count the GEMV takes, O past several work items with a partial last one; the reference
+    widens the same bits in float64."""
+    from kernels_cpu import bf16dot
     from kernels_cpu.widen import MAX_ROWS, RB, SHORT_ROW_BYTES, bf16_gemv
 
-    assert (2 * In <= SHORT_ROW_BYTES) == (In == 333)
+    assert (2 * In <= SHORT_ROW_BYTES) == (In in (333, 96)) and bf16dot.fits(In) == (In in (96, 4128))
     rng = np.random.default_rng(7)
     O = 5 * RB + 3
     w = bf16_bits(rng.standard_normal((O, In)) * np.logspace(-3, 1, O)[:, None])
@@ -270,6 +273,18 @@ def test_bf16_gemv_equals_the_widened_fp32_product(In):
         bf16_gemv(np.zeros((MAX_ROWS + 1, In), np.float32), w)
     with pytest.raises(ValueError, match="uint16"):
         bf16_gemv(np.zeros((1, In), np.float32), w.astype(np.int32))
+
+
+def test_bf16dot_deinterleaves_each_step_into_even_then_odd_columns():
+    """The activation layout row_dot reads: per PAIR columns, the LANES even ones, then the odd ones."""
+    from kernels_cpu.bf16dot import LANES, PAIR, deinterleave
+
+    assert PAIR == 2 * LANES and LANES in (8, 16)
+    x = np.arange(2 * 3 * PAIR, dtype=np.float32).reshape(2, 3 * PAIR)
+    xd = np.empty_like(x)
+    deinterleave(x, xd)
+    steps = x.reshape(2, 3, LANES, 2)  # [T, step, lane, even/odd]
+    np.testing.assert_array_equal(xd, np.concatenate([steps[..., 0], steps[..., 1]], axis=2).reshape(2, -1))
 
 
 def _int8_rows(rng, In):
@@ -349,14 +364,18 @@ def _mlp_ref(x, wg, wu, wd):
     return (g / (1 + np.exp(-g)) * u) @ wd.T
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8"])
-def test_fused_gemvs_equal_the_float64_products(kind):
+@pytest.mark.parametrize("kind,odd", [("bf16", True), ("bf16", False), ("int8", True)])
+def test_fused_gemvs_equal_the_float64_products(kind, odd):
     """gemv_pair and swiglu_gemv (one parallel region per product instead of a call each) against
-    float64, for bf16 weights and for int8 codes with bf16 row scales; shapes with partial work items."""
+    float64, for bf16 weights and for int8 codes with bf16 row scales; shapes with partial work items,
+    widths that are no multiple of a vector (odd) or that bf16dot.row_dot takes (bf16, not odd)."""
+    from kernels_cpu import bf16dot
     from kernels_cpu.widen import MAX_ROWS, RB, gemv_pair, swiglu_gemv
 
     rng = np.random.default_rng(9)
-    D, I, O2 = 3 * RB + 5 + 2048, 2 * RB + 7, RB - 3  # gate, up: long rows; down: short ones (SHORT_ROW_BYTES)
+    # gate, up: long rows; down: short ones (SHORT_ROW_BYTES)
+    D, I, O2 = (3 * RB + 5 + 2048, 2 * RB + 7, RB - 3) if odd else (2112, 64, RB - 3)
+    assert bf16dot.fits(D) == bf16dot.fits(I) == (not odd)
 
     def weight(o, i):  # -> (stored array, scales, float64 value)
         if kind == "bf16":
