@@ -294,7 +294,7 @@ def moe_forward(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, table: Expe
     if ids.ndim != 2 or ids.shape[0] != x.shape[0] or weights.shape != ids.shape:
         raise ValueError(f"moe_forward: ids and weights must both be [T, K] with T={x.shape[0]}; "
                          f"got {ids.shape} and {weights.shape}")
-    table.check_experts(np.unique(ids))
+    table.check_experts(ids)
     if out is None:
         out = np.empty((x.shape[0], D), dtype=np.float32)
     elif out.shape != (x.shape[0], D) or out.dtype != np.float32 or not out.flags.c_contiguous:

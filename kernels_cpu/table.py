@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 # Order of the 6 tensors in ExpertTable.loc[:, m]; names as in the compressed-tensors checkpoint.
 PARTS = (
@@ -83,27 +84,26 @@ class ExpertTable:
         return base, size
 
     def check_experts(self, experts: np.ndarray) -> None:
-        """Raise ValueError unless every part of the given experts lies inside its arena.
+        """Raise ValueError unless every part of the given experts (repeats allowed) lies inside its arena.
 
-        A range past the end of a memory-mapped file would be a SIGBUS, not an exception.
-        """
-        experts = np.asarray(experts, dtype=np.int64)
-        if experts.size == 0:
-            return
-        if experts.min() < 0 or experts.max() >= self.num_experts:
-            raise ValueError(f"expert ids must lie in [0, {self.num_experts}); got "
-                             f"{int(experts.min())}..{int(experts.max())}")
-        loc = self.loc[experts]                           # [n, 6, 2]
-        arena, off = loc[..., 0], loc[..., 1]
-        if arena.min() < 0 or arena.max() >= len(self.arenas):
-            raise ValueError(f"ExpertTable.loc names an arena outside 0..{len(self.arenas) - 1}")
+        A range past the end of a memory-mapped file would be a SIGBUS, not an exception. Checked in
+        one Numba loop: a decode step asks once per MoE layer, with cold caches, where the NumPy
+        form cost ~0.3 ms."""
+        experts = np.ascontiguousarray(experts, dtype=np.int64).ravel()
         _, size = self.arena_addresses()
-        end = off + self.part_nbytes[None, :]
-        bad = (off < 0) | (end > size[arena])
-        if bad.any():
-            e, m = np.argwhere(bad)[0]
-            raise ValueError(f"expert {int(experts[e])} {PARTS[m]}: bytes {int(off[e, m])}..{int(end[e, m])} "
-                             f"lie outside arena {int(arena[e, m])} of {int(size[arena[e, m]])} bytes")
+        nbytes = self.part_nbytes
+        k = _first_bad(experts, self.loc, size, nbytes)
+        if k < 0:
+            return
+        e = int(experts[k // len(PARTS)])
+        if not 0 <= e < self.num_experts:
+            raise ValueError(f"expert ids must lie in [0, {self.num_experts}); got {e}")
+        m = k % len(PARTS)
+        arena, off = (int(v) for v in self.loc[e, m])
+        if not 0 <= arena < len(self.arenas):
+            raise ValueError(f"ExpertTable.loc names an arena outside 0..{len(self.arenas) - 1}")
+        raise ValueError(f"expert {e} {PARTS[m]}: bytes {off}..{off + int(nbytes[m])} lie outside arena {arena} of "
+                         f"{int(size[arena])} bytes")
 
     @classmethod
     def from_arrays(cls, experts: list[dict[str, np.ndarray]], hidden: int, inter: int,
@@ -131,3 +131,18 @@ class ExpertTable:
         for p, raw in chunks:
             arena[p:p + raw.size] = raw
         return cls([arena], loc, hidden, inter, group)
+
+
+@njit(nogil=True, cache=True)
+def _first_bad(experts, loc, size, nbytes):
+    # the first (expert index) * len(PARTS) + part whose id, arena or byte range is out of bounds; -1: none
+    P = nbytes.shape[0]
+    for j in range(experts.shape[0]):
+        e = experts[j]
+        if e < 0 or e >= loc.shape[0]:
+            return j * P
+        for m in range(P):
+            a, off = loc[e, m, 0], loc[e, m, 1]
+            if a < 0 or a >= size.shape[0] or off < 0 or off + nbytes[m] > size[a]:
+                return j * P + m
+    return -1

@@ -179,6 +179,16 @@ def test_validation(experts, table):
     w = np.ones((1, K), np.float32)
     with pytest.raises(ValueError, match="expert ids"):
         moe_forward(x, np.full((1, K), E), w, table)
+    with pytest.raises(ValueError, match="expert ids"):
+        moe_forward(x, np.full((1, K), -1), w, table)
+    bad = ExpertTable.from_arrays(experts[:2], D, I)
+    bad.loc[1, 3, 0] = 1  # a refill naming an arena that does not exist
+    with pytest.raises(ValueError, match="names an arena"):
+        moe_forward(x, np.ones((1, K), np.int64), w, bad)
+    bad.loc[1, 3] = (0, bad.arenas[0].shape[0] - 1)  # a part running past its arena's end
+    with pytest.raises(ValueError, match="expert 1 up_proj.weight_scale: bytes .* outside arena 0"):
+        moe_forward(x, np.ones((1, K), np.int64), w, bad)
+    moe_forward(x, np.zeros((1, K), np.int64), w, bad)  # expert 0 is still whole
     with pytest.raises(ValueError, match=r"x must be"):
         moe_forward(np.zeros((1, D + 1), np.float32), np.zeros((1, K), np.int64), w, table)
     with pytest.raises(ValueError, match="out must be"):

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 
+from kernels_cpu import step_ops
 from kernels_gpu.mla import chunked_prefill_attention, mla_decode, prefill_attention
 
 from hybrid.checkpoint.config import ModelConfig
@@ -85,6 +86,9 @@ Cache = KVCache | PagedKVCache  # what attention writes and reads: write / rows 
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and x.dim() == 2 \
+            and x.shape[0] <= step_ops.MAX_ROWS and not x.requires_grad:  # a CPU decode step: one Numba call
+        return torch.from_numpy(step_ops.rms_norm(x.numpy(), w.numpy(), eps))
     x32 = x.float()
     return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -256,7 +260,14 @@ class Model:
         """x [T, D] -> (ids [T, K], weights [T, K]); DeepSeek-V3: the bias picks experts but does not weight them.
         k: how many to pick (default top-K; prefetch asks for a wider candidate set)."""
         c, gate = self.cfg, self.weights.layers[i].mlp.gate
-        scores = torch.sigmoid(fp32_linear(x, gate.weight))  # [T, E]
+        logits = fp32_linear(x, gate.weight)  # [T, E]
+        bias = gate.e_score_correction_bias
+        if logits.device.type == "cpu" and c.n_group == 1 and logits.shape[0] <= step_ops.MAX_ROWS \
+                and bias.dtype == torch.float32 and not logits.requires_grad:  # a CPU decode step: one Numba call
+            ids, weights = step_ops.route(logits.numpy(), bias.numpy(), min(k or c.num_experts_per_tok, c.n_routed_experts),
+                                          c.norm_topk_prob, c.routed_scaling_factor)
+            return torch.from_numpy(ids), torch.from_numpy(weights)
+        scores = torch.sigmoid(logits)
         choice = scores + gate.e_score_correction_bias.float()
         if c.n_group > 1:
             T, G = x.shape[0], c.n_group
