@@ -1,5 +1,6 @@
 """Absorbed-MLA decode on the CPU in one call: the attention of a few new tokens over the paged latent
-cache, from q_b_proj's output to o (their rows already written to the pages).
+cache, from q_b_proj's and kv_a_proj's outputs to o (the new rows written to the pages first, or by
+the caller before).
 
 Owns mla_decode. A decode step's attention math was a dozen torch ops and three Numba calls per
 layer (rope, head products, gather, score GEMM, softmax, value GEMM), each waking
@@ -20,9 +21,11 @@ Letters: T new tokens, H heads, P nope dim, R rope dim, L latent rank, V value d
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from kernels_cpu.heads import AHEAD, prefetch_head_row
+from kernels_cpu.step_ops import _rms_norm
 from kernels_cpu.widen import widened3
 
 FASTMATH = {"reassoc", "contract"}  # a vectorised sum and FMA; NaN and inf keep their meaning
@@ -125,10 +128,66 @@ def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp
                 o[t, h, v] = a * inv
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _bf16_bits(u):
+    # fp32 bits u (uint32) -> bf16 bits, rounded to nearest even; NaN -> 0x7FC0 (as torch converts)
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16(0x7FC0)
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+def _store(pool, page, r, w, v, u):
+    """pool[page, r, w] = fp32 value v (bits u), rounded to bf16 bits in a uint16 pool. Numba only."""
+    raise NotImplementedError
+
+
+@overload(_store, inline="always")
+def _store_impl(pool, page, r, w, v, u):
+    if pool.dtype == types.uint16:
+        def store(pool, page, r, w, v, u):
+            pool[page, r, w] = _bf16_bits(u)
+    else:
+        def store(pool, page, r, w, v, u):
+            pool[page, r, w] = v
+    return store
+
+
+@njit(nogil=True, cache=True)
+def _write_rows(kv, nw, eps, cos, sin, main, spill, table, s0):
+    # the T new rows at positions s0..: kv_a's output kv [T, L + R] -> latent RMSNorm'd (nw, eps), the
+    # key's rope part rotated, in the pools' dtype. No fused multiply-add (no fastmath): the rotation
+    # rounds as torch's separate products do, so the rows equal what the prompt's path writes.
+    T, W = kv.shape
+    L = nw.shape[0]
+    PG = main.shape[1]
+    latent = np.empty((T, L), np.float32)
+    _rms_norm(np.ascontiguousarray(kv[:, :L]), nw, eps, latent)  # step_ops.rms_norm's own loop
+    row = np.empty(W, np.float32)
+    for t in range(T):
+        for l in range(L):
+            row[l] = latent[t, l]
+        for i in range((W - L) // 2):
+            x0, x1 = kv[t, L + 2 * i], kv[t, L + 2 * i + 1]
+            a, b = x0 * cos[t, i], x1 * sin[t, i]
+            c, d = x0 * sin[t, i], x1 * cos[t, i]
+            row[L + 2 * i] = a - b
+            row[L + 2 * i + 1] = c + d
+        pos = s0 + t
+        e = table[pos // PG]
+        pool = main if e >= 0 else spill
+        page = e if e >= 0 else -1 - e
+        bits = row.view(np.uint32)
+        for w in range(W):
+            _store(pool, page, pos % PG, w, row[w], bits[w])
+
+
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
-def _decode(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt):
+def _decode(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt, kv, nw, eps):
+    # kv [T, L + R], nw [L], eps: the new rows to write first (_write_rows), or kv [0, *]: written already
     H, L, PG = q.shape[1], kvb.shape[2], main.shape[1]
     R = main.shape[2] - L
+    if kv.shape[0]:
+        _write_rows(kv, nw, eps, cos, sin, main, spill, table, s0)
     quads = H // 4
     for th in prange(nt):
         h0, h1 = 4 * (th * quads // nt), 4 * ((th + 1) * quads // nt)
@@ -139,15 +198,19 @@ def _decode(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt):
 
 
 def mla_decode(q: np.ndarray, cos: np.ndarray, sin: np.ndarray, kvb: np.ndarray, main: np.ndarray,
-               spill: np.ndarray, table: np.ndarray, s0: int, scale: float, threads: int) -> np.ndarray:
+               spill: np.ndarray, table: np.ndarray, s0: int, scale: float, threads: int,
+               kv: np.ndarray | None = None, norm: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
     """One layer's absorbed-MLA decode for T new tokens at positions s0..s0+T-1 -> o fp32 [T, H, V].
 
     q fp32 [T, H, P + R] (q_b_proj's output, the rope part not yet rotated); cos, sin fp32 [T, R/2];
     kvb [H, P + V, L] (bf16 bits or fp32): kv_b_proj per head; main, spill: the layer's page pools
     [N, PG, L + R] of one dtype (spill may be a one-page dummy) whose rows for positions up to
-    s0 + T - 1 are written (the new tokens' too: the caller writes them, as the prompt's path does,
-    so both store the same bf16 values); table int32: the sequence's pages; scale: the softmax scale.
-    threads: how many threads share the heads, four at a time (H a multiple of 4)."""
+    s0 - 1 are written; table int32: the sequence's pages; scale: the softmax scale.
+    threads: how many threads share the heads, four at a time (H a multiple of 4).
+    The new tokens' rows: written by the caller already (kv None), or here first from kv fp32
+    [T, L + R] (kv_a_proj's output) with the latent's RMSNorm weight norm fp32 [L] and eps: the same
+    values the caller's steps (step_ops.rms_norm, the rotation, torch's rounding to bf16) store, in
+    this one call."""
     if q.dtype != np.float32 or q.ndim != 3:
         raise ValueError(f"mla_decode: q must be fp32 [T, H, P + R], got {q.dtype} {q.shape}")
     T, H, _ = q.shape
@@ -170,7 +233,13 @@ def mla_decode(q: np.ndarray, cos: np.ndarray, sin: np.ndarray, kvb: np.ndarray,
     t = table[:pages]
     if int(t.max()) >= main.shape[0] or int(t.min()) < -spill.shape[0]:
         raise ValueError(f"mla_decode: a page id lies outside the pools ({main.shape[0]} and {spill.shape[0]} pages)")
+    if kv is None:
+        kv, norm = np.empty((0, W), np.float32), np.empty(L, np.float32)
+    elif kv.dtype != np.float32 or kv.shape != (T, W) or norm is None or norm.dtype != np.float32 or norm.shape != (L,):
+        raise ValueError(f"mla_decode: the new rows need kv fp32 [{T}, {W}] and norm fp32 [{L}], got kv {kv.dtype} "
+                         f"{kv.shape}, norm {None if norm is None else (norm.dtype, norm.shape)}")
     o = np.empty((T, H, kvb.shape[1] - P), np.float32)
     _decode(np.ascontiguousarray(q), np.ascontiguousarray(cos), np.ascontiguousarray(sin), kvb, main, spill, t, s0,
-            np.float32(scale), P, o, max(1, min(threads, H // 4)))
+            np.float32(scale), P, o, max(1, min(threads, H // 4)), np.ascontiguousarray(kv), np.ascontiguousarray(norm),
+            np.float32(eps))
     return o

@@ -708,6 +708,30 @@ def test_mla_decode_equals_the_float64_attention(dtype):
                 p = np.exp(sc - sc.max())
                 ref[t, h] = (p / p.sum()) @ rows[:, :L] @ kvf[h, P:].T
         np.testing.assert_allclose(o, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        # the new rows written by the call itself from kv_a_proj's output: the latent RMSNorm'd, the key's
+        # rope part rotated, rounded as torch stores them; the same pages and the same o as the steps apart
+        kv = (rng.standard_normal((T, L + R)) * 3).astype(np.float32)
+        norm = rng.uniform(0.5, 2, L).astype(np.float32)
+        apart = (main.copy(), spill.copy())
+        x64 = kv[:, :L].astype(np.float64)
+        latent = norm * x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6)
+        for t in range(T):
+            pos = s0 + t
+            e = table[pos // PG]
+            new_row = np.concatenate([latent[t], rope(kv[t, L:].astype(np.float64), cos[t], sin[t])])
+            (apart[0][e] if e >= 0 else apart[1][-1 - e])[pos % PG] = stored(new_row.astype(np.float32))
+        o_apart = mla_decode(q, cos, sin, kvb, apart[0], apart[1], table, s0, 0.3, 2)
+        o_here = mla_decode(q, cos, sin, kvb, main, spill, table, s0, 0.3, 2, kv, norm, 1e-6)
+        for got, want in ((main, apart[0]), (spill, apart[1])):  # within one rounding of the float64 rows
+            if dtype == "bf16":
+                assert np.abs(got.astype(np.int32) - want.astype(np.int32)).max() <= 1
+            else:
+                np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(o_here, o_apart, rtol=1e-4, atol=1e-4 * np.abs(o_apart).max())
+        changed = (main != before[0]).any(axis=(1, 2)).sum() + (spill != before[1]).any(axis=(1, 2)).sum()
+        assert changed == len({pos // PG for pos in range(s0, s0 + T)})  # the new rows' pages only
+    with pytest.raises(ValueError, match="norm fp32"):
+        mla_decode(q, cos, sin, kvb, main, spill, table, s0, 0.3, 2, kv[:, :-1].copy(), norm, 1e-6)
     with pytest.raises(ValueError, match="positions"):
         mla_decode(q, cos, sin, kvb, main, spill, table[:1], s0, 0.3, 2)
     with pytest.raises(ValueError, match="outside the pools"):

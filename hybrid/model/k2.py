@@ -223,6 +223,11 @@ class Model:
         self.times.attention_proj += time.perf_counter() - t0
         cq = rms_norm(qa, a.q_a_layernorm, LATENT_NORM_EPS)
         q = proj(cq, a.q_b_proj).view(T, H, P + R)
+        if mode == "absorbed" and not isinstance(s0, torch.Tensor):  # the rest in one call, where the cache can
+            o = cache.decode_attention(i, s0, q, cos, sin, a.kv_b_heads, c.softmax_scale, kv, a.kv_a_layernorm,
+                                       LATENT_NORM_EPS)
+            if o is not None:
+                return proj(o.reshape(T, H * Vd), a.o_proj)
         latent = rms_norm(kv[:, :L], a.kv_a_layernorm, LATENT_NORM_EPS)
         if isinstance(s0, torch.Tensor):  # positions on the device: written by index, read through a fixed span
             if mode != "absorbed" or span is None:
@@ -231,10 +236,6 @@ class Model:
         else:
             S = s0 + T
         cache.write(i, s0, latent, apply_rope(kv[:, L:], cos, sin))
-        if mode == "absorbed" and not isinstance(s0, torch.Tensor):  # the rest in one call, where the cache can
-            o = cache.decode_attention(i, s0, q, cos, sin, a.kv_b_heads, c.softmax_scale)
-            if o is not None:
-                return proj(o.reshape(T, H * Vd), a.o_proj)
         q_nope, q_pe = q[..., :P], apply_rope(q[..., P:], cos, sin)  # [T, H, P], [T, H, R]
         if mode == "absorbed":  # decode: q absorbed into the latent space, the cache read as stored, by the cache
             attend = lambda q_lat, qpe: cache.attend(i, S, q_lat, qpe, c.softmax_scale, s0)  # noqa: E731

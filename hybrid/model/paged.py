@@ -251,24 +251,28 @@ class PagedKVCache:
         return mla_decode(q_lat, q_pe, kv, pe, None, None, scale, offset, absorbed=True)
 
     def decode_attention(self, i: int, s0: int, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         kv_b_heads: torch.Tensor, scale: float) -> torch.Tensor | None:
-        """A decode step's attention for layer i in one Numba call (kernels_cpu.mla), its T new rows
-        written already (write): q_b_proj's output q [T, H, P + R] roped, absorbed through kv_b_heads
-        [H, P + V, L] and attended over positions 0..s0+T-1 -> o [T, H, V]. None where it does not
-        apply (not a CPU computing in fp32, too many tokens or positions, heads not a multiple of 4, a
-        second parallel region not allowed): the caller then takes the separate steps (attend)."""
+                         kv_b_heads: torch.Tensor, scale: float, kv: torch.Tensor, norm: torch.Tensor,
+                         eps: float) -> torch.Tensor | None:
+        """A decode step's attention for layer i in one Numba call (kernels_cpu.mla): its T new rows
+        written from kv_a_proj's output kv [T, L + R] (the latent RMSNorm'd with norm and eps, the key's
+        rope part rotated: what write stores), then q_b_proj's output q [T, H, P + R] roped, absorbed
+        through kv_b_heads [H, P + V, L] and attended over positions 0..s0+T-1 -> o [T, H, V]. None,
+        with nothing written, where it does not apply (not a CPU computing in fp32, too many tokens or
+        positions, heads not a multiple of 4, a second parallel region not allowed): the caller then
+        takes the separate steps (write, attend)."""
         main = self.store.main.data
         T, S = q.shape[0], s0 + q.shape[0]
         if main.device.type != "cpu" or self.compute_dtype != torch.float32 or q.dtype != torch.float32 \
                 or q.shape[1] % 4 or T > MLA_MAX_TOKENS or S > MLA_MAX_POSITIONS or not concurrent_parallel_ok() \
-                or kv_b_heads.dtype not in (torch.float32, torch.bfloat16) or not kv_b_heads.is_contiguous():
+                or kv_b_heads.dtype not in (torch.float32, torch.bfloat16) or not kv_b_heads.is_contiguous() \
+                or kv.dtype != torch.float32 or norm.dtype != torch.float32:
             return None
         self.bytes_read += S * main.shape[-1] * main.element_size()
         pool = _as_numpy(main[i])
         spill = _as_numpy(self.store.spill.data[i]) if self.store.spill is not None else pool[:1]
         kvb = _as_numpy(kv_b_heads)
         return torch.from_numpy(cpu_mla_decode(q.numpy(), cos.numpy(), sin.numpy(), kvb, pool, spill, self.table, s0,
-                                               scale, numba.get_num_threads()))
+                                               scale, numba.get_num_threads(), kv.numpy(), norm.numpy(), eps))
 
     def _attend_cpu(self, i: int, S: int, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float,
                     offset: int) -> torch.Tensor:
