@@ -125,7 +125,9 @@ def _rows(x, xd, w, s, out, lo, hi):
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
 def _gemv(x, xd, w, s, out, nt):
     # items = blocks of RB rows, handed out by workqueue.take (each thread streams its own contiguous share;
-    # one whose core is busy loses items to the rest)
+    # one whose core is busy loses items to the rest). xd: filled here (see _rows), or [T, 0]
+    if xd.shape[1]:
+        deinterleave(x, xd)
     O = w.shape[0]
     n = (O + RB - 1) // RB
     queue = new_queue(nt)
@@ -149,6 +151,8 @@ def _pair_item(x, xd, w1, s1, out1, w2, s2, out2, it, n1):
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
 def _gemv_pair(x, xd, w1, s1, out1, w2, s2, out2, nt):
     # _gemv over two weights in one queue
+    if xd.shape[1]:
+        deinterleave(x, xd)
     n1 = (w1.shape[0] + RB - 1) // RB
     n = n1 + (w2.shape[0] + RB - 1) // RB
     queue = new_queue(nt)
@@ -171,6 +175,8 @@ def _silu_times(g, u):
 def _swiglu(x, xd, wg, sg, wu, su, wd, sd, g, u, gd, out, nt):
     # out = (SiLU(x @ wg.T) * (x @ wu.T)) @ wd.T; g, u f32 [T, I] scratch, gd g's deinterleaved copy
     # (or [T, 0], as xd: see _rows). Two parallel regions, no Python between them.
+    if xd.shape[1]:
+        deinterleave(x, xd)
     n1 = (wg.shape[0] + RB - 1) // RB
     queue = new_queue(nt)
     for th in prange(nt):
@@ -249,13 +255,9 @@ def _int8_fast(x: np.ndarray, *ws: np.ndarray) -> bool:
 
 
 def _deinterleaved(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x (fp32 [T, I], contiguous) as bf16dot.row_dot reads it, where w's rows go through it (bf16 bits,
-    bf16dot.fits); else an empty [T, 0], which sends _rows the other way."""
-    if w.dtype != np.uint16 or not bf16dot.fits(x.shape[1]):
-        return np.empty((x.shape[0], 0), np.float32)
-    xd = np.empty(x.shape, np.float32)
-    deinterleave(x, xd)
-    return xd
+    """The buffer the kernels fill with x (fp32 [T, I]) as bf16dot.row_dot reads it, where w's rows go
+    through it (bf16 bits, bf16dot.fits); else an empty [T, 0], which sends _rows the other way."""
+    return np.empty(x.shape if w.dtype == np.uint16 and bf16dot.fits(x.shape[1]) else (x.shape[0], 0), np.float32)
 
 
 def _quantized(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -267,6 +269,8 @@ def _quantized(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _gemv_serial(x, xd, w, s, out):
+    if xd.shape[1]:
+        deinterleave(x, xd)
     _rows(x, xd, w, s, out, 0, w.shape[0])
 
 

@@ -161,6 +161,8 @@ def widening_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     are of the exact fp32 values of the bf16 weights, so the result equals the fp32 matmul up to
     summation order."""
     x2 = x.reshape(-1, x.shape[-1])
+    if 1 <= x2.shape[0] <= MAX_WIDEN_ROWS:  # decode: the GEMV, straight
+        return torch.from_numpy(bf16_gemv(x2.detach().contiguous().numpy(), _bits(w))).view(*x.shape[:-1], w.shape[0])
     if x2.shape[0] > MAX_WIDEN_ROWS and _tiles_take(w):
         y = amx_gemm.gemm_bf16x3(x2.detach().contiguous().numpy(), _bits(w))
         return torch.from_numpy(y).view(*x.shape[:-1], w.shape[0])
