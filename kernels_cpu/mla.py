@@ -8,10 +8,13 @@ its own threads over a few hundred KB: on two cores that cost ~2.5 ms a layer ag
 reading kv_b_proj. Here it is one parallel region per layer: heads are split between threads, and
 each thread walks the cache a page at a time, scoring the page against each of its heads while the
 page is in L2 (online softmax: running max and sum a head, the value sum rescaled when the max
-grows). Its score products are not blocked like a GEMM's, so past about a thousand positions the
-caller's gather and MKL GEMMs are faster (in the forward, 4 K2 layers: equal at 1,000 positions,
-20-24 against 24-26 ms at 2,000): MAX_POSITIONS is where the caller switches. kv_b's rows stream with
-an L2 prefetch AHEAD rows ahead: one K2 layer at 160 positions, 2-core Xeon, 1.51-1.55 -> 1.16-1.31 ms.
+grows). The scores go four heads by four rows at a time (_dot4x4) and the value sums four rows a
+pass, so each vector loaded serves four products: one K2 layer, 2-core Xeon, 2.7-2.9 -> 1.9-2.0 ms
+at 1,000 positions, 0.88 -> 0.72 at 160. They are still not blocked like a GEMM's, so past a few
+thousand positions the caller's gather and MKL GEMMs win; the k2-slice forward at 2,000 positions
+was level either way (attention 16.7-19.7 against 19.2 ms a token): MAX_POSITIONS is where the
+caller switches. kv_b's rows stream with an L2 prefetch AHEAD rows ahead (160 positions: 1.51-1.55
+-> 1.16-1.31 ms).
 
 Pages: pools [N, PG, W] (uint16 bf16 bits or fp32), W = L latent values then R roped key values; a
 table entry e >= 0 is main[e], e < 0 spill[-1 - e] (as kernels_cpu.paged). Pure functions on arrays;
@@ -29,16 +32,70 @@ from kernels_cpu.step_ops import _rms_norm
 from kernels_cpu.widen import widened3
 
 FASTMATH = {"reassoc", "contract"}  # a vectorised sum and FMA; NaN and inf keep their meaning
-MAX_POSITIONS = 1024  # at most this many positions per call (see the module doc); the caller checks
+MAX_POSITIONS = 2048  # at most this many positions per call (see the module doc); the caller checks
 MAX_TOKENS = 8
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
-def _score4(qa, qp, buf, j, n, L, scale, sc):
-    # sc[0..3, r] = scale * (latent . qa[j + c] + key . qp[j + c]) for the n rows of buf: four heads a
-    # pass, so each row value is loaded once for four sums
+def _dot4x4(qa, j, buf, r, lo, hi, out):
+    # out[c, k] += qa[j + c, i - lo] * buf[r + k, i] summed over the columns i in lo..hi of buf (qa's from
+    # 0): sixteen sums, each vector of a row loaded once for four heads and each of qa once for four rows
+    a00 = a01 = a02 = a03 = np.float32(0.0)
+    a10 = a11 = a12 = a13 = np.float32(0.0)
+    a20 = a21 = a22 = a23 = np.float32(0.0)
+    a30 = a31 = a32 = a33 = np.float32(0.0)
+    for i in range(lo, hi):
+        x0, x1, x2, x3 = buf[r, i], buf[r + 1, i], buf[r + 2, i], buf[r + 3, i]
+        q0, q1, q2, q3 = qa[j, i - lo], qa[j + 1, i - lo], qa[j + 2, i - lo], qa[j + 3, i - lo]
+        a00 += q0 * x0
+        a01 += q0 * x1
+        a02 += q0 * x2
+        a03 += q0 * x3
+        a10 += q1 * x0
+        a11 += q1 * x1
+        a12 += q1 * x2
+        a13 += q1 * x3
+        a20 += q2 * x0
+        a21 += q2 * x1
+        a22 += q2 * x2
+        a23 += q2 * x3
+        a30 += q3 * x0
+        a31 += q3 * x1
+        a32 += q3 * x2
+        a33 += q3 * x3
+    out[0, 0] += a00
+    out[0, 1] += a01
+    out[0, 2] += a02
+    out[0, 3] += a03
+    out[1, 0] += a10
+    out[1, 1] += a11
+    out[1, 2] += a12
+    out[1, 3] += a13
+    out[2, 0] += a20
+    out[2, 1] += a21
+    out[2, 2] += a22
+    out[2, 3] += a23
+    out[3, 0] += a30
+    out[3, 1] += a31
+    out[3, 2] += a32
+    out[3, 3] += a33
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def _score4(qa, qp, buf, j, n, L, scale, sc, blk):
+    # sc[0..3, r] = scale * (latent . qa[j + c] + key . qp[j + c]) for the n rows of buf: four heads by
+    # four rows a pass (_dot4x4), so each value loaded serves four sums; blk f32 [4, 4] scratch
     W = buf.shape[1]
-    for r in range(n):
+    r = 0
+    while r + 4 <= n:
+        blk[:] = 0.0
+        _dot4x4(qa, j, buf, r, 0, L, blk)
+        _dot4x4(qp, j, buf, r, L, W, blk)
+        for c in range(4):
+            for k in range(4):
+                sc[c, r + k] = blk[c, k] * scale
+        r += 4
+    for r in range(r, n):
         a0 = a1 = a2 = a3 = np.float32(0.0)
         for l in range(L):
             b = buf[r, l]
@@ -59,10 +116,10 @@ def _score4(qa, qp, buf, j, n, L, scale, sc):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
-def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp, m, den, acc, sc, buf):
+def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp, m, den, acc, sc, buf, blk):
     # heads h0..h1-1 (a multiple of 4 of them) for every token: q absorbed into the latent space, the
     # pages scored and summed, the values out. qa [nh, L], qp [nh, R], m / den [nh], acc [nh, L],
-    # sc [4, PG], buf [PG, W]: this thread's scratch (buf: the current page widened, in L2)
+    # sc [4, PG], buf [PG, W], blk [4, 4]: this thread's scratch (buf: the current page widened, in L2)
     T = q.shape[0]
     L, PG, W = kvb.shape[2], main.shape[1], main.shape[2]
     R = W - L
@@ -95,7 +152,7 @@ def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp
                 for w in range(W):
                     buf[r, w] = widened3(src, page, r, w)
             for j in range(0, h1 - h0, 4):
-                _score4(qa, qp, buf, j, n, L, scale, sc)
+                _score4(qa, qp, buf, j, n, L, scale, sc, blk)
                 for c in range(4):
                     top = m[j + c]
                     for r in range(n):
@@ -109,7 +166,14 @@ def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp
                     for r in range(n):
                         sc[c, r] = np.exp(sc[c, r] - top)
                         den[j + c] += sc[c, r]
-                for r in range(n):
+                r = 0
+                while r + 4 <= n:  # four rows a pass: a quarter of the loads and stores of acc
+                    for l in range(L):
+                        b0, b1, b2, b3 = buf[r, l], buf[r + 1, l], buf[r + 2, l], buf[r + 3, l]
+                        for c in range(4):
+                            acc[j + c, l] += sc[c, r] * b0 + sc[c, r + 1] * b1 + sc[c, r + 2] * b2 + sc[c, r + 3] * b3
+                    r += 4
+                for r in range(r, n):
                     w0, w1, w2, w3 = sc[0, r], sc[1, r], sc[2, r], sc[3, r]
                     for l in range(L):
                         b = buf[r, l]
@@ -194,7 +258,8 @@ def _decode(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt, kv, nw, e
         nh = h1 - h0
         _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, np.empty((nh, L), np.float32),
                np.empty((nh, R), np.float32), np.empty(nh, np.float32), np.empty(nh, np.float32),
-               np.empty((nh, L), np.float32), np.empty((4, PG), np.float32), np.empty((PG, L + R), np.float32))
+               np.empty((nh, L), np.float32), np.empty((4, PG), np.float32), np.empty((PG, L + R), np.float32),
+               np.empty((4, 4), np.float32))
 
 
 def mla_decode(q: np.ndarray, cos: np.ndarray, sin: np.ndarray, kvb: np.ndarray, main: np.ndarray,
