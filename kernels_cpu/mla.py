@@ -28,7 +28,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from kernels_cpu.heads import AHEAD, prefetch_head_row
-from kernels_cpu.step_ops import _rms_norm
+from kernels_cpu.step_ops import rms_norm_into
 from kernels_cpu.widen import widened3
 
 FASTMATH = {"reassoc", "contract"}  # a vectorised sum and FMA; NaN and inf keep their meaning
@@ -225,7 +225,7 @@ def _write_rows(kv, nw, eps, cos, sin, main, spill, table, s0):
     L = nw.shape[0]
     PG = main.shape[1]
     latent = np.empty((T, L), np.float32)
-    _rms_norm(np.ascontiguousarray(kv[:, :L]), nw, eps, latent)  # step_ops.rms_norm's own loop
+    rms_norm_into(np.ascontiguousarray(kv[:, :L]), nw, eps, latent)  # step_ops.rms_norm's own loop
     row = np.empty(W, np.float32)
     for t in range(T):
         for l in range(L):

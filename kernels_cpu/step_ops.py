@@ -1,6 +1,6 @@
 """The small steps of a CPU decode step between its GEMVs: RMSNorm and the router's choice.
 
-Owns rms_norm and route. A decode step streams hundreds of MB through the caches between these
+Owns rms_norm (and its loop for Numba callers, rms_norm_into) and route. A decode step streams hundreds of MB through the caches between these
 steps, so each starts with its code and data evicted. In torch an RMSNorm (seven ops: pow, mean,
 add, rsqrt, two products, a cast) then took 170-230 us on a 2-core Xeon, ~25 us warm; one Numba
 loop took ~28 us cold. The router's steps after its product (sigmoid, bias, top-k, gather, normalise,
@@ -17,7 +17,8 @@ MAX_ROWS = 8  # rows per call: past this torch's parallel forms are the faster o
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _rms_norm(x, w, eps, out):
+def rms_norm_into(x, w, eps, out):
+    """rms_norm's loop for @njit callers: x f32 [T, D], w f32 [D], eps f32 -> out f32 [T, D]."""
     T, D = x.shape
     for t in range(T):
         s = np.float32(0.0)
@@ -35,7 +36,7 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         raise ValueError(f"rms_norm: want x float32 [T <= {MAX_ROWS}, D] and w float32 [D], got x {x.dtype} "
                          f"{x.shape}, w {w.dtype} {w.shape}")
     out = np.empty(x.shape, np.float32)
-    _rms_norm(np.ascontiguousarray(x), np.ascontiguousarray(w), np.float32(eps), out)
+    rms_norm_into(np.ascontiguousarray(x), np.ascontiguousarray(w), np.float32(eps), out)
     return out
 
 
