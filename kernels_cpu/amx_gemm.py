@@ -30,7 +30,7 @@ from numba.extending import intrinsic
 
 from kernels_cpu.amx import TileOps, available, compiles_bf16
 from kernels_cpu.simd import I8, I32, I64
-from kernels_cpu.widen import bf16_to_f32
+from kernels_cpu.widen import bf16_to_f32, f32_to_bf16
 from kernels_cpu.workqueue import new_queue, take
 
 KC = 1024  # columns of K per chunk (a panel of 32 tokens: 32 x 1024 x 3 splits x 2 bytes = 192 KB)
@@ -99,20 +99,9 @@ def _tile_step(typingctx, cfg, w, wstride, xp, nk, y, ystride, first):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _bf16_rne(v):
-    """float32 -> bf16 bits, round to nearest even (finite values)."""
-    u = _bits(v)
-    return np.uint32((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-
-
-@intrinsic
-def _bits(typingctx, v):
-    sig = types.uint32(types.float32)
-
-    def codegen(context, b, signature, args):
-        return b.bitcast(args[0], I32)
-
-    return sig, codegen
+def _pair(lo, hi):
+    # two bf16 bit patterns in one uint32: lo in the low half
+    return np.uint32(lo) | (np.uint32(hi) << np.uint32(16))
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -130,14 +119,14 @@ def pack_x3(x, Tp):
         for i in range(0, I, 2):
             c, k, kk = i // KC, (i % KC) // 32, (i % 32) // 2
             lo, hi = x[t, i], x[t, i + 1]
-            a1, b1 = _bf16_rne(lo), _bf16_rne(hi)
-            ra, rb = lo - bf16_to_f32(np.uint16(a1)), hi - bf16_to_f32(np.uint16(b1))
-            a2, b2 = _bf16_rne(ra), _bf16_rne(rb)
-            a3 = _bf16_rne(ra - bf16_to_f32(np.uint16(a2)))
-            b3 = _bf16_rne(rb - bf16_to_f32(np.uint16(b2)))
-            xp[c, t2, 0, k, tb, kk, n] = a1 | (b1 << np.uint32(16))
-            xp[c, t2, 1, k, tb, kk, n] = a2 | (b2 << np.uint32(16))
-            xp[c, t2, 2, k, tb, kk, n] = a3 | (b3 << np.uint32(16))
+            a1, b1 = f32_to_bf16(lo), f32_to_bf16(hi)
+            ra, rb = lo - bf16_to_f32(a1), hi - bf16_to_f32(b1)
+            a2, b2 = f32_to_bf16(ra), f32_to_bf16(rb)
+            a3 = f32_to_bf16(ra - bf16_to_f32(a2))
+            b3 = f32_to_bf16(rb - bf16_to_f32(b2))
+            xp[c, t2, 0, k, tb, kk, n] = _pair(a1, b1)
+            xp[c, t2, 1, k, tb, kk, n] = _pair(a2, b2)
+            xp[c, t2, 2, k, tb, kk, n] = _pair(a3, b3)
     return xp
 
 

@@ -29,7 +29,7 @@ from numba.extending import overload
 
 from kernels_cpu.heads import AHEAD, prefetch_head_row
 from kernels_cpu.step_ops import rms_norm_into
-from kernels_cpu.widen import widened3
+from kernels_cpu.widen import f32_to_bf16, widened3
 
 FASTMATH = {"reassoc", "contract"}  # a vectorised sum and FMA; NaN and inf keep their meaning
 MAX_POSITIONS = 2048  # at most this many positions per call (see the module doc); the caller checks
@@ -192,26 +192,18 @@ def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp
                 o[t, h, v] = a * inv
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _bf16_bits(u):
-    # fp32 bits u (uint32) -> bf16 bits, rounded to nearest even; NaN -> 0x7FC0 (as torch converts)
-    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-        return np.uint16(0x7FC0)
-    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-
-
-def _store(pool, page, r, w, v, u):
-    """pool[page, r, w] = fp32 value v (bits u), rounded to bf16 bits in a uint16 pool. Numba only."""
+def _store(pool, page, r, w, v):
+    """pool[page, r, w] = fp32 value v, rounded to bf16 bits in a uint16 pool. Numba only."""
     raise NotImplementedError
 
 
 @overload(_store, inline="always")
-def _store_impl(pool, page, r, w, v, u):
+def _store_impl(pool, page, r, w, v):
     if pool.dtype == types.uint16:
-        def store(pool, page, r, w, v, u):
-            pool[page, r, w] = _bf16_bits(u)
+        def store(pool, page, r, w, v):
+            pool[page, r, w] = f32_to_bf16(v)
     else:
-        def store(pool, page, r, w, v, u):
+        def store(pool, page, r, w, v):
             pool[page, r, w] = v
     return store
 
@@ -240,9 +232,8 @@ def _write_rows(kv, nw, eps, cos, sin, main, spill, table, s0):
         e = table[pos // PG]
         pool = main if e >= 0 else spill
         page = e if e >= 0 else -1 - e
-        bits = row.view(np.uint32)
         for w in range(W):
-            _store(pool, page, pos % PG, w, row[w], bits[w])
+            _store(pool, page, pos % PG, w, row[w])
 
 
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
