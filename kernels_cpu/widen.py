@@ -360,8 +360,7 @@ def swiglu_gemv(x: np.ndarray, wg: np.ndarray, sg: np.ndarray, wu: np.ndarray, s
         _swiglu_i8(*_quantized(x), wg, sg, wu, su, wd, sd, g, u, out, get_num_threads())
     else:
         x = np.ascontiguousarray(x)
-        gd = np.empty((T, I) if wd.dtype == np.uint16 and bf16dot.fits(I) else (T, 0), np.float32)
-        _swiglu(x, _deinterleaved(x, wg), wg, sg, wu, su, wd, sd, g, u, gd, out, get_num_threads())
+        _swiglu(x, _deinterleaved(x, wg), wg, sg, wu, su, wd, sd, g, u, _deinterleaved(g, wd), out, get_num_threads())
     return out
 
 

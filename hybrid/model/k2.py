@@ -269,7 +269,7 @@ class Model:
                                           c.norm_topk_prob, c.routed_scaling_factor)
             return torch.from_numpy(ids), torch.from_numpy(weights)
         scores = torch.sigmoid(logits)
-        choice = scores + gate.e_score_correction_bias.float()
+        choice = scores + bias.float()
         if c.n_group > 1:
             T, G = x.shape[0], c.n_group
             grouped = choice.view(T, G, -1)
