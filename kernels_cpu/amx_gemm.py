@@ -29,8 +29,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kernels_cpu.amx import TileOps, available, compiles_bf16
+from kernels_cpu.bf16dot import f32_to_bf16
 from kernels_cpu.simd import I8, I32, I64
-from kernels_cpu.widen import bf16_to_f32, f32_to_bf16
+from kernels_cpu.widen import bf16_to_f32
 from kernels_cpu.workqueue import new_queue, take
 
 KC = 1024  # columns of K per chunk (a panel of 32 tokens: 32 x 1024 x 3 splits x 2 bytes = 192 KB)

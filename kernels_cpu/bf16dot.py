@@ -1,7 +1,8 @@
 """One bf16 weight row against fp32 activations, at the RAM's speed: the bf16 GEMV's inner loop (widen.py).
 
 Owns row_dot (hand-written LLVM IR, as in simd.py and int8dot.py), deinterleave (the activation layout
-it reads) and fits (where it applies). A row is read as 32-bit words, a full vector at a time: the low
+it reads) and fits (where it applies); and f32_to_bf16, the rounding the kernels that write bf16 share
+(amx_gemm's activation split, mla's cache rows). A row is read as 32-bit words, a full vector at a time: the low
 half of a word is the even column's bf16 bits, the high half the odd column's, so `word << 16` and
 `word & 0xFFFF0000` are the two columns as fp32, exactly, with no shuffles and no narrow loads. The
 activations come deinterleaved to match (per PAIR columns: the even ones, then the odd ones), and
@@ -89,3 +90,23 @@ def deinterleave(x, xd):
             for i in range(LANES):
                 xd[t, c + i] = x[t, c + 2 * i]
                 xd[t, c + LANES + i] = x[t, c + 2 * i + 1]
+
+
+@intrinsic
+def f32_bits(typingctx, v):
+    """float32 -> its bits as uint32."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, b, signature, args):
+        return b.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def f32_to_bf16(v):
+    """float32 -> bf16 bits (uint16), rounded to nearest even as torch rounds; NaN -> 0x7FC0."""
+    u = f32_bits(v)
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16(0x7FC0)
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))

@@ -27,9 +27,10 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from kernels_cpu.bf16dot import f32_to_bf16
 from kernels_cpu.heads import AHEAD, prefetch_head_row
 from kernels_cpu.step_ops import rms_norm_into
-from kernels_cpu.widen import f32_to_bf16, widened3
+from kernels_cpu.widen import widened3
 
 FASTMATH = {"reassoc", "contract"}  # a vectorised sum and FMA; NaN and inf keep their meaning
 MAX_POSITIONS = 2048  # at most this many positions per call (see the module doc); the caller checks

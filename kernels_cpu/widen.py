@@ -51,26 +51,6 @@ def bf16_to_f32(typingctx, bits):
     return sig, codegen
 
 
-@intrinsic
-def f32_bits(typingctx, v):
-    """float32 -> its bits as uint32."""
-    sig = types.uint32(types.float32)
-
-    def codegen(context, b, signature, args):
-        return b.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
-@njit(nogil=True, cache=True, inline="always")
-def f32_to_bf16(v):
-    """float32 -> bf16 bits (uint16), rounded to nearest even as torch rounds; NaN -> 0x7FC0."""
-    u = f32_bits(v)
-    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-        return np.uint16(0x7FC0)
-    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-
-
 def widened3(a, i, j, k):
     """a[i, j, k] as float32: bf16 bits (uint16) widened, or a float32 value as it is. Numba only."""
     raise NotImplementedError
