@@ -62,3 +62,24 @@ def quantize_rows_serial(x, xa, dg, xs):
     """Same as quantize_rows, on the calling thread (for a handful of rows)."""
     for n in range(x.shape[0]):
         quantize_row(x[n], xa[n], dg[n], xs[n])
+
+
+@njit(nogil=True, cache=True, inline="always")
+def quantize_row_panel(x, xp, dgp, xsp):
+    """One row for panel.py's kernel: x f32 [din] (din a multiple of 256) -> xp i16 [din], dgp f32
+    [din/32], xsp int32 [din/32] in that module's layout (outputs given). The same codes and scales as
+    quantize_row, at other places."""
+    for g in range(x.shape[0] // GROUP):
+        s, p, h = g // 8, (g % 8) // 2, g % 2
+        j = 4 * h + p                                   # the group's int32 lane in the panel kernel
+        amax = np.float32(0.0)
+        for i in range(GROUP):
+            amax = max(amax, abs(x[g * GROUP + i]))
+        inv = np.float32(QMAX) / amax if amax > 0 else np.float32(0.0)
+        tot = 0
+        for o in range(GROUP):                         # o = 8 v + 4 e + k
+            q = min(QMAX, max(-QMAX, np.int32(np.rint(x[g * GROUP + o] * inv))))
+            tot += q
+            xp[256 * s + 64 * (o // 8) + 16 * (o % 4) + 2 * j + (o // 4) % 2] = q
+        dgp[8 * s + j] = amax / np.float32(QMAX)
+        xsp[8 * s + j] = -8 * tot

@@ -19,6 +19,10 @@ bandwidth-bound GEMV; with many it is an integer GEMM that measured 1.6x torch's
 (AVX-512 kernels) and 1.1x (AVX2 kernels) on the development machine, so there is no separate
 "dequantise a tile to fp32, then sgemm" path (its matmul part alone would be bounded by the fp32
 figure). No repacked layout either: the kernels read the checkpoint's bytes where the table points.
+On ymm vectors without VNNI (AVX2: Zen 3, Haswell to Skylake desktop) an expert with
+PANEL_MIN_TOKENS or more in a call goes through panel.py instead: its rows unpacked once per call
+into a panel in L1 that all its tokens read, int32 sums over whole groups (one K2 MoE layer at 64
+tokens per expert, AVX2 code on a 2-core Xeon: 69-73% -> 89-97% of torch's fp32 matmul).
 Where the CPU has VNNI (Ice Lake / Sapphire Rapids and later, Zen 4 and later, AVX-VNNI on Alder Lake)
 the row kernel multiplies through vpdpbusd instead of vpmaddwd (simd.py): the same sums, fewer
 instructions per weight, which prompts feel (64 tokens per expert, 2-core Xeon: 59-63% -> 68-71% of
@@ -33,8 +37,8 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from kernels_cpu import amx
-from kernels_cpu.actq import VNNI, quantize_row
+from kernels_cpu import amx, panel
+from kernels_cpu.actq import VNNI, quantize_row, quantize_row_panel
 from kernels_cpu.simd import host_has_avx2, make_rowblock_kernel, vector_lanes
 from kernels_cpu.table import PARTS, ExpertTable
 from kernels_cpu.workqueue import new_queue, take
@@ -58,6 +62,9 @@ _CH = 4 * _L  # columns per chunk
 # 512 tokens 211-213 / 224-232 / 193-199; 48 experts, 128 tokens (k2-slice) 323-329 / 308-313 / 199-208.
 AMX_MIN_TOKENS = 8
 _TILE_CFG = amx.tile_config()
+# Elsewhere, on ymm vectors without VNNI (AVX2), experts with this many tokens or more in a call go
+# through the panel kernel (panel.py); None: never (tests set it to force the path on any AVX2 CPU).
+PANEL_MIN_TOKENS = panel.PANEL_MIN if panel.available() else None
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -157,31 +164,54 @@ def _tile_blocks(slot_p, amx_min, xa, dg, toks, G):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _silu_mul_quantize(g, u, ha, hg, hs):
-    # g, u f32 [I] -> SiLU(g) * u written over g, then quantised into ha, hg, hs
-    for i in range(g.shape[0]):
-        g[i] = g[i] / (np.float32(1.0) + np.exp(-g[i])) * u[i]
-    quantize_row(g, ha, hg, hs)
+def _codes(N, din, panels):
+    """Buffers for N rows of din activations as int16 codes: in the row kernel's layout (codes, group
+    scales, offsets: actq.quantize_row) and, if panels, in the panel kernel's too (else empty)."""
+    n = N if panels else 0
+    return (np.empty((N, din), np.int16), np.empty((N, din // 32), np.float32), np.empty((N, din // 32), np.float32),
+            np.empty((n, din), np.int16), np.empty((n, din // 32), np.float32), np.empty((n, din // 32), np.int32))
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _buffers(maxn, din, tiles):
+def _quantize(v, codes, t):
+    # v f32 [din] -> row t of the _codes buffers
+    xa, dg, xs, xp, dgp, xsp = codes
+    quantize_row(v, xa[t], dg[t], xs[t])
+    if xp.shape[0]:
+        quantize_row_panel(v, xp[t], dgp[t], xsp[t])
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _silu_mul_quantize(g, u, codes, p):
+    # g, u f32 [I] -> SiLU(g) * u written over g, then quantised into row p of the _codes buffers
+    for i in range(g.shape[0]):
+        g[i] = g[i] / (np.float32(1.0) + np.exp(-g[i])) * u[i]
+    _quantize(g, codes, p)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _buffers(maxn, din, tiles, panels):
     """A thread's scratch for _block: the row kernel's results, the tile kernel's unpacked rows, their
-    scales and its results (empty without tile blocks in this call), and the block's output."""
+    scales and its results (empty without tile blocks in this call), the block's output, and the panel
+    kernel's panel and scales (empty without it)."""
     N, M = amx.N, amx.M
     return (np.empty(8 * maxn, np.float32), np.empty((M, din if tiles else 0), np.int8),
             np.empty((din // 32 if tiles else 0, M), np.float32),
-            np.empty((maxn // N + 1 if tiles else 0, M, N), np.float32), np.empty((maxn, RB), np.float32))
+            np.empty((maxn // N + 1 if tiles else 0, M, N), np.float32), np.empty((maxn, RB), np.float32),
+            np.empty(panel.scratch_floats(maxn) if panels else 0, np.float32))
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _block(w, sc, din, xa, dg, xs, toks, n, bufs, b0, b1, bt, dgb, cfg):
+def _block(w, sc, din, xa, dg, xs, toks, n, bufs, b0, b1, bt, dgb, cfg, xp, dgp, xsp, got, panel_min):
     """RB weight rows (packed bytes at w, bf16 scales at sc, din columns) x the n activation rows listed
-    at toks (int64 address) -> bufs' output f32 [n, RB] (returned): through the tile kernel when the
-    slot has token blocks b0 < b1 (_tile_blocks), else the row kernel."""
-    res, ta, tws, tres, got = bufs
+    at toks (int64 address) -> got f32 [n, RB] (a view, written): through the tile kernel when the
+    slot has panel_min tokens or more and the activations come in its layout too (xp, dgp, xsp not
+    empty), the tile kernel when it has token blocks b0 < b1 (_tile_blocks), else the row kernel."""
+    res, ta, tws, tres, _, pan = bufs
     N, M = amx.N, amx.M
-    if b1 > b0:
+    if n >= panel_min and xp.shape[0] > 0:
+        panel.panel_rows(w, din // 2, sc, din // 16, RB, din, xp, dgp, xsp, toks, n, pan, got)
+    elif b1 > b0:
         for o in range(0, RB, M):
             _tiles(w + o * (din // 2), sc + o * (din // 16), din, ta, tws, tres, cfg, bt, dgb, b0, b1)
             for j in range(n):
@@ -194,13 +224,13 @@ def _block(w, sc, din, xa, dg, xs, toks, n, bufs, b0, b1, bt, dgb, cfg):
             for j in range(n):
                 for r in range(8):
                     got[j, o + r] = res[8 * j + r]
-    return got
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _moe(x, ids, wts, base, loc, D, I, out, nt, amx_min, cfg):
+def _moe(x, ids, wts, base, loc, D, I, out, nt, amx_min, cfg, panel_min):
     # x f32 [T, D], ids int64 [T, K], wts f32 [T, K], base int64 [arenas], loc int64 [E, 6, 2]
-    # amx_min: slots with this many tokens or more go through the tile kernel (cfg: its tile config)
+    # amx_min: slots with this many tokens or more go through the tile kernel (cfg: its tile config);
+    # panel_min: the same for the panel kernel, checked first
     # Work items are handed out by take: each thread streams its own contiguous share in memory
     # order, and one whose core is busy elsewhere (torch, IO, other processes) loses items to the rest.
     T = x.shape[0]
@@ -211,15 +241,14 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt, amx_min, cfg):
         maxn = max(maxn, slot_p[s + 1] - slot_p[s])
     queue = new_queue(nt)                           # work counters, see workqueue.take
 
-    xa = np.empty((T, D), np.int16)                 # int16 activations, chunk-transposed
-    dg = np.empty((T, D // 32), np.float32)
-    xs = np.empty((T, D // 32), np.float32)
+    cx = _codes(T, D, maxn >= panel_min and panel.fits(D))   # int16 activations
+    xa, dg, xs, xp, dgp, xsp = cx
     if T >= 16:
         for t in prange(T):
-            quantize_row(x[t], xa[t], dg[t], xs[t])
+            _quantize(x[t], cx, t)
     else:                                           # each parallel region costs a thread wake-up
         for t in range(T):
-            quantize_row(x[t], xa[t], dg[t], xs[t])
+            _quantize(x[t], cx, t)
 
     # gate and up: items = (slot, matrix, block of RB rows), in memory order, so a thread's
     # consecutive items continue one stream of rows; gu[m, p, i] = row i of matrix m . pair p
@@ -227,28 +256,25 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt, amx_min, cfg):
     gu = np.empty((2, P, I), np.float32)
     blk, bt, dgb = _tile_blocks(slot_p, amx_min, xa, dg, pair_tok, D // 32)
     for th in prange(nt):
-        bufs = _buffers(maxn, D, blk[S] > 0)
+        bufs = _buffers(maxn, D, blk[S] > 0, xp.shape[0] > 0)
         it = take(queue, S * 2 * nb, th, nt)
         while it < S * 2 * nb:
             s, m, o0 = it // (2 * nb), (it // nb) % 2, (it % nb) * RB
             e, p0, n = slot_e[s], slot_p[s], slot_p[s + 1] - slot_p[s]
             w = base[loc[e, 2 * m, 0]] + loc[e, 2 * m, 1] + o0 * (D // 2)
             sc = base[loc[e, 2 * m + 1, 0]] + loc[e, 2 * m + 1, 1] + o0 * (D // 16)
-            got = _block(w, sc, D, xa, dg, xs, pair_tok.ctypes.data + 8 * p0, n, bufs, blk[s], blk[s + 1], bt, dgb, cfg)
-            for j in range(n):
-                for r in range(RB):
-                    gu[m, p0 + j, o0 + r] = got[j, r]
+            _block(w, sc, D, xa, dg, xs, pair_tok.ctypes.data + 8 * p0, n, bufs, blk[s], blk[s + 1], bt, dgb, cfg,
+                   xp, dgp, xsp, gu[m, p0:p0 + n, o0:o0 + RB], panel_min)
             it = take(queue, S * 2 * nb, th, nt)
 
-    ha = np.empty((P, I), np.int16)                 # SiLU(gate x) * (up x), quantised
-    hg = np.empty((P, I // 32), np.float32)
-    hs = np.empty((P, I // 32), np.float32)
+    ch = _codes(P, I, maxn >= panel_min and panel.fits(I))   # SiLU(gate x) * (up x), quantised
+    ha, hg, hs, hp, hgp, hsp = ch
     if P >= 64:
         for p in prange(P):
-            _silu_mul_quantize(gu[0, p], gu[1, p], ha[p], hg[p], hs[p])
+            _silu_mul_quantize(gu[0, p], gu[1, p], ch, p)
     else:
         for p in range(P):
-            _silu_mul_quantize(gu[0, p], gu[1, p], ha[p], hg[p], hs[p])
+            _silu_mul_quantize(gu[0, p], gu[1, p], ch, p)
 
     # down: items = blocks of RB output rows, each over every slot (no write conflicts)
     pidx = np.arange(P)
@@ -256,7 +282,7 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt, amx_min, cfg):
     nb = D // RB
     blk, bt, dgb = _tile_blocks(slot_p, amx_min, ha, hg, pidx, I // 32)
     for th in prange(nt):
-        bufs = _buffers(maxn, I, blk[S] > 0)
+        bufs = _buffers(maxn, I, blk[S] > 0, hp.shape[0] > 0)
         item = take(queue2, nb, th, nt)
         while item < nb:
             o0 = item * RB
@@ -265,8 +291,9 @@ def _moe(x, ids, wts, base, loc, D, I, out, nt, amx_min, cfg):
                 e, p0, n = slot_e[s], slot_p[s], slot_p[s + 1] - slot_p[s]
                 dw = base[loc[e, 4, 0]] + loc[e, 4, 1] + o0 * (I // 2)
                 ds = base[loc[e, 5, 0]] + loc[e, 5, 1] + o0 * (I // 16)
-                got = _block(dw, ds, I, ha, hg, hs, pidx.ctypes.data + 8 * p0, n, bufs, blk[s], blk[s + 1], bt, dgb,
-                             cfg)
+                got = bufs[4]
+                _block(dw, ds, I, ha, hg, hs, pidx.ctypes.data + 8 * p0, n, bufs, blk[s], blk[s + 1], bt, dgb, cfg,
+                       hp, hgp, hsp, got, panel_min)
                 for j in range(n):                  # a loop: an array expression would allocate
                     t, wj = pair_tok[p0 + j], pair_w[p0 + j]
                     for r in range(RB):
@@ -304,5 +331,6 @@ def moe_forward(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, table: Expe
     base, _ = table.arena_addresses()
     # nt passed in: get_num_threads() inside a parallel function defeats cache=True
     amx_min = AMX_MIN_TOKENS if amx.available() else x.shape[0] + 1
-    _moe(x, ids, weights, base, table.loc, D, I, out, get_num_threads(), amx_min, _TILE_CFG)
+    panel_min = PANEL_MIN_TOKENS if PANEL_MIN_TOKENS is not None else x.shape[0] + 1
+    _moe(x, ids, weights, base, table.loc, D, I, out, get_num_threads(), amx_min, _TILE_CFG, panel_min)
     return out

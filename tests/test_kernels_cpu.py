@@ -27,13 +27,13 @@ D, I, E, K = 256, 384, 6, 4
 TOL = 1e-4
 
 
-def make_experts(seed: int = 0, n: int = E) -> list[dict[str, np.ndarray]]:
+def make_experts(seed: int = 0, n: int = E, d: int = D, i: int = I) -> list[dict[str, np.ndarray]]:
     """Random experts quantised with hybrid.checkpoint.int4; ~3% of codes forced to -8 (nibble 0)."""
     rng = np.random.default_rng(seed)
     experts = []
     for _ in range(n):
         ex = {}
-        for proj, shape in (("gate_proj", (I, D)), ("up_proj", (I, D)), ("down_proj", (D, I))):
+        for proj, shape in (("gate_proj", (i, d)), ("up_proj", (i, d)), ("down_proj", (d, i))):
             packed, scale = quantize_int4(rng.standard_normal(shape).astype(np.float32) * 0.05)
             q = unpack_int4(packed)
             q[rng.random(q.shape) < 0.03] = -8
@@ -42,12 +42,12 @@ def make_experts(seed: int = 0, n: int = E) -> list[dict[str, np.ndarray]]:
     return experts
 
 
-def reference(x, ids, weights, experts):
+def reference(x, ids, weights, experts, d: int = D, i: int = I):
     """fp32 reference: out[t] = sum_k w * down(silu(gate x) * up x), weights dequantised."""
     dense = [{p: dequantize_int4(ex[f"{p}.weight_packed"], ex[f"{p}.weight_scale"],
-                                 (D, I) if p == "down_proj" else (I, D))
+                                 (d, i) if p == "down_proj" else (i, d))
               for p in ("gate_proj", "up_proj", "down_proj")} for ex in experts]
-    out = np.zeros((x.shape[0], D), np.float64)
+    out = np.zeros((x.shape[0], d), np.float64)
     for t in range(x.shape[0]):
         for k in range(ids.shape[1]):
             d = dense[ids[t, k]]
