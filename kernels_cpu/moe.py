@@ -198,7 +198,7 @@ def _buffers(maxn, din, tiles, panels):
     return (np.empty(8 * maxn, np.float32), np.empty((M, din if tiles else 0), np.int8),
             np.empty((din // 32 if tiles else 0, M), np.float32),
             np.empty((maxn // N + 1 if tiles else 0, M, N), np.float32), np.empty((maxn, RB), np.float32),
-            np.empty(panel.scratch_floats(maxn) if panels else 0, np.float32))
+            np.empty(panel.scratch_floats(maxn, RB) if panels else 0, np.float32))
 
 
 @njit(nogil=True, cache=True, inline="always")

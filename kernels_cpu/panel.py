@@ -237,52 +237,53 @@ def _dot(R, tb, p, wsp, ns, x0, xrow, d0, grow, e0, toks, a, nxt, o, ostride, la
 
 
 @njit(nogil=True, cache=True)
-def scratch_floats(n):
-    """f32 elements of panel_rows' scratch for n tokens: the panel, 64 bytes to align it, its scales and
-    the tokens' lane sums."""
-    return PANEL_STEPS * 4 * MAX_ROWS * 4 * 8 + 16 + PANEL_STEPS * MAX_ROWS * 8 + n * MAX_ROWS * 8
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _rows(R, w, wst, sc, sst, din, xp, dgp, xsp, toks, n, p, acc, out, ostride):
-    """R rows (2 to MAX_ROWS) from w, sc x the n tokens -> out f32 [t * ostride + r] (an address); p:
-    aligned scratch, acc: the tokens' lane sums."""
-    wsp = p + PANEL_STEPS * 4 * MAX_ROWS * 4 * 32
-    acc[:n] = 0
-    for s0 in range(0, din // STEP, PANEL_STEPS):
-        ns = min(PANEL_STEPS, din // STEP - s0)
-        w0, s00 = w + s0 * (STEP // 2), sc + s0 * (STEP // 16)
-        _unpack(R, w0, wst, s00, sst, ns, p, wsp)
-        # the rows' next panel (or the first of the next rows) into L2 while this one is worked through:
-        # the unpacking waited on DRAM otherwise
-        nw, nsc = (w0 + ns * (STEP // 2), s00 + ns * (STEP // 16)) if s0 + ns < din // STEP else (w + R * wst, sc + R * sst)
-        for r in range(R):
-            for line in range(0, PANEL_STEPS * (STEP // 2), 64):
-                _prefetch_l1(nw + r * wst + line)
-            _prefetch_l1(nsc + r * sst)
-            _prefetch_l1(nsc + r * sst + 64)
-        x0, g0 = xp.ctypes.data + s0 * STEP * 2, s0 * 32
-        d0, e0 = dgp.ctypes.data + g0, xsp.ctypes.data + g0
-        t = 0
-        while t < n:
-            nxt = x0 + din * 2 * _load_i64(toks + 8 * min(t + TOKENS, n - 1))
-            a, o, last = acc[t].ctypes.data, out + 4 * t * ostride, s0 + ns == din // STEP
-            tb = TOKENS if n - t >= TOKENS else 1
-            _dot(R, tb, p, wsp, ns, x0, din * 2, d0, din // 8, e0, toks + 8 * t, a, nxt, o, ostride, last)
-            t += tb
+def scratch_floats(n, nrows):
+    """f32 elements of panel_rows' scratch for n tokens and nrows rows: the panel, 64 bytes to align it,
+    its scales and the lane sums of every row and token."""
+    return PANEL_STEPS * 4 * MAX_ROWS * 4 * 8 + 16 + PANEL_STEPS * MAX_ROWS * 8 + n * nrows * 8
 
 
 @njit(nogil=True, cache=True, inline="always")
 def panel_rows(w, wst, sc, sst, nrows, din, xp, dgp, xsp, toks, n, pan, got):
     """nrows >= 2 weight rows (packed bytes at w, bf16 scales at sc, row strides wst, sst bytes) x the n
     tokens listed at toks (int64 address; rows of xp, dgp, xsp, laid out by actq.quantize_row_panel)
-    -> got f32 [>= n, >= nrows] (overwritten). pan: f32 scratch of scratch_floats(n) elements."""
+    -> got f32 [>= n, >= nrows] (overwritten). pan: f32 scratch of scratch_floats(n, nrows) elements.
+    Panels outside, rows inside: the tokens' activations of one panel (n x 4 KB) stay in L2 for all the
+    rows, where rows outside re-read every token's whole row (n x din x 2 bytes) for each group of rows."""
     p = (pan.ctypes.data + 63) // 64 * 64           # a panel vector never straddles a cache line
+    wsp = p + PANEL_STEPS * 4 * MAX_ROWS * 4 * 32
     a0 = (p - pan.ctypes.data) // 4 + PANEL_STEPS * 4 * MAX_ROWS * 4 * 8 + PANEL_STEPS * MAX_ROWS * 8
-    o = 0
-    while o < nrows:
-        R = nrows - o if nrows - o in (2, 4) else ROWS          # 64 rows: 20 x 3, then 4
-        acc = pan[a0:a0 + n * R * 8].reshape(n, R, 8)
-        _rows(R, w + o * wst, wst, sc + o * sst, sst, din, xp, dgp, xsp, toks, n, p, acc,
-              got.ctypes.data + 4 * o, got.strides[0] // 4)
-        o += R
+    nst = din // STEP
+    out, ostride = got.ctypes.data, got.strides[0] // 4
+    for s0 in range(0, nst, PANEL_STEPS):
+        ns = min(PANEL_STEPS, nst - s0)
+        last = s0 + ns == nst
+        x0, g0 = xp.ctypes.data + s0 * STEP * 2, s0 * 32
+        d0, e0 = dgp.ctypes.data + g0, xsp.ctypes.data + g0
+        o = 0
+        while o < nrows:
+            R = nrows - o if nrows - o in (2, 4) else ROWS          # 64 rows: 20 x 3, then 4
+            acc = pan[a0 + n * 8 * o:a0 + n * 8 * (o + R)]          # this group's lane sums, [n][R][8]
+            if s0 == 0:
+                acc[:] = 0
+            w0, s00 = w + o * wst + s0 * (STEP // 2), sc + o * sst + s0 * (STEP // 16)
+            _unpack(R, w0, wst, s00, sst, ns, p, wsp)
+            # the next group's panel (or the next panel's first group) into L1 while this one runs: the
+            # unpacking waited on memory otherwise
+            if o + R < nrows:
+                nw, nsc = w0 + R * wst, s00 + R * sst
+            else:
+                nw, nsc = w + (s0 + ns) * (STEP // 2), sc + (s0 + ns) * (STEP // 16)
+            for r in range(MAX_ROWS):
+                for line in range(0, PANEL_STEPS * (STEP // 2), 64):
+                    _prefetch_l1(nw + r * wst + line)
+                _prefetch_l1(nsc + r * sst)
+                _prefetch_l1(nsc + r * sst + 64)
+            t = 0
+            while t < n:
+                nxt = x0 + din * 2 * _load_i64(toks + 8 * min(t + TOKENS, n - 1))
+                tb = TOKENS if n - t >= TOKENS else 1
+                _dot(R, tb, p, wsp, ns, x0, din * 2, d0, din // 8, e0, toks + 8 * t, acc.ctypes.data + 32 * R * t,
+                     nxt, out + 4 * (t * ostride + o), ostride, last)
+                t += tb
+            o += R

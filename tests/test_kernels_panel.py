@@ -94,7 +94,7 @@ def test_panel_rows_any_row_and_token_count(nrows, n):
         quantize_row_panel(x[t], xp[t], dgp[t], xsp[t])
     toks = rng.permutation(n + 3)[:n].astype(np.int64)
     out = np.full((n, nrows + 5), np.nan, np.float32)
-    scratch = np.empty(panel.scratch_floats(n), np.float32)
+    scratch = np.empty(panel.scratch_floats(n, nrows), np.float32)
     panel.panel_rows(wb.ctypes.data, wb.strides[0], sb.ctypes.data, sb.strides[0], nrows, din, xp, dgp, xsp,
                      toks.ctypes.data, n, scratch, out[:, 2:2 + nrows])
     want = x[toks].astype(np.float64) @ wdense.T
