@@ -22,7 +22,7 @@ figure). No repacked layout either: the kernels read the checkpoint's bytes wher
 On ymm vectors without VNNI (AVX2: Zen 3, Haswell to Skylake desktop) an expert with
 PANEL_MIN_TOKENS or more in a call goes through panel.py instead: its rows unpacked once per call
 into a panel in L1 that all its tokens read, int32 sums over whole groups (one K2 MoE layer at 64
-tokens per expert, AVX2 code on a 2-core Xeon: 69-73% -> 89-97% of torch's fp32 matmul).
+tokens per expert, AVX2 code on a 2-core Xeon: 69-77% -> 101-102% of torch's fp32 matmul).
 Where the CPU has VNNI (Ice Lake / Sapphire Rapids and later, Zen 4 and later, AVX-VNNI on Alder Lake)
 the row kernel multiplies through vpdpbusd instead of vpmaddwd (simd.py): the same sums, fewer
 instructions per weight, which prompts feel (64 tokens per expert, 2-core Xeon: 59-63% -> 68-71% of

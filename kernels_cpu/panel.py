@@ -20,7 +20,7 @@ each word of pass v (lane 2j + e = word e of lane j); scales f32 [step][r][8] in
 Activations (actq.quantize_row_panel), per token: xp int16 [din]: xp[256 s + 64 v + 16 k + 2 j + e] =
 column 256 s + 64 p + 32 h + 8 v + 4 e + k (j = 4h + p); dgp f32 [din / 32] and xsp int32 [din / 32]
 (the group's scale and -8 * its codes' sum) at 8 s + j. Rows need din a multiple of 256 (fits).
-While a panel's tokens run, the next panel's weights are prefetched into L1: unpacking waited on
+While a panel's tokens run, the next group's panel weights are prefetched into L1: unpacking waited on
 memory otherwise (rows alone, 1 thread: 117% of torch's fp32 matmul with 256 rows in cache, 103% with
 16384 streamed, prefetching into L2; into L1, one K2 layer's gate and up went 95-96 -> 98-108 GFLOP/s).
 Each call of the dot product prefetches the activations of the next.
