@@ -21,21 +21,31 @@ QMAX = 32639 if VNNI else 32767
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _group_scale(x, g):
+    """Group g of row x -> (amax, QMAX / amax or 0): a code is _code(value, the latter)."""
+    amax = np.float32(0.0)
+    for i in range(GROUP):
+        amax = max(amax, abs(x[g * GROUP + i]))
+    return amax, (np.float32(QMAX) / amax if amax > 0 else np.float32(0.0))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _code(v, inv):
+    return min(QMAX, max(-QMAX, np.int32(np.rint(v * inv))))
+
+
+@njit(nogil=True, cache=True, inline="always")
 def quantize_row(x, xa, dg, xs):
     """One row: x f32 [din] -> xa i16 [din] (chunk-transposed, see simd.py), dg f32 [din/32], xs f32
     [din/32] (outputs given). Inlined into the caller's loop (moe.py quantises rows inside its kernel)."""
     din = x.shape[0]
     xb = xa.view(np.int8)
     for g in range(din // GROUP):
-        amax = np.float32(0.0)
-        for i in range(GROUP):
-            amax = max(amax, abs(x[g * GROUP + i]))
+        amax, inv = _group_scale(x, g)
         d = amax / np.float32(QMAX)
-        inv = np.float32(QMAX) / amax if amax > 0 else np.float32(0.0)
         s = 0
         for i in range(GROUP):
-            q = np.int32(np.rint(x[g * GROUP + i] * inv))
-            q = min(QMAX, max(-QMAX, q))
+            q = _code(x[g * GROUP + i], inv)
             s += q
             col = g * GROUP + i
             c, j = col // CHUNK, col % CHUNK               # column j = 4i' + k of chunk c
@@ -72,13 +82,10 @@ def quantize_row_panel(x, xp, dgp, xsp):
     for g in range(x.shape[0] // GROUP):
         s, p, h = g // 8, (g % 8) // 2, g % 2
         j = 4 * h + p                                   # the group's int32 lane in the panel kernel
-        amax = np.float32(0.0)
-        for i in range(GROUP):
-            amax = max(amax, abs(x[g * GROUP + i]))
-        inv = np.float32(QMAX) / amax if amax > 0 else np.float32(0.0)
+        amax, inv = _group_scale(x, g)
         tot = 0
         for o in range(GROUP):                         # o = 8 v + 4 e + k
-            q = min(QMAX, max(-QMAX, np.int32(np.rint(x[g * GROUP + o] * inv))))
+            q = _code(x[g * GROUP + o], inv)
             tot += q
             xp[256 * s + 64 * (o // 8) + 16 * (o % 4) + 2 * j + (o // 4) % 2] = q
         dgp[8 * s + j] = amax / np.float32(QMAX)

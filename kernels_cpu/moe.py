@@ -192,8 +192,8 @@ def _silu_mul_quantize(g, u, codes, p):
 @njit(nogil=True, cache=True, inline="always")
 def _buffers(maxn, din, tiles, panels):
     """A thread's scratch for _block: the row kernel's results, the tile kernel's unpacked rows, their
-    scales and its results (empty without tile blocks in this call), the block's output, and the panel
-    kernel's panel and scales (empty without it)."""
+    scales and its results (empty without tile blocks in this call), an output block (the down
+    projection's), and the panel kernel's scratch (empty without it)."""
     N, M = amx.N, amx.M
     return (np.empty(8 * maxn, np.float32), np.empty((M, din if tiles else 0), np.int8),
             np.empty((din // 32 if tiles else 0, M), np.float32),
@@ -204,7 +204,7 @@ def _buffers(maxn, din, tiles, panels):
 @njit(nogil=True, cache=True, inline="always")
 def _block(w, sc, din, xa, dg, xs, toks, n, bufs, b0, b1, bt, dgb, cfg, xp, dgp, xsp, got, panel_min):
     """RB weight rows (packed bytes at w, bf16 scales at sc, din columns) x the n activation rows listed
-    at toks (int64 address) -> got f32 [n, RB] (a view, written): through the tile kernel when the
+    at toks (int64 address) -> got f32 [n, RB] (a view, written): through the panel kernel when the
     slot has panel_min tokens or more and the activations come in its layout too (xp, dgp, xsp not
     empty), the tile kernel when it has token blocks b0 < b1 (_tile_blocks), else the row kernel."""
     res, ta, tws, tres, _, pan = bufs

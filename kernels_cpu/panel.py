@@ -32,7 +32,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels_cpu.simd import F32, I8, I16, I32, I64, has_vnni, host_has_avx2, hsum, vector_lanes
+from kernels_cpu.simd import (F32, I16, I32, I64, has_vnni, host_has_avx2, hsum, prefetch_l1, prefetch_l1_at,
+                              vector_lanes)
 
 STEP = 256  # columns per step
 PANEL_STEPS = 8  # steps unpacked per panel: 3 rows x 8 steps = 12 KB (4 rows 16), half a Zen 3's L1
@@ -74,13 +75,6 @@ def _store(b, v, addr):
 
 def _shuf(b, x, y, mask):
     return b.shuffle_vector(x, y, ir.Constant(ir.VectorType(I32, len(mask)), mask))
-
-
-def _prefetch(b, addr):
-    """The cache line at addr (an i64 value) into L1 (prefetcht0)."""
-    fn = cgutils.get_or_insert_function(
-        b.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0")
-    b.call(fn, [b.inttoptr(addr, I8.as_pointer()), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
 
 
 def _splat(ty, v: int):
@@ -155,7 +149,7 @@ def make_dot(R: int, TB: int):
                 st = loop.index
                 g = b.mul(st, _c(32))
                 for line in range(0, 512, 64):
-                    _prefetch(b, b.add(b.add(xnext, b.mul(st, _c(512))), _c(line)))
+                    prefetch_l1(b, b.add(b.add(xnext, b.mul(st, _c(512))), _c(line)))
                 xsv = [_load(b, b.add(xsp[t], g), _VD) for t in range(TB)]
                 sums = [list(xsv) for _ in range(R)]
                 for v in range(4):
@@ -184,15 +178,6 @@ def make_dot(R: int, TB: int):
         return sig, codegen
 
     return dot
-
-
-@intrinsic
-def _prefetch_l1(typingctx, addr):
-    def codegen(context, b, signature, args):
-        _prefetch(b, args[0])
-        return context.get_dummy_value()
-
-    return types.void(types.intp), codegen
 
 
 @intrinsic
@@ -276,9 +261,9 @@ def panel_rows(w, wst, sc, sst, nrows, din, xp, dgp, xsp, toks, n, pan, got):
                 nw, nsc = w + (s0 + ns) * (STEP // 2), sc + (s0 + ns) * (STEP // 16)
             for r in range(MAX_ROWS):
                 for line in range(0, PANEL_STEPS * (STEP // 2), 64):
-                    _prefetch_l1(nw + r * wst + line)
-                _prefetch_l1(nsc + r * sst)
-                _prefetch_l1(nsc + r * sst + 64)
+                    prefetch_l1_at(nw + r * wst + line)
+                prefetch_l1_at(nsc + r * sst)
+                prefetch_l1_at(nsc + r * sst + 64)
             t = 0
             while t < n:
                 nxt = x0 + din * 2 * _load_i64(toks + 8 * min(t + TOKENS, n - 1))

@@ -89,12 +89,22 @@ def has_vnni() -> bool:
     return f["avxvnni"] or (f["avx512vnni"] and f["avx512vl"])
 
 
+def _prefetch(b: ir.IRBuilder, addr, locality: int) -> None:
+    fn = cgutils.get_or_insert_function(
+        b.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0")
+    b.call(fn, [b.inttoptr(addr, I8.as_pointer()), ir.Constant(I32, 0), ir.Constant(I32, locality),
+                ir.Constant(I32, 1)])
+
+
 def prefetch_l2(b: ir.IRBuilder, addr) -> None:
     """Emit a prefetch of the cache line at addr (an i64 value) into L2 and below (rw=0, locality=2:
     prefetcht1 on x86, data): why L2 and not L1, see PF_BLOCKS. The int8 GEMV (int8dot) uses it too."""
-    fn = cgutils.get_or_insert_function(
-        b.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0")
-    b.call(fn, [b.inttoptr(addr, I8.as_pointer()), ir.Constant(I32, 0), ir.Constant(I32, 2), ir.Constant(I32, 1)])
+    _prefetch(b, addr, 2)
+
+
+def prefetch_l1(b: ir.IRBuilder, addr) -> None:
+    """The same into L1 (locality=3: prefetcht0), for data wanted within microseconds (panel.py)."""
+    _prefetch(b, addr, 3)
 
 
 @intrinsic
@@ -104,6 +114,18 @@ def prefetch_l2_at(typingctx, addr):
 
     def codegen(context, b, signature, args):
         prefetch_l2(b, args[0])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def prefetch_l1_at(typingctx, addr):
+    """prefetch_l1 for @njit code."""
+    sig = types.void(types.intp)
+
+    def codegen(context, b, signature, args):
+        prefetch_l1(b, args[0])
         return context.get_dummy_value()
 
     return sig, codegen
