@@ -107,28 +107,21 @@ def prefetch_l1(b: ir.IRBuilder, addr) -> None:
     _prefetch(b, addr, 3)
 
 
-@intrinsic
-def prefetch_l2_at(typingctx, addr):
-    """prefetch_l2 for @njit code: the cache line at address addr (an integer) into L2."""
-    sig = types.void(types.intp)
+def _prefetch_at(emit):
+    """An intrinsic f(addr) for @njit code: emit(b, addr) on the cache line at address addr (an integer)."""
+    @intrinsic
+    def at(typingctx, addr):
+        def codegen(context, b, signature, args):
+            emit(b, args[0])
+            return context.get_dummy_value()
 
-    def codegen(context, b, signature, args):
-        prefetch_l2(b, args[0])
-        return context.get_dummy_value()
+        return types.void(types.intp), codegen
 
-    return sig, codegen
+    return at
 
 
-@intrinsic
-def prefetch_l1_at(typingctx, addr):
-    """prefetch_l1 for @njit code."""
-    sig = types.void(types.intp)
-
-    def codegen(context, b, signature, args):
-        prefetch_l1(b, args[0])
-        return context.get_dummy_value()
-
-    return sig, codegen
+prefetch_l2_at = _prefetch_at(prefetch_l2)  # prefetch_l2 for @njit code
+prefetch_l1_at = _prefetch_at(prefetch_l1)  # prefetch_l1 for @njit code
 
 
 def hsum(b: ir.IRBuilder, v):
