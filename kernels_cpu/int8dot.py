@@ -10,6 +10,14 @@ Per block of BLOCK columns the int32 sums of q * xq stay below BLOCK * 127 * 327
 block's sum is converted to fp32 once and scaled by its activation scale. Activation codes carry
 15 bits per block, so x ~= xq * scale to 1 part in 65,534 of the block's largest value: far below
 the int8 weights' own rounding (1 part in 254 of the row's).
+
+Where the CPU has VNNI the products go through vpdpbusd instead (unsigned bytes x signed bytes, four
+per int32 lane): a code w becomes the unsigned byte w + 128 (one xor), an activation code a = 256 h + l
+the two signed bytes h and l (so codes stop at QMAX = 32639, h <= 127), and each lane sums
+(w + 128) * a over its columns. The 128 * a it adds per column comes off before the sum starts: the
+lane's low-byte accumulator begins at -128 * (its columns' codes), a per-token constant (vnni_layout).
+The lane sums equal the vpmaddwd path's exactly; a row costs an xor and two vpdpbusd per vector of
+weights against a sign extension, two vpmaddwd and two adds (K2's shapes, 2-core Xeon: see widen.py).
 Pure functions on arrays; imports nothing from hybrid/.
 """
 from __future__ import annotations
@@ -20,66 +28,99 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels_cpu.simd import F32, I8, I16, I32, I64, hsum, prefetch_l2, vector_lanes
+from kernels_cpu.simd import F32, I8, I16, I32, I64, has_vnni, hsum, prefetch_l2, vector_lanes
 
 BLOCK = 128  # columns per activation scale and per exact int32 sum
 # Each block of BLOCK columns prefetches the same columns of the next R rows into L2 (rows are
 # contiguous): K2's q_b_proj shape, 12288 rows of 1.5 KB, 15-16 -> 20 GB/s on a 2-core Xeon (probe
 # 32); into L1 it gained less (an L1 miss buffer held for the DRAM latency), long rows neither way.
 PF_BLOCKS = 1
+VNNI = has_vnni()  # vpdpbusd over vnni_layout's bytes; else vpmaddwd over the int16 codes
+QMAX = 32639 if VNNI else 32767  # activation codes: with VNNI a code's high byte h must fit a signed byte
+CH = 2 * vector_lanes()  # columns per vector of weights with VNNI: 64 (zmm) or 32 (ymm)
 
 
 @njit(nogil=True, cache=True)
 def quantize_blocks(x, xq, xs):
     """x f32 [T, I] (I a multiple of BLOCK) -> xq int16 [T, I], xs f32 [T, I // BLOCK] with
-    x ~= xq * xs per block: xs = max |x| / 32767 (1 for an all-zero block), xq = round(x / xs)."""
+    x ~= xq * xs per block: xs = max |x| / QMAX (1 for an all-zero block), xq = round(x / xs)."""
     T, I = x.shape
     for t in range(T):
         for b in range(I // BLOCK):
             m = np.float32(0.0)
             for i in range(b * BLOCK, b * BLOCK + BLOCK):
                 m = max(m, abs(x[t, i]))
-            s = m / np.float32(32767.0) if m > 0 else np.float32(1.0)
+            s = m / np.float32(QMAX) if m > 0 else np.float32(1.0)
             xs[t, b] = s
             inv = np.float32(1.0) / s
             for i in range(b * BLOCK, b * BLOCK + BLOCK):
-                xq[t, i] = np.int16(min(32767.0, max(-32767.0, np.rint(x[t, i] * inv))))
+                xq[t, i] = np.int16(min(np.float32(QMAX), max(np.float32(-QMAX), np.rint(x[t, i] * inv))))
+
+
+@njit(nogil=True, cache=True)
+def quantize_activations(x):
+    """x f32 [T, I] (I a multiple of BLOCK) -> (codes, xs, xc), what the row kernels read for each row of
+    x: quantize_blocks' int16 codes as bytes [T, 2 I] and no xc ([T, 0]); with VNNI vnni_layout's."""
+    T, I = x.shape
+    xq = np.empty((T, I), np.int16)
+    xs = np.empty((T, I // BLOCK), np.float32)
+    quantize_blocks(x, xq, xs)
+    if not VNNI:
+        return xq.view(np.int8), xs, np.empty((T, 0), np.int32)
+    xb = np.empty((T, 2 * I), np.int8)
+    xc = np.empty((T, I // BLOCK * (CH // 4)), np.int32)
+    vnni_layout(xq, xb, xc)
+    return xb, xs, xc
+
+
+@njit(nogil=True, cache=True)
+def vnni_layout(xq, xb, xc):
+    """xq int16 [T, I] (quantize_blocks' codes) -> what the VNNI kernel reads: xb int8 [T, 2 I], per CH
+    columns their codes' high bytes h then low bytes l (a = 256 h + l, l in [-128, 127]); xc int32
+    [T, I // 4 // (BLOCK // CH)]: per block, int32 lane i's -128 * sum of the codes it multiplies (columns
+    4i..4i+3 of each CH in the block), where that lane's low-byte sum starts."""
+    T, I = xq.shape
+    lanes = CH // 4
+    for t in range(T):
+        for c in range(I // CH):
+            base = (c * CH // BLOCK) * lanes
+            if c % (BLOCK // CH) == 0:
+                for i in range(lanes):
+                    xc[t, base + i] = 0
+            for j in range(CH):
+                a = np.int32(xq[t, c * CH + j])
+                h = (a + 128) >> 8
+                xb[t, 2 * CH * c + j] = h
+                xb[t, 2 * CH * c + CH + j] = a - 256 * h
+                xc[t, base + j // 4] -= 128 * a
 
 
 def make_rows_kernel(R: int):
-    """An intrinsic rows(w, wstride, xq, xs, nblk, res) -> None: res f32 [r] = sum over the nblk blocks
-    of xs[b] * (int8 row r . xq over block b), for the R rows at w + r * wstride (bytes; any alignment).
-    xq: int16 activations (one token), xs: f32 block scales; addresses as intp."""
+    """An intrinsic rows(w, wstride, xq, xs, xc, nblk, res) -> None: res f32 [r] = sum over the nblk blocks
+    of xs[b] * (int8 row r . the codes over block b), for the R rows at w + r * wstride (bytes; any
+    alignment). One token: xq its int16 codes (quantize_blocks), or with VNNI their bytes (vnni_layout,
+    whose lane offsets are xc; unread otherwise); xs its f32 block scales; addresses as intp."""
     L = vector_lanes()  # int16 lanes per vector: 32 (zmm) or 16 (ymm)
     VB, VW, VD, VF = (ir.VectorType(I8, L), ir.VectorType(I16, L), ir.VectorType(I32, L // 2),
                       ir.VectorType(F32, L // 2))
-    steps = BLOCK // L
 
     @intrinsic
-    def rows(typingctx, w, wstride, xq, xs, nblk, res):
-        sig = types.void(*([types.intp] * 6))
+    def rows(typingctx, w, wstride, xq, xs, xc, nblk, res):
+        sig = types.void(*([types.intp] * 7))
 
         def codegen(context, b, signature, args):
-            w, wstride, xq, xs, nblk, res = args
-            mod = b.module
-            name = "llvm.x86.avx2.pmadd.wd" if L == 16 else "llvm.x86.avx512.pmaddw.d.512"
-            madd = cgutils.get_or_insert_function(mod, ir.FunctionType(VD, [VW, VW]), name)
-            fma = cgutils.get_or_insert_function(mod, ir.FunctionType(VF, [VF] * 3), f"llvm.fma.v{L // 2}f32")
+            w, wstride, xq, xs, xc, nblk, res = args
+            fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(VF, [VF] * 3), f"llvm.fma.v{L // 2}f32")
             facc = [cgutils.alloca_once_value(b, ir.Constant(VF, None)) for _ in range(R)]
             rows_at = [b.add(w, b.mul(ir.Constant(I64, r), wstride)) for r in range(R)]
             ahead = b.mul(ir.Constant(I64, R * PF_BLOCKS), wstride)
+            block = _vnni_block if VNNI else _madd_block
             with cgutils.for_range(b, nblk) as blk:
                 c0 = b.mul(blk.index, ir.Constant(I64, BLOCK))
-                iacc = [ir.Constant(VD, None)] * R
                 for r in range(R):
                     for line in range(0, BLOCK, 64):
                         prefetch_l2(b, b.add(b.add(rows_at[r], ahead), b.add(c0, ir.Constant(I64, line))))
-                for j in range(steps):
-                    col = b.add(c0, ir.Constant(I64, j * L))
-                    xv = b.load(b.inttoptr(b.add(xq, b.mul(col, ir.Constant(I64, 2))), VW.as_pointer()), align=1)
-                    for r in range(R):
-                        wv = b.load(b.inttoptr(b.add(rows_at[r], col), VB.as_pointer()), align=1)
-                        iacc[r] = b.add(iacc[r], b.call(madd, [b.sext(wv, VW), xv]))
+                iacc = block(b, L, rows_at, xq, xc, blk.index, c0)
                 sp = b.load(b.inttoptr(b.add(xs, b.mul(blk.index, ir.Constant(I64, 4))), F32.as_pointer()))
                 sv = b.insert_element(ir.Constant(VF, None), sp, ir.Constant(I32, 0))
                 sv = b.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(I32, L // 2), [0] * (L // 2)))
@@ -92,3 +133,39 @@ def make_rows_kernel(R: int):
         return sig, codegen
 
     return rows
+
+
+def _madd_block(b, L, rows_at, xq, xc, blk, c0):
+    """One block's int32 lane sums per row, vpmaddwd: a sign-extended vector of codes times L int16."""
+    VB, VW, VD = ir.VectorType(I8, L), ir.VectorType(I16, L), ir.VectorType(I32, L // 2)
+    name = "llvm.x86.avx2.pmadd.wd" if L == 16 else "llvm.x86.avx512.pmaddw.d.512"
+    madd = cgutils.get_or_insert_function(b.module, ir.FunctionType(VD, [VW, VW]), name)
+    iacc = [ir.Constant(VD, None)] * len(rows_at)
+    for j in range(BLOCK // L):
+        col = b.add(c0, ir.Constant(I64, j * L))
+        xv = b.load(b.inttoptr(b.add(xq, b.mul(col, ir.Constant(I64, 2))), VW.as_pointer()), align=1)
+        for r, at in enumerate(rows_at):
+            wv = b.load(b.inttoptr(b.add(at, col), VB.as_pointer()), align=1)
+            iacc[r] = b.add(iacc[r], b.call(madd, [b.sext(wv, VW), xv]))
+    return iacc
+
+
+def _vnni_block(b, L, rows_at, xq, xc, blk, c0):
+    """The same sums through vpdpbusd over vnni_layout's bytes: per row a high-byte and a low-byte
+    accumulator (the latter starting at the block's lane offsets), (high << 8) + low at the end."""
+    VD, VC = ir.VectorType(I32, L // 2), ir.VectorType(I8, CH)
+    dp = cgutils.get_or_insert_function(b.module, ir.FunctionType(VD, [VD] * 3), f"llvm.x86.avx512.vpdpbusd.{16 * L}")
+    flip = ir.Constant(VC, [ir.Constant(I8, -128)] * CH)
+    start = b.load(b.inttoptr(b.add(xc, b.mul(blk, ir.Constant(I64, CH))), VD.as_pointer()), align=1)  # CH/4 int32
+    hi, lo = [ir.Constant(VD, None)] * len(rows_at), [start] * len(rows_at)
+    for j in range(BLOCK // CH):
+        col = b.add(c0, ir.Constant(I64, j * CH))
+        xh = b.load(b.inttoptr(b.add(xq, b.mul(col, ir.Constant(I64, 2))), VD.as_pointer()), align=1)
+        xl = b.load(b.inttoptr(b.add(xq, b.add(b.mul(col, ir.Constant(I64, 2)), ir.Constant(I64, CH))),
+                               VD.as_pointer()), align=1)
+        for r, at in enumerate(rows_at):
+            wv = b.bitcast(b.xor(b.load(b.inttoptr(b.add(at, col), VC.as_pointer()), align=1), flip), VD)
+            hi[r] = b.call(dp, [hi[r], wv, xh])
+            lo[r] = b.call(dp, [lo[r], wv, xl])
+    eight = ir.Constant(VD, [ir.Constant(I32, 8)] * (L // 2))
+    return [b.add(b.shl(h, eight), l_) for h, l_ in zip(hi, lo)]

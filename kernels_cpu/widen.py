@@ -13,8 +13,11 @@ row (gpu_precision 'int8', asked for on purpose: 1 byte a weight, int8's roundin
 width is a multiple of int8dot.BLOCK and the CPU has AVX2, its products (and the fused forms' over
 int8) multiply the codes by the activations rounded to int16 per block (int8dot: widening each code to
 fp32 for an FMA left the short rows compute-bound, K2's q_b_proj shape reading 10-11 GB/s on a 2-core
-Xeon against 17-19 now, 1536x7168 12-18 against 21-22; 7168x18432 ~27 either way); elsewhere the
-codes are widened to fp32 like the bf16 bits. Pure functions on arrays; imports nothing from hybrid/.
+Xeon against 17-19 now, 1536x7168 12-18 against 21-22; 7168x18432 ~27 either way); with VNNI
+through vpdpbusd (int8dot), 8 long rows from L2 56 -> 65 GB/s on a core, and K2's shapes from RAM
+(two rounds, 2 threads) q_b 25.0-25.3 -> 25.2-26.9 GB/s, o_proj 28.2-28.6 -> 28.7-30.5, the shared
+expert's 25.0-26.6 -> 25.8-27.8, the dense gate 29.4-30.3 -> 29.9-30.2. Elsewhere the codes are
+widened to fp32 like the bf16 bits. Pure functions on arrays; imports nothing from hybrid/.
 Letters: T rows of x, O out features, I in features.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ from numba.extending import intrinsic, overload
 
 from kernels_cpu import bf16dot
 from kernels_cpu.bf16dot import deinterleave, row_dot
-from kernels_cpu.int8dot import BLOCK, make_rows_kernel, quantize_blocks
+from kernels_cpu.int8dot import BLOCK, make_rows_kernel, quantize_activations
 from kernels_cpu.simd import host_has_avx2
 from kernels_cpu.workqueue import new_queue, take
 
@@ -194,32 +197,32 @@ _i8x8, _i8x2, _i8x1 = make_rows_kernel(8), make_rows_kernel(2), make_rows_kernel
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _rows_i8(xq, xs, w, s, out, lo, hi, res):
-    # rows lo..hi-1 of out f32 [T, O] from int16 activations xq [T, I] with block scales xs [T, I / BLOCK]
-    # (int8dot.quantize_blocks) and int8 codes w [O, I] with bf16 row scales s; res f32 [8] scratch.
+def _rows_i8(xq, xs, xc, w, s, out, lo, hi, res):
+    # rows lo..hi-1 of out f32 [T, O] from the activation codes xq, xs, xc (int8dot.quantize_activations)
+    # and int8 codes w [O, I] with bf16 row scales s; res f32 [8] scratch.
     # Long rows eight at a time, short ones (SHORT_ROW_BYTES) two: measured best for each.
-    T, I = xq.shape
+    T, I = xq.shape[0], w.shape[1]
     nb = I // BLOCK
     for t in range(T):
-        xa, sa = xq.ctypes.data + 2 * I * t, xs.ctypes.data + 4 * nb * t
+        xa, sa, ca = xq.ctypes.data + 2 * I * t, xs.ctypes.data + 4 * nb * t, xc.ctypes.data + 4 * xc.shape[1] * t
         o = lo
         while o + 8 <= hi and I > SHORT_ROW_BYTES:
-            _i8x8(w.ctypes.data + I * o, I, xa, sa, nb, res.ctypes.data)
+            _i8x8(w.ctypes.data + I * o, I, xa, sa, ca, nb, res.ctypes.data)
             for r in range(8):
                 out[t, o + r] = res[r] * bf16_to_f32(s[o + r])
             o += 8
         while o + 2 <= hi:
-            _i8x2(w.ctypes.data + I * o, I, xa, sa, nb, res.ctypes.data)
+            _i8x2(w.ctypes.data + I * o, I, xa, sa, ca, nb, res.ctypes.data)
             out[t, o] = res[0] * bf16_to_f32(s[o])
             out[t, o + 1] = res[1] * bf16_to_f32(s[o + 1])
             o += 2
         for o in range(o, hi):
-            _i8x1(w.ctypes.data + I * o, I, xa, sa, nb, res.ctypes.data)
+            _i8x1(w.ctypes.data + I * o, I, xa, sa, ca, nb, res.ctypes.data)
             out[t, o] = res[0] * bf16_to_f32(s[o])
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _gemv_i8(xq, xs, w1, s1, out1, w2, s2, out2, nt):
+def _gemv_i8(xq, xs, xc, w1, s1, out1, w2, s2, out2, nt):
     # int8 rows of w1 then of w2 (w2 may be w1 with n2 = 0 items: one weight) against the quantised x
     n1 = (w1.shape[0] + RB - 1) // RB
     n = n1 + ((w2.shape[0] + RB - 1) // RB if out2.shape[1] else 0)
@@ -229,22 +232,20 @@ def _gemv_i8(xq, xs, w1, s1, out1, w2, s2, out2, nt):
         it = take(queue, n, th, nt)
         while it < n:
             if it < n1:
-                _rows_i8(xq, xs, w1, s1, out1, it * RB, min(w1.shape[0], it * RB + RB), res)
+                _rows_i8(xq, xs, xc, w1, s1, out1, it * RB, min(w1.shape[0], it * RB + RB), res)
             else:
                 o = (it - n1) * RB
-                _rows_i8(xq, xs, w2, s2, out2, o, min(w2.shape[0], o + RB), res)
+                _rows_i8(xq, xs, xc, w2, s2, out2, o, min(w2.shape[0], o + RB), res)
             it = take(queue, n, th, nt)
 
 
 @njit(nogil=True, cache=True)
-def _swiglu_i8(xq, xs, wg, sg, wu, su, wd, sd, g, u, out, nt):
+def _swiglu_i8(xq, xs, xc, wg, sg, wu, su, wd, sd, g, u, out, nt):
     # _swiglu over int8 weights (I a multiple of BLOCK): gate and up, SiLU(g) * u quantised, down
-    _gemv_i8(xq, xs, wg, sg, g, wu, su, u, nt)
+    _gemv_i8(xq, xs, xc, wg, sg, g, wu, su, u, nt)
     _silu_times(g, u)
-    hq = np.empty(g.shape, np.int16)
-    hs = np.empty((g.shape[0], g.shape[1] // BLOCK), np.float32)
-    quantize_blocks(g, hq, hs)
-    _gemv_i8(hq, hs, wd, sd, out, wd, sd, out[:, :0], nt)
+    hq, hs, hc = quantize_activations(g)
+    _gemv_i8(hq, hs, hc, wd, sd, out, wd, sd, out[:, :0], nt)
 
 
 def _int8_fast(x: np.ndarray, *ws: np.ndarray) -> bool:
@@ -260,11 +261,8 @@ def _deinterleaved(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.empty(x.shape if w.dtype == np.uint16 and bf16dot.fits(x.shape[1]) else (x.shape[0], 0), np.float32)
 
 
-def _quantized(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    xq = np.empty(x.shape, np.int16)
-    xs = np.empty((x.shape[0], x.shape[1] // BLOCK), np.float32)
-    quantize_blocks(np.ascontiguousarray(x), xq, xs)
-    return xq, xs
+def _quantized(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return quantize_activations(np.ascontiguousarray(x))
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
