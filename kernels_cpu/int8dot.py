@@ -12,12 +12,12 @@ block's sum is converted to fp32 once and scaled by its activation scale. Activa
 the int8 weights' own rounding (1 part in 254 of the row's).
 
 Where the CPU has VNNI the products go through vpdpbusd instead (unsigned bytes x signed bytes, four
-per int32 lane): a code w becomes the unsigned byte w + 128 (one xor), an activation code a = 256 h + l
-the two signed bytes h and l (so codes stop at QMAX = 32639, h <= 127), and each lane sums
-(w + 128) * a over its columns. The 128 * a it adds per column comes off before the sum starts: the
-lane's low-byte accumulator begins at -128 * (its columns' codes), a per-token constant (vnni_layout).
-The lane sums equal the vpmaddwd path's exactly; a row costs an xor and two vpdpbusd per vector of
-weights against a sign extension, two vpmaddwd and two adds (K2's shapes, 2-core Xeon: see widen.py).
+per int32 lane), an activation code a = 256 h + l split into a signed high byte h and an unsigned low
+byte l: the low bytes multiply the codes w as they are (l unsigned, w signed), the high bytes multiply
+w + 128 (w with its sign bit flipped, now unsigned) and start from -128 * (the lane's h), a per-token
+constant (vnni_layout), so that the high sum is sum(w * h) exactly. The lane sums equal the vpmaddwd
+path's, bit for bit; a row costs an xor and two vpdpbusd per vector of weights against a sign
+extension, two vpmaddwd and two adds (K2's shapes, 2-core Xeon: see widen.py).
 Pure functions on arrays; imports nothing from hybrid/.
 """
 from __future__ import annotations
@@ -36,25 +36,24 @@ BLOCK = 128  # columns per activation scale and per exact int32 sum
 # 32); into L1 it gained less (an L1 miss buffer held for the DRAM latency), long rows neither way.
 PF_BLOCKS = 1
 VNNI = has_vnni()  # vpdpbusd over vnni_layout's bytes; else vpmaddwd over the int16 codes
-QMAX = 32639 if VNNI else 32767  # activation codes: with VNNI a code's high byte h must fit a signed byte
 CH = 2 * vector_lanes()  # columns per vector of weights with VNNI: 64 (zmm) or 32 (ymm)
 
 
 @njit(nogil=True, cache=True)
 def quantize_blocks(x, xq, xs):
     """x f32 [T, I] (I a multiple of BLOCK) -> xq int16 [T, I], xs f32 [T, I // BLOCK] with
-    x ~= xq * xs per block: xs = max |x| / QMAX (1 for an all-zero block), xq = round(x / xs)."""
+    x ~= xq * xs per block: xs = max |x| / 32767 (1 for an all-zero block), xq = round(x / xs)."""
     T, I = x.shape
     for t in range(T):
         for b in range(I // BLOCK):
             m = np.float32(0.0)
             for i in range(b * BLOCK, b * BLOCK + BLOCK):
                 m = max(m, abs(x[t, i]))
-            s = m / np.float32(QMAX) if m > 0 else np.float32(1.0)
+            s = m / np.float32(32767.0) if m > 0 else np.float32(1.0)
             xs[t, b] = s
             inv = np.float32(1.0) / s
             for i in range(b * BLOCK, b * BLOCK + BLOCK):
-                xq[t, i] = np.int16(min(np.float32(QMAX), max(np.float32(-QMAX), np.rint(x[t, i] * inv))))
+                xq[t, i] = np.int16(min(32767.0, max(-32767.0, np.rint(x[t, i] * inv))))
 
 
 @njit(nogil=True, cache=True)
@@ -76,9 +75,9 @@ def quantize_activations(x):
 @njit(nogil=True, cache=True)
 def vnni_layout(xq, xb, xc):
     """xq int16 [T, I] (quantize_blocks' codes) -> what the VNNI kernel reads: xb int8 [T, 2 I], per CH
-    columns their codes' high bytes h then low bytes l (a = 256 h + l, l in [-128, 127]); xc int32
-    [T, I // 4 // (BLOCK // CH)]: per block, int32 lane i's -128 * sum of the codes it multiplies (columns
-    4i..4i+3 of each CH in the block), where that lane's low-byte sum starts."""
+    columns their codes' high bytes h (signed) then low bytes l (a = 256 h + l, l in [0, 255], stored as
+    its bits); xc int32 [T, I // 4 // (BLOCK // CH)]: per block, int32 lane i's -128 * sum of the h it
+    multiplies (columns 4i..4i+3 of each CH in the block), where that lane's high-byte sum starts."""
     T, I = xq.shape
     lanes = CH // 4
     for t in range(T):
@@ -89,10 +88,10 @@ def vnni_layout(xq, xb, xc):
                     xc[t, base + i] = 0
             for j in range(CH):
                 a = np.int32(xq[t, c * CH + j])
-                h = (a + 128) >> 8
+                h = a >> 8
                 xb[t, 2 * CH * c + j] = h
-                xb[t, 2 * CH * c + CH + j] = a - 256 * h
-                xc[t, base + j // 4] -= 128 * a
+                xb[t, 2 * CH * c + CH + j] = np.int8(np.uint8(a - 256 * h))
+                xc[t, base + j // 4] -= 128 * h
 
 
 def make_rows_kernel(R: int):
@@ -151,21 +150,22 @@ def _madd_block(b, L, rows_at, xq, xc, blk, c0):
 
 
 def _vnni_block(b, L, rows_at, xq, xc, blk, c0):
-    """The same sums through vpdpbusd over vnni_layout's bytes: per row a high-byte and a low-byte
-    accumulator (the latter starting at the block's lane offsets), (high << 8) + low at the end."""
+    """The same sums through vpdpbusd over vnni_layout's bytes: per row a high-byte accumulator (codes
+    + 128 against h, starting at the block's lane offsets) and a low-byte one (l against the codes),
+    (high << 8) + low at the end."""
     VD, VC = ir.VectorType(I32, L // 2), ir.VectorType(I8, CH)
     dp = cgutils.get_or_insert_function(b.module, ir.FunctionType(VD, [VD] * 3), f"llvm.x86.avx512.vpdpbusd.{16 * L}")
     flip = ir.Constant(VC, [ir.Constant(I8, -128)] * CH)
     start = b.load(b.inttoptr(b.add(xc, b.mul(blk, ir.Constant(I64, CH))), VD.as_pointer()), align=1)  # CH/4 int32
-    hi, lo = [ir.Constant(VD, None)] * len(rows_at), [start] * len(rows_at)
+    hi, lo = [start] * len(rows_at), [ir.Constant(VD, None)] * len(rows_at)
     for j in range(BLOCK // CH):
         col = b.add(c0, ir.Constant(I64, j * CH))
         xh = b.load(b.inttoptr(b.add(xq, b.mul(col, ir.Constant(I64, 2))), VD.as_pointer()), align=1)
         xl = b.load(b.inttoptr(b.add(xq, b.add(b.mul(col, ir.Constant(I64, 2)), ir.Constant(I64, CH))),
                                VD.as_pointer()), align=1)
         for r, at in enumerate(rows_at):
-            wv = b.bitcast(b.xor(b.load(b.inttoptr(b.add(at, col), VC.as_pointer()), align=1), flip), VD)
-            hi[r] = b.call(dp, [hi[r], wv, xh])
-            lo[r] = b.call(dp, [lo[r], wv, xl])
+            wv = b.load(b.inttoptr(b.add(at, col), VC.as_pointer()), align=1)
+            hi[r] = b.call(dp, [hi[r], b.bitcast(b.xor(wv, flip), VD), xh])
+            lo[r] = b.call(dp, [lo[r], xl, b.bitcast(wv, VD)])
     eight = ir.Constant(VD, [ir.Constant(I32, 8)] * (L // 2))
     return [b.add(b.shl(h, eight), l_) for h, l_ in zip(hi, lo)]

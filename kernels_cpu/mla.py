@@ -238,8 +238,10 @@ def _write_rows(kv, nw, eps, cos, sin, main, spill, table, s0):
 
 
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
-def _decode(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt, kv, nw, eps):
-    # kv [T, L + R], nw [L], eps: the new rows to write first (_write_rows), or kv [0, *]: written already
+def decode_into(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt, kv, nw, eps):
+    """mla_decode's kernel for @njit callers, o f32 [T, H, V] written, with no checks: q contiguous,
+    table the sequence's first pages, nt threads (at most H / 4); kv [T, L + R], nw [L], eps: the new
+    rows to write first (_write_rows), or kv [0, *]: written already."""
     H, L, PG = q.shape[1], kvb.shape[2], main.shape[1]
     R = main.shape[2] - L
     if kv.shape[0]:
@@ -296,7 +298,7 @@ def mla_decode(q: np.ndarray, cos: np.ndarray, sin: np.ndarray, kvb: np.ndarray,
         raise ValueError(f"mla_decode: the new rows need kv fp32 [{T}, {W}] and norm fp32 [{L}], got kv {kv.dtype} "
                          f"{kv.shape}, norm {None if norm is None else (norm.dtype, norm.shape)}")
     o = np.empty((T, H, kvb.shape[1] - P), np.float32)
-    _decode(np.ascontiguousarray(q), np.ascontiguousarray(cos), np.ascontiguousarray(sin), kvb, main, spill, t, s0,
+    decode_into(np.ascontiguousarray(q), np.ascontiguousarray(cos), np.ascontiguousarray(sin), kvb, main, spill, t, s0,
             np.float32(scale), P, o, max(1, min(threads, H // 4)), np.ascontiguousarray(kv), np.ascontiguousarray(norm),
             np.float32(eps))
     return o

@@ -124,6 +124,17 @@ prefetch_l2_at = _prefetch_at(prefetch_l2)  # prefetch_l2 for @njit code
 prefetch_l1_at = _prefetch_at(prefetch_l1)  # prefetch_l1 for @njit code
 
 
+@intrinsic
+def cycles(typingctx):
+    """The CPU's cycle counter (rdtsc on x86) as an int64, for @njit code to split its time into parts
+    (their shares of a wall-clock time measured outside: no calibration)."""
+    def codegen(context, b, signature, args):
+        fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(I64, []), "llvm.readcyclecounter")
+        return b.call(fn, [])
+
+    return types.int64(), codegen
+
+
 def hsum(b: ir.IRBuilder, v):
     """<n x float> (n a power of 2) -> the float sum of its lanes, a pairwise tree of halves: log2(n)
     shuffles and adds."""

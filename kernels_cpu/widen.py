@@ -126,9 +126,12 @@ def _rows(x, xd, w, s, out, lo, hi):
 
 
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
-def _gemv(x, xd, w, s, out, nt):
-    # items = blocks of RB rows, handed out by workqueue.take (each thread streams its own contiguous share;
-    # one whose core is busy loses items to the rest). xd: filled here (see _rows), or [T, 0]
+def gemv_into(x, xd, w, s, out, nt):
+    """out f32 [T, O] = x @ W.T on nt threads (bf16_gemv's and the widening int8 path's kernel, for @njit
+    callers): w [O, I] bf16 bits or int8 codes, s their bf16 row scales or empty; xd f32 [T, I] scratch
+    for x deinterleaved where bf16dot.fits(I) and w is bf16, else [T, 0]. Items are blocks of RB rows
+    handed out by workqueue.take (each thread streams its own contiguous share; one whose core is busy
+    loses items to the rest)."""
     if xd.shape[1]:
         deinterleave(x, xd)
     O = w.shape[0]
@@ -152,8 +155,8 @@ def _pair_item(x, xd, w1, s1, out1, w2, s2, out2, it, n1):
 
 
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
-def _gemv_pair(x, xd, w1, s1, out1, w2, s2, out2, nt):
-    # _gemv over two weights in one queue
+def gemv_pair_into(x, xd, w1, s1, out1, w2, s2, out2, nt):
+    """gemv_into over two weights of one kind in one queue (gemv_pair's kernel)."""
     if xd.shape[1]:
         deinterleave(x, xd)
     n1 = (w1.shape[0] + RB - 1) // RB
@@ -190,7 +193,7 @@ def _swiglu(x, xd, wg, sg, wu, su, wd, sd, g, u, gd, out, nt):
     _silu_times(g, u)
     if gd.shape[1]:
         deinterleave(g, gd)
-    _gemv(g, gd, wd, sd, out, nt)
+    gemv_into(g, gd, wd, sd, out, nt)
 
 
 _i8x8, _i8x2, _i8x1 = make_rows_kernel(8), make_rows_kernel(2), make_rows_kernel(1)  # int8 rows x a token
@@ -222,8 +225,9 @@ def _rows_i8(xq, xs, xc, w, s, out, lo, hi, res):
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _gemv_i8(xq, xs, xc, w1, s1, out1, w2, s2, out2, nt):
-    # int8 rows of w1 then of w2 (w2 may be w1 with n2 = 0 items: one weight) against the quantised x
+def gemv_i8_into(xq, xs, xc, w1, s1, out1, w2, s2, out2, nt):
+    """int8 rows of w1 then of w2 (w2 may be w1 with out2 [T, 0]: one weight) against x quantised by
+    int8dot.quantize_activations (xq, xs, xc), on nt threads: int8_gemv's and gemv_pair's kernel."""
     n1 = (w1.shape[0] + RB - 1) // RB
     n = n1 + ((w2.shape[0] + RB - 1) // RB if out2.shape[1] else 0)
     queue = new_queue(nt)
@@ -242,10 +246,10 @@ def _gemv_i8(xq, xs, xc, w1, s1, out1, w2, s2, out2, nt):
 @njit(nogil=True, cache=True)
 def _swiglu_i8(xq, xs, xc, wg, sg, wu, su, wd, sd, g, u, out, nt):
     # _swiglu over int8 weights (I a multiple of BLOCK): gate and up, SiLU(g) * u quantised, down
-    _gemv_i8(xq, xs, xc, wg, sg, g, wu, su, u, nt)
+    gemv_i8_into(xq, xs, xc, wg, sg, g, wu, su, u, nt)
     _silu_times(g, u)
     hq, hs, hc = quantize_activations(g)
-    _gemv_i8(hq, hs, hc, wd, sd, out, wd, sd, out[:, :0], nt)
+    gemv_i8_into(hq, hs, hc, wd, sd, out, wd, sd, out[:, :0], nt)
 
 
 def _int8_fast(x: np.ndarray, *ws: np.ndarray) -> bool:
@@ -314,10 +318,10 @@ def gemv_pair(x: np.ndarray, w1: np.ndarray, s1: np.ndarray, w2: np.ndarray, s2:
     out1 = np.empty((x.shape[0], w1.shape[0]), np.float32)
     out2 = np.empty((x.shape[0], w2.shape[0]), np.float32)
     if _int8_fast(x, w1, w2):
-        _gemv_i8(*_quantized(x), w1, s1, out1, w2, s2, out2, get_num_threads())
+        gemv_i8_into(*_quantized(x), w1, s1, out1, w2, s2, out2, get_num_threads())
     else:
         x = np.ascontiguousarray(x)
-        _gemv_pair(x, _deinterleaved(x, w1), w1, s1, out1, w2, s2, out2, get_num_threads())
+        gemv_pair_into(x, _deinterleaved(x, w1), w1, s1, out1, w2, s2, out2, get_num_threads())
     return out1, out2
 
 
@@ -372,9 +376,9 @@ def _run(name: str, x: np.ndarray, w: np.ndarray, s: np.ndarray, out: np.ndarray
                          f"{out.shape}")  # the kernel writes without bounds checks
     x, w, s = np.ascontiguousarray(x), np.ascontiguousarray(w), np.ascontiguousarray(s)
     if _int8_fast(x, w):
-        _gemv_i8(*_quantized(x), w, s, out, w, s, out[:, :0], get_num_threads())
+        gemv_i8_into(*_quantized(x), w, s, out, w, s, out[:, :0], get_num_threads())
     elif concurrent_parallel_ok():
-        _gemv(x, _deinterleaved(x, w), w, s, out, get_num_threads())  # nt: get_num_threads() inside defeats cache
+        gemv_into(x, _deinterleaved(x, w), w, s, out, get_num_threads())  # nt: get_num_threads() inside defeats cache
     else:
         _gemv_serial(x, _deinterleaved(x, w), w, s, out)  # one core, but never a second parallel region beside the experts'
     return out

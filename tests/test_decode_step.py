@@ -327,7 +327,7 @@ def test_token_step_with_int8_weights_through_the_triton_gemv(tiny_path, monkeyp
     monkeypatch.setattr(int8_triton, "int8_gemv", lambda x, q, scale: (calls.append(x.shape[0]), gemv(x, q, scale))[1])
     monkeypatch.setattr(int8_mod, "pick_kernel", lambda dev, dt, rows: "triton" if rows == 1 else "plain")
     monkeypatch.setattr(linear_mod, "_int8_cpu", int8_mod.int8_linear)  # linear() as on CUDA: int8_linear decides
-    monkeypatch.setattr(linear_mod, "_fusable", lambda x, ws: None)  # and no fused CPU products (x is on CUDA there)
+    monkeypatch.setattr(linear_mod, "decode_weights", lambda x, ws: None)  # and no fused CPU products (x is on CUDA there)
     dec = StaticDecoder(stepped, cache, bucket_min=8, mode="token")
     got = teacher_forced(stepped, cache, toks, dec.step)
     n_int8 = sum(isinstance(w, tuple) for w in qw.values())

@@ -328,16 +328,14 @@ def test_int8_gemv_equals_the_scaled_int8_product(In):
 
 
 def _int16_blocks(x):
-    """int8dot.quantize_blocks, independently in numpy: per 128 columns xs = max |x| / QMAX in fp32,
-    xq = x * (1 / xs) rounded half to even, clipped to +-QMAX (32767; 32639 where VNNI splits each
-    code into two signed bytes)."""
-    from kernels_cpu.int8dot import BLOCK, QMAX, VNNI
+    """int8dot.quantize_blocks, independently in numpy: per 128 columns xs = max |x| / 32767 in fp32,
+    xq = x * (1 / xs) rounded half to even, clipped to +-32767."""
+    from kernels_cpu.int8dot import BLOCK
 
-    assert QMAX == (32639 if VNNI else 32767)
     xb = x.reshape(x.shape[0], -1, BLOCK)
     m = np.abs(xb).max(-1)
-    xs = np.where(m > 0, m / np.float32(QMAX), np.float32(1)).astype(np.float32)
-    xq = np.clip(np.rint(xb * (np.float32(1) / xs)[..., None]), -QMAX, QMAX)
+    xs = np.where(m > 0, m / np.float32(32767), np.float32(1)).astype(np.float32)
+    xq = np.clip(np.rint(xb * (np.float32(1) / xs)[..., None]), -32767, 32767)
     return xq, xs
 
 

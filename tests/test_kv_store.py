@@ -183,24 +183,40 @@ def test_host_tier_holds_most_of_the_sequence_with_identical_tokens(tiny_path):
 
 
 def test_fused_decode_attention_equals_the_separate_steps(tiny_path, monkeypatch):
-    """A CPU decode step's attention in one Numba call (PagedKVCache.decode_attention, kernels_cpu.mla)
-    gives the logits of the separate steps (write, then the gathered GEMMs of attend), across page
-    boundaries and with pages in the host tier; and it is what runs (its calls are counted)."""
+    """A CPU decode step's attention block in one Numba call (model/cpu_step.py, kernels_cpu.attn_step)
+    gives the logits of the MLA alone in one call (PagedKVCache.decode_attention, kernels_cpu.mla) bit
+    for bit, and both those of the separate steps (write, then the gathered GEMMs of attend), across page
+    boundaries and with pages in the host tier; and each is what runs (its calls are counted)."""
+    from hybrid.model import cpu_step
     from hybrid.model.paged import PagedKVCache
 
     prompt, greedy = list(range(20, 120)), (lambda out: lambda lg: (out.append(lg.clone()), int(lg.argmax()))[1])
-    fused, calls, real = [], [], PagedKVCache.decode_attention
-    monkeypatch.setattr(PagedKVCache, "decode_attention", lambda *a: (calls.append(1), real(*a))[1])
-    eng = _engine(tiny_path, KVSizes(P, 2, 8), 512)
-    toks = [s.token for s in eng.generate(prompt, 90, sampler=greedy(fused))]
-    assert eng.stats()["kv"]["spilled_now"] >= 1 and len(calls) >= 89 * 3
-    eng.close()
+
+    def run(calls_of: str) -> tuple[list[int], list[torch.Tensor], int]:
+        logits, calls = [], []
+        real = getattr(PagedKVCache, calls_of)
+        monkeypatch.setattr(PagedKVCache, calls_of, lambda *a: (calls.append(1), real(*a))[1])
+        eng = _engine(tiny_path, KVSizes(P, 2, 8), 512)
+        toks = [s.token for s in eng.generate(prompt, 90, sampler=greedy(logits))]
+        assert eng.stats()["kv"]["spilled_now"] >= 1
+        eng.close()
+        monkeypatch.setattr(PagedKVCache, calls_of, real)
+        return toks, logits, len(calls)
+
+    blocks = []
+    monkeypatch.setattr(cpu_step, "attention", lambda *a, real=cpu_step.attention: (blocks.append(1), real(*a))[1])
+    toks, block, n = run("step_pages")
+    assert n >= 89 * 3 and len(blocks) == n  # every decode step's attention went through the one-call block
+    monkeypatch.setattr(cpu_step, "attention", lambda *a: None)
+    toks_mla, mla, n = run("decode_attention")
+    assert n >= 89 * 3 and toks_mla == toks
+    assert all(torch.equal(a, b) for a, b in zip(block, mla))
     monkeypatch.setattr(PagedKVCache, "decode_attention", lambda *a: None)
     separate = []
     eng = _engine(tiny_path, KVSizes(P, 2, 8), 512)
     assert [s.token for s in eng.generate(prompt, 90, sampler=greedy(separate))] == toks
     eng.close()
-    for a, b in zip(fused, separate):
+    for a, b in zip(block, separate):
         assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max())
 
 

@@ -46,3 +46,55 @@ def test_route_chooses_and_weighs_as_torch_does(norm):
         assert not (set(ids[0]) == set(np.argsort(-logits[0])[:k]) and E > k)  # the bias changed the choice
     with pytest.raises(ValueError, match="1 <= k <= E"):
         step_ops.route(logits, bias, E + 1, norm, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_attention_step_equals_the_separate_kernels(kind):
+    """kernels_cpu.attn_step.attention_step, a decode step's attention block in one call, returns what the
+    separate public kernels give in the same order (RMSNorm, gemv_pair over q_a and kv_a, RMSNorm, q_b,
+    mla_decode writing the new rows, o_proj, the residual, RMSNorm), bit for bit, and writes the same
+    pages: bf16 weights or int8 codes with bf16 row scales (input widths that are whole int8 blocks and
+    one that is not), 1-3 tokens, a page in the host tier. Its cycle stamps rise."""
+    from kernels_cpu.attn_step import PARTS, attention_step
+    from kernels_cpu.mla import mla_decode
+    from kernels_cpu.widen import bf16_gemv, gemv_pair, int8_gemv
+
+    rng = np.random.default_rng(3)
+    H, P, R, L, V, PG, D, Q = 8, 16, 8, 64, 16, 4, 256, 96  # Q: not a whole int8 block (128)
+
+    def bits(a):
+        return (a.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+    def weight(o, i):
+        w = rng.standard_normal((o, i)) / np.sqrt(i)
+        if kind == "bf16":
+            return bits(w), np.empty(0, np.uint16)
+        return rng.integers(-127, 128, (o, i), dtype=np.int8), bits(rng.uniform(0.5, 1.5, o) / 127 / np.sqrt(i))
+
+    def linear(x, w, s):
+        return bf16_gemv(x, w) if kind == "bf16" else int8_gemv(x, w, s)
+
+    norms = tuple(rng.uniform(0.5, 1.5, n).astype(np.float32) for n in (D, Q, L, D))
+    eps = (np.float32(1e-5), np.float32(1e-6))
+    (wa, sa), (wk, sk), (wb, sb), (wo, so) = weight(Q, D), weight(L + R, D), weight(H * (P + R), Q), weight(D, H * V)
+    kvb = bits(rng.standard_normal((H, P + V, L)) / 4)
+    for T, s0 in ((1, 6), (3, 9), (2, 0)):
+        main, spill = bits(rng.standard_normal((6, PG, L + R))), bits(rng.standard_normal((2, PG, L + R)))
+        table = np.array([4, -2, 0, 5, 1], np.int32)  # the second page in the host tier
+        h = rng.standard_normal((T, D)).astype(np.float32)
+        ang = rng.uniform(0, 6, (T, R // 2)).astype(np.float32)
+        cos, sin = np.cos(ang), np.sin(ang)
+        pools = (main.copy(), spill.copy())
+        x = step_ops.rms_norm(h, norms[0], eps[0])
+        qa, kv = gemv_pair(x, wa, sa, wk, sk)
+        q = linear(step_ops.rms_norm(qa, norms[1], eps[1]), wb, sb).reshape(T, H, P + R)
+        o = mla_decode(q, cos, sin, kvb, *pools, table, s0, 0.3, 2, kv, norms[2], eps[1])
+        h_want = h + linear(o.reshape(T, H * V), wo, so)
+        x_want = step_ops.rms_norm(h_want, norms[3], eps[0])
+        clock = np.zeros(PARTS, np.int64)
+        h_got, x_got = attention_step(h, norms, eps, (wa, sa, wk, sk, wb, sb, wo, so), kvb, main, spill, table, s0,
+                                      cos, sin, np.float32(0.3), 2, 2, clock)
+        np.testing.assert_array_equal(h_got, h_want)
+        np.testing.assert_array_equal(x_got, x_want)
+        assert (main == pools[0]).all() and (spill == pools[1]).all()  # the same new rows, in the same pages
+        assert (np.diff(clock) >= 0).all() and clock[-1] > clock[0]

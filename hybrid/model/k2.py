@@ -19,6 +19,7 @@ from kernels_gpu.mla import chunked_prefill_attention, mla_decode, prefill_atten
 
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.experts.backend import ExpertBackend
+from hybrid.model import cpu_step
 from hybrid.model.linear import Weight, absorbed_attention, as_dtype, fp32_linear, linear, linear_pair, prompt_math
 from hybrid.model.linear import swiglu as mlp_product
 from hybrid.model.paged import PagedKVCache
@@ -151,6 +152,7 @@ class Model:
         self.times = Timers()  # seconds by part, for the bench's split
         self.defer_experts = defer_experts  # experts per token whose output is added one MoE layer late (0 = exact)
         self.prompt_math = "fp32"  # the math of prompt products on a CPU (linear.prompt_math); the engine sets it
+        self.cpu_steps: dict[int, Any] = {}  # per layer: model/cpu_step.py's arguments, built on first use
         self._deferred: Any = None
 
     def new_cache(self, max_len: int) -> KVCache:
@@ -206,6 +208,9 @@ class Model:
                         sin: torch.Tensor, mode: AttnMode, span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i up to its MLP: h [T, D] -> (h + attention(input_layernorm(h)), the MLP's input x
         [T, D], the post_attention_layernorm of that sum). s0, mode, span: as attention() takes them."""
+        if mode == "absorbed" and span is None and not isinstance(s0, torch.Tensor):  # a CPU decode step: one call
+            if (fused := cpu_step.attention(self, i, h, cache, s0, cos, sin, LATENT_NORM_EPS)) is not None:
+                return fused
         layer, eps = self.weights.layers[i], self.cfg.rms_norm_eps
         h = h + self.attention(i, rms_norm(h, layer.input_layernorm, eps), cache, s0, cos, sin, mode, span)
         return h, rms_norm(h, layer.post_attention_layernorm, eps)

@@ -107,7 +107,7 @@ def _bf16_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.T
 def linear_pair(x: torch.Tensor, w1: Weight, w2: Weight) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(x, w1), linear(x, w2)): for a decode step on the CPU one Numba call over both weights
     (kernels_cpu.widen.gemv_pair: one parallel region, one trip through Python), else two linears."""
-    if (args := _fusable(x, (w1, w2))) is not None:
+    if (args := decode_weights(x, (w1, w2))) is not None:
         y1, y2 = gemv_pair(x.reshape(-1, x.shape[-1]).contiguous().numpy(), *args[0], *args[1])
         return (torch.from_numpy(y1).view(*x.shape[:-1], -1), torch.from_numpy(y2).view(*x.shape[:-1], -1))
     return linear(x, w1), linear(x, w2)
@@ -116,7 +116,7 @@ def linear_pair(x: torch.Tensor, w1: Weight, w2: Weight) -> tuple[torch.Tensor, 
 def swiglu(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
     """A SwiGLU MLP, down(SiLU(gate x) * up x): for a decode step on the CPU one Numba call
     (kernels_cpu.widen.swiglu_gemv), else three linears."""
-    if (args := _fusable(x, (gate, up, down))) is not None:
+    if (args := decode_weights(x, (gate, up, down))) is not None:
         (wg, sg), (wu, su), (wd, sd) = args
         if wd.shape[1] == wg.shape[0] and wg.shape == wu.shape:
             y = swiglu_gemv(x.reshape(-1, x.shape[-1]).contiguous().numpy(), wg, sg, wu, su, wd, sd)
@@ -124,7 +124,7 @@ def swiglu(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Ten
     return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
-def _fusable(x: torch.Tensor, ws: tuple[Weight, ...]) -> list[tuple[np.ndarray, np.ndarray]] | None:
+def decode_weights(x: torch.Tensor, ws: tuple[Weight, ...]) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """The (weight, scales) arrays the fused Numba kernels read, when x is a decode step's fp32 rows on
     the CPU and every weight is held the same way (bf16, or int8 with bf16 row scales) and contiguous;
     else None (the caller falls back to linear)."""

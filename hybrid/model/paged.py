@@ -257,22 +257,33 @@ class PagedKVCache:
         written from kv_a_proj's output kv [T, L + R] (the latent RMSNorm'd with norm and eps, the key's
         rope part rotated: what write stores), then q_b_proj's output q [T, H, P + R] roped, absorbed
         through kv_b_heads [H, P + V, L] and attended over positions 0..s0+T-1 -> o [T, H, V]. None,
-        with nothing written, where it does not apply (not a CPU computing in fp32, too many tokens or
-        positions, heads not a multiple of 4, a second parallel region not allowed): the caller then
-        takes the separate steps (write, attend)."""
+        with nothing written, where it does not apply (see step_pages; q, kv or norm not fp32): the
+        caller then takes the separate steps (write, attend)."""
+        if q.dtype != torch.float32 or kv.dtype != torch.float32 or norm.dtype != torch.float32:
+            return None
+        pages = self.step_pages(i, s0, q.shape[0], kv_b_heads)
+        if pages is None:
+            return None
+        return torch.from_numpy(cpu_mla_decode(q.numpy(), cos.numpy(), sin.numpy(), _as_numpy(kv_b_heads), *pages, s0,
+                                               scale, numba.get_num_threads(), kv.numpy(), norm.numpy(), eps))
+
+    def step_pages(self, i: int, s0: int, T: int, kv_b_heads: torch.Tensor
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Layer i's pools as numpy (main, spill: a one-page dummy without a host tier) and the page table,
+        for T new tokens at s0 attended in one Numba call over kv_b_heads [H, P + V, L] (kernels_cpu.mla,
+        kernels_cpu.attn_step), with the cache bytes that call reads counted. None where that does not
+        apply: not a CPU computing in fp32, too many tokens or positions, heads not a multiple of 4,
+        kv_b_heads neither fp32 nor bf16 or not contiguous, a second parallel region not allowed."""
         main = self.store.main.data
-        T, S = q.shape[0], s0 + q.shape[0]
-        if main.device.type != "cpu" or self.compute_dtype != torch.float32 or q.dtype != torch.float32 \
-                or q.shape[1] % 4 or T > MLA_MAX_TOKENS or S > MLA_MAX_POSITIONS or not concurrent_parallel_ok() \
-                or kv_b_heads.dtype not in (torch.float32, torch.bfloat16) or not kv_b_heads.is_contiguous() \
-                or kv.dtype != torch.float32 or norm.dtype != torch.float32:
+        S = s0 + T
+        if main.device.type != "cpu" or self.compute_dtype != torch.float32 or kv_b_heads.shape[0] % 4 \
+                or T > MLA_MAX_TOKENS or S > MLA_MAX_POSITIONS or not concurrent_parallel_ok() \
+                or kv_b_heads.dtype not in (torch.float32, torch.bfloat16) or not kv_b_heads.is_contiguous():
             return None
         self.bytes_read += S * main.shape[-1] * main.element_size()
         pool = _as_numpy(main[i])
         spill = _as_numpy(self.store.spill.data[i]) if self.store.spill is not None else pool[:1]
-        kvb = _as_numpy(kv_b_heads)
-        return torch.from_numpy(cpu_mla_decode(q.numpy(), cos.numpy(), sin.numpy(), kvb, pool, spill, self.table, s0,
-                                               scale, numba.get_num_threads(), kv.numpy(), norm.numpy(), eps))
+        return pool, spill, self.table
 
     def _attend_cpu(self, i: int, S: int, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float,
                     offset: int) -> torch.Tensor:
