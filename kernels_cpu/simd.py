@@ -27,7 +27,9 @@ as two signed bytes: lane = (sum(nibble * h) << 8) + sum(nibble * l), exact. The
 activations are then h of the even columns, h of the odd ones, l of the even, l of the odd (byte j
 of each = column 2j, resp. 2j + 1), and codes stop at 32639 so that h fits a byte (actq.QMAX).
 One K2 MoE layer, 2-core Xeon: prefill at 64 tokens per expert 166-183 -> 202-223 GFLOP/s; decode,
-bandwidth-bound, about the same.
+bandwidth-bound, about the same. Where the CPU also has GFNI, the high nibbles come out of one
+vgf2p8affineqb instead of a shift and a mask: 8 rows from L2 34.7-38.6 -> 39.1-39.9 GB/s on a core, a
+K2 MoE layer's decode from RAM 26.1-26.2 -> 26.4 GB/s (2 threads, two rounds).
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ def host_features() -> dict[str, bool]:
     else:
         on = {k for k, v in llvm_binding.get_host_cpu_features().items() if v}
     return {k: k in on for k in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni",
-                                 "amx-tile", "amx-int8", "amx-bf16")}
+                                 "amx-tile", "amx-int8", "amx-bf16", "gfni")}
 
 
 def host_has_avx2() -> bool:
@@ -135,6 +137,12 @@ def cycles(typingctx):
     return types.int64(), codegen
 
 
+# vgf2p8affineqb's bit matrix for (byte >> 4) & 15: output bit i (i < 4) is input bit i + 4, the rest 0 (the
+# matrix's byte 7 - i selects the input bits of output bit i). GFNI: Ice Lake, Sapphire Rapids, Zen 4 on.
+_HIGH_NIBBLE = {L: ir.Constant(ir.VectorType(I64, L // 4), [ir.Constant(I64, 0x1020408000000000)] * (L // 4))
+                for L in (16, 32)}
+
+
 def hsum(b: ir.IRBuilder, v):
     """<n x float> (n a power of 2) -> the float sum of its lanes, a pairwise tree of halves: log2(n)
     shuffles and adds."""
@@ -205,6 +213,12 @@ class _Emitter:
         (byte j = column 2j, resp. 2j + 1).
         """
         b = self.b
+        if self.vnni and host_features()["gfni"]:  # the high nibbles in one instruction instead of two
+            VB = ir.VectorType(I8, 2 * self.L)
+            fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(VB, [VB, VB, I8]),
+                                                f"llvm.x86.vgf2p8affineqb.{16 * self.L}")
+            hi = b.call(fn, [b.bitcast(wv, VB), b.bitcast(_HIGH_NIBBLE[self.L], VB), ir.Constant(I8, 0)])
+            return [b.bitcast(b.and_(wv, self.m0f), self.VD), b.bitcast(hi, self.VD)]
         if self.vnni:
             return [b.bitcast(b.and_(wv if k == 0 else b.lshr(wv, _splat(self.VW, 4)), self.m0f), self.VD)
                     for k in range(2)]
