@@ -38,11 +38,13 @@ def pair_into(x, w1, s1, out1, w2, s2, out2, nt):
     raise NotImplementedError
 
 
-def _deinterleave_buffer(x):
+def deinterleave_buffer(x):
+    """For @njit code: the buffer widen's bf16 GEMVs fill with x (f32 [T, I]) as bf16dot.row_dot reads it, or
+    an empty [T, 0] where I is not whole steps of its columns (then the rows are read the other way)."""
     raise NotImplementedError
 
 
-@overload(_deinterleave_buffer)
+@overload(deinterleave_buffer)
 def _deinterleave_buffer_impl(x):
     def impl(x):  # where bf16dot.row_dot reads the rows (widen._deinterleaved)
         return np.empty(x.shape if x.shape[1] % PAIR == 0 else (x.shape[0], 0), np.float32)
@@ -61,7 +63,7 @@ def _linear_into_impl(x, w, s, out, nt):
         return int8
 
     def bf16(x, w, s, out, nt):
-        gemv_into(x, _deinterleave_buffer(x), w, s, out, nt)
+        gemv_into(x, deinterleave_buffer(x), w, s, out, nt)
     return bf16
 
 
@@ -77,7 +79,7 @@ def _pair_into_impl(x, w1, s1, out1, w2, s2, out2, nt):
         return int8
 
     def bf16(x, w1, s1, out1, w2, s2, out2, nt):
-        gemv_pair_into(x, _deinterleave_buffer(x), w1, s1, out1, w2, s2, out2, nt)
+        gemv_pair_into(x, deinterleave_buffer(x), w1, s1, out1, w2, s2, out2, nt)
     return bf16
 
 

@@ -227,7 +227,7 @@ def _block(w, sc, din, xa, dg, xs, toks, n, bufs, b0, b1, bt, dgb, cfg, xp, dgp,
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _moe(x, ids, wts, base, loc, D, I, out, nt, amx_min, cfg, panel_min):
+def moe_into(x, ids, wts, base, loc, D, I, out, nt, amx_min, cfg, panel_min):
     # x f32 [T, D], ids int64 [T, K], wts f32 [T, K], base int64 [arenas], loc int64 [E, 6, 2]
     # amx_min: slots with this many tokens or more go through the tile kernel (cfg: its tile config);
     # panel_min: the same for the panel kernel, checked first
@@ -330,7 +330,13 @@ def moe_forward(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, table: Expe
         return out
     base, _ = table.arena_addresses()
     # nt passed in: get_num_threads() inside a parallel function defeats cache=True
-    amx_min = AMX_MIN_TOKENS if amx.available() else x.shape[0] + 1
-    panel_min = PANEL_MIN_TOKENS if PANEL_MIN_TOKENS is not None else x.shape[0] + 1
-    _moe(x, ids, weights, base, table.loc, D, I, out, get_num_threads(), amx_min, _TILE_CFG, panel_min)
+    moe_into(x, ids, weights, base, table.loc, D, I, out, get_num_threads(), *kernel_options(x.shape[0]))
     return out
+
+
+def kernel_options(tokens: int) -> tuple[int, np.ndarray, int]:
+    """(amx_min, tile config, panel_min): what moe_into takes after nt for a call of `tokens` tokens on
+    this CPU (a threshold past the call's tokens where the CPU lacks that kernel)."""
+    amx_min = AMX_MIN_TOKENS if amx.available() else tokens + 1
+    panel_min = PANEL_MIN_TOKENS if PANEL_MIN_TOKENS is not None else tokens + 1
+    return amx_min, _TILE_CFG, panel_min

@@ -41,7 +41,7 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 
 @njit(nogil=True, cache=True)
-def _route(logits, bias, K, norm, factor, ids, weights):
+def route_into(logits, bias, K, norm, factor, ids, weights):
     # per row: sigmoid scores; the K largest of scores + bias, largest first (the first index on a
     # tie); their scores, normalised to sum 1 (norm), times factor
     T, E = logits.shape
@@ -80,5 +80,5 @@ def route(logits: np.ndarray, bias: np.ndarray, k: int, norm: bool, factor: floa
                          f"logits {logits.dtype} {logits.shape}, bias {bias.dtype} {bias.shape}, k {k}")
     ids = np.empty((logits.shape[0], k), np.int64)
     weights = np.empty((logits.shape[0], k), np.float32)
-    _route(np.ascontiguousarray(logits), np.ascontiguousarray(bias), k, norm, np.float32(factor), ids, weights)
+    route_into(np.ascontiguousarray(logits), np.ascontiguousarray(bias), k, norm, np.float32(factor), ids, weights)
     return ids, weights

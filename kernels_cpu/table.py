@@ -6,6 +6,7 @@ The buffers are np.memmap views of checkpoint shards or RAM-cache arenas; the ta
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,9 +74,10 @@ class ExpertTable:
         return np.array([r * c * s for (r, c), s in part_shapes(self.hidden, self.inter, self.group)],
                         dtype=np.int64)
 
-    @property
+    @functools.cached_property
     def expert_nbytes(self) -> int:
-        return int(self.part_nbytes.sum())
+        """Bytes of one expert's six parts (asked once per MoE layer call: kept)."""
+        return sum(r * c * s for (r, c), s in part_shapes(self.hidden, self.inter, self.group))
 
     def arena_addresses(self) -> tuple[np.ndarray, np.ndarray]:
         """(int64 base address, int64 length) per arena, for the kernels."""

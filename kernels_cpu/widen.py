@@ -178,7 +178,7 @@ def _silu_times(g, u):
 
 
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
-def _swiglu(x, xd, wg, sg, wu, su, wd, sd, g, u, gd, out, nt):
+def swiglu_into(x, xd, wg, sg, wu, su, wd, sd, g, u, gd, out, nt):
     # out = (SiLU(x @ wg.T) * (x @ wu.T)) @ wd.T; g, u f32 [T, I] scratch, gd g's deinterleaved copy
     # (or [T, 0], as xd: see _rows). Two parallel regions, no Python between them.
     if xd.shape[1]:
@@ -244,8 +244,8 @@ def gemv_i8_into(xq, xs, xc, w1, s1, out1, w2, s2, out2, nt):
 
 
 @njit(nogil=True, cache=True)
-def _swiglu_i8(xq, xs, xc, wg, sg, wu, su, wd, sd, g, u, out, nt):
-    # _swiglu over int8 weights (I a multiple of BLOCK): gate and up, SiLU(g) * u quantised, down
+def swiglu_i8_into(xq, xs, xc, wg, sg, wu, su, wd, sd, g, u, out, nt):
+    # swiglu_into over int8 weights (I a multiple of BLOCK): gate and up, SiLU(g) * u quantised, down
     gemv_i8_into(xq, xs, xc, wg, sg, g, wu, su, u, nt)
     _silu_times(g, u)
     hq, hs, hc = quantize_activations(g)
@@ -339,10 +339,10 @@ def swiglu_gemv(x: np.ndarray, wg: np.ndarray, sg: np.ndarray, wu: np.ndarray, s
     g, u = np.empty((T, I), np.float32), np.empty((T, I), np.float32)
     out = np.empty((T, wd.shape[0]), np.float32)
     if _int8_fast(x, wg, wu) and I % BLOCK == 0:
-        _swiglu_i8(*_quantized(x), wg, sg, wu, su, wd, sd, g, u, out, get_num_threads())
+        swiglu_i8_into(*_quantized(x), wg, sg, wu, su, wd, sd, g, u, out, get_num_threads())
     else:
         x = np.ascontiguousarray(x)
-        _swiglu(x, _deinterleaved(x, wg), wg, sg, wu, su, wd, sd, g, u, _deinterleaved(g, wd), out, get_num_threads())
+        swiglu_into(x, _deinterleaved(x, wg), wg, sg, wu, su, wd, sd, g, u, _deinterleaved(g, wd), out, get_num_threads())
     return out
 
 

@@ -1,10 +1,12 @@
-"""kernels_cpu/step_ops.py, a CPU decode step's RMSNorm and router choice, against torch's forms."""
+"""kernels_cpu/step_ops.py, a CPU decode step's RMSNorm and router choice, against torch's forms; the one-call
+attention block and MLP half (attn_step.py, moe_step.py) against the separate steps."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
+from hybrid.checkpoint.config import ModelConfig
 from kernels_cpu import step_ops
 
 
@@ -98,3 +100,40 @@ def test_attention_step_equals_the_separate_kernels(kind):
         np.testing.assert_array_equal(x_got, x_want)
         assert (main == pools[0]).all() and (spill == pools[1]).all()  # the same new rows, in the same pages
         assert (np.diff(clock) >= 0).all() and clock[-1] > clock[0]
+
+
+@pytest.mark.parametrize("precision", ["auto", "int8"])
+def test_fused_mlp_steps_equal_the_separate_steps(tiny_path, monkeypatch, precision):
+    """A CPU decode step's MLP half in one Numba call (model/cpu_step.py's moe and dense, kernels_cpu.moe_step)
+    gives the logits of the separate steps (the router, the backend's submit and wait, the shared expert,
+    the sums) bit for bit, with bf16 and with int8 non-expert weights; every decode step's MoE and dense
+    layers go through it; and the backend counts those calls as its own (expert bytes, routing counts)."""
+    import hybrid
+    from hybrid.model import cpu_step
+
+    def run() -> tuple[list[int], list[torch.Tensor], dict, dict]:
+        logits: list[torch.Tensor] = []
+        eng = hybrid.load(tiny_path, device="cpu", context=128, gpu_precision=precision)
+        toks = [s.token for s in eng.generate(list(range(20, 60)), 12,
+                                              sampler=lambda lg: (logits.append(lg.clone()), int(lg.argmax()))[1])]
+        stats, counts = eng.stats(), {i: c.copy() for i, c in eng.model.experts.route_counts.items()}
+        eng.close()
+        return toks, logits, stats, counts
+
+    taken: dict[str, list[bool]] = {"moe": [], "dense": []}
+    for name, seen in taken.items():
+        real = getattr(cpu_step, name)
+        monkeypatch.setattr(cpu_step, name, lambda *a, real=real, seen=seen:
+                            (lambda v: (seen.append(v is not None), v)[1])(real(*a)))
+    toks, logits, stats, counts = run()
+    c = ModelConfig.from_file(tiny_path)
+    steps, n_moe = len(logits) - 1, len(c.moe_layers)
+    assert steps >= 8 and taken["moe"].count(True) == steps * n_moe
+    assert taken["dense"].count(True) == steps * (c.num_hidden_layers - n_moe) > 0
+    monkeypatch.setattr(cpu_step, "moe", lambda *a: None)
+    monkeypatch.setattr(cpu_step, "dense", lambda *a: None)
+    toks_apart, apart, stats_apart, counts_apart = run()
+    assert toks_apart == toks and len(apart) == len(logits)
+    assert all(torch.equal(a, b) for a, b in zip(logits, apart))
+    assert stats["expert_bytes"] == stats_apart["expert_bytes"] > 0 and stats["experts_compute_s"] > 0
+    assert counts.keys() == counts_apart.keys() and all((counts[i] == counts_apart[i]).all() for i in counts)

@@ -69,6 +69,21 @@ class ExpertBackend(ABC):
         out.fill(0.0)
         return y
 
+    # ---- a CPU decode step in one call (hybrid.model.cpu_step) -------------------------------
+    def decode_table(self, layer: int, tokens: int) -> tuple[Any, int, np.ndarray] | None:
+        """(layer's kernels_cpu.table.ExpertTable, threads, counts) where submit and wait for `tokens`
+        tokens on the CPU would do nothing but kernels_cpu.moe.moe_forward over that table, on the
+        caller's thread with that many threads, and count the routing: the caller may then run the same
+        kernel inside its own Numba call, adding one to counts (int64 [E], route_counts[layer]) for each
+        (token, expert) pair of non-zero weight, and must report the call with record_decode. None (the
+        default) where the backend does more or other."""
+        return None
+
+    def record_decode(self, layer: int, tokens: int, experts: int, seconds: float) -> None:
+        """Count a call that decode_table let the caller run as submit and wait would have counted it:
+        `tokens` tokens, `experts` distinct experts computed, `seconds` of kernel time."""
+        raise NotImplementedError(f"{type(self).__name__} hands out no decode tables")
+
     # ---- prefetch: the next layer's router guesses what to load ------------------------------
     @property
     def prefetch_width(self) -> int:

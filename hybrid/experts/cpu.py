@@ -93,6 +93,23 @@ class CpuExperts:
                     pass
         self._unasked = []
 
+    def decode_table(self, layer: int) -> tuple[ExpertTable, int] | None:
+        """(layer's table, the kernels' thread count) where a call is moe_forward over mmap'd tables on the
+        caller's thread (on_caller, no RAM cache), which a caller may then run itself; else None."""
+        if self.cache is not None or not self.on_caller:
+            return None
+        threads = min(self._threads, numba.config.NUMBA_NUM_THREADS) if self._threads else numba.get_num_threads()
+        return self.tables[layer], threads
+
+    def count(self, layer: int, tokens: int, experts: int, seconds: float) -> None:
+        """Add a kernel call over `tokens` tokens and `experts` distinct experts that took `seconds` (one a
+        caller ran over decode_table's table) to the counters, as submit and _kernel count theirs."""
+        self.compute_s += seconds
+        if tokens > 1:
+            self.prefill_tokens += tokens
+            self.prefill_s += seconds
+        self.expert_bytes += experts * self.tables[layer].expert_nbytes
+
     @staticmethod
     def done_zeros(xn: np.ndarray) -> Future:
         """A finished Future of zeros shaped like xn: the CPU's share when another side computed it all."""

@@ -38,6 +38,12 @@ class RoutingLog:
                "weights": np.round(w, 5).tolist(), "predicted": predicted}
         self.trace.write(json.dumps(rec) + "\n")
 
+    def counted(self, layer: int, tokens: int) -> None:
+        """A layer call of `tokens` tokens whose pairs the caller added to counts[layer] itself (only
+        without a trace: ExpertBackend.decode_table)."""
+        if layer == self._first:
+            self._token += tokens
+
     def close(self) -> None:
         if self.trace is not None:
             self.trace.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,6 +92,18 @@ class Scheduler(ExpertBackend):
         np.copyto(out, fut.result())
         self.wait_s += time.perf_counter() - t0
         return y_gpu
+
+    def decode_table(self, layer: int, tokens: int) -> tuple[Any, int, np.ndarray] | None:
+        """The CPU worker's table where nothing else takes part: no prefetch, no hot set for the layer,
+        no long-prompt upload that could take the call, no routing trace to write."""
+        if self.prefetcher is not None or self.hot_experts.sets.get(layer) or self.routing.trace is not None \
+                or (self.upload is not None and tokens > 1) or (got := self.cpu.decode_table(layer)) is None:
+            return None
+        return (*got, self.routing.counts[layer])
+
+    def record_decode(self, layer: int, tokens: int, experts: int, seconds: float) -> None:
+        self.routing.counted(layer, tokens)
+        self.cpu.count(layer, tokens, experts, seconds)
 
     def close(self) -> None:
         self.cpu.close()  # the worker first: it reads the cache's slots

@@ -1,10 +1,13 @@
-"""A CPU decode step's attention block in one Numba call (kernels_cpu.attn_step), where it applies.
+"""A CPU decode step's layer in two Numba calls, where they apply: the attention block (kernels_cpu.attn_step)
+and the MLP half with its residual (kernels_cpu.moe_step: an MoE layer's router, shared and routed
+experts, or a dense layer's SwiGLU).
 
 Owns the choice (the GPU side on the CPU in fp32, a decode step's few tokens, the paged cache's one-call
-MLA, the attention's linears all bf16 or all int8 held as widen's GEMVs read them), the per-layer
-arguments (numpy views of the weights, built once) and the split of the call's wall time between the
-attention projections and the rest, for the bench's account. The result is Model.attention_block's,
-bit for bit: the same kernels in the same order.
+MLA, the linears all bf16 or all int8 held as widen's GEMVs read them, the router's weight in bf16, an
+expert backend that hands out its table: ExpertBackend.decode_table), the per-layer arguments (numpy
+views of the weights, built once) and the split of each call's wall time between the bench's account's
+parts. The results are Model.attention_block's and Model.moe's (plus the residual), bit for bit: the
+same kernels in the same order.
 """
 from __future__ import annotations
 
@@ -17,10 +20,13 @@ import torch
 
 from kernels_cpu.attn_step import PARTS, attention_step
 from kernels_cpu.mla import MAX_TOKENS as MLA_MAX_TOKENS
+from kernels_cpu.moe import kernel_options
+from kernels_cpu.moe_step import PARTS as MOE_PARTS
+from kernels_cpu.moe_step import mlp_step, moe_step
 from kernels_cpu.simd import host_has_avx2
 from kernels_cpu.widen import MAX_ROWS
 
-from hybrid.model.linear import decode_weights
+from hybrid.model.linear import bf16_bits, decode_weights
 
 _PROJECTIONS = (1, 3, 5)  # attention_step's steps that are products: q_a with kv_a, q_b, o_proj
 
@@ -70,3 +76,77 @@ def _layer_args(model: Any, i: int, h: torch.Tensor, latent_eps: float) -> tuple
     proj = tuple(arr for pair in ws for arr in pair)
     eps = (np.float32(model.cfg.rms_norm_eps), np.float32(latent_eps))
     return (tuple(n.numpy() for n in norms), eps, proj, kvb, kvb_t, np.float32(model.cfg.softmax_scale))
+
+
+def moe(model: Any, i: int, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """h + Model.moe(i, x) in one call, for MoE layer i of model; its parts' times added to model.times
+    (router, shared, experts_wait) and the experts' call reported to the backend (record_decode); None
+    where it does not apply (the caller takes the separate steps)."""
+    T = x.shape[0]
+    if not _decode_rows(x) or model.defer_experts or (got := model.experts.decode_table(i, T)) is None:
+        return None
+    table, ent, counts = got
+    args = model.cpu_steps.get(("moe", i))
+    if args is None or args[0] is not table:  # per table: the weights, a clock, moe_into's options per T
+        args = model.cpu_steps[("moe", i)] = (table, _moe_args(model, i, x, table), np.empty(MOE_PARTS, np.int64), {})
+    table, weights, clock, options = args
+    if weights is None:
+        return None
+    router, bias, route, shared, base = weights
+    if (experts := options.get(T)) is None:
+        experts = options[T] = (base, table.loc, table.hidden, table.inter, *kernel_options(T))
+    t0 = time.perf_counter()
+    h2, distinct = moe_step(np.ascontiguousarray(h.numpy()), np.ascontiguousarray(x.numpy()), router, bias, route,
+                            shared, experts, counts, numba.get_num_threads(), ent, clock)
+    wall = time.perf_counter() - t0
+    c = clock.tolist()  # Python numbers: each NumPy call costs tens of us with the caches cold
+    per_cycle = wall / (c[4] - c[0]) if c[4] > c[0] else 0.0
+    times = model.times
+    times.router += (c[1] - c[0]) * per_cycle
+    times.shared += (c[2] - c[1]) * per_cycle
+    times.experts_wait += (c[4] - c[2]) * per_cycle if per_cycle else wall
+    model.experts.record_decode(i, T, distinct, (c[3] - c[2]) * per_cycle)
+    return torch.from_numpy(h2)
+
+
+def dense(model: Any, i: int, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """h + Model.dense_mlp(i, x) in one call, for dense layer i of model; None where it does not apply."""
+    if not _decode_rows(x):
+        return None
+    args = model.cpu_steps.get(("dense", i))
+    if args is None:
+        m = model.weights.layers[i].mlp
+        args = model.cpu_steps[("dense", i)] = _mlp_args(x, m) or False
+    if args is False:
+        return None
+    return torch.from_numpy(mlp_step(np.ascontiguousarray(h.numpy()), np.ascontiguousarray(x.numpy()), args,
+                                     numba.get_num_threads()))
+
+
+def _decode_rows(x: torch.Tensor) -> bool:
+    """x is a decode step's few fp32 rows on a CPU the fused kernels run on."""
+    return x.is_cpu and x.dtype == torch.float32 and 1 <= x.shape[0] <= MAX_ROWS and host_has_avx2()
+
+
+def _mlp_args(x: torch.Tensor, m: Any) -> tuple | None:
+    """A SwiGLU's weights as moe_step's swiglu_into_out reads them, or None where they are not held so."""
+    ws = decode_weights(x, (m.gate_proj, m.up_proj, m.down_proj))
+    if ws is None or ws[0][0].shape != ws[1][0].shape or ws[2][0].shape[1] != ws[0][0].shape[0]:
+        return None
+    return tuple(arr for pair in ws for arr in pair)
+
+
+def _moe_args(model: Any, i: int, x: torch.Tensor, table: Any) -> tuple | None:
+    """MoE layer i's arguments for moe_step over the backend's table (every expert checked inside its
+    arena once: the maps do not move), or None where its router or shared expert is not held as the
+    kernels read them."""
+    c, mlp = model.cfg, model.weights.layers[i].mlp
+    gate = mlp.gate
+    shared = _mlp_args(x, mlp.shared_experts) if mlp.shared_experts is not None else None
+    if shared is None or c.n_group != 1 or gate.weight.dtype != torch.bfloat16 or gate.weight.device.type != "cpu" \
+            or not gate.weight.is_contiguous() or gate.e_score_correction_bias.dtype != torch.float32 \
+            or gate.e_score_correction_bias.device.type != "cpu" or table.hidden != c.hidden_size:
+        return None
+    table.check_experts(np.arange(c.n_routed_experts))
+    route = (min(c.num_experts_per_tok, c.n_routed_experts), bool(c.norm_topk_prob), np.float32(c.routed_scaling_factor))
+    return (bf16_bits(gate.weight), gate.e_score_correction_bias.numpy(), route, shared, table.arena_addresses()[0])

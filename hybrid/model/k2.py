@@ -152,7 +152,7 @@ class Model:
         self.times = Timers()  # seconds by part, for the bench's split
         self.defer_experts = defer_experts  # experts per token whose output is added one MoE layer late (0 = exact)
         self.prompt_math = "fp32"  # the math of prompt products on a CPU (linear.prompt_math); the engine sets it
-        self.cpu_steps: dict[int, Any] = {}  # per layer: model/cpu_step.py's arguments, built on first use
+        self.cpu_steps: dict[Any, Any] = {}  # per layer and step: model/cpu_step.py's arguments, built on first use
         self._deferred: Any = None
 
     def new_cache(self, max_len: int) -> KVCache:
@@ -180,12 +180,13 @@ class Model:
             h, x = self.attention_block(i, h, cache, s0, cos, sin, attn)
             t1 = time.perf_counter()
             times.attention += t1 - t0
-            if self.cfg.is_moe_layer(i):
-                h = h + self.moe(i, x)  # times its parts itself
+            if self.cfg.is_moe_layer(i):  # a CPU decode step: one call where it can; both time their parts
+                fused = cpu_step.moe(self, i, h, x) if self._deferred is None else None
+                h = fused if fused is not None else h + self.moe(i, x)
             else:
-                y = self.dense_mlp(i, x)
+                fused = cpu_step.dense(self, i, h, x)
+                h = fused if fused is not None else h + self.dense_mlp(i, x)
                 times.dense += time.perf_counter() - t1
-                h = h + y
         cache.length = s0 + T
         t0 = time.perf_counter()
         logits = self.head(h[-1:] if last_only else h)

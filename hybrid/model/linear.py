@@ -138,9 +138,9 @@ def decode_weights(x: torch.Tensor, ws: tuple[Weight, ...]) -> list[tuple[np.nda
             if q.device.type != "cpu" or q.dtype != torch.int8 or scale.dtype != torch.bfloat16 \
                     or not (q.is_contiguous() and scale.is_contiguous()):
                 return None
-            out.append((q.numpy(), _bits(scale)))
+            out.append((q.numpy(), bf16_bits(scale)))
         elif w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.is_contiguous():
-            out.append((_bits(w), _NO_SCALES))
+            out.append((bf16_bits(w), _NO_SCALES))
         else:
             return None
     if len({a.dtype for a, _ in out}) != 1:
@@ -162,11 +162,11 @@ def widening_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     summation order."""
     x2 = x.reshape(-1, x.shape[-1])
     if 1 <= x2.shape[0] <= MAX_WIDEN_ROWS:  # decode: the GEMV, straight
-        return torch.from_numpy(bf16_gemv(x2.detach().contiguous().numpy(), _bits(w))).view(*x.shape[:-1], w.shape[0])
+        return torch.from_numpy(bf16_gemv(x2.detach().contiguous().numpy(), bf16_bits(w))).view(*x.shape[:-1], w.shape[0])
     if x2.shape[0] > MAX_WIDEN_ROWS and _tiles_take(w):
-        y = amx_gemm.gemm_bf16x3(x2.detach().contiguous().numpy(), _bits(w))
+        y = amx_gemm.gemm_bf16x3(x2.detach().contiguous().numpy(), bf16_bits(w))
         return torch.from_numpy(y).view(*x.shape[:-1], w.shape[0])
-    return _cpu_product(x, w.shape[0], lambda a: bf16_gemv(a, _bits(w)), lambda o, out: out.copy_(w[o:o + len(out)]))
+    return _cpu_product(x, w.shape[0], lambda a: bf16_gemv(a, bf16_bits(w)), lambda o, out: out.copy_(w[o:o + len(out)]))
 
 
 def _tiles_take(w: torch.Tensor) -> bool:
@@ -186,7 +186,7 @@ def _int8_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
         y = amx_gemm.gemm_bf16x3(x2.detach().contiguous().numpy(), q.numpy(), scale.float().numpy())
         return torch.from_numpy(y).view(*x.shape[:-1], q.shape[0])
     s32 = scale.float()[:, None]
-    return _cpu_product(x, q.shape[0], lambda a: int8_gemv(a, q.numpy(), _bits(scale)),
+    return _cpu_product(x, q.shape[0], lambda a: int8_gemv(a, q.numpy(), bf16_bits(scale)),
                         lambda o, out: out.copy_(q[o:o + len(out)]).mul_(s32[o:o + len(out)]))
 
 
@@ -259,7 +259,7 @@ def _block_gemm() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
     return _GEMM[0]
 
 
-def _bits(t: torch.Tensor) -> np.ndarray:
+def bf16_bits(t: torch.Tensor) -> np.ndarray:
     """A bf16 tensor's bits as a uint16 numpy view (no copy), what the Numba kernels read."""
     return t.view(torch.int16).numpy().view(np.uint16)
 
@@ -304,7 +304,7 @@ def absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, attend: Attend,
     kernels_gpu.mla's einsums."""
     if kv_b_heads.device.type == "cpu" and kv_b_heads.dtype in (torch.float32, torch.bfloat16) \
             and q_nope.dtype == torch.float32 and kv_b_heads.is_contiguous():
-        kvb = _bits(kv_b_heads) if kv_b_heads.dtype == torch.bfloat16 else kv_b_heads.numpy()
+        kvb = bf16_bits(kv_b_heads) if kv_b_heads.dtype == torch.bfloat16 else kv_b_heads.numpy()
         par = concurrent_parallel_ok()
         q_lat = torch.from_numpy(head_absorb(q_nope.numpy(), kvb, par))  # [T, H, L]
         o_lat = attend(q_lat, q_pe)
