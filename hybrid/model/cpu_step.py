@@ -37,27 +37,25 @@ def attention(model: Any, i: int, h: torch.Tensor, cache: Any, s0: int, cos: tor
     post-attention RMSNorm of it), with the projections' share of the time added to
     model.times.attention_proj; None where it does not apply (the caller takes the separate steps)."""
     T = h.shape[0]
-    if h.device.type != "cpu" or h.dtype != torch.float32 or not 1 <= T <= min(MAX_ROWS, MLA_MAX_TOKENS) \
-            or not hasattr(cache, "step_pages") or not host_has_avx2():
+    if not _decode_rows(h) or T > MLA_MAX_TOKENS or not hasattr(cache, "step_pages"):
         return None
     args = model.cpu_steps.get(i)
     if args is None:
         args = model.cpu_steps[i] = _layer_args(model, i, h, latent_eps) or False
     if args is False:
         return None
-    norms, eps, proj, kvb, kvb_t, scale = args
+    norms, eps, proj, kvb, kvb_t, scale, clock = args
     pages = cache.step_pages(i, s0, T, kvb_t)
     if pages is None:
         return None
     nt = numba.get_num_threads()
-    clock = np.empty(PARTS, np.int64)
     t0 = time.perf_counter()
     h2, x2 = attention_step(np.ascontiguousarray(h.numpy()), norms, eps, proj, kvb, *pages, s0, cos.numpy(),
                             sin.numpy(), scale, nt, max(1, min(nt, kvb.shape[0] // 4)), clock)
     wall = time.perf_counter() - t0
-    steps = np.diff(clock)
-    if steps.sum() > 0:
-        model.times.attention_proj += wall * float(steps[list(_PROJECTIONS)].sum() / steps.sum())
+    c = clock.tolist()  # Python numbers: each NumPy call costs tens of us with the caches cold
+    if c[-1] > c[0]:
+        model.times.attention_proj += wall * sum(c[k + 1] - c[k] for k in _PROJECTIONS) / (c[-1] - c[0])
     return torch.from_numpy(h2), torch.from_numpy(x2)
 
 
@@ -75,7 +73,8 @@ def _layer_args(model: Any, i: int, h: torch.Tensor, latent_eps: float) -> tuple
     kvb = kvb_t.view(torch.int16).numpy().view(np.uint16) if kvb_t.dtype == torch.bfloat16 else kvb_t.numpy()
     proj = tuple(arr for pair in ws for arr in pair)
     eps = (np.float32(model.cfg.rms_norm_eps), np.float32(latent_eps))
-    return (tuple(n.numpy() for n in norms), eps, proj, kvb, kvb_t, np.float32(model.cfg.softmax_scale))
+    return (tuple(n.numpy() for n in norms), eps, proj, kvb, kvb_t, np.float32(model.cfg.softmax_scale),
+            np.empty(PARTS, np.int64))
 
 
 def moe(model: Any, i: int, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:

@@ -139,6 +139,7 @@ class PagedKVCache:
         self._spilled = 0  # entries in the spill pool, counted when the table is written
         self._scratch = np.zeros((0, pages.main.data.shape[-1]), np.float32)
         self.bytes_read = 0  # cache bytes rows() read, for the bench's account
+        self._step_pools: dict[int, tuple] = {}  # layer -> (main, spill, kv_b, step_pages' numpy pools or None)
 
     # ---- the page table ----------------------------------------------------------------------
     def set_pages(self, entries: list[int], length: int) -> None:
@@ -274,16 +275,27 @@ class PagedKVCache:
         kernels_cpu.attn_step), with the cache bytes that call reads counted. None where that does not
         apply: not a CPU computing in fp32, too many tokens or positions, heads not a multiple of 4,
         kv_b_heads neither fp32 nor bf16 or not contiguous, a second parallel region not allowed."""
-        main = self.store.main.data
         S = s0 + T
-        if main.device.type != "cpu" or self.compute_dtype != torch.float32 or kv_b_heads.shape[0] % 4 \
-                or T > MLA_MAX_TOKENS or S > MLA_MAX_POSITIONS or not concurrent_parallel_ok() \
-                or kv_b_heads.dtype not in (torch.float32, torch.bfloat16) or not kv_b_heads.is_contiguous():
+        if T > MLA_MAX_TOKENS or S > MLA_MAX_POSITIONS:
+            return None
+        main, spill = self.store.main.data, self.store.spill
+        got = self._step_pools.get(i)  # per layer, while the pools and kv_b stay the same objects: each
+        if got is None or got[0] is not main or got[1] is not spill or got[2] is not kv_b_heads:  # step asks
+            got = self._step_pools[i] = (main, spill, kv_b_heads, self._numpy_pools(i, kv_b_heads))
+        if got[3] is None:
             return None
         self.bytes_read += S * main.shape[-1] * main.element_size()
+        return (*got[3], self.table)
+
+    def _numpy_pools(self, i: int, kv_b_heads: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+        """step_pages' layer i pools as numpy (main, spill), or None where its one call does not apply."""
+        main = self.store.main.data
+        if main.device.type != "cpu" or self.compute_dtype != torch.float32 or kv_b_heads.shape[0] % 4 \
+                or not concurrent_parallel_ok() or kv_b_heads.dtype not in (torch.float32, torch.bfloat16) \
+                or not kv_b_heads.is_contiguous():
+            return None
         pool = _as_numpy(main[i])
-        spill = _as_numpy(self.store.spill.data[i]) if self.store.spill is not None else pool[:1]
-        return pool, spill, self.table
+        return pool, _as_numpy(self.store.spill.data[i]) if self.store.spill is not None else pool[:1]
 
     def _attend_cpu(self, i: int, S: int, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float,
                     offset: int) -> torch.Tensor:
