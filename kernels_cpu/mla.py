@@ -14,7 +14,9 @@ at 1,000 positions, 0.88 -> 0.72 at 160. They are still not blocked like a GEMM'
 thousand positions the caller's gather and MKL GEMMs win; the k2-slice forward at 2,000 positions
 was level either way (attention 16.7-19.7 against 19.2 ms a token): MAX_POSITIONS is where the
 caller switches. kv_b's rows stream with an L2 prefetch AHEAD rows ahead (160 positions: 1.51-1.55
--> 1.16-1.31 ms).
+-> 1.16-1.31 ms). In bf16 the value rows go through the bf16 GEMV's row_dot (bf16dot.py) against the
+value sum deinterleaved once a head: one K2 layer from RAM, 2-core Xeon, 1 / 160 / 1,000 positions
+0.81 / 0.98 / 2.03 -> 0.65 / 0.86 / 1.68 ms (the sums' order changes: ~5e-7 apart).
 
 Pages: pools [N, PG, W] (uint16 bf16 bits or fp32), W = L latent values then R roped key values; a
 table entry e >= 0 is main[e], e < 0 spill[-1 - e] (as kernels_cpu.paged). Pure functions on arrays;
@@ -27,7 +29,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from kernels_cpu.bf16dot import f32_to_bf16
+from kernels_cpu.bf16dot import LANES, PAIR, ahead_bytes, f32_to_bf16, row_dot
 from kernels_cpu.heads import AHEAD, prefetch_head_row
 from kernels_cpu.step_ops import rms_norm_into
 from kernels_cpu.widen import widened3
@@ -117,10 +119,11 @@ def _score4(qa, qp, buf, j, n, L, scale, sc, blk):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
-def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp, m, den, acc, sc, buf, blk):
+def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp, m, den, acc, sc, buf, blk, accd):
     # heads h0..h1-1 (a multiple of 4 of them) for every token: q absorbed into the latent space, the
     # pages scored and summed, the values out. qa [nh, L], qp [nh, R], m / den [nh], acc [nh, L],
-    # sc [4, PG], buf [PG, W], blk [4, 4]: this thread's scratch (buf: the current page widened, in L2)
+    # sc [4, PG], buf [PG, W], blk [4, 4], accd [L]: this thread's scratch (buf: the current page widened,
+    # in L2; accd: a head's value sum deinterleaved for row_dot)
     T = q.shape[0]
     L, PG, W = kvb.shape[2], main.shape[1], main.shape[2]
     R = W - L
@@ -185,6 +188,15 @@ def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp
         for h in range(h0, h1):
             j = h - h0
             inv = np.float32(1.0) / den[j]
+            if kvb.itemsize == 2 and L % PAIR == 0:  # bf16 value rows through the bf16 GEMV's row_dot
+                for c in range(0, L, PAIR):  # acc in the layout row_dot reads (bf16dot.deinterleave)
+                    for i in range(LANES):
+                        accd[c + i] = acc[j, c + 2 * i]
+                        accd[c + LANES + i] = acc[j, c + 2 * i + 1]
+                row, ahead = kvb.ctypes.data + (h * kvb.shape[1] + P) * L * 2, ahead_bytes(L * 2)
+                for v in range(V):
+                    o[t, h, v] = row_dot(row + v * L * 2, accd.ctypes.data, L, ahead) * inv
+                continue
             for v in range(V):
                 prefetch_head_row(kvb, h, P + v + AHEAD)
                 a = np.float32(0.0)
@@ -253,7 +265,7 @@ def decode_into(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt, kv, n
         _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, np.empty((nh, L), np.float32),
                np.empty((nh, R), np.float32), np.empty(nh, np.float32), np.empty(nh, np.float32),
                np.empty((nh, L), np.float32), np.empty((4, PG), np.float32), np.empty((PG, L + R), np.float32),
-               np.empty((4, 4), np.float32))
+               np.empty((4, 4), np.float32), np.empty(L, np.float32))
 
 
 def mla_decode(q: np.ndarray, cos: np.ndarray, sin: np.ndarray, kvb: np.ndarray, main: np.ndarray,
