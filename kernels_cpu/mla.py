@@ -119,6 +119,30 @@ def _score4(qa, qp, buf, j, n, L, scale, sc, blk):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def _values(kvb, P, acc, den, o, t, h0, h1, accd):
+    # o[t, h] = kv_b's value rows of head h . acc[h - h0] / den[h - h0], for heads h0..h1-1; accd [L] scratch
+    L, V = kvb.shape[2], o.shape[2]
+    for h in range(h0, h1):
+        j = h - h0
+        inv = np.float32(1.0) / den[j]
+        if kvb.itemsize == 2 and L % PAIR == 0:  # bf16 value rows through the bf16 GEMV's row_dot
+            for c in range(0, L, PAIR):  # acc in the layout row_dot reads (bf16dot.deinterleave)
+                for i in range(LANES):
+                    accd[c + i] = acc[j, c + 2 * i]
+                    accd[c + LANES + i] = acc[j, c + 2 * i + 1]
+            row, ahead = kvb.ctypes.data + (h * kvb.shape[1] + P) * L * 2, ahead_bytes(L * 2)
+            for v in range(V):
+                o[t, h, v] = row_dot(row + v * L * 2, accd.ctypes.data, L, ahead) * inv
+            continue
+        for v in range(V):
+            prefetch_head_row(kvb, h, P + v + AHEAD)
+            a = np.float32(0.0)
+            for l in range(L):
+                a += acc[j, l] * widened3(kvb, h, P + v, l)
+            o[t, h, v] = a * inv
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
 def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp, m, den, acc, sc, buf, blk, accd):
     # heads h0..h1-1 (a multiple of 4 of them) for every token: q absorbed into the latent space, the
     # pages scored and summed, the values out. qa [nh, L], qp [nh, R], m / den [nh], acc [nh, L],
@@ -127,7 +151,6 @@ def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp
     T = q.shape[0]
     L, PG, W = kvb.shape[2], main.shape[1], main.shape[2]
     R = W - L
-    V = o.shape[2]
     for t in range(T):
         S = s0 + t + 1  # token t sees positions 0..s0+t
         for h in range(h0, h1):
@@ -185,24 +208,7 @@ def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp
                         acc[j + 1, l] += w1 * b
                         acc[j + 2, l] += w2 * b
                         acc[j + 3, l] += w3 * b
-        for h in range(h0, h1):
-            j = h - h0
-            inv = np.float32(1.0) / den[j]
-            if kvb.itemsize == 2 and L % PAIR == 0:  # bf16 value rows through the bf16 GEMV's row_dot
-                for c in range(0, L, PAIR):  # acc in the layout row_dot reads (bf16dot.deinterleave)
-                    for i in range(LANES):
-                        accd[c + i] = acc[j, c + 2 * i]
-                        accd[c + LANES + i] = acc[j, c + 2 * i + 1]
-                row, ahead = kvb.ctypes.data + (h * kvb.shape[1] + P) * L * 2, ahead_bytes(L * 2)
-                for v in range(V):
-                    o[t, h, v] = row_dot(row + v * L * 2, accd.ctypes.data, L, ahead) * inv
-                continue
-            for v in range(V):
-                prefetch_head_row(kvb, h, P + v + AHEAD)
-                a = np.float32(0.0)
-                for l in range(L):
-                    a += acc[j, l] * widened3(kvb, h, P + v, l)
-                o[t, h, v] = a * inv
+        _values(kvb, P, acc, den, o, t, h0, h1, accd)
 
 
 def _store(pool, page, r, w, v):

@@ -103,11 +103,12 @@ def test_attention_step_equals_the_separate_kernels(kind):
 
 
 @pytest.mark.parametrize("precision", ["auto", "int8"])
-def test_fused_mlp_steps_equal_the_separate_steps(tiny_path, monkeypatch, precision):
-    """A CPU decode step's MLP half in one Numba call (model/cpu_step.py's moe and dense, kernels_cpu.moe_step)
-    gives the logits of the separate steps (the router, the backend's submit and wait, the shared expert,
-    the sums) bit for bit, with bf16 and with int8 non-expert weights; every decode step's MoE and dense
-    layers go through it; and the backend counts those calls as its own (expert bytes, routing counts)."""
+def test_one_call_decode_steps_equal_the_separate_steps(tiny_path, monkeypatch, precision):
+    """A CPU decode step with every layer in one Numba call (model/cpu_step.py's layers, kernels_cpu.token_step),
+    and layer by layer with the MLP half in one call (cpu_step's moe and dense, kernels_cpu.moe_step), give
+    the logits of the separate steps (the router, the backend's submit and wait, the shared expert, the
+    sums) bit for bit, with bf16 and with int8 non-expert weights; every decode step goes through the path
+    on trial; and the backend counts those calls as its own (expert bytes, routing counts)."""
     import hybrid
     from hybrid.model import cpu_step
 
@@ -120,20 +121,31 @@ def test_fused_mlp_steps_equal_the_separate_steps(tiny_path, monkeypatch, precis
         eng.close()
         return toks, logits, stats, counts
 
-    taken: dict[str, list[bool]] = {"moe": [], "dense": []}
+    taken: dict[str, list[bool]] = {"layers": [], "moe": [], "dense": []}
     for name, seen in taken.items():
         real = getattr(cpu_step, name)
         monkeypatch.setattr(cpu_step, name, lambda *a, real=real, seen=seen:
                             (lambda v: (seen.append(v is not None), v)[1])(real(*a)))
-    toks, logits, stats, counts = run()
     c = ModelConfig.from_file(tiny_path)
-    steps, n_moe = len(logits) - 1, len(c.moe_layers)
-    assert steps >= 8 and taken["moe"].count(True) == steps * n_moe
-    assert taken["dense"].count(True) == steps * (c.num_hidden_layers - n_moe) > 0
-    monkeypatch.setattr(cpu_step, "moe", lambda *a: None)
-    monkeypatch.setattr(cpu_step, "dense", lambda *a: None)
-    toks_apart, apart, stats_apart, counts_apart = run()
-    assert toks_apart == toks and len(apart) == len(logits)
-    assert all(torch.equal(a, b) for a, b in zip(logits, apart))
-    assert stats["expert_bytes"] == stats_apart["expert_bytes"] > 0 and stats["experts_compute_s"] > 0
-    assert counts.keys() == counts_apart.keys() and all((counts[i] == counts_apart[i]).all() for i in counts)
+    n_moe = len(c.moe_layers)
+    runs = []
+    for off in ((), ("layers",), ("layers", "moe", "dense")):
+        for name in off:
+            monkeypatch.setattr(cpu_step, name, lambda *a: None)
+        for seen in taken.values():
+            seen.clear()
+        runs.append(run())
+        steps = len(runs[-1][1]) - 1  # decode steps: the prompt is one forward
+        assert steps >= 8
+        if not off:
+            assert taken["layers"].count(True) == steps and taken["moe"].count(True) == 0
+        elif off == ("layers",):
+            assert taken["moe"].count(True) == steps * n_moe
+            assert taken["dense"].count(True) == steps * (c.num_hidden_layers - n_moe) > 0
+    (toks, logits, stats, counts), *others = runs
+    for toks_o, logits_o, stats_o, counts_o in others:
+        assert toks_o == toks and len(logits_o) == len(logits)
+        assert all(torch.equal(a, b) for a, b in zip(logits, logits_o))
+        assert stats["expert_bytes"] == stats_o["expert_bytes"] > 0 and stats["experts_compute_s"] > 0
+        assert counts.keys() == counts_o.keys() and all((counts[i] == counts_o[i]).all() for i in counts)
+    assert stats["attention_s"] > stats["attention_proj_s"] > 0 and stats["router_s"] > 0 and stats["dense_s"] > 0

@@ -1,13 +1,15 @@
-"""A CPU decode step's layer in two Numba calls, where they apply: the attention block (kernels_cpu.attn_step)
-and the MLP half with its residual (kernels_cpu.moe_step: an MoE layer's router, shared and routed
-experts, or a dense layer's SwiGLU).
+"""A CPU decode step in one Numba call for all its layers (kernels_cpu.token_step), or a layer in two, where
+they apply: the attention block (kernels_cpu.attn_step) and the MLP half with its residual
+(kernels_cpu.moe_step: an MoE layer's router, shared and routed experts, or a dense layer's SwiGLU).
 
 Owns the choice (the GPU side on the CPU in fp32, a decode step's few tokens, the paged cache's one-call
 MLA, the linears all bf16 or all int8 held as widen's GEMVs read them, the router's weight in bf16, an
 expert backend that hands out its table: ExpertBackend.decode_table), the per-layer arguments (numpy
 views of the weights, built once) and the split of each call's wall time between the bench's account's
 parts. The results are Model.attention_block's and Model.moe's (plus the residual), bit for bit: the
-same kernels in the same order.
+same kernels in the same order. Per layer the one-call path still has Python to do (the page table and
+pools, the expert backend's table, the clock split): in the all-layers call it runs for every layer
+first, in cache, instead of between the layers' streams.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from kernels_cpu.moe import kernel_options
 from kernels_cpu.moe_step import PARTS as MOE_PARTS
 from kernels_cpu.moe_step import mlp_step, moe_step
 from kernels_cpu.simd import host_has_avx2
+from kernels_cpu.token_step import DENSE, MOE, decode_layers
 from kernels_cpu.widen import MAX_ROWS
 
 from hybrid.model.linear import bf16_bits, decode_weights
@@ -31,13 +34,91 @@ from hybrid.model.linear import bf16_bits, decode_weights
 _PROJECTIONS = (1, 3, 5)  # attention_step's steps that are products: q_a with kv_a, q_b, o_proj
 
 
+def layers(model: Any, h: torch.Tensor, cache: Any, s0: int, cos: torch.Tensor, sin: torch.Tensor,
+           latent_eps: float) -> torch.Tensor | None:
+    """Every layer of model (a hybrid.model.k2.Model) for a decode step in one call (kernels_cpu.token_step):
+    h [T, D] -> the last layer's output, each layer's parts' times added to model.times (attention and
+    its projections, dense, router, shared, experts_wait) and its experts reported to the backend; None
+    where a layer's one-call steps do not apply (the caller then goes layer by layer)."""
+    if not _decode_rows(h) or model.cpu_steps.get("token") is False:
+        return None
+    n, T = model.cfg.num_hidden_layers, h.shape[0]
+    attn, dense, moe, plan, threads = [], [], [], [], set()
+    for i in range(n):  # the per-layer Python here runs back to back, in cache, before the layers stream
+        if model.cfg.is_moe_layer(i):
+            if (got := _moe_call(model, i, h)) is None:
+                return None
+            plan.append((MOE, len(moe)))
+            moe.append(got[0])
+            threads.add(got[1])
+        else:
+            if (d := _dense_call(model, i, h)) is None:
+                return None
+            plan.append((DENSE, len(dense)))
+            dense.append(d)
+    if not moe or len(threads) != 1:
+        return None
+    for i in range(n):  # after the MLPs: step_pages counts the cache bytes a call will read
+        if (a := _attention_call(model, i, h, cache, s0, latent_eps)) is None:
+            return None
+        attn.append(a[:8])
+    aclock, mclock, distinct = np.empty((n, PARTS), np.int64), np.zeros((n, MOE_PARTS), np.int64), np.zeros(n, np.int64)
+    nt = numba.get_num_threads()
+    t0 = time.perf_counter()
+    try:
+        out = decode_layers(np.ascontiguousarray(h.numpy()), np.array(plan, np.int64), tuple(attn),
+                            tuple(dense or [moe[0][3]]), tuple(moe), s0, cos.numpy(), sin.numpy(), nt,
+                            max(1, min(nt, attn[0][3].shape[0] // 4)), threads.pop(), aclock, mclock, distinct)
+    except numba.core.errors.TypingError:  # layers held in ways that make no one tuple type: layer by layer
+        model.cpu_steps["token"] = False
+        return None
+    _add_layer_times(model, plan, aclock.tolist(), mclock.tolist(), distinct.tolist(), T, time.perf_counter() - t0)
+    return torch.from_numpy(out)
+
+
+def _add_layer_times(model: Any, plan: list, aclock: list, mclock: list, distinct: list, T: int, wall: float) -> None:
+    """decode_layers' stamps into model.times, layer by layer, and its MoE layers' experts to the backend."""
+    first, last = aclock[0][0], max(aclock[-1][-1], mclock[-1][-1])
+    per_cycle = wall / (last - first) if last > first else 0.0
+    times = model.times
+    for i, ((kind, _), a, m) in enumerate(zip(plan, aclock, mclock)):
+        times.attention += (a[-1] - a[0]) * per_cycle
+        times.attention_proj += _projections(a) * per_cycle
+        if kind == MOE:
+            _add_moe_times(model, i, T, m, per_cycle, 0.0, distinct[i])
+        else:
+            times.dense += (m[4] - m[0]) * per_cycle
+
+
 def attention(model: Any, i: int, h: torch.Tensor, cache: Any, s0: int, cos: torch.Tensor, sin: torch.Tensor,
               latent_eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Model.attention_block for layer i of model (a hybrid.model.k2.Model) over the absorbed MLA in one call: (h + attention, the
-    post-attention RMSNorm of it), with the projections' share of the time added to
-    model.times.attention_proj; None where it does not apply (the caller takes the separate steps)."""
-    T = h.shape[0]
-    if not _decode_rows(h) or T > MLA_MAX_TOKENS or not hasattr(cache, "step_pages"):
+    """Model.attention_block for layer i of model (a hybrid.model.k2.Model) over the absorbed MLA in one
+    call: (h + attention, the post-attention RMSNorm of it), with the projections' share of the time
+    added to model.times.attention_proj; None where it does not apply (the caller takes the separate
+    steps)."""
+    if not _decode_rows(h) or (args := _attention_call(model, i, h, cache, s0, latent_eps)) is None:
+        return None
+    *args, clock = args
+    nt = numba.get_num_threads()
+    t0 = time.perf_counter()
+    h2, x2 = attention_step(np.ascontiguousarray(h.numpy()), *args[:7], s0, cos.numpy(), sin.numpy(), args[7], nt,
+                            max(1, min(nt, args[3].shape[0] // 4)), clock)
+    wall = time.perf_counter() - t0
+    c = clock.tolist()  # Python numbers: each NumPy call costs tens of us with the caches cold
+    if c[-1] > c[0]:
+        model.times.attention_proj += wall * _projections(c) / (c[-1] - c[0])
+    return torch.from_numpy(h2), torch.from_numpy(x2)
+
+
+def _projections(c: list[int]) -> int:
+    """Cycles of attention_step's products (q_a with kv_a, q_b, o_proj) among its stamps c."""
+    return sum(c[k + 1] - c[k] for k in _PROJECTIONS)
+
+
+def _attention_call(model: Any, i: int, h: torch.Tensor, cache: Any, s0: int, latent_eps: float) -> tuple | None:
+    """attention_step's arguments for layer i after h (norms, eps, proj, kvb, main, spill, table, scale) and
+    a clock for it, or None where the one call does not apply."""
+    if h.shape[0] > MLA_MAX_TOKENS or not hasattr(cache, "step_pages"):
         return None
     args = model.cpu_steps.get(i)
     if args is None:
@@ -45,18 +126,8 @@ def attention(model: Any, i: int, h: torch.Tensor, cache: Any, s0: int, cos: tor
     if args is False:
         return None
     norms, eps, proj, kvb, kvb_t, scale, clock = args
-    pages = cache.step_pages(i, s0, T, kvb_t)
-    if pages is None:
-        return None
-    nt = numba.get_num_threads()
-    t0 = time.perf_counter()
-    h2, x2 = attention_step(np.ascontiguousarray(h.numpy()), norms, eps, proj, kvb, *pages, s0, cos.numpy(),
-                            sin.numpy(), scale, nt, max(1, min(nt, kvb.shape[0] // 4)), clock)
-    wall = time.perf_counter() - t0
-    c = clock.tolist()  # Python numbers: each NumPy call costs tens of us with the caches cold
-    if c[-1] > c[0]:
-        model.times.attention_proj += wall * sum(c[k + 1] - c[k] for k in _PROJECTIONS) / (c[-1] - c[0])
-    return torch.from_numpy(h2), torch.from_numpy(x2)
+    pages = cache.step_pages(i, s0, h.shape[0], kvb_t)
+    return None if pages is None else (norms, eps, proj, kvb, *pages, scale, clock)
 
 
 def _layer_args(model: Any, i: int, h: torch.Tensor, latent_eps: float) -> tuple | None:
@@ -81,8 +152,32 @@ def moe(model: Any, i: int, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor | 
     """h + Model.moe(i, x) in one call, for MoE layer i of model; its parts' times added to model.times
     (router, shared, experts_wait) and the experts' call reported to the backend (record_decode); None
     where it does not apply (the caller takes the separate steps)."""
+    if not _decode_rows(x) or (got := _moe_call(model, i, x)) is None:
+        return None
+    args, ent, clock = got
+    t0 = time.perf_counter()
+    h2, distinct = moe_step(np.ascontiguousarray(h.numpy()), np.ascontiguousarray(x.numpy()), *args,
+                            numba.get_num_threads(), ent, clock)
+    wall = time.perf_counter() - t0
+    c = clock.tolist()  # Python numbers: each NumPy call costs tens of us with the caches cold
+    _add_moe_times(model, i, x.shape[0], c, wall / (c[4] - c[0]) if c[4] > c[0] else 0.0, wall, distinct)
+    return torch.from_numpy(h2)
+
+
+def _add_moe_times(model: Any, i: int, T: int, c: list[int], per_cycle: float, wall: float, distinct: int) -> None:
+    """A moe_step call's parts (stamps c, seconds a cycle) into model.times, its experts to the backend."""
+    times = model.times
+    times.router += (c[1] - c[0]) * per_cycle
+    times.shared += (c[2] - c[1]) * per_cycle
+    times.experts_wait += (c[4] - c[2]) * per_cycle if per_cycle else wall
+    model.experts.record_decode(i, T, distinct, (c[3] - c[2]) * per_cycle)
+
+
+def _moe_call(model: Any, i: int, x: torch.Tensor) -> tuple | None:
+    """((router, bias, route, shared, experts, counts) as moe_step takes them, the experts' threads, a clock)
+    for MoE layer i after x, or None where the one call does not apply."""
     T = x.shape[0]
-    if not _decode_rows(x) or model.defer_experts or (got := model.experts.decode_table(i, T)) is None:
+    if model.defer_experts or (got := model.experts.decode_table(i, T)) is None:
         return None
     table, ent, counts = got
     args = model.cpu_steps.get(("moe", i))
@@ -94,32 +189,23 @@ def moe(model: Any, i: int, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor | 
     router, bias, route, shared, base = weights
     if (experts := options.get(T)) is None:
         experts = options[T] = (base, table.loc, table.hidden, table.inter, *kernel_options(T))
-    t0 = time.perf_counter()
-    h2, distinct = moe_step(np.ascontiguousarray(h.numpy()), np.ascontiguousarray(x.numpy()), router, bias, route,
-                            shared, experts, counts, numba.get_num_threads(), ent, clock)
-    wall = time.perf_counter() - t0
-    c = clock.tolist()  # Python numbers: each NumPy call costs tens of us with the caches cold
-    per_cycle = wall / (c[4] - c[0]) if c[4] > c[0] else 0.0
-    times = model.times
-    times.router += (c[1] - c[0]) * per_cycle
-    times.shared += (c[2] - c[1]) * per_cycle
-    times.experts_wait += (c[4] - c[2]) * per_cycle if per_cycle else wall
-    model.experts.record_decode(i, T, distinct, (c[3] - c[2]) * per_cycle)
-    return torch.from_numpy(h2)
+    return (router, bias, route, shared, experts, counts), ent, clock
 
 
 def dense(model: Any, i: int, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     """h + Model.dense_mlp(i, x) in one call, for dense layer i of model; None where it does not apply."""
-    if not _decode_rows(x):
-        return None
-    args = model.cpu_steps.get(("dense", i))
-    if args is None:
-        m = model.weights.layers[i].mlp
-        args = model.cpu_steps[("dense", i)] = _mlp_args(x, m) or False
-    if args is False:
+    if not _decode_rows(x) or (args := _dense_call(model, i, x)) is None:
         return None
     return torch.from_numpy(mlp_step(np.ascontiguousarray(h.numpy()), np.ascontiguousarray(x.numpy()), args,
                                      numba.get_num_threads()))
+
+
+def _dense_call(model: Any, i: int, x: torch.Tensor) -> tuple | None:
+    """Dense layer i's SwiGLU as mlp_step takes it, or None where the one call does not apply."""
+    args = model.cpu_steps.get(("dense", i))
+    if args is None:
+        args = model.cpu_steps[("dense", i)] = _mlp_args(x, model.weights.layers[i].mlp) or False
+    return None if args is False else args
 
 
 def _decode_rows(x: torch.Tensor) -> bool:

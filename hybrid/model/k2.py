@@ -175,6 +175,19 @@ class Model:
             attn = "absorbed" if T <= ABSORB_MAX_TOKENS else "naive"
         times, t_start = self.times, time.perf_counter()
         self._deferred = None  # nothing carries over from a forward that failed midway
+        whole = cpu_step.layers(self, h, cache, s0, cos, sin, LATENT_NORM_EPS) if attn == "absorbed" else None
+        h = whole if whole is not None else self._layers(h, cache, s0, cos, sin, attn)  # one call, or layer by layer
+        cache.length = s0 + T
+        t0 = time.perf_counter()
+        logits = self.head(h[-1:] if last_only else h)
+        times.lm_head += time.perf_counter() - t0
+        times.forward += time.perf_counter() - t_start
+        return logits
+
+    def _layers(self, h: torch.Tensor, cache: Cache, s0: int, cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttnMode) -> torch.Tensor:
+        """h [T, D] through every layer, one at a time (each timing its parts)."""
+        times = self.times
         for i in range(self.cfg.num_hidden_layers):
             t0 = time.perf_counter()
             h, x = self.attention_block(i, h, cache, s0, cos, sin, attn)
@@ -187,12 +200,7 @@ class Model:
                 fused = cpu_step.dense(self, i, h, x)
                 h = fused if fused is not None else h + self.dense_mlp(i, x)
                 times.dense += time.perf_counter() - t1
-        cache.length = s0 + T
-        t0 = time.perf_counter()
-        logits = self.head(h[-1:] if last_only else h)
-        times.lm_head += time.perf_counter() - t0
-        times.forward += time.perf_counter() - t_start
-        return logits
+        return h
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [T] -> their embedding rows [T, D] on the device in the compute dtype. The table may live
