@@ -1,12 +1,13 @@
 """A CPU decode step's layers in one call: each layer's attention block (attn_step.attention_step) and MLP
-half (moe_step.moe_step or mlp_step), one after another, for every layer.
+half (moe_step.moe_step or mlp_step), one after another, for a run of layers (the caller gives a few at a
+time: Numba compiles per length of the argument tuples).
 
 Owns decode_layers. The same calls in the same order as a Python loop over them, so the results are
 identical bit for bit; what goes is the interpreter between them. A decode step streams hundreds of MB
 between those calls, so each trip through Python ran with its code and data evicted: on a 2-core Xeon,
 k2-slice (K2's shapes), ~0.26 ms a layer of Python around the two calls (the page table and pools,
 the expert backend's table, the clock split, torch's views), ~15 ms a token for K2's 61 layers. The
-caller now does that work for every layer before the call, while it is in cache. Pure functions on
+caller now does that work for every layer before the first call, while it is in cache. Pure functions on
 arrays; imports nothing from hybrid/.
 """
 from __future__ import annotations

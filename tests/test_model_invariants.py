@@ -137,6 +137,7 @@ def test_int8_weight_only_gpu_weights_cost_no_more_than_their_precision(tiny_pat
     assert 0 < err_int8 <= 2 * err_noise
     # decoding over the same int8 weights (one row: kernels_cpu.widen.int8_gemv on this CPU) continues
     # the full forward: prefill 20, then 7 single steps
+    import hybrid.model.cpu_step as cpu_step_mod
     import hybrid.model.linear as linear_mod
 
     calls = []  # rows of x, once per int8 weight a kernel call reads (the fused ones read 2 or 3)
@@ -144,9 +145,13 @@ def test_int8_weight_only_gpu_weights_cost_no_more_than_their_precision(tiny_pat
     def counted(fn, n):
         return lambda *a: (calls.extend([a[0].shape[0]] * (n if a[1].dtype == np.int8 else 0)), fn(*a))[1]
 
+    def mlp_counted(h, x, mlp, nt, real=cpu_step_mod.mlp_step):  # a dense layer's one-call MLP: 3 weights
+        return (calls.extend([x.shape[0]] * (3 if mlp[0].dtype == np.int8 else 0)), real(h, x, mlp, nt))[1]
+
     with pytest.MonkeyPatch.context() as mp:
         for name, n in (("int8_gemv", 1), ("gemv_pair", 2), ("swiglu_gemv", 3)):
             mp.setattr(linear_mod, name, counted(getattr(linear_mod, name), n))
+        mp.setattr(cpu_step_mod, "mlp_step", mlp_counted)
         cache = q.new_cache(32)
         rows = [q.forward(ids[:20], cache)] + [q.forward(ids[i:i + 1], cache) for i in range(20, 27)]
     full = q.forward(ids, q.new_cache(32))

@@ -19,6 +19,7 @@ from typing import Any
 import numba
 import numpy as np
 import torch
+from numba.core.errors import TypingError
 
 from kernels_cpu.attn_step import PARTS, attention_step
 from kernels_cpu.mla import MAX_TOKENS as MLA_MAX_TOKENS
@@ -32,11 +33,16 @@ from kernels_cpu.widen import MAX_ROWS
 from hybrid.model.linear import bf16_bits, decode_weights
 
 _PROJECTIONS = (1, 3, 5)  # attention_step's steps that are products: q_a with kv_a, q_b, o_proj
+# Layers per decode_layers call. Numba compiles it per length of its argument tuples: all of K2's 61
+# layers in one call took ~3 minutes to compile (tiny shapes, 2-core Xeon), 4 took ~6 s (each other
+# mix of dense and MoE layers in a call is one more such compile, once, cached on disk).
+LAYERS_PER_CALL = 4
 
 
 def layers(model: Any, h: torch.Tensor, cache: Any, s0: int, cos: torch.Tensor, sin: torch.Tensor,
            latent_eps: float) -> torch.Tensor | None:
-    """Every layer of model (a hybrid.model.k2.Model) for a decode step in one call (kernels_cpu.token_step):
+    """Every layer of model (a hybrid.model.k2.Model) for a decode step in a few calls (kernels_cpu.token_step,
+    LAYERS_PER_CALL layers each, their arguments all built first):
     h [T, D] -> the last layer's output, each layer's parts' times added to model.times (attention and
     its projections, dense, router, shared, experts_wait) and its experts reported to the backend; None
     where a layer's one-call steps do not apply (the caller then goes layer by layer)."""
@@ -63,13 +69,22 @@ def layers(model: Any, h: torch.Tensor, cache: Any, s0: int, cos: torch.Tensor, 
             return None
         attn.append(a[:8])
     aclock, mclock, distinct = np.empty((n, PARTS), np.int64), np.zeros((n, MOE_PARTS), np.int64), np.zeros(n, np.int64)
+    out, cos_n, sin_n = np.ascontiguousarray(h.numpy()), cos.numpy(), sin.numpy()
     nt = numba.get_num_threads()
+    mla_nt, ent = max(1, min(nt, attn[0][3].shape[0] // 4)), threads.pop()
     t0 = time.perf_counter()
     try:
-        out = decode_layers(np.ascontiguousarray(h.numpy()), np.array(plan, np.int64), tuple(attn),
-                            tuple(dense or [moe[0][3]]), tuple(moe), s0, cos.numpy(), sin.numpy(), nt,
-                            max(1, min(nt, attn[0][3].shape[0] // 4)), threads.pop(), aclock, mclock, distinct)
-    except numba.core.errors.TypingError:  # layers held in ways that make no one tuple type: layer by layer
+        for g0 in range(0, n, LAYERS_PER_CALL):
+            g1 = min(n, g0 + LAYERS_PER_CALL)
+            local: list[tuple[int, int]] = []
+            own: dict[int, list] = {DENSE: [], MOE: []}
+            for kind, k in plan[g0:g1]:
+                local.append((kind, len(own[kind])))
+                own[kind].append((dense if kind == DENSE else moe)[k])
+            out = decode_layers(out, np.array(local, np.int64), tuple(attn[g0:g1]), tuple(own[DENSE] or [moe[0][3]]),
+                                tuple(own[MOE] or [moe[0]]), s0, cos_n, sin_n, nt, mla_nt, ent, aclock[g0:g1],
+                                mclock[g0:g1], distinct[g0:g1])
+    except TypingError:  # layers held in ways that make no one tuple type: layer by layer
         model.cpu_steps["token"] = False
         return None
     _add_layer_times(model, plan, aclock.tolist(), mclock.tolist(), distinct.tolist(), T, time.perf_counter() - t0)
