@@ -77,7 +77,7 @@ class ExpertTable:
     @functools.cached_property
     def expert_nbytes(self) -> int:
         """Bytes of one expert's six parts (asked once per MoE layer call: kept)."""
-        return sum(r * c * s for (r, c), s in part_shapes(self.hidden, self.inter, self.group))
+        return int(self.part_nbytes.sum())
 
     def arena_addresses(self) -> tuple[np.ndarray, np.ndarray]:
         """(int64 base address, int64 length) per arena, for the kernels."""

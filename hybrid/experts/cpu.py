@@ -39,7 +39,7 @@ class CpuExperts:
         self.on_caller, self._threads = on_caller, threads
         self._unasked: list[Future] = []  # on-caller work over cache slots: pinned until it has run
         # numba's thread count is per calling thread: set it on the worker that runs the kernels
-        init = (lambda: numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))) if threads else None
+        init = (lambda: numba.set_num_threads(_capped(threads))) if threads else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts", initializer=init)
         self.reset_stats()
 
@@ -98,8 +98,7 @@ class CpuExperts:
         caller's thread (on_caller, no RAM cache), which a caller may then run itself; else None."""
         if self.cache is not None or not self.on_caller:
             return None
-        threads = min(self._threads, numba.config.NUMBA_NUM_THREADS) if self._threads else numba.get_num_threads()
-        return self.tables[layer], threads
+        return self.tables[layer], _capped(self._threads) if self._threads else numba.get_num_threads()
 
     def count(self, layer: int, tokens: int, experts: int, seconds: float) -> None:
         """Add a kernel call over `tokens` tokens and `experts` distinct experts that took `seconds` (one a
@@ -168,6 +167,11 @@ class CpuExperts:
         return out
 
 
+def _capped(threads: int) -> int:
+    """The kernels' thread count asked for, within the threads Numba started."""
+    return min(threads, numba.config.NUMBA_NUM_THREADS)
+
+
 class _OnCaller(Future):
     """A Future whose work runs on the first thread that asks for its result (CpuExperts.on_caller),
     with the kernels' thread count set there for the call."""
@@ -182,7 +186,7 @@ class _OnCaller(Future):
             self._work = None
             before = numba.get_num_threads()
             if threads:
-                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                numba.set_num_threads(_capped(threads))
             try:
                 self.set_result(fn(*args))
             except BaseException as e:  # noqa: BLE001 (handed to the asker, as a worker's Future does)
