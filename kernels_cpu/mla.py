@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from kernels_cpu.bf16dot import LANES, PAIR, ahead_bytes, f32_to_bf16, row_dot
+from kernels_cpu.bf16dot import PAIR, ahead_bytes, deinterleave, f32_to_bf16, row_dot
 from kernels_cpu.heads import AHEAD, prefetch_head_row
 from kernels_cpu.step_ops import rms_norm_into
 from kernels_cpu.widen import widened3
@@ -120,16 +120,13 @@ def _score4(qa, qp, buf, j, n, L, scale, sc, blk):
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
 def _values(kvb, P, acc, den, o, t, h0, h1, accd):
-    # o[t, h] = kv_b's value rows of head h . acc[h - h0] / den[h - h0], for heads h0..h1-1; accd [L] scratch
+    # o[t, h] = kv_b's value rows of head h . acc[h - h0] / den[h - h0], for heads h0..h1-1; accd [1, L] scratch
     L, V = kvb.shape[2], o.shape[2]
     for h in range(h0, h1):
         j = h - h0
         inv = np.float32(1.0) / den[j]
         if kvb.itemsize == 2 and L % PAIR == 0:  # bf16 value rows through the bf16 GEMV's row_dot
-            for c in range(0, L, PAIR):  # acc in the layout row_dot reads (bf16dot.deinterleave)
-                for i in range(LANES):
-                    accd[c + i] = acc[j, c + 2 * i]
-                    accd[c + LANES + i] = acc[j, c + 2 * i + 1]
+            deinterleave(acc[j:j + 1], accd)  # acc in the layout row_dot reads
             row, ahead = kvb.ctypes.data + (h * kvb.shape[1] + P) * L * 2, ahead_bytes(L * 2)
             for v in range(V):
                 o[t, h, v] = row_dot(row + v * L * 2, accd.ctypes.data, L, ahead) * inv
@@ -146,7 +143,7 @@ def _values(kvb, P, acc, den, o, t, h0, h1, accd):
 def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp, m, den, acc, sc, buf, blk, accd):
     # heads h0..h1-1 (a multiple of 4 of them) for every token: q absorbed into the latent space, the
     # pages scored and summed, the values out. qa [nh, L], qp [nh, R], m / den [nh], acc [nh, L],
-    # sc [4, PG], buf [PG, W], blk [4, 4], accd [L]: this thread's scratch (buf: the current page widened,
+    # sc [4, PG], buf [PG, W], blk [4, 4], accd [1, L]: this thread's scratch (buf: the current page widened,
     # in L2; accd: a head's value sum deinterleaved for row_dot)
     T = q.shape[0]
     L, PG, W = kvb.shape[2], main.shape[1], main.shape[2]
@@ -271,7 +268,7 @@ def decode_into(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt, kv, n
         _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, np.empty((nh, L), np.float32),
                np.empty((nh, R), np.float32), np.empty(nh, np.float32), np.empty(nh, np.float32),
                np.empty((nh, L), np.float32), np.empty((4, PG), np.float32), np.empty((PG, L + R), np.float32),
-               np.empty((4, 4), np.float32), np.empty(L, np.float32))
+               np.empty((4, 4), np.float32), np.empty((1, L), np.float32))
 
 
 def mla_decode(q: np.ndarray, cos: np.ndarray, sin: np.ndarray, kvb: np.ndarray, main: np.ndarray,
