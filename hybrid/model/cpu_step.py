@@ -22,6 +22,7 @@ import torch
 from numba.core.errors import TypingError
 
 from kernels_cpu.attn_step import PARTS, attention_step
+from kernels_cpu.mla import MAX_POSITIONS as MLA_MAX_POSITIONS
 from kernels_cpu.mla import MAX_TOKENS as MLA_MAX_TOKENS
 from kernels_cpu.moe import kernel_options
 from kernels_cpu.moe_step import PARTS as MOE_PARTS
@@ -46,9 +47,9 @@ def layers(model: Any, h: torch.Tensor, cache: Any, s0: int, cos: torch.Tensor, 
     h [T, D] -> the last layer's output, each layer's parts' times added to model.times (attention and
     its projections, dense, router, shared, experts_wait) and its experts reported to the backend; None
     where a layer's one-call steps do not apply (the caller then goes layer by layer)."""
-    if not _decode_rows(h) or model.cpu_steps.get("token") is False:
-        return None
     n, T = model.cfg.num_hidden_layers, h.shape[0]
+    if not _decode_rows(h) or model.cpu_steps.get("token") is False or s0 + T > MLA_MAX_POSITIONS:
+        return None  # past the one-call MLA's positions every layer's step_pages says no: not worth asking
     attn, dense, moe, plan, threads = [], [], [], [], set()
     for i in range(n):  # the per-layer Python here runs back to back, in cache, before the layers stream
         if model.cfg.is_moe_layer(i):
