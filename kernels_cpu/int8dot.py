@@ -1,7 +1,7 @@
 """int8 weight rows against int16 activations with vpmaddwd: the int8 GEMV's inner loop (widen.py).
 
-Owns quantize_blocks (fp32 activations -> int16 codes and one fp32 scale per BLOCK columns) and
-make_rows_kernel (R int8 rows x one token over the whole input dimension, hand-written LLVM IR as
+Owns quantize_blocks (fp32 activations -> int16 codes and one fp32 scale per BLOCK columns),
+dequantize_rows (a block of codes -> fp32 for a prompt's GEMM) and make_rows_kernel (R int8 rows x one token over the whole input dimension, hand-written LLVM IR as
 in simd.py: Numba's vectoriser never emits vpmaddwd). Widening each int8 weight to fp32 for an FMA
 made the int8 GEMV compute-bound on short rows (10-18 GB/s on a 2-core Xeon where bf16 weights, twice
 the bytes, read 21-28); here 2L int8 weights cost a sign-extending load, one vpmaddwd and one add.
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -70,6 +70,39 @@ def quantize_activations(x):
     xc = np.empty((T, I // BLOCK * (CH // 4)), np.int32)
     vnni_layout(xq, xb, xc)
     return xb, xs, xc
+
+
+def dequantize_rows(q: np.ndarray, scale: np.ndarray, out: np.ndarray, parallel: bool = True) -> None:
+    """q int8 [n, I], scale f32 [n] -> out f32 [n, I] = q * scale[:, None], each value rounded once as
+    torch's widen-then-scale rounds it: a prompt's block of int8 weight rows before its fp32 GEMM, in one
+    pass over the block (torch's copy then multiply took two: K2's dense gate, 18432 x 7168, 22 -> 12
+    ms a layer on a 2-core Xeon, against ~200 ms of GEMM). parallel=False: on the calling thread alone,
+    where a second parallel region beside the expert kernels' may not run."""
+    if q.dtype != np.int8 or q.ndim != 2 or scale.dtype != np.float32 or scale.shape != (q.shape[0],) \
+            or out.dtype != np.float32 or out.shape != q.shape or not out.flags.c_contiguous:
+        raise ValueError(f"dequantize_rows: want q int8 [n, I], scale float32 [n] and a contiguous float32 out "
+                         f"[n, I], got q {q.dtype} {q.shape}, scale {scale.dtype} {scale.shape}, out {out.dtype} "
+                         f"{out.shape}")
+    (_dequantize if parallel else _dequantize_serial)(q, scale, out)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _dequantize_row(q, scale, out, r):
+    s = scale[r]
+    for i in range(q.shape[1]):
+        out[r, i] = np.float32(q[r, i]) * s
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _dequantize(q, scale, out):
+    for r in prange(q.shape[0]):
+        _dequantize_row(q, scale, out, r)
+
+
+@njit(nogil=True, cache=True)
+def _dequantize_serial(q, scale, out):
+    for r in range(q.shape[0]):
+        _dequantize_row(q, scale, out, r)
 
 
 @njit(nogil=True, cache=True)

@@ -449,13 +449,39 @@ def test_prompt_products_equal_the_float64_ones(gemm, monkeypatch):
     g = torch.Generator().manual_seed(5)
     w = torch.randn(3 * 96 + 17, 200, generator=g).div(200 ** 0.5).to(torch.bfloat16)
     q, s = quantize_int8(w)
-    for T in (20, 129):
-        x = torch.randn(T, 200, generator=g)
-        for weight, wd in ((w, w.double()), ((q, s), q.double() * s.double()[:, None])):
-            ref = x.double() @ wd.T
-            y = lin.linear(x, weight)
-            assert y.dtype == torch.float32 and y.shape == (T, w.shape[0])
-            torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    for values in (64 * 200, 80 * 200 + 7):  # oneDNN's blocks of 64 rows, then 80 (short rows take more)
+        monkeypatch.setattr(lin, "ONEDNN_BLOCK_VALUES", values)
+        for T in (20, 129):
+            x = torch.randn(T, 200, generator=g)
+            for weight, wd in ((w, w.double()), ((q, s), q.double() * s.double()[:, None])):
+                ref = x.double() @ wd.T
+                y = lin.linear(x, weight)
+                assert y.dtype == torch.float32 and y.shape == (T, w.shape[0])
+                torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_dequantized_int8_rows_equal_torchs_widen_then_scale(parallel):
+    """int8dot.dequantize_rows, a prompt's int8 block before its GEMM: bit for bit the fp32 values of
+    torch's int8 -> fp32 copy times the row's scale, for any block of rows of the weight; a wrong
+    dtype or shape is refused by name."""
+    import torch
+
+    from kernels_cpu.int8dot import dequantize_rows
+    from kernels_gpu.int8 import quantize_int8
+
+    g = torch.Generator().manual_seed(9)
+    q, s = quantize_int8(torch.randn(70, 333, generator=g).to(torch.bfloat16))
+    s32 = s.float()
+    for o, n in ((0, 70), (13, 1), (64, 6)):
+        out = np.full((n, 333), np.nan, np.float32)
+        dequantize_rows(q.numpy()[o:o + n], s32.numpy()[o:o + n], out, parallel)
+        want = q[o:o + n].float() * s32[o:o + n, None]
+        np.testing.assert_array_equal(out.view(np.uint32), want.numpy().view(np.uint32))
+    with pytest.raises(ValueError, match="dequantize_rows.*scale float32"):
+        dequantize_rows(q.numpy(), s.view(torch.int16).numpy(), np.empty((70, 333), np.float32), parallel)
+    with pytest.raises(ValueError, match="dequantize_rows.*out"):
+        dequantize_rows(q.numpy(), s32.numpy(), np.empty((70, 332), np.float32), parallel)
 
 
 def test_prompt_gemm_choice(monkeypatch):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from kernels_cpu import amx, amx_gemm
 from kernels_cpu.heads import head_absorb, head_values
+from kernels_cpu.int8dot import dequantize_rows
 from kernels_cpu.widen import MAX_ROWS as MAX_WIDEN_ROWS
 from kernels_cpu.widen import bf16_gemv, concurrent_parallel_ok, gemv_pair, int8_gemv, swiglu_gemv
 from kernels_gpu.int8 import int8_linear
@@ -185,9 +186,10 @@ def _int8_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     if x2.shape[0] > MAX_WIDEN_ROWS and _tiles_take(q):
         y = amx_gemm.gemm_bf16x3(x2.detach().contiguous().numpy(), q.numpy(), scale.float().numpy())
         return torch.from_numpy(y).view(*x.shape[:-1], q.shape[0])
-    s32 = scale.float()[:, None]
-    return _cpu_product(x, q.shape[0], lambda a: int8_gemv(a, q.numpy(), bf16_bits(scale)),
-                        lambda o, out: out.copy_(q[o:o + len(out)]).mul_(s32[o:o + len(out)]))
+    qn, s32 = q.numpy(), scale.float().numpy()
+    par = concurrent_parallel_ok()
+    return _cpu_product(x, q.shape[0], lambda a: int8_gemv(a, qn, bf16_bits(scale)),
+                        lambda o, out: dequantize_rows(qn[o:o + len(out)], s32[o:o + len(out)], out.numpy(), par))
 
 
 _widened = threading.local()  # .block: this thread's fp32 buffer for widened weight rows (prefill GEMMs)
@@ -205,7 +207,7 @@ def _cpu_product(x: torch.Tensor, O: int, gemv: Callable[[np.ndarray], np.ndarra
         return torch.from_numpy(gemv(x2.detach().contiguous().numpy())).view(*x.shape[:-1], O)
     T, In = x2.shape
     gemm = _block_gemm()
-    rows = WIDEN_BLOCK_ROWS if gemm is _mkl_block else ONEDNN_BLOCK_ROWS
+    rows = WIDEN_BLOCK_ROWS if gemm is _mkl_block else max(ONEDNN_BLOCK_ROWS, ONEDNN_BLOCK_VALUES // In)
     buf = getattr(_widened, "block", None)
     if buf is None or buf.numel() < rows * In:
         with torch.inference_mode(False):  # a normal tensor: written in place under inference mode or not
@@ -214,11 +216,17 @@ def _cpu_product(x: torch.Tensor, O: int, gemv: Callable[[np.ndarray], np.ndarra
     x2 = x2.contiguous()
     for o in range(0, O, rows):
         n = min(rows, O - o)
-        gemm(x2, block(o, buf[:n * In].view(n, In)), y[:, o:o + n])
+        wb = buf[:n * In].view(n, In)
+        block(o, wb)
+        gemm(x2, wb, y[:, o:o + n])
     return y.view(*x.shape[:-1], O)
 
 
 ONEDNN_BLOCK_ROWS = 256  # widened rows per oneDNN GEMM (K2 shapes, Zen 4: 256 at or above 512)
+# ... or more where the rows are short, so that a block holds as many weights as 256 of K2's 7168-wide
+# rows: each GEMM call has a fixed cost, and q_b_proj's 1536-wide rows, 256 at a time, ran at 133 against
+# 164 GFLOP/s with 1024 (T=128, AVX2 code on a 2-core Xeon; 7168-wide rows level from 256 to 1024)
+ONEDNN_BLOCK_VALUES = 256 * 7168
 
 
 def _mkl_block(x2: torch.Tensor, wb: torch.Tensor, out: torch.Tensor) -> None:
