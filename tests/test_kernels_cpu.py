@@ -586,67 +586,101 @@ def test_decode_under_numbas_workqueue_layer_does_not_abort(tiny_path):
             f"    e = hybrid.load({str(tiny_path)!r}, backend='numba', device='cpu', context=64, gpu_precision=p)\n"
             "    toks += [s.token for s in e.generate([1, 2, 3, 4], 6, temperature=0)]\n"
             "print(toks, concurrent_parallel_ok())")
-    runs = [subprocess.run([sys.executable, "-c", code], env=dict(os.environ, NUMBA_THREADING_LAYER=layer),
-                           capture_output=True, text=True, timeout=300) for layer in ("workqueue", "default")]
-    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
-    (toks_wq, ok_wq), (toks, ok) = (r.stdout.strip().rsplit(" ", 1) for r in runs)
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, NUMBA_THREADING_LAYER=layer),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for layer in ("workqueue", "default")]  # side by side: each mostly compiles on one core
+    runs = [(p, *p.communicate(timeout=300)) for p in procs]
+    assert all(p.returncode == 0 for p, _, _ in runs), [err[-2000:] for _, _, err in runs]
+    (toks_wq, ok_wq), (toks, ok) = (out.strip().rsplit(" ", 1) for _, out, _ in runs)
     assert ok_wq == "False" and toks_wq == toks  # the same greedy tokens on one core
-
 
 
 HASWELL = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fsgsbase,+lzcnt,+mmx,+movbe,+pclmul,"
            "+popcnt,+rdrnd,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt")
-
-
-def _in_a_subprocess(name: str, features: str, select: str) -> None:
-    """Run this file's tests that `select` picks with numba targeting CPU `name` with `features`."""
-    env = dict(os.environ, NUMBA_CPU_NAME=name, NUMBA_CPU_FEATURES=features)
-    here = Path(__file__)
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here),
-                          "-k", select + " and not in_a_subprocess"],
-                         cwd=here.parents[1], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]   # 5 would mean no test ran
-
-
 _SUBPROCESS = os.environ.get("NUMBA_CPU_FEATURES") is not None
 # the tests that run the INT4 row kernels and their activation layout, and the int8 GEMV's vpdpbusd or
 # vpmaddwd path
 _MOE_TESTS = "moe or activation_layout or overwritten or zero_weights or memmap or python_threads or int8_gemv"
 
 
-@pytest.mark.skipif(not host_features()["avx512bw"] or _SUBPROCESS, reason="this process already runs the AVX2 kernels")
-def test_avx2_kernels_in_a_subprocess():
-    """The ymm (AVX2) kernels, compiled for a Haswell target (vpmaddwd, as on Zen 3), pass this whole file too."""
-    _in_a_subprocess("haswell", HASWELL, "not nothing")
-
-
-@pytest.mark.skipif(not host_features()["avxvnni"] or _SUBPROCESS, reason="needs a CPU with AVX-VNNI")
-def test_avx2_vnni_kernels_in_a_subprocess():
-    """The ymm kernels through VEX vpdpbusd (AVX2 with AVX-VNNI, as on Alder Lake) pass the MoE tests."""
-    _in_a_subprocess("haswell", HASWELL + ",+avxvnni", _MOE_TESTS)
-
-
-@pytest.mark.skipif(not host_features()["avx512vnni"] or _SUBPROCESS, reason="this process already runs vpmaddwd")
-def test_avx512_kernels_without_vnni_in_a_subprocess():
-    """The zmm kernels through vpmaddwd (AVX-512 without VNNI, as on Skylake-SP) pass the MoE tests."""
-    import llvmlite.binding as llvm_binding
-
-    feats = llvm_binding.get_host_cpu_features()
-    feats["avx512vnni"] = feats["avxvnni"] = False
-    _in_a_subprocess("skylake-avx512", feats.flatten(), _MOE_TESTS)
-
-
-@pytest.mark.skipif(not amx.available() or _SUBPROCESS, reason="this process already runs without AMX")
-def test_zmm_vnni_kernels_without_amx_in_a_subprocess():
-    """Where the CPU has AVX-512 VNNI but no AMX (Zen 4 and 5, Ice Lake), the row kernel takes every
-    expert, prompts too: the MoE tests pass compiled for such a target."""
+def _host_features_without(*prefixes: str) -> str:
     import llvmlite.binding as llvm_binding
 
     feats = llvm_binding.get_host_cpu_features()
     for f in list(feats):
-        if f.startswith("amx"):
+        if f.startswith(prefixes):
             feats[f] = False
-    _in_a_subprocess("icelake-server", feats.flatten(), _MOE_TESTS)
+    return feats.flatten()
+
+
+# test name -> (numba CPU name, its features, the tests of this file it runs); features are computed
+# when the runs start, so collecting this file on any CPU costs nothing
+_ISA_RUNS = {
+    "test_avx2_kernels_in_a_subprocess": ("haswell", lambda: HASWELL, "not nothing"),
+    "test_avx2_vnni_kernels_in_a_subprocess": ("haswell", lambda: HASWELL + ",+avxvnni", _MOE_TESTS),
+    "test_avx512_kernels_without_vnni_in_a_subprocess":
+        ("skylake-avx512", lambda: _host_features_without("avx512vnni", "avxvnni"), _MOE_TESTS),
+    "test_zmm_vnni_kernels_without_amx_in_a_subprocess":
+        ("icelake-server", lambda: _host_features_without("amx"), _MOE_TESTS),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def isa_runs(request, tmp_path_factory):
+    """Every ISA run this session selected, started together when this file's first test starts: each
+    is mostly one core compiling the kernels for its target, as are this file's own tests, so side by
+    side they keep both cores of a 2-core machine busy where one after another they kept one. Yields
+    name -> (process, log path); any still running at the module's end is killed."""
+    chosen = {item.name for item in request.session.items if item.name in _ISA_RUNS
+              and not item.get_closest_marker("skipif").args[0]}
+    logs = tmp_path_factory.mktemp("isa")
+    here = Path(__file__)
+    runs = {}
+    for name in sorted(chosen):
+        cpu, features, select = _ISA_RUNS[name]
+        env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features())
+        log = logs / f"{name}.log"
+        with open(log, "w") as out:
+            runs[name] = (subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here),
+                                            "-k", select + " and not in_a_subprocess"],
+                                           cwd=here.parents[1], env=env, stdout=out, stderr=subprocess.STDOUT), log)
+    yield runs
+    for proc, _ in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _passes(isa_runs, name: str) -> None:
+    """The run of this file under the ISA of test `name` ended with every selected test passing."""
+    proc, log = isa_runs[name]
+    code = proc.wait(timeout=600)
+    assert code == 0, log.read_text()[-6000:]   # 5 would mean no test ran
+
+
+@pytest.mark.skipif(not host_features()["avx512bw"] or _SUBPROCESS, reason="this process already runs the AVX2 kernels")
+def test_avx2_kernels_in_a_subprocess(isa_runs):
+    """The ymm (AVX2) kernels, compiled for a Haswell target (vpmaddwd, as on Zen 3), pass this whole file too."""
+    _passes(isa_runs, "test_avx2_kernels_in_a_subprocess")
+
+
+@pytest.mark.skipif(not host_features()["avxvnni"] or _SUBPROCESS, reason="needs a CPU with AVX-VNNI")
+def test_avx2_vnni_kernels_in_a_subprocess(isa_runs):
+    """The ymm kernels through VEX vpdpbusd (AVX2 with AVX-VNNI, as on Alder Lake) pass the MoE tests."""
+    _passes(isa_runs, "test_avx2_vnni_kernels_in_a_subprocess")
+
+
+@pytest.mark.skipif(not host_features()["avx512vnni"] or _SUBPROCESS, reason="this process already runs vpmaddwd")
+def test_avx512_kernels_without_vnni_in_a_subprocess(isa_runs):
+    """The zmm kernels through vpmaddwd (AVX-512 without VNNI, as on Skylake-SP) pass the MoE tests."""
+    _passes(isa_runs, "test_avx512_kernels_without_vnni_in_a_subprocess")
+
+
+@pytest.mark.skipif(not amx.available() or _SUBPROCESS, reason="this process already runs without AMX")
+def test_zmm_vnni_kernels_without_amx_in_a_subprocess(isa_runs):
+    """Where the CPU has AVX-512 VNNI but no AMX (Zen 4 and 5, Ice Lake), the row kernel takes every
+    expert, prompts too: the MoE tests pass compiled for such a target."""
+    _passes(isa_runs, "test_zmm_vnni_kernels_without_amx_in_a_subprocess")
 
 
 def test_head_products_equal_the_float64_einsums():
