@@ -1,8 +1,9 @@
 """int8 weight rows against int16 activations with vpmaddwd: the int8 GEMV's inner loop (widen.py).
 
 Owns quantize_blocks (fp32 activations -> int16 codes and one fp32 scale per BLOCK columns),
-dequantize_rows (a block of codes -> fp32 for a prompt's GEMM) and make_rows_kernel (R int8 rows x one token over the whole input dimension, hand-written LLVM IR as
-in simd.py: Numba's vectoriser never emits vpmaddwd). Widening each int8 weight to fp32 for an FMA
+dequantize_rows (a block of codes -> fp32 for a prompt's GEMM) and make_rows_kernel (R int8 rows x
+one token over the whole input dimension, hand-written LLVM IR as in simd.py: Numba's vectoriser
+never emits vpmaddwd). Widening each int8 weight to fp32 for an FMA
 made the int8 GEMV compute-bound on short rows (10-18 GB/s on a 2-core Xeon where bf16 weights, twice
 the bytes, read 21-28); here 2L int8 weights cost a sign-extending load, one vpmaddwd and one add.
 
