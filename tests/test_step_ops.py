@@ -105,10 +105,11 @@ def test_attention_step_equals_the_separate_kernels(kind):
 @pytest.mark.parametrize("precision", ["auto", "int8"])
 def test_one_call_decode_steps_equal_the_separate_steps(tiny_path, monkeypatch, precision):
     """A CPU decode step with every layer in one Numba call (model/cpu_step.py's layers, kernels_cpu.token_step),
-    or one call a layer (LAYERS_PER_CALL 1), and layer by layer with the MLP half in one call (cpu_step's moe and dense, kernels_cpu.moe_step), give
-    the logits of the separate steps (the router, the backend's submit and wait, the shared expert, the
-    sums) bit for bit, with bf16 and with int8 non-expert weights; every decode step goes through the path
-    on trial; and the backend counts those calls as its own (expert bytes, routing counts)."""
+    or one call a layer (LAYERS_PER_CALL 1), and layer by layer with the MLP half in one call (cpu_step's moe
+    and dense, kernels_cpu.moe_step), give the logits of the separate steps (the router, the backend's submit
+    and wait, the shared expert, the sums) bit for bit, with bf16 and with int8 non-expert weights; every
+    decode step goes through the path on trial; and the backend counts those calls as its own (expert bytes,
+    routing counts)."""
     import hybrid
     from hybrid.model import cpu_step
 
