@@ -175,6 +175,7 @@ class _Emitter:
 
     def __init__(self, b: ir.IRBuilder, R: int, TB: int, L: int, vnni: bool):
         self.b, self.R, self.TB, self.L, self.vnni = b, R, TB, L, vnni
+        self.paired = False                                   # see make_rowblock_kernel
         self.CB, self.GPC = 2 * L, L // 8                      # chunk bytes, groups per chunk
         self.VW, self.VD, self.VF = ir.VectorType(I16, L), ir.VectorType(I32, L // 2), ir.VectorType(F32, L // 2)
         mod = b.module
@@ -245,7 +246,14 @@ class _Emitter:
         b, R, TB, CB, GPC = self.b, self.R, self.TB, self.CB, self.GPC
         ng = GPC * U
         goff = b.mul(chunk, _i64(4 * GPC))                    # f32 per group
-        if U * GPC == STEP_GROUPS and PF_BLOCKS:
+        if U * GPC == STEP_GROUPS and PF_BLOCKS and self.paired:
+            # rows of different matrices: the same columns PF_BLOCKS rows on in each row's own matrix
+            for r in range(R):
+                wpos = b.add(b.add(wrow[r], self.wnext), b.mul(chunk, _i64(CB)))
+                for line in range(0, CB * U, 64):
+                    prefetch_l2(b, b.add(wpos, _i64(line)))
+                prefetch_l2(b, b.add(b.add(srow[r], self.snext), b.mul(chunk, _i64(2 * GPC))))
+        elif U * GPC == STEP_GROUPS and PF_BLOCKS:
             # this step consumes CB * U bytes of each of R rows: fetch as many of the block ahead
             wpos = b.add(self.wnext, b.mul(chunk, _i64(CB * R)))
             for line in range(0, CB * U * R, 64):
@@ -276,7 +284,7 @@ class _Emitter:
                     b.store(b.call(self.fma, [f, sc, b.load(accs[r][t])]), accs[r][t])
 
 
-def make_rowblock_kernel(R: int, TB: int, L: int, vnni: bool):
+def make_rowblock_kernel(R: int, TB: int, L: int, vnni: bool, paired: bool = False):
     """An intrinsic rowblock(w, wstride, s, sstride, nch, xa, dg, xs, toks, din, res, rstride) -> None.
 
     vnni: vpdpbusd over actq's byte layout, else vpmaddwd over its int16 one; pass actq.VNNI, which
@@ -286,6 +294,9 @@ def make_rowblock_kernel(R: int, TB: int, L: int, vnni: bool):
     w + r * wstride, s + r * sstride (bytes). nch = din / (4L) chunks. xa int16 [N, din], dg, xs
     f32 [N, din/32]: activation rows, of which token t of this block is row toks[t] (int64 array
     address). res: f32 written as res[t * rstride + r] = dot(weight row r, token t).
+    paired: the R rows lie in R different matrices (wstride, sstride: the distance between them, of
+    either sign), each followed by its own next row, so the prefetch runs ahead in each; else the
+    R rows are consecutive rows of one matrix and it runs ahead over the next blocks of R rows.
     """
     @intrinsic
     def rowblock(typingctx, w, wstride, s, sstride, nch, xa, dg, xs, toks, din, res, rstride):
@@ -298,8 +309,13 @@ def make_rowblock_kernel(R: int, TB: int, L: int, vnni: bool):
                     for _ in range(R)]
             wrow = [b.add(w, b.mul(_i64(r), wstride)) for r in range(R)]
             srow = [b.add(s, b.mul(_i64(r), sstride)) for r in range(R)]
-            em.wnext = b.add(w, b.mul(_i64(R * PF_BLOCKS), wstride))
-            em.snext = b.add(s, b.mul(_i64(R * PF_BLOCKS), sstride))
+            em.paired = paired
+            if paired:                                 # offsets PF_BLOCKS rows on, added to each row's address
+                em.wnext = b.mul(_i64(PF_BLOCKS), b.udiv(din, _i64(2)))
+                em.snext = b.mul(_i64(PF_BLOCKS), b.udiv(din, _i64(16)))
+            else:
+                em.wnext = b.add(w, b.mul(_i64(R * PF_BLOCKS), wstride))
+                em.snext = b.add(s, b.mul(_i64(R * PF_BLOCKS), sstride))
             gbytes = b.mul(b.udiv(din, _i64(32)), _i64(4))
             xrow, grow = [], []
             for t in range(TB):

@@ -164,6 +164,37 @@ def test_table_over_memmap_with_unaligned_offsets(tmp_path, experts, table):
     np.testing.assert_array_equal(moe_forward(x, ids, w, mapped), moe_forward(x, ids, w, table))
 
 
+def _table_in_order(experts, order, split):
+    """experts' parts laid out in `order` (indices into PARTS) with the alignment from_arrays uses; with
+    split, up's two parts in an arena of their own."""
+    loc = np.zeros((E, 6, 2), np.int64)
+    blobs = [bytearray(), bytearray()]
+    for e, ex in enumerate(experts):
+        for m in order:
+            a = 1 if split and m in (2, 3) else 0
+            blobs[a] += b"\0" * (-len(blobs[a]) % 64)
+            loc[e, m] = (a, len(blobs[a]))
+            blobs[a] += np.ascontiguousarray(ex[PARTS[m]]).tobytes()
+    return ExpertTable([np.frombuffer(bytes(b) or b"\0", np.uint8).copy() for b in blobs], loc, D, I)
+
+
+def test_moe_one_token_gate_beside_up_wherever_they_lie(experts, table):
+    """An expert with one token has its gate and up rows read side by side (the paired row kernel, the
+    two matrices any distance apart, of either sign): the same output for up after gate, before it, or
+    in another arena; bit for bit the two-token path's (each token given twice, so every expert has
+    two, through the unpaired kernels); and the reference's within TOL."""
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((1, D)).astype(np.float32)
+    ids = rng.choice(E, (1, K), replace=False)
+    w = rng.random((1, K)).astype(np.float32)
+    one = moe_forward(x, ids, w, table)
+    assert rel_err(one, reference(x, ids, w, experts)) <= TOL
+    for order, split in (((2, 3, 0, 1, 4, 5), False), ((0, 1, 2, 3, 4, 5), True), ((4, 2, 5, 3, 1, 0), True)):
+        np.testing.assert_array_equal(moe_forward(x, ids, w, _table_in_order(experts, order, split)), one)
+    twice = moe_forward(np.repeat(x, 2, 0), np.repeat(ids, 2, 0), np.repeat(w, 2, 0), table)
+    np.testing.assert_array_equal(twice, np.repeat(one, 2, 0))
+
+
 def test_loc_updated_in_place_is_followed(experts):
     tab = ExpertTable.from_arrays(experts, D, I)
     ids, w = routing(3, seed=5)
