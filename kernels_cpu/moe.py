@@ -224,6 +224,13 @@ def _buffers(maxn, din, tiles, panels):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _on_rows(n, b0, b1, panel_min, xp):
+    """Whether _block takes the row kernel for a slot of n tokens with tile blocks b0..b1-1 (neither the
+    panel kernel nor the tile kernel)."""
+    return not (n >= panel_min and xp.shape[0] > 0) and b1 <= b0
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _block(w, sc, din, xa, dg, xs, toks, n, bufs, b0, b1, bt, dgb, cfg, xp, dgp, xsp, got, panel_min):
     """RB weight rows (packed bytes at w, bf16 scales at sc, din columns) x the n activation rows listed
     at toks (int64 address) -> got f32 [n, RB] (a view, written): through the panel kernel when the
@@ -231,21 +238,21 @@ def _block(w, sc, din, xa, dg, xs, toks, n, bufs, b0, b1, bt, dgb, cfg, xp, dgp,
     empty), the tile kernel when it has token blocks b0 < b1 (_tile_blocks), else the row kernel."""
     res, ta, tws, tres, _, pan = bufs
     N, M = amx.N, amx.M
-    if n >= panel_min and xp.shape[0] > 0:
-        panel.panel_rows(w, din // 2, sc, din // 16, RB, din, xp, dgp, xsp, toks, n, pan, got)
-    elif b1 > b0:
-        for o in range(0, RB, M):
-            _tiles(w + o * (din // 2), sc + o * (din // 16), din, ta, tws, tres, cfg, bt, dgb, b0, b1)
-            for j in range(n):
-                for r in range(M):
-                    got[j, o + r] = tres[j // N, r, j % N]
-    else:
+    if _on_rows(n, b0, b1, panel_min, xp):
         for o in range(0, RB, 8):
             _dot8(w + o * (din // 2), din // 2, sc + o * (din // 16), din // 16, din // _CH, xa.ctypes.data,
                   dg.ctypes.data, xs.ctypes.data, toks, n, din, res.ctypes.data)
             for j in range(n):
                 for r in range(8):
                     got[j, o + r] = res[8 * j + r]
+    elif n >= panel_min and xp.shape[0] > 0:
+        panel.panel_rows(w, din // 2, sc, din // 16, RB, din, xp, dgp, xsp, toks, n, pan, got)
+    else:
+        for o in range(0, RB, M):
+            _tiles(w + o * (din // 2), sc + o * (din // 16), din, ta, tws, tres, cfg, bt, dgb, b0, b1)
+            for j in range(n):
+                for r in range(M):
+                    got[j, o + r] = tres[j // N, r, j % N]
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -283,7 +290,7 @@ def moe_into(x, ids, wts, base, loc, D, I, out, nt, amx_min, cfg, panel_min):
         while it < S * 2 * nb:
             s, m, o0 = it // (2 * nb), (it // nb) % 2, (it % nb) * RB
             e, p0, n = slot_e[s], slot_p[s], slot_p[s + 1] - slot_p[s]
-            if n == 1 and blk[s + 1] == blk[s] and not (n >= panel_min and xp.shape[0] > 0):
+            if n == 1 and _on_rows(n, blk[s], blk[s + 1], panel_min, xp):
                 # one token on the row kernel: the slot's items are half blocks of gate and up together
                 _gate_up_rows(base, loc, e, (it % (2 * nb)) * (RB // 2), RB // 2, D, xa, dg, xs,
                               pair_tok.ctypes.data + 8 * p0, bufs[0], gu, p0)

@@ -173,9 +173,8 @@ class _Emitter:
     L int16 lanes per vector; a chunk = 2L bytes of one row = 4L columns = L/8 groups.
     """
 
-    def __init__(self, b: ir.IRBuilder, R: int, TB: int, L: int, vnni: bool):
-        self.b, self.R, self.TB, self.L, self.vnni = b, R, TB, L, vnni
-        self.paired = False                                   # see make_rowblock_kernel
+    def __init__(self, b: ir.IRBuilder, R: int, TB: int, L: int, vnni: bool, paired: bool):
+        self.b, self.R, self.TB, self.L, self.vnni, self.paired = b, R, TB, L, vnni, paired  # see make_rowblock_kernel
         self.CB, self.GPC = 2 * L, L // 8                      # chunk bytes, groups per chunk
         self.VW, self.VD, self.VF = ir.VectorType(I16, L), ir.VectorType(I32, L // 2), ir.VectorType(F32, L // 2)
         mod = b.module
@@ -249,10 +248,10 @@ class _Emitter:
         if U * GPC == STEP_GROUPS and PF_BLOCKS and self.paired:
             # rows of different matrices: the same columns PF_BLOCKS rows on in each row's own matrix
             for r in range(R):
-                wpos = b.add(b.add(wrow[r], self.wnext), b.mul(chunk, _i64(CB)))
+                wpos = b.add(b.add(wrow[r], self.wahead), b.mul(chunk, _i64(CB)))
                 for line in range(0, CB * U, 64):
                     prefetch_l2(b, b.add(wpos, _i64(line)))
-                prefetch_l2(b, b.add(b.add(srow[r], self.snext), b.mul(chunk, _i64(2 * GPC))))
+                prefetch_l2(b, b.add(b.add(srow[r], self.sahead), b.mul(chunk, _i64(2 * GPC))))
         elif U * GPC == STEP_GROUPS and PF_BLOCKS:
             # this step consumes CB * U bytes of each of R rows: fetch as many of the block ahead
             wpos = b.add(self.wnext, b.mul(chunk, _i64(CB * R)))
@@ -304,16 +303,15 @@ def make_rowblock_kernel(R: int, TB: int, L: int, vnni: bool, paired: bool = Fal
 
         def codegen(context, b, signature, args):
             w, wstride, s, sstride, nch, xa, dg, xs, toks, din, res, rstride = args
-            em = _Emitter(b, R, TB, L, vnni)
+            em = _Emitter(b, R, TB, L, vnni, paired)
             accs = [[cgutils.alloca_once_value(b, ir.Constant(em.VF, None)) for _ in range(TB)]
                     for _ in range(R)]
             wrow = [b.add(w, b.mul(_i64(r), wstride)) for r in range(R)]
             srow = [b.add(s, b.mul(_i64(r), sstride)) for r in range(R)]
-            em.paired = paired
-            if paired:                                 # offsets PF_BLOCKS rows on, added to each row's address
-                em.wnext = b.mul(_i64(PF_BLOCKS), b.udiv(din, _i64(2)))
-                em.snext = b.mul(_i64(PF_BLOCKS), b.udiv(din, _i64(16)))
-            else:
+            if paired:                                 # PF_BLOCKS rows on, added to each row's own address
+                em.wahead = b.mul(_i64(PF_BLOCKS), b.udiv(din, _i64(2)))
+                em.sahead = b.mul(_i64(PF_BLOCKS), b.udiv(din, _i64(16)))
+            else:                                      # the block PF_BLOCKS blocks on
                 em.wnext = b.add(w, b.mul(_i64(R * PF_BLOCKS), wstride))
                 em.snext = b.add(s, b.mul(_i64(R * PF_BLOCKS), sstride))
             gbytes = b.mul(b.udiv(din, _i64(32)), _i64(4))
