@@ -1,7 +1,8 @@
 """AMX (Intel's tile matrix unit) for the routed experts' prompt products: INT4 x INT16, exact.
 
-Owns the tile kernel and the two repackings it reads, and TileOps (the tile instructions as LLVM
-intrinsics, which amx_gemm's bf16 kernel uses too). moe.py decides which experts go through it:
+Owns the tile kernel and the two repackings it reads (with tile_rows and slot_blocks, which moe.py
+calls), and TileOps (the tile instructions as LLVM intrinsics, which amx_gemm's bf16 kernel uses
+too). moe.py decides which experts go through it:
 those with many tokens in a prompt. Decode (one token per expert) stays on the row kernel (simd.py),
 which streams weights at memory speed; a tile product only pays off where each weight row meets
 many tokens.
@@ -34,7 +35,7 @@ import os
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -243,6 +244,41 @@ def pack_tokens(xa32, rowwords, dg, toks, ntok, G, bt, dgb):
                     bt[g, 0, kk, n] = 0
                     bt[g, 1, kk, n] = 0
                 dgb[g, n] = 0.0
+
+
+@njit(nogil=True, cache=True, inline="always")
+def tile_rows(w, sc, din, ta, tws, tres, cfg, bt, dgb, b0, b1):
+    """16 weight rows (packed bytes at w, bf16 scales at sc, din columns) against token blocks b0..b1-1
+    of bt, dgb (slot_blocks) through the tile kernel: tres[k, r, j] = row r . token j of block k."""
+    unpack_rows(w, din // 2, sc, din // 16, din, ta, tws)
+    for k in range(b1 - b0):
+        tile_product(cfg.ctypes.data, ta.ctypes.data, din, bt[b0 + k].ctypes.data, dgb[b0 + k].ctypes.data,
+                     tws.ctypes.data, din // 32, tres[k].ctypes.data)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def slot_blocks(slot_p, amx_min, xa, dg, toks, G):
+    """For moe.py: the token blocks of its slots (experts; slot s has the activation rows
+    toks[slot_p[s]:slot_p[s+1]]) with at least amx_min tokens -> blk int64 [S + 1] (slot s's blocks are
+    blk[s]:blk[s+1]), bt int32 [blocks, G, 2, 8, N], dgb f32 [blocks, G, N] (pack_tokens over those
+    rows)."""
+    S = slot_p.shape[0] - 1
+    blk = np.zeros(S + 1, np.int64)
+    for s in range(S):
+        n = slot_p[s + 1] - slot_p[s]
+        blk[s + 1] = blk[s] + ((n + N - 1) // N if n >= amx_min else 0)
+    bt = np.empty((blk[S], G, 2, 8, N), np.int32)
+    dgb = np.empty((blk[S], G, N), np.float32)
+    if blk[S] == 0:                                  # no parallel region (a thread wake-up) for nothing
+        return blk, bt, dgb
+    xa32 = xa.view(np.int32).reshape(-1)
+    rowwords = xa.shape[1] // 2
+    for s in prange(S):
+        for k in range(blk[s + 1] - blk[s]):
+            t0 = slot_p[s] + N * k
+            pack_tokens(xa32, rowwords, dg, toks[t0:], min(N, slot_p[s + 1] - t0), G, bt[blk[s] + k],
+                        dgb[blk[s] + k])
+    return blk, bt, dgb
 
 
 @intrinsic

@@ -67,10 +67,11 @@ def moe_step(h, x, router, bias, route, shared, experts, counts, nt, ent, clock)
 
     router: its weight as bf16 bits [E, D]; bias f32 [E]; route = (K, normalise, scaling factor) as
     step_ops.route takes them. shared: the shared expert as swiglu_into_out's mlp tuple. experts = (base,
-    loc, D, I, amx_min, tile config, panel_min) as moe.moe_forward passes them to moe_into. counts int64
-    [E]: the layer's routing counts, one added for each (token, expert) pair of non-zero weight. nt threads
-    for the products, ent for the experts. clock int64 [PARTS]: cycle stamps at the start and after each
-    step (router, shared expert, experts, sum), so the caller can split its wall time."""
+    loc, D, I, amx_min, tile config, panel_min, split_pairs) as moe.moe_forward passes them to moe_into.
+    counts int64 [E]: the layer's routing counts, one added for each (token, expert) pair of non-zero
+    weight. nt threads for the products, ent for the experts. clock int64 [PARTS]: cycle stamps at the
+    start and after each step (router, shared expert, experts, sum), so the caller can split its wall
+    time."""
     T, D = x.shape
     K, norm, factor = route
     clock[0] = cycles()
@@ -92,9 +93,9 @@ def moe_step(h, x, router, bias, route, shared, experts, counts, nt, ent, clock)
     y = np.empty((T, D), np.float32)
     swiglu_into_out(x, shared, y, nt)
     clock[2] = cycles()
-    base, loc, De, I, amx_min, cfg, panel_min = experts
+    base, loc, De, I, amx_min, cfg, panel_min, split_pairs = experts
     routed = np.empty((T, D), np.float32)
-    moe_into(x, ids, weights, base, loc, De, I, routed, ent, amx_min, cfg, panel_min)
+    moe_into(x, ids, weights, base, loc, De, I, routed, ent, amx_min, cfg, panel_min, split_pairs)
     clock[3] = cycles()
     h2 = h + (y + routed)
     clock[4] = cycles()

@@ -195,6 +195,20 @@ def test_moe_one_token_gate_beside_up_wherever_they_lie(experts, table):
     np.testing.assert_array_equal(twice, np.repeat(one, 2, 0))
 
 
+@pytest.mark.parametrize("T", [1, 3, 16])
+def test_moe_down_by_expert_or_by_rows_agree_bit_for_bit(T, experts, table, monkeypatch):
+    """The down projection an expert at a time with each pair's rows kept apart (SPLIT_PAIRS, decode)
+    and a block of rows across every expert at a time (prompts) sum each output in the same order: the
+    same bits, with repeated experts and zero weights (routing), on every kernel the tokens take."""
+    ids, w = routing(T, seed=40 + T)
+    x = np.random.default_rng(40 + T).standard_normal((T, D)).astype(np.float32)
+    monkeypatch.setattr(moe, "SPLIT_PAIRS", 10 ** 9)
+    split = moe_forward(x, ids, w, table)
+    monkeypatch.setattr(moe, "SPLIT_PAIRS", -1)
+    np.testing.assert_array_equal(moe_forward(x, ids, w, table), split)
+    assert rel_err(split, reference(x, ids, w, experts)) <= TOL
+
+
 def test_loc_updated_in_place_is_followed(experts):
     tab = ExpertTable.from_arrays(experts, D, I)
     ids, w = routing(3, seed=5)
