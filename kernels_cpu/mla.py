@@ -16,7 +16,10 @@ was level either way (attention 16.7-19.7 against 19.2 ms a token): MAX_POSITION
 caller switches. kv_b's rows stream with an L2 prefetch AHEAD rows ahead (160 positions: 1.51-1.55
 -> 1.16-1.31 ms). In bf16 the value rows go through the bf16 GEMV's row_dot (bf16dot.py) against the
 value sum deinterleaved once a head: one K2 layer from RAM, 2-core Xeon, 1 / 160 / 1,000 positions
-0.81 / 0.98 / 2.03 -> 0.65 / 0.86 / 1.68 ms (the sums' order changes: ~5e-7 apart).
+0.81 / 0.98 / 2.03 -> 0.65 / 0.86 / 1.68 ms (the sums' order changes: ~5e-7 apart). Both halves of kv_b
+go two heads a pass, row p of head h beside row p of head h + 1 (two streams 256 KB apart instead of
+one; each sum in the same order, so the same bits): one K2 layer from RAM, 1 / 160 positions, 0.66-0.69
+/ 0.92 -> 0.57-0.60 / 0.78 ms; four heads a pass measured slower than two (0.63 ms at 1 position).
 
 Pages: pools [N, PG, W] (uint16 bf16 bits or fp32), W = L latent values then R roped key values; a
 table entry e >= 0 is main[e], e < 0 spill[-1 - e] (as kernels_cpu.paged). Pure functions on arrays;
@@ -120,17 +123,22 @@ def _score4(qa, qp, buf, j, n, L, scale, sc, blk):
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
 def _values(kvb, P, acc, den, o, t, h0, h1, accd):
-    # o[t, h] = kv_b's value rows of head h . acc[h - h0] / den[h - h0], for heads h0..h1-1; accd [1, L] scratch
+    # o[t, h] = kv_b's value rows of head h . acc[h - h0] / den[h - h0], for heads h0..h1-1; accd [2, L] scratch
     L, V = kvb.shape[2], o.shape[2]
+    if kvb.itemsize == 2 and L % PAIR == 0:  # bf16 value rows through the bf16 GEMV's row_dot
+        for h in range(h0, h1, 2):  # two heads a pass: two streams of kv_b rows
+            j = h - h0
+            inv, inw = np.float32(1.0) / den[j], np.float32(1.0) / den[j + 1]
+            deinterleave(acc[j:j + 2], accd)  # acc in the layout row_dot reads
+            row, ahead = kvb.ctypes.data + (h * kvb.shape[1] + P) * L * 2, ahead_bytes(L * 2)
+            nxt = row + kvb.shape[1] * L * 2  # head h + 1's
+            for v in range(V):
+                o[t, h, v] = row_dot(row + v * L * 2, accd.ctypes.data, L, ahead) * inv
+                o[t, h + 1, v] = row_dot(nxt + v * L * 2, accd.ctypes.data + 4 * L, L, ahead) * inw
+        return
     for h in range(h0, h1):
         j = h - h0
         inv = np.float32(1.0) / den[j]
-        if kvb.itemsize == 2 and L % PAIR == 0:  # bf16 value rows through the bf16 GEMV's row_dot
-            deinterleave(acc[j:j + 1], accd)  # acc in the layout row_dot reads
-            row, ahead = kvb.ctypes.data + (h * kvb.shape[1] + P) * L * 2, ahead_bytes(L * 2)
-            for v in range(V):
-                o[t, h, v] = row_dot(row + v * L * 2, accd.ctypes.data, L, ahead) * inv
-            continue
         for v in range(V):
             prefetch_head_row(kvb, h, P + v + AHEAD)
             a = np.float32(0.0)
@@ -143,22 +151,27 @@ def _values(kvb, P, acc, den, o, t, h0, h1, accd):
 def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp, m, den, acc, sc, buf, blk, accd):
     # heads h0..h1-1 (a multiple of 4 of them) for every token: q absorbed into the latent space, the
     # pages scored and summed, the values out. qa [nh, L], qp [nh, R], m / den [nh], acc [nh, L],
-    # sc [4, PG], buf [PG, W], blk [4, 4], accd [1, L]: this thread's scratch (buf: the current page widened,
-    # in L2; accd: a head's value sum deinterleaved for row_dot)
+    # sc [4, PG], buf [PG, W], blk [4, 4], accd [2, L]: this thread's scratch (buf: the current page widened,
+    # in L2; accd: two heads' value sums deinterleaved for row_dot)
     T = q.shape[0]
     L, PG, W = kvb.shape[2], main.shape[1], main.shape[2]
     R = W - L
     for t in range(T):
         S = s0 + t + 1  # token t sees positions 0..s0+t
-        for h in range(h0, h1):
+        for h in range(h0, h1, 2):  # two heads a pass: two streams of kv_b rows
             j = h - h0
             for l in range(L):
                 qa[j, l] = 0.0
+                qa[j + 1, l] = 0.0
             for p in range(P):
                 prefetch_head_row(kvb, h, p + AHEAD)
-                qv = q[t, h, p]
+                prefetch_head_row(kvb, h + 1, p + AHEAD)
+                qv, qw = q[t, h, p], q[t, h + 1, p]
                 for l in range(L):
                     qa[j, l] += qv * widened3(kvb, h, p, l)
+                    qa[j + 1, l] += qw * widened3(kvb, h + 1, p, l)
+        for h in range(h0, h1):
+            j = h - h0
             for i in range(R // 2):
                 x0, x1 = q[t, h, P + 2 * i], q[t, h, P + 2 * i + 1]
                 qp[j, 2 * i] = x0 * cos[t, i] - x1 * sin[t, i]
@@ -268,7 +281,7 @@ def decode_into(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt, kv, n
         _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, np.empty((nh, L), np.float32),
                np.empty((nh, R), np.float32), np.empty(nh, np.float32), np.empty(nh, np.float32),
                np.empty((nh, L), np.float32), np.empty((4, PG), np.float32), np.empty((PG, L + R), np.float32),
-               np.empty((4, 4), np.float32), np.empty((1, L), np.float32))
+               np.empty((4, 4), np.float32), np.empty((2, L), np.float32))
 
 
 def mla_decode(q: np.ndarray, cos: np.ndarray, sin: np.ndarray, kvb: np.ndarray, main: np.ndarray,
