@@ -319,16 +319,14 @@ def moe_into(x, ids, wts, base, loc, D, I, out, nt, amx_min, cfg, panel_min, spl
         item = take(queue2, ni, th, nt)
         while item < ni:
             o0 = (item % nb) * RB
-            if split:                               # one slot's block, each pair's row apart
-                s = item // nb
-                _down_rows(base, loc, slot_e, slot_p, s, o0, I, ch, pidx, bufs, blk, bt, dgb, cfg, panel_min,
-                           per[slot_p[s]:slot_p[s + 1], o0:o0 + RB])
-            else:
+            if not split:
                 out[:, o0:o0 + RB] = 0
-                for s in range(S):
-                    _down_rows(base, loc, slot_e, slot_p, s, o0, I, ch, pidx, bufs, blk, bt, dgb, cfg, panel_min,
-                               bufs[4])
-                    _add_pairs(out, bufs[4], pair_tok, pair_w, slot_p[s], slot_p[s + 1] - slot_p[s], o0)
+            for s in range(item // nb, item // nb + 1) if split else range(S):   # split: one slot's block
+                p0, n = slot_p[s], slot_p[s + 1] - slot_p[s]
+                got = per[p0:p0 + n, o0:o0 + RB] if split else bufs[4][:n, :]   # one call site: compile time
+                _down_rows(base, loc, slot_e, slot_p, s, o0, I, ch, pidx, bufs, blk, bt, dgb, cfg, panel_min, got)
+                if not split:
+                    _add_pairs(out, got, pair_tok, pair_w, p0, n, o0)
             item = take(queue2, ni, th, nt)
     if split:                                       # pairs in slot order: the sums' order above
         out[:] = 0
