@@ -297,6 +297,7 @@ def moe_into(x, ids, wts, base, loc, D, I, out, nt, amx_min, cfg, panel_min, spl
             it = take(queue, S * 2 * nb, th, nt)
 
     ch = _codes(P, I, maxn >= panel_min and panel.fits(I))   # SiLU(gate x) * (up x), quantised
+    ha, hg, _, hp, _, _ = ch
     if P >= 64:
         for p in prange(P):
             _silu_mul_quantize(gu[0, p], gu[1, p], ch, p)
@@ -313,15 +314,16 @@ def moe_into(x, ids, wts, base, loc, D, I, out, nt, amx_min, cfg, panel_min, spl
     split = P <= split_pairs
     ni = S * nb if split else nb
     per = np.empty((P if split else 0, D), np.float32)
-    blk, bt, dgb = amx.slot_blocks(slot_p, amx_min, ch[0], ch[1], pidx, I // 32)
+    blk, bt, dgb = amx.slot_blocks(slot_p, amx_min, ha, hg, pidx, I // 32)
     for th in prange(nt):
-        bufs = _buffers(maxn, I, blk[S] > 0, ch[3].shape[0] > 0)
+        bufs = _buffers(maxn, I, blk[S] > 0, hp.shape[0] > 0)
         item = take(queue2, ni, th, nt)
         while item < ni:
             o0 = (item % nb) * RB
+            s0, s1 = (item // nb, item // nb + 1) if split else (0, S)   # split: one slot's block
             if not split:
                 out[:, o0:o0 + RB] = 0
-            for s in range(item // nb, item // nb + 1) if split else range(S):   # split: one slot's block
+            for s in range(s0, s1):
                 p0, n = slot_p[s], slot_p[s + 1] - slot_p[s]
                 got = per[p0:p0 + n, o0:o0 + RB] if split else bufs[4][:n, :]   # one call site: compile time
                 _down_rows(base, loc, slot_e, slot_p, s, o0, I, ch, pidx, bufs, blk, bt, dgb, cfg, panel_min, got)
