@@ -44,17 +44,22 @@ CH = 2 * vector_lanes()  # columns per vector of weights with VNNI: 64 (zmm) or 
 def quantize_blocks(x, xq, xs):
     """x f32 [T, I] (I a multiple of BLOCK) -> xq int16 [T, I], xs f32 [T, I // BLOCK] with
     x ~= xq * xs per block: xs = max |x| / 32767 (1 for an all-zero block), xq = round(x / xs)."""
-    T, I = x.shape
-    for t in range(T):
-        for b in range(I // BLOCK):
-            m = np.float32(0.0)
-            for i in range(b * BLOCK, b * BLOCK + BLOCK):
-                m = max(m, abs(x[t, i]))
-            s = m / np.float32(32767.0) if m > 0 else np.float32(1.0)
-            xs[t, b] = s
-            inv = np.float32(1.0) / s
-            for i in range(b * BLOCK, b * BLOCK + BLOCK):
-                xq[t, i] = np.int16(min(32767.0, max(-32767.0, np.rint(x[t, i] * inv))))
+    for t in range(x.shape[0]):
+        quantize_token(x, xq, xs, t)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def quantize_token(x, xq, xs, t):
+    """quantize_blocks for row t alone (int8gemm runs the rows of a prompt in parallel)."""
+    for b in range(x.shape[1] // BLOCK):
+        m = np.float32(0.0)
+        for i in range(b * BLOCK, b * BLOCK + BLOCK):
+            m = max(m, abs(x[t, i]))
+        s = m / np.float32(32767.0) if m > 0 else np.float32(1.0)
+        xs[t, b] = s
+        inv = np.float32(1.0) / s
+        for i in range(b * BLOCK, b * BLOCK + BLOCK):
+            xq[t, i] = np.int16(min(32767.0, max(-32767.0, np.rint(x[t, i] * inv))))
 
 
 @njit(nogil=True, cache=True)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from hybrid.checkpoint.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
-from kernels_cpu import ExpertTable, amx, moe, moe_forward
+from kernels_cpu import ExpertTable, amx, int8gemm, moe, moe_forward
 from kernels_cpu.actq import CHUNK, QMAX, VNNI, quantize_rows
 from kernels_cpu.simd import host_features
 from kernels_cpu.table import PARTS, part_shapes
@@ -411,6 +411,37 @@ def test_int8_gemv_over_int16_activation_blocks(In):
         a, b = gemv_pair(x, q, scale, q[:RB + 3], scale[:RB + 3])
         np.testing.assert_array_equal(a, got)
         np.testing.assert_array_equal(b, got[:, :RB + 3])
+
+
+@pytest.mark.skipif(not int8gemm.available(), reason="int8gemm's tiles are for ymm vectors without VNNI "
+                                                    "(the AVX2 run of this file takes them)")
+def test_int8_prompt_gemm_equals_the_int8_gemv_bit_for_bit():
+    """kernels_cpu.int8gemm, a prompt's int8 product on AVX2: every output the int8 GEMV's bit for bit
+    (the same activation codes, block sums and lane order) over whole and partial tiles, two token
+    chunks and two work items, and exactly the int16-block math against float64; the engine's linear
+    takes it for a prompt's rows; a wrong shape is refused by name."""
+    import torch
+
+    from hybrid.model import linear as lin
+    from kernels_cpu.widen import MAX_ROWS, int8_gemv
+
+    rng = np.random.default_rng(12)
+    O, q, scale, sf = _int8_rows(rng, 3 * 128)
+    assert O % int8gemm.ROWS and O > int8gemm.RB
+    T = int8gemm.TB + int8gemm.TOKENS + 3  # a second chunk of tokens: one whole tile and three alone
+    x = rng.standard_normal((T, 3 * 128)).astype(np.float32)
+    x[0, 128:256] = 0  # an all-zero block
+    x[-1, 5] = 40.0  # an outlier
+    got = int8gemm.int8_gemm(x, q, scale, numba.get_num_threads())
+    gemv = np.concatenate([int8_gemv(x[t:t + MAX_ROWS], q, scale) for t in range(0, T, MAX_ROWS)])
+    np.testing.assert_array_equal(got.view(np.uint32), gemv.view(np.uint32))
+    xq, xs = _int16_blocks(x)
+    exact = np.einsum("tbi,obi,tb->to", xq, q.astype(np.float64).reshape(O, -1, 128), xs) * sf
+    np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
+    y = lin.linear(torch.from_numpy(x), (torch.from_numpy(q), torch.from_numpy(scale.view(np.int16)).view(torch.bfloat16)))
+    np.testing.assert_array_equal(y.numpy().view(np.uint32), gemv.view(np.uint32))
+    with pytest.raises(ValueError, match="int8_gemm: want .* multiple of 128"):
+        int8gemm.int8_gemm(x[:, :-1].copy(), q[:, :-1].copy(), scale, 1)
 
 
 def _mlp_ref(x, wg, wu, wd):

@@ -18,9 +18,11 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import get_num_threads
 
-from kernels_cpu import amx, amx_gemm
+from kernels_cpu import amx, amx_gemm, int8gemm
 from kernels_cpu.heads import head_absorb, head_values
+from kernels_cpu.int8dot import BLOCK as INT8_BLOCK
 from kernels_cpu.int8dot import dequantize_rows
 from kernels_cpu.widen import MAX_ROWS as MAX_WIDEN_ROWS
 from kernels_cpu.widen import bf16_gemv, concurrent_parallel_ok, gemv_pair, int8_gemv, swiglu_gemv
@@ -180,14 +182,19 @@ def _tiles_take(w: torch.Tensor) -> bool:
 def _int8_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x fp32 [..., I] on the CPU over int8 codes [O, I] and bf16 row scales [O]: the Numba GEMV for a
     decode step (1 byte read a weight); for a prompt, AMX's bf16 tiles where the CPU has them (the
-    codes are exact in bf16; kernels_cpu.amx_gemm), else a GEMM per block of rows dequantised to fp32
-    (aten's int8 kernel measured ~3 GB/s for one row here)."""
+    codes are exact in bf16; kernels_cpu.amx_gemm), on AVX2 without VNNI integer tiles over the GEMV's
+    own activation codes (kernels_cpu.int8gemm: each output the GEMV's, bit for bit), else a GEMM per
+    block of rows dequantised to fp32 (aten's int8 kernel measured ~3 GB/s for one row here)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] > MAX_WIDEN_ROWS and _tiles_take(q):
         y = amx_gemm.gemm_bf16x3(x2.detach().contiguous().numpy(), q.numpy(), scale.float().numpy())
         return torch.from_numpy(y).view(*x.shape[:-1], q.shape[0])
-    qn, s32 = q.numpy(), scale.float().numpy()
-    par = concurrent_parallel_ok()
+    qn, par = q.numpy(), concurrent_parallel_ok()
+    if x2.shape[0] > MAX_WIDEN_ROWS and par and int8gemm.available() and q.shape[1] % INT8_BLOCK == 0 \
+            and q.is_contiguous():
+        y = int8gemm.int8_gemm(x2.detach().contiguous().numpy(), qn, bf16_bits(scale), get_num_threads())
+        return torch.from_numpy(y).view(*x.shape[:-1], q.shape[0])
+    s32 = scale.float().numpy()
     return _cpu_product(x, q.shape[0], lambda a: int8_gemv(a, qn, bf16_bits(scale)),
                         lambda o, out: dequantize_rows(qn[o:o + len(out)], s32[o:o + len(out)], out.numpy(), par))
 
