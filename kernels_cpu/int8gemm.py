@@ -30,6 +30,12 @@ from kernels_cpu.workqueue import new_queue, take
 # spilled the accumulators and measured no better.
 ROWS, TOKENS = 4, 4
 RB = 32  # weight rows per work item
+# rows of x up to which the tiles beat the fp32 GEMM over dequantised rows, whose dequantisation is
+# shared by more rows the longer the prompt. GFLOP/s, AVX2 code, same Xeon, int8 tiles against fp32 at
+# 128 / 256 / 384 / 512 rows: 12288 x 1536 164 / 173 / 180 / 175 against 135 / 157 / 178 / 173;
+# 18432 x 7168 188 / 195 / 202 / 191 against 154 / 178 / 184 / 179; 7168 x 18432 184 / 188 / 176 / 182
+# against 162 / 180 / 178 / 184; and a k2-slice pp512 (one pass) measured 0-5% slower through the tiles
+MAX_ROWS = 256
 # tokens a work item's rows pass over at a time: their codes (7168 columns: 448 KB) stay in L2. 512 tokens
 # of K2's q_a shape, the same Xeon: all at once 157-163 GFLOP/s, 16 176-186, 32 183-185, 64 176-182
 TB = 32

@@ -415,7 +415,7 @@ def test_int8_gemv_over_int16_activation_blocks(In):
 
 @pytest.mark.skipif(not int8gemm.available(), reason="int8gemm's tiles are for ymm vectors without VNNI "
                                                     "(the AVX2 run of this file takes them)")
-def test_int8_prompt_gemm_equals_the_int8_gemv_bit_for_bit():
+def test_int8_prompt_gemm_equals_the_int8_gemv_bit_for_bit(monkeypatch):
     """kernels_cpu.int8gemm, a prompt's int8 product on AVX2: every output the int8 GEMV's bit for bit
     (the same activation codes, block sums and lane order) over whole and partial tiles, two token
     chunks and two work items, and exactly the int16-block math against float64; the engine's linear
@@ -442,6 +442,12 @@ def test_int8_prompt_gemm_equals_the_int8_gemv_bit_for_bit():
     np.testing.assert_array_equal(y.numpy().view(np.uint32), gemv.view(np.uint32))
     with pytest.raises(ValueError, match="int8_gemm: want .* multiple of 128"):
         int8gemm.int8_gemm(x[:, :-1].copy(), q[:, :-1].copy(), scale, 1)
+    calls = []  # past MAX_ROWS rows the dequantised fp32 GEMM takes the prompt
+    monkeypatch.setattr(int8gemm, "int8_gemm", lambda *a: calls.append(a[0].shape[0]) or np.zeros((a[0].shape[0], O)))
+    w = (torch.from_numpy(q), torch.from_numpy(scale.view(np.int16)).view(torch.bfloat16))
+    for rows in (int8gemm.MAX_ROWS, int8gemm.MAX_ROWS + 1):
+        lin.linear(torch.zeros(rows, x.shape[1]), w)
+    assert calls == [int8gemm.MAX_ROWS]
 
 
 def _mlp_ref(x, wg, wu, wd):

@@ -182,16 +182,16 @@ def _tiles_take(w: torch.Tensor) -> bool:
 def _int8_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x fp32 [..., I] on the CPU over int8 codes [O, I] and bf16 row scales [O]: the Numba GEMV for a
     decode step (1 byte read a weight); for a prompt, AMX's bf16 tiles where the CPU has them (the
-    codes are exact in bf16; kernels_cpu.amx_gemm), on AVX2 without VNNI integer tiles over the GEMV's
-    own activation codes (kernels_cpu.int8gemm: each output the GEMV's, bit for bit), else a GEMM per
-    block of rows dequantised to fp32 (aten's int8 kernel measured ~3 GB/s for one row here)."""
+    codes are exact in bf16; kernels_cpu.amx_gemm), on AVX2 without VNNI and up to int8gemm.MAX_ROWS
+    rows integer tiles over the GEMV's own activation codes (kernels_cpu.int8gemm: each output the
+    GEMV's, bit for bit), else a GEMM per block of rows dequantised to fp32 (aten's int8 kernel measured ~3 GB/s for one row here)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] > MAX_WIDEN_ROWS and _tiles_take(q):
         y = amx_gemm.gemm_bf16x3(x2.detach().contiguous().numpy(), q.numpy(), scale.float().numpy())
         return torch.from_numpy(y).view(*x.shape[:-1], q.shape[0])
     qn, par = q.numpy(), concurrent_parallel_ok()
-    if x2.shape[0] > MAX_WIDEN_ROWS and par and int8gemm.available() and q.shape[1] % INT8_BLOCK == 0 \
-            and q.is_contiguous():
+    if MAX_WIDEN_ROWS < x2.shape[0] <= int8gemm.MAX_ROWS and par and int8gemm.available() \
+            and q.shape[1] % INT8_BLOCK == 0 and q.is_contiguous():
         y = int8gemm.int8_gemm(x2.detach().contiguous().numpy(), qn, bf16_bits(scale), get_num_threads())
         return torch.from_numpy(y).view(*x.shape[:-1], q.shape[0])
     s32 = scale.float().numpy()
