@@ -50,16 +50,40 @@ def quantize_blocks(x, xq, xs):
 
 @njit(nogil=True, cache=True, inline="always")
 def quantize_token(x, xq, xs, t):
-    """quantize_blocks for row t alone (int8gemm runs the rows of a prompt in parallel)."""
+    """quantize_blocks for row t alone (int8gemm runs the rows of a prompt in parallel). The block's
+    largest |x| is taken over the values' bits with the sign cleared (for floats that are not NaN the
+    same order as their magnitudes, and an integer max vectorises where a float one may not), the codes
+    rounded in fp32 and clamped as integers: the same codes as clamping before the cast (the bound is
+    whole)."""
     for b in range(x.shape[1] // BLOCK):
-        m = np.float32(0.0)
+        top = np.uint32(0)
         for i in range(b * BLOCK, b * BLOCK + BLOCK):
-            m = max(m, abs(x[t, i]))
+            v = f32_bits(x[t, i]) & np.uint32(0x7FFFFFFF)
+            top = max(top, v if v <= np.uint32(0x7F800000) else np.uint32(0))  # a NaN skipped, as max(m, NaN) did
+        m = bits_f32(top)
         s = m / np.float32(32767.0) if m > 0 else np.float32(1.0)
         xs[t, b] = s
         inv = np.float32(1.0) / s
         for i in range(b * BLOCK, b * BLOCK + BLOCK):
-            xq[t, i] = np.int16(min(32767.0, max(-32767.0, np.rint(x[t, i] * inv))))
+            xq[t, i] = np.int16(min(32767, max(-32767, np.int32(np.rint(x[t, i] * inv)))))
+
+
+@intrinsic
+def f32_bits(typingctx, v):
+    """float32 -> its bits as uint32."""
+    def codegen(context, b, signature, args):
+        return b.bitcast(args[0], I32)
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def bits_f32(typingctx, v):
+    """uint32 bits -> the float32 they are."""
+    def codegen(context, b, signature, args):
+        return b.bitcast(args[0], F32)
+
+    return types.float32(types.uint32), codegen
 
 
 @njit(nogil=True, cache=True)
@@ -125,12 +149,15 @@ def vnni_layout(xq, xb, xc):
             if c % (BLOCK // CH) == 0:
                 for i in range(lanes):
                     xc[t, base + i] = 0
-            for j in range(CH):
+            for j in range(CH):  # the bytes first, then each lane's sum of its 4 h: a loop that vectorises
                 a = np.int32(xq[t, c * CH + j])
                 h = a >> 8
                 xb[t, 2 * CH * c + j] = h
                 xb[t, 2 * CH * c + CH + j] = np.int8(np.uint8(a - 256 * h))
-                xc[t, base + j // 4] -= 128 * h
+            for i in range(lanes):
+                k = 2 * CH * c + 4 * i
+                xc[t, base + i] -= 128 * (np.int32(xb[t, k]) + np.int32(xb[t, k + 1]) + np.int32(xb[t, k + 2])
+                                          + np.int32(xb[t, k + 3]))
 
 
 def make_rows_kernel(R: int):
