@@ -384,6 +384,36 @@ def _int16_blocks(x):
     return xq, xs
 
 
+def test_int16_activation_codes_equal_the_numpy_rule():
+    """int8dot.quantize_blocks, the int8 GEMV's activations: codes and scales exactly _int16_blocks' on
+    blocks that are random, all zero, all -0.0, tiny, huge, a negative largest value, and with codes on
+    half steps (rounded to even); a NaN leaves the rest of its block's codes as they were without it."""
+    from kernels_cpu.int8dot import quantize_blocks
+
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((3, 8 * 128)).astype(np.float32)
+    x[0, :128] = 0
+    x[0, 128:256] = -0.0
+    x[1, :128] *= np.float32(1e-30)
+    x[1, 128:256] *= np.float32(1e30)
+    x[2, :128] = 0
+    x[2, :7] = (32767.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5)  # scale 1: codes on half steps round to even
+    x[2, 128] = -200.0  # its block's largest is negative
+    x[0, 300] = 0.0  # not its block's largest (a NaN goes here below)
+    xq, xs = np.empty(x.shape, np.int16), np.empty((3, 8), np.float32)
+    quantize_blocks(x, xq, xs)
+    want_q, want_s = _int16_blocks(x)
+    np.testing.assert_array_equal(xq, want_q.reshape(xq.shape))
+    np.testing.assert_array_equal(xs.view(np.uint32), want_s.view(np.uint32))
+    y = x.copy()
+    y[0, 300] = np.nan
+    yq, ys = np.empty_like(xq), np.empty_like(xs)
+    quantize_blocks(y, yq, ys)
+    keep = np.ones(x.shape, bool)
+    keep[0, 300] = False
+    assert ys[0, 2] == xs[0, 2] and (yq[keep] == xq[keep]).all()
+
+
 @pytest.mark.skipif(not host_features()["avx2"], reason="the vpmaddwd path needs AVX2")
 @pytest.mark.parametrize("In", [256, 33 * 128])  # short rows and long ones (SHORT_ROW_BYTES)
 def test_int8_gemv_over_int16_activation_blocks(In):
