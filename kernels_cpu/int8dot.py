@@ -166,8 +166,7 @@ def make_rows_kernel(R: int):
     alignment). One token: xq its int16 codes (quantize_blocks), or with VNNI their bytes (vnni_layout,
     whose lane offsets are xc; unread otherwise); xs its f32 block scales; addresses as intp."""
     L = vector_lanes()  # int16 lanes per vector: 32 (zmm) or 16 (ymm)
-    VB, VW, VD, VF = (ir.VectorType(I8, L), ir.VectorType(I16, L), ir.VectorType(I32, L // 2),
-                      ir.VectorType(F32, L // 2))
+    VF = ir.VectorType(F32, L // 2)
 
     @intrinsic
     def rows(typingctx, w, wstride, xq, xs, xc, nblk, res):
@@ -175,7 +174,6 @@ def make_rows_kernel(R: int):
 
         def codegen(context, b, signature, args):
             w, wstride, xq, xs, xc, nblk, res = args
-            fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(VF, [VF] * 3), f"llvm.fma.v{L // 2}f32")
             facc = [cgutils.alloca_once_value(b, ir.Constant(VF, None)) for _ in range(R)]
             rows_at = [b.add(w, b.mul(ir.Constant(I64, r), wstride)) for r in range(R)]
             ahead = b.mul(ir.Constant(I64, R * PF_BLOCKS), wstride)
@@ -185,12 +183,7 @@ def make_rows_kernel(R: int):
                 for r in range(R):
                     for line in range(0, BLOCK, 64):
                         prefetch_l2(b, b.add(b.add(rows_at[r], ahead), b.add(c0, ir.Constant(I64, line))))
-                iacc = block(b, L, rows_at, xq, xc, blk.index, c0)
-                sp = b.load(b.inttoptr(b.add(xs, b.mul(blk.index, ir.Constant(I64, 4))), F32.as_pointer()))
-                sv = b.insert_element(ir.Constant(VF, None), sp, ir.Constant(I32, 0))
-                sv = b.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(I32, L // 2), [0] * (L // 2)))
-                for r in range(R):
-                    b.store(b.call(fma, [b.sitofp(iacc[r], VF), sv, b.load(facc[r])]), facc[r])
+                scale_block(b, L, block(b, L, rows_at, xq, xc, blk.index, c0), xs, blk.index, facc)
             for r in range(R):
                 b.store(hsum(b, b.load(facc[r])), b.inttoptr(b.add(res, ir.Constant(I64, 4 * r)), F32.as_pointer()))
             return context.get_dummy_value()
@@ -198,6 +191,19 @@ def make_rows_kernel(R: int):
         return sig, codegen
 
     return rows
+
+
+def scale_block(b, L, iacc, xs, blk, facc):
+    """Per row r: facc[r] (an <L/2 x float> alloca) += fp32(iacc[r]) * the block's activation scale
+    (f32 at address xs + 4 blk), lane by lane: the order every int8 kernel keeps (int8gemm's tiles too),
+    so that their outputs agree bit for bit."""
+    VF = ir.VectorType(F32, L // 2)
+    fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(VF, [VF] * 3), f"llvm.fma.v{L // 2}f32")
+    sp = b.load(b.inttoptr(b.add(xs, b.mul(blk, ir.Constant(I64, 4))), F32.as_pointer()))
+    sv = b.insert_element(ir.Constant(VF, None), sp, ir.Constant(I32, 0))
+    sv = b.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(I32, L // 2), [0] * (L // 2)))
+    for r, acc in enumerate(iacc):
+        b.store(b.call(fma, [b.sitofp(acc, VF), sv, b.load(facc[r])]), facc[r])
 
 
 def _madd_block(b, L, rows_at, xq, xc, blk, c0):

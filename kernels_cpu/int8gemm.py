@@ -18,7 +18,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels_cpu.int8dot import BLOCK, quantize_token
+from kernels_cpu.int8dot import BLOCK, quantize_token, scale_block
 from kernels_cpu.simd import F32, I8, I16, I32, I64, has_vnni, host_has_avx2, hsum, vector_lanes
 from kernels_cpu.widen import bf16_to_f32
 from kernels_cpu.workqueue import new_queue, take
@@ -34,7 +34,7 @@ RB = 32  # weight rows per work item
 # shared by more rows the longer the prompt. GFLOP/s, AVX2 code, same Xeon, int8 tiles against fp32 at
 # 128 / 256 / 384 / 512 rows: 12288 x 1536 164 / 173 / 180 / 175 against 135 / 157 / 178 / 173;
 # 18432 x 7168 188 / 195 / 202 / 191 against 154 / 178 / 184 / 179; 7168 x 18432 184 / 188 / 176 / 182
-# against 162 / 180 / 178 / 184; and a k2-slice pp512 (one pass) measured 0-5% slower through the tiles
+# against 162 / 180 / 178 / 184; and a k2-slice pp512 (one pass) measured ~3% slower through the tiles
 MAX_ROWS = 256
 # tokens a work item's rows pass over at a time: their codes (7168 columns: 448 KB) stay in L2. 512 tokens
 # of K2's q_a shape, the same Xeon: all at once 157-163 GFLOP/s, 16 176-186, 32 183-185, 64 176-182
@@ -63,7 +63,6 @@ def make_tile_kernel(R: int, TT: int):
 
         def codegen(context, b, signature, args):
             w, wstride, xq, xstride, xs, sstride, nblk, res = args
-            fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(VF, [VF] * 3), f"llvm.fma.v{_L // 2}f32")
             madd = cgutils.get_or_insert_function(b.module, ir.FunctionType(VD, [VW, VW]), "llvm.x86.avx2.pmadd.wd")
             facc = [[cgutils.alloca_once_value(b, ir.Constant(VF, None)) for _ in range(R)] for _ in range(TT)]
             rows_at = [b.add(w, b.mul(ir.Constant(I64, r), wstride)) for r in range(R)]
@@ -81,11 +80,7 @@ def make_tile_kernel(R: int, TT: int):
                         for t in range(TT):
                             iacc[t][r] = b.add(iacc[t][r], b.call(madd, [wv, xv[t]]))
                 for t in range(TT):
-                    sp = b.load(b.inttoptr(b.add(scales_at[t], b.mul(blk.index, ir.Constant(I64, 4))), F32.as_pointer()))
-                    sv = b.insert_element(ir.Constant(VF, None), sp, ir.Constant(I32, 0))
-                    sv = b.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(I32, _L // 2), [0] * (_L // 2)))
-                    for r in range(R):
-                        b.store(b.call(fma, [b.sitofp(iacc[t][r], VF), sv, b.load(facc[t][r])]), facc[t][r])
+                    scale_block(b, _L, iacc[t], scales_at[t], blk.index, facc[t])
             for t in range(TT):
                 for r in range(R):
                     b.store(hsum(b, b.load(facc[t][r])),

@@ -468,13 +468,13 @@ def test_int8_prompt_gemm_equals_the_int8_gemv_bit_for_bit(monkeypatch):
     xq, xs = _int16_blocks(x)
     exact = np.einsum("tbi,obi,tb->to", xq, q.astype(np.float64).reshape(O, -1, 128), xs) * sf
     np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
-    y = lin.linear(torch.from_numpy(x), (torch.from_numpy(q), torch.from_numpy(scale.view(np.int16)).view(torch.bfloat16)))
+    w = (torch.from_numpy(q), torch.from_numpy(scale.view(np.int16)).view(torch.bfloat16))
+    y = lin.linear(torch.from_numpy(x), w)
     np.testing.assert_array_equal(y.numpy().view(np.uint32), gemv.view(np.uint32))
     with pytest.raises(ValueError, match="int8_gemm: want .* multiple of 128"):
         int8gemm.int8_gemm(x[:, :-1].copy(), q[:, :-1].copy(), scale, 1)
     calls = []  # past MAX_ROWS rows the dequantised fp32 GEMM takes the prompt
-    monkeypatch.setattr(int8gemm, "int8_gemm", lambda *a: calls.append(a[0].shape[0]) or np.zeros((a[0].shape[0], O)))
-    w = (torch.from_numpy(q), torch.from_numpy(scale.view(np.int16)).view(torch.bfloat16))
+    monkeypatch.setattr(int8gemm, "int8_gemm", lambda *a: calls.append(len(a[0])) or np.zeros((len(a[0]), O)))
     for rows in (int8gemm.MAX_ROWS, int8gemm.MAX_ROWS + 1):
         lin.linear(torch.zeros(rows, x.shape[1]), w)
     assert calls == [int8gemm.MAX_ROWS]

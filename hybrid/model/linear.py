@@ -184,7 +184,8 @@ def _int8_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     decode step (1 byte read a weight); for a prompt, AMX's bf16 tiles where the CPU has them (the
     codes are exact in bf16; kernels_cpu.amx_gemm), on AVX2 without VNNI and up to int8gemm.MAX_ROWS
     rows integer tiles over the GEMV's own activation codes (kernels_cpu.int8gemm: each output the
-    GEMV's, bit for bit), else a GEMM per block of rows dequantised to fp32 (aten's int8 kernel measured ~3 GB/s for one row here)."""
+    GEMV's, bit for bit), else a GEMM per block of rows dequantised to fp32 (aten's int8 kernel measured
+    ~3 GB/s for one row here)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] > MAX_WIDEN_ROWS and _tiles_take(q):
         y = amx_gemm.gemm_bf16x3(x2.detach().contiguous().numpy(), q.numpy(), scale.float().numpy())
