@@ -265,6 +265,8 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
     out = json.loads(r.output.strip().splitlines()[-1])
     check_schema(out)
     assert out["schema"] == "kimi-hybrid.bench/2" and out["settings"]["runs"] == 2
+    probes = out["machine"]["mem_read_gbps_probes"]  # one before the runs, one after each; the best counts
+    assert len(probes) == 3 and out["machine"]["mem_read_gbps"] == max(probes) > 0
     assert len(out["decode"]["runs_tok_s"]) == 2 and out["decode"]["tok_s"]["min"] <= out["decode"]["tok_s"]["max"]
     d = out["decode"]
     assert d["bytes_per_token"] == d["expert_bytes_per_token"] + d["weight_bytes_per_token"] > 0

@@ -115,7 +115,8 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
     """Measure `runs` x (prefill `prompt_tokens`, decode `gen_tokens`) and return the schema's dict.
 
     Each run's prompt starts with a different token, so the engine's KV prefix reuse cannot skip work.
-    mem_gbps: the RAM read bandwidth if already measured; else probed here over `probe_bytes`.
+    mem_gbps: the RAM read bandwidth if already measured; else probed here over `probe_bytes` before the
+    runs and after each, and the best probe taken (all of them in the report's machine.mem_read_gbps_probes).
     on_run(r) is called after measured run r (0-based), for progress display.
     """
     if prompt_tokens < 1 or gen_tokens < 2 or runs < 1:
@@ -127,18 +128,30 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
     prefill, decode = _Phase(), _Phase()
     if warmup:  # compile the kernels and fault the weights in, on both the prefill and the decode path
         _run(engine, rng, runs, min(prompt_tokens, 16), 2)
-    if mem_gbps is None:
-        try:
-            mem_gbps = mem_read_gbps(probe_bytes)
-        except MemoryError:
-            raise MemoryError(f"the RAM bandwidth probe could not allocate its {probe_bytes >> 20:,} MB buffer; "
-                              "use a smaller --probe-mb") from None
+    probes = [] if mem_gbps is None else None  # RAM probes taken here: before the runs and after each
+    if probes is not None:
+        probes.append(_probe(probe_bytes))
     for r in range(runs):
         _run(engine, rng, r, prompt_tokens, gen_tokens, (prefill, decode))
+        if probes is not None:
+            probes.append(_probe(probe_bytes))
         if on_run:
             on_run(r)
     settings = {"backend": backend, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "runs": runs}
-    return _report(engine, name, settings, mem_gbps, prefill, decode)
+    report = _report(engine, name, settings, mem_gbps if probes is None else max(probes), prefill, decode)
+    report["machine"]["mem_read_gbps_probes"] = probes
+    return report
+
+
+def _probe(probe_bytes: int) -> float:
+    """One RAM read probe (GB/s). A VM's bandwidth can move by a third within minutes, so the bench probes
+    between its runs and measures against the best: a percentage of it is never flattered by a slow
+    moment of the probe."""
+    try:
+        return mem_read_gbps(probe_bytes)
+    except MemoryError:
+        raise MemoryError(f"the RAM bandwidth probe could not allocate its {probe_bytes >> 20:,} MB buffer; "
+                          "use a smaller --probe-mb") from None
 
 
 def _run(engine: Engine, rng: np.random.Generator, r: int, P: int, G: int,
