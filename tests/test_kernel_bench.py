@@ -31,8 +31,8 @@ def test_small_kernel_bench_has_every_figure(small_run):
     for key in ("prefill_64_per_expert", "prefill_model_density"):
         _numbers(r[key], ("ms", "gflops", "tokens_per_expert", "pct_of_fp32_matmul"))
     assert r["prefill_64_per_expert"]["tokens_per_expert"] == 64.0
-    _numbers(r["dense_gemv"], ("bf16_ms", "bf16_gbps", "bf16_pct_of_mem_read", "torch_fp32_ms", "torch_fp32_gbps",
-                               "speedup"))
+    _numbers(r["dense_gemv"], ("bf16_ms", "bf16_gbps", "bf16_pct_of_mem_read", "int8_ms", "int8_gbps",
+                               "int8_pct_of_mem_read", "torch_fp32_ms", "torch_fp32_gbps", "speedup"))
     assert set(r["threads"]) == {"1"}
     _numbers(r["threads"]["1"], ("mem_read_gbps", "decode_ms", "decode_gbps", "prefill_64_per_expert_gflops"))
     torch_peer = r["peers"]["torch_int4pack"]
@@ -55,9 +55,11 @@ def test_kernel_bench_figures_follow_from_each_other(small_run):
 
     dec = r["moe_decode"]
     assert dec["gbps"] == pytest.approx(gbps(decode_bytes, dec["ms"]), rel=1e-9)
-    g = r["dense_gemv"]  # bf16 weights read as 2 bytes each, fp32 copies as 4
+    g = r["dense_gemv"]  # bf16 weights read as 2 bytes each, int8 as 1 (and a bf16 scale a row), fp32 copies as 4
     O, In = g["shape"]
     assert g["bf16_gbps"] == pytest.approx(gbps(2 * O * In, g["bf16_ms"]), rel=1e-9)
+    assert g["int8_gbps"] == pytest.approx(gbps(O * (In + 2), g["int8_ms"]), rel=1e-9)
+    assert g["int8_pct_of_mem_read"] == pytest.approx(100 * g["int8_gbps"] / r["mem_read_gbps"], rel=1e-9)
     assert g["torch_fp32_gbps"] == pytest.approx(gbps(4 * O * In, g["torch_fp32_ms"]), rel=1e-9)
     assert g["speedup"] == pytest.approx(g["torch_fp32_ms"] / g["bf16_ms"], rel=1e-9)
     assert g["bf16_pct_of_mem_read"] == pytest.approx(100 * g["bf16_gbps"] / r["mem_read_gbps"], rel=1e-9)

@@ -224,8 +224,9 @@ def _dense_gemv(shp: dict, reps: int, rng: np.random.Generator, probe: np.ndarra
     copies of the same weights (what it held before), each with the bytes it reads. Each repetition
     reads the next of as many copies as the probe's buffer takes, so that, as in a decode step, the
     weights come from RAM: one 117 MB weight read again stayed in a 480 MB last-level cache (a 2-core
-    Xeon VM: 44 GB/s against the probe's 31)."""
-    from kernels_cpu.widen import bf16_gemv
+    Xeon VM: 44 GB/s against the probe's 31). The int8 GEMV (int8w's products) the same way, over int8
+    codes with a bf16 scale per row: 1 byte a weight, so the two read the same memory at different rates."""
+    from kernels_cpu.widen import bf16_gemv, int8_gemv
 
     O, In = shp["gemv"]
     w = torch.from_numpy(rng.standard_normal((O, In), dtype=np.float32) * 0.02).to(torch.bfloat16)
@@ -238,10 +239,18 @@ def _dense_gemv(shp: dict, reps: int, rng: np.random.Generator, probe: np.ndarra
     read_sum(probe, 64)
     t16 = _best(lambda: bf16_gemv(x, w16s[next(turn) % len(w16s)], out), reps * len(w16s))
     del w16s  # one set of copies at a time: about the probe's size, not twice it
+    q8s = [rng.integers(-127, 128, (O, In), dtype=np.int8) for _ in range(-(-probe.nbytes // (O * In)))]
+    s8 = np.full(O, 0x3C00, np.uint16)  # bf16 row scales
+    for q8 in q8s:
+        int8_gemv(x, q8, s8, out)
+    read_sum(probe, 64)
+    t8 = _best(lambda: int8_gemv(x, q8s[next(turn) % len(q8s)], s8, out), reps * len(q8s))
+    del q8s
     w32s = [w.float() for _ in range(-(-probe.nbytes // (4 * O * In)))]
     t32 = _best(lambda: torch.mm(xt, w32s[next(turn) % len(w32s)].T), reps * len(w32s))
-    g16, g32 = 2 * O * In / t16 / 1e9, 4 * O * In / t32 / 1e9
+    g16, g8, g32 = 2 * O * In / t16 / 1e9, O * (In + 2) / t8 / 1e9, 4 * O * In / t32 / 1e9
     return {"shape": [O, In], "bf16_ms": t16 * 1e3, "bf16_gbps": g16, "bf16_pct_of_mem_read": 100 * g16 / mem_gbps,
+            "int8_ms": t8 * 1e3, "int8_gbps": g8, "int8_pct_of_mem_read": 100 * g8 / mem_gbps,
             "torch_fp32_ms": t32 * 1e3, "torch_fp32_gbps": g32, "speedup": t32 / t16}
 
 
