@@ -128,9 +128,7 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
     prefill, decode = _Phase(), _Phase()
     if warmup:  # compile the kernels and fault the weights in, on both the prefill and the decode path
         _run(engine, rng, runs, min(prompt_tokens, 16), 2)
-    probes = [] if mem_gbps is None else None  # RAM probes taken here: before the runs and after each
-    if probes is not None:
-        probes.append(_probe(probe_bytes))
+    probes = None if mem_gbps is not None else [_probe(probe_bytes)]  # here: before the runs and after each
     for r in range(runs):
         _run(engine, rng, r, prompt_tokens, gen_tokens, (prefill, decode))
         if probes is not None:

@@ -233,25 +233,27 @@ def _dense_gemv(shp: dict, reps: int, rng: np.random.Generator, probe: np.ndarra
     x = rng.standard_normal((1, In)).astype(np.float32)
     xt, out = torch.from_numpy(x), np.empty((1, O), np.float32)
     turn = itertools.count()
-    w16s = [w.view(torch.int16).numpy().view(np.uint16).copy() for _ in range(-(-probe.nbytes // (2 * O * In)))]
-    for w16 in w16s:
-        bf16_gemv(x, w16, out)
-    read_sum(probe, 64)
-    t16 = _best(lambda: bf16_gemv(x, w16s[next(turn) % len(w16s)], out), reps * len(w16s))
-    del w16s  # one set of copies at a time: about the probe's size, not twice it
-    q8s = [rng.integers(-127, 128, (O, In), dtype=np.int8) for _ in range(-(-probe.nbytes // (O * In)))]
-    s8 = np.full(O, 0x3C00, np.uint16)  # bf16 row scales
-    for q8 in q8s:
-        int8_gemv(x, q8, s8, out)
-    read_sum(probe, 64)
-    t8 = _best(lambda: int8_gemv(x, q8s[next(turn) % len(q8s)], s8, out), reps * len(q8s))
-    del q8s
+    w16 = w.view(torch.int16).numpy().view(np.uint16)
+    t16 = _from_ram(lambda a: bf16_gemv(x, a, out), w16, probe, reps, turn)
+    q8, s8 = rng.integers(-127, 128, (O, In), dtype=np.int8), np.full(O, 0x3C00, np.uint16)  # bf16 row scales
+    t8 = _from_ram(lambda a: int8_gemv(x, a, s8, out), q8, probe, reps, turn)
     w32s = [w.float() for _ in range(-(-probe.nbytes // (4 * O * In)))]
     t32 = _best(lambda: torch.mm(xt, w32s[next(turn) % len(w32s)].T), reps * len(w32s))
     g16, g8, g32 = 2 * O * In / t16 / 1e9, O * (In + 2) / t8 / 1e9, 4 * O * In / t32 / 1e9
     return {"shape": [O, In], "bf16_ms": t16 * 1e3, "bf16_gbps": g16, "bf16_pct_of_mem_read": 100 * g16 / mem_gbps,
             "int8_ms": t8 * 1e3, "int8_gbps": g8, "int8_pct_of_mem_read": 100 * g8 / mem_gbps,
             "torch_fp32_ms": t32 * 1e3, "torch_fp32_gbps": g32, "speedup": t32 / t16}
+
+
+def _from_ram(fn, w: np.ndarray, probe: np.ndarray, reps: int, turn: Iterator[int]) -> float:
+    """Best seconds of fn(a copy of w), over as many copies as the probe's buffer takes (one set at a
+    time: about the probe's size), taken in turn so that each call reads its weight from RAM; each copy
+    is run once first (compiling and faulting it in), then the caches flushed with the probe's read."""
+    copies = [w.copy() for _ in range(-(-probe.nbytes // w.nbytes))]
+    for a in copies:
+        fn(a)
+    read_sum(probe, 64)
+    return _best(lambda: fn(copies[next(turn) % len(copies)]), reps * len(copies))
 
 
 def _decode(ex: _Experts, probe: np.ndarray, K: int, reps: int, rng: np.random.Generator, n_threads: int) -> dict:
