@@ -16,7 +16,8 @@ Decode vs prefill: one code path. Pairs are grouped by expert; each call of the 
 weight rows and a block of that expert's tokens (8, 4, 2 or 1), unpacking each weight chunk once
 into registers and reusing it for every token of the block. With one token per expert that is a
 bandwidth-bound GEMV, and each call takes a row of gate and the same row of up (two long streams, one
-a matrix: a layer's decode 6-8% faster than with two rows of one matrix); with many it is an integer
+a matrix: a layer's decode 6-8% faster than with two rows of one matrix), and of down two rows half a
+work item apart (two streams again); with many it is an integer
 GEMM that measured 1.6x torch's fp32 matmul (AVX-512 kernels) and 1.1x (AVX2 kernels) on the
 development machine, so there is no separate "dequantise a tile to fp32, then sgemm" path (its matmul
 part alone would be bounded by the fp32 figure). No repacked layout either: the kernels read the
@@ -51,7 +52,7 @@ RB = 64  # rows per work item (a multiple of 8; D and I are multiples of 128)
 
 # R rows x TB tokens per call; an expert's tokens go in blocks of 8, then 4, 2, 1.
 _L = vector_lanes()
-_R1 = 2  # rows per single-token call: fewer concurrent row streams measured faster from DRAM
+_R1 = 2  # rows per call for the last token of an odd block (a slot of one token goes through _k1p)
 _k1 = make_rowblock_kernel(_R1, 1, _L, VNNI)
 _k42 = make_rowblock_kernel(4, 2, _L, VNNI)
 _k44 = make_rowblock_kernel(4, 4, _L, VNNI)
@@ -60,6 +61,11 @@ _k28 = make_rowblock_kernel(2, 8, _L, VNNI)
 # instead of two rows of one matrix 3.5 KB apart. K2's gate and up of 64 experts streamed alone, one
 # token, 2-core Xeon: 70% -> 77-80% of the read probe on 2 threads, 69-75% -> 80-86% on 1; a whole
 # layer (moe_forward, 48 or 192 experts, 200 calls alternating with the old code): +6.3-7.6%.
+# The down projection of one token likewise reads rows o and o + RB / 2 of its item side by side: one
+# stream of consecutive rows kept too few lines in flight (an arithmetic-free read in that order, C,
+# over k2-slice's maps: down 28.8 -> 31.1-31.4 GB/s as two streams). moe_forward over k2-slice's
+# experts, one token, 8 of 144 a call, L3 flushed between calls, five runs alternating with the old
+# code: +0.8 to +2.2% (median 25.6 -> 26.0 GB/s, probe 34-36), the same output bits.
 _k1p = make_rowblock_kernel(2, 1, _L, VNNI, paired=True)
 _CH = 4 * _L  # columns per chunk
 # Experts with at least this many tokens in a call go through AMX's tile kernel where the CPU has it
@@ -218,7 +224,15 @@ def _block(w, sc, din, xa, dg, xs, toks, n, bufs, b0, b1, bt, dgb, cfg, xp, dgp,
     empty), the tile kernel when it has token blocks b0 < b1 (amx.slot_blocks), else the row kernel."""
     res, ta, tws, tres, _, pan = bufs
     N, M = amx.N, amx.M
-    if _on_rows(n, b0, b1, panel_min, xp):
+    if n == 1 and _on_rows(n, b0, b1, panel_min, xp):
+        # one token: rows o and o + RB / 2 side by side, two streams (see _k1p), the same sums
+        h = RB // 2
+        for o in range(h):
+            _k1p(w + o * (din // 2), h * (din // 2), sc + o * (din // 16), h * (din // 16), din // _CH,
+                 xa.ctypes.data, dg.ctypes.data, xs.ctypes.data, toks, din, res.ctypes.data, 8)
+            got[0, o] = res[0]
+            got[0, o + h] = res[1]
+    elif _on_rows(n, b0, b1, panel_min, xp):
         for o in range(0, RB, 8):
             _dot8(w + o * (din // 2), din // 2, sc + o * (din // 16), din // 16, din // _CH, xa.ctypes.data,
                   dg.ctypes.data, xs.ctypes.data, toks, n, din, res.ctypes.data)
