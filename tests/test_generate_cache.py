@@ -99,3 +99,42 @@ def test_a_killed_writers_partial_is_removed_and_a_live_writers_kept(tmp_path, m
     assert (cache / "live" / "config.json").exists() and not partial.exists()
     assert clean_stale_partials(cache) == 0 and fresh.exists()
     shutil.rmtree(cache)
+
+
+def _resident_share(path: Path) -> float:
+    """The share of path's pages in the page cache (mincore over a map that touches none of them)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        pages = -(-len(m) // mmap.PAGESIZE)
+        vec = (ctypes.c_ubyte * pages)()
+        view = (ctypes.c_char * len(m)).from_buffer(m)
+        assert libc.mincore(ctypes.addressof(view), len(m), vec) == 0, os.strerror(ctypes.get_errno())
+        del view
+        return sum(v & 1 for v in vec) / pages
+    finally:
+        m.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this OS")
+def test_big_shards_leave_the_page_cache_once_written_and_small_ones_stay(tmp_path, monkeypatch):
+    """The shards a bench streams are dropped from the page cache once written, so that the first run reads
+    them back from disk (in large folios, as a downloaded checkpoint's); the small ones are left alone."""
+    probe = tmp_path / "probe"
+    with open(probe, "wb") as f:
+        f.write(b"x" * (1 << 20))
+        f.flush()
+        os.fdatasync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if _resident_share(probe) > 0.5:
+        pytest.skip("this filesystem keeps written pages in memory (tmpfs?)")
+    monkeypatch.setattr(writer, "RELOAD_BYTES", 400_000)   # tiny's shards: 0.12 MB, then three of 0.6 MB
+    out = write_checkpoint(tmp_path / "tiny", preset_config("tiny"))
+    shares = {p.name: _resident_share(p) for p in sorted(out.glob("*.safetensors"))}
+    assert shares.pop("model-00001-of-000004.safetensors") > 0.9, shares
+    assert len(shares) == 3 and all(s < 0.1 for s in shares.values()), shares
