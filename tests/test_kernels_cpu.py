@@ -180,9 +180,10 @@ def _table_in_order(experts, order, split):
 
 def test_moe_one_token_gate_beside_up_wherever_they_lie(experts, table):
     """An expert with one token has its gate and up rows read side by side (the paired row kernel, the
-    two matrices any distance apart, of either sign): the same output for up after gate, before it, or
-    in another arena; bit for bit the two-token path's (each token given twice, so every expert has
-    two, through the unpaired kernels); and the reference's within TOL."""
+    two matrices any distance apart, of either sign), and its down rows in pairs half a work item apart:
+    the same output for up after gate, before it, or in another arena; bit for bit the two-token path's
+    (each token given twice, so every expert has two, through the unpaired kernels); and the
+    reference's within TOL."""
     rng = np.random.default_rng(21)
     x = rng.standard_normal((1, D)).astype(np.float32)
     ids = rng.choice(E, (1, K), replace=False)
