@@ -9,8 +9,8 @@
 Ours first runs once untimed at the measured shapes (llama-bench warms up before each of its tests
 itself). Each round then measures, one after another, the machine's RAM read bandwidth, our prompt
 processing and generation (hybrid.bench.engine_bench, one run), llama.cpp's prompt processing
-(`llama-bench -p P -n 0`) and its generation after a P-token context (`llama-bench -p 0 -n G -d P`, the context ours
-decodes after). The order alternates between rounds so neither side always runs on a warmer or
+(`llama-bench -p P -n 0`) and its generation after a P-token context (`llama-bench -p 0 -n G -d P`,
+the context ours decodes after). The order alternates between rounds so neither side always runs on a warmer or
 cooler machine. It prints the medians and ours/theirs per test (a table, or one JSON object).
 
 llama.cpp is not a dependency: point --llama-bench at a binary you built (README: "Compare with
@@ -65,10 +65,9 @@ def compare(args: argparse.Namespace) -> dict:
     engine = hybrid.load(args.model, device="cpu", cpu_threads=T, gpu_precision=args.gpu_precision,
                          cpu_prompt_math=args.cpu_prompt_math, context=max(4096, P + G + 16))
     with engine:
-        # not measured: compile, fault in, and run the P-token prompt's products once, as llama-bench warms
-        # up before each of its tests (a 16-token warm-up left ours paying for the 128-token shapes in
-        # round 1: AVX2 code, pp128 31.0 and 33.3 tok/s in two first rounds, up to 37.5 after)
-        bench_engine(engine, P, 2, 1, mem_gbps=1.0)
+        # not measured: one run at the measured prompt length, our warm-up (llama-bench warms up before
+        # each of its tests itself)
+        bench_engine(engine, P, 2, 1, mem_gbps=1.0, warmup=False)
         llama_bench(args.llama_bench, args.gguf, T, 16, 0, 0)  # the same for llama.cpp: pages in its GGUF
         rows: dict[str, list[float]] = {k: [] for k in ("gbps", "pp_ours", "tg_ours", "pct_ours", "pp_llama", "tg_llama")}
         for r in range(args.rounds):
