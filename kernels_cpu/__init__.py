@@ -3,6 +3,12 @@ INT4 routed-expert MoE; simd its hand-written row-block dot product, actq the in
 expert address table), widen (bf16 / int8 GEMVs of the GPU side on a CPU), heads (absorbed MLA's
 per-head products with kv_b_proj), workqueue (the threads' work split) and membw (the RAM read-bandwidth
 kernel). Imports nothing from the project.
+
+Compile time: a helper with real work in it (a row loop, a kernel call) is a plain @njit function, not
+inline="always". Numba inlines those by copying the callee's IR into every call site before typing it
+again, and LLVM inlines across @njit calls anyway where it pays: a tiny engine's first run compiled in
+99 s with the expert, MLA and GEMV helpers inlined, 58 s without (moe_into alone 45 -> 21 s), the same
+bits at the same speed (2-core Xeon). inline="always" is kept for one-liners and for overloads.
 """
 from kernels_cpu.moe import ExpertTable, moe_forward
 

@@ -147,7 +147,7 @@ def _values(kvb, P, acc, den, o, t, h0, h1, accd):
             o[t, h, v] = a * inv
 
 
-@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp, m, den, acc, sc, buf, blk, accd):
     # heads h0..h1-1 (a multiple of 4 of them) for every token: q absorbed into the latent space, the
     # pages scored and summed, the values out. qa [nh, L], qp [nh, R], m / den [nh], acc [nh, L],

@@ -86,7 +86,7 @@ PANEL_MIN_TOKENS = panel.PANEL_MIN if panel.available() else None
 SPLIT_PAIRS = 64
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _dot8(w, wst, s, sst, nch, xa, dg, xs, toks, ntok, din, res):
     """8 weight rows x ntok tokens -> res f32 [ntok, 8] (addresses; toks: int64 row indices)."""
     t = 0
@@ -115,7 +115,7 @@ def _rows_at(base, loc, e, m, o0, din):
             base[loc[e, 2 * m + 1, 0]] + loc[e, 2 * m + 1, 1] + o0 * (din // 16))
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _gate_up_rows(base, loc, e, o0, nrows, din, xa, dg, xs, tok, res, gu, p):
     """Rows o0..o0 + nrows - 1 of expert e's gate and up against one activation row (its index at the
     int64 address tok) -> gu[0, p, rows], gu[1, p, rows]; each gate row beside the same up row (_k1p)."""
@@ -171,7 +171,7 @@ def _group_pairs(ids, wts, E):
     return slot_e, slot_p, pair_tok, pair_w, maxn
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _codes(N, din, panels):
     """Buffers for N rows of din activations as int16 codes: in the row kernel's layout (codes, group
     scales, offsets: actq.quantize_row) and, if panels, in the panel kernel's too (else empty)."""
@@ -180,7 +180,7 @@ def _codes(N, din, panels):
             np.empty((n, din), np.int16), np.empty((n, din // 32), np.float32), np.empty((n, din // 32), np.int32))
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _quantize(v, codes, t):
     # v f32 [din] -> row t of the _codes buffers
     xa, dg, xs, xp, dgp, xsp = codes
@@ -189,7 +189,7 @@ def _quantize(v, codes, t):
         quantize_row_panel(v, xp[t], dgp[t], xsp[t])
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _silu_mul_quantize(g, u, codes, p):
     # g, u f32 [I] -> SiLU(g) * u written over g, then quantised into row p of the _codes buffers
     for i in range(g.shape[0]):
@@ -197,7 +197,7 @@ def _silu_mul_quantize(g, u, codes, p):
     _quantize(g, codes, p)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _buffers(maxn, din, tiles, panels):
     """A thread's scratch for _block: the row kernel's results, the tile kernel's unpacked rows, their
     scales and its results (empty without tile blocks in this call), an output block (the down
@@ -216,7 +216,7 @@ def _on_rows(n, b0, b1, panel_min, xp):
     return not (n >= panel_min and xp.shape[0] > 0) and b1 <= b0
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _block(w, sc, din, xa, dg, xs, toks, n, bufs, b0, b1, bt, dgb, cfg, xp, dgp, xsp, got, panel_min):
     """RB weight rows (packed bytes at w, bf16 scales at sc, din columns) x the n activation rows listed
     at toks (int64 address) -> got f32 [n, RB] (a view, written): through the panel kernel when the
@@ -249,7 +249,7 @@ def _block(w, sc, din, xa, dg, xs, toks, n, bufs, b0, b1, bt, dgb, cfg, xp, dgp,
                     got[j, o + r] = tres[j // N, r, j % N]
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _down_rows(base, loc, slot_e, slot_p, s, o0, I, ch, pidx, bufs, blk, bt, dgb, cfg, panel_min, got):
     """Rows o0..o0 + RB - 1 of slot s's down matrix against its pairs' rows of ch (_codes) -> got f32
     [the slot's pairs, RB] (_block)."""
@@ -259,7 +259,7 @@ def _down_rows(base, loc, slot_e, slot_p, s, o0, I, ch, pidx, bufs, blk, bt, dgb
            blk[s + 1], bt, dgb, cfg, hp, hgp, hsp, got, panel_min)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _add_pairs(out, got, pair_tok, pair_w, p0, n, o0):
     """out[pair_tok[p0 + j], o0 + r] += pair_w[p0 + j] * got[j, r] for pairs j < n, r < got's width."""
     for j in range(n):                              # a loop: an array expression would allocate

@@ -84,7 +84,7 @@ def _scale(s, o):
     return bf16_to_f32(s[o]) if s.shape[0] else np.float32(1.0)
 
 
-@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _rows(x, xd, w, s, out, lo, hi):
     # rows lo..hi-1 of out f32 [T, O] from x f32 [T, I], w [O, I] (uint16 bf16 bits or int8 codes)
     # and s uint16 [O] bf16 row scales ([0]: none). xd: x deinterleaved for bf16dot.row_dot where it
@@ -144,7 +144,7 @@ def gemv_into(x, xd, w, s, out, nt):
             it = take(queue, n, th, nt)
 
 
-@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _pair_item(x, xd, w1, s1, out1, w2, s2, out2, it, n1):
     # work item `it` of a queue over two weights: w1's blocks of RB rows (the first n1), then w2's
     if it < n1:
@@ -199,7 +199,7 @@ def swiglu_into(x, xd, wg, sg, wu, su, wd, sd, g, u, gd, out, nt):
 _i8x8, _i8x2, _i8x1 = make_rows_kernel(8), make_rows_kernel(2), make_rows_kernel(1)  # int8 rows x a token
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _rows_i8(xq, xs, xc, w, s, out, lo, hi, res):
     # rows lo..hi-1 of out f32 [T, O] from the activation codes xq, xs, xc (int8dot.quantize_activations)
     # and int8 codes w [O, I] with bf16 row scales s; res f32 [8] scratch.
