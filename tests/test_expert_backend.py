@@ -3,6 +3,10 @@ and its decode step unchanged (experts elsewhere, say), and the Numba backend ke
 buffers for good: refresh_hot puts them back where set_hot replaced them."""
 from __future__ import annotations
 
+import mmap
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -118,6 +122,40 @@ def test_experts_on_the_callers_thread_when_the_gpu_side_is_the_cpu(tiny_path):
         assert eng.model.experts.cpu.on_caller
     finally:
         eng.close()
+
+
+def _vm_flags(addr: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds address addr (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps") or not hasattr(mmap, "MADV_HUGEPAGE"),
+                    reason="needs Linux's smaps and madvise(MADV_HUGEPAGE)")
+def test_mmap_mode_advises_the_expert_shards_for_huge_pages_and_nothing_else(tiny_path):
+    """mmap mode streams its experts from the shard maps every token, so the maps it builds its tables
+    over are advised for huge pages (VmFlags 'hg'): the first fault then caches a 2 MB folio. A map the
+    rest of the engine reads once (the non-expert weights, copied at load) stays plain."""
+    from hybrid.experts.mmap_tables import mmap_tables
+
+    if "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        pytest.skip("transparent huge pages are off on this machine")
+    tables = mmap_tables(Checkpoint(tiny_path))
+    arenas = {a.ctypes.data: a for t in tables.values() for a in t.arenas}
+    assert arenas
+    for addr in arenas:
+        assert "hg" in _vm_flags(addr)
+    ckpt = Checkpoint(tiny_path)
+    plain = ckpt.file_buffer(ckpt.info("model.embed_tokens.weight").file)
+    assert "hg" not in _vm_flags(plain.ctypes.data)
 
 
 @pytest.mark.skipif(not host_has_avx2(), reason="the Numba INT4 kernels need AVX2 + FMA")

@@ -29,7 +29,7 @@ def mmap_tables(ckpt: Checkpoint) -> dict[int, ExpertTable]:
                 info = ckpt.info(f"{expert_prefix(layer, e, proj)}.{suffix}")
                 if info.file not in files:
                     files[info.file] = len(arenas)
-                    arenas.append(ckpt.file_buffer(info.file))
+                    arenas.append(ckpt.file_buffer(info.file, huge_pages=True))  # streamed every token
                 loc[e, m] = (files[info.file], info.offset)
         tables[layer] = ExpertTable(arenas, loc, cfg.hidden_size, cfg.moe_intermediate_size, cfg.group_size)
     return tables
