@@ -17,7 +17,7 @@ from hybrid.checkpoint.reader import Checkpoint
 from hybrid.model.sampling import SamplingParams
 from hybrid.serve.app import create_app
 from hybrid.serve.common import longest_token_bytes, utf8_len
-from hybrid.serve.runner import EngineRunner, Finished, Job, QueueFull
+from hybrid.serve.runner import EngineRunner, Failed, Finished, Job, QueueFull
 
 from tests.server_harness import API_KEY, HOLD_S, ScriptedEngine, running, watching_submissions
 
@@ -203,6 +203,48 @@ def test_retry_after_forgets_clients_once_they_are_due_back():
         return first + [await refuse()]
 
     assert asyncio.run(run()) == [2, 2, 6, 2]
+
+
+class _WorkerFirst(threading.Event):
+    """A queued job's cancel flag that loses the race to the worker: when shutdown() cancels the job, it
+    first releases the running job and waits until the worker has taken this one out of line."""
+
+    def __init__(self, hold: threading.Event, taken: threading.Event):
+        super().__init__()
+        self.hold, self.taken = hold, taken
+
+    def set(self) -> None:
+        self.hold.set()
+        assert self.taken.wait(HOLD_S), "the worker never reached the queued job"
+        super().set()
+
+
+def test_a_job_the_worker_skips_during_shutdown_still_gets_the_503(engine):
+    """shutdown() answers the jobs in line while the worker may reach one first (skipping it because the
+    runner is stopping): that job's consumer must see the same 503 'shutting_down', not an answer that
+    just stops (the server then said 'cancelled', a flaky failure of the SIGTERM test)."""
+    runner = EngineRunner(engine, None)
+    runner.start()
+    hold = threading.Event()
+
+    async def run() -> list:
+        engine.play("<think>busy", hold=hold)
+        running = runner.submit(Job([1, 2, 3], SamplingParams(temperature=0), None, 8))
+        assert await asyncio.to_thread(engine.started.wait, HOLD_S)
+        queued = Job([1, 2, 3], SamplingParams(temperature=0), None, 8)
+        queued.cancelled = _WorkerFirst(hold, queued.finished)
+        runner.submit(queued)
+        runner.shutdown()
+        [i async for i in runner.events(running)]
+        return [i async for i in runner.events(queued)]
+
+    try:
+        items = asyncio.run(run())
+    finally:
+        hold.set()
+        runner.stop()
+    assert len(items) == 1 and isinstance(items[0], Failed), items
+    assert (items[0].status, items[0].code) == (503, "shutting_down") and "not started" in items[0].message
 
 
 def test_retry_after_follows_the_measured_job_time(engine):

@@ -49,6 +49,14 @@ class Failed:
 
 
 _END = object()  # the last item of every job
+
+
+def _shutting_down(job: Job) -> Failed:
+    """The 503 a job gets when the server shuts down before its answer is complete."""
+    why = "the answer was cut short" if job.begun else "the request was not started; retry later"
+    return Failed(f"the server is shutting down: {why}", 503, "shutting_down")
+
+
 RETRY_AFTER_DEFAULT_S = 2  # before any request has finished, the seconds a job is assumed to take
 RETRY_AFTER_MAX_S = 60  # clients honour a Retry-After up to about this (the OpenAI and Anthropic SDKs: 60)
 
@@ -207,8 +215,7 @@ class EngineRunner:
             live = list(self._live)
         for job in live:
             job.cancel()
-            why = "the answer was cut short" if job.begun else "the request was not started; retry later"
-            job.end(Failed(f"the server is shutting down: {why}", 503, "shutting_down"))
+            job.end(_shutting_down(job))
         if first:
             log.info("shutting down: %d request(s) ended, %s", len(live), "none running" if self.active is None
                      else f"request {self.active.id} stops at its next token")
@@ -293,11 +300,15 @@ class EngineRunner:
                 self._done(job)
 
     def _done(self, job: Job) -> None:
+        """The job leaves the line. While stopping, one without an answer yet ends with shutdown()'s 503:
+        the worker may reach a job (skip it in line, stop it at its next token) before shutdown() does, and
+        its consumer must still be told why."""
         with self._lock:
             self._in_line -= 1
             self._live.discard(job)
+            stopping = self._stopping
         job.finished.set()
-        job.end()
+        job.end(_shutting_down(job) if stopping else None)
 
     def _run(self, job: Job) -> None:
         tokens: list[int] = []
