@@ -309,6 +309,23 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
             assert c["pct_of_mem_read"] == pytest.approx(100 * c["gbps"] / out["machine"]["mem_read_gbps"])
 
 
+def test_bench_runs_never_reuse_an_earlier_calls_prompts(tiny_path, monkeypatch):
+    """Two bench calls with one seed on one engine (compare_llamacpp's warm-up, then its first round): every
+    run still prefills its whole prompt; a run whose prompt the KV store could serve is refused, not timed."""
+    import itertools
+
+    import hybrid
+    from hybrid.bench import engine_bench as bench
+
+    with hybrid.load(str(tiny_path), device="cpu") as engine:
+        for _ in range(2):
+            rep = bench.bench_engine(engine, 8, 2, 2, mem_gbps=1.0, warmup=False, seed=0)
+            assert rep["kv"]["prompt_tokens"] == 8 and rep["kv"]["reused_tokens"] == 0
+        monkeypatch.setattr(bench, "_STARTS", itertools.repeat(5))  # every run starting alike: run 1 meets run 0
+        with pytest.raises(RuntimeError, match="bench run 1: 2 of the prompt's 8 tokens came from the KV store"):
+            bench.bench_engine(engine, 8, 2, 2, mem_gbps=1.0, warmup=False, seed=0)
+
+
 def test_device_reaches_the_plan(tiny_path, monkeypatch):
     args = ["run", "hi", "-m", str(tiny_path), "--max-tokens", "2"]
     import hybrid.runtime.loader as loader  # the commands load through the runtime's loader, imported when they run

@@ -7,6 +7,7 @@ bandwidth measured in the same run. Returns one JSON-able dict whose schema is d
 """
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 from typing import TYPE_CHECKING, Any, Callable
@@ -27,6 +28,14 @@ SPLIT = {"gpu_side": "gpu_side_s", "experts_compute": "experts_compute_s", "expe
          "io_wait": "io_wait_s", "overhead": "overhead_s"}
 SUMMED = (*SPLIT.values(), "forward_s", "expert_bytes", "bytes_read", "attention_s", "attention_proj_s", "router_s",
           "shared_s", "dense_s", "lm_head_s", "sampling_s")
+
+
+# Where each run's prompt starts: two leading tokens from a counter no run in this process repeats (from
+# a random point, so that processes sharing a disk prefix tier do not meet either), so that no run can be
+# served from the KV store. Each call once drew its first tokens from its seed and run index alone:
+# compare_llamacpp's warm-up call (seed 0) left round 1's prompt in the store, and round 1 measured a
+# one-token prefill as its "prompt processing" (k2-slice, 2-core Xeon: 10 tok/s beside 88-93).
+_STARTS = itertools.count(int.from_bytes(os.urandom(8), "little"))
 
 
 def _spread(xs: list[float]) -> dict[str, float]:
@@ -114,7 +123,8 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
                  backend: str = "auto", on_run: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Measure `runs` x (prefill `prompt_tokens`, decode `gen_tokens`) and return the schema's dict.
 
-    Each run's prompt starts with a different token, so the engine's KV prefix reuse cannot skip work.
+    Each run's prompt starts with two tokens no earlier run in this process started with (_STARTS), so the
+    engine's KV prefix reuse cannot skip work, whatever the seed; seed draws the rest of the prompts.
     mem_gbps: the RAM read bandwidth if already measured; else probed here over `probe_bytes` before the
     runs and after each, and the best probe taken (all of them in the report's machine.mem_read_gbps_probes).
     on_run(r) is called after measured run r (0-based), for progress display.
@@ -159,10 +169,15 @@ def _run(engine: Engine, rng: np.random.Generator, r: int, P: int, G: int,
     """One run r: prefill P random tokens, decode G; into record's (prefill, decode) phases if given."""
     n_ids = engine.tokenizer.n_ranks  # ordinary tokens only
     prompt = rng.integers(0, n_ids, P).tolist()
-    prompt[0] = r % n_ids  # never the previous run's first token: nothing to reuse
+    start = next(_STARTS)
+    prompt[:2] = [start % n_ids, start // n_ids % n_ids][:P]  # a start no earlier run had: nothing to reuse
     engine.reset_stats()
     it = engine.generate(prompt, G, sampler=greedy, stop_ids=frozenset())
     first = next(it)  # the prefill forward and the first sampled token
+    if first.prefill_tokens != P:
+        it.close()
+        raise RuntimeError(f"bench run {r}: {P - first.prefill_tokens} of the prompt's {P} tokens came from the "
+                           "KV store; a run must prefill its whole prompt (run the bench in a fresh engine)")
     pre = engine.stats()
     engine.reset_stats()
     last, n = first, 1
