@@ -276,7 +276,9 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
     expert = sum(ck.info(f"model.layers.1.mlp.experts.0.{p}_proj.weight_{s}").nbytes
                  for p in ("gate", "up", "down") for s in ("packed", "scale"))
     assert d["expert_bytes_per_token"] == 4 * 2 * expert
-    assert out["cache"] is None and out["settings"]["expert_mode"] == "mmap" and d["disk_bytes_per_token"] == 0
+    # mmap mode: no cache; its disk figure is what page faults read, which the page cache's state decides
+    # (test_expert_backend checks it against dropped pages)
+    assert out["cache"] is None and out["settings"]["expert_mode"] == "mmap"
     split = d["split_ms_per_token"]  # the per-layer figures and overlap recomputed from the split
     for k, v in d["per_moe_layer_ms"].items():
         assert v == pytest.approx(split[k] / out["model"]["moe_layers"])

@@ -160,6 +160,36 @@ def test_mmap_mode_advises_the_expert_shards_for_huge_pages_and_nothing_else(tin
 
 
 @pytest.mark.skipif(not host_has_avx2(), reason="the Numba INT4 kernels need AVX2 + FMA")
+@pytest.mark.skipif(not os.path.exists("/proc/self/io") or not hasattr(os, "posix_fadvise"),
+                    reason="needs Linux's /proc/self/io and posix_fadvise")
+def test_mmap_mode_counts_what_the_page_cache_did_not_hold_as_read_from_disk(make_checkpoint):
+    """mmap mode keeps no cache of its own, so its 'read from disk' (the bench's disk_bytes_per_token) is what
+    the faults on the shard maps read. With the shards' untouched pages dropped from the page cache after
+    loading, a request reads at least the expert bytes its kernels used; the same prompt again (reused, its
+    last token recomputed through the same experts, now cached) reads nothing."""
+    path = make_checkpoint(seed=11)  # this test's own files: no other test holds their pages mapped
+    eng = hybrid.load(path, backend="numba", expert_mode="mmap", device="cpu")
+    try:
+        for f in sorted(path.glob("*.safetensors")):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # written by this session: clean pages only can be dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        prompt = [5, 9, 2, 7, 1, 3]
+        got = []
+        for _ in range(2):
+            eng.reset_stats()
+            for _ in eng.generate(prompt, max_new_tokens=1, temperature=0.0):
+                pass
+            got.append(eng.stats())
+        assert got[0]["expert_bytes"] > 0 and got[0]["bytes_read"] >= got[0]["expert_bytes"], got[0]
+        assert got[1]["expert_bytes"] > 0 and got[1]["bytes_read"] == 0, got[1]
+    finally:
+        eng.close()
+
+
 def test_unasked_on_caller_work_releases_its_cache_slots(tiny_path):
     """Cache mode, experts on the caller's thread: work submitted and never asked for (a forward that
     failed between submit and wait) still unpins its slots by the next submit, so they stay evictable."""

@@ -135,7 +135,9 @@ class ExpertBackend(ABC):
     def stats(self) -> dict:
         """Since reset_stats(), as Engine.stats() reports them: experts_compute_s (CPU kernel time),
         io_wait_s (kernels waiting for reads), expert_bytes (expert bytes the kernels read), io_s
-        and bytes_read (the RAM cache's reads) and cache (its hit/prefetch summary, or None)."""
+        and bytes_read (the RAM cache's reads; in mmap mode what the process read from storage, page
+        faults on the shard maps that the page cache did not hold) and cache (its hit/prefetch summary,
+        or None)."""
         return {"experts_compute_s": 0.0, "io_wait_s": 0.0, "expert_bytes": 0, "io_s": 0.0, "bytes_read": 0,
                 "cache": None}
 

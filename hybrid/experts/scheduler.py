@@ -23,6 +23,19 @@ from hybrid.experts.routing_log import RoutingLog
 from hybrid.experts.upload import PromptUpload
 
 
+def process_read_bytes() -> int:
+    """Bytes this process (all its threads) has caused to be read from storage, page faults on file maps
+    included (Linux's /proc/self/io read_bytes); 0 where the OS does not say."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 class Scheduler(ExpertBackend):
     """cpu, hot and routing are required; prefetcher (cache mode with prefetch) and upload (long-prompt
     upload) are optional. predict: the model's router for the prefetch guess (with a prefetcher)."""
@@ -180,7 +193,9 @@ class Scheduler(ExpertBackend):
         cpu, cache = self.cpu, self.cache
         out = {"experts_compute_s": cpu.compute_s, "io_wait_s": cpu.io_wait_s, "expert_bytes": cpu.expert_bytes,
                "io_s": 0.0, "bytes_read": 0, "cache": None}
-        if cache is not None:
+        if cache is None:  # mmap mode: the experts' bytes the page cache did not hold, read by the faults
+            out["bytes_read"] = process_read_bytes() - self._read0
+        else:
             st = cache.stats.values()
             hits, misses = sum(s.hits for s in st), sum(s.misses for s in st)
             out["io_s"] = sum(s.io_s for s in st)
@@ -195,6 +210,7 @@ class Scheduler(ExpertBackend):
 
     def reset_stats(self) -> None:
         self.wait_s = 0.0  # time wait() blocked on the CPU worker
+        self._read0 = process_read_bytes()  # mmap mode's disk reads count from here (stats)
         self.cpu.reset_stats()
         self.hot_experts.reset_stats()
         if self.cache is not None:
