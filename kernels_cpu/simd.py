@@ -55,8 +55,9 @@ PF_BLOCKS = 2
 # latency. Samples on the loop (perf, k2-slice) put a quarter of its time on the first use of each
 # weight line, an L2 hit at best. moe_forward, one token, 8 of 48 experts, flushed, interleaved, 2-core
 # Xeon, probe 30-31 GB/s: 22.2-22.5 -> 23.4-23.5 GB/s with 1 KB (+4.5-5.5%; 0.25 / 0.5 / 1.5 / 2 KB:
-# +0.5 / +2.2 / +6.1 / +5.2%), the same output bits. The int8 and bf16 GEMVs measured mixed (-10 to
-# +7% by shape) with it and keep the L2 prefetch alone.
+# +0.5 / +2.2 / +6.1 / +5.2%), the same output bits. 1 KB, not 1.5: a down row (K2: 1 KB) is prefetched
+# into L2 only PF_BLOCKS rows (2 KB) ahead, and the L1 prefetch must trail that; half a row measured -5%.
+# The int8 and bf16 GEMVs measured mixed (-10 to +7% by shape) with it and keep the L2 prefetch alone.
 L1_AHEAD = 1024
 
 
