@@ -36,6 +36,13 @@ BLOCK = 128  # columns per activation scale and per exact int32 sum
 # contiguous): K2's q_b_proj shape, 12288 rows of 1.5 KB, 15-16 -> 20 GB/s on a 2-core Xeon (probe
 # 32); into L1 it gained less (an L1 miss buffer held for the DRAM latency), long rows neither way.
 PF_BLOCKS = 1
+# One token's rows are read one at a time instead (widen._rows_i8), one stream through the matrix, each
+# block prefetching the bytes STREAM_AHEAD past it into L2 (the next row's where the row ends first).
+# K2's shapes, 2-core Xeon, interleaved call by call against the 8- and 2-row blocks above (two copies of
+# those, 24 rounds, probe 32.8): qa+kva +2.5%, q_b +16%, o_proj +5%, the shared expert's gate and up +3%
+# and down +5%, the dense gate and up +2%, dense down +0.5%; the same bits (each row's sums in the same
+# order). A whole row ahead instead of 6 KB: up to -13% on the 18 KB rows; 4 or 8 KB: about level.
+STREAM_AHEAD = 6144
 VNNI = has_vnni()  # vpdpbusd over vnni_layout's bytes; else vpmaddwd over the int16 codes
 CH = 2 * vector_lanes()  # columns per vector of weights with VNNI: 64 (zmm) or 32 (ymm)
 
@@ -160,11 +167,13 @@ def vnni_layout(xq, xb, xc):
                                           + np.int32(xb[t, k + 3]))
 
 
-def make_rows_kernel(R: int):
+def make_rows_kernel(R: int, ahead: int = 0):
     """An intrinsic rows(w, wstride, xq, xs, xc, nblk, res) -> None: res f32 [r] = sum over the nblk blocks
     of xs[b] * (int8 row r . the codes over block b), for the R rows at w + r * wstride (bytes; any
     alignment). One token: xq its int16 codes (quantize_blocks), or with VNNI their bytes (vnni_layout,
-    whose lane offsets are xc; unread otherwise); xs its f32 block scales; addresses as intp."""
+    whose lane offsets are xc; unread otherwise); xs its f32 block scales; addresses as intp.
+    Each block prefetches the same columns of the next PF_BLOCKS blocks of R rows, or with ahead > 0
+    the bytes `ahead` past it (rows read in memory order: one stream, STREAM_AHEAD)."""
     L = vector_lanes()  # int16 lanes per vector: 32 (zmm) or 16 (ymm)
     VF = ir.VectorType(F32, L // 2)
 
@@ -176,13 +185,13 @@ def make_rows_kernel(R: int):
             w, wstride, xq, xs, xc, nblk, res = args
             facc = [cgutils.alloca_once_value(b, ir.Constant(VF, None)) for _ in range(R)]
             rows_at = [b.add(w, b.mul(ir.Constant(I64, r), wstride)) for r in range(R)]
-            ahead = b.mul(ir.Constant(I64, R * PF_BLOCKS), wstride)
+            dist = ir.Constant(I64, ahead) if ahead else b.mul(ir.Constant(I64, R * PF_BLOCKS), wstride)
             block = _vnni_block if VNNI else _madd_block
             with cgutils.for_range(b, nblk) as blk:
                 c0 = b.mul(blk.index, ir.Constant(I64, BLOCK))
                 for r in range(R):
                     for line in range(0, BLOCK, 64):
-                        prefetch_l2(b, b.add(b.add(rows_at[r], ahead), b.add(c0, ir.Constant(I64, line))))
+                        prefetch_l2(b, b.add(b.add(rows_at[r], dist), b.add(c0, ir.Constant(I64, line))))
                 scale_block(b, L, block(b, L, rows_at, xq, xc, blk.index, c0), xs, blk.index, facc)
             for r in range(R):
                 b.store(hsum(b, b.load(facc[r])), b.inttoptr(b.add(res, ir.Constant(I64, 4 * r)), F32.as_pointer()))

@@ -31,7 +31,7 @@ from numba.extending import intrinsic, overload
 
 from kernels_cpu import bf16dot
 from kernels_cpu.bf16dot import deinterleave, row_dot
-from kernels_cpu.int8dot import BLOCK, make_rows_kernel, quantize_activations
+from kernels_cpu.int8dot import BLOCK, STREAM_AHEAD, make_rows_kernel, quantize_activations
 from kernels_cpu.simd import host_has_avx2
 from kernels_cpu.workqueue import new_queue, take
 
@@ -196,25 +196,27 @@ def swiglu_into(x, xd, wg, sg, wu, su, wd, sd, g, u, gd, out, nt):
     gemv_into(g, gd, wd, sd, out, nt)
 
 
-_i8x8, _i8x2, _i8x1 = make_rows_kernel(8), make_rows_kernel(2), make_rows_kernel(1)  # int8 rows x a token
+_i8x8, _i8x2 = make_rows_kernel(8), make_rows_kernel(2)  # int8 rows x a token
+_i8x1 = make_rows_kernel(1, STREAM_AHEAD)
 
 
 @njit(nogil=True, cache=True)
 def _rows_i8(xq, xs, xc, w, s, out, lo, hi, res):
     # rows lo..hi-1 of out f32 [T, O] from the activation codes xq, xs, xc (int8dot.quantize_activations)
     # and int8 codes w [O, I] with bf16 row scales s; res f32 [8] scratch.
-    # Long rows eight at a time, short ones (SHORT_ROW_BYTES) two: measured best for each.
+    # One token: a row at a time, one stream (int8dot.STREAM_AHEAD). More (each block of rows re-read from
+    # L2 for each): long rows eight at a time, short ones (SHORT_ROW_BYTES) two.
     T, I = xq.shape[0], w.shape[1]
     nb = I // BLOCK
     for t in range(T):
         xa, sa, ca = xq.ctypes.data + 2 * I * t, xs.ctypes.data + 4 * nb * t, xc.ctypes.data + 4 * xc.shape[1] * t
         o = lo
-        while o + 8 <= hi and I > SHORT_ROW_BYTES:
+        while o + 8 <= hi and I > SHORT_ROW_BYTES and T > 1:
             _i8x8(w.ctypes.data + I * o, I, xa, sa, ca, nb, res.ctypes.data)
             for r in range(8):
                 out[t, o + r] = res[r] * bf16_to_f32(s[o + r])
             o += 8
-        while o + 2 <= hi:
+        while o + 2 <= hi and T > 1:
             _i8x2(w.ctypes.data + I * o, I, xa, sa, ca, nb, res.ctypes.data)
             out[t, o] = res[0] * bf16_to_f32(s[o])
             out[t, o + 1] = res[1] * bf16_to_f32(s[o + 1])

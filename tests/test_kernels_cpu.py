@@ -420,7 +420,8 @@ def test_int16_activation_codes_equal_the_numpy_rule():
 def test_int8_gemv_over_int16_activation_blocks(In):
     """Input widths that are a multiple of int8dot.BLOCK take the vpmaddwd path: int8 codes against
     int16 activations with a scale per 128 columns. Exactly that math (float64 over the same codes),
-    every row count and partial work item; and off the fp32-activation product by at most the codes'
+    every row count and partial work item, one token's rows (read one at a time) the same bits as in a
+    block of tokens; and off the fp32-activation product by at most the codes'
     rounding (half a step each)."""
     from kernels_cpu.widen import MAX_ROWS, RB, SHORT_ROW_BYTES, _int8_fast, gemv_pair, int8_gemv
 
@@ -439,6 +440,8 @@ def test_int8_gemv_over_int16_activation_blocks(In):
         full = x.astype(np.float64) @ (q.astype(np.float64) * sf[:, None]).T  # fp32 activations
         half_steps = 0.5 * np.einsum("tb,obi->to", xs, np.abs(q.astype(np.float64)).reshape(O, -1, 128)) * sf
         assert (np.abs(got - full) <= half_steps + 1e-6 * np.abs(full).max()).all()  # each code off <= half a step
+        if T > 1:  # one token reads a row at a time, more tokens blocks of rows: each row's sums in one order
+            np.testing.assert_array_equal(int8_gemv(x[-1:], q, scale).view(np.uint32), got[-1:].view(np.uint32))
         a, b = gemv_pair(x, q, scale, q[:RB + 3], scale[:RB + 3])
         np.testing.assert_array_equal(a, got)
         np.testing.assert_array_equal(b, got[:, :RB + 3])
