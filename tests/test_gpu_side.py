@@ -3,24 +3,33 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from hybrid.runtime.gpu_side import gpu_side_weight, host_copy
+from hybrid.runtime.gpu_side import HUGE, gpu_side_weight, host_copy
+
+
+def _mapping(addr: int) -> tuple[str, int, list[str]]:
+    """(name, AnonHugePages in bytes, VmFlags) of the mapping of this process that holds addr (Linux
+    /proc/self/smaps)."""
+    inside, name, huge = False, "", 0
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s*(.*)$", line)
+            if m:
+                inside, name = int(m.group(1), 16) <= addr < int(m.group(2), 16), m.group(3)
+            elif inside and line.startswith("AnonHugePages:"):
+                huge = int(line.split()[1]) * 1024
+            elif inside and line.startswith("VmFlags:"):
+                return name, huge, line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
 
 
 def _vm_flags(addr: int) -> list[str]:
-    """VmFlags of the mapping of this process that holds addr (Linux /proc/self/smaps)."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
-            if m:
-                inside = int(m.group(1), 16) <= addr < int(m.group(2), 16)
-            elif inside and line.startswith("VmFlags:"):
-                return line.split()[1:]
-    raise AssertionError(f"no mapping holds {addr:#x}")
+    return _mapping(addr)[2]
 
 
 @pytest.mark.parametrize("dtype", [None, torch.float32])
@@ -36,9 +45,27 @@ def test_host_copy_is_an_exact_copy_in_its_own_memory(dtype):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
 def test_big_host_copies_are_marked_for_huge_pages():
-    # numpy madvises blocks from 4 MB (MADV_HUGEPAGE: VmFlags 'hg'); torch's own allocation is not
+    # advised (MADV_HUGEPAGE: VmFlags 'hg'); torch's own allocation is not
     out = host_copy(torch.ones(4096, 1024, dtype=torch.bfloat16))  # 8 MB
     assert "hg" in _vm_flags(out.data_ptr() + out.nbytes // 2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+def test_host_copies_get_huge_pages_after_malloc_reused_freed_memory():
+    """glibc raises its mmap threshold to a freed block's size (up to 32 MB), so blocks of a few MB come from
+    memory freed earlier in the load, already in 4 KB pages: numpy's advice left such copies (k2-slice's
+    kv_b, q_b, shared experts) on plain pages. A copy has a mapping of its own, starting on a huge page,
+    advised, and where the kernel's setting allows it, on huge pages."""
+    junk = np.ones(30 << 20, np.uint8)
+    del junk
+    out = host_copy(torch.ones(8 << 20, dtype=torch.bfloat16))  # 16 MB
+    name, huge, flags = _mapping(out.data_ptr())
+    assert out.data_ptr() % HUGE == 0 and "hg" in flags and name != "[heap]"
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if setting.exists() and "[never]" not in setting.read_text():
+        assert huge >= out.nbytes
+    small = host_copy(torch.ones(1000, dtype=torch.bfloat16))
+    assert torch.equal(small, torch.ones(1000, dtype=torch.bfloat16))  # below HUGE_MIN: numpy's memory
 
 
 def test_gpu_side_weight_on_the_cpu_keeps_no_view_of_the_checkpoint():

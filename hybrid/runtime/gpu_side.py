@@ -6,12 +6,16 @@ per tensor at load; nothing here runs per token.
 
 Why huge pages: a decode step on a CPU streams every weight once, and with 4 KB pages that stream
 costs a page walk per 4 KB and restarts the hardware prefetchers at every page. torch's allocator
-gives plain pages (the kernel's THP setting is usually 'madvise'); numpy asks for huge pages
-(madvise) on blocks from 4 MB. k2-slice's dense SwiGLU (793 MB) in one sitting on a 2-core Xeon
-with AMX: 28-29 GB/s from such a copy, 25.5-26.5 from torch's (the RAM read probe: 36 GB/s on huge
-pages, 28-29 on plain ones).
+gives plain pages (the kernel's THP setting is usually 'madvise'). k2-slice's dense SwiGLU (793 MB)
+in one sitting on a 2-core Xeon with AMX: 28-29 GB/s from a huge-page copy, 25.5-26.5 from torch's
+(the RAM read probe: 36 GB/s on huge pages, 28-29 on plain ones). Each copy of HUGE_MIN or more gets
+a mapping of its own, 2 MB aligned and advised before its first touch: numpy's own advice (blocks from
+4 MB) did not hold, since malloc serves blocks up to 32 MB from memory freed earlier in the load, already
+in 4 KB pages (k2-slice int8w: kv_a, kv_b, q_a, q_b and the shared experts sat there on 0-60% huge pages).
 """
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 import torch
@@ -21,18 +25,33 @@ from kernels_gpu.int8 import quantize_int8
 from hybrid.runtime.tensor_classes import int8_eligible, widen_eligible
 
 EMBED = "model.embed_tokens.weight"
+HUGE = 2 << 20  # a transparent huge page on x86-64
+HUGE_MIN = HUGE  # copies from this size get a mapping of their own (below: at most one huge page's worth)
 
 
 def host_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """t converted to dtype (default: its own) in new host memory that numpy allocated: from 4 MB
-    numpy marks it for transparent huge pages, which the kernel gives where its setting allows
-    ('always' or 'madvise'; with 'never' these are plain pages, as torch's would be). Shares
-    nothing with t (a view of the checkpoint's maps stays behind)."""
+    """t converted to dtype (default: its own) in new host memory marked for transparent huge pages
+    (_huge_bytes), which the kernel gives where its setting allows ('always' or 'madvise'; with
+    'never' these are plain pages, as torch's would be). Shares nothing with t (a view of the
+    checkpoint's maps stays behind)."""
     dtype = dtype or t.dtype
     size = t.numel() * dtype.itemsize
     if size == 0:
         return torch.empty(t.shape, dtype=dtype)
-    return torch.from_numpy(np.empty(size, np.uint8)).view(dtype).view(t.shape).copy_(t)
+    return torch.from_numpy(_huge_bytes(size)).view(dtype).view(t.shape).copy_(t)
+
+
+def _huge_bytes(size: int) -> np.ndarray:
+    """size bytes, untouched: from HUGE_MIN in a private anonymous mapping of their own, starting on a huge
+    page and advised for huge pages before any page of it is touched (the array holds the mapping); smaller,
+    or where the platform has no such advice, numpy's memory."""
+    if size < HUGE_MIN or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(size, np.uint8)
+    m = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_HUGEPAGE)
+    whole = np.frombuffer(m, np.uint8)
+    start = -whole.ctypes.data % HUGE
+    return whole[start:start + size]
 
 
 def gpu_side_weight(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype, int8: bool = False,
