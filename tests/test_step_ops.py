@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hybrid.checkpoint.config import ModelConfig
+from hybrid.model.k2 import Model
 from kernels_cpu import step_ops
 
 
@@ -107,9 +108,9 @@ def test_one_call_decode_steps_equal_the_separate_steps(tiny_path, monkeypatch, 
     """A CPU decode step with every layer in one Numba call (model/cpu_step.py's layers, kernels_cpu.token_step),
     or one call a layer (LAYERS_PER_CALL 1), and layer by layer with the MLP half in one call (cpu_step's moe
     and dense, kernels_cpu.moe_step), give the logits of the separate steps (the router, the backend's submit
-    and wait, the shared expert, the sums) bit for bit, with bf16 and with int8 non-expert weights; every
-    decode step goes through the path on trial; and the backend counts those calls as its own (expert bytes,
-    routing counts)."""
+    and wait, the shared expert, the sums, Model.head) bit for bit, with bf16 and with int8 non-expert
+    weights; every decode step goes through the path on trial (the one call with the final norm and lm_head
+    in it); and the backend counts those calls as its own (expert bytes, routing counts)."""
     import hybrid
     from hybrid.model import cpu_step
 
@@ -123,6 +124,8 @@ def test_one_call_decode_steps_equal_the_separate_steps(tiny_path, monkeypatch, 
         return toks, logits, stats, counts
 
     taken: dict[str, list[bool]] = {"layers": [], "moe": [], "dense": []}
+    heads: list[int] = []  # Model.head's calls: the one call runs the final norm and lm_head itself
+    monkeypatch.setattr(Model, "head", lambda self, h, real=Model.head: (heads.append(1), real(self, h))[1])
     for name, seen in taken.items():
         real = getattr(cpu_step, name)
         monkeypatch.setattr(cpu_step, name, lambda *a, real=real, seen=seen:
@@ -138,9 +141,11 @@ def test_one_call_decode_steps_equal_the_separate_steps(tiny_path, monkeypatch, 
             monkeypatch.setattr(cpu_step, name, lambda *a: None)
         for seen in taken.values():
             seen.clear()
+        heads.clear()
         runs.append(run())
         steps = len(runs[-1][1]) - 1  # decode steps: the prompt is one forward
         assert steps >= 8
+        assert len(heads) == (1 if not off else steps + 1)  # the prompt's forward, or every forward
         if not off:
             assert taken["layers"].count(True) == steps and taken["moe"].count(True) == 0
         elif off == ("layers",):

@@ -41,12 +41,14 @@ LAYERS_PER_CALL = 4
 
 
 def layers(model: Any, h: torch.Tensor, cache: Any, s0: int, cos: torch.Tensor, sin: torch.Tensor,
-           latent_eps: float) -> torch.Tensor | None:
+           latent_eps: float, head_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """Every layer of model (a hybrid.model.k2.Model) for a decode step in a few calls (kernels_cpu.token_step,
     LAYERS_PER_CALL layers each, their arguments all built first):
-    h [T, D] -> the last layer's output, each layer's parts' times added to model.times (attention and
-    its projections, dense, router, shared, experts_wait) and its experts reported to the backend; None
-    where a layer's one-call steps do not apply (the caller then goes layer by layer)."""
+    h [T, D] -> (the last layer's output, Model.head's logits [head_rows, vocab] of its last head_rows rows
+    from the last call, or None where head_rows is 0 or the final norm and lm_head are not held as the
+    GEMVs read them), each part's time added to model.times (attention and its projections, dense,
+    router, shared, experts_wait, lm_head) and the experts reported to the backend; None where a layer's
+    one-call steps do not apply (the caller then goes layer by layer)."""
     n, T = model.cfg.num_hidden_layers, h.shape[0]
     if not _decode_rows(h) or model.cpu_steps.get("token") is False or s0 + T > MLA_MAX_POSITIONS:
         return None  # past the one-call MLA's positions every layer's step_pages says no: not worth asking
@@ -73,6 +75,7 @@ def layers(model: Any, h: torch.Tensor, cache: Any, s0: int, cos: torch.Tensor, 
     out, cos_n, sin_n = np.ascontiguousarray(h.numpy()), cos.numpy(), sin.numpy()
     nt = numba.get_num_threads()
     mla_nt, ent = max(1, min(nt, attn[0][3].shape[0] // 4)), threads.pop()
+    head, hclock = _head_args(model, h, head_rows), np.zeros(2, np.int64)
     t0 = time.perf_counter()
     try:
         for g0 in range(0, n, LAYERS_PER_CALL):
@@ -84,19 +87,36 @@ def layers(model: Any, h: torch.Tensor, cache: Any, s0: int, cos: torch.Tensor, 
                 own[kind].append((dense if kind == DENSE else moe)[k])
             out = decode_layers(out, np.array(local, np.int64), tuple(attn[g0:g1]), tuple(own[DENSE] or [moe[0][3]]),
                                 tuple(own[MOE] or [moe[0]]), s0, cos_n, sin_n, nt, mla_nt, ent, aclock[g0:g1],
-                                mclock[g0:g1], distinct[g0:g1])
+                                mclock[g0:g1], distinct[g0:g1], head if g1 == n else (*head[:4], head[4][:0]), hclock)
     except TypingError:  # layers held in ways that make no one tuple type: layer by layer
         model.cpu_steps["token"] = False
         return None
-    _add_layer_times(model, plan, aclock.tolist(), mclock.tolist(), distinct.tolist(), T, time.perf_counter() - t0)
-    return torch.from_numpy(out)
+    hc = hclock.tolist()
+    _add_layer_times(model, plan, aclock.tolist(), mclock.tolist(), distinct.tolist(), T, time.perf_counter() - t0, hc)
+    return torch.from_numpy(out), (torch.from_numpy(head[4]) if head[4].shape[0] else None)
 
 
-def _add_layer_times(model: Any, plan: list, aclock: list, mclock: list, distinct: list, T: int, wall: float) -> None:
-    """decode_layers' stamps into model.times, layer by layer, and its MoE layers' experts to the backend."""
-    first, last = aclock[0][0], max(aclock[-1][-1], mclock[-1][-1])
+def _head_args(model: Any, h: torch.Tensor, rows: int) -> tuple:
+    """decode_layers' head (final norm, eps, lm_head as linear_into reads it, logits f32 [rows, vocab]): logits
+    [0, vocab] where rows is 0 or the norm and lm_head are not held so (then no head runs in the call)."""
+    args = model.cpu_steps.get("head")
+    if args is None:
+        ws, norm = decode_weights(h, (model.weights.lm_head,)), model.weights.norm
+        ok = ws is not None and norm.dtype == torch.float32 and norm.device.type == "cpu"
+        args = model.cpu_steps["head"] = (norm.numpy(), np.float32(model.cfg.rms_norm_eps), *ws[0]) if ok else \
+            (np.zeros(h.shape[1], np.float32), np.float32(0), np.empty((0, h.shape[1]), np.int8), np.empty(0, np.uint16))
+    vocab = args[2].shape[0]
+    return (*args, np.empty((rows if vocab else 0, vocab), np.float32))
+
+
+def _add_layer_times(model: Any, plan: list, aclock: list, mclock: list, distinct: list, T: int, wall: float,
+                     hclock: list) -> None:
+    """decode_layers' stamps into model.times, layer by layer (the head's too where it ran: hclock), and its
+    MoE layers' experts to the backend."""
+    first, last = aclock[0][0], max(aclock[-1][-1], mclock[-1][-1], hclock[1])
     per_cycle = wall / (last - first) if last > first else 0.0
     times = model.times
+    times.lm_head += (hclock[1] - hclock[0]) * per_cycle
     for i, ((kind, _), a, m) in enumerate(zip(plan, aclock, mclock)):
         times.attention += (a[-1] - a[0]) * per_cycle
         times.attention_proj += _projections(a) * per_cycle

@@ -175,12 +175,14 @@ class Model:
             attn = "absorbed" if T <= ABSORB_MAX_TOKENS else "naive"
         times, t_start = self.times, time.perf_counter()
         self._deferred = None  # nothing carries over from a forward that failed midway
-        whole = cpu_step.layers(self, h, cache, s0, cos, sin, LATENT_NORM_EPS) if attn == "absorbed" else None
-        h = whole if whole is not None else self._layers(h, cache, s0, cos, sin, attn)  # one call, or layer by layer
+        rows = 1 if last_only else T
+        whole = cpu_step.layers(self, h, cache, s0, cos, sin, LATENT_NORM_EPS, rows) if attn == "absorbed" else None
+        h, logits = whole if whole is not None else (self._layers(h, cache, s0, cos, sin, attn), None)  # one call?
         cache.length = s0 + T
-        t0 = time.perf_counter()
-        logits = self.head(h[-1:] if last_only else h)
-        times.lm_head += time.perf_counter() - t0
+        if logits is None:  # the one call runs the head too where it can
+            t0 = time.perf_counter()
+            logits = self.head(h[-1:] if last_only else h)
+            times.lm_head += time.perf_counter() - t0
         times.forward += time.perf_counter() - t_start
         return logits
 
