@@ -64,6 +64,9 @@ def test_host_copies_get_huge_pages_after_malloc_reused_freed_memory():
     setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if setting.exists() and "[never]" not in setting.read_text():
         assert huge >= out.nbytes
+    part = host_copy(torch.ones(5 << 19, dtype=torch.bfloat16))  # 5 MB: two whole huge pages and a part
+    assert torch.equal(part, torch.ones(5 << 19, dtype=torch.bfloat16))
+    assert "hg" in _vm_flags(part.data_ptr()) and "hg" not in _vm_flags(part.data_ptr() + part.nbytes - 1)
     small = host_copy(torch.ones(1000, dtype=torch.bfloat16))
     assert torch.equal(small, torch.ones(1000, dtype=torch.bfloat16))  # below HUGE_MIN: numpy's memory
 

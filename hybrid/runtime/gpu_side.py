@@ -43,14 +43,15 @@ def host_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
 
 def _huge_bytes(size: int) -> np.ndarray:
     """size bytes, untouched: from HUGE_MIN in a private anonymous mapping of their own, starting on a huge
-    page and advised for huge pages before any page of it is touched (the array holds the mapping); smaller,
-    or where the platform has no such advice, numpy's memory."""
+    page, its whole huge pages advised before any page of it is touched (the array holds the mapping; the
+    last part-filled one is not advised, so it costs no more than its bytes); smaller, or where the platform
+    has no such advice, numpy's memory."""
     if size < HUGE_MIN or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.empty(size, np.uint8)
     m = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    m.madvise(mmap.MADV_HUGEPAGE)
     whole = np.frombuffer(m, np.uint8)
     start = -whole.ctypes.data % HUGE
+    m.madvise(mmap.MADV_HUGEPAGE, start, size - size % HUGE)
     return whole[start:start + size]
 
 
