@@ -14,9 +14,8 @@ Pure functions on arrays; imports nothing from hybrid/.
 """
 from __future__ import annotations
 
-from numba import njit
-
 import numpy as np
+from numba import njit
 
 from kernels_cpu.attn_step import attention_step, linear_into
 from kernels_cpu.moe_step import mlp_step, moe_step
