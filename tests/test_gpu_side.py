@@ -68,7 +68,7 @@ def test_host_copies_get_huge_pages_after_malloc_reused_freed_memory():
     assert torch.equal(part, torch.ones(5 << 19, dtype=torch.bfloat16))
     assert "hg" in _vm_flags(part.data_ptr()) and "hg" not in _vm_flags(part.data_ptr() + part.nbytes - 1)
     small = host_copy(torch.ones(1000, dtype=torch.bfloat16))
-    assert torch.equal(small, torch.ones(1000, dtype=torch.bfloat16))  # below HUGE_MIN: numpy's memory
+    assert torch.equal(small, torch.ones(1000, dtype=torch.bfloat16))  # under one huge page: numpy's memory, the same bytes
 
 
 def test_gpu_side_weight_on_the_cpu_keeps_no_view_of_the_checkpoint():

@@ -8,7 +8,7 @@ Why huge pages: a decode step on a CPU streams every weight once, and with 4 KB 
 costs a page walk per 4 KB and restarts the hardware prefetchers at every page. torch's allocator
 gives plain pages (the kernel's THP setting is usually 'madvise'). k2-slice's dense SwiGLU (793 MB)
 in one sitting on a 2-core Xeon with AMX: 28-29 GB/s from a huge-page copy, 25.5-26.5 from torch's
-(the RAM read probe: 36 GB/s on huge pages, 28-29 on plain ones). Each copy of HUGE_MIN or more gets
+(the RAM read probe: 36 GB/s on huge pages, 28-29 on plain ones). Each copy of HUGE or more gets
 a mapping of its own, 2 MB aligned and advised before its first touch: numpy's own advice (blocks from
 4 MB) did not hold, since malloc serves blocks up to 32 MB from memory freed earlier in the load, already
 in 4 KB pages (k2-slice int8w: kv_a, kv_b, q_a, q_b and the shared experts sat there on 0-60% huge pages).
@@ -25,8 +25,7 @@ from kernels_gpu.int8 import quantize_int8
 from hybrid.runtime.tensor_classes import int8_eligible, widen_eligible
 
 EMBED = "model.embed_tokens.weight"
-HUGE = 2 << 20  # a transparent huge page on x86-64
-HUGE_MIN = HUGE  # copies from this size get a mapping of their own (below: at most one huge page's worth)
+HUGE = 2 << 20  # a transparent huge page on x86-64; a copy smaller than one holds none, so it stays in numpy's memory
 
 
 def host_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -42,11 +41,11 @@ def host_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
 
 
 def _huge_bytes(size: int) -> np.ndarray:
-    """size bytes, untouched: from HUGE_MIN in a private anonymous mapping of their own, starting on a huge
+    """size bytes, untouched: from HUGE in a private anonymous mapping of their own, starting on a huge
     page, its whole huge pages advised before any page of it is touched (the array holds the mapping; the
     last part-filled one is not advised, so it costs no more than its bytes); smaller, or where the platform
     has no such advice, numpy's memory."""
-    if size < HUGE_MIN or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if size < HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.empty(size, np.uint8)
     m = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = np.frombuffer(m, np.uint8)
