@@ -271,6 +271,12 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
     d = out["decode"]
     assert d["bytes_per_token"] == d["expert_bytes_per_token"] + d["weight_bytes_per_token"] > 0
     assert abs(d["achieved_gbps"] - d["bytes_per_token"] * d["tok_s"]["median"] / 1e9) < 1e-9
+    # each token's own time: the 3 gaps after the first of each run's 4 tokens add up to the run's decode time
+    tm = d["token_ms"]
+    assert tm["median"] <= tm["p90"] <= tm["max"] and tm["mean"] <= tm["max"]
+    assert tm["mean"] * 6 == pytest.approx(1e3 * sum(3 / x for x in d["runs_tok_s"]), rel=1e-9)
+    assert d["pct_of_mem_read_median_token"] == pytest.approx(
+        100 * d["bytes_per_token"] / (tm["median"] / 1e3) / 1e9 / out["machine"]["mem_read_gbps"], rel=1e-9)
     # decode reads top-4 distinct experts in each of the 2 MoE layers
     ck = Checkpoint(tiny_path)
     expert = sum(ck.info(f"model.layers.1.mlp.experts.0.{p}_proj.weight_{s}").nbytes

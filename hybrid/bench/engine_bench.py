@@ -42,6 +42,16 @@ def _spread(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
+def _token_ms(token_s: list[float]) -> dict[str, float]:
+    """One generated token's wall time over every run: median, mean, 90th percentile and max (ms). On a
+    VM the mean carries the host's stalls (k2-slice, 2-core Xeon: median 58.1, mean 61.3, max 127-146 ms,
+    the long ones inside the one Numba call, where no Python or GC runs); the median is the engine's
+    typical token."""
+    ms = np.array(token_s) * 1e3
+    return {"median": float(np.median(ms)), "mean": float(ms.mean()), "p90": float(np.percentile(ms, 90)),
+            "max": float(ms.max())}
+
+
 class _Phase:
     """One phase (prefill or decode) summed over the runs: wall time, tokens, Engine.stats() counters."""
 
@@ -55,9 +65,11 @@ class _Phase:
         self.cluster: dict | None = None  # Engine.stats()['cluster'] summed over the runs (several machines)
         self.kv_read = 0  # KV-cache bytes the attention read, summed over the runs
         self.kv: dict = {}  # the last run's Engine.stats()['kv'] (pages, reuse counts)
+        self.token_s: list[float] = []  # decode: each generated token's own wall time, over the runs
 
-    def add(self, tokens: int, wall_s: float, stats: dict) -> None:
+    def add(self, tokens: int, wall_s: float, stats: dict, token_s: list[float] | None = None) -> None:
         self.tok_s.append(tokens / wall_s)
+        self.token_s += token_s or []
         self.tokens += tokens
         self.wall_s += wall_s
         for k in SUMMED:
@@ -180,12 +192,13 @@ def _run(engine: Engine, rng: np.random.Generator, r: int, P: int, G: int,
                            "KV store; a run must prefill its whole prompt (run the bench in a fresh engine)")
     pre = engine.stats()
     engine.reset_stats()
-    last, n = first, 1
-    for last in it:
-        n += 1
+    last, times = first, []
+    for tok in it:
+        times.append(tok.elapsed_s - last.elapsed_s)
+        last = tok
     if record is not None:
         record[0].add(first.prefill_tokens, first.elapsed_s, pre)
-        record[1].add(n - 1, last.elapsed_s - first.elapsed_s, engine.stats())
+        record[1].add(len(times), last.elapsed_s - first.elapsed_s, engine.stats(), times)
 
 
 def _report(engine: Engine, name: str | None, settings: dict, mem_gbps: float, prefill: _Phase,
@@ -219,6 +232,9 @@ def _report(engine: Engine, name: str | None, settings: dict, mem_gbps: float, p
                    "expert_bytes_per_token": experts, "weight_bytes_per_token": weights,
                    "bytes_per_token": experts + weights, "achieved_gbps": achieved,
                    "pct_of_mem_read": 100 * achieved / mem_gbps,
+                   "token_ms": _token_ms(decode.token_s),
+                   "pct_of_mem_read_median_token":
+                       100 * (experts + weights) / statistics.median(decode.token_s) / GB / mem_gbps,
                    "expert_kernel_gbps": decode.sums["expert_bytes"] / compute / GB if compute > 0 else None,
                    "disk_bytes_per_token": decode.per_token("bytes_read"),
                    "per_moe_layer_ms": {k: decode_split[k] / max(1, len(cfg.moe_layers))
