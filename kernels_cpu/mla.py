@@ -8,12 +8,18 @@ its own threads over a few hundred KB: on two cores that cost ~2.5 ms a layer ag
 reading kv_b_proj. Here it is one parallel region per layer: heads are split between threads, and
 each thread walks the cache a page at a time, scoring the page against each of its heads while the
 page is in L2 (online softmax: running max and sum a head, the value sum rescaled when the max
-grows). The scores go four heads by four rows at a time (_dot4x4) and the value sums four rows a
-pass, so each vector loaded serves four products: one K2 layer, 2-core Xeon, 2.7-2.9 -> 1.9-2.0 ms
-at 1,000 positions, 0.88 -> 0.72 at 160. They are still not blocked like a GEMM's, so past a few
-thousand positions the caller's gather and MKL GEMMs win; the k2-slice forward at 2,000 positions
-was level either way (attention 16.7-19.7 against 19.2 ms a token): MAX_POSITIONS is where the
-caller switches. kv_b's rows stream with an L2 prefetch AHEAD rows ahead (160 positions: 1.51-1.55
+grows). The scores and the value sums go through register tiles (mla_tiles.py): a page's scores four
+positions x TILE heads at a time against the queries transposed once a token, the value sums four
+heads x TILE latent columns summed over the page's rows; before them, 4 x 4 blocks summed along the
+latent (one K2 layer, 2-core Xeon, 2.7-2.9 -> 1.9-2.0 ms at 1,000 positions, 0.88 -> 0.72 at 160), and
+with the tiles, the same layer from RAM after a 700 MB read, 30-40 alternating calls: 1 / 64 / 160 / 400
+/ 1,000 positions 0.70-0.72 / 0.82 / 0.91-0.94 / 1.18-1.28 / 1.95-1.98 -> 0.72-0.74 / 0.81 / 0.84-0.88 /
+1.02-1.07 / 1.49-1.56 ms (a thread's walk at 160 positions: scores 100 -> 46 us, value sums 67 -> 35;
+the order of each sum changes: the logits of k2-slice's greedy runs, 64-700 positions, moved up to 4e-6
+of their scale in bf16w and 3e-5 in int8w, with the same tokens). Past a
+few thousand positions the caller's gather and MKL GEMMs took over when this measured level with them
+(the k2-slice forward at 2,000 positions, before the tiles: attention 16.7-19.7 against 19.2 ms a
+token): MAX_POSITIONS is where the caller switches. kv_b's rows stream with an L2 prefetch AHEAD rows ahead (160 positions: 1.51-1.55
 -> 1.16-1.31 ms). In bf16 the value rows go through the bf16 GEMV's row_dot (bf16dot.py) against the
 value sum deinterleaved once a head: one K2 layer from RAM, 2-core Xeon, 1 / 160 / 1,000 positions
 0.81 / 0.98 / 2.03 -> 0.65 / 0.86 / 1.68 ms (the sums' order changes: ~5e-7 apart). Both halves of kv_b
@@ -34,91 +40,13 @@ from numba.extending import overload
 
 from kernels_cpu.bf16dot import PAIR, ahead_bytes, deinterleave, f32_to_bf16, row_dot
 from kernels_cpu.heads import AHEAD, prefetch_head_row
+from kernels_cpu.mla_tiles import TILE, aligned, tile_add, tile_set
 from kernels_cpu.step_ops import rms_norm_into
 from kernels_cpu.widen import widened3
 
 FASTMATH = {"reassoc", "contract"}  # a vectorised sum and FMA; NaN and inf keep their meaning
 MAX_POSITIONS = 2048  # at most this many positions per call (see the module doc); the caller checks
 MAX_TOKENS = 8
-
-
-@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
-def _dot4x4(qa, j, buf, r, lo, hi, out):
-    # out[c, k] += qa[j + c, i - lo] * buf[r + k, i] summed over the columns i in lo..hi of buf (qa's from
-    # 0): sixteen sums, each vector of a row loaded once for four heads and each of qa once for four rows
-    a00 = a01 = a02 = a03 = np.float32(0.0)
-    a10 = a11 = a12 = a13 = np.float32(0.0)
-    a20 = a21 = a22 = a23 = np.float32(0.0)
-    a30 = a31 = a32 = a33 = np.float32(0.0)
-    for i in range(lo, hi):
-        x0, x1, x2, x3 = buf[r, i], buf[r + 1, i], buf[r + 2, i], buf[r + 3, i]
-        q0, q1, q2, q3 = qa[j, i - lo], qa[j + 1, i - lo], qa[j + 2, i - lo], qa[j + 3, i - lo]
-        a00 += q0 * x0
-        a01 += q0 * x1
-        a02 += q0 * x2
-        a03 += q0 * x3
-        a10 += q1 * x0
-        a11 += q1 * x1
-        a12 += q1 * x2
-        a13 += q1 * x3
-        a20 += q2 * x0
-        a21 += q2 * x1
-        a22 += q2 * x2
-        a23 += q2 * x3
-        a30 += q3 * x0
-        a31 += q3 * x1
-        a32 += q3 * x2
-        a33 += q3 * x3
-    out[0, 0] += a00
-    out[0, 1] += a01
-    out[0, 2] += a02
-    out[0, 3] += a03
-    out[1, 0] += a10
-    out[1, 1] += a11
-    out[1, 2] += a12
-    out[1, 3] += a13
-    out[2, 0] += a20
-    out[2, 1] += a21
-    out[2, 2] += a22
-    out[2, 3] += a23
-    out[3, 0] += a30
-    out[3, 1] += a31
-    out[3, 2] += a32
-    out[3, 3] += a33
-
-
-@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
-def _score4(qa, qp, buf, j, n, L, scale, sc, blk):
-    # sc[0..3, r] = scale * (latent . qa[j + c] + key . qp[j + c]) for the n rows of buf: four heads by
-    # four rows a pass (_dot4x4), so each value loaded serves four sums; blk f32 [4, 4] scratch
-    W = buf.shape[1]
-    r = 0
-    while r + 4 <= n:
-        blk[:] = 0.0
-        _dot4x4(qa, j, buf, r, 0, L, blk)
-        _dot4x4(qp, j, buf, r, L, W, blk)
-        for c in range(4):
-            for k in range(4):
-                sc[c, r + k] = blk[c, k] * scale
-        r += 4
-    for r in range(r, n):
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        for l in range(L):
-            b = buf[r, l]
-            a0 += qa[j, l] * b
-            a1 += qa[j + 1, l] * b
-            a2 += qa[j + 2, l] * b
-            a3 += qa[j + 3, l] * b
-        for i in range(W - L):
-            b = buf[r, L + i]
-            a0 += qp[j, i] * b
-            a1 += qp[j + 1, i] * b
-            a2 += qp[j + 2, i] * b
-            a3 += qp[j + 3, i] * b
-        sc[0, r] = a0 * scale
-        sc[1, r] = a1 * scale
-        sc[2, r] = a2 * scale
-        sc[3, r] = a3 * scale
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
@@ -147,12 +75,75 @@ def _values(kvb, P, acc, den, o, t, h0, h1, accd):
             o[t, h, v] = a * inv
 
 
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def _score_page(src, page, n, buf, qt, st):
+    # st[r, c] = (page row r widened into buf) . (query c, column c of qt) for the page's n rows: four
+    # positions x TILE heads a tile (the last tile's rows past n zeroed, their scores unread)
+    W, NH = buf.shape[1], qt.shape[1]
+    for r in range(n):
+        for w in range(W):
+            buf[r, w] = widened3(src, page, r, w)
+    for r in range(n, n + (-n) % 4):
+        for w in range(W):
+            buf[r, w] = 0.0
+    for r in range(0, n, 4):
+        for c in range(0, NH, TILE):
+            tile_set(buf.ctypes.data + 4 * W * r, 4 * W, qt.ctypes.data + 4 * c, 4 * NH, W,
+                     st.ctypes.data + 4 * (NH * r + c), 4 * NH)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def _sum_page(st, scale, n, j, m, den, acc, sc, buf):
+    # heads j..j+3 over the page's n scored rows (st, buf): the online softmax (running max m and sum den,
+    # acc rescaled when the max grows), then acc += the rows' latents weighted: four heads x TILE latent
+    # columns a tile where L allows, else four rows a pass
+    L = acc.shape[1]
+    for c in range(4):
+        for r in range(n):
+            sc[c, r] = st[r, j + c] * scale
+    for c in range(4):
+        top = m[j + c]
+        for r in range(n):
+            top = max(top, sc[c, r])
+        if top > m[j + c]:  # rescale what was summed under the old max
+            f = np.exp(m[j + c] - top)
+            den[j + c] *= f
+            for l in range(L):
+                acc[j + c, l] *= f
+            m[j + c] = top
+        for r in range(n):
+            sc[c, r] = np.exp(sc[c, r] - top)
+            den[j + c] += sc[c, r]
+    if L % TILE == 0:
+        for l0 in range(0, L, TILE):
+            tile_add(sc.ctypes.data, 4 * sc.shape[1], buf.ctypes.data + 4 * l0, 4 * buf.shape[1], n,
+                     acc.ctypes.data + 4 * ((j * L) + l0), 4 * L)
+        return
+    r = 0
+    while r + 4 <= n:  # four rows a pass: a quarter of the loads and stores of acc
+        for l in range(L):
+            b0, b1, b2, b3 = buf[r, l], buf[r + 1, l], buf[r + 2, l], buf[r + 3, l]
+            for c in range(4):
+                acc[j + c, l] += sc[c, r] * b0 + sc[c, r + 1] * b1 + sc[c, r + 2] * b2 + sc[c, r + 3] * b3
+        r += 4
+    for r in range(r, n):
+        w0, w1, w2, w3 = sc[0, r], sc[1, r], sc[2, r], sc[3, r]
+        for l in range(L):
+            b = buf[r, l]
+            acc[j, l] += w0 * b
+            acc[j + 1, l] += w1 * b
+            acc[j + 2, l] += w2 * b
+            acc[j + 3, l] += w3 * b
+
+
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp, m, den, acc, sc, buf, blk, accd):
+def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp, m, den, acc, sc, buf, qt, st, accd):
     # heads h0..h1-1 (a multiple of 4 of them) for every token: q absorbed into the latent space, the
     # pages scored and summed, the values out. qa [nh, L], qp [nh, R], m / den [nh], acc [nh, L],
-    # sc [4, PG], buf [PG, W], blk [4, 4], accd [2, L]: this thread's scratch (buf: the current page widened,
-    # in L2; accd: two heads' value sums deinterleaved for row_dot)
+    # sc [4, PG], buf [PG4, W] (PG rounded up to 4 rows), qt [W, NH] (NH: nh rounded up to TILE, the rows
+    # past nh zero), st [PG4, NH], accd [2, L]: this thread's scratch (buf: the current page widened, in L2;
+    # qt: the token's queries transposed for the score tiles; st: a page's scores, a row a position;
+    # accd: two heads' value sums deinterleaved for row_dot)
     T = q.shape[0]
     L, PG, W = kvb.shape[2], main.shape[1], main.shape[2]
     R = W - L
@@ -180,44 +171,20 @@ def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp
             den[j] = 0.0
             for l in range(L):
                 acc[j, l] = 0.0
+        for l in range(L):  # the queries transposed for the score tiles, written a row at a time
+            for j in range(h1 - h0):
+                qt[l, j] = qa[j, l]
+        for i in range(R):
+            for j in range(h1 - h0):
+                qt[L + i, j] = qp[j, i]
         for k in range((S + PG - 1) // PG):
             e = table[k]
             src = main if e >= 0 else spill
             page = e if e >= 0 else -1 - e
             n = min(PG, S - k * PG)
-            for r in range(n):
-                for w in range(W):
-                    buf[r, w] = widened3(src, page, r, w)
+            _score_page(src, page, n, buf, qt, st)
             for j in range(0, h1 - h0, 4):
-                _score4(qa, qp, buf, j, n, L, scale, sc, blk)
-                for c in range(4):
-                    top = m[j + c]
-                    for r in range(n):
-                        top = max(top, sc[c, r])
-                    if top > m[j + c]:  # rescale what was summed under the old max
-                        f = np.exp(m[j + c] - top)
-                        den[j + c] *= f
-                        for l in range(L):
-                            acc[j + c, l] *= f
-                        m[j + c] = top
-                    for r in range(n):
-                        sc[c, r] = np.exp(sc[c, r] - top)
-                        den[j + c] += sc[c, r]
-                r = 0
-                while r + 4 <= n:  # four rows a pass: a quarter of the loads and stores of acc
-                    for l in range(L):
-                        b0, b1, b2, b3 = buf[r, l], buf[r + 1, l], buf[r + 2, l], buf[r + 3, l]
-                        for c in range(4):
-                            acc[j + c, l] += sc[c, r] * b0 + sc[c, r + 1] * b1 + sc[c, r + 2] * b2 + sc[c, r + 3] * b3
-                    r += 4
-                for r in range(r, n):
-                    w0, w1, w2, w3 = sc[0, r], sc[1, r], sc[2, r], sc[3, r]
-                    for l in range(L):
-                        b = buf[r, l]
-                        acc[j, l] += w0 * b
-                        acc[j + 1, l] += w1 * b
-                        acc[j + 2, l] += w2 * b
-                        acc[j + 3, l] += w3 * b
+                _sum_page(st, scale, n, j, m, den, acc, sc, buf)
         _values(kvb, P, acc, den, o, t, h0, h1, accd)
 
 
@@ -265,6 +232,16 @@ def _write_rows(kv, nw, eps, cos, sin, main, spill, table, s0):
             _store(pool, page, pos % PG, w, row[w])
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _tile_queries(W, nh, NH):
+    # _heads' qt [W, NH]: its columns past nh zero (the score tiles read them), the rest written a token
+    qt = aligned(W, NH)
+    for i in range(W):
+        for j in range(nh, NH):
+            qt[i, j] = 0.0
+    return qt
+
+
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
 def decode_into(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt, kv, nw, eps):
     """mla_decode's kernel for @njit callers, o f32 [T, H, V] written, with no checks: q contiguous,
@@ -278,10 +255,11 @@ def decode_into(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt, kv, n
     for th in prange(nt):
         h0, h1 = 4 * (th * quads // nt), 4 * ((th + 1) * quads // nt)
         nh = h1 - h0
+        NH, PG4 = nh + (-nh) % TILE, PG + (-PG) % 4
         _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, np.empty((nh, L), np.float32),
                np.empty((nh, R), np.float32), np.empty(nh, np.float32), np.empty(nh, np.float32),
-               np.empty((nh, L), np.float32), np.empty((4, PG), np.float32), np.empty((PG, L + R), np.float32),
-               np.empty((4, 4), np.float32), np.empty((2, L), np.float32))
+               aligned(nh, L), aligned(4, PG), aligned(PG4, L + R), _tile_queries(L + R, nh, NH), aligned(PG4, NH),
+               np.empty((2, L), np.float32))
 
 
 def mla_decode(q: np.ndarray, cos: np.ndarray, sin: np.ndarray, kvb: np.ndarray, main: np.ndarray,

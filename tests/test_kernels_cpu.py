@@ -836,15 +836,48 @@ def test_head_products_equal_the_float64_einsums():
         head_values(o_lat[:, :, :-1], kvb, P)
 
 
+def test_mla_tiles_equal_the_float64_products():
+    """kernels_cpu.mla_tiles: a ROWS x TILE tile of a @ v over n, stored or added, with each operand's rows
+    at its own stride (the tile's columns past TILE untouched), against float64; and aligned's arrays."""
+    from numba import njit
+
+    from kernels_cpu.mla_tiles import ROWS, TILE, aligned, tile_add, tile_set
+
+    @njit
+    def run(a, v, out, n, add):
+        if add:
+            tile_add(a.ctypes.data, a.strides[0], v.ctypes.data, v.strides[0], n, out.ctypes.data, out.strides[0])
+        else:
+            tile_set(a.ctypes.data, a.strides[0], v.ctypes.data, v.strides[0], n, out.ctypes.data, out.strides[0])
+
+    rng = np.random.default_rng(3)
+    for n in (1, 7, 576):
+        a = rng.standard_normal((ROWS, n + 3)).astype(np.float32)
+        v = rng.standard_normal((n, TILE + 5)).astype(np.float32)
+        want = a[:, :n].astype(np.float64) @ v[:, :TILE].astype(np.float64)
+        out = rng.standard_normal((ROWS + 1, TILE + 2)).astype(np.float32)
+        before = out.copy()
+        run(a, v, out, n, False)
+        np.testing.assert_allclose(out[:ROWS, :TILE], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        assert (out[:, TILE:] == before[:, TILE:]).all() and (out[ROWS:] == before[ROWS:]).all()
+        run(a, v, out, n, True)
+        np.testing.assert_allclose(out[:ROWS, :TILE], 2 * want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    for rows, cols in ((4, 64), (33, 576), (1, 1)):
+        x = aligned(rows, cols)
+        assert x.shape == (rows, cols) and x.dtype == np.float32 and x.ctypes.data % 64 == 0
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_mla_decode_equals_the_float64_attention(dtype):
+@pytest.mark.parametrize("L", [32, 24])
+def test_mla_decode_equals_the_float64_attention(dtype, L):
     """kernels_cpu.mla.mla_decode, a layer's decode attention in one call, against float64 for 1-3 new
     tokens (each seeing the positions up to its own), a page boundary crossed, pages in any order
-    and one in the host tier (a negative table entry), bf16 or fp32 pages and kv_b_proj."""
+    and one in the host tier (a negative table entry), bf16 or fp32 pages and kv_b_proj; a latent
+    rank that the value tiles take (32) and one they do not (24: the value sums' loop instead)."""
     from kernels_cpu.mla import mla_decode
 
     rng = np.random.default_rng(11)
-    H, P, R, L, V, PG = 8, 16, 8, 32, 12, 4
+    H, P, R, V, PG = 8, 16, 8, 12, 4
 
     def stored(a):
         return bf16_bits(a) if dtype == "bf16" else a.astype(np.float32)
