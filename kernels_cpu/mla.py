@@ -16,10 +16,10 @@ with the tiles, the same layer from RAM after a 700 MB read, 30-40 alternating c
 / 1,000 positions 0.70-0.72 / 0.82 / 0.91-0.94 / 1.18-1.28 / 1.95-1.98 -> 0.72-0.74 / 0.81 / 0.84-0.88 /
 1.02-1.07 / 1.49-1.56 ms (a thread's walk at 160 positions: scores 100 -> 46 us, value sums 67 -> 35;
 the order of each sum changes: the logits of k2-slice's greedy runs, 64-700 positions, moved up to 4e-6
-of their scale in bf16w and 3e-5 in int8w, with the same tokens). Past a
-few thousand positions the caller's gather and MKL GEMMs took over when this measured level with them
-(the k2-slice forward at 2,000 positions, before the tiles: attention 16.7-19.7 against 19.2 ms a
-token): MAX_POSITIONS is where the caller switches. kv_b's rows stream with an L2 prefetch AHEAD rows ahead (160 positions: 1.51-1.55
+of their scale in bf16w and 3e-5 in int8w, with the same tokens). Past a few thousand positions the
+caller's gather and MKL GEMMs took over when this measured level with them (the k2-slice forward at
+2,000 positions, before the tiles: attention 16.7-19.7 against 19.2 ms a token): MAX_POSITIONS is where
+the caller switches. kv_b's rows stream with an L2 prefetch AHEAD rows ahead (160 positions: 1.51-1.55
 -> 1.16-1.31 ms). In bf16 the value rows go through the bf16 GEMV's row_dot (bf16dot.py) against the
 value sum deinterleaved once a head: one K2 layer from RAM, 2-core Xeon, 1 / 160 / 1,000 positions
 0.81 / 0.98 / 2.03 -> 0.65 / 0.86 / 1.68 ms (the sums' order changes: ~5e-7 apart). Both halves of kv_b
@@ -140,8 +140,8 @@ def _sum_page(st, scale, n, j, m, den, acc, sc, buf):
 def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp, m, den, acc, sc, buf, qt, st, accd):
     # heads h0..h1-1 (a multiple of 4 of them) for every token: q absorbed into the latent space, the
     # pages scored and summed, the values out. qa [nh, L], qp [nh, R], m / den [nh], acc [nh, L],
-    # sc [4, PG], buf [PG4, W] (PG rounded up to 4 rows), qt [W, NH] (NH: nh rounded up to TILE, the rows
-    # past nh zero), st [PG4, NH], accd [2, L]: this thread's scratch (buf: the current page widened, in L2;
+    # sc [4, PG], buf [PG4, W] (PG rounded up to 4 rows), qt [W, NH] (NH: nh rounded up to TILE, the
+    # columns past nh zero), st [PG4, NH], accd [2, L]: this thread's scratch (buf: the current page widened, in L2;
     # qt: the token's queries transposed for the score tiles; st: a page's scores, a row a position;
     # accd: two heads' value sums deinterleaved for row_dot)
     T = q.shape[0]

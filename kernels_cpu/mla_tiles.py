@@ -10,8 +10,8 @@ Pure functions on addresses; imports nothing from hybrid/.
 """
 from __future__ import annotations
 
-from llvmlite import ir
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -19,8 +19,8 @@ from numba.extending import intrinsic
 from kernels_cpu.simd import F32, I32, I64, vector_lanes
 
 LANES = vector_lanes() // 2  # fp32 lanes a vector: 16 (zmm) or 8 (ymm)
-TILE = 2 * LANES  # positions a score tile, latent columns a value tile: two vectors a head
-ROWS = 4  # rows of a a tile: four positions (scores) or four heads (value sums)
+TILE = 2 * LANES  # a tile's columns, two vectors: heads (scores) or latent columns (value sums)
+ROWS = 4  # a tile's rows: positions (scores) or heads (value sums)
 
 
 def _tile(b: ir.IRBuilder, a, astride, v, vstride, n, acc):
