@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -277,6 +278,11 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
     assert tm["mean"] * 6 == pytest.approx(1e3 * sum(3 / x for x in d["runs_tok_s"]), rel=1e-9)
     assert d["pct_of_mem_read_median_token"] == pytest.approx(
         100 * d["bytes_per_token"] / (tm["median"] / 1e3) / 1e9 / out["machine"]["mem_read_gbps"], rel=1e-9)
+    st = d["host_steal"]  # Linux reports steal (0 outside a VM): every decoded token is counted
+    assert st is not None and st["tokens"] == 6 and 0 <= st["tokens_hit"] <= 6 and st["ms_per_token"] >= 0
+    if st["tokens_hit"] == 0:  # outside a VM: the share without steal is the share over every token's time
+        assert st["pct_of_mem_read_without"] == pytest.approx(
+            100 * d["bytes_per_token"] * 6 / sum(3 / x for x in d["runs_tok_s"]) / 1e9 / out["machine"]["mem_read_gbps"])
     # decode reads top-4 distinct experts in each of the 2 MoE layers
     ck = Checkpoint(tiny_path)
     expert = sum(ck.info(f"model.layers.1.mlp.experts.0.{p}_proj.weight_{s}").nbytes
@@ -315,6 +321,55 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
         if c["gbps"] is not None:
             assert c["gbps"] == pytest.approx(c["bytes_per_token"] / c["ms_per_token"] / 1e6)
             assert c["pct_of_mem_read"] == pytest.approx(100 * c["gbps"] / out["machine"]["mem_read_gbps"])
+
+
+def test_host_steal_reads_the_steal_column(tmp_path):
+    from hybrid.runtime.probe import host_steal_s
+
+    stat = tmp_path / "stat"  # /proc/stat's first line: user nice system idle iowait irq softirq steal ...
+    stat.write_text("cpu  4705 150 1120 16250 520 0 30 250 0 0\ncpu0 2352 75 560 8125 260 0 15 125 0 0\n")
+    assert host_steal_s(stat) == pytest.approx(250 / os.sysconf("SC_CLK_TCK"))
+    stat.write_text("cpu  4705 150 1120 16250 520 0 30\n")  # a kernel without the column
+    assert host_steal_s(stat) is None
+    assert host_steal_s(tmp_path / "missing") is None
+
+
+def test_bench_puts_the_hosts_steal_on_the_tokens_it_fell_in(tiny_path, monkeypatch):
+    """A steal counter that moves by 30 ms at every third reading: the tokens read after it moved are the
+    ones hit, and the ms per token is the whole movement over the decoded tokens."""
+    import hybrid
+    from hybrid.bench import engine_bench as bench
+
+    reads = []
+
+    def counter():
+        reads.append(None)
+        return 0.03 * (len(reads) // 3)
+
+    monkeypatch.setattr(bench, "host_steal_s", counter)
+    recorded, add = [], bench._Phase.add  # each run's per-token times, as the decode phase receives them
+
+    def keep(self, tokens, wall_s, stats, token_s=None, steal_s=None):
+        if token_s is not None:
+            recorded.extend(token_s)
+        return add(self, tokens, wall_s, stats, token_s, steal_s)
+
+    monkeypatch.setattr(bench._Phase, "add", keep)
+    with hybrid.load(str(tiny_path), device="cpu") as engine:
+        rep = bench.bench_engine(engine, 8, 5, 2, mem_gbps=1.0, warmup=False)
+    # each run reads once before its 4 decoded tokens and once after each: readings 1-5, then 6-10
+    values = [0.03 * (n // 3) for n in range(1, 11)]
+    deltas = [b - a for a, b in zip(values[:5], values[1:5])] + [b - a for a, b in zip(values[5:], values[6:])]
+    st = rep["decode"]["host_steal"]
+    assert len(reads) == 10 and st["tokens"] == 8 and st["tokens_hit"] == sum(d > 0 for d in deltas) == 2
+    assert st["ms_per_token"] == pytest.approx(1e3 * sum(deltas) / 8)
+    clean = [t for t, d in zip(recorded, deltas) if d == 0]  # the 6 tokens the steal missed
+    d = rep["decode"]
+    assert len(recorded) == 8 and sum(recorded) == pytest.approx(sum(4 / x for x in d["runs_tok_s"]), rel=1e-9)
+    assert st["pct_of_mem_read_without"] == pytest.approx(100 * d["bytes_per_token"] * 6 / sum(clean) / 1e9)
+    monkeypatch.setattr(bench, "host_steal_s", lambda: None)  # a system without the counter
+    with hybrid.load(str(tiny_path), device="cpu") as engine:
+        assert bench.bench_engine(engine, 8, 3, 1, mem_gbps=1.0, warmup=False)["decode"]["host_steal"] is None
 
 
 def test_bench_runs_never_reuse_an_earlier_calls_prompts(tiny_path, monkeypatch):

@@ -17,7 +17,7 @@ import numpy as np
 from hybrid.bench.account import account
 from hybrid.runtime.token_loop import greedy
 from hybrid.runtime.tensor_classes import GPU_SIDE
-from hybrid.runtime.probe import GB, mem_read_gbps
+from hybrid.runtime.probe import GB, host_steal_s, mem_read_gbps
 
 if TYPE_CHECKING:
     from hybrid.runtime.engine import Engine
@@ -52,6 +52,17 @@ def _token_ms(token_s: list[float]) -> dict[str, float]:
             "max": float(ms.max())}
 
 
+def _steal_report(steal_s: list[float] | None, token_s: list[float], nbytes: float, mem_gbps: float) -> dict | None:
+    """The host's steal over the decoded tokens (docs/bench_schema.md, decode.host_steal), with the share of
+    the probe over the tokens it missed (nbytes a token), or None where the system does not report it."""
+    if steal_s is None or not steal_s:
+        return None
+    clean = [t for t, s in zip(token_s, steal_s) if s == 0]
+    return {"ms_per_token": 1e3 * sum(steal_s) / len(steal_s), "tokens_hit": len(steal_s) - len(clean),
+            "tokens": len(steal_s),
+            "pct_of_mem_read_without": 100 * nbytes * len(clean) / sum(clean) / GB / mem_gbps if clean else None}
+
+
 class _Phase:
     """One phase (prefill or decode) summed over the runs: wall time, tokens, Engine.stats() counters."""
 
@@ -66,10 +77,13 @@ class _Phase:
         self.kv_read = 0  # KV-cache bytes the attention read, summed over the runs
         self.kv: dict = {}  # the last run's Engine.stats()['kv'] (pages, reuse counts)
         self.token_s: list[float] = []  # decode: each generated token's own wall time, over the runs
+        self.steal_s: list[float] | None = []  # decode: the host's steal during each token (None: not known)
 
-    def add(self, tokens: int, wall_s: float, stats: dict, token_s: list[float] | None = None) -> None:
+    def add(self, tokens: int, wall_s: float, stats: dict, token_s: list[float] | None = None,
+            steal_s: list[float] | None = None) -> None:
         self.tok_s.append(tokens / wall_s)
         self.token_s += token_s or []
+        self.steal_s = None if steal_s is None or self.steal_s is None else self.steal_s + steal_s
         self.tokens += tokens
         self.wall_s += wall_s
         for k in SUMMED:
@@ -193,12 +207,18 @@ def _run(engine: Engine, rng: np.random.Generator, r: int, P: int, G: int,
     pre = engine.stats()
     engine.reset_stats()
     last, times = first, []
+    steal, stolen = host_steal_s(), []  # one line of /proc/stat a token: ~7 us
     for tok in it:
         times.append(tok.elapsed_s - last.elapsed_s)
         last = tok
+        if steal is not None:
+            now = host_steal_s()
+            stolen.append(now - steal)
+            steal = now
     if record is not None:
         record[0].add(first.prefill_tokens, first.elapsed_s, pre)
-        record[1].add(len(times), last.elapsed_s - first.elapsed_s, engine.stats(), times)
+        record[1].add(len(times), last.elapsed_s - first.elapsed_s, engine.stats(), times,
+                      None if steal is None else stolen)
 
 
 def _report(engine: Engine, name: str | None, settings: dict, mem_gbps: float, prefill: _Phase,
@@ -236,6 +256,7 @@ def _report(engine: Engine, name: str | None, settings: dict, mem_gbps: float, p
                    "pct_of_mem_read": 100 * achieved / mem_gbps,
                    "token_ms": token_ms,
                    "pct_of_mem_read_median_token": 100 * at_median / mem_gbps,
+                   "host_steal": _steal_report(decode.steal_s, decode.token_s, experts + weights, mem_gbps),
                    "expert_kernel_gbps": decode.sums["expert_bytes"] / compute / GB if compute > 0 else None,
                    "disk_bytes_per_token": decode.per_token("bytes_read"),
                    "per_moe_layer_ms": {k: decode_split[k] / max(1, len(cfg.moe_layers))

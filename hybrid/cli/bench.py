@@ -158,6 +158,11 @@ def render(r: dict) -> None:
     t.add_row("one token: median / mean / p90 / max",
               f"{tm['median']:,.1f} / {tm['mean']:,.1f} / {tm['p90']:,.1f} / {tm['max']:,.1f} ms")
     t.add_row("share at the median token", f"{dec['pct_of_mem_read_median_token']:.1f}%")
+    st = dec["host_steal"]
+    t.add_row("the VM host's steal (all CPUs; tokens hit)", "- (not reported here)" if st is None else
+              f"{st['ms_per_token']:,.1f} ms a token; {st['tokens_hit']}/{st['tokens']}")
+    if st is not None and st["pct_of_mem_read_without"] is not None:
+        t.add_row("share over the tokens without steal", f"{st['pct_of_mem_read_without']:.1f}%")
     t.add_row("expert kernel (expert bytes / compute time)", _num(dec["expert_kernel_gbps"], ",.2f") + " GB/s")
     t.add_row("read from disk per token", f"{dec['disk_bytes_per_token'] / 1e6:,.1f} MB")
     cache = r["cache"]

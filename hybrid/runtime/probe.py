@@ -1,4 +1,5 @@
-"""Bandwidth probes for `bench` and `plan`: RAM read GB/s with all threads, sequential disk read GB/s.
+"""Bandwidth probes for `bench` and `plan`: RAM read GB/s with all threads, sequential disk read GB/s;
+and the CPU time a VM's host took from its CPUs (host_steal_s), which `bench` reports beside decode.
 
 Owns measuring only; nothing here decides anything from the figures (placement.py does). The RAM probe
 runs kernels_cpu.membw.read_sum, as kernel_bench does, so `bench --kernels`, `bench` and `plan` report
@@ -36,6 +37,23 @@ def mem_read_gbps(nbytes: int = 1 << 30, reps: int = 5, threads: int | None = No
         return buf.nbytes / best / GB
     finally:
         numba.set_num_threads(before)
+
+
+def host_steal_s(stat: str | os.PathLike = "/proc/stat") -> float | None:
+    """CPU time the hypervisor gave to something else while this VM's CPUs had work (Linux's "steal"),
+    summed over the CPUs since boot, in seconds at the kernel's clock-tick resolution (10 ms on most
+    systems); None where `stat` is missing or has no steal column (not Linux, or a kernel before 2.6.11).
+    On a VM a token that the host interrupts takes the stolen time on top of its own: k2-slice bf16w on a
+    2-core Xeon VM, the bench's slowest tokens (98-144 ms against a median of 78) came with 40-120 ms of
+    steal each (summed over the two CPUs)."""
+    try:
+        with open(stat, "rb") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != b"cpu":
+        return None
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def disk_read_gbps(directory: str | os.PathLike, nbytes: int = 256 << 20, chunk: int = 8 << 20) -> float:
