@@ -44,9 +44,8 @@ def _spread(xs: list[float]) -> dict[str, float]:
 
 def _token_ms(token_s: list[float]) -> dict[str, float]:
     """One generated token's wall time over every run: median, mean, 90th percentile and max (ms). On a
-    VM the mean carries the host's stalls (k2-slice, 2-core Xeon: median 58.1, mean 61.3, max 127-146 ms,
-    the long ones inside the one Numba call, where no Python or GC runs); the median is the engine's
-    typical token."""
+    VM the mean carries the host's stalls (k2-slice, 2-core Xeon: median 58.1, mean 61.3, max 127-146 ms;
+    each long token came with the host's steal, _steal_report); the median is the engine's typical token."""
     ms = np.array(token_s) * 1e3
     return {"median": float(np.median(ms)), "mean": float(ms.mean()), "p90": float(np.percentile(ms, 90)),
             "max": float(ms.max())}
