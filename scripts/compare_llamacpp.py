@@ -30,7 +30,7 @@ from pathlib import Path
 
 import hybrid
 from hybrid.bench.engine_bench import bench_engine
-from hybrid.runtime.probe import mem_read_gbps
+from hybrid.runtime.probe import mem_read_gbps, probe_buffer
 
 LLAMA_TIMEOUT_S = 1800  # one llama-bench test; a bound, so a hung binary cannot hang the comparison
 
@@ -70,8 +70,9 @@ def compare(args: argparse.Namespace) -> dict:
         bench_engine(engine, P, 2, 1, mem_gbps=1.0, warmup=False)
         llama_bench(args.llama_bench, args.gguf, T, 16, 0, 0)  # the same for llama.cpp: pages in its GGUF
         rows: dict[str, list[float]] = {k: [] for k in ("gbps", "pp_ours", "tg_ours", "pct_ours", "pp_llama", "tg_llama")}
+        buf = probe_buffer(args.probe_mb << 20)  # one for every round: a freed one cost the next run (probe_buffer)
         for r in range(args.rounds):
-            rows["gbps"].append(mem_read_gbps(args.probe_mb << 20))
+            rows["gbps"].append(mem_read_gbps(buf=buf))
             steps = [("ours", lambda: ours(engine, P, G, rows["gbps"][-1], r)),
                      ("llama", lambda: (llama_bench(args.llama_bench, args.gguf, T, P, 0, 0),
                                         llama_bench(args.llama_bench, args.gguf, T, 0, G, P)))]

@@ -140,7 +140,7 @@ def test_a_probe_buffer_past_the_free_ram_names_the_option(tiny_path, monkeypatc
     def no_memory(nbytes):
         raise MemoryError()
 
-    monkeypatch.setattr(bench, "mem_read_gbps", no_memory)  # the allocation fails all the same
+    monkeypatch.setattr(bench, "probe_buffer", no_memory)  # the allocation fails all the same
     r = CliRunner().invoke(main, ["bench", "-m", str(tiny_path), "--probe-mb", "16", "--prompt-tokens", "4",
                                   "--gen-tokens", "2", "--runs", "1"])
     assert r.exit_code == 1 and "Traceback" not in r.output
@@ -321,6 +321,22 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
         if c["gbps"] is not None:
             assert c["gbps"] == pytest.approx(c["bytes_per_token"] / c["ms_per_token"] / 1e6)
             assert c["pct_of_mem_read"] == pytest.approx(100 * c["gbps"] / out["machine"]["mem_read_gbps"])
+
+
+def test_bench_probes_over_one_buffer_it_holds_until_the_last_probe(tiny_path, monkeypatch):
+    """Each probe reads the same buffer, allocated once: one freed between runs came back from a VM's host
+    as steal in the next run (probe_buffer)."""
+    import hybrid
+    from hybrid.bench import engine_bench as bench
+
+    made, seen = [], []
+    real_buffer, real_probe = bench.probe_buffer, bench.mem_read_gbps
+    monkeypatch.setattr(bench, "probe_buffer", lambda nbytes: made.append(real_buffer(nbytes)) or made[-1])
+    monkeypatch.setattr(bench, "mem_read_gbps", lambda buf: seen.append(buf) or real_probe(buf=buf))
+    with hybrid.load(str(tiny_path), device="cpu") as engine:
+        rep = bench.bench_engine(engine, 8, 3, 3, probe_bytes=4 << 20, warmup=False)
+    assert len(made) == 1 and made[0].nbytes == 4 << 20 and len(seen) == 4 and all(b is made[0] for b in seen)
+    assert rep["machine"]["mem_read_gbps_probes"] and len(rep["machine"]["mem_read_gbps_probes"]) == 4
 
 
 def test_host_steal_reads_the_steal_column(tmp_path):

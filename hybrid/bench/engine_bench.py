@@ -17,7 +17,7 @@ import numpy as np
 from hybrid.bench.account import account
 from hybrid.runtime.token_loop import greedy
 from hybrid.runtime.tensor_classes import GPU_SIDE
-from hybrid.runtime.probe import GB, host_steal_s, mem_read_gbps
+from hybrid.runtime.probe import GB, host_steal_s, mem_read_gbps, probe_buffer
 
 if TYPE_CHECKING:
     from hybrid.runtime.engine import Engine
@@ -165,25 +165,28 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
         # on both the prefill and the decode path, as llama-bench warms up each test (a 16-token warm-up
         # left the first measured 128-token prompt paying for its shapes: AVX2 code, 27.1 tok/s, then 37)
         _run(engine, rng, runs, prompt_tokens, 2)
-    probes = None if mem_gbps is not None else [_probe(probe_bytes)]  # here: before the runs and after each
+    # here: before the runs and after each, over one buffer held until the last (probe_buffer: why)
+    buf = None if mem_gbps is not None else _probe_buffer(probe_bytes)
+    probes = None if buf is None else [mem_read_gbps(buf=buf)]
     for r in range(runs):
         _run(engine, rng, r, prompt_tokens, gen_tokens, (prefill, decode))
         if probes is not None:
-            probes.append(_probe(probe_bytes))
+            probes.append(mem_read_gbps(buf=buf))
         if on_run:
             on_run(r)
+    del buf
     settings = {"backend": backend, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "runs": runs}
     report = _report(engine, name, settings, mem_gbps if probes is None else max(probes), prefill, decode)
     report["machine"]["mem_read_gbps_probes"] = probes
     return report
 
 
-def _probe(probe_bytes: int) -> float:
-    """One RAM read probe (GB/s). A VM's bandwidth can move by a third within minutes, so the bench probes
-    between its runs and measures against the best: a percentage of it is never flattered by a slow
-    moment of the probe."""
+def _probe_buffer(probe_bytes: int):
+    """The RAM probe's buffer (probe_buffer), held for the bench's probes. A VM's bandwidth can move by a third
+    within minutes, so the bench probes between its runs and measures against the best: a percentage of it
+    is never flattered by a slow moment of the probe."""
     try:
-        return mem_read_gbps(probe_bytes)
+        return probe_buffer(probe_bytes)
     except MemoryError:
         raise MemoryError(f"the RAM bandwidth probe could not allocate its {probe_bytes >> 20:,} MB buffer; "
                           "use a smaller --probe-mb") from None

@@ -19,15 +19,29 @@ from kernels_cpu.membw import read_sum
 GB = 1e9
 
 
-def mem_read_gbps(nbytes: int = 1 << 30, reps: int = 5, threads: int | None = None) -> float:
-    """Best-of-`reps` read bandwidth over an `nbytes` buffer (well past the caches), all threads."""
+def probe_buffer(nbytes: int = 1 << 30) -> np.ndarray:
+    """The RAM probe's buffer: nbytes (at least 1 MB) of uint64, every page written.
+
+    A caller that probes between measured runs keeps one for all its probes (bench, compare_llamacpp):
+    on a VM whose balloon device takes free page reports (virtio-balloon), a freed buffer is handed to
+    the host about 2 s later, and the host's work on it took this VM's CPUs during the next run. k2-slice
+    on a 2-core Xeon VM, `bench --runs 3`, three interleaved pairs: with a buffer freed after each probe,
+    10-150 ms of steal in each of 4-5 tokens a run, about 1 s into its decode (4.0-7.0 ms a token in all);
+    with one held, 0.0-0.2 ms, and bf16w 11.63-11.95 -> 12.26-12.73 tok/s, int8w 16.55-17.46 -> 17.50-17.96."""
+    return np.ones(max(nbytes, 1 << 20) // 8, np.uint64)
+
+
+def mem_read_gbps(nbytes: int = 1 << 30, reps: int = 5, threads: int | None = None,
+                  buf: np.ndarray | None = None) -> float:
+    """Best-of-`reps` read bandwidth over an `nbytes` buffer (well past the caches), all threads; over
+    `buf` (probe_buffer's) instead where given."""
     import numba
 
     before = numba.get_num_threads()
     if threads:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        buf = np.ones(max(nbytes, 1 << 20) // 8, np.uint64)
+        buf = probe_buffer(nbytes) if buf is None else buf
         read_sum(buf, 64)  # compile (or load from cache) and fault the pages in
         best = float("inf")
         for _ in range(reps):
