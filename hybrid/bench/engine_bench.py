@@ -44,8 +44,9 @@ def _spread(xs: list[float]) -> dict[str, float]:
 
 def _token_ms(token_s: list[float]) -> dict[str, float]:
     """One generated token's wall time over every run: median, mean, 90th percentile and max (ms). On a
-    VM the mean carries the host's stalls (k2-slice, 2-core Xeon: median 58.1, mean 61.3, max 127-146 ms;
-    each long token came with the host's steal, _steal_report); the median is the engine's typical token."""
+    VM the mean carries stalls from outside the engine (k2-slice, 2-core Xeon, the probe's buffer freed
+    between runs: median 58.1, mean 61.3, max 127-146 ms, each long token with the host's steal; see
+    probe_buffer and _steal_report); the median is the engine's typical token."""
     ms = np.array(token_s) * 1e3
     return {"median": float(np.median(ms)), "mean": float(ms.mean()), "p90": float(np.percentile(ms, 90)),
             "max": float(ms.max())}
@@ -181,7 +182,7 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
     return report
 
 
-def _probe_buffer(probe_bytes: int):
+def _probe_buffer(probe_bytes: int) -> np.ndarray:
     """The RAM probe's buffer (probe_buffer), held for the bench's probes. A VM's bandwidth can move by a third
     within minutes, so the bench probes between its runs and measures against the best: a percentage of it
     is never flattered by a slow moment of the probe."""
