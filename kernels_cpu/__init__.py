@@ -2,8 +2,8 @@
 INT4 routed-expert MoE; simd its hand-written row-block dot product, actq the int16 activations, table the
 expert address table), widen (bf16 / int8 GEMVs of the GPU side on a CPU), heads (absorbed MLA's
 per-head products with kv_b_proj), workqueue (the threads' work split), membw (the RAM read-bandwidth
-kernel) and cachestamp (Numba's cache dropped where the package's sources changed). Imports nothing from
-the project.
+kernels and the probe that times them) and cachestamp (Numba's cache dropped where the package's
+sources changed). Imports nothing from the project.
 
 Compile time: a helper with real work in it (a row loop, a kernel call) is a plain @njit function, not
 inline="always". Numba inlines those by copying the callee's IR into every call site before typing it

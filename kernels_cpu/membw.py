@@ -1,12 +1,35 @@
-"""The DRAM read-bandwidth kernel: a threaded sum over a buffer far larger than the caches.
+"""The DRAM read-bandwidth kernels: threaded reads of a buffer far larger than the caches, in several load
+shapes, and the best-of timing over them that every bandwidth figure of the project is measured against.
 
-Owns read_sum only, the ceiling that `bench --kernels`, `bench` and `plan` all measure the expert
-kernels against (the timing lives with them). A pure function on an array; imports nothing from hybrid/.
+Owns read_sum (Numba's own vectorised loop; also what callers read to flush the caches before a timed
+call), read_lines (the same buffer read in one of SHAPES: hand-written LLVM vector loads, their width,
+loads a step and streams a thread fixed whatever the compile target) and read_gbps, the best read rate
+over all of them, which `bench`, `bench --kernels`, `plan`, `doctor` and the cluster's figures report as
+the machine's RAM read bandwidth. Pure functions on arrays, except read_gbps_by_shape and read_gbps,
+which time them (here, so that the head, the expert nodes and the benches time them alike); imports
+nothing from hybrid/.
+
+Why several shapes: a streaming loop's rate depends on its shape, by up to a fifth, and the compiler
+picks read_sum's. On a 2-core Xeon VM (AVX-512), one sitting, best of 5 over 1 GB, two rounds: read_sum
+34.7 / 34.8 GB/s compiled for the host and 30.1 / 29.7 for an AVX2 target (NUMBA_CPU_NAME=haswell);
+ymm loads, 2 streams a thread: 36.8 / 36.9 and 37.0 / 36.8; 4 streams 33.5 / 33.5 and 33.4 / 33.1;
+xmm, 2 streams 35.5 / 35.4 and 35.3 / 35.2; ymm, one stream of 16 loads a step 32.8-33.0. With read_sum
+alone, `bench` on the AVX2 code path put decode at 102-104% of "the RAM bandwidth".
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+# (name, int32 lanes a load, loads a step per stream, streams a thread): each thread's block is split
+# into `streams` equal parts read side by side
+SHAPES = (("ymm, 2 streams", 8, 8, 2), ("ymm, 4 streams", 8, 4, 4), ("xmm, 2 streams", 4, 16, 2))
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -22,3 +45,90 @@ def read_sum(buf, nblocks):
             acc += s[i]
         part[b] = acc
     return part.sum()
+
+
+def _emit_streams(b: ir.IRBuilder, at, nbytes, lanes: int, unroll: int, streams: int, out) -> ir.Value:
+    """The bytes at address `at` (nbytes of them) read as `streams` equal parts side by side (whole cache
+    lines each), `unroll` loads of `lanes` int32 a step in each; their 32-bit sum (mod 2**32) stored at
+    address out (int32). -> the bytes read (the parts' tails past a whole step are not)."""
+    vec = ir.VectorType(_I32, lanes)
+    step = 4 * lanes * unroll
+    seg = b.and_(b.udiv(nbytes, ir.Constant(_I64, streams)), ir.Constant(_I64, -64))  # parts start on lines
+    steps = b.udiv(seg, ir.Constant(_I64, step))
+    accs = [cgutils.alloca_once_value(b, ir.Constant(vec, None)) for _ in range(4)]
+    for a in accs:
+        b.store(ir.Constant(vec, [ir.Constant(_I32, 0)] * lanes), a)
+    with cgutils.for_range(b, steps) as it:
+        for s in range(streams):
+            base = b.add(b.add(at, b.mul(seg, ir.Constant(_I64, s))), b.mul(it.index, ir.Constant(_I64, step)))
+            for k in range(unroll):
+                v = b.load(b.inttoptr(b.add(base, ir.Constant(_I64, 4 * lanes * k)), vec.as_pointer()), align=1)
+                b.store(b.add(b.load(accs[k % 4]), v), accs[k % 4])
+    tot = b.add(b.add(b.load(accs[0]), b.load(accs[1])), b.add(b.load(accs[2]), b.load(accs[3])))
+    s = b.extract_element(tot, ir.Constant(_I32, 0))
+    for i in range(1, lanes):
+        s = b.add(s, b.extract_element(tot, ir.Constant(_I32, i)))
+    b.store(s, b.inttoptr(out, _I32.as_pointer()))
+    return b.mul(b.mul(steps, ir.Constant(_I64, step)), ir.Constant(_I64, streams))
+
+
+@intrinsic
+def _lines(typingctx, at, nbytes, shape, out):
+    """_emit_streams in SHAPES[shape] (a run-time index; a shape past the table reads nothing) -> bytes read."""
+    sig = types.int64(types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, b, signature, args):
+        at, nbytes, shape, out = args
+        got = cgutils.alloca_once_value(b, ir.Constant(_I64, 0))
+        for i, (_, lanes, unroll, streams) in enumerate(SHAPES):
+            with b.if_then(b.icmp_unsigned("==", shape, ir.Constant(_I64, i))):
+                b.store(_emit_streams(b, at, nbytes, lanes, unroll, streams, out), got)
+        return b.load(got)
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def read_lines(buf, nblocks, shape):
+    """buf uint64 [n] read in the load shape SHAPES[shape], its first nblocks * (n // nblocks) words as
+    nblocks blocks spread over the threads -> (the sum of the 32-bit words read, mod 2**32; bytes read)."""
+    n = buf.shape[0] // nblocks
+    sums = np.zeros(nblocks, np.uint32)
+    got = np.zeros(nblocks, np.int64)
+    for b in prange(nblocks):
+        got[b] = _lines(buf.ctypes.data + 8 * b * n, 8 * n, shape, sums.ctypes.data + 4 * b)
+    total = np.uint64(0)
+    for b in range(nblocks):
+        total += np.uint64(sums[b])
+    return total & np.uint64(0xFFFFFFFF), got.sum()
+
+
+def read_gbps_by_shape(buf: np.ndarray, reps: int = 5, nblocks: int = 64) -> dict[str, float]:
+    """Best-of-reps read GB/s (10^9 bytes a second) over buf (uint64, well past the caches) of read_sum
+    and of each of SHAPES, all threads; each rep runs every shape once, so that all see the same load.
+    The first call of each compiles it (or loads it from Numba's cache) and faults buf in."""
+    runs = {"read_sum": lambda: (read_sum(buf, nblocks), 8 * nblocks * (buf.shape[0] // nblocks))[1]}
+    for i, (name, *_) in enumerate(SHAPES):
+        runs[name] = lambda i=i: int(read_lines(buf, nblocks, i)[1])
+    best = {name: float("inf") for name in runs}
+    nbytes = {name: run() for name, run in runs.items()}
+    for _ in range(reps):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: nbytes[name] / best[name] / 1e9 for name in runs if nbytes[name]}
+
+
+def read_gbps(buf: np.ndarray, reps: int = 5, threads: int | None = None) -> float:
+    """The machine's RAM read bandwidth over buf: the best of read_gbps_by_shape's figures, on `threads`
+    of Numba's threads (None: as many as it runs now)."""
+    import numba
+
+    before = numba.get_num_threads()
+    if threads:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        return max(read_gbps_by_shape(buf, reps).values())
+    finally:
+        numba.set_num_threads(before)

@@ -2,11 +2,11 @@
 
 Owns the measurement only (returns one JSON-able dict; cli.py prints it). Everything is measured in
 the same run on E = 32 random K2-shaped experts (793 MB, far beyond the LLC): DRAM read bandwidth
-(numba read-sum over 1 GiB, all threads), moe_forward at decode (1 token, 8 experts) and prefill
-(qlen 16/128/512 over the 32 experts; 64 tokens per expert; 512 tokens over 384 experts aliased
-onto the 32, the real model's density), the bf16-weight GEMV of a GPU side on the CPU against
-torch's fp32 GEMV, torch's fp32 matmul 512x7168x2048, 1-thread vs all-thread
-scaling, and peers on the same experts (torch int4pack; KTransformers' AVX2RawInt4_MOE if present).
+(kernels_cpu.membw.read_gbps over 1 GiB, all threads: the best of several load shapes), moe_forward
+at decode (1 token, 8 experts) and prefill (qlen 16/128/512 over the 32 experts; 64 tokens per
+expert; 512 tokens over 384 experts aliased onto the 32, the real model's density), the bf16-weight
+GEMV of a GPU side on the CPU against torch's fp32 GEMV, torch's fp32 matmul 512x7168x2048, 1-thread vs
+all-thread scaling, and peers on the same experts (torch int4pack; KTransformers' AVX2RawInt4_MOE if present).
 Times are the best of several repetitions, decode interleaved with the bandwidth probe, because other
 processes share the cores and the memory bus; compare ratios within one run.
 """
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from kernels_cpu import ExpertTable, moe_forward
-from kernels_cpu.membw import read_sum
+from kernels_cpu.membw import read_gbps, read_sum
 
 log = logging.getLogger(__name__)
 
@@ -257,26 +257,27 @@ def _from_ram(fn, w: np.ndarray, probe: np.ndarray, reps: int, turn: Iterator[in
 
 
 def _decode(ex: _Experts, probe: np.ndarray, K: int, reps: int, rng: np.random.Generator, n_threads: int) -> dict:
-    """Decode and the read-sum probe on n_threads, interleaved so both see the same interference."""
+    """Decode and the bandwidth probe (membw.read_gbps, one rep of each shape) on n_threads, interleaved
+    so both see the same interference."""
     nt = numba.get_num_threads()
     numba.set_num_threads(n_threads)
     D, E = ex.table.hidden, ex.table.num_experts
     x = rng.standard_normal((1, D)).astype(np.float32)
     out = np.empty((1, D), np.float32)
     moe_forward(x, *_routing(1, E, K, rng), ex.table, out)
-    read_sum(probe, 64)
-    td, tb = [], []
+    read_gbps(probe, 1)
+    td, bws = [], []
     for _ in range(reps * 2):
         ids, w = _routing(1, E, K, rng)
         td.append(_best(lambda: moe_forward(x, ids, w, ex.table, out), 1))
-        tb.append(_best(lambda: read_sum(probe, 64), 1))
+        bws.append(read_gbps(probe, 1))
     numba.set_num_threads(nt)
-    td, tb = np.array(td), np.array(tb)
-    gbps, bw = K * ex.expert_bytes / td.min() / 1e9, probe.nbytes / tb.min() / 1e9
+    td, bws = np.array(td), np.array(bws)
+    gbps, bw = K * ex.expert_bytes / td.min() / 1e9, float(bws.max())
     return {"ms": td.min() * 1e3, "gbps": gbps, "mem_read_gbps": bw, "pct_of_mem_read": 100 * gbps / bw,
             "ms_median": float(np.median(td)) * 1e3,
             # each decode against the probe run right after it: robust to load changes
-            "pct_of_mem_read_paired_median": float(np.median(tb / td)) * 100 * K * ex.expert_bytes / probe.nbytes}
+            "pct_of_mem_read_paired_median": float(np.median(K * ex.expert_bytes / td / 1e9 / bws)) * 100}
 
 
 def _prefill(ex: _Experts, shp: dict, reps: int, rng: np.random.Generator) -> dict:

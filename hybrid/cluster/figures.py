@@ -1,18 +1,18 @@
 """What a rank reports for placement: its read bandwidth, measured the same way on the head and on every
 node (so the figures compare), and the RAM it gives the routed experts.
 
-Owns the measurement only (kernels_cpu's read_sum over a buffer past the caches, on the threads the
-expert kernels use); plan.py turns the figures into shares. GB = 10^9 bytes.
+Owns the measurement only (kernels_cpu.membw.read_gbps over a buffer past the caches, on the threads the
+expert kernels use: the best of several load shapes, so that machines compiled for other targets
+compare); plan.py turns the figures into shares. GB = 10^9 bytes.
 """
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 
 from hybrid.checkpoint.reader import Checkpoint
-from kernels_cpu.membw import read_sum
+from kernels_cpu.membw import read_gbps
 
 PROBE_BYTES = 128 << 20
 RAM_SHARE = 0.8  # of a machine's RAM, what its experts may use when no budget is given
@@ -20,22 +20,7 @@ RAM_SHARE = 0.8  # of a machine's RAM, what its experts may use when no budget i
 
 def measure_gbps(threads: int | None = None, nbytes: int = PROBE_BYTES, reps: int = 3) -> float:
     """Best-of-reps read GB/s over nbytes on `threads` Numba threads (None: Numba's default)."""
-    import numba
-
-    before = numba.get_num_threads()
-    if threads:
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    try:
-        buf = np.ones(nbytes // 8, np.uint64)
-        read_sum(buf, 64)  # compile (or load from the cache) and fault the pages in
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            read_sum(buf, 64)
-            best = min(best, time.perf_counter() - t0)
-        return buf.nbytes / best / 1e9
-    finally:
-        numba.set_num_threads(before)
+    return read_gbps(np.ones(nbytes // 8, np.uint64), reps, threads)
 
 
 def ram_total() -> int:

@@ -2,8 +2,9 @@
 and the CPU time a VM's host took from its CPUs (host_steal_s), which `bench` reports beside decode.
 
 Owns measuring only; nothing here decides anything from the figures (placement.py does). The RAM probe
-runs kernels_cpu.membw.read_sum, as kernel_bench does, so `bench --kernels`, `bench` and `plan` report
-the same ceiling. GB = 10^9 bytes.
+is kernels_cpu.membw.read_gbps (the best of several load shapes: why, there), as kernel_bench's and the
+cluster's figures are, so `bench --kernels`, `bench`, `plan`, `doctor` and the cluster report the same
+ceiling. GB = 10^9 bytes.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels_cpu.membw import read_sum
+from kernels_cpu.membw import read_gbps
 
 GB = 1e9
 
@@ -33,24 +34,9 @@ def probe_buffer(nbytes: int = 1 << 30) -> np.ndarray:
 
 def mem_read_gbps(nbytes: int = 1 << 30, reps: int = 5, threads: int | None = None,
                   buf: np.ndarray | None = None) -> float:
-    """Best-of-`reps` read bandwidth over an `nbytes` buffer (well past the caches), all threads; over
-    `buf` (probe_buffer's) instead where given."""
-    import numba
-
-    before = numba.get_num_threads()
-    if threads:
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    try:
-        buf = probe_buffer(nbytes) if buf is None else buf
-        read_sum(buf, 64)  # compile (or load from cache) and fault the pages in
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            read_sum(buf, 64)
-            best = min(best, time.perf_counter() - t0)
-        return buf.nbytes / best / GB
-    finally:
-        numba.set_num_threads(before)
+    """Best-of-`reps` read bandwidth over an `nbytes` buffer (well past the caches), all threads, the
+    best of membw.read_gbps's load shapes; over `buf` (probe_buffer's) instead where given."""
+    return read_gbps(probe_buffer(nbytes) if buf is None else buf, reps, threads)
 
 
 def host_steal_s(stat: str | os.PathLike = "/proc/stat") -> float | None:
