@@ -272,6 +272,9 @@ def test_bench_json_follows_the_documented_schema(tiny_path):
     d = out["decode"]
     assert d["bytes_per_token"] == d["expert_bytes_per_token"] + d["weight_bytes_per_token"] > 0
     assert abs(d["achieved_gbps"] - d["bytes_per_token"] * d["tok_s"]["median"] / 1e9) < 1e-9
+    paired = [100 * d["bytes_per_token"] * t / 1e9 / ((probes[i] + probes[i + 1]) / 2)
+              for i, t in enumerate(d["runs_tok_s"])]  # each run against the probes before and after it
+    assert d["pct_of_mem_read_paired"] == pytest.approx(sum(paired) / 2, rel=1e-9)  # the median of two runs
     # each token's own time: the 3 gaps after the first of each run's 4 tokens add up to the run's decode time
     tm = d["token_ms"]
     assert tm["median"] <= tm["p90"] <= tm["max"] and tm["mean"] <= tm["max"]
@@ -383,6 +386,7 @@ def test_bench_puts_the_hosts_steal_on_the_tokens_it_fell_in(tiny_path, monkeypa
     d = rep["decode"]
     assert len(recorded) == 8 and sum(recorded) == pytest.approx(sum(4 / x for x in d["runs_tok_s"]), rel=1e-9)
     assert st["pct_of_mem_read_without"] == pytest.approx(100 * d["bytes_per_token"] * 6 / sum(clean) / 1e9)
+    assert d["pct_of_mem_read_paired"] is None  # the bandwidth was passed in: no probes to pair the runs with
     monkeypatch.setattr(bench, "host_steal_s", lambda: None)  # a system without the counter
     with hybrid.load(str(tiny_path), device="cpu") as engine:
         assert bench.bench_engine(engine, 8, 3, 1, mem_gbps=1.0, warmup=False)["decode"]["host_steal"] is None

@@ -154,6 +154,8 @@ def render(r: dict) -> None:
     t.add_row("achieved (bytes per token x tok/s)", f"{dec['achieved_gbps']:,.2f} GB/s")
     t.add_row("RAM read bandwidth, measured in this run", f"{r['machine']['mem_read_gbps']:,.1f} GB/s")
     t.add_row("share of the measured bandwidth", f"{dec['pct_of_mem_read']:.1f}%")
+    if dec["pct_of_mem_read_paired"] is not None:
+        t.add_row("share against the probes beside each run", f"{dec['pct_of_mem_read_paired']:.1f}%")
     tm = dec["token_ms"]
     t.add_row("one token: median / mean / p90 / max",
               f"{tm['median']:,.1f} / {tm['mean']:,.1f} / {tm['p90']:,.1f} / {tm['max']:,.1f} ms")
