@@ -187,7 +187,7 @@ def _paired_share(dec: dict, probes: list[float] | None) -> float | None:
     """Each run's decode bandwidth (bytes a token x its tok/s) as a percentage of the mean of the probes
     either side of it (before the run, after it), the median over the runs; None without probes. The
     headline divides by the best probe, which a fast moment of a VM's host can set: k2-slice bf16w on a
-    2-core Xeon VM, probes 40.3 (before the runs), 35.8, 35.7, 35.2 GB/s: 75.7% against the best, 85%
+    2-core Xeon VM, probes 40.3 (before the runs), 35.8, 35.7, 35.2 GB/s: 75.7% against the best, 86.1%
     against the probes beside each run."""
     if probes is None:
         return None
