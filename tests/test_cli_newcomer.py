@@ -234,6 +234,7 @@ def test_doctor_reports_the_environment(tmp_path, monkeypatch):
 
     monkeypatch.setenv("KIMI_HYBRID_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("OMP_PROC_BIND", raising=False)
     r = CliRunner().invoke(main, ["doctor", "--json"])
     assert r.exit_code == 0, r.output
     env = json.loads(r.stdout)
@@ -248,7 +249,10 @@ def test_doctor_reports_the_environment(tmp_path, monkeypatch):
     assert list((tmp_path / "cache").glob("*")) == []
     r = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["doctor", "--no-measure"])
     assert r.exit_code == 0 and "threading layer" in r.output and "CPU kernels" in r.output
-    assert "reads at" not in r.output
+    assert "reads at" not in r.output and "OMP_PROC_BIND" not in r.output
+    monkeypatch.setenv("OMP_PROC_BIND", "true")  # pins threads: doctor says to unset it
+    r = CliRunner(env={"COLUMNS": "250"}).invoke(main, ["doctor", "--no-measure"])
+    assert r.exit_code == 0 and "OMP_PROC_BIND=true is set: torch pins" in r.output and "unset it" in r.output
 
 
 def test_doctor_shows_the_speeds_it_measured(monkeypatch):
