@@ -3,11 +3,11 @@ shapes, and the best-of timing over them that every bandwidth figure of the proj
 
 Owns read_sum (Numba's own vectorised loop; also what callers read to flush the caches before a timed
 call), read_lines (the same buffer read in one of SHAPES: hand-written LLVM vector loads, their width,
-loads a step and streams a thread fixed whatever the compile target) and read_gbps, the best read rate
-over all of them, which `bench`, `bench --kernels`, `plan`, `doctor` and the cluster's figures report as
-the machine's RAM read bandwidth. Pure functions on arrays, except read_gbps_by_shape and read_gbps,
-which time them (here, so that the head, the expert nodes and the benches time them alike); imports
-nothing from hybrid/.
+loads a step and streams a thread fixed whatever the compile target, where it has 256-bit vectors) and
+read_gbps, the best read rate over all of them, which `bench`, `bench --kernels`, `plan`, `doctor` and
+the cluster's figures report as the machine's RAM read bandwidth. Pure functions on arrays, except
+read_gbps_by_shape and read_gbps, which time them (here, so that the head, the expert nodes and the
+benches time them alike); imports nothing from hybrid/.
 
 Why several shapes: a streaming loop's rate depends on its shape, by up to a fifth, and the compiler
 picks read_sum's. On a 2-core Xeon VM (AVX-512), one sitting, best of 5 over 1 GB, two rounds: read_sum
@@ -48,12 +48,13 @@ def read_sum(buf, nblocks):
 
 
 def _emit_streams(b: ir.IRBuilder, at, nbytes, lanes: int, unroll: int, streams: int, out) -> ir.Value:
-    """The bytes at address `at` (nbytes of them) read as `streams` equal parts side by side (whole cache
-    lines each), `unroll` loads of `lanes` int32 a step in each; their 32-bit sum (mod 2**32) stored at
-    address out (int32). -> the bytes read (the parts' tails past a whole step are not)."""
+    """The bytes at address `at` (nbytes of them) read as `streams` equal parts side by side (each a whole
+    number of 64 bytes long, from `at` on: lines where `at` starts one), `unroll` loads of `lanes` int32 a
+    step in each; their 32-bit sum (mod 2**32) stored at address out (int32). -> the bytes read (the
+    parts' tails past a whole step are not)."""
     vec = ir.VectorType(_I32, lanes)
     step = 4 * lanes * unroll
-    seg = b.and_(b.udiv(nbytes, ir.Constant(_I64, streams)), ir.Constant(_I64, -64))  # parts start on lines
+    seg = b.and_(b.udiv(nbytes, ir.Constant(_I64, streams)), ir.Constant(_I64, -64))  # 64-byte multiples
     steps = b.udiv(seg, ir.Constant(_I64, step))
     accs = [cgutils.alloca_once_value(b, ir.Constant(vec, None)) for _ in range(4)]
     for a in accs:
@@ -90,8 +91,11 @@ def _lines(typingctx, at, nbytes, shape, out):
 
 @njit(nogil=True, cache=True, parallel=True)
 def read_lines(buf, nblocks, shape):
-    """buf uint64 [n] read in the load shape SHAPES[shape], its first nblocks * (n // nblocks) words as
-    nblocks blocks spread over the threads -> (the sum of the 32-bit words read, mod 2**32; bytes read)."""
+    """buf uint64 [n] (contiguous) read in the load shape SHAPES[shape], its first nblocks * (n // nblocks)
+    words as nblocks blocks spread over the threads -> (the sum of the 32-bit words read, mod 2**32; bytes
+    read). The loads keep the buffer's own alignment: NumPy's large buffers start 16 bytes past a line,
+    and read 0-3% faster so on the 2-core Xeon VM than from a line (ymm, 2 streams: 39.2-39.7 GB/s
+    against 37.5-38.4, one process)."""
     n = buf.shape[0] // nblocks
     sums = np.zeros(nblocks, np.uint32)
     got = np.zeros(nblocks, np.int64)
@@ -104,10 +108,14 @@ def read_lines(buf, nblocks, shape):
 
 
 def read_gbps_by_shape(buf: np.ndarray, reps: int = 5, nblocks: int = 64) -> dict[str, float]:
-    """Best-of-reps read GB/s (10^9 bytes a second) over buf (uint64, well past the caches) of read_sum
-    and of each of SHAPES, all threads; each rep runs every shape once, so that all see the same load.
+    """Best-of-reps read GB/s (10^9 bytes a second) over buf (contiguous uint64, well past the caches) of
+    read_sum and of each of SHAPES, on Numba's threads as set now; each rep runs every shape once, so that
+    all see the same load.
     A process's first call compiles the kernels (or loads them from Numba's cache) inside its first rep:
     give it reps >= 2, or make one call first (as kernel_bench does)."""
+    if buf.dtype != np.uint64 or buf.ndim != 1 or not buf.flags.c_contiguous or buf.shape[0] < 128 * nblocks:
+        raise ValueError(f"read_gbps: want a contiguous uint64 buffer of at least {128 * nblocks} words (a step "
+                         f"of every shape in each of its {nblocks} blocks), got {buf.dtype} {buf.shape}")
     runs = {"read_sum": lambda: (read_sum(buf, nblocks), 8 * nblocks * (buf.shape[0] // nblocks))[1]}
     for i, (name, *_) in enumerate(SHAPES):
         runs[name] = lambda i=i: int(read_lines(buf, nblocks, i)[1])

@@ -958,12 +958,13 @@ def test_mla_decode_equals_the_float64_attention(dtype, L):
 def _membw_expected(buf: np.ndarray, nblocks: int, lanes: int, unroll: int, streams: int) -> tuple[int, int]:
     """What read_lines must read of buf, by its documented split: (sum of the 32-bit words mod 2**32, bytes)."""
     raw, n = buf.view(np.uint8), buf.shape[0] // nblocks
+    total = nbytes = 0
     seg = 8 * n // streams // 64 * 64
     span = seg // (4 * lanes * unroll) * (4 * lanes * unroll)
-    total = nbytes = 0
     for b in range(nblocks):
         for s in range(streams):
             at = 8 * b * n + s * seg
+            assert at + span <= 8 * (b + 1) * n  # inside the block
             total += int(raw[at:at + span].view(np.uint32).sum(dtype=np.uint64))
             nbytes += span
     return total % 2**32, nbytes
@@ -988,6 +989,11 @@ def test_the_probe_times_every_shape_and_reports_the_best(monkeypatch):
     buf = np.ones((4 << 20) // 8, np.uint64)
     figures = read_gbps_by_shape(buf, reps=2)
     assert set(figures) == {"read_sum"} | {s[0] for s in SHAPES} and all(g > 0 for g in figures.values())
+    for bad in (buf.view(np.uint8), buf[::-1], buf[:1000]):  # other words, a reversed view, too few words
+        with pytest.raises(ValueError, match="contiguous uint64 buffer of at least 8192 words"):
+            read_gbps_by_shape(bad, 1)
+    threads = numba.get_num_threads()
+    assert membw.read_gbps(buf, 1, threads=1) > 0 and numba.get_num_threads() == threads  # given back
     fixed = {"read_sum": 30.0, "ymm, 2 streams": 37.0, "xmm, 2 streams": 35.0}
     monkeypatch.setattr(membw, "read_gbps_by_shape", lambda b, reps: fixed)
     assert membw.read_gbps(buf, 2) == 37.0

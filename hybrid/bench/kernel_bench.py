@@ -261,17 +261,19 @@ def _decode(ex: _Experts, probe: np.ndarray, K: int, reps: int, rng: np.random.G
     so both see the same interference."""
     nt = numba.get_num_threads()
     numba.set_num_threads(n_threads)
-    D, E = ex.table.hidden, ex.table.num_experts
-    x = rng.standard_normal((1, D)).astype(np.float32)
-    out = np.empty((1, D), np.float32)
-    moe_forward(x, *_routing(1, E, K, rng), ex.table, out)
-    read_gbps(probe, 1)
-    td, bws = [], []
-    for _ in range(reps * 2):
-        ids, w = _routing(1, E, K, rng)
-        td.append(_best(lambda: moe_forward(x, ids, w, ex.table, out), 1))
-        bws.append(read_gbps(probe, 1))
-    numba.set_num_threads(nt)
+    try:
+        D, E = ex.table.hidden, ex.table.num_experts
+        x = rng.standard_normal((1, D)).astype(np.float32)
+        out = np.empty((1, D), np.float32)
+        moe_forward(x, *_routing(1, E, K, rng), ex.table, out)
+        read_gbps(probe, 1)
+        td, bws = [], []
+        for _ in range(reps * 2):
+            ids, w = _routing(1, E, K, rng)
+            td.append(_best(lambda: moe_forward(x, ids, w, ex.table, out), 1))
+            bws.append(read_gbps(probe, 1))
+    finally:
+        numba.set_num_threads(nt)
     td, bws = np.array(td), np.array(bws)
     gbps, bw = K * ex.expert_bytes / td.min() / 1e9, float(bws.max())
     return {"ms": td.min() * 1e3, "gbps": gbps, "mem_read_gbps": bw, "pct_of_mem_read": 100 * gbps / bw,
