@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -132,8 +133,6 @@ def read_gbps_by_shape(buf: np.ndarray, reps: int = 5, nblocks: int = 64) -> dic
 def read_gbps(buf: np.ndarray, reps: int = 5, threads: int | None = None) -> float:
     """The machine's RAM read bandwidth over buf: the best of read_gbps_by_shape's figures, on `threads`
     of Numba's threads (None: as many as it runs now)."""
-    import numba
-
     before = numba.get_num_threads()
     if threads:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))

@@ -55,7 +55,7 @@ def _token_ms(token_s: list[float]) -> dict[str, float]:
 def _steal_report(steal_s: list[float] | None, token_s: list[float], nbytes: float, mem_gbps: float) -> dict | None:
     """The host's steal over the decoded tokens (docs/bench_schema.md, decode.host_steal), with the share of
     the probe over the tokens it missed (nbytes a token), or None where the system does not report it."""
-    if steal_s is None or not steal_s:
+    if not steal_s:  # None (not reported) or no decoded tokens
         return None
     clean = [t for t, s in zip(token_s, steal_s) if s == 0]
     return {"ms_per_token": 1e3 * sum(steal_s) / len(steal_s), "tokens_hit": len(steal_s) - len(clean),

@@ -41,7 +41,8 @@ MAX_PROBE_MB = 64 << 10  # 64 GiB: far past any CPU cache; more measures nothing
               help="Tokens generated per run.")
 @click.option("--runs", type=click.IntRange(1, 1000), default=3, show_default=True, help="Measured runs (after a warm-up).")
 @click.option("--probe-mb", type=click.IntRange(1, MAX_PROBE_MB), default=1024, show_default=True,
-              help="Buffer for the RAM bandwidth probe (well past the CPU caches), held from the first probe to the last.")
+              help="Buffer for the RAM bandwidth probe (well past the CPU caches), held from the first probe to "
+                   "the last.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema: docs/bench_schema.md).")
 @click.option("--kernels", is_flag=True, help="Benchmark the CPU expert kernels alone, on Kimi K2 shapes.")
 @click.option("--small", is_flag=True, help="With --kernels: tiny shapes (a smoke run, seconds).")
