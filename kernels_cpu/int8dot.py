@@ -42,6 +42,9 @@ PF_BLOCKS = 1
 # those, 24 rounds, probe 32.8): qa+kva +2.5%, q_b +16%, o_proj +5%, the shared expert's gate and up +3%
 # and down +5%, the dense gate and up +2%, dense down +0.5%; the same bits (each row's sums in the same
 # order). A whole row ahead instead of 6 KB: up to -13% on the 18 KB rows; 4 or 8 KB: about level.
+# Prefetching a 0.5-4 KB span at once every that many bytes instead of a line a block: -7 to -32% on
+# K2's shapes (the larger the span, the slower). vpmaddwd at zmm or ymm width, or vpdpbusd at ymm,
+# instead of vpdpbusd at zmm: -9 to +6% by shape, no better overall (2-core Xeon, one sitting).
 STREAM_AHEAD = 6144
 VNNI = has_vnni()  # vpdpbusd over vnni_layout's bytes; else vpmaddwd over the int16 codes
 CH = 2 * vector_lanes()  # columns per vector of weights with VNNI: 64 (zmm) or 32 (ymm)

@@ -58,6 +58,12 @@ PF_BLOCKS = 2
 # +0.5 / +2.2 / +6.1 / +5.2%), the same output bits. 1 KB, not 1.5: a down row (K2: 1 KB) is prefetched
 # into L2 only PF_BLOCKS rows (2 KB) ahead, and the L1 prefetch must trail that; half a row measured -5%.
 # The int8 and bf16 GEMVs measured mixed (-10 to +7% by shape) with it and keep the L2 prefetch alone.
+# A grid of PF_BLOCKS 1-3 x L1_AHEAD 0-3 KB for the paired rows: one token's moe_into alone, flushed,
+# read up to 5% faster at (1 row, 2 KB), but k2-slice's decode in bench moved by under its noise
+# (experts 28.5-29.1 -> 28.5-29.4 GB/s): the settings stay. One row a call in one stream (rows
+# prefetched 4-8 KB ahead) measured -10% and worse; rows laid out as [packed | scales], one stream
+# instead of a weight and a scale stream (a RAM copy), -5%; rows on cache lines or 8-32 bytes off
+# them (the checkpoint's offsets): level.
 L1_AHEAD = 1024
 
 
