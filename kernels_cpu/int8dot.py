@@ -46,6 +46,19 @@ PF_BLOCKS = 1
 # K2's shapes (the larger the span, the slower). vpmaddwd at zmm or ymm width, or vpdpbusd at ymm,
 # instead of vpdpbusd at zmm: -9 to +6% by shape, no better overall (2-core Xeon, one sitting).
 # A block's two prefetches one before each of its vectors instead of both first: level (-6 to +8%).
+# Against the bf16 GEMV over the same bytes (bf16dot.row_dot: 88-92% of the probe where this read 76-81%,
+# a 917 MB [*, 7168] matrix, 2-core Xeon, one sitting) none of these closed the gap, each level within the
+# noise: the rows through AMX tiles (tdpbssd, 16 rows a tile, no vector arithmetic a line; rows in place or
+# tile-major, prefetched or not: 72-84%), ymm vectors (AVX-VNNI), each weight line as two ymm loads
+# (inline asm: LLVM merges plain ones), the activations on a line or 32 bytes off one, several rows a
+# call, the prefetches after a block's vectors; vpaddd for vpdpbusd -5%. What moved it: the activation
+# codes read from a 1-2 KB window instead of the row's 14 KB (wrong sums; a probe of the cause) +5-7%,
+# which the bf16 GEMV (28 KB of activations) and the expert kernel did not gain. A tile-major copy (each 8
+# rows x 512 columns contiguous, tiles in row-block order), read a row's 512 columns at a time in memory
+# order: +7-10% where rows are 7 KB or longer (7168: 31.5 -> 34.0 GB/s; 8192, 18432 alike; probe 37),
+# level on 1.5-2 KB rows (a harness summing each tile apart; kept across a row's tiles, its lane sums would
+# run in today's order, the same bits). That order over the rows in place (8 rows 7 KB apart, 512 bytes
+# of each in turn): -15%. Not taken yet: the prompt paths (int8gemm, amx_gemm, dequantize_rows) read rows.
 STREAM_AHEAD = 6144
 VNNI = has_vnni()  # vpdpbusd over vnni_layout's bytes; else vpmaddwd over the int16 codes
 CH = 2 * vector_lanes()  # columns per vector of weights with VNNI: 64 (zmm) or 32 (ymm)

@@ -65,6 +65,10 @@ PF_BLOCKS = 2
 # instead of a weight and a scale stream (a RAM copy), -5%; rows on cache lines or 8-32 bytes off
 # them (the checkpoint's offsets): level. Each step's prefetches spread one a chunk instead of all at
 # its top: the kernel alone over one long matrix +4-7%, moe_into +1%, bench's experts +1%: noise.
+# Four chunks a step with each group's int32 sums added across lanes before one conversion (a quarter
+# of the conversions and scale products, the shift by 8 as a byte shuffle off port 0): from L2 level
+# (36 GB/s a core both), from RAM -5 to -9%. Activations read from a 2 KB window (wrong sums; a probe of
+# the cause): level to -5%, where the int8 GEMV gained 5-7% (int8dot.py).
 L1_AHEAD = 1024
 
 
