@@ -56,9 +56,9 @@ PF_BLOCKS = 1
 # which the bf16 GEMV (28 KB of activations) and the expert kernel did not gain. A tile-major copy (each 8
 # rows x 512 columns contiguous, tiles in row-block order), read a row's 512 columns at a time in memory
 # order: +7-10% where rows are 7 KB or longer (7168: 31.5 -> 34.0 GB/s; 8192, 18432 alike; probe 37),
-# level on 1.5-2 KB rows (a harness summing each tile apart; kept across a row's tiles, its lane sums would
-# run in today's order, the same bits). That order over the rows in place (8 rows 7 KB apart, 512 bytes
-# of each in turn): -15%. Not taken yet: the prompt paths (int8gemm, amx_gemm, dequantize_rows) read rows.
+# level on 1.5-2 KB rows: int8tiles.py, with why its sums go tile by tile (scripts/int8_layout_bench.py).
+# That order over the rows in place (8 rows 7 KB apart, 512 bytes of each in turn): -15%. Not in the
+# engine yet: the prompt paths (int8gemm, amx_gemm, dequantize_rows) read whole rows.
 STREAM_AHEAD = 6144
 VNNI = has_vnni()  # vpdpbusd over vnni_layout's bytes; else vpmaddwd over the int16 codes
 CH = 2 * vector_lanes()  # columns per vector of weights with VNNI: 64 (zmm) or 32 (ymm)
@@ -203,13 +203,12 @@ def make_rows_kernel(R: int, ahead: int = 0):
             facc = [cgutils.alloca_once_value(b, ir.Constant(VF, None)) for _ in range(R)]
             rows_at = [b.add(w, b.mul(ir.Constant(I64, r), wstride)) for r in range(R)]
             dist = ir.Constant(I64, ahead) if ahead else b.mul(ir.Constant(I64, R * PF_BLOCKS), wstride)
-            block = _vnni_block if VNNI else _madd_block
             with cgutils.for_range(b, nblk) as blk:
                 c0 = b.mul(blk.index, ir.Constant(I64, BLOCK))
                 for r in range(R):
                     for line in range(0, BLOCK, 64):
                         prefetch_l2(b, b.add(b.add(rows_at[r], dist), b.add(c0, ir.Constant(I64, line))))
-                scale_block(b, L, block(b, L, rows_at, xq, xc, blk.index, c0), xs, blk.index, facc)
+                scale_block(b, L, block_sums(b, L, rows_at, xq, xc, blk.index, c0), xs, blk.index, facc)
             for r in range(R):
                 b.store(hsum(b, b.load(facc[r])), b.inttoptr(b.add(res, ir.Constant(I64, 4 * r)), F32.as_pointer()))
             return context.get_dummy_value()
@@ -230,6 +229,12 @@ def scale_block(b, L, iacc, xs, blk, facc):
     sv = b.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(I32, L // 2), [0] * (L // 2)))
     for r, acc in enumerate(iacc):
         b.store(b.call(fma, [b.sitofp(acc, VF), sv, b.load(facc[r])]), facc[r])
+
+
+def block_sums(b, L, rows_at, xq, xc, blk, c0):
+    """One block's int32 lane sums for each row at rows_at (addresses from which column c lies at + c), from
+    the token's codes at xq (and lane offsets xc): _vnni_block's where the CPU has VNNI, else _madd_block's."""
+    return (_vnni_block if VNNI else _madd_block)(b, L, rows_at, xq, xc, blk, c0)
 
 
 def _madd_block(b, L, rows_at, xq, xc, blk, c0):

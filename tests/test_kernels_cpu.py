@@ -997,3 +997,40 @@ def test_the_probe_times_every_shape_and_reports_the_best(monkeypatch):
     fixed = {"read_sum": 30.0, "ymm, 2 streams": 37.0, "xmm, 2 streams": 35.0}
     monkeypatch.setattr(membw, "read_gbps_by_shape", lambda b, reps: fixed)
     assert membw.read_gbps(buf, 2) == 37.0
+
+
+def test_int8_gemv_over_tiles_is_the_row_product():
+    """int8tiles: the tiles hold the rows' columns where tile_rows says; the GEMV over them is the int8
+    product of the codes (float64 over the same activation codes, to fp32's summation), for every token
+    count and one token's rows alike, within fp32 rounding of widen's row-major GEMV; shapes off the tiles
+    are refused with their numbers."""
+    from kernels_cpu.int8tiles import TILE_COLS, TILE_ROWS, int8_gemv_tiles, tile_rows
+    from kernels_cpu.simd import host_has_avx2
+    from kernels_cpu.widen import MAX_ROWS, int8_gemv
+
+    if not host_has_avx2():
+        pytest.skip("the tile kernel is AVX2 code (widen's int8 kernels)")
+    rng = np.random.default_rng(5)
+    O, I = 5 * TILE_ROWS, 3 * TILE_COLS
+    q = rng.integers(-127, 128, (O, I), dtype=np.int64).astype(np.int8)
+    q[0, :3] = (-127, 127, 0)
+    scale = bf16_bits(np.logspace(-4, 0, O))
+    sf = (scale.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    tiles = tile_rows(q)
+    assert tiles.shape == (O // TILE_ROWS, I // TILE_COLS, TILE_ROWS, TILE_COLS)
+    np.testing.assert_array_equal(tiles[3, 2, 5], q[3 * TILE_ROWS + 5, 2 * TILE_COLS:3 * TILE_COLS])
+    for T in range(1, MAX_ROWS + 1):
+        x = rng.standard_normal((T, I)).astype(np.float32)
+        x[-1, 7] = 30.0  # an outlier: its block's other values get coarser codes
+        xq, xs = _int16_blocks(x)
+        exact = np.einsum("tbi,obi,tb->to", xq, q.astype(np.float64).reshape(O, -1, 128), xs) * sf
+        got = int8_gemv_tiles(x, tiles, scale)
+        np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
+        np.testing.assert_allclose(got, int8_gemv(x, q, scale), rtol=1e-6, atol=1e-6 * np.abs(exact).max())
+        np.testing.assert_array_equal(int8_gemv_tiles(x[-1:], tiles, scale), got[-1:])  # a row's sums: one order
+    with pytest.raises(ValueError, match=r"int8 codes \[O, I\].*\(12, 512\)"):
+        tile_rows(q[:12, :TILE_COLS])
+    with pytest.raises(ValueError, match=r"\[T, 1536\]"):
+        int8_gemv_tiles(np.zeros((1, 1024), np.float32), tiles, scale)
+    with pytest.raises(ValueError, match="tile_rows"):
+        int8_gemv_tiles(np.zeros((1, I), np.float32), q, scale)

@@ -1,0 +1,145 @@
+"""The one-token int8 GEMV over a tile-major copy of the weights: widen.int8_gemv's product, read in an
+order that keeps the activations the loop touches small.
+
+Owns fits, tile_rows (row-major int8 codes [O, I] -> tiles [O / TILE_ROWS, I / TILE_COLS, TILE_ROWS,
+TILE_COLS], each tile contiguous, the tiles of a block of rows one after another) and int8_gemv_tiles.
+Why: widen's GEMV reads a row at a time, one stream through the matrix, and each row reads the whole
+token's activation codes (2 bytes a column: 14 KB at K2's 7168 columns) beside it; over tiles the
+stream is still one, in memory order, but a row's TILE_COLS columns at a time, so the activations in use
+are 1 KB. 2-core Xeon VM, 917 MB a matrix, one sitting (probe 39 GB/s): 7168 columns 31.0 -> 34.3 GB/s,
+8192 30.9 -> 34.3, 18432 31.3 -> 33.4; 2048 32.2 -> 30.9 (rows of 2 KB and less gain nothing).
+scripts/int8_layout_bench.py measures it on any machine.
+
+The sums: each row's TILE_COLS columns of a tile go into a fresh accumulator, in int8dot's blocks and
+lanes, and its total is added to the row's sum, tile by tile; so the outputs differ from int8_gemv's
+(one accumulator over the whole row) in the order of their fp32 additions, not in the codes or scales.
+Continuing one accumulator over a row's tiles (int8_gemv's bits) read 75-79% of the probe, level with
+the row-major GEMV, against 87-88% this way.
+
+Not used by the engine yet: the prompt paths (int8gemm, amx_gemm, int8dot.dequantize_rows) read whole
+rows, and a second copy of the weights would double int8w's RAM. Pure functions on arrays; imports
+nothing from hybrid/.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import get_num_threads, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from kernels_cpu.int8dot import BLOCK, STREAM_AHEAD, block_sums, quantize_activations, scale_block
+from kernels_cpu.simd import F32, I32, I64, host_has_avx2, hsum, prefetch_l2, vector_lanes
+from kernels_cpu.widen import MAX_ROWS, bf16_to_f32
+from kernels_cpu.workqueue import new_queue, take
+
+TILE_ROWS = 8
+TILE_COLS = 512  # columns of a tile: 4 blocks of BLOCK
+
+
+def fits(O: int, I: int) -> bool:
+    """The shapes tile_rows takes: whole tiles of rows and of columns."""
+    return O > 0 and I > 0 and O % TILE_ROWS == 0 and I % TILE_COLS == 0
+
+
+def tile_rows(q: np.ndarray) -> np.ndarray:
+    """int8 codes [O, I] (fits) -> a new contiguous int8 [O / TILE_ROWS, I / TILE_COLS, TILE_ROWS, TILE_COLS]:
+    tile [b, c] holds rows b * TILE_ROWS.. and columns c * TILE_COLS.. of q, row by row."""
+    if q.dtype != np.int8 or q.ndim != 2 or not fits(*q.shape):
+        raise ValueError(f"tile_rows: want int8 codes [O, I] with O a multiple of {TILE_ROWS} and I of {TILE_COLS}, "
+                         f"got {q.dtype} {q.shape}")
+    O, I = q.shape
+    return np.ascontiguousarray(q.reshape(O // TILE_ROWS, TILE_ROWS, I // TILE_COLS, TILE_COLS).transpose(0, 2, 1, 3))
+
+
+@intrinsic
+def _tile_rows_dot(typingctx, w, nch, xq, xs, xc, res):
+    """One block of TILE_ROWS rows (w: its first tile; nch tiles of columns) against one token's codes (xq,
+    xs, xc: int8dot.quantize_activations' row, addresses) -> res f32 [TILE_ROWS]: each row's tiles summed
+    apart (int8dot's blocks into one lane accumulator, its lanes then summed) and added in tile order.
+    Prefetches the bytes STREAM_AHEAD past each block it reads into L2 (the tiles are one stream)."""
+    sig = types.void(*([types.intp] * 6))
+    L = vector_lanes()
+    VF = ir.VectorType(F32, L // 2)
+    per = TILE_COLS // BLOCK
+
+    def codegen(context, b, signature, args):
+        w, nch, xq, xs, xc, res = args
+        zero = ir.Constant(VF, [ir.Constant(F32, 0.0)] * (L // 2))
+        sums = cgutils.alloca_once(b, ir.ArrayType(F32, TILE_ROWS))  # each row's sum over its tiles so far
+        for r in range(TILE_ROWS):
+            b.store(ir.Constant(F32, 0.0), b.gep(sums, [ir.Constant(I32, 0), ir.Constant(I32, r)]))
+        acc = cgutils.alloca_once_value(b, zero)  # the current row's tile, in a register
+        with cgutils.for_range(b, nch) as chunk:
+            c0 = b.mul(chunk.index, ir.Constant(I64, TILE_COLS))  # the tile's first column
+            tile = b.add(w, b.mul(chunk.index, ir.Constant(I64, TILE_ROWS * TILE_COLS)))
+            # the rows in a loop, not unrolled: unrolled, the compiler kept the tile's activations in
+            # registers across the rows and spilled them (69% of the probe, 2-core Xeon)
+            with cgutils.for_range(b, ir.Constant(I64, TILE_ROWS)) as row:
+                slot = b.gep(sums, [ir.Constant(I32, 0), b.trunc(row.index, I32)])
+                b.store(zero, acc)
+                # a base from which column c of this row of the tile lies at base + c (the block kernels'
+                # addressing: weight and activation offsets from one column index)
+                at = b.sub(b.add(tile, b.mul(row.index, ir.Constant(I64, TILE_COLS))), c0)
+                with cgutils.for_range(b, ir.Constant(I64, per)) as k:
+                    blk = b.add(b.mul(chunk.index, ir.Constant(I64, per)), k.index)
+                    col = b.mul(blk, ir.Constant(I64, BLOCK))
+                    for line in range(0, BLOCK, 64):
+                        prefetch_l2(b, b.add(b.add(at, col), ir.Constant(I64, STREAM_AHEAD + line)))
+                    scale_block(b, L, block_sums(b, L, [at], xq, xc, blk, col), xs, blk, [acc])
+                b.store(b.fadd(b.load(slot), hsum(b, b.load(acc))), slot)
+        for r in range(TILE_ROWS):
+            tot = b.load(b.gep(sums, [ir.Constant(I32, 0), ir.Constant(I32, r)]))
+            b.store(tot, b.inttoptr(b.add(res, ir.Constant(I64, 4 * r)), F32.as_pointer()))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+ITEM_BLOCKS = 2  # blocks of TILE_ROWS rows per work item
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _gemv_tiles(xq, xs, xc, wt, s, out, nt):
+    # out f32 [T, O] from the codes of x (quantize_activations) and tiles wt (tile_rows) with bf16 row scales s
+    T = xq.shape[0]
+    nblk, nch = wt.shape[0], wt.shape[1]
+    I = nch * TILE_COLS
+    nb = I // BLOCK
+    n = (nblk + ITEM_BLOCKS - 1) // ITEM_BLOCKS
+    queue = new_queue(nt)
+    for th in prange(nt):
+        res = np.empty(TILE_ROWS, np.float32)
+        it = take(queue, n, th, nt)
+        while it < n:
+            for rb in range(it * ITEM_BLOCKS, min(nblk, it * ITEM_BLOCKS + ITEM_BLOCKS)):
+                for t in range(T):
+                    _tile_rows_dot(wt.ctypes.data + rb * TILE_ROWS * I, nch, xq.ctypes.data + 2 * I * t,
+                                   xs.ctypes.data + 4 * nb * t, xc.ctypes.data + 4 * xc.shape[1] * t, res.ctypes.data)
+                    for r in range(TILE_ROWS):
+                        o = rb * TILE_ROWS + r
+                        out[t, o] = res[r] * bf16_to_f32(s[o])
+            it = take(queue, n, th, nt)
+
+
+def int8_gemv_tiles(x: np.ndarray, tiles: np.ndarray, scale: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """widen.int8_gemv(x, q, scale) over tiles = tile_rows(q): x fp32 [T, I] (T <= widen.MAX_ROWS), scale bf16
+    bits as uint16 [O] -> fp32 [T, O] (its sums in tile order: see the module doc); threads: Numba's count
+    now where None. Needs AVX2 (widen's int8 kernels)."""
+    if not host_has_avx2():
+        raise RuntimeError("int8_gemv_tiles: the tile kernel needs an x86-64 CPU with AVX2 and FMA; use "
+                           "kernels_cpu.widen.int8_gemv over the row-major codes")
+    if tiles.dtype != np.int8 or tiles.ndim != 4 or tiles.shape[2:] != (TILE_ROWS, TILE_COLS) \
+            or not tiles.flags.c_contiguous:
+        raise ValueError(f"int8_gemv_tiles: want tiles from tile_rows (contiguous int8 [O / {TILE_ROWS}, I / "
+                         f"{TILE_COLS}, {TILE_ROWS}, {TILE_COLS}]), got {tiles.dtype} {tiles.shape}")
+    O, I = tiles.shape[0] * TILE_ROWS, tiles.shape[1] * TILE_COLS
+    if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != I or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"int8_gemv_tiles: want x float32 [T, {I}] with 1 <= T <= {MAX_ROWS}, got {x.dtype} "
+                         f"{x.shape}")
+    if scale.dtype != np.uint16 or scale.shape != (O,):
+        raise ValueError(f"int8_gemv_tiles: want scale uint16 (bf16 bits) [{O}], got {scale.dtype} {scale.shape}")
+    xq, xs, xc = quantize_activations(np.ascontiguousarray(x))
+    out = np.empty((x.shape[0], O), np.float32)
+    _gemv_tiles(xq, xs, xc, tiles, scale, out, threads or get_num_threads())
+    return out
