@@ -6,9 +6,9 @@ TILE_COLS], each tile contiguous, the tiles of a block of rows one after another
 Why: widen's GEMV reads a row at a time, one stream through the matrix, and each row reads the whole
 token's activation codes (2 bytes a column: 14 KB at K2's 7168 columns) beside it; over tiles the
 stream is still one, in memory order, but a row's TILE_COLS columns at a time, so the activations in use
-are 1 KB. 2-core Xeon VM, 917 MB a matrix, one sitting (probe 39 GB/s): 7168 columns 31.0 -> 34.3 GB/s,
-8192 30.9 -> 34.3, 18432 31.3 -> 33.4; 2048 32.2 -> 30.9 (rows of 2 KB and less gain nothing).
-scripts/int8_layout_bench.py measures it on any machine.
+are 1 KB. scripts/int8_layout_bench.py, 2-core Xeon VM, 900 MB a matrix, one sitting (probe 37.5-39.4
+GB/s), row-major -> tiles: 7168 columns 31.7 -> 34.8 GB/s, 8192 31.3 -> 34.7, 18432 31.0 -> 33.0; 1536
+33.9 -> 33.1, 2048 34.4 -> 33.0 (short rows read well already).
 
 The sums: each row's TILE_COLS columns of a tile go into a fresh accumulator, in int8dot's blocks and
 lanes, and its total is added to the row's sum, tile by tile; so the outputs differ from int8_gemv's
