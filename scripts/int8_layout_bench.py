@@ -18,7 +18,7 @@ import time
 import numba
 import numpy as np
 
-from kernels_cpu.int8tiles import TILE_ROWS, tile_rows, int8_gemv_tiles
+from kernels_cpu.int8tiles import TILE_COLS, TILE_ROWS, int8_gemv_tiles, tile_rows
 from kernels_cpu.membw import read_gbps
 from kernels_cpu.widen import int8_gemv
 
@@ -64,6 +64,8 @@ def main() -> None:
                     help="row lengths to run (multiples of 512; default K2's)")
     ap.add_argument("--table", action="store_true", help="print a table instead of JSON")
     a = ap.parse_args()
+    if a.mb < 1 or a.rounds < 1 or any(I <= 0 or I % TILE_COLS for I in a.row_bytes):
+        ap.error(f"--mb and --rounds must be at least 1 and each --row-bytes a positive multiple of {TILE_COLS}")
     if a.threads:
         numba.set_num_threads(a.threads)
     rng = np.random.default_rng(0)
