@@ -1,8 +1,11 @@
 """The one-token int8 GEMV over a tile-major copy of the weights: widen.int8_gemv's product, read in an
 order that keeps the activations the loop touches small.
 
-Owns fits, tile_rows (row-major int8 codes [O, I] -> tiles [O / TILE_ROWS, I / TILE_COLS, TILE_ROWS,
-TILE_COLS], each tile contiguous, the tiles of a block of rows one after another) and int8_gemv_tiles.
+Owns the layout (fits, usable, logical_shape; tile_rows and tile_into: row-major int8 codes [O, I] -> tiles [O /
+TILE_ROWS, I / TILE_COLS, TILE_ROWS, TILE_COLS], each tile contiguous, the tiles of a block of rows one after
+another; untile_into: a block of rows back; dequantize_tiles: a block of rows in fp32), gemv_tiles_into (one or
+two weights in one parallel region, for the fused decode steps) and int8_gemv_tiles (its checked form for
+Python).
 Why: widen's GEMV reads a row at a time, one stream through the matrix, and each row reads the whole
 token's activation codes (2 bytes a column: 14 KB at K2's 7168 columns) beside it; over tiles the
 stream is still one, in memory order, but a row's TILE_COLS columns at a time, so the activations in use
@@ -16,9 +19,13 @@ lanes, and its total is added to the row's sum, tile by tile; so the outputs dif
 Continuing one accumulator over a row's tiles (int8_gemv's bits) read 75-79% of the probe, level with
 the row-major GEMV, against 87-88% this way.
 
-Not used by the engine yet: the prompt paths (int8gemm, amx_gemm, int8dot.dequantize_rows) read whole
-rows, and a second copy of the weights would double int8w's RAM. Pure functions on arrays; imports
-nothing from hybrid/.
+The engine holds int8w's CPU weights so where usable says (runtime/gpu_side.host_tiles, one copy: the
+tiles replace the rows). Decode reads them here (attn_step, moe_step, token_step through linear_into and
+pair_into; model/linear.py for the separate steps); a prompt's products read them in amx_gemm (AMX) and
+through dequantize_tiles (the fp32 GEMM), and untile a block of rows at a time for int8gemm and bf16 prompt
+math. k2-slice, int8w, 2-core Xeon VM, three interleaved bench pairs against the rows: decode 18.7 -> 19.6
+tok/s (73.7-74.8 -> 76.9-77.8% of the probe; projections, dense and shared MLP 4-7% faster), prefill level.
+Pure functions on arrays; imports nothing from hybrid/.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from numba.extending import intrinsic
 
 from kernels_cpu.int8dot import BLOCK, STREAM_AHEAD, block_sums, quantize_activations, scale_block
 from kernels_cpu.simd import F32, I32, I64, host_has_avx2, hsum, prefetch_l2, vector_lanes
-from kernels_cpu.widen import MAX_ROWS, bf16_to_f32
+from kernels_cpu.widen import MAX_ROWS, bf16_to_f32, concurrent_parallel_ok
 from kernels_cpu.workqueue import new_queue, take
 
 TILE_ROWS = 8
@@ -42,6 +49,17 @@ def fits(O: int, I: int) -> bool:
     return O > 0 and I > 0 and O % TILE_ROWS == 0 and I % TILE_COLS == 0
 
 
+def logical_shape(w: np.ndarray) -> tuple[int, int]:
+    """A weight's [O, I] as the products see it: its shape, or for tiles (4-D) the codes' they hold."""
+    return (w.shape[0] * w.shape[2], w.shape[1] * w.shape[3]) if w.ndim == 4 else (w.shape[0], w.shape[1])
+
+
+def usable(O: int, I: int) -> bool:
+    """Whether a weight of this shape may be held as tiles here: it fits, the CPU runs the tile kernel (AVX2),
+    and its parallel region may run beside the expert kernels' (widen.concurrent_parallel_ok)."""
+    return fits(O, I) and host_has_avx2() and concurrent_parallel_ok()
+
+
 def tile_rows(q: np.ndarray) -> np.ndarray:
     """int8 codes [O, I] (fits) -> a new contiguous int8 [O / TILE_ROWS, I / TILE_COLS, TILE_ROWS, TILE_COLS]:
     tile [b, c] holds rows b * TILE_ROWS.. and columns c * TILE_COLS.. of q, row by row."""
@@ -49,7 +67,64 @@ def tile_rows(q: np.ndarray) -> np.ndarray:
         raise ValueError(f"tile_rows: want int8 codes [O, I] with O a multiple of {TILE_ROWS} and I of {TILE_COLS}, "
                          f"got {q.dtype} {q.shape}")
     O, I = q.shape
-    return np.ascontiguousarray(q.reshape(O // TILE_ROWS, TILE_ROWS, I // TILE_COLS, TILE_COLS).transpose(0, 2, 1, 3))
+    tiles = np.empty((O // TILE_ROWS, I // TILE_COLS, TILE_ROWS, TILE_COLS), np.int8)
+    tile_into(np.ascontiguousarray(q), tiles)
+    return tiles
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def tile_into(q, tiles):
+    """q int8 [O, I] -> tiles (tile_rows' layout, written), a block of rows a thread at a time: at memory
+    speed, where numpy's transposing copy moved 0.4 GB/s (the engine tiles K2's int8 weights at load)."""
+    for rb in prange(tiles.shape[0]):
+        for c in range(tiles.shape[1]):
+            for r in range(TILE_ROWS):
+                tiles[rb, c, r, :] = q[rb * TILE_ROWS + r, c * TILE_COLS:(c + 1) * TILE_COLS]
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def untile_into(tiles, lo, out):
+    """Rows lo.. of the codes tiles hold (lo a multiple of TILE_ROWS) -> out int8 [n, I] (n a multiple of
+    TILE_ROWS): a prompt's block of rows for the row-major product kernels."""
+    for k in prange(out.shape[0] // TILE_ROWS):
+        rb = lo // TILE_ROWS + k
+        for c in range(tiles.shape[1]):
+            for r in range(TILE_ROWS):
+                out[k * TILE_ROWS + r, c * TILE_COLS:(c + 1) * TILE_COLS] = tiles[rb, c, r, :]
+
+
+def dequantize_tiles(tiles: np.ndarray, scale: np.ndarray, lo: int, out: np.ndarray, parallel: bool = True) -> None:
+    """Rows lo..lo + n - 1 of the codes tiles hold, times their fp32 row scales scale [O] -> out f32 [n, I]: what
+    int8dot.dequantize_rows gives for those rows (the same product, rounded once), read from the tiles.
+    parallel=False: on the calling thread alone (as dequantize_rows)."""
+    O, I = logical_shape(tiles)
+    if tiles.ndim != 4 or tiles.dtype != np.int8 or scale.dtype != np.float32 or scale.shape != (O,) \
+            or out.dtype != np.float32 or out.ndim != 2 or out.shape[1] != I or not 0 <= lo <= O - out.shape[0] \
+            or not out.flags.c_contiguous:
+        raise ValueError(f"dequantize_tiles: want tiles of int8 codes, scale float32 [O] and a contiguous float32 "
+                         f"out [n, I] within the rows, got tiles {tiles.dtype} {tiles.shape}, scale {scale.dtype} "
+                         f"{scale.shape}, lo {lo}, out {out.dtype} {out.shape}")
+    (_dequantize if parallel else _dequantize_serial)(tiles, scale, lo, out)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _dequantize_row(tiles, scale, lo, out, r):
+    rb, rr, s = (lo + r) // TILE_ROWS, (lo + r) % TILE_ROWS, scale[lo + r]
+    for c in range(tiles.shape[1]):
+        for i in range(TILE_COLS):
+            out[r, c * TILE_COLS + i] = np.float32(tiles[rb, c, rr, i]) * s
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _dequantize(tiles, scale, lo, out):
+    for r in prange(out.shape[0]):
+        _dequantize_row(tiles, scale, lo, out, r)
+
+
+@njit(nogil=True, cache=True)
+def _dequantize_serial(tiles, scale, lo, out):
+    for r in range(out.shape[0]):
+        _dequantize_row(tiles, scale, lo, out, r)
 
 
 @intrinsic
@@ -99,26 +174,39 @@ def _tile_rows_dot(typingctx, w, nch, xq, xs, xc, res):
 ITEM_BLOCKS = 2  # blocks of TILE_ROWS rows per work item
 
 
-@njit(nogil=True, cache=True, parallel=True)
-def _gemv_tiles(xq, xs, xc, wt, s, out, nt):
-    # out f32 [T, O] from the codes of x (quantize_activations) and tiles wt (tile_rows) with bf16 row scales s
-    T = xq.shape[0]
-    nblk, nch = wt.shape[0], wt.shape[1]
+@njit(nogil=True, cache=True)
+def _rows_block(xq, xs, xc, wt, s, out, rb, res):
+    # rows rb * TILE_ROWS.. of out f32 [T, O] from the codes of x (quantize_activations), tiles wt, bf16 scales s
+    nch = wt.shape[1]
     I = nch * TILE_COLS
     nb = I // BLOCK
-    n = (nblk + ITEM_BLOCKS - 1) // ITEM_BLOCKS
+    for t in range(xq.shape[0]):
+        _tile_rows_dot(wt.ctypes.data + rb * TILE_ROWS * I, nch, xq.ctypes.data + 2 * I * t,
+                       xs.ctypes.data + 4 * nb * t, xc.ctypes.data + 4 * xc.shape[1] * t, res.ctypes.data)
+        for r in range(TILE_ROWS):
+            o = rb * TILE_ROWS + r
+            out[t, o] = res[r] * bf16_to_f32(s[o])
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def gemv_tiles_into(xq, xs, xc, w1, s1, out1, w2, s2, out2, nt):
+    """The rows of tiles w1 then of tiles w2 (w2 may be w1 with out2 [T, 0]: one weight) against x quantised by
+    int8dot.quantize_activations (xq, xs, xc), on nt threads: widen.gemv_i8_into over tiles, for the fused
+    decode steps (attn_step, moe_step) and int8_gemv_tiles."""
+    n1 = (w1.shape[0] + ITEM_BLOCKS - 1) // ITEM_BLOCKS
+    n = n1 + ((w2.shape[0] + ITEM_BLOCKS - 1) // ITEM_BLOCKS if out2.shape[1] else 0)
     queue = new_queue(nt)
     for th in prange(nt):
         res = np.empty(TILE_ROWS, np.float32)
         it = take(queue, n, th, nt)
         while it < n:
-            for rb in range(it * ITEM_BLOCKS, min(nblk, it * ITEM_BLOCKS + ITEM_BLOCKS)):
-                for t in range(T):
-                    _tile_rows_dot(wt.ctypes.data + rb * TILE_ROWS * I, nch, xq.ctypes.data + 2 * I * t,
-                                   xs.ctypes.data + 4 * nb * t, xc.ctypes.data + 4 * xc.shape[1] * t, res.ctypes.data)
-                    for r in range(TILE_ROWS):
-                        o = rb * TILE_ROWS + r
-                        out[t, o] = res[r] * bf16_to_f32(s[o])
+            if it < n1:
+                for rb in range(it * ITEM_BLOCKS, min(w1.shape[0], it * ITEM_BLOCKS + ITEM_BLOCKS)):
+                    _rows_block(xq, xs, xc, w1, s1, out1, rb, res)
+            else:
+                k = it - n1
+                for rb in range(k * ITEM_BLOCKS, min(w2.shape[0], k * ITEM_BLOCKS + ITEM_BLOCKS)):
+                    _rows_block(xq, xs, xc, w2, s2, out2, rb, res)
             it = take(queue, n, th, nt)
 
 
@@ -141,5 +229,5 @@ def int8_gemv_tiles(x: np.ndarray, tiles: np.ndarray, scale: np.ndarray, threads
         raise ValueError(f"int8_gemv_tiles: want scale uint16 (bf16 bits) [{O}], got {scale.dtype} {scale.shape}")
     xq, xs, xc = quantize_activations(np.ascontiguousarray(x))
     out = np.empty((x.shape[0], O), np.float32)
-    _gemv_tiles(xq, xs, xc, tiles, scale, out, threads or get_num_threads())
+    gemv_tiles_into(xq, xs, xc, tiles, scale, out, tiles, scale, out[:, :0], threads or get_num_threads())
     return out

@@ -485,6 +485,43 @@ def test_int8_prompt_gemm_equals_the_int8_gemv_bit_for_bit(monkeypatch):
     assert calls == [int8gemm.MAX_ROWS]
 
 
+@pytest.mark.parametrize("path", ["amx", "int8gemm", "fp32"])
+def test_linear_over_int8_tiles_equals_the_rows(monkeypatch, path):
+    """model/linear.py's int8 products over codes held as int8tiles' tiles (int8w on the CPU): a prompt's rows
+    through each path a CPU may take (AMX's tiles reading the tiles, int8gemm over blocks of rows untiled in
+    turn, the fp32 GEMM over blocks dequantised from the tiles) give the row-major codes' outputs bit for bit;
+    a decode step's rows are the tile GEMV's, within fp32 summation order of the row GEMV's."""
+    import torch
+
+    from hybrid.model import linear as lin
+    from kernels_cpu.int8tiles import TILE_COLS, int8_gemv_tiles, tile_rows
+    from kernels_cpu.simd import host_has_avx2
+    from kernels_cpu.widen import MAX_ROWS
+
+    if not host_has_avx2():
+        pytest.skip("int8 tiles are AVX2 code")
+    if path == "amx" and not amx.available(bf16=True):
+        pytest.skip("no AMX-BF16 on this CPU")
+    if path != "amx":
+        monkeypatch.setattr(lin, "_tiles_take", lambda w: False)
+    monkeypatch.setattr(int8gemm, "available", lambda: path == "int8gemm")
+    rng = np.random.default_rng(13)
+    O, I = 160, 2 * TILE_COLS
+    q = rng.integers(-127, 128, (O, I), dtype=np.int64).astype(np.int8)
+    scale = bf16_bits(rng.uniform(0.001, 0.01, O))
+    sc = torch.from_numpy(scale.view(np.int16)).view(torch.bfloat16)
+    rows, tiles = (torch.from_numpy(q), sc), (torch.from_numpy(tile_rows(q)), sc)
+    x = torch.from_numpy(rng.standard_normal((40, I)).astype(np.float32))
+    want = lin.linear(x, rows).numpy()
+    np.testing.assert_array_equal(lin.linear(x, tiles).numpy().view(np.uint32), want.view(np.uint32))
+    monkeypatch.setattr(lin, "UNTILE_BYTES", 64 * I)  # blocks of 64 rows, the last part (untiled paths)
+    np.testing.assert_array_equal(lin.linear(x, tiles).numpy().view(np.uint32), want.view(np.uint32))
+    for T in (1, MAX_ROWS):
+        one = lin.linear(x[:T], tiles).numpy()
+        np.testing.assert_array_equal(one, int8_gemv_tiles(x[:T].numpy(), tiles[0].numpy(), scale))
+        np.testing.assert_allclose(one, lin.linear(x[:T], rows).numpy(), rtol=1e-5, atol=1e-5 * np.abs(one).max())
+
+
 def _mlp_ref(x, wg, wu, wd):
     """SwiGLU in float64 over already-widened weights."""
     g, u = x.astype(np.float64) @ wg.T, x.astype(np.float64) @ wu.T
@@ -1034,3 +1071,44 @@ def test_int8_gemv_over_tiles_is_the_row_product():
         int8_gemv_tiles(np.zeros((1, 1024), np.float32), tiles, scale)
     with pytest.raises(ValueError, match="tile_rows"):
         int8_gemv_tiles(np.zeros((1, I), np.float32), q, scale)
+
+
+def test_int8_tiles_round_trip_and_two_weights_in_one_region():
+    """int8tiles: tile_into writes numpy's transposed layout, untile_into gives back any block of rows,
+    dequantize_tiles any rows as dequantize_rows gives them, the logical shape of either layout is [O, I];
+    gemv_tiles_into over two weights (the fused decode steps' pair) gives each weight's int8_gemv_tiles bit for bit."""
+    from kernels_cpu.int8dot import dequantize_rows, quantize_activations
+    from kernels_cpu.int8tiles import (TILE_COLS, TILE_ROWS, dequantize_tiles, gemv_tiles_into, int8_gemv_tiles,
+                                       logical_shape, tile_rows, untile_into)
+    from kernels_cpu.simd import host_has_avx2
+
+    if not host_has_avx2():
+        pytest.skip("the tile kernel is AVX2 code (widen's int8 kernels)")
+    rng = np.random.default_rng(8)
+    O, I = 7 * TILE_ROWS, 2 * TILE_COLS
+    q = rng.integers(-127, 128, (O, I), dtype=np.int64).astype(np.int8)
+    tiles = tile_rows(q)
+    want = q.reshape(O // TILE_ROWS, TILE_ROWS, I // TILE_COLS, TILE_COLS).transpose(0, 2, 1, 3)
+    np.testing.assert_array_equal(tiles, want)
+    assert logical_shape(tiles) == logical_shape(q) == (O, I)
+    for lo, n in ((0, O), (2 * TILE_ROWS, 3 * TILE_ROWS), (6 * TILE_ROWS, TILE_ROWS)):
+        out = np.zeros((n, I), np.int8)
+        untile_into(tiles, lo, out)
+        np.testing.assert_array_equal(out, q[lo:lo + n])
+    s32 = rng.uniform(0.001, 0.01, O).astype(np.float32)
+    for lo, n, par in ((0, O, True), (5, 21, False), (3 * TILE_ROWS, 1, True)):  # any rows, as dequantize_rows
+        got, want = np.empty((n, I), np.float32), np.empty((n, I), np.float32)
+        dequantize_tiles(tiles, s32, lo, got, par)
+        dequantize_rows(q[lo:lo + n], s32[lo:lo + n], want, par)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    with pytest.raises(ValueError, match=r"dequantize_tiles: .*lo 50"):
+        dequantize_tiles(tiles, s32, 50, np.empty((7, I), np.float32))
+    q2 = rng.integers(-127, 128, (3 * TILE_ROWS, I), dtype=np.int64).astype(np.int8)
+    t2 = tile_rows(q2)
+    s1, s2 = bf16_bits(rng.uniform(0.01, 1, O)), bf16_bits(rng.uniform(0.01, 1, 3 * TILE_ROWS))
+    for T in (1, 3):
+        x = rng.standard_normal((T, I)).astype(np.float32)
+        out1, out2 = np.empty((T, O), np.float32), np.empty((T, 3 * TILE_ROWS), np.float32)
+        gemv_tiles_into(*quantize_activations(x), tiles, s1, out1, t2, s2, out2, 2)
+        np.testing.assert_array_equal(out1, int8_gemv_tiles(x, tiles, s1))
+        np.testing.assert_array_equal(out2, int8_gemv_tiles(x, t2, s2))
