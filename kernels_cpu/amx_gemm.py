@@ -26,15 +26,16 @@ import numpy as np
 from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from kernels_cpu.amx import TileOps, available, compiles_bf16
 from kernels_cpu.bf16dot import f32_to_bf16
+from kernels_cpu.int8tiles import TILE_COLS, TILE_ROWS
 from kernels_cpu.simd import I8, I32, I64
 from kernels_cpu.widen import bf16_to_f32
 from kernels_cpu.workqueue import new_queue, take
 
-KC = 1024  # columns of K per chunk (a panel of 32 tokens: 32 x 1024 x 3 splits x 2 bytes = 192 KB)
+KC = 1024  # columns of K per chunk (a panel of 32 tokens: 32 x 1024 x 3 splits x 2 bytes = 192 KB; int8tiles: 2 tiles)
 RB_GEMM = 32  # weight rows per tile step (two A tiles)
 TB = 32  # tokens per tile step (two B tiles)
 GROUP_PAIRS = 4  # token pairs whose panels a pass over the weights takes (4 x 192 KB: within a 2 MB L2)
@@ -131,16 +132,49 @@ def pack_x3(x, Tp):
     return xp
 
 
-@njit(nogil=True, cache=True, inline="always")
 def _rows_a(w, o, k0, nk, ab):
     """(address, row stride in bytes) of the tile kernel's A: 32 weight rows from row o, column k0.
-    bf16 weights are read in place; int8 codes (exact in bf16) are converted into ab first."""
-    I = w.shape[1]
-    if w.itemsize == 2:
-        return w.ctypes.data + (o * I + k0) * 2, I * 2
-    for r in range(RB_GEMM):
-        _codes_to_bf16(w.ctypes.data + (o + r) * I + k0, nk, ab.ctypes.data + r * ab.shape[1] * 2)
-    return ab.ctypes.data, ab.shape[1] * 2
+    bf16 weights are read in place; int8 codes (exact in bf16) are converted into ab first, from rows or
+    from int8tiles' tiles (a row's TILE_COLS columns contiguous in each tile; k0 and the chunk's end on
+    whole tiles: KC is a multiple of TILE_COLS). Numba only."""
+    raise NotImplementedError
+
+
+@overload(_rows_a, inline="always")
+def _rows_a_impl(w, o, k0, nk, ab):
+    if w.ndim == 4:
+        def tiles(w, o, k0, nk, ab):
+            nch = w.shape[1]
+            for r in range(RB_GEMM):
+                rb, rr = (o + r) // TILE_ROWS, (o + r) % TILE_ROWS
+                dst = ab.ctypes.data + r * ab.shape[1] * 2
+                for c in range(k0 // TILE_COLS, (k0 + 32 * nk + TILE_COLS - 1) // TILE_COLS):
+                    n = min(TILE_COLS, k0 + 32 * nk - c * TILE_COLS) // 32
+                    _codes_to_bf16(w.ctypes.data + ((rb * nch + c) * TILE_ROWS + rr) * TILE_COLS, n,
+                                   dst + (c * TILE_COLS - k0) * 2)
+            return ab.ctypes.data, ab.shape[1] * 2
+        return tiles
+
+    def rows(w, o, k0, nk, ab):
+        I = w.shape[1]
+        if w.itemsize == 2:
+            return w.ctypes.data + (o * I + k0) * 2, I * 2
+        for r in range(RB_GEMM):
+            _codes_to_bf16(w.ctypes.data + (o + r) * I + k0, nk, ab.ctypes.data + r * ab.shape[1] * 2)
+        return ab.ctypes.data, ab.shape[1] * 2
+    return rows
+
+
+def _dims(w):
+    """(O, I) of a weight as _gemm takes it: [O, I], or tiles of int8 codes [O, I]. Numba only."""
+    raise NotImplementedError
+
+
+@overload(_dims, inline="always")
+def _dims_impl(w):
+    if w.ndim == 4:
+        return lambda w: (w.shape[0] * w.shape[2], w.shape[1] * w.shape[3])
+    return lambda w: (w.shape[0], w.shape[1])
 
 
 @intrinsic
@@ -164,10 +198,10 @@ def _codes_to_bf16(typingctx, src, nk, dst):
 
 @njit(nogil=True, cache=True, parallel=True)
 def _gemm(w, scale, xp, yT, y, cfg, nt):
-    # w uint16 [O, I] (bf16 bits) or int8 codes with fp32 row scales scale [O] (else empty);
+    # w uint16 [O, I] (bf16 bits) or int8 codes (rows, or int8tiles' tiles) with fp32 row scales scale [O] (else empty);
     # xp pack_x3's panels, yT f32 [O, Tp] the tiles' results; y f32 [T, O] gets them transposed (and
     # scaled) as each block of rows finishes, while they are in cache
-    O, I = w.shape
+    O, I = _dims(w)
     Tp, T = yT.shape[1], y.shape[0]
     nrb, ntp = O // RB_GEMM, Tp // TB
     nc = xp.shape[0]
@@ -198,15 +232,17 @@ _CFG = tile_config()
 
 def gemm_bf16x3(x: np.ndarray, w: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
     """x fp32 [T, I] @ w.T -> fp32 [T, O]: w the bits of bf16 weights (uint16 [O, I], C-contiguous), or
-    int8 codes [O, I] with fp32 row scales `scale` [O] (x @ (codes * scale).T). Needs
+    int8 codes [O, I] with fp32 row scales `scale` [O] (x @ (codes * scale).T), the codes as rows or as
+    kernels_cpu.int8tiles' tiles (4-D; the same products in the same order, so the same bits). Needs
     amx.available(bf16=True) and supported(O, I)."""
     if not available(bf16=True):  # also what asks Linux for the tile state: without it, SIGILL
         raise RuntimeError("gemm_bf16x3 needs AMX-BF16 tiles, which this CPU or process does not have")
     T, I = x.shape
-    O = w.shape[0]
+    tiled = w.ndim == 4 and w.dtype == np.int8 and w.shape[2:] == (TILE_ROWS, TILE_COLS)
+    O, In = (w.shape[0] * TILE_ROWS, w.shape[1] * TILE_COLS) if tiled else (w.shape[0], w.shape[-1])
     int8 = w.dtype == np.int8 and scale is not None and scale.shape == (O,)
     if not supported(O, I) or not (w.dtype == np.uint16 and scale is None or int8) or not w.flags.c_contiguous \
-            or x.shape[1] != w.shape[1]:
+            or (w.ndim != 2 and not tiled) or In != I:
         raise ValueError(f"gemm_bf16x3: x [T, I] and C-contiguous w [O, I] (uint16 bf16 bits, or int8 codes with "
                          f"[O] scales) with O % {RB_GEMM} == 0 and I % 32 == 0; got {x.shape} and {w.dtype} {w.shape}")
     Tp = (T + TB - 1) // TB * TB

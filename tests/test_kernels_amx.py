@@ -86,6 +86,21 @@ def test_int8_codes_with_row_scales():
     assert _rel(got, ref) <= max(2 * _rel(fp32, ref), 1e-7)
 
 
+@tiles
+def test_int8_codes_as_tiles_give_the_rows_bits():
+    """int8 codes held as kernels_cpu.int8tiles' tiles (int8w on the CPU) go through the same tiles in the same
+    order: the same bits as the codes in rows, over several chunks of K (KC) and a last part chunk."""
+    from kernels_cpu.int8tiles import tile_rows
+
+    rng = np.random.default_rng(12)
+    q = rng.integers(-127, 128, (64, 2560), dtype=np.int8)  # 2.5 chunks of K
+    scale = rng.uniform(0.001, 0.01, 64).astype(np.float32)
+    x = rng.standard_normal((40, 2560)).astype(np.float32)
+    np.testing.assert_array_equal(amx_gemm.gemm_bf16x3(x, tile_rows(q), scale), amx_gemm.gemm_bf16x3(x, q, scale))
+    with pytest.raises(ValueError, match="O % 32"):
+        amx_gemm.gemm_bf16x3(x[:, :512], tile_rows(q[:8, :512]), scale[:8])
+
+
 def test_pack_x3_splits_each_activation_exactly():
     """The three bf16 parts pack_x3 writes sum to each fp32 activation exactly (tiny, large and
     ordinary values), in the tile kernel's layout, with the padding tokens zero. Runs on any CPU."""
