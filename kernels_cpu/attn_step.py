@@ -2,7 +2,8 @@
 over the paged latent cache, o_proj, the residual and the post-attention RMSNorm.
 
 Owns attention_step and the products it runs (linear_into, pair_into: the decode GEMVs of widen.py over
-bf16 bits or int8 codes, chosen by the weights' dtype when Numba compiles). The same kernels in the same
+bf16 bits or int8 codes, or of int8tiles.py over int8 codes held as tiles, chosen by the weights' dtype and
+rank when Numba compiles; rows_of: a weight's output rows either way). The same kernels in the same
 order as the separate calls (step_ops.rms_norm, widen.gemv_pair / bf16_gemv / int8_gemv,
 mla.mla_decode), so the results are identical bit for bit; what goes is the Python and torch between
 them. A decode step streams hundreds of MB between those small steps, so each ran with the
@@ -19,6 +20,7 @@ from numba.extending import overload
 
 from kernels_cpu.bf16dot import PAIR
 from kernels_cpu.int8dot import BLOCK, quantize_activations
+from kernels_cpu.int8tiles import gemv_tiles_into
 from kernels_cpu.mla import decode_into
 from kernels_cpu.simd import cycles
 from kernels_cpu.step_ops import rms_norm_into
@@ -28,9 +30,22 @@ PARTS = 8  # cycle stamps attention_step writes: start, then after each of its 7
 
 
 def linear_into(x, w, s, out, nt):
-    """For @njit code: out f32 [T, O] = x f32 [T, I] @ W.T as widen.bf16_gemv (w bf16 bits, s empty) or
-    widen.int8_gemv (w int8 codes, s their bf16 row scales) compute it, on nt threads."""
+    """For @njit code: out f32 [T, O] = x f32 [T, I] @ W.T as widen.bf16_gemv (w bf16 bits, s empty),
+    widen.int8_gemv (w int8 codes [O, I], s their bf16 row scales) or int8tiles.int8_gemv_tiles (w those codes
+    as tiles, 4-D) compute it, on nt threads."""
     raise NotImplementedError
+
+
+def rows_of(w):
+    """For @njit code: the output rows O of a weight as linear_into takes it ([O, I], or tiles of [O, I])."""
+    raise NotImplementedError
+
+
+@overload(rows_of, inline="always")
+def _rows_of_impl(w):
+    if w.ndim == 4:
+        return lambda w: w.shape[0] * w.shape[2]
+    return lambda w: w.shape[0]
 
 
 def pair_into(x, w1, s1, out1, w2, s2, out2, nt):
@@ -53,6 +68,11 @@ def _deinterleave_buffer_impl(x):
 
 @overload(linear_into)
 def _linear_into_impl(x, w, s, out, nt):
+    if w.ndim == 4:
+        def tiles(x, w, s, out, nt):
+            xq, xs, xc = quantize_activations(x)
+            gemv_tiles_into(xq, xs, xc, w, s, out, w, s, out[:, :0], nt)
+        return tiles
     if w.dtype == types.int8:
         def int8(x, w, s, out, nt):
             if x.shape[1] % BLOCK == 0:
@@ -69,6 +89,16 @@ def _linear_into_impl(x, w, s, out, nt):
 
 @overload(pair_into)
 def _pair_into_impl(x, w1, s1, out1, w2, s2, out2, nt):
+    if w1.ndim == 4 and w2.ndim == 4:
+        def tiles(x, w1, s1, out1, w2, s2, out2, nt):
+            xq, xs, xc = quantize_activations(x)
+            gemv_tiles_into(xq, xs, xc, w1, s1, out1, w2, s2, out2, nt)
+        return tiles
+    if w1.ndim != w2.ndim:  # one weight tiled, one not: two products
+        def apart(x, w1, s1, out1, w2, s2, out2, nt):
+            linear_into(x, w1, s1, out1, nt)
+            linear_into(x, w2, s2, out2, nt)
+        return apart
     if w1.dtype == types.int8:
         def int8(x, w1, s1, out1, w2, s2, out2, nt):
             if x.shape[1] % BLOCK == 0:
@@ -100,19 +130,19 @@ def attention_step(h, norms, eps, proj, kvb, main, spill, table, s0, cos, sin, s
     wa, sa, wk, sk, wb, sb, wo, so = proj
     H, L = kvb.shape[0], kvb.shape[2]
     W = main.shape[2]
-    P = wb.shape[0] // H - (W - L)
+    P = rows_of(wb) // H - (W - L)
     clock[0] = cycles()
     x = np.empty_like(h)
     rms_norm_into(h, ln_in, eps[0], x)
     clock[1] = cycles()
-    qa = np.empty((T, wa.shape[0]), np.float32)
-    kv = np.empty((T, wk.shape[0]), np.float32)
+    qa = np.empty((T, rows_of(wa)), np.float32)
+    kv = np.empty((T, rows_of(wk)), np.float32)
     pair_into(x, wa, sa, qa, wk, sk, kv, nt)
     clock[2] = cycles()
     cq = np.empty_like(qa)
     rms_norm_into(qa, ln_q, eps[1], cq)
     clock[3] = cycles()
-    q = np.empty((T, wb.shape[0]), np.float32)
+    q = np.empty((T, rows_of(wb)), np.float32)
     linear_into(cq, wb, sb, q, nt)
     clock[4] = cycles()
     o = np.empty((T, H, kvb.shape[1] - P), np.float32)

@@ -2,14 +2,14 @@
 experts and the residual sum of an MoE layer (moe_step), or a dense layer's SwiGLU and its residual
 (mlp_step).
 
-Owns those two and swiglu_into_out, the SwiGLU of widen.swiglu_gemv for @njit callers (bf16 bits or
-int8 codes, chosen by the weights' dtype when Numba compiles). The same kernels in the same order as the
-separate calls (widen.bf16_gemv for the router, step_ops.route, widen.swiglu_gemv, moe.moe_forward, the
-two adds), so the results are identical bit for bit; what goes is the Python and torch between them. A
-decode step streams hundreds of MB between those steps, so each ran with the interpreter's code and
-data evicted: on a 2-core Xeon, K2 shapes, ~0.45 ms a MoE layer outside the kernels (the router's
-wrapper ~0.1 ms, the expert backend's submit and wait ~0.2 ms, the shared expert's wrapper and the two
-adds), against the kernels' ~8 ms. Pure functions on arrays; imports nothing from hybrid/.
+Owns those two and swiglu_into_out (swiglu_out for Python), the SwiGLU of widen.swiglu_gemv for @njit callers
+(bf16 bits or int8 codes, row-major or as int8tiles' tiles, chosen by the weights' dtype and rank when Numba
+compiles). The same kernels in the same order as the separate calls (widen.bf16_gemv for the router,
+step_ops.route, widen.swiglu_gemv, moe.moe_forward, the two adds), so the results are identical bit for bit;
+what goes is the Python and torch between them. A decode step streams hundreds of MB between those steps, so
+each ran with the interpreter's code and data evicted: on a 2-core Xeon, K2 shapes, ~0.45 ms a MoE layer outside
+the kernels (the router's wrapper ~0.1 ms, the expert backend's submit and wait ~0.2 ms, the shared expert's
+wrapper and the two adds), against the kernels' ~8 ms. Pure functions on arrays; imports nothing from hybrid/.
 Letters as in moe.py.
 """
 from __future__ import annotations
@@ -18,12 +18,12 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from kernels_cpu.attn_step import deinterleave_buffer, linear_into
+from kernels_cpu.attn_step import deinterleave_buffer, linear_into, pair_into, rows_of
 from kernels_cpu.int8dot import BLOCK, quantize_activations
 from kernels_cpu.moe import moe_into
 from kernels_cpu.simd import cycles
 from kernels_cpu.step_ops import route_into
-from kernels_cpu.widen import swiglu_i8_into, swiglu_into
+from kernels_cpu.widen import silu_times, swiglu_i8_into, swiglu_into
 
 PARTS = 5  # cycle stamps moe_step writes: start, then after the router, the shared expert, the experts, the sum
 
@@ -38,6 +38,15 @@ def swiglu_into_out(x, mlp, out, nt):
 def _swiglu_into_out_impl(x, mlp, out, nt):
     if not isinstance(mlp, types.BaseTuple) or len(mlp) != 6:
         return None
+    if mlp[0].ndim == 4 or mlp[4].ndim == 4:  # int8 codes as tiles (int8tiles), the down projection's or not
+        def tiles(x, mlp, out, nt):
+            wg, sg, wu, su, wd, sd = mlp
+            T, I = x.shape[0], rows_of(wg)
+            g, u = np.empty((T, I), np.float32), np.empty((T, I), np.float32)
+            pair_into(x, wg, sg, g, wu, su, u, nt)  # swiglu_i8_into's steps, each over its weight's layout
+            silu_times(g, u)
+            linear_into(g, wd, sd, out, nt)
+        return tiles
     if mlp[0].dtype == types.int8:
         def int8(x, mlp, out, nt):
             wg, sg, wu, su, wd, sd = mlp
@@ -57,6 +66,14 @@ def _swiglu_into_out_impl(x, mlp, out, nt):
         g, u = np.empty((T, I), np.float32), np.empty((T, I), np.float32)
         swiglu_into(x, deinterleave_buffer(x), wg, sg, wu, su, wd, sd, g, u, deinterleave_buffer(g), out, nt)
     return bf16
+
+
+@njit(nogil=True, cache=True)
+def swiglu_out(x, mlp, nt):
+    """swiglu_into_out for Python callers: x f32 [T, D] -> f32 [T, D] (linear.swiglu over int8 tiles)."""
+    out = np.empty((x.shape[0], rows_of(mlp[4])), np.float32)
+    swiglu_into_out(x, mlp, out, nt)
+    return out
 
 
 @njit(nogil=True, cache=True)

@@ -170,7 +170,7 @@ def gemv_pair_into(x, xd, w1, s1, out1, w2, s2, out2, nt):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
-def _silu_times(g, u):
+def silu_times(g, u):
     # g f32 [T, I] <- SiLU(g) * u, the SwiGLU's middle step
     for t in range(g.shape[0]):
         for i in range(g.shape[1]):
@@ -190,7 +190,7 @@ def swiglu_into(x, xd, wg, sg, wu, su, wd, sd, g, u, gd, out, nt):
         while it < 2 * n1:
             _pair_item(x, xd, wg, sg, g, wu, su, u, it, n1)
             it = take(queue, 2 * n1, th, nt)
-    _silu_times(g, u)
+    silu_times(g, u)
     if gd.shape[1]:
         deinterleave(g, gd)
     gemv_into(g, gd, wd, sd, out, nt)
@@ -249,7 +249,7 @@ def gemv_i8_into(xq, xs, xc, w1, s1, out1, w2, s2, out2, nt):
 def swiglu_i8_into(xq, xs, xc, wg, sg, wu, su, wd, sd, g, u, out, nt):
     # swiglu_into over int8 weights (I a multiple of BLOCK): gate and up, SiLU(g) * u quantised, down
     gemv_i8_into(xq, xs, xc, wg, sg, g, wu, su, u, nt)
-    _silu_times(g, u)
+    silu_times(g, u)
     hq, hs, hc = quantize_activations(g)
     gemv_i8_into(hq, hs, hc, wd, sd, out, wd, sd, out[:, :0], nt)
 

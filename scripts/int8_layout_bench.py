@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""One token's int8 GEMV over row-major codes (kernels_cpu.widen.int8_gemv: what `int8w` decodes with)
-against the same codes as tiles (kernels_cpu.int8tiles), on the row lengths of K2's int8w weights,
-interleaved call by call, beside the RAM read probe; prints JSON (--table: a table).
+"""One token's int8 GEMV over row-major codes (kernels_cpu.widen.int8_gemv: what `int8w` decodes with where
+a weight's shape takes no tiles) against the same codes as tiles (kernels_cpu.int8tiles: how the engine
+holds them where it does), on the row lengths of K2's int8w weights, interleaved call by call, beside the
+RAM read probe; prints JSON (--table: a table).
 
     python scripts/int8_layout_bench.py [--mb 900] [--rounds 3] [--threads N] [--table]
 

@@ -79,5 +79,19 @@ def test_gpu_side_weight_on_the_cpu_keeps_no_view_of_the_checkpoint():
         assert q.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
     assert torch.equal(gpu_side_weight("model.layers.0.self_attn.o_proj.weight", t, torch.device("cpu"),
                                        torch.float32), t.float())
+    from kernels_cpu.int8tiles import logical_shape, untile_into, usable
+    from kernels_gpu.int8 import quantize_int8
+
+    q, scale = gpu_side_weight("model.layers.0.self_attn.o_proj.weight", t, torch.device("cpu"), torch.float32,
+                               int8=True)
+    want_q, want_scale = quantize_int8(t)
+    assert torch.equal(scale, want_scale) and logical_shape(q.numpy()) == (256, 512)
+    if usable(256, 512):  # int8 codes on the CPU held as int8tiles' tiles: the same codes, untiled
+        assert q.dim() == 4
+        rows = np.empty((256, 512), np.int8)
+        untile_into(q.numpy(), 0, rows)
+        assert np.array_equal(rows, want_q.numpy())
+    else:
+        assert torch.equal(q, want_q)
     emb = gpu_side_weight("model.embed_tokens.weight", t, torch.device("cpu"), torch.float32)
     assert emb.dtype == torch.bfloat16 and torch.equal(emb, t)

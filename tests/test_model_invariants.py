@@ -110,18 +110,25 @@ def test_few_tokens_over_a_long_context_take_the_chunked_form(tiny_path, monkeyp
     assert (bounded - direct).abs().max() <= 1e-4 * direct.abs().max()
 
 
-def test_int8_weight_only_gpu_weights_cost_no_more_than_their_precision(tiny_path):
+@pytest.mark.parametrize("tiles", [False, True])
+def test_int8_weight_only_gpu_weights_cost_no_more_than_their_precision(tiny_path, make_checkpoint, tiles):
     """The planner's int8 weight-only option (short VRAM). The random tiny model amplifies query errors
     (sharp attention), so the bound is relative: int8 must do no worse than perturbing every weight by
-    noise of the same size (uniform within half an int8 step), which is the precision int8 allows."""
+    noise of the same size (uniform within half an int8 step), which is the precision int8 allows. With
+    tiles: a model whose hidden size (512) lets the CPU hold q_a, kv_a, the MLPs' gate and up and lm_head as
+    int8tiles' tiles (their prompt products untiled a block at a time, their decode GEMVs over the tiles)."""
     from hybrid.runtime.gpu_side import gpu_side_weight
     from hybrid.model.k2 import Model
+    from kernels_cpu.simd import host_has_avx2
 
-    e = hybrid.load(tiny_path, backend="reference")
+    if tiles and not host_has_avx2():
+        pytest.skip("int8 tiles are held only where the CPU runs their kernel (AVX2)")
+    e = hybrid.load(make_checkpoint(hidden_size=512) if tiles else tiny_path, backend="reference")
     ids = torch.arange(3, 30)
     exact = e.logits(ids)
     qw = {k: gpu_side_weight(k, v, v.device, v.dtype, int8=True) for k, v in e.model.w.items()}
     assert isinstance(qw["model.layers.1.self_attn.o_proj.weight"], tuple)
+    assert (qw["model.layers.1.self_attn.q_a_proj.weight"][0].dim() == 4) == tiles
     assert not isinstance(qw["model.layers.1.self_attn.kv_b_proj.weight"], tuple)  # read as per-head views
     q = Model(e.config, qw, e.model.experts)
     err_int8 = float((q.forward(ids, q.new_cache(32)) - exact).abs().max())
@@ -149,8 +156,10 @@ def test_int8_weight_only_gpu_weights_cost_no_more_than_their_precision(tiny_pat
         return (calls.extend([x.shape[0]] * (3 if mlp[0].dtype == np.int8 else 0)), real(h, x, mlp, nt))[1]
 
     with pytest.MonkeyPatch.context() as mp:
-        for name, n in (("int8_gemv", 1), ("gemv_pair", 2), ("swiglu_gemv", 3)):
+        for name, n in (("int8_gemv", 1), ("gemv_pair", 2), ("swiglu_gemv", 3), ("int8_gemv_tiles", 1)):
             mp.setattr(linear_mod, name, counted(getattr(linear_mod, name), n))
+        mp.setattr(linear_mod, "swiglu_out", lambda x, mlp, nt, real=linear_mod.swiglu_out:  # over tiles: 3 weights
+                   (calls.extend([x.shape[0]] * 3), real(x, mlp, nt))[1])
         mp.setattr(cpu_step_mod, "mlp_step", mlp_counted)
         cache = q.new_cache(32)
         rows = [q.forward(ids[:20], cache)] + [q.forward(ids[i:i + 1], cache) for i in range(20, 27)]

@@ -9,6 +9,7 @@ import torch
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.model.k2 import Model
 from kernels_cpu import step_ops
+from kernels_cpu.simd import host_has_avx2
 
 
 def test_rms_norm_matches_the_float64_form():
@@ -51,19 +52,25 @@ def test_route_chooses_and_weighs_as_torch_does(norm):
         step_ops.route(logits, bias, E + 1, norm, 1.0)
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("kind", ["bf16", "int8", "tiles", "mixed"])
 def test_attention_step_equals_the_separate_kernels(kind):
     """kernels_cpu.attn_step.attention_step, a decode step's attention block in one call, returns what the
     separate public kernels give in the same order (RMSNorm, gemv_pair over q_a and kv_a, RMSNorm, q_b,
     mla_decode writing the new rows, o_proj, the residual, RMSNorm), bit for bit, and writes the same
     pages: bf16 weights or int8 codes with bf16 row scales (input widths that are whole int8 blocks and
-    one that is not), 1-3 tokens, a page in the host tier. Its cycle stamps rise."""
+    one that is not), q_a and kv_a as int8tiles' tiles (both, or q_a alone beside row-major kv_a), 1-3 tokens,
+    a page in the host tier. Its cycle stamps rise."""
     from kernels_cpu.attn_step import PARTS, attention_step
+    from kernels_cpu.int8tiles import int8_gemv_tiles, tile_rows
     from kernels_cpu.mla import mla_decode
     from kernels_cpu.widen import bf16_gemv, gemv_pair, int8_gemv
 
+    if kind in ("tiles", "mixed") and not host_has_avx2():
+        pytest.skip("the tile kernel is AVX2 code")
     rng = np.random.default_rng(3)
     H, P, R, L, V, PG, D, Q = 8, 16, 8, 64, 16, 4, 256, 96  # Q: not a whole int8 block (128)
+    if kind in ("tiles", "mixed"):
+        D = 512  # whole tiles of columns for q_a and kv_a
 
     def bits(a):
         return (a.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
@@ -75,11 +82,14 @@ def test_attention_step_equals_the_separate_kernels(kind):
         return rng.integers(-127, 128, (o, i), dtype=np.int8), bits(rng.uniform(0.5, 1.5, o) / 127 / np.sqrt(i))
 
     def linear(x, w, s):
-        return bf16_gemv(x, w) if kind == "bf16" else int8_gemv(x, w, s)
+        return bf16_gemv(x, w) if kind == "bf16" else int8_gemv_tiles(x, w, s) if w.ndim == 4 else int8_gemv(x, w, s)
 
     norms = tuple(rng.uniform(0.5, 1.5, n).astype(np.float32) for n in (D, Q, L, D))
     eps = (np.float32(1e-5), np.float32(1e-6))
     (wa, sa), (wk, sk), (wb, sb), (wo, so) = weight(Q, D), weight(L + R, D), weight(H * (P + R), Q), weight(D, H * V)
+    if kind in ("tiles", "mixed"):
+        wa = tile_rows(wa)
+        wk = tile_rows(wk) if kind == "tiles" else wk
     kvb = bits(rng.standard_normal((H, P + V, L)) / 4)
     for T, s0 in ((1, 6), (3, 9), (2, 0)):
         main, spill = bits(rng.standard_normal((6, PG, L + R))), bits(rng.standard_normal((2, PG, L + R)))
@@ -89,7 +99,7 @@ def test_attention_step_equals_the_separate_kernels(kind):
         cos, sin = np.cos(ang), np.sin(ang)
         pools = (main.copy(), spill.copy())
         x = step_ops.rms_norm(h, norms[0], eps[0])
-        qa, kv = gemv_pair(x, wa, sa, wk, sk)
+        qa, kv = (linear(x, wa, sa), linear(x, wk, sk)) if wa.ndim == 4 else gemv_pair(x, wa, sa, wk, sk)
         q = linear(step_ops.rms_norm(qa, norms[1], eps[1]), wb, sb).reshape(T, H, P + R)
         o = mla_decode(q, cos, sin, kvb, *pools, table, s0, 0.3, 2, kv, norms[2], eps[1])
         h_want = h + linear(o.reshape(T, H * V), wo, so)
@@ -103,20 +113,29 @@ def test_attention_step_equals_the_separate_kernels(kind):
         assert (np.diff(clock) >= 0).all() and clock[-1] > clock[0]
 
 
-@pytest.mark.parametrize("precision", ["auto", "int8"])
-def test_one_call_decode_steps_equal_the_separate_steps(tiny_path, monkeypatch, precision):
-    """A CPU decode step with every layer in one Numba call (model/cpu_step.py's layers, kernels_cpu.token_step),
-    or one call a layer (LAYERS_PER_CALL 1), and layer by layer with the MLP half in one call (cpu_step's moe
-    and dense, kernels_cpu.moe_step), give the logits of the separate steps (the router, the backend's submit
-    and wait, the shared expert, the sums, Model.head) bit for bit, with bf16 and with int8 non-expert
-    weights; every decode step goes through the path on trial (the one call with the final norm and lm_head
-    in it); and the backend counts those calls as its own (expert bytes, routing counts)."""
+@pytest.mark.parametrize("precision", ["auto", "int8", "int8 tiles"])
+def test_one_call_decode_steps_equal_the_separate_steps(tiny_path, make_checkpoint, monkeypatch, precision):
+    """A CPU decode step with every layer in one Numba call (model/cpu_step.py's layers, kernels_cpu.token_step), or
+    one call a layer (LAYERS_PER_CALL 1), and layer by layer with the MLP half in one call (cpu_step's moe and dense,
+    kernels_cpu.moe_step), give the logits of the separate steps (the router, the backend's submit and wait, the shared
+    expert, the sums, Model.head) bit for bit, with bf16 and with int8 non-expert weights (row-major, and on a model
+    whose hidden size takes int8tiles' tiles: q_a, kv_a, the MLPs' gate and up and lm_head held as tiles, beside
+    row-major q_b, o_proj and down); every decode step goes through the path on trial (the one call with the final norm
+    and lm_head in it); and the backend counts those calls as its own (expert bytes, routing counts)."""
     import hybrid
     from hybrid.model import cpu_step
 
+    if precision == "int8 tiles" and not host_has_avx2():
+        pytest.skip("int8 tiles are held only where the CPU runs their kernel (AVX2)")
+    path = make_checkpoint(hidden_size=512) if precision == "int8 tiles" else tiny_path
+
     def run() -> tuple[list[int], list[torch.Tensor], dict, dict]:
         logits: list[torch.Tensor] = []
-        eng = hybrid.load(tiny_path, device="cpu", context=128, gpu_precision=precision)
+        eng = hybrid.load(path, device="cpu", context=128, gpu_precision=precision.split()[0])
+        if precision == "int8 tiles":
+            w = eng.model.weights
+            assert w.layers[0].self_attn.q_a_proj[0].dim() == w.lm_head[0].dim() == 4
+            assert w.layers[0].self_attn.o_proj[0].dim() == 2
         toks = [s.token for s in eng.generate(list(range(20, 60)), 12,
                                               sampler=lambda lg: (logits.append(lg.clone()), int(lg.argmax()))[1])]
         stats, counts = eng.stats(), {i: c.copy() for i, c in eng.model.experts.route_counts.items()}
@@ -130,7 +149,7 @@ def test_one_call_decode_steps_equal_the_separate_steps(tiny_path, monkeypatch, 
         real = getattr(cpu_step, name)
         monkeypatch.setattr(cpu_step, name, lambda *a, real=real, seen=seen:
                             (lambda v: (seen.append(v is not None), v)[1])(real(*a)))
-    c = ModelConfig.from_file(tiny_path)
+    c = ModelConfig.from_file(path)
     n_moe = len(c.moe_layers)
     runs = []
     for off in ((), "one layer a call", ("layers",), ("layers", "moe", "dense")):

@@ -22,6 +22,7 @@ import torch
 from numba.core.errors import TypingError
 
 from kernels_cpu.attn_step import PARTS, attention_step
+from kernels_cpu.int8tiles import logical_shape
 from kernels_cpu.mla import MAX_POSITIONS as MLA_MAX_POSITIONS
 from kernels_cpu.mla import MAX_TOKENS as MLA_MAX_TOKENS
 from kernels_cpu.moe import kernel_options
@@ -105,7 +106,7 @@ def _head_args(model: Any, h: torch.Tensor, rows: int) -> tuple:
         ok = ws is not None and norm.dtype == torch.float32 and norm.device.type == "cpu"
         args = model.cpu_steps["head"] = (norm.numpy(), np.float32(model.cfg.rms_norm_eps), *ws[0]) if ok else \
             (np.zeros(h.shape[1], np.float32), np.float32(0), np.empty((0, h.shape[1]), np.int8), np.empty(0, np.uint16))
-    vocab = args[2].shape[0]
+    vocab = logical_shape(args[2])[0]
     return (*args, np.empty((rows if vocab else 0, vocab), np.float32))
 
 
@@ -252,7 +253,10 @@ def _decode_rows(x: torch.Tensor) -> bool:
 def _mlp_args(x: torch.Tensor, m: Any) -> tuple | None:
     """A SwiGLU's weights as moe_step's swiglu_into_out reads them, or None where they are not held so."""
     ws = decode_weights(x, (m.gate_proj, m.up_proj, m.down_proj))
-    if ws is None or ws[0][0].shape != ws[1][0].shape or ws[2][0].shape[1] != ws[0][0].shape[0]:
+    if ws is None:
+        return None
+    (O, I), up, (_, inner) = (logical_shape(w) for w, _ in ws)
+    if up != (O, I) or inner != O:
         return None
     return tuple(arr for pair in ws for arr in pair)
 

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from numba import get_num_threads
 
 from kernels_cpu import amx, amx_gemm, int8gemm
+from kernels_cpu.int8tiles import TILE_ROWS, dequantize_tiles, int8_gemv_tiles, logical_shape, untile_into
+from kernels_cpu.moe_step import swiglu_out
 from kernels_cpu.heads import head_absorb, head_values
 from kernels_cpu.int8dot import BLOCK as INT8_BLOCK
 from kernels_cpu.int8dot import dequantize_rows
@@ -43,7 +45,9 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     CPU in bf16 math where this thread's forward asked for it (prompt_math)."""
     if isinstance(w, tuple):
         if x.dtype == torch.float32 and x.device.type == "cpu":  # int8 asked for on a CPU ('int8w')
-            return _bf16_int8(x, *w) if _bf16_rows(x) else _int8_cpu(x, *w)
+            if _bf16_rows(x):
+                return _untiled(x, *w, _bf16_int8) if w[0].dim() == 4 else _bf16_int8(x, *w)
+            return _int8_cpu(x, *w)
         return int8_linear(x, *w)
     if w.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == "cpu":
         return F.linear(x.bfloat16(), w).float() if _bf16_rows(x) else widening_linear(x, w)
@@ -107,10 +111,35 @@ def _bf16_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.T
     return y.view(*x.shape[:-1], O)
 
 
+UNTILE_BYTES = 32 << 20  # int8 codes untiled at a time for a prompt's product (a buffer kept per thread)
+
+
+def _untiled(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor,
+             product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """product(x, codes, scale) over int8 codes held as kernels_cpu.int8tiles' tiles, for the prompt paths that
+    read rows only (int8gemm's integer tiles, bf16 prompt math): a block of rows at a time untiled into a
+    buffer kept per thread (~5% of a k2-slice prefill where AMX took them too, before it read the tiles)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    O, I = logical_shape(tiles.numpy())
+    rows = max(TILE_ROWS, UNTILE_BYTES // I // 32 * 32)  # whole AMX tiles of rows where O allows
+    buf = getattr(_widened, "codes", None)
+    if buf is None or buf.numel() < min(rows, O) * I:
+        with torch.inference_mode(False):
+            buf = _widened.codes = torch.empty(min(rows, O) * I, dtype=torch.int8)
+    y = torch.empty(x2.shape[0], O)
+    for o in range(0, O, rows):
+        n = min(rows, O - o)
+        block = buf[:n * I].view(n, I)
+        untile_into(tiles.numpy(), o, block.numpy())
+        y[:, o:o + n] = product(x2, block, scale[o:o + n])
+    return y.view(*x.shape[:-1], O)
+
+
 def linear_pair(x: torch.Tensor, w1: Weight, w2: Weight) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(x, w1), linear(x, w2)): for a decode step on the CPU one Numba call over both weights
-    (kernels_cpu.widen.gemv_pair: one parallel region, one trip through Python), else two linears."""
-    if (args := decode_weights(x, (w1, w2))) is not None:
+    (kernels_cpu.widen.gemv_pair: one parallel region, one trip through Python), else two linears (int8
+    tiles: each linear's GEMV gives the bits the fused step's pair gives)."""
+    if (args := decode_weights(x, (w1, w2))) is not None and not _tiled(args):
         y1, y2 = gemv_pair(x.reshape(-1, x.shape[-1]).contiguous().numpy(), *args[0], *args[1])
         return (torch.from_numpy(y1).view(*x.shape[:-1], -1), torch.from_numpy(y2).view(*x.shape[:-1], -1))
     return linear(x, w1), linear(x, w2)
@@ -120,8 +149,14 @@ def swiglu(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Ten
     """A SwiGLU MLP, down(SiLU(gate x) * up x): for a decode step on the CPU one Numba call
     (kernels_cpu.widen.swiglu_gemv), else three linears."""
     if (args := decode_weights(x, (gate, up, down))) is not None:
-        (wg, sg), (wu, su), (wd, sd) = args
-        if wd.shape[1] == wg.shape[0] and wg.shape == wu.shape:
+        (O, I), shape_u, (_, inner) = (logical_shape(a) for a, _ in args)
+        if _tiled(args):  # int8 codes as tiles, some or all: the fused decode step's SwiGLU (its bits)
+            if shape_u == (O, I) and inner == O:
+                y = swiglu_out(x.reshape(-1, x.shape[-1]).contiguous().numpy(), tuple(a for p in args for a in p),
+                               get_num_threads())
+                return torch.from_numpy(y).view(*x.shape[:-1], -1)
+        elif shape_u == (O, I) and inner == O:
+            (wg, sg), (wu, su), (wd, sd) = args
             y = swiglu_gemv(x.reshape(-1, x.shape[-1]).contiguous().numpy(), wg, sg, wu, su, wd, sd)
             return torch.from_numpy(y).view(*x.shape[:-1], -1)
     return linear(F.silu(linear(x, gate)) * linear(x, up), down)
@@ -154,6 +189,11 @@ def decode_weights(x: torch.Tensor, ws: tuple[Weight, ...]) -> list[tuple[np.nda
 _NO_SCALES = np.empty(0, np.uint16)
 
 
+def _tiled(args: list[tuple[np.ndarray, np.ndarray]]) -> bool:
+    """Whether any of decode_weights' arrays holds int8 codes as tiles (4-D)."""
+    return any(a.ndim == 4 for a, _ in args)
+
+
 def widening_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x fp32 [..., I] @ w.T for bf16 w [O, I] on the CPU, in fp32, reading w as stored (2 bytes a weight).
 
@@ -173,34 +213,42 @@ def widening_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _tiles_take(w: torch.Tensor) -> bool:
-    """Whether a prompt's product with w (bf16, or int8 codes) goes through AMX's bf16 tiles (amx_gemm):
-    the CPU has them, the shape is whole tiles, and Numba may run this parallel region beside the
-    experts' (as the decode GEMVs ask, widen.concurrent_parallel_ok)."""
-    return w.is_contiguous() and amx_gemm.supported(*w.shape) and amx.available(bf16=True) and concurrent_parallel_ok()
+    """Whether a prompt's product with w (bf16, or int8 codes as rows or as int8tiles' tiles) goes through AMX's
+    bf16 tiles (amx_gemm): the CPU has them, the shape is whole tiles, and Numba may run this parallel region
+    beside the experts' (as the decode GEMVs ask, widen.concurrent_parallel_ok)."""
+    O, I = (w.shape[0] * w.shape[2], w.shape[1] * w.shape[3]) if w.dim() == 4 else w.shape
+    return w.is_contiguous() and amx_gemm.supported(O, I) and amx.available(bf16=True) and concurrent_parallel_ok()
 
 
 def _int8_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x fp32 [..., I] on the CPU over int8 codes [O, I] and bf16 row scales [O]: the Numba GEMV for a
-    decode step (1 byte read a weight); for a prompt, AMX's bf16 tiles where the CPU has them (the
-    codes are exact in bf16; kernels_cpu.amx_gemm), on AVX2 without VNNI and up to int8gemm.MAX_ROWS
-    rows integer tiles over the GEMV's own activation codes (kernels_cpu.int8gemm: each output the
-    GEMV's, bit for bit), else a GEMM per block of rows dequantised to fp32 (aten's int8 kernel measured
-    ~3 GB/s for one row here)."""
+    """x fp32 [..., I] on the CPU over int8 codes [O, I] (rows, or kernels_cpu.int8tiles' tiles: 4-D) and bf16
+    row scales [O]: the Numba GEMV for a decode step (1 byte read a weight); for a prompt, AMX's bf16 tiles
+    where the CPU has them (the codes are exact in bf16; kernels_cpu.amx_gemm), on AVX2 without VNNI and up
+    to int8gemm.MAX_ROWS rows integer tiles over the GEMV's own activation codes (kernels_cpu.int8gemm: each
+    output the GEMV's, bit for bit; tiles untiled a block at a time for it), else a GEMM per block of rows
+    dequantised to fp32 (aten's int8 kernel measured ~3 GB/s for one row here)."""
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] > MAX_WIDEN_ROWS and _tiles_take(q):
-        y = amx_gemm.gemm_bf16x3(x2.detach().contiguous().numpy(), q.numpy(), scale.float().numpy())
-        return torch.from_numpy(y).view(*x.shape[:-1], q.shape[0])
     qn, par = q.numpy(), concurrent_parallel_ok()
+    tiled = q.dim() == 4
+    O, I = logical_shape(qn)
+    if x2.shape[0] > MAX_WIDEN_ROWS and _tiles_take(q):
+        y = amx_gemm.gemm_bf16x3(x2.detach().contiguous().numpy(), qn, scale.float().numpy())
+        return torch.from_numpy(y).view(*x.shape[:-1], O)
     if MAX_WIDEN_ROWS < x2.shape[0] <= int8gemm.MAX_ROWS and par and int8gemm.available() \
-            and q.shape[1] % INT8_BLOCK == 0 and q.is_contiguous():
+            and I % INT8_BLOCK == 0 and q.is_contiguous():
+        if tiled:
+            return _untiled(x, q, scale, _int8_cpu)
         y = int8gemm.int8_gemm(x2.detach().contiguous().numpy(), qn, bf16_bits(scale), get_num_threads())
-        return torch.from_numpy(y).view(*x.shape[:-1], q.shape[0])
+        return torch.from_numpy(y).view(*x.shape[:-1], O)
     s32 = scale.float().numpy()
-    return _cpu_product(x, q.shape[0], lambda a: int8_gemv(a, qn, bf16_bits(scale)),
+    if tiled:
+        return _cpu_product(x, O, lambda a: int8_gemv_tiles(a, qn, bf16_bits(scale)),
+                            lambda o, out: dequantize_tiles(qn, s32, o, out.numpy(), par))
+    return _cpu_product(x, O, lambda a: int8_gemv(a, qn, bf16_bits(scale)),
                         lambda o, out: dequantize_rows(qn[o:o + len(out)], s32[o:o + len(out)], out.numpy(), par))
 
 
-_widened = threading.local()  # .block: this thread's fp32 buffer for widened weight rows (prefill GEMMs)
+_widened = threading.local()  # .block: this thread's fp32 buffer for widened weight rows (prefill GEMMs); .codes: int8
 
 
 def _cpu_product(x: torch.Tensor, O: int, gemv: Callable[[np.ndarray], np.ndarray],
