@@ -60,6 +60,10 @@ def test_kernel_bench_figures_follow_from_each_other(small_run):
     assert g["bf16_gbps"] == pytest.approx(gbps(2 * O * In, g["bf16_ms"]), rel=1e-9)
     assert g["int8_gbps"] == pytest.approx(gbps(O * (In + 2), g["int8_ms"]), rel=1e-9)
     assert g["int8_pct_of_mem_read"] == pytest.approx(100 * g["int8_gbps"] / r["mem_read_gbps"], rel=1e-9)
+    if g["int8_tiles_ms"] is not None:  # the same codes as int8tiles' tiles: the same bytes
+        assert g["int8_tiles_gbps"] == pytest.approx(gbps(O * (In + 2), g["int8_tiles_ms"]), rel=1e-9)
+        assert g["int8_tiles_pct_of_mem_read"] == pytest.approx(100 * g["int8_tiles_gbps"] / r["mem_read_gbps"],
+                                                                rel=1e-9)
     assert g["torch_fp32_gbps"] == pytest.approx(gbps(4 * O * In, g["torch_fp32_ms"]), rel=1e-9)
     assert g["speedup"] == pytest.approx(g["torch_fp32_ms"] / g["bf16_ms"], rel=1e-9)
     assert g["bf16_pct_of_mem_read"] == pytest.approx(100 * g["bf16_gbps"] / r["mem_read_gbps"], rel=1e-9)

@@ -225,7 +225,10 @@ def _dense_gemv(shp: dict, reps: int, rng: np.random.Generator, probe: np.ndarra
     reads the next of as many copies as the probe's buffer takes, so that, as in a decode step, the
     weights come from RAM: one 117 MB weight read again stayed in a 480 MB last-level cache (a 2-core
     Xeon VM: 44 GB/s against the probe's 31). The int8 GEMV (int8w's products) the same way, over int8
-    codes with a bf16 scale per row: 1 byte a weight, so the two read the same memory at different rates."""
+    codes with a bf16 scale per row: 1 byte a weight, so the two read the same memory at different rates;
+    and over the same codes as int8tiles' tiles, as int8w holds them on a CPU where the shape fits (None
+    where the CPU does not run the tile kernel)."""
+    from kernels_cpu.int8tiles import int8_gemv_tiles, tile_rows, usable
     from kernels_cpu.widen import bf16_gemv, int8_gemv
 
     O, In = shp["gemv"]
@@ -237,11 +240,14 @@ def _dense_gemv(shp: dict, reps: int, rng: np.random.Generator, probe: np.ndarra
     t16 = _from_ram(lambda a: bf16_gemv(x, a, out), w16, probe, reps, turn)
     q8, s8 = rng.integers(-127, 128, (O, In), dtype=np.int8), np.full(O, 0x3C00, np.uint16)  # bf16 row scales
     t8 = _from_ram(lambda a: int8_gemv(x, a, s8, out), q8, probe, reps, turn)
+    tt = _from_ram(lambda a: int8_gemv_tiles(x, a, s8), tile_rows(q8), probe, reps, turn) if usable(O, In) else None
     w32s = [w.float() for _ in range(-(-probe.nbytes // (4 * O * In)))]
     t32 = _best(lambda: torch.mm(xt, w32s[next(turn) % len(w32s)].T), reps * len(w32s))
     g16, g8, g32 = 2 * O * In / t16 / 1e9, O * (In + 2) / t8 / 1e9, 4 * O * In / t32 / 1e9
     return {"shape": [O, In], "bf16_ms": t16 * 1e3, "bf16_gbps": g16, "bf16_pct_of_mem_read": 100 * g16 / mem_gbps,
             "int8_ms": t8 * 1e3, "int8_gbps": g8, "int8_pct_of_mem_read": 100 * g8 / mem_gbps,
+            "int8_tiles_ms": tt and tt * 1e3, "int8_tiles_gbps": tt and O * (In + 2) / tt / 1e9,
+            "int8_tiles_pct_of_mem_read": tt and 100 * O * (In + 2) / tt / 1e9 / mem_gbps,
             "torch_fp32_ms": t32 * 1e3, "torch_fp32_gbps": g32, "speedup": t32 / t16}
 
 
