@@ -93,5 +93,8 @@ def test_gpu_side_weight_on_the_cpu_keeps_no_view_of_the_checkpoint():
         assert np.array_equal(rows, want_q.numpy())
     else:
         assert torch.equal(q, want_q)
+    q16, _ = gpu_side_weight("model.layers.0.self_attn.o_proj.weight", t, torch.device("cpu"), torch.bfloat16,
+                             int8=True)
+    assert torch.equal(q16, want_q)  # bf16 math reads int8 codes through kernels_gpu.int8: rows, never tiles
     emb = gpu_side_weight("model.embed_tokens.weight", t, torch.device("cpu"), torch.float32)
     assert emb.dtype == torch.bfloat16 and torch.equal(emb, t)

@@ -84,7 +84,8 @@ def gpu_side_weight(name: str, t: torch.Tensor, device: torch.device, dtype: tor
         return host_copy(t)
     if int8 and int8_eligible(name, tuple(t.shape)):
         q, scale = quantize_int8(t)
-        return (host_tiles(q) if int8tiles.usable(*q.shape) else host_copy(q), scale) if cpu else \
+        tiles = dtype == torch.float32 and int8tiles.usable(*q.shape)  # int8w: fp32 math, linear.py's CPU paths
+        return (host_tiles(q) if tiles else host_copy(q), scale) if cpu else \
             (q.to(device), scale.to(device))
     if bf16w and t.dtype == torch.bfloat16 and widen_eligible(name, tuple(t.shape)):
         return host_copy(t) if cpu else t.to(device).clone()
