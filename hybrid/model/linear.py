@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from numba import get_num_threads
 
 from kernels_cpu import amx, amx_gemm, int8gemm
-from kernels_cpu.int8tiles import TILE_ROWS, dequantize_tiles, int8_gemv_tiles, logical_shape, untile_into
-from kernels_cpu.moe_step import swiglu_out
 from kernels_cpu.heads import head_absorb, head_values
 from kernels_cpu.int8dot import BLOCK as INT8_BLOCK
 from kernels_cpu.int8dot import dequantize_rows
+from kernels_cpu.int8tiles import TILE_ROWS, dequantize_tiles, int8_gemv_tiles, logical_shape, untile_into
+from kernels_cpu.moe_step import swiglu_out
 from kernels_cpu.widen import MAX_ROWS as MAX_WIDEN_ROWS
 from kernels_cpu.widen import bf16_gemv, concurrent_parallel_ok, gemv_pair, int8_gemv, swiglu_gemv
 from kernels_gpu.int8 import int8_linear
