@@ -28,7 +28,13 @@ def probe_buffer(nbytes: int = 1 << 30) -> np.ndarray:
     the host about 2 s later, and the host's work on it took this VM's CPUs during the next run. k2-slice
     on a 2-core Xeon VM, `bench --runs 3`, three interleaved pairs: with a buffer freed after each probe,
     10-150 ms of steal in each of 4-5 tokens a run, about 1 s into its decode (4.0-7.0 ms a token in all);
-    with one held, 0.0-0.2 ms, and bf16w 11.63-11.95 -> 12.26-12.73 tok/s, int8w 16.55-17.46 -> 17.50-17.96."""
+    with one held, 0.0-0.2 ms, and bf16w 11.63-11.95 -> 12.26-12.73 tok/s, int8w 16.55-17.46 -> 17.50-17.96.
+
+    Where the buffer lands moves the figure: on that VM three 512 MB buffers allocated one after another
+    read 38.9 / 30.2 / 26.2 GB/s (4 KB pages) and three on huge pages 38.8 / 30.5 / 20.8, each the same on a
+    second pass: the guest's memory is not all equally fast, whatever the page size. Ten bench runs in one
+    sitting probed 29.6-41.6 GB/s while their decode read 29.2-32.6; the model's own non-expert weights, read
+    in place by the probe's loops, 36.1-37.0 beside a probe of 40.9 (k2-slice int8w)."""
     return np.ones(max(nbytes, 1 << 20) // 8, np.uint64)
 
 
