@@ -30,7 +30,7 @@ from numba.extending import intrinsic, overload
 
 from kernels_cpu.amx import TileOps, available, compiles_bf16
 from kernels_cpu.bf16dot import f32_to_bf16
-from kernels_cpu.int8tiles import TILE_COLS, TILE_ROWS
+from kernels_cpu.int8tiles import TILE_COLS, TILE_ROWS, dims
 from kernels_cpu.simd import I8, I32, I64
 from kernels_cpu.widen import bf16_to_f32
 from kernels_cpu.workqueue import new_queue, take
@@ -165,18 +165,6 @@ def _rows_a_impl(w, o, k0, nk, ab):
     return rows
 
 
-def _dims(w):
-    """(O, I) of a weight as _gemm takes it: [O, I], or tiles of int8 codes [O, I]. Numba only."""
-    raise NotImplementedError
-
-
-@overload(_dims, inline="always")
-def _dims_impl(w):
-    if w.ndim == 4:
-        return lambda w: (w.shape[0] * w.shape[2], w.shape[1] * w.shape[3])
-    return lambda w: (w.shape[0], w.shape[1])
-
-
 @intrinsic
 def _codes_to_bf16(typingctx, src, nk, dst):
     """nk x 32 int8 codes at src -> their bf16 bits at dst (exact: small integers), 32 a step."""
@@ -201,7 +189,7 @@ def _gemm(w, scale, xp, yT, y, cfg, nt):
     # w uint16 [O, I] (bf16 bits) or int8 codes (rows, or int8tiles' tiles) with fp32 row scales scale [O] (else empty);
     # xp pack_x3's panels, yT f32 [O, Tp] the tiles' results; y f32 [T, O] gets them transposed (and
     # scaled) as each block of rows finishes, while they are in cache
-    O, I = _dims(w)
+    O, I = dims(w)
     Tp, T = yT.shape[1], y.shape[0]
     nrb, ntp = O // RB_GEMM, Tp // TB
     nc = xp.shape[0]

@@ -1,14 +1,13 @@
 """A CPU decode step's attention block in one call: RMSNorm, q_a and kv_a, RMSNorm, q_b, the absorbed MLA
 over the paged latent cache, o_proj, the residual and the post-attention RMSNorm.
 
-Owns attention_step and the products it runs (linear_into, pair_into: the decode GEMVs of widen.py over
-bf16 bits or int8 codes, or of int8tiles.py over int8 codes held as tiles, chosen by the weights' dtype and
-rank when Numba compiles; rows_of: a weight's output rows either way). The same kernels in the same
-order as the separate calls (step_ops.rms_norm, widen.gemv_pair / bf16_gemv / int8_gemv,
-mla.mla_decode), so the results are identical bit for bit; what goes is the Python and torch between
-them. A decode step streams hundreds of MB between those small steps, so each ran with the
-interpreter's code and data evicted: on a 2-core Xeon, K2 shapes, ~0.56 ms a layer outside the kernels
-(three RMSNorms ~55 us each, the residual add ~30 us, the MLA call's wrapper ~160 us, each GEMV's
+Owns attention_step and the products it runs (linear_into, pair_into: the decode GEMVs of widen.py over bf16
+bits or int8 codes, or of int8tiles.py over int8 codes held as tiles, chosen by the weights' dtype and rank
+when Numba compiles). The same kernels in the same order as the separate calls (step_ops.rms_norm,
+widen.gemv_pair / bf16_gemv / int8_gemv, mla.mla_decode), so the results are identical bit for bit; what goes
+is the Python and torch between them. A decode step streams hundreds of MB between those small steps, so each
+ran with the interpreter's code and data evicted: on a 2-core Xeon, K2 shapes, ~0.56 ms a layer outside the
+kernels (three RMSNorms ~55 us each, the residual add ~30 us, the MLA call's wrapper ~160 us, each GEMV's
 ~40-100 us), against the kernels' ~7 ms. Pure functions on arrays; imports nothing from hybrid/.
 Letters as in mla.py; D hidden, Q q_lora_rank, W = L + R.
 """
@@ -20,7 +19,7 @@ from numba.extending import overload
 
 from kernels_cpu.bf16dot import PAIR
 from kernels_cpu.int8dot import BLOCK, quantize_activations
-from kernels_cpu.int8tiles import gemv_tiles_into
+from kernels_cpu.int8tiles import dims, gemv_tiles_into
 from kernels_cpu.mla import decode_into
 from kernels_cpu.simd import cycles
 from kernels_cpu.step_ops import rms_norm_into
@@ -34,18 +33,6 @@ def linear_into(x, w, s, out, nt):
     widen.int8_gemv (w int8 codes [O, I], s their bf16 row scales) or int8tiles.int8_gemv_tiles (w those codes
     as tiles, 4-D) compute it, on nt threads."""
     raise NotImplementedError
-
-
-def rows_of(w):
-    """For @njit code: the output rows O of a weight as linear_into takes it ([O, I], or tiles of [O, I])."""
-    raise NotImplementedError
-
-
-@overload(rows_of, inline="always")
-def _rows_of_impl(w):
-    if w.ndim == 4:
-        return lambda w: w.shape[0] * w.shape[2]
-    return lambda w: w.shape[0]
 
 
 def pair_into(x, w1, s1, out1, w2, s2, out2, nt):
@@ -130,19 +117,19 @@ def attention_step(h, norms, eps, proj, kvb, main, spill, table, s0, cos, sin, s
     wa, sa, wk, sk, wb, sb, wo, so = proj
     H, L = kvb.shape[0], kvb.shape[2]
     W = main.shape[2]
-    P = rows_of(wb) // H - (W - L)
+    P = dims(wb)[0] // H - (W - L)
     clock[0] = cycles()
     x = np.empty_like(h)
     rms_norm_into(h, ln_in, eps[0], x)
     clock[1] = cycles()
-    qa = np.empty((T, rows_of(wa)), np.float32)
-    kv = np.empty((T, rows_of(wk)), np.float32)
+    qa = np.empty((T, dims(wa)[0]), np.float32)
+    kv = np.empty((T, dims(wk)[0]), np.float32)
     pair_into(x, wa, sa, qa, wk, sk, kv, nt)
     clock[2] = cycles()
     cq = np.empty_like(qa)
     rms_norm_into(qa, ln_q, eps[1], cq)
     clock[3] = cycles()
-    q = np.empty((T, rows_of(wb)), np.float32)
+    q = np.empty((T, dims(wb)[0]), np.float32)
     linear_into(cq, wb, sb, q, nt)
     clock[4] = cycles()
     o = np.empty((T, H, kvb.shape[1] - P), np.float32)

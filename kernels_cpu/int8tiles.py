@@ -1,11 +1,11 @@
 """The one-token int8 GEMV over a tile-major copy of the weights: widen.int8_gemv's product, read in an
 order that keeps the activations the loop touches small.
 
-Owns the layout (fits, usable, logical_shape; tile_rows and tile_into: row-major int8 codes [O, I] -> tiles [O /
-TILE_ROWS, I / TILE_COLS, TILE_ROWS, TILE_COLS], each tile contiguous, the tiles of a block of rows one after
-another; untile_into: a block of rows back; dequantize_tiles: a block of rows in fp32), gemv_tiles_into (one or
-two weights in one parallel region, for the fused decode steps) and int8_gemv_tiles (its checked form for
-Python).
+Owns the layout (fits, usable, logical_shape and dims, its form for @njit code; tile_rows and tile_into:
+row-major int8 codes [O, I] -> tiles [O / TILE_ROWS, I / TILE_COLS, TILE_ROWS, TILE_COLS], each tile contiguous,
+the tiles of a block of rows one after another; untile_into: a block of rows back; dequantize_tiles: a block of
+rows in fp32), gemv_tiles_into (one or two weights in one parallel region, for the fused decode steps) and
+int8_gemv_tiles (its checked form for Python).
 Why: widen's GEMV reads a row at a time, one stream through the matrix, and each row reads the whole
 token's activation codes (2 bytes a column: 14 KB at K2's 7168 columns) beside it; over tiles the
 stream is still one, in memory order, but a row's TILE_COLS columns at a time, so the activations in use
@@ -33,7 +33,7 @@ import numpy as np
 from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from kernels_cpu.int8dot import BLOCK, STREAM_AHEAD, block_sums, quantize_activations, scale_block
 from kernels_cpu.simd import F32, I32, I64, host_has_avx2, hsum, prefetch_l2, vector_lanes
@@ -52,6 +52,18 @@ def fits(O: int, I: int) -> bool:
 def logical_shape(w: np.ndarray) -> tuple[int, int]:
     """A weight's [O, I] as the products see it: its shape, or for tiles (4-D) the codes' they hold."""
     return (w.shape[0] * w.shape[2], w.shape[1] * w.shape[3]) if w.ndim == 4 else (w.shape[0], w.shape[1])
+
+
+def dims(w):
+    """For @njit code: logical_shape's (O, I) of a weight, rows or tiles (resolved when Numba compiles)."""
+    raise NotImplementedError
+
+
+@overload(dims, inline="always")
+def _dims_impl(w):
+    if w.ndim == 4:
+        return lambda w: (w.shape[0] * w.shape[2], w.shape[1] * w.shape[3])
+    return lambda w: (w.shape[0], w.shape[1])
 
 
 def usable(O: int, I: int) -> bool:

@@ -18,8 +18,9 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from kernels_cpu.attn_step import deinterleave_buffer, linear_into, pair_into, rows_of
+from kernels_cpu.attn_step import deinterleave_buffer, linear_into, pair_into
 from kernels_cpu.int8dot import BLOCK, quantize_activations
+from kernels_cpu.int8tiles import dims
 from kernels_cpu.moe import moe_into
 from kernels_cpu.simd import cycles
 from kernels_cpu.step_ops import route_into
@@ -41,7 +42,7 @@ def _swiglu_into_out_impl(x, mlp, out, nt):
     if mlp[0].ndim == 4 or mlp[4].ndim == 4:  # int8 codes as tiles (int8tiles), the down projection's or not
         def tiles(x, mlp, out, nt):
             wg, sg, wu, su, wd, sd = mlp
-            T, I = x.shape[0], rows_of(wg)
+            T, I = x.shape[0], dims(wg)[0]
             g, u = np.empty((T, I), np.float32), np.empty((T, I), np.float32)
             pair_into(x, wg, sg, g, wu, su, u, nt)  # swiglu_i8_into's steps, each over its weight's layout
             silu_times(g, u)
@@ -71,7 +72,7 @@ def _swiglu_into_out_impl(x, mlp, out, nt):
 @njit(nogil=True, cache=True)
 def swiglu_out(x, mlp, nt):
     """swiglu_into_out for Python callers: x f32 [T, D] -> f32 [T, D] (linear.swiglu over int8 tiles)."""
-    out = np.empty((x.shape[0], rows_of(mlp[4])), np.float32)
+    out = np.empty((x.shape[0], dims(mlp[4])[0]), np.float32)
     swiglu_into_out(x, mlp, out, nt)
     return out
 
