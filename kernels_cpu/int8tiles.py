@@ -109,7 +109,7 @@ def dequantize_tiles(tiles: np.ndarray, scale: np.ndarray, lo: int, out: np.ndar
     """Rows lo..lo + n - 1 of the codes tiles hold, times their fp32 row scales scale [O] -> out f32 [n, I]: what
     int8dot.dequantize_rows gives for those rows (the same product, rounded once), read from the tiles.
     parallel=False: on the calling thread alone (as dequantize_rows)."""
-    O, I = logical_shape(tiles)
+    O, I = logical_shape(tiles) if tiles.ndim == 4 else (-1, -1)
     if tiles.ndim != 4 or tiles.dtype != np.int8 or scale.dtype != np.float32 or scale.shape != (O,) \
             or out.dtype != np.float32 or out.ndim != 2 or out.shape[1] != I or not 0 <= lo <= O - out.shape[0] \
             or not out.flags.c_contiguous:

@@ -1103,6 +1103,8 @@ def test_int8_tiles_round_trip_and_two_weights_in_one_region():
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
     with pytest.raises(ValueError, match=r"dequantize_tiles: .*lo 50"):
         dequantize_tiles(tiles, s32, 50, np.empty((7, I), np.float32))
+    with pytest.raises(ValueError, match=r"dequantize_tiles: .*tiles int8 \(56,\)"):
+        dequantize_tiles(q[:, 0].copy(), s32, 0, np.empty((1, I), np.float32))
     q2 = rng.integers(-127, 128, (3 * TILE_ROWS, I), dtype=np.int64).astype(np.int8)
     t2 = tile_rows(q2)
     s1, s2 = bf16_bits(rng.uniform(0.01, 1, O)), bf16_bits(rng.uniform(0.01, 1, 3 * TILE_ROWS))
