@@ -456,7 +456,9 @@ def test_queued_streams_get_keepalive_comments_and_still_parse(engine):
 
         def anthropic_stream() -> None:
             with anthropic.Anthropic(base_url=url, api_key=API_KEY, max_retries=0, timeout=HOLD_S) as an:
-                with an.messages.stream(model=MODEL, max_tokens=4,
+                # greedy, as the OpenAI stream beside it: a sampled token ended the turn first once (CI at c852ecc:
+                # end_turn after 3 tokens). This SDK's stream() takes no temperature argument: the body carries it.
+                with an.messages.stream(model=MODEL, max_tokens=4, extra_body={"temperature": 0},
                                         messages=[{"role": "user", "content": "queued as well"}]) as s:
                     got["anthropic"] = s.get_final_message().stop_reason
 
