@@ -30,7 +30,7 @@ from numba.extending import intrinsic, overload
 
 from kernels_cpu.amx import TileOps, available, compiles_bf16
 from kernels_cpu.bf16dot import f32_to_bf16
-from kernels_cpu.int8tiles import TILE_COLS, TILE_ROWS, dims
+from kernels_cpu.int8tiles import TILE_COLS, TILE_ROWS, dims, logical_shape
 from kernels_cpu.simd import I8, I32, I64
 from kernels_cpu.widen import bf16_to_f32
 from kernels_cpu.workqueue import new_queue, take
@@ -227,7 +227,7 @@ def gemm_bf16x3(x: np.ndarray, w: np.ndarray, scale: np.ndarray | None = None) -
         raise RuntimeError("gemm_bf16x3 needs AMX-BF16 tiles, which this CPU or process does not have")
     T, I = x.shape
     tiled = w.ndim == 4 and w.dtype == np.int8 and w.shape[2:] == (TILE_ROWS, TILE_COLS)
-    O, In = (w.shape[0] * TILE_ROWS, w.shape[1] * TILE_COLS) if tiled else (w.shape[0], w.shape[-1])
+    O, In = logical_shape(w) if tiled else (w.shape[0], w.shape[-1])
     int8 = w.dtype == np.int8 and scale is not None and scale.shape == (O,)
     if not supported(O, I) or not (w.dtype == np.uint16 and scale is None or int8) or not w.flags.c_contiguous \
             or (w.ndim != 2 and not tiled) or In != I:

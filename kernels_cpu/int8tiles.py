@@ -1,7 +1,7 @@
 """The one-token int8 GEMV over a tile-major copy of the weights: widen.int8_gemv's product, read in an
 order that keeps the activations the loop touches small.
 
-Owns the layout (fits, usable, logical_shape and dims, its form for @njit code; tile_rows and tile_into:
+Owns the layout (fits, usable, tiles_shape, logical_shape and dims, its form for @njit code; tile_rows and tile_into:
 row-major int8 codes [O, I] -> tiles [O / TILE_ROWS, I / TILE_COLS, TILE_ROWS, TILE_COLS], each tile contiguous,
 the tiles of a block of rows one after another; untile_into: a block of rows back; dequantize_tiles: a block of
 rows in fp32), gemv_tiles_into (one or two weights in one parallel region, for the fused decode steps) and
@@ -49,8 +49,14 @@ def fits(O: int, I: int) -> bool:
     return O > 0 and I > 0 and O % TILE_ROWS == 0 and I % TILE_COLS == 0
 
 
-def logical_shape(w: np.ndarray) -> tuple[int, int]:
-    """A weight's [O, I] as the products see it: its shape, or for tiles (4-D) the codes' they hold."""
+def tiles_shape(O: int, I: int) -> tuple[int, int, int, int]:
+    """The 4-D shape of int8 codes [O, I] (fits) as tiles."""
+    return O // TILE_ROWS, I // TILE_COLS, TILE_ROWS, TILE_COLS
+
+
+def logical_shape(w) -> tuple[int, int]:
+    """A weight's [O, I] as the products see it (a numpy array or a torch tensor): its shape, or for tiles
+    (4-D) the codes' they hold."""
     return (w.shape[0] * w.shape[2], w.shape[1] * w.shape[3]) if w.ndim == 4 else (w.shape[0], w.shape[1])
 
 
@@ -79,7 +85,7 @@ def tile_rows(q: np.ndarray) -> np.ndarray:
         raise ValueError(f"tile_rows: want int8 codes [O, I] with O a multiple of {TILE_ROWS} and I of {TILE_COLS}, "
                          f"got {q.dtype} {q.shape}")
     O, I = q.shape
-    tiles = np.empty((O // TILE_ROWS, I // TILE_COLS, TILE_ROWS, TILE_COLS), np.int8)
+    tiles = np.empty(tiles_shape(O, I), np.int8)
     tile_into(np.ascontiguousarray(q), tiles)
     return tiles
 
@@ -233,7 +239,7 @@ def int8_gemv_tiles(x: np.ndarray, tiles: np.ndarray, scale: np.ndarray, threads
             or not tiles.flags.c_contiguous:
         raise ValueError(f"int8_gemv_tiles: want tiles from tile_rows (contiguous int8 [O / {TILE_ROWS}, I / "
                          f"{TILE_COLS}, {TILE_ROWS}, {TILE_COLS}]), got {tiles.dtype} {tiles.shape}")
-    O, I = tiles.shape[0] * TILE_ROWS, tiles.shape[1] * TILE_COLS
+    O, I = logical_shape(tiles)
     if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != I or not 1 <= x.shape[0] <= MAX_ROWS:
         raise ValueError(f"int8_gemv_tiles: want x float32 [T, {I}] with 1 <= T <= {MAX_ROWS}, got {x.dtype} "
                          f"{x.shape}")

@@ -120,7 +120,7 @@ def _untiled(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor,
     read rows only (int8gemm's integer tiles, bf16 prompt math): a block of rows at a time untiled into a
     buffer kept per thread (~5% of a k2-slice prefill where AMX took them too, before it read the tiles)."""
     x2 = x.reshape(-1, x.shape[-1])
-    O, I = logical_shape(tiles.numpy())
+    O, I = logical_shape(tiles)
     rows = max(TILE_ROWS, UNTILE_BYTES // I // 32 * 32)  # whole AMX tiles of rows where O allows
     buf = getattr(_widened, "codes", None)
     if buf is None or buf.numel() < min(rows, O) * I:
@@ -216,8 +216,8 @@ def _tiles_take(w: torch.Tensor) -> bool:
     """Whether a prompt's product with w (bf16, or int8 codes as rows or as int8tiles' tiles) goes through AMX's
     bf16 tiles (amx_gemm): the CPU has them, the shape is whole tiles, and Numba may run this parallel region
     beside the experts' (as the decode GEMVs ask, widen.concurrent_parallel_ok)."""
-    O, I = (w.shape[0] * w.shape[2], w.shape[1] * w.shape[3]) if w.dim() == 4 else w.shape
-    return w.is_contiguous() and amx_gemm.supported(O, I) and amx.available(bf16=True) and concurrent_parallel_ok()
+    return w.is_contiguous() and amx_gemm.supported(*logical_shape(w)) and amx.available(bf16=True) \
+        and concurrent_parallel_ok()
 
 
 def _int8_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

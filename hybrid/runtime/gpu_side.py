@@ -46,9 +46,7 @@ def host_tiles(q: torch.Tensor) -> torch.Tensor:
     """int8 codes [O, I] (int8tiles.usable) as int8tiles lays them out, 4-D, in new host memory on huge pages
     (as host_copy): a decode step's GEMV reads them in that order (int8tiles.py: +2-14% on K2's rows of 7 KB
     and longer, 2-core Xeon); a reader that was not taught tiles fails on the rank instead of misreading."""
-    O, I = q.shape
-    shape = (O // int8tiles.TILE_ROWS, I // int8tiles.TILE_COLS, int8tiles.TILE_ROWS, int8tiles.TILE_COLS)
-    tiles = _huge_bytes(O * I).view(np.int8).reshape(shape)
+    tiles = _huge_bytes(q.numel()).view(np.int8).reshape(int8tiles.tiles_shape(*q.shape))
     int8tiles.tile_into(np.ascontiguousarray(q.numpy()), tiles)
     return torch.from_numpy(tiles)
 
