@@ -57,8 +57,8 @@ PF_BLOCKS = 1
 # rows x 512 columns contiguous, tiles in row-block order), read a row's 512 columns at a time in memory
 # order: +7-10% where rows are 7 KB or longer (7168: 31.5 -> 34.0 GB/s; 8192, 18432 alike; probe 37),
 # level on 1.5-2 KB rows: int8tiles.py, with why its sums go tile by tile (scripts/int8_layout_bench.py).
-# That order over the rows in place (8 rows 7 KB apart, 512 bytes of each in turn): -15%. Not in the
-# engine yet: the prompt paths (int8gemm, amx_gemm, dequantize_rows) read whole rows.
+# That order over the rows in place (8 rows 7 KB apart, 512 bytes of each in turn): -15%. int8w holds its
+# weights so where the shape fits (runtime/gpu_side.host_tiles); this kernel reads the others.
 STREAM_AHEAD = 6144
 VNNI = has_vnni()  # vpdpbusd over vnni_layout's bytes; else vpmaddwd over the int16 codes
 CH = 2 * vector_lanes()  # columns per vector of weights with VNNI: 64 (zmm) or 32 (ymm)
