@@ -143,3 +143,50 @@ def read_gbps(buf: np.ndarray, reps: int = 5, threads: int | None = None) -> flo
         return max(read_gbps_by_shape(buf, reps).values())
     finally:
         numba.set_num_threads(before)
+
+
+PIECE = 16 << 20  # read_spans' largest piece: the probe's block over its 1 GB buffer (64 blocks)
+
+
+def span_pieces(addrs: np.ndarray, lens: np.ndarray, piece: int = PIECE) -> tuple[np.ndarray, np.ndarray]:
+    """Byte spans (addresses, lengths; int64) cut into pieces of at most `piece` bytes (whole multiples of
+    64 but the last of each span) -> (addresses, lengths) of the pieces, in the spans' order."""
+    n = -(-np.asarray(lens, np.int64) // piece)
+    at = np.repeat(np.asarray(addrs, np.int64), n)
+    first = np.repeat(np.cumsum(n) - n, n)
+    off = (np.arange(int(n.sum()), dtype=np.int64) - first) * piece
+    return at + off, np.minimum(np.repeat(np.asarray(lens, np.int64), n) - off, piece)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def read_spans(addrs, lens, shape):
+    """The bytes at each of addrs (int64 addresses of live memory, lens bytes each: span_pieces' pieces)
+    read in the load shape SHAPES[shape], the pieces in order spread over the threads -> (the sum of the
+    32-bit words read, mod 2**32; bytes read). Reads memory wherever it is (a model's weights in place)."""
+    n = addrs.shape[0]
+    sums = np.zeros(n, np.uint32)
+    got = np.zeros(n, np.int64)
+    for i in prange(n):
+        got[i] = _lines(addrs[i], lens[i], shape, sums.ctypes.data + 4 * i)
+    total = np.uint64(0)
+    for i in range(n):
+        total += np.uint64(sums[i])
+    return total & np.uint64(0xFFFFFFFF), got.sum()
+
+
+def read_spans_gbps(addrs: np.ndarray, lens: np.ndarray, reps: int = 3) -> float:
+    """Best-of-reps read GB/s over the byte spans (addresses, lengths) in place, the best of SHAPES, on
+    Numba's threads as set now: what RAM gives where those bytes sit, beside read_gbps's figure for a
+    buffer of its own (on a VM the two can differ by a third: runtime/probe.py). The memory must stay
+    mapped and readable for the call."""
+    at, ln = span_pieces(addrs, lens)
+    if not len(at) or ln.sum() < 1 << 20:
+        raise ValueError(f"read_spans_gbps: want at least 1 MB of spans, got {int(ln.sum()):,} bytes")
+    best = float("inf")
+    got = 0
+    for _ in range(reps):
+        for i in range(len(SHAPES)):
+            t0 = time.perf_counter()
+            got = int(read_spans(at, ln, i)[1])
+            best = min(best, (time.perf_counter() - t0) / got)
+    return 1 / best / 1e9

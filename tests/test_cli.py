@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -340,6 +341,59 @@ def test_bench_probes_over_one_buffer_it_holds_until_the_last_probe(tiny_path, m
         rep = bench.bench_engine(engine, 8, 3, 3, probe_bytes=4 << 20, warmup=False)
     assert len(made) == 1 and made[0].nbytes == 4 << 20 and len(seen) == 4 and all(b is made[0] for b in seen)
     assert len(rep["machine"]["mem_read_gbps_probes"]) == 4 and rep["machine"]["mem_read_gbps"] > 0
+
+
+def test_in_place_spans_are_a_tokens_weights_and_k_experts_a_layer(tiny_path):
+    """token_spans: every non-expert weight the engine holds (not the embedding) at its own address, then
+    per MoE layer `experts_per_token` distinct experts' six parts where the kernels' tables put them, in
+    layer order; none with a RAM expert cache (its slots move). The tiny model's token sits in the caches:
+    no RAM figure (None), and the bench reports none."""
+    import hybrid
+    from hybrid.bench import in_place
+    from kernels_cpu.table import PARTS
+
+    with hybrid.load(str(tiny_path), device="cpu") as engine:
+        at, ln = in_place.token_spans(engine, np.random.default_rng(0))
+        spans = list(zip(at.tolist(), ln.tolist()))
+        weights = {(t.data_ptr(), t.nbytes) for n, w in engine.model.w.items() if not n.startswith("model.embed")
+                   for t in (w if isinstance(w, tuple) else (w,))}
+        assert weights <= set(spans)
+        experts = [s for s in spans if s not in weights]
+        cfg, tables = engine.config, engine.model.experts.mapped_tables
+        k = cfg.num_experts_per_tok
+        assert len(experts) == len(cfg.moe_layers) * k * len(PARTS)
+        for i, layer in enumerate(cfg.moe_layers):  # in layer order: k distinct whole experts of each layer
+            t = tables[layer]
+            whole = {tuple((t.arenas[a].ctypes.data + int(o), int(n)) for (a, o), n in zip(t.loc[e], t.part_nbytes)): e
+                     for e in range(t.num_experts)}
+            got = [tuple(experts[j:j + len(PARTS)]) for j in range(i * k * len(PARTS), (i + 1) * k * len(PARTS),
+                                                                       len(PARTS))]
+            assert all(g in whole for g in got) and len({whole[g] for g in got}) == k
+        order = [in_place._layer_of(n) for n in engine.model.w if not n.startswith("model.embed")]
+        assert order == sorted(order)  # the engine holds the weights layer by layer, as the spans read them
+        assert in_place.in_place_gbps(engine, np.random.default_rng(0)) is None  # under MIN_BYTES
+        assert ln.sum() < in_place.MIN_BYTES
+    with hybrid.load(str(tiny_path), device="cpu", expert_mode="cache", cache_slots=12) as engine:
+        assert engine.model.experts.mapped_tables is None and in_place.token_spans(engine, np.random.default_rng(0)) is None
+
+
+def test_bench_reports_the_in_place_reads_beside_the_probes(tiny_path, monkeypatch):
+    """One in-place read beside each probe (before the runs, after each); the best is the figure and the
+    decode's share divides by it; all null where none was measured (a small model)."""
+    import hybrid
+    from hybrid.bench import engine_bench as bench
+
+    figures = iter([20.0, 25.0, None])
+    monkeypatch.setattr(bench, "in_place_gbps", lambda engine, rng: next(figures))
+    with hybrid.load(str(tiny_path), device="cpu") as engine:
+        rep = bench.bench_engine(engine, 8, 3, 2, probe_bytes=4 << 20, warmup=False)
+        m, d = rep["machine"], rep["decode"]
+        assert m["mem_read_gbps_in_place_reads"] == [20.0, 25.0, None] and m["mem_read_gbps_in_place"] == 25.0
+        assert d["pct_of_in_place"] == pytest.approx(100 * d["achieved_gbps"] / 25.0)
+        monkeypatch.setattr(bench, "in_place_gbps", lambda engine, rng: None)
+        rep = bench.bench_engine(engine, 8, 3, 1, probe_bytes=4 << 20, warmup=False)
+    assert rep["machine"]["mem_read_gbps_in_place"] is None and rep["machine"]["mem_read_gbps_in_place_reads"] is None
+    assert rep["decode"]["pct_of_in_place"] is None
 
 
 def test_host_steal_reads_the_steal_column(tmp_path):

@@ -1020,6 +1020,38 @@ def test_every_shape_reads_the_bytes_it_counts(words, nblocks):
     assert read_lines(buf, nblocks, len(SHAPES)) == (0, 0)  # past the table: nothing read
 
 
+def _spans_expected(raw: np.ndarray, at: np.ndarray, lens: np.ndarray, lanes: int, unroll: int,
+                    streams: int) -> tuple[int, int]:
+    """What read_spans must read of raw (offsets `at` into it, `lens` bytes each), by the same split as a
+    block of read_lines: (sum of the 32-bit words mod 2**32, bytes)."""
+    total = nbytes = 0
+    for a, n in zip(at, lens):
+        seg = int(n) // streams // 64 * 64
+        span = seg // (4 * lanes * unroll) * (4 * lanes * unroll)
+        for s in range(streams):
+            total += int(raw[a + s * seg:a + s * seg + span].view(np.uint32).sum(dtype=np.uint64))
+            nbytes += span
+    return total % 2**32, nbytes
+
+
+def test_spans_are_cut_into_pieces_and_read_where_they_lie():
+    """span_pieces covers each span exactly, in order, in pieces of at most the limit; read_spans reads each
+    piece in place by a block's split (checksum and bytes against NumPy over the same words), the spans
+    anywhere in memory and at any alignment; read_spans_gbps refuses under 1 MB."""
+    at, ln = membw.span_pieces(np.array([1000, 5000, 9], np.int64), np.array([250, 64, 700], np.int64), 128)
+    assert at.tolist() == [1000, 1128, 5000, 9, 137, 265, 393, 521, 649]
+    assert ln.tolist() == [128, 122, 64, 128, 128, 128, 128, 128, 60]
+    raw = np.random.default_rng(5).integers(0, 256, 3 << 20, dtype=np.uint8)
+    offs, lens = np.array([13, 1 << 20, 2_500_000], np.int64), np.array([700_001, 65_536 + 64, 300_000], np.int64)
+    pa, pl = membw.span_pieces(raw.ctypes.data + offs, lens, 200_000)
+    for i, (name, lanes, unroll, streams) in enumerate(SHAPES):
+        total, nbytes = membw.read_spans(pa, pl, i)
+        assert (int(total), int(nbytes)) == _spans_expected(raw, pa - raw.ctypes.data, pl, lanes, unroll, streams), name
+    assert membw.read_spans_gbps(raw.ctypes.data + offs, lens, reps=1) > 0
+    with pytest.raises(ValueError, match="at least 1 MB of spans"):
+        membw.read_spans_gbps(raw.ctypes.data + offs[:1], lens[:1])
+
+
 def test_the_probe_times_every_shape_and_reports_the_best(monkeypatch):
     """read_gbps_by_shape covers read_sum and each of SHAPES over a buffer past a step; read_gbps is the
     best of them (the figure every bench and plan divides by)."""

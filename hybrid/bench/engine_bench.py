@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from hybrid.bench.account import account
+from hybrid.bench.in_place import in_place_gbps
 from hybrid.runtime.token_loop import greedy
 from hybrid.runtime.tensor_classes import GPU_SIDE
 from hybrid.runtime.probe import GB, host_steal_s, mem_read_gbps, probe_buffer
@@ -166,13 +167,17 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
         # on both the prefill and the decode path, as llama-bench warms up each test (a 16-token warm-up
         # left the first measured 128-token prompt paying for its shapes: AVX2 code, 27.1 tok/s, then 37)
         _run(engine, rng, runs, prompt_tokens, 2)
-    # here: before the runs and after each, over one buffer held until the last (probe_buffer: why)
+    # here: before the runs and after each, over one buffer held until the last (probe_buffer: why), and a
+    # token's own bytes read in place beside each (in_place.py: why)
     buf = None if mem_gbps is not None else _probe_buffer(probe_bytes)
+    draws = np.random.default_rng(seed + 1)
     probes = None if buf is None else [mem_read_gbps(buf=buf)]
+    in_place = None if buf is None else [in_place_gbps(engine, draws)]
     for r in range(runs):
         _run(engine, rng, r, prompt_tokens, gen_tokens, (prefill, decode))
         if probes is not None:
             probes.append(mem_read_gbps(buf=buf))
+            in_place.append(in_place_gbps(engine, draws))
         if on_run:
             on_run(r)
     del buf
@@ -180,7 +185,19 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
     report = _report(engine, name, settings, mem_gbps if probes is None else max(probes), prefill, decode)
     report["machine"]["mem_read_gbps_probes"] = probes
     report["decode"]["pct_of_mem_read_paired"] = _paired_share(report["decode"], probes)
+    _add_in_place(report, in_place)
     return report
+
+
+def _add_in_place(report: dict, figures: list[float | None] | None) -> None:
+    """machine.mem_read_gbps_in_place (the best of the in-place reads; each in ..._in_place_reads) and
+    decode.pct_of_in_place: null where there were none (the caller's bandwidth, or no local mapped experts)."""
+    got = [g for g in figures or () if g is not None]
+    best = max(got) if got else None
+    report["machine"]["mem_read_gbps_in_place"] = best
+    report["machine"]["mem_read_gbps_in_place_reads"] = figures if got else None
+    dec = report["decode"]
+    dec["pct_of_in_place"] = 100 * dec["achieved_gbps"] / best if best else None
 
 
 def _paired_share(dec: dict, probes: list[float] | None) -> float | None:

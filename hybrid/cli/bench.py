@@ -157,6 +157,10 @@ def render(r: dict) -> None:
     t.add_row("share of the measured bandwidth", f"{dec['pct_of_mem_read']:.1f}%")
     if dec["pct_of_mem_read_paired"] is not None:
         t.add_row("share against the probes beside each run", f"{dec['pct_of_mem_read_paired']:.1f}%")
+    if dec["pct_of_in_place"] is not None:
+        t.add_row("RAM read where the model sits (a token's bytes, in place)",
+                  f"{r['machine']['mem_read_gbps_in_place']:,.1f} GB/s")
+        t.add_row("share of that", f"{dec['pct_of_in_place']:.1f}%")
     tm = dec["token_ms"]
     t.add_row("one token: median / mean / p90 / max",
               f"{tm['median']:,.1f} / {tm['mean']:,.1f} / {tm['p90']:,.1f} / {tm['max']:,.1f} ms")

@@ -84,6 +84,13 @@ class ExpertBackend(ABC):
         `tokens` tokens, `experts` distinct experts computed, `seconds` of kernel time."""
         raise NotImplementedError(f"{type(self).__name__} hands out no decode tables")
 
+    @property
+    def mapped_tables(self) -> Mapping[int, Any] | None:
+        """MoE layer -> kernels_cpu.table.ExpertTable of every routed expert where it stays for the run (the
+        checkpoint's maps), for reading them in place (bench's in-place RAM figure); None (the default)
+        where they are not all on this machine's CPU side at fixed places (a RAM cache's slots move)."""
+        return None
+
     # ---- prefetch: the next layer's router guesses what to load ------------------------------
     @property
     def prefetch_width(self) -> int:

@@ -114,6 +114,10 @@ class Scheduler(ExpertBackend):
             return None
         return (*got, self.routing.counts[layer])
 
+    @property
+    def mapped_tables(self) -> Mapping[int, Any] | None:
+        return self.cpu.tables if self.cpu.cache is None else None
+
     def record_decode(self, layer: int, tokens: int, experts: int, seconds: float) -> None:
         self.routing.counted(layer, tokens)
         self.cpu.count(layer, tokens, experts, seconds)

@@ -34,7 +34,13 @@ def probe_buffer(nbytes: int = 1 << 30) -> np.ndarray:
     read 38.9 / 30.2 / 26.2 GB/s (4 KB pages) and three on huge pages 38.8 / 30.5 / 20.8, each the same on a
     second pass: the guest's memory is not all equally fast, whatever the page size. Ten bench runs in one
     sitting probed 29.6-41.6 GB/s while their decode read 29.2-32.6; the model's own non-expert weights, read
-    in place by the probe's loops, 36.1-37.0 beside a probe of 40.9 (k2-slice int8w)."""
+    in place by the probe's loops, 36.1-37.0 beside a probe of 40.9 (k2-slice int8w). A later sitting, 24-40
+    buffers of 256 MB: each read at one of three rates (21 / 29-30 / 37-42 GB/s), the same rate when read
+    again in either order, whether filled with ones or random words, and whatever its pages' guest-physical
+    addresses (contiguous ranges read 21, scattered ones 29 or 40): the host's backing of the guest's memory,
+    not anything the guest controls. How many buffers fall in each tier moved within the hour (most at 29,
+    then most at 21); the probe buffer measured 40.3 once and 22 an hour later. So `bench` also reads a
+    token's own bytes in place (bench/in_place.py) and gives the decode's share of that."""
     return np.ones(max(nbytes, 1 << 20) // 8, np.uint64)
 
 

@@ -1,0 +1,74 @@
+"""The RAM bandwidth where a model sits, for `kimi-hybrid bench`: a decode token's bytes read in place.
+
+Owns building one token's byte spans from a loaded Engine (its non-expert weights as the engine holds them
+and, for each MoE layer, as many routed experts as a token uses, drawn at random, in layer order) and
+timing their read with the RAM probe's loops (kernels_cpu.membw.read_spans_gbps). The probe's own buffer
+measures wherever that buffer lands; on a VM the guest's memory is not all equally fast (runtime/probe.py:
+three tiers, 21 / 29 / 40 GB/s, on a 2-core Xeon VM), so a decode's share of the probe mixes the engine's
+efficiency with two placements. The same bytes the token reads, read where they are, give the ceiling for
+that placement. Measures only; engine_bench reports the figure beside the probe's.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kernels_cpu.membw import read_spans_gbps
+
+if TYPE_CHECKING:
+    from hybrid.runtime.engine import Engine
+
+MIN_BYTES = 256 << 20  # a token's bytes below this: a cache figure, not a RAM one (none is reported)
+_HEAD = 1 << 30  # sort key past every layer: the final norm and lm_head come last
+
+
+def _layer_of(name: str) -> int:
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") else _HEAD
+
+
+def weight_spans(engine: Engine) -> list[tuple[int, int, int]]:
+    """(layer, address, bytes) of each non-expert weight a decoded token reads as the engine holds them
+    (the embedding, read one row a token, left out), in layer order."""
+    out = []
+    for name, w in engine.model.w.items():
+        if name.startswith("model.embed_tokens."):
+            continue
+        for t in (w if isinstance(w, tuple) else (w,)):
+            if t.device.type == "cpu" and t.nbytes:
+                out.append((_layer_of(name), t.data_ptr(), t.nbytes))
+    return sorted(out, key=lambda s: s[0])
+
+
+def token_spans(engine: Engine, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+    """One decode token's bytes in the order the forward reads them (addresses, lengths; int64): each layer's
+    non-expert weights, then that layer's routed experts (num_experts_per_tok of them, drawn by rng), the
+    head last. None where the routed experts are not mapped here (ExpertBackend.mapped_tables)."""
+    tables = engine.model.experts.mapped_tables
+    if tables is None:
+        return None
+    spans = weight_spans(engine)
+    k = engine.config.num_experts_per_tok
+    for layer, table in tables.items():
+        nb = table.part_nbytes
+        for e in rng.choice(table.num_experts, size=k, replace=False):
+            for m, (arena, off) in enumerate(table.loc[e]):
+                spans.append((layer, table.arenas[arena].ctypes.data + int(off), int(nb[m])))
+    spans.sort(key=lambda s: s[0])  # stable: the layer's weights before its experts
+    return np.array([s[1] for s in spans], np.int64), np.array([s[2] for s in spans], np.int64)
+
+
+def in_place_gbps(engine: Engine, rng: np.random.Generator, tokens: int = 2) -> float | None:
+    """The best read GB/s over `tokens` draws of a decode token's bytes (token_spans), each read in place by
+    the probe's loops (the best of their shapes); None where token_spans has none or a token reads less
+    than MIN_BYTES (a small model's bytes sit in the CPU caches: no RAM figure). Each draw reads other
+    experts, so a read does not find the last one's in the caches."""
+    best = None
+    for _ in range(tokens):
+        got = token_spans(engine, rng)
+        if got is None or got[1].sum() < MIN_BYTES:
+            return None
+        g = read_spans_gbps(*got, reps=1)
+        best = g if best is None else max(best, g)
+    return best
