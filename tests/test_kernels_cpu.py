@@ -1038,15 +1038,19 @@ def test_spans_are_cut_into_pieces_and_read_where_they_lie():
     """span_pieces covers each span exactly, in order, in pieces of at most the limit; read_spans reads each
     piece in place by a block's split (checksum and bytes against NumPy over the same words), the spans
     anywhere in memory and at any alignment; read_spans_gbps refuses under 1 MB."""
+    with pytest.raises(ValueError, match="multiple of 64"):
+        membw.span_pieces(np.array([0], np.int64), np.array([100], np.int64), 100)
     at, ln = membw.span_pieces(np.array([1000, 5000, 9], np.int64), np.array([250, 64, 700], np.int64), 128)
     assert at.tolist() == [1000, 1128, 5000, 9, 137, 265, 393, 521, 649]
     assert ln.tolist() == [128, 122, 64, 128, 128, 128, 128, 128, 60]
     raw = np.random.default_rng(5).integers(0, 256, 3 << 20, dtype=np.uint8)
     offs, lens = np.array([13, 1 << 20, 2_500_000], np.int64), np.array([700_001, 65_536 + 64, 300_000], np.int64)
-    pa, pl = membw.span_pieces(raw.ctypes.data + offs, lens, 200_000)
+    pa, pl = membw.span_pieces(raw.ctypes.data + offs, lens, 200_064)
     for i, (name, lanes, unroll, streams) in enumerate(SHAPES):
-        total, nbytes = membw.read_spans(pa, pl, i)
-        assert (int(total), int(nbytes)) == _spans_expected(raw, pa - raw.ctypes.data, pl, lanes, unroll, streams), name
+        want = _spans_expected(raw, pa - raw.ctypes.data, pl, lanes, unroll, streams)
+        for threads in {1, 2, numba.get_num_threads()}:  # every piece read once, whichever thread takes it
+            total, nbytes = membw.read_spans(pa, pl, i, threads)
+            assert (int(total), int(nbytes)) == want, (name, threads)
     assert membw.read_spans_gbps(raw.ctypes.data + offs, lens, reps=1) > 0
     with pytest.raises(ValueError, match="at least 1 MB of spans"):
         membw.read_spans_gbps(raw.ctypes.data + offs[:1], lens[:1])
