@@ -377,6 +377,31 @@ def test_in_place_spans_are_a_tokens_weights_and_k_experts_a_layer(tiny_path):
         assert engine.model.experts.mapped_tables is None and in_place.token_spans(engine, np.random.default_rng(0)) is None
 
 
+def test_in_place_by_component_reads_each_components_bytes(tiny_path, monkeypatch):
+    """by_component groups a token's spans by the account's components: each group's bytes are what the
+    account counts for that component (weights as held; k experts a MoE layer), each read after a flush;
+    None for the tiny model as it is (under MIN_BYTES)."""
+    import hybrid
+    from hybrid.bench import account, in_place
+
+    flush = np.ones(1 << 17, np.uint64)
+    with hybrid.load(str(tiny_path), device="cpu") as engine:
+        assert in_place.by_component(engine, np.random.default_rng(0), flush) is None
+        read, flushed = [], []
+        monkeypatch.setattr(in_place, "MIN_BYTES", 0)
+        monkeypatch.setattr(in_place, "MIN_COMPONENT", 0)
+        monkeypatch.setattr(in_place, "read_spans_gbps", lambda at, ln, reps: read.append(int(ln.sum())) or 7.0)
+        monkeypatch.setattr(in_place, "read_sum", lambda buf, n: flushed.append(buf is flush))
+        got = in_place.by_component(engine, np.random.default_rng(0), flush, reads=2)
+        want = {k: v for k, v in account.weight_bytes(engine).items() if v}
+        cfg, ck = engine.config, Checkpoint(tiny_path)
+        want["experts"] = len(cfg.moe_layers) * cfg.num_experts_per_tok * sum(
+            ck.info(f"model.layers.{cfg.moe_layers[0]}.mlp.experts.0.{p}_proj.weight_{q}").nbytes
+            for p in ("gate", "up", "down") for q in ("packed", "scale"))
+    assert got == {k: 7.0 for k in want}
+    assert sorted(read) == sorted(v for v in want.values() for _ in range(2)) and all(flushed) and len(flushed) == len(read)
+
+
 def test_bench_reports_the_in_place_reads_beside_the_probes(tiny_path, monkeypatch):
     """One in-place read beside each probe (before the runs, after each); the best is the figure and the
     decode's share divides by it; all null where none was measured (a small model)."""
@@ -385,15 +410,22 @@ def test_bench_reports_the_in_place_reads_beside_the_probes(tiny_path, monkeypat
 
     figures = iter([20.0, 25.0, None])
     monkeypatch.setattr(bench, "in_place_gbps", lambda engine, rng: next(figures))
+    monkeypatch.setattr(bench, "by_component", lambda engine, rng, buf: {"experts": 10.0, "dense_mlp": 20.0})
     with hybrid.load(str(tiny_path), device="cpu") as engine:
         rep = bench.bench_engine(engine, 8, 3, 2, probe_bytes=4 << 20, warmup=False)
         m, d = rep["machine"], rep["decode"]
         assert m["mem_read_gbps_in_place_reads"] == [20.0, 25.0, None] and m["mem_read_gbps_in_place"] == 25.0
         assert d["pct_of_in_place"] == pytest.approx(100 * d["achieved_gbps"] / 25.0)
+        for what, c in d["components"].items():
+            g = {"experts": 10.0, "dense_mlp": 20.0}.get(what)
+            assert c["in_place_gbps"] == g
+            assert c["pct_of_in_place"] == (None if g is None or c["gbps"] is None else pytest.approx(100 * c["gbps"] / g))
         monkeypatch.setattr(bench, "in_place_gbps", lambda engine, rng: None)
+        monkeypatch.setattr(bench, "by_component", lambda engine, rng, buf: None)
         rep = bench.bench_engine(engine, 8, 3, 1, probe_bytes=4 << 20, warmup=False)
     assert rep["machine"]["mem_read_gbps_in_place"] is None and rep["machine"]["mem_read_gbps_in_place_reads"] is None
     assert rep["decode"]["pct_of_in_place"] is None
+    assert all(c["in_place_gbps"] is None and c["pct_of_in_place"] is None for c in rep["decode"]["components"].values())
 
 
 def test_host_steal_reads_the_steal_column(tmp_path):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from hybrid.bench.account import account
-from hybrid.bench.in_place import in_place_gbps
+from hybrid.bench.in_place import by_component, in_place_gbps
 from hybrid.runtime.token_loop import greedy
 from hybrid.runtime.tensor_classes import GPU_SIDE
 from hybrid.runtime.probe import GB, host_steal_s, mem_read_gbps, probe_buffer
@@ -180,24 +180,30 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
             in_place.append(in_place_gbps(engine, draws))
         if on_run:
             on_run(r)
+    parts = None if buf is None else by_component(engine, draws, buf)
     del buf
     settings = {"backend": backend, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "runs": runs}
     report = _report(engine, name, settings, mem_gbps if probes is None else max(probes), prefill, decode)
     report["machine"]["mem_read_gbps_probes"] = probes
     report["decode"]["pct_of_mem_read_paired"] = _paired_share(report["decode"], probes)
-    _add_in_place(report, in_place)
+    _add_in_place(report, in_place, parts)
     return report
 
 
-def _add_in_place(report: dict, figures: list[float | None] | None) -> None:
-    """machine.mem_read_gbps_in_place (the best of the in-place reads; each in ..._in_place_reads) and
-    decode.pct_of_in_place: null where there were none (the caller's bandwidth, or no local mapped experts)."""
+def _add_in_place(report: dict, figures: list[float | None] | None, parts: dict[str, float] | None) -> None:
+    """machine.mem_read_gbps_in_place (the best of the in-place reads; each in ..._in_place_reads),
+    decode.pct_of_in_place, and each decode component's in-place GB/s and share of it (in_place.by_component):
+    null where there were none (the caller's bandwidth, a small model, or no local mapped experts)."""
     got = [g for g in figures or () if g is not None]
     best = max(got) if got else None
     report["machine"]["mem_read_gbps_in_place"] = best
     report["machine"]["mem_read_gbps_in_place_reads"] = figures if got else None
     dec = report["decode"]
     dec["pct_of_in_place"] = 100 * dec["achieved_gbps"] / best if best else None
+    for what, c in dec["components"].items():
+        g = (parts or {}).get(what)
+        c["in_place_gbps"] = g
+        c["pct_of_in_place"] = 100 * c["gbps"] / g if g and c["gbps"] is not None else None
 
 
 def _paired_share(dec: dict, probes: list[float] | None) -> float | None:

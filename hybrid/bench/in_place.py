@@ -14,12 +14,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kernels_cpu.membw import read_spans_gbps
+from kernels_cpu.membw import read_spans_gbps, read_sum
+
+from hybrid.bench.account import component_of
 
 if TYPE_CHECKING:
     from hybrid.runtime.engine import Engine
 
 MIN_BYTES = 256 << 20  # a token's bytes below this: a cache figure, not a RAM one (none is reported)
+MIN_COMPONENT = 32 << 20  # by_component leaves out smaller components (their bytes stay in the caches)
 _HEAD = 1 << 30  # sort key past every layer: the final norm and lm_head come last
 
 
@@ -28,35 +31,47 @@ def _layer_of(name: str) -> int:
     return int(parts[2]) if name.startswith("model.layers.") else _HEAD
 
 
-def weight_spans(engine: Engine) -> list[tuple[int, int, int]]:
-    """(layer, address, bytes) of each non-expert weight a decoded token reads as the engine holds them
-    (the embedding, read one row a token, left out), in layer order."""
+def weight_spans(engine: Engine) -> list[tuple[int, str, int, int]]:
+    """(layer, account component, address, bytes) of each non-expert weight a decoded token reads as the
+    engine holds them (the embedding, read one row a token, left out), in layer order."""
     out = []
     for name, w in engine.model.w.items():
-        if name.startswith("model.embed_tokens."):
+        what = component_of(name)
+        if what is None:
             continue
         for t in (w if isinstance(w, tuple) else (w,)):
             if t.device.type == "cpu" and t.nbytes:
-                out.append((_layer_of(name), t.data_ptr(), t.nbytes))
+                out.append((_layer_of(name), what, t.data_ptr(), t.nbytes))
     return sorted(out, key=lambda s: s[0])
+
+
+def _expert_spans(engine: Engine, rng: np.random.Generator) -> list[tuple[int, str, int, int]] | None:
+    """As weight_spans, for num_experts_per_tok routed experts of each MoE layer drawn by rng (six parts
+    each); None where they are not mapped here (ExpertBackend.mapped_tables)."""
+    tables = engine.model.experts.mapped_tables
+    if tables is None:
+        return None
+    out, k = [], engine.config.num_experts_per_tok
+    for layer, table in tables.items():
+        nb = table.part_nbytes
+        for e in rng.choice(table.num_experts, size=k, replace=False):
+            for m, (arena, off) in enumerate(table.loc[e]):
+                out.append((layer, "experts", table.arenas[arena].ctypes.data + int(off), int(nb[m])))
+    return out
+
+
+def _arrays(spans: list[tuple[int, str, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([s[2] for s in spans], np.int64), np.array([s[3] for s in spans], np.int64)
 
 
 def token_spans(engine: Engine, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
     """One decode token's bytes in the order the forward reads them (addresses, lengths; int64): each layer's
     non-expert weights, then that layer's routed experts (num_experts_per_tok of them, drawn by rng), the
     head last. None where the routed experts are not mapped here (ExpertBackend.mapped_tables)."""
-    tables = engine.model.experts.mapped_tables
-    if tables is None:
+    experts = _expert_spans(engine, rng)
+    if experts is None:
         return None
-    spans = weight_spans(engine)
-    k = engine.config.num_experts_per_tok
-    for layer, table in tables.items():
-        nb = table.part_nbytes
-        for e in rng.choice(table.num_experts, size=k, replace=False):
-            for m, (arena, off) in enumerate(table.loc[e]):
-                spans.append((layer, table.arenas[arena].ctypes.data + int(off), int(nb[m])))
-    spans.sort(key=lambda s: s[0])  # stable: the layer's weights before its experts
-    return np.array([s[1] for s in spans], np.int64), np.array([s[2] for s in spans], np.int64)
+    return _arrays(sorted(weight_spans(engine) + experts, key=lambda s: s[0]))  # stable: weights first
 
 
 def in_place_gbps(engine: Engine, rng: np.random.Generator, tokens: int = 2) -> float | None:
@@ -72,3 +87,26 @@ def in_place_gbps(engine: Engine, rng: np.random.Generator, tokens: int = 2) -> 
         g = read_spans_gbps(*got, reps=1)
         best = g if best is None else max(best, g)
     return best
+
+
+def by_component(engine: Engine, rng: np.random.Generator, flush: np.ndarray, reads: int = 2) -> dict[str, float] | None:
+    """account component -> GB/s of its bytes for one token (token_spans' draw, grouped; every layer's) read
+    in place, the best of `reads` reads each after a read of `flush` (a buffer past the caches: the probe's)
+    so that none starts from the caches; components under MIN_COMPONENT bytes left out (a cache figure).
+    None as in_place_gbps. What the engine's own GB/s for a component is measured against."""
+    experts = _expert_spans(engine, rng)
+    if experts is None or sum(s[3] for s in experts) + sum(s[3] for s in weight_spans(engine)) < MIN_BYTES:
+        return None
+    groups: dict[str, list] = {}
+    for span in weight_spans(engine) + experts:
+        groups.setdefault(span[1], []).append(span)
+    out = {}
+    for what, spans in groups.items():
+        at, ln = _arrays(spans)
+        if ln.sum() >= MIN_COMPONENT:
+            best = 0.0
+            for _ in range(reads):
+                read_sum(flush, 64)
+                best = max(best, read_spans_gbps(at, ln, reps=1))
+            out[what] = best
+    return out

@@ -100,13 +100,14 @@ COMPONENT_LABELS = {"attention_projections": "attention projections (q_a, q_b, k
 def _render_components(comp: dict, pre: dict, mem_gbps: float) -> None:
     t = Table(title=f"by component: prefill ms per prompt token; decode per token (RAM read bandwidth {mem_gbps:.1f} "
               "GB/s in this run)", title_justify="left")
-    for col in ("component", "prefill ms", "decode ms", "MB", "GB/s", "% of RAM"):
+    for col in ("component", "prefill ms", "decode ms", "MB", "GB/s", "% of RAM", "in place GB/s", "% of that"):
         t.add_column(col, justify="left" if col == "component" else "right")
     for key, label in COMPONENT_LABELS.items():
         c = comp[key]
         mb = None if c["bytes_per_token"] is None else c["bytes_per_token"] / 1e6
         t.add_row(label, _num(pre[key]["ms_per_token"], ",.2f"), _num(c["ms_per_token"], ",.2f"), _num(mb, ",.1f"),
-                  _num(c["gbps"], ",.1f"), _num(c["pct_of_mem_read"], ",.0f"))
+                  _num(c["gbps"], ",.1f"), _num(c["pct_of_mem_read"], ",.0f"), _num(c["in_place_gbps"], ",.1f"),
+                  _num(c["pct_of_in_place"], ",.0f"))
     console.print(t)
 
 
