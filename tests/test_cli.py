@@ -372,6 +372,9 @@ def test_in_place_spans_are_a_tokens_weights_and_k_experts_a_layer(tiny_path):
         order = [in_place._layer_of(n) for n in engine.model.w if not n.startswith("model.embed")]
         assert order == sorted(order)  # the engine holds the weights layer by layer, as the spans read them
         assert in_place.in_place_gbps(engine, np.random.default_rng(0)) is None  # under MIN_BYTES
+        dev, engine.device = engine.device, torch.device("cuda")  # as an engine with a GPU side sees itself
+        assert in_place.token_spans(engine, np.random.default_rng(0)) is None
+        engine.device = dev
         assert ln.sum() < in_place.MIN_BYTES
     with hybrid.load(str(tiny_path), device="cpu", expert_mode="cache", cache_slots=12) as engine:
         assert engine.model.experts.mapped_tables is None and in_place.token_spans(engine, np.random.default_rng(0)) is None

@@ -47,9 +47,10 @@ def weight_spans(engine: Engine) -> list[tuple[int, str, int, int]]:
 
 def _expert_spans(engine: Engine, rng: np.random.Generator) -> list[tuple[int, str, int, int]] | None:
     """As weight_spans, for num_experts_per_tok routed experts of each MoE layer drawn by rng (six parts
-    each); None where they are not mapped here (ExpertBackend.mapped_tables)."""
+    each); None where they are not mapped here (ExpertBackend.mapped_tables) or the engine runs its
+    non-expert side on a GPU."""
     tables = engine.model.experts.mapped_tables
-    if tables is None:
+    if tables is None or engine.device.type != "cpu":  # a GPU reads its side: no one RAM figure for the token
         return None
     out, k = [], engine.config.num_experts_per_tok
     for layer, table in tables.items():
@@ -67,7 +68,7 @@ def _arrays(spans: list[tuple[int, str, int, int]]) -> tuple[np.ndarray, np.ndar
 def token_spans(engine: Engine, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
     """One decode token's bytes in the order the forward reads them (addresses, lengths; int64): each layer's
     non-expert weights, then that layer's routed experts (num_experts_per_tok of them, drawn by rng), the
-    head last. None where the routed experts are not mapped here (ExpertBackend.mapped_tables)."""
+    head last. None where _expert_spans has none (experts not mapped here, or a GPU side)."""
     experts = _expert_spans(engine, rng)
     if experts is None:
         return None
