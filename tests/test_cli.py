@@ -377,7 +377,8 @@ def test_in_place_spans_are_a_tokens_weights_and_k_experts_a_layer(tiny_path):
         engine.device = dev
         assert ln.sum() < in_place.MIN_BYTES
     with hybrid.load(str(tiny_path), device="cpu", expert_mode="cache", cache_slots=12) as engine:
-        assert engine.model.experts.mapped_tables is None and in_place.token_spans(engine, np.random.default_rng(0)) is None
+        assert engine.model.experts.mapped_tables is None
+        assert in_place.token_spans(engine, np.random.default_rng(0)) is None
 
 
 def test_in_place_by_component_reads_each_components_bytes(tiny_path, monkeypatch):
@@ -402,7 +403,8 @@ def test_in_place_by_component_reads_each_components_bytes(tiny_path, monkeypatc
             ck.info(f"model.layers.{cfg.moe_layers[0]}.mlp.experts.0.{p}_proj.weight_{q}").nbytes
             for p in ("gate", "up", "down") for q in ("packed", "scale"))
     assert got == {k: 7.0 for k in want}
-    assert sorted(read) == sorted(v for v in want.values() for _ in range(2)) and all(flushed) and len(flushed) == len(read)
+    assert sorted(read) == sorted(v for v in want.values() for _ in range(2))
+    assert all(flushed) and len(flushed) == len(read)
 
 
 def test_bench_reports_the_in_place_reads_beside_the_probes(tiny_path, monkeypatch):
@@ -422,13 +424,15 @@ def test_bench_reports_the_in_place_reads_beside_the_probes(tiny_path, monkeypat
         for what, c in d["components"].items():
             g = {"experts": 10.0, "dense_mlp": 20.0}.get(what)
             assert c["in_place_gbps"] == g
-            assert c["pct_of_in_place"] == (None if g is None or c["gbps"] is None else pytest.approx(100 * c["gbps"] / g))
+            want = None if g is None or c["gbps"] is None else pytest.approx(100 * c["gbps"] / g)
+            assert c["pct_of_in_place"] == want
         monkeypatch.setattr(bench, "in_place_gbps", lambda engine, rng: None)
         monkeypatch.setattr(bench, "by_component", lambda engine, rng, buf: None)
         rep = bench.bench_engine(engine, 8, 3, 1, probe_bytes=4 << 20, warmup=False)
     assert rep["machine"]["mem_read_gbps_in_place"] is None and rep["machine"]["mem_read_gbps_in_place_reads"] is None
     assert rep["decode"]["pct_of_in_place"] is None
-    assert all(c["in_place_gbps"] is None and c["pct_of_in_place"] is None for c in rep["decode"]["components"].values())
+    assert all(c["in_place_gbps"] is None and c["pct_of_in_place"] is None
+               for c in rep["decode"]["components"].values())
 
 
 def test_host_steal_reads_the_steal_column(tmp_path):

@@ -90,7 +90,8 @@ def in_place_gbps(engine: Engine, rng: np.random.Generator, tokens: int = 2) -> 
     return best
 
 
-def by_component(engine: Engine, rng: np.random.Generator, flush: np.ndarray, reads: int = 2) -> dict[str, float] | None:
+def by_component(engine: Engine, rng: np.random.Generator, flush: np.ndarray,
+                 reads: int = 2) -> dict[str, float] | None:
     """account component -> GB/s of its bytes for one token (token_spans' draw, grouped; every layer's) read
     in place, the best of `reads` reads each after a read of `flush` (a buffer past the caches: the probe's)
     so that none starts from the caches; components under MIN_COMPONENT bytes left out (a cache figure).
