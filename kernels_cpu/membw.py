@@ -181,19 +181,25 @@ def read_spans(addrs, lens, shape, T):
     return total & np.uint64(0xFFFFFFFF), got.sum()
 
 
-def read_spans_gbps(addrs: np.ndarray, lens: np.ndarray, reps: int = 3) -> float:
+def read_spans_gbps(addrs: np.ndarray, lens: np.ndarray, reps: int = 3, flush: np.ndarray | None = None) -> float:
     """Best-of-reps read GB/s over the byte spans (addresses, lengths) in place, the best of SHAPES, on
     Numba's threads as set now: what RAM gives where those bytes sit, beside read_gbps's figure for a
-    buffer of its own (on a VM the two can differ by a third: runtime/probe.py). The memory must stay
-    mapped and readable for the call."""
+    buffer of its own (on a VM the two can differ by a third: runtime/probe.py). One untimed read first
+    (a mapped file's pages faulted in, not timed); with `flush` (uint64, past the caches) read_sum reads it
+    before each timed read, so that none starts from the caches. The memory must stay mapped and readable
+    for the call. Raises ValueError under 1 MB, or where no piece is long enough for a step."""
     at, ln = span_pieces(addrs, lens)
     if not len(at) or ln.sum() < 1 << 20:
         raise ValueError(f"read_spans_gbps: want at least 1 MB of spans, got {int(ln.sum()):,} bytes")
+    threads = numba.get_num_threads()
+    if not int(read_spans(at, ln, 0, threads)[1]):
+        raise ValueError("read_spans_gbps: no span is long enough for one step of the read loops")
     best = float("inf")
-    got = 0
     for _ in range(reps):
         for i in range(len(SHAPES)):
+            if flush is not None:
+                read_sum(flush, 64)
             t0 = time.perf_counter()
-            got = int(read_spans(at, ln, i, numba.get_num_threads())[1])
+            got = int(read_spans(at, ln, i, threads)[1])
             best = min(best, (time.perf_counter() - t0) / got)
     return 1 / best / 1e9

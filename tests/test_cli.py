@@ -343,39 +343,68 @@ def test_bench_probes_over_one_buffer_it_holds_until_the_last_probe(tiny_path, m
     assert len(rep["machine"]["mem_read_gbps_probes"]) == 4 and rep["machine"]["mem_read_gbps"] > 0
 
 
+def _memory(address: int, nbytes: int) -> np.ndarray:
+    """nbytes of this process's memory at address, as uint8 (no copy)."""
+    import ctypes
+
+    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address))
+
+
 def test_in_place_spans_are_a_tokens_weights_and_k_experts_a_layer(tiny_path):
     """token_spans: every non-expert weight the engine holds (not the embedding) at its own address, then
-    per MoE layer `experts_per_token` distinct experts' six parts where the kernels' tables put them, in
-    layer order; none with a RAM expert cache (its slots move). The tiny model's token sits in the caches:
-    no RAM figure (None), and the bench reports none."""
+    per MoE layer `experts_per_token` distinct experts' six parts, whose bytes in memory are the checkpoint
+    file's bytes for those tensors (read from the file here), layer by layer with each layer's weights
+    before its experts and the head last; read_spans over them reads those live bytes (checksum against
+    NumPy). None with a RAM expert cache (its slots move) or a GPU side; the tiny model's token sits in the
+    caches: no RAM figure."""
     import hybrid
     from hybrid.bench import in_place
+    from kernels_cpu import membw
     from kernels_cpu.table import PARTS
 
+    ck = Checkpoint(tiny_path)
+    part_of = {}  # an expert tensor's bytes in the file -> (layer, expert, part)
+    for layer in ck.config.moe_layers:
+        for e in range(ck.config.n_routed_experts):
+            for m, part in enumerate(PARTS):
+                proj, suffix = part.split(".")
+                info = ck.info(f"model.layers.{layer}.mlp.experts.{e}.{proj}.{suffix}")
+                with open(info.file, "rb") as f:
+                    f.seek(info.offset)
+                    part_of[f.read(info.nbytes)] = (layer, e, m)
     with hybrid.load(str(tiny_path), device="cpu") as engine:
         at, ln = in_place.token_spans(engine, np.random.default_rng(0))
         spans = list(zip(at.tolist(), ln.tolist()))
-        weights = {(t.data_ptr(), t.nbytes) for n, w in engine.model.w.items() if not n.startswith("model.embed")
-                   for t in (w if isinstance(w, tuple) else (w,))}
-        assert weights <= set(spans)
-        experts = [s for s in spans if s not in weights]
-        cfg, tables = engine.config, engine.model.experts.mapped_tables
-        k = cfg.num_experts_per_tok
-        assert len(experts) == len(cfg.moe_layers) * k * len(PARTS)
-        for i, layer in enumerate(cfg.moe_layers):  # in layer order: k distinct whole experts of each layer
-            t = tables[layer]
-            whole = {tuple((t.arenas[a].ctypes.data + int(o), int(n)) for (a, o), n in zip(t.loc[e], t.part_nbytes)): e
-                     for e in range(t.num_experts)}
-            got = [tuple(experts[j:j + len(PARTS)]) for j in range(i * k * len(PARTS), (i + 1) * k * len(PARTS),
-                                                                       len(PARTS))]
-            assert all(g in whole for g in got) and len({whole[g] for g in got}) == k
-        order = [in_place._layer_of(n) for n in engine.model.w if not n.startswith("model.embed")]
-        assert order == sorted(order)  # the engine holds the weights layer by layer, as the spans read them
-        assert in_place.in_place_gbps(engine, np.random.default_rng(0)) is None  # under MIN_BYTES
+        layer_of = {}
+        for n, w in engine.model.w.items():
+            if not n.startswith("model.embed"):
+                key = int(n.split(".")[2]) if n.startswith("model.layers.") else 10**9  # the head last
+                layer_of.update({(t.data_ptr(), t.nbytes): (key, 0) for t in (w if isinstance(w, tuple) else (w,))})
+        assert set(layer_of) <= set(spans)
+        seen = [part_of[_memory(a, n).tobytes()] for a, n in spans if (a, n) not in layer_of]  # KeyError: not one
+        cfg, k = engine.config, engine.config.num_experts_per_tok
+        assert len(seen) == len(cfg.moe_layers) * k * len(PARTS)
+        for i, layer in enumerate(cfg.moe_layers):  # k distinct whole experts of each layer, parts in order
+            got = seen[i * k * len(PARTS):(i + 1) * k * len(PARTS)]
+            assert all(g[0] == layer for g in got) and [g[2] for g in got] == list(range(len(PARTS))) * k
+            assert all(len({g[1] for g in got[j:j + len(PARTS)]}) == 1 for j in range(0, len(got), len(PARTS)))
+            assert len({g[1] for g in got}) == k
+        keys = [layer_of.get(sp) or (part_of[_memory(*sp).tobytes()][0], 1) for sp in spans]
+        assert keys == sorted(keys) and keys[-1][0] == 10**9  # by layer, weights first, the head last
+        pa, pl = membw.span_pieces(at, ln)
+        for i, (_, lanes, unroll, streams) in enumerate(membw.SHAPES):
+            total = nbytes = 0
+            for a, n in zip(pa.tolist(), pl.tolist()):
+                seg = n // streams // 64 * 64
+                span = seg // (4 * lanes * unroll) * (4 * lanes * unroll)
+                for j in range(streams):
+                    total += int(_memory(a + j * seg, span).view(np.uint32).sum(dtype=np.uint64)) if span else 0
+                    nbytes += span
+            assert tuple(map(int, membw.read_spans(pa, pl, i, 2))) == (total % 2**32, nbytes)
+        assert ln.sum() < in_place.MIN_BYTES and in_place.in_place_gbps(engine, np.random.default_rng(0)) is None
         dev, engine.device = engine.device, torch.device("cuda")  # as an engine with a GPU side sees itself
         assert in_place.token_spans(engine, np.random.default_rng(0)) is None
         engine.device = dev
-        assert ln.sum() < in_place.MIN_BYTES
     with hybrid.load(str(tiny_path), device="cpu", expert_mode="cache", cache_slots=12) as engine:
         assert engine.model.experts.mapped_tables is None
         assert in_place.token_spans(engine, np.random.default_rng(0)) is None
@@ -388,23 +417,22 @@ def test_in_place_by_component_reads_each_components_bytes(tiny_path, monkeypatc
     import hybrid
     from hybrid.bench import account, in_place
 
-    flush = np.ones(1 << 17, np.uint64)
+    buf = np.ones(1 << 17, np.uint64)
     with hybrid.load(str(tiny_path), device="cpu") as engine:
-        assert in_place.by_component(engine, np.random.default_rng(0), flush) is None
-        read, flushed = [], []
+        assert in_place.by_component(engine, np.random.default_rng(0), buf) is None
+        read = []
         monkeypatch.setattr(in_place, "MIN_BYTES", 0)
         monkeypatch.setattr(in_place, "MIN_COMPONENT", 0)
-        monkeypatch.setattr(in_place, "read_spans_gbps", lambda at, ln, reps: read.append(int(ln.sum())) or 7.0)
-        monkeypatch.setattr(in_place, "read_sum", lambda buf, n: flushed.append(buf is flush))
-        got = in_place.by_component(engine, np.random.default_rng(0), flush, reads=2)
+        monkeypatch.setattr(in_place, "read_spans_gbps",
+                            lambda at, ln, reps, flush: read.append((int(ln.sum()), reps, flush is buf)) or 7.0)
+        got = in_place.by_component(engine, np.random.default_rng(0), buf, reads=2)
         want = {k: v for k, v in account.weight_bytes(engine).items() if v}
         cfg, ck = engine.config, Checkpoint(tiny_path)
         want["experts"] = len(cfg.moe_layers) * cfg.num_experts_per_tok * sum(
             ck.info(f"model.layers.{cfg.moe_layers[0]}.mlp.experts.0.{p}_proj.weight_{q}").nbytes
             for p in ("gate", "up", "down") for q in ("packed", "scale"))
     assert got == {k: 7.0 for k in want}
-    assert sorted(read) == sorted(v for v in want.values() for _ in range(2))
-    assert all(flushed) and len(flushed) == len(read)
+    assert sorted(read) == sorted((v, 2, True) for v in want.values())  # each flushed before every read
 
 
 def test_bench_reports_the_in_place_reads_beside_the_probes(tiny_path, monkeypatch):
@@ -426,6 +454,17 @@ def test_bench_reports_the_in_place_reads_beside_the_probes(tiny_path, monkeypat
             assert c["in_place_gbps"] == g
             want = None if g is None or c["gbps"] is None else pytest.approx(100 * c["gbps"] / g)
             assert c["pct_of_in_place"] == want
+        from hybrid.cli import bench as cli_bench  # the table shows the figures
+
+        width, cli_bench.console.width = cli_bench.console.width, 220
+        try:
+            with cli_bench.console.capture() as cap:
+                cli_bench.render(rep)
+        finally:
+            cli_bench.console.width = width
+        text = cap.get()
+        assert "RAM read where the model sits" in text and f"{d['pct_of_in_place']:.1f}%" in text
+        assert "in place GB/s" in text and " 10.0 " in text and " 20.0 " in text
         monkeypatch.setattr(bench, "in_place_gbps", lambda engine, rng: None)
         monkeypatch.setattr(bench, "by_component", lambda engine, rng, buf: None)
         rep = bench.bench_engine(engine, 8, 3, 1, probe_bytes=4 << 20, warmup=False)

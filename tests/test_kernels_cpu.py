@@ -1054,6 +1054,20 @@ def test_spans_are_cut_into_pieces_and_read_where_they_lie():
     assert membw.read_spans_gbps(raw.ctypes.data + offs, lens, reps=1) > 0
     with pytest.raises(ValueError, match="at least 1 MB of spans"):
         membw.read_spans_gbps(raw.ctypes.data + offs[:1], lens[:1])
+    tiny = raw.ctypes.data + 64 * np.arange(20_000, dtype=np.int64)  # 1.2 MB of 60-byte spans: no step fits
+    with pytest.raises(ValueError, match="long enough for one step"):
+        membw.read_spans_gbps(tiny, np.full(20_000, 60, np.int64))
+
+
+def test_read_spans_gbps_flushes_before_every_timed_read(monkeypatch):
+    """With a flush buffer, read_sum reads it before each shape's timed read, every rep; without, never."""
+    raw = np.ones(2 << 20, np.uint8)
+    flush, calls = np.ones(1 << 17, np.uint64), []
+    monkeypatch.setattr(membw, "read_sum", lambda buf, n: calls.append(buf is flush))
+    membw.read_spans_gbps(np.array([raw.ctypes.data], np.int64), np.array([raw.nbytes], np.int64), 2, flush)
+    assert calls == [True] * 2 * len(SHAPES)
+    membw.read_spans_gbps(np.array([raw.ctypes.data], np.int64), np.array([raw.nbytes], np.int64), 2)
+    assert len(calls) == 2 * len(SHAPES)
 
 
 def test_the_probe_times_every_shape_and_reports_the_best(monkeypatch):

@@ -153,7 +153,8 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
     Each run's prompt starts with two tokens no earlier run in this process started with (_STARTS), so the
     engine's KV prefix reuse cannot skip work, whatever the seed; seed draws the rest of the prompts.
     mem_gbps: the RAM read bandwidth if already measured; else probed here over `probe_bytes` before the
-    runs and after each, and the best probe taken (all of them in the report's machine.mem_read_gbps_probes).
+    runs and after each, and the best probe taken (all of them in the report's machine.mem_read_gbps_probes);
+    beside each probe a token's own bytes read in place, and after the runs each component's (in_place.py).
     on_run(r) is called after measured run r (0-based), for progress display.
     """
     if prompt_tokens < 1 or gen_tokens < 2 or runs < 1:
@@ -193,9 +194,11 @@ def bench_engine(engine: Engine, prompt_tokens: int, gen_tokens: int, runs: int,
 def _add_in_place(report: dict, figures: list[float | None] | None, parts: dict[str, float] | None) -> None:
     """machine.mem_read_gbps_in_place (the best of the in-place reads; each in ..._in_place_reads),
     decode.pct_of_in_place, and each decode component's in-place GB/s and share of it (in_place.by_component):
-    null where there were none (the caller's bandwidth, a small model, or no local mapped experts)."""
+    null where there were none (the caller's bandwidth, a small model, a GPU side, or no local mapped experts),
+    the components' too."""
     got = [g for g in figures or () if g is not None]
     best = max(got) if got else None
+    parts = parts if best else None
     report["machine"]["mem_read_gbps_in_place"] = best
     report["machine"]["mem_read_gbps_in_place_reads"] = figures if got else None
     dec = report["decode"]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kernels_cpu.membw import read_spans_gbps, read_sum
+from kernels_cpu.membw import read_spans_gbps
 
 from hybrid.bench.account import component_of
 
@@ -66,9 +66,10 @@ def _arrays(spans: list[tuple[int, str, int, int]]) -> tuple[np.ndarray, np.ndar
 
 
 def token_spans(engine: Engine, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
-    """One decode token's bytes in the order the forward reads them (addresses, lengths; int64): each layer's
-    non-expert weights, then that layer's routed experts (num_experts_per_tok of them, drawn by rng), the
-    head last. None where _expert_spans has none (experts not mapped here, or a GPU side)."""
+    """One decode token's bytes layer by layer as the forward reads them (addresses, lengths; int64): each
+    layer's non-expert weights (in the engine's order), then that layer's routed experts (num_experts_per_tok
+    of them, drawn by rng), the head last. None where _expert_spans has none (experts not mapped here, or a
+    GPU side)."""
     experts = _expert_spans(engine, rng)
     if experts is None:
         return None
@@ -92,23 +93,17 @@ def in_place_gbps(engine: Engine, rng: np.random.Generator, tokens: int = 2) -> 
 
 def by_component(engine: Engine, rng: np.random.Generator, flush: np.ndarray,
                  reads: int = 2) -> dict[str, float] | None:
-    """account component -> GB/s of its bytes for one token (token_spans' draw, grouped; every layer's) read
-    in place, the best of `reads` reads each after a read of `flush` (a buffer past the caches: the probe's)
-    so that none starts from the caches; components under MIN_COMPONENT bytes left out (a cache figure).
-    None as in_place_gbps. What the engine's own GB/s for a component is measured against."""
+    """account component -> GB/s of its weights' bytes for one token (every layer's; for the routed experts,
+    a draw of its own as in token_spans) read in place, the best of `reads` reads of each load shape, each
+    after a read of `flush` (a buffer past the caches: the probe's) so that none starts from the caches;
+    components under MIN_COMPONENT bytes left out (a cache figure). Weights only: attention math's account
+    also counts the latent cache, which is not read here. None as in_place_gbps. What the engine's own
+    GB/s for a component is measured against."""
     experts = _expert_spans(engine, rng)
     if experts is None or sum(s[3] for s in experts) + sum(s[3] for s in weight_spans(engine)) < MIN_BYTES:
         return None
     groups: dict[str, list] = {}
     for span in weight_spans(engine) + experts:
         groups.setdefault(span[1], []).append(span)
-    out = {}
-    for what, spans in groups.items():
-        at, ln = _arrays(spans)
-        if ln.sum() >= MIN_COMPONENT:
-            best = 0.0
-            for _ in range(reads):
-                read_sum(flush, 64)
-                best = max(best, read_spans_gbps(at, ln, reps=1))
-            out[what] = best
-    return out
+    return {what: read_spans_gbps(*_arrays(spans), reps=reads, flush=flush)
+            for what, spans in groups.items() if sum(s[3] for s in spans) >= MIN_COMPONENT}
