@@ -454,14 +454,13 @@ def test_bench_reports_the_in_place_reads_beside_the_probes(tiny_path, monkeypat
             assert c["in_place_gbps"] == g
             want = None if g is None or c["gbps"] is None else pytest.approx(100 * c["gbps"] / g)
             assert c["pct_of_in_place"] == want
+        from rich.console import Console
+
         from hybrid.cli import bench as cli_bench  # the table shows the figures
 
-        width, cli_bench.console.width = cli_bench.console.width, 220
-        try:
-            with cli_bench.console.capture() as cap:
-                cli_bench.render(rep)
-        finally:
-            cli_bench.console.width = width
+        monkeypatch.setattr(cli_bench, "console", Console(width=220))  # its own: the shared one keeps its width
+        with cli_bench.console.capture() as cap:
+            cli_bench.render(rep)
         text = cap.get()
         assert "RAM read where the model sits" in text and f"{d['pct_of_in_place']:.1f}%" in text
         assert "in place GB/s" in text and " 10.0 " in text and " 20.0 " in text
