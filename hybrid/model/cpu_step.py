@@ -32,7 +32,7 @@ from kernels_cpu.simd import host_has_avx2
 from kernels_cpu.token_step import DENSE, MOE, decode_layers
 from kernels_cpu.widen import MAX_ROWS
 
-from hybrid.model.linear import bf16_bits, decode_weights
+from hybrid.model.linear import bf16_bits, decode_weights, swiglu_fits
 
 _PROJECTIONS = (1, 3, 5)  # attention_step's steps that are products: q_a with kv_a, q_b, o_proj
 # Layers per decode_layers call. Numba compiles it per length of its argument tuples: all of K2's 61
@@ -253,10 +253,7 @@ def _decode_rows(x: torch.Tensor) -> bool:
 def _mlp_args(x: torch.Tensor, m: Any) -> tuple | None:
     """A SwiGLU's weights as moe_step's swiglu_into_out reads them, or None where they are not held so."""
     ws = decode_weights(x, (m.gate_proj, m.up_proj, m.down_proj))
-    if ws is None:
-        return None
-    (O, I), up, (_, inner) = (logical_shape(w) for w, _ in ws)
-    if up != (O, I) or inner != O:
+    if ws is None or not swiglu_fits(ws):
         return None
     return tuple(arr for pair in ws for arr in pair)
 

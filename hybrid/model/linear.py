@@ -147,19 +147,21 @@ def linear_pair(x: torch.Tensor, w1: Weight, w2: Weight) -> tuple[torch.Tensor, 
 
 def swiglu(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
     """A SwiGLU MLP, down(SiLU(gate x) * up x): for a decode step on the CPU one Numba call
-    (kernels_cpu.widen.swiglu_gemv), else three linears."""
-    if (args := decode_weights(x, (gate, up, down))) is not None:
-        (O, I), shape_u, (_, inner) = (logical_shape(a) for a, _ in args)
-        if _tiled(args):  # int8 codes as tiles, some or all: the fused decode step's SwiGLU (its bits)
-            if shape_u == (O, I) and inner == O:
-                y = swiglu_out(x.reshape(-1, x.shape[-1]).contiguous().numpy(), tuple(a for p in args for a in p),
-                               get_num_threads())
-                return torch.from_numpy(y).view(*x.shape[:-1], -1)
-        elif shape_u == (O, I) and inner == O:
-            (wg, sg), (wu, su), (wd, sd) = args
-            y = swiglu_gemv(x.reshape(-1, x.shape[-1]).contiguous().numpy(), wg, sg, wu, su, wd, sd)
-            return torch.from_numpy(y).view(*x.shape[:-1], -1)
+    (kernels_cpu.widen.swiglu_gemv; over int8 tiles, some or all, the fused decode step's SwiGLU and its
+    bits), else three linears."""
+    if (args := decode_weights(x, (gate, up, down))) is not None and swiglu_fits(args):
+        xn = x.reshape(-1, x.shape[-1]).contiguous().numpy()
+        y = swiglu_out(xn, tuple(a for p in args for a in p), get_num_threads()) if _tiled(args) else \
+            swiglu_gemv(xn, *args[0], *args[1], *args[2])
+        return torch.from_numpy(y).view(*x.shape[:-1], -1)
     return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+
+
+def swiglu_fits(args: list[tuple[np.ndarray, np.ndarray]]) -> bool:
+    """Whether decode_weights' (gate, up, down) make one SwiGLU: gate and up [O, I], down [., O] (each as the
+    products see it, rows or tiles)."""
+    (O, I), up, (_, inner) = (logical_shape(a) for a, _ in args)
+    return up == (O, I) and inner == O
 
 
 def decode_weights(x: torch.Tensor, ws: tuple[Weight, ...]) -> list[tuple[np.ndarray, np.ndarray]] | None:
