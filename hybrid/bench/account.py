@@ -6,11 +6,14 @@ bandwidth. Reads the engine's weights and stats; measures nothing itself.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from hybrid.runtime.probe import GB
 
 if TYPE_CHECKING:
+    import torch
+
     from hybrid.runtime.engine import Engine
 
 PROJECTIONS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj")
@@ -47,13 +50,21 @@ def component_of(name: str) -> str | None:
     return "attention_math"  # input and post-attention norms
 
 
-def weight_bytes(engine: Engine) -> dict[str, int]:
-    """Bytes of GPU-side weights each component reads per decoded token, as the engine holds them."""
-    out = {k: 0 for k, (_, reads) in COMPONENTS.items() if reads and k != "experts"}  # experts: not GPU-side
+def held_weights(engine: Engine) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(name, component, tensor) of each GPU-side tensor a decoded token reads as the engine holds it (an
+    int8 weight's codes and scales apart; the embedding, read one row a token, left out)."""
     for name, w in engine.model.w.items():
         what = component_of(name)
         if what is not None:
-            out[what] += sum(t.nbytes for t in (w if isinstance(w, tuple) else (w,)))
+            for t in (w if isinstance(w, tuple) else (w,)):
+                yield name, what, t
+
+
+def weight_bytes(engine: Engine) -> dict[str, int]:
+    """Bytes of GPU-side weights each component reads per decoded token, as the engine holds them."""
+    out = {k: 0 for k, (_, reads) in COMPONENTS.items() if reads and k != "experts"}  # experts: not GPU-side
+    for _, what, t in held_weights(engine):
+        out[what] += t.nbytes
     return out
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from kernels_cpu.membw import read_spans_gbps
 
-from hybrid.bench.account import component_of
+from hybrid.bench.account import held_weights
 
 if TYPE_CHECKING:
     from hybrid.runtime.engine import Engine
@@ -34,15 +34,8 @@ def _layer_of(name: str) -> int:
 def weight_spans(engine: Engine) -> list[tuple[int, str, int, int]]:
     """(layer, account component, address, bytes) of each non-expert weight a decoded token reads as the
     engine holds them (the embedding, read one row a token, left out), in layer order."""
-    out = []
-    for name, w in engine.model.w.items():
-        what = component_of(name)
-        if what is None:
-            continue
-        for t in (w if isinstance(w, tuple) else (w,)):
-            if t.device.type == "cpu" and t.nbytes:
-                out.append((_layer_of(name), what, t.data_ptr(), t.nbytes))
-    return sorted(out, key=lambda s: s[0])
+    return sorted(((_layer_of(name), what, t.data_ptr(), t.nbytes) for name, what, t in held_weights(engine)
+                   if t.device.type == "cpu" and t.nbytes), key=lambda s: s[0])
 
 
 def _expert_spans(engine: Engine, rng: np.random.Generator) -> list[tuple[int, str, int, int]] | None:
@@ -100,10 +93,11 @@ def by_component(engine: Engine, rng: np.random.Generator, flush: np.ndarray,
     also counts the latent cache, which is not read here. None as in_place_gbps. What the engine's own
     GB/s for a component is measured against."""
     experts = _expert_spans(engine, rng)
-    if experts is None or sum(s[3] for s in experts) + sum(s[3] for s in weight_spans(engine)) < MIN_BYTES:
+    spans = None if experts is None else weight_spans(engine) + experts
+    if spans is None or sum(s[3] for s in spans) < MIN_BYTES:
         return None
     groups: dict[str, list] = {}
-    for span in weight_spans(engine) + experts:
+    for span in spans:
         groups.setdefault(span[1], []).append(span)
     return {what: read_spans_gbps(*_arrays(spans), reps=reads, flush=flush)
             for what, spans in groups.items() if sum(s[3] for s in spans) >= MIN_COMPONENT}

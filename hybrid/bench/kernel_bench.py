@@ -244,11 +244,11 @@ def _dense_gemv(shp: dict, reps: int, rng: np.random.Generator, probe: np.ndarra
     w32s = [w.float() for _ in range(-(-probe.nbytes // (4 * O * In)))]
     t32 = _best(lambda: torch.mm(xt, w32s[next(turn) % len(w32s)].T), reps * len(w32s))
     g16, g8, g32 = 2 * O * In / t16 / 1e9, O * (In + 2) / t8 / 1e9, 4 * O * In / t32 / 1e9
+    gt = None if tt is None else O * (In + 2) / tt / 1e9
     return {"shape": [O, In], "bf16_ms": t16 * 1e3, "bf16_gbps": g16, "bf16_pct_of_mem_read": 100 * g16 / mem_gbps,
             "int8_ms": t8 * 1e3, "int8_gbps": g8, "int8_pct_of_mem_read": 100 * g8 / mem_gbps,
-            "int8_tiles_ms": None if tt is None else tt * 1e3,
-            "int8_tiles_gbps": None if tt is None else O * (In + 2) / tt / 1e9,
-            "int8_tiles_pct_of_mem_read": None if tt is None else 100 * O * (In + 2) / tt / 1e9 / mem_gbps,
+            "int8_tiles_ms": None if tt is None else tt * 1e3, "int8_tiles_gbps": gt,
+            "int8_tiles_pct_of_mem_read": None if gt is None else 100 * gt / mem_gbps,
             "torch_fp32_ms": t32 * 1e3, "torch_fp32_gbps": g32, "speedup": t32 / t16}
 
 
