@@ -190,6 +190,20 @@ def _tile_rows_dot(typingctx, w, nch, xq, xs, xc, res):
 
 
 ITEM_BLOCKS = 2  # blocks of TILE_ROWS rows per work item
+# Where the rest of RAM's rate goes: k2-slice's int8w weights in place (o_proj, q_b, q_a), 2-core Xeon VM, each call
+# after a 512 MB read, 5-7 shuffled rounds a sitting. A read of the same bytes in this kernel's order with no
+# arithmetic (one stream a thread over its rows, each line prefetched STREAM_AHEAD on) got 86-95% of membw's best
+# read shape over them, and this kernel 93-96% of that read (o_proj, two sittings: 30.4-30.7 / 32.0-32.5 / 35.0-37.4
+# GB/s; a third, in slower memory: 27.4 / 28.6 / 30.1). Slower or level, not kept: two streams a thread (its rows'
+# halves, a tile of each in turn; or rows 512 KB apart within 1 MB items, 128 bytes of each in turn, as the best
+# read shape reads): level as this kernel, -6 to -15% as plain reads; items of 1 MB taken in order by both threads
+# (level); an L1 prefetch 0.5-2 KB on (-9 to -13%); every other line prefetched (-15 to -20%), or each 4 KB's first
+# lines only (-12 to -24%); 4-12 KB ahead (level, one sitting unflushed); one activation scale a tile (a quarter of
+# the conversions and products: level, alone and in the bench); both threads' row sums forced onto one cache line
+# (no change: no false sharing). One weight a call (no second weight's branch) read 4-16% faster alone in four
+# sittings (identical inner loop, alignment and call cost: unexplained), but linear_into and pair_into on it left
+# the bench level (four interleaved pairs: 78.3 against 77.4% of the in-place read). Unflushed, the host's 480 MB L3
+# serves part of a < 1 GB set of matrices: up to 95% of the best shape.
 
 
 @njit(nogil=True, cache=True)
