@@ -84,6 +84,13 @@ PANEL_MIN_TOKENS = panel.PANEL_MIN if panel.available() else None
 # rows across every expert (one 64-row stretch of each expert's matrix in turn). One K2 MoE layer, one
 # token, 48 or 192 experts, 2-core Xeon: +3.0-3.7% on the layer, the same output bits.
 SPLIT_PAIRS = 64
+# Where the rest of RAM's rate goes in decode: k2-slice's mapped experts, one token, 8 of 48 a layer, each call
+# after a 512 MB read, 27 calls a variant in one process, two sittings (medians). A read of the same bytes in this
+# order with no arithmetic (gate and up rows paired, then down rows RB / 2 apart, each row's scales beside it, the
+# same prefetches) read 81-88% of membw's best read shape over those experts (22.4-24.4 against 27.6 GB/s), whether
+# its loads were zmm or ymm, prefetched or not, its rows paired or in memory order; moe_into read 88-92% of that
+# plain read (21.3-21.5 GB/s). The order, not the arithmetic, holds most of the gap (int8tiles.py found the same for
+# the int8 GEMV). (The best shape's figure, a best of a few reads, lies ~2% over their median: int8tiles.py.)
 
 
 @njit(nogil=True, cache=True)
