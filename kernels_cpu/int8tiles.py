@@ -200,12 +200,13 @@ ITEM_BLOCKS = 2  # blocks of TILE_ROWS rows per work item
 # (level); an L1 prefetch 0.5-2 KB on (-9 to -13%); every other line prefetched (-14 to -19%), or each 4 KB's first
 # lines only (-11 to -24%); 4-12 KB ahead (level, one sitting unflushed); one activation scale a tile (a quarter of
 # the conversions and products: level, alone and in the bench); both threads' row sums forced onto one cache line
-# (no change: no false sharing). One weight a call (no second weight's branch) read 4-16% faster alone in four
-# sittings (identical inner loop, alignment and call cost: unexplained), but linear_into and pair_into on it left
-# the bench level (four interleaved pairs: 78.3 against 77.4% of the in-place read). The best shape (ymm, two
-# streams a thread) is itself the outlier: over o_proj in place, 15 reads, its median 36.2 and best 37.0 GB/s,
-# membw's other two shapes 31.9 and 32.4. Unflushed, the host's 480 MB L3 serves part of a < 1 GB set of matrices:
-# up to 95% of the best shape.
+# (no change: no false sharing); the weights loaded as two ymm halves, prefetched or not, and two long streams a
+# thread without a prefetch, as membw's best shape reads (29.9-30.7 against 30.3-31.2 GB/s on o_proj, one sitting).
+# One weight a call (no second weight's branch) read 4-16% faster alone in four sittings (identical inner loop,
+# alignment and call cost: unexplained), but linear_into and pair_into on it left the bench level (four interleaved
+# pairs: 78.3 against 77.4% of the in-place read). The best shape (ymm, two streams a thread) is itself the outlier:
+# over o_proj in place, 15 reads, its median 36.2 and best 37.0 GB/s, membw's other two shapes 31.9 and 32.4.
+# Unflushed, the host's 480 MB L3 serves part of a < 1 GB set of matrices: up to 95% of the best shape.
 
 
 @njit(nogil=True, cache=True)

@@ -18,6 +18,12 @@ alone, `bench` on the AVX2 code path put decode at 102-104% of "the RAM bandwidt
 Whole-line loads read less than half-line ones: same sitting, 2 threads, 1 GB, zmm loads, 2 streams
 32.8-33.9 GB/s and one stream 31.8-33.5 against ymm, 2 streams 39.0-42.6 (integer or float adds alike;
 a dependent chain timed right after either loop ran at the same clock). The kernels' vectors are zmm.
+What of the best shape a kernel can borrow, one sitting (k2-slice's o_proj in place, 4 layers, one call a matrix
+after a 512 MB read, 5 shuffled rounds): its loop read 35.3 GB/s over 1 MB pieces, 33.6-34.4 as one stream,
+32.8 with its sums through a float add a step, 29.6 with zmm loads, 31.8 and 29.3 called on 64 KB and 4 KB
+spans (its streams restarting each call); another sitting, an L2 prefetch of every line in the loop -13 to
+-17%. The kernels need that prefetch and read ~30-31 there with it, with ymm or zmm loads, one stream or two
+(int8tiles.py, by ITEM_BLOCKS).
 """
 from __future__ import annotations
 
