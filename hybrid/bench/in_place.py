@@ -93,11 +93,13 @@ def by_component(engine: Engine, rng: np.random.Generator, flush: np.ndarray,
     also counts the latent cache, which is not read here. None as in_place_gbps. What the engine's own
     GB/s for a component is measured against."""
     experts = _expert_spans(engine, rng)
-    spans = None if experts is None else weight_spans(engine) + experts
-    if spans is None or sum(s[3] for s in spans) < MIN_BYTES:
+    if experts is None:
+        return None
+    spans = weight_spans(engine) + experts
+    if sum(s[3] for s in spans) < MIN_BYTES:
         return None
     groups: dict[str, list] = {}
     for span in spans:
         groups.setdefault(span[1], []).append(span)
-    return {what: read_spans_gbps(*_arrays(spans), reps=reads, flush=flush)
-            for what, spans in groups.items() if sum(s[3] for s in spans) >= MIN_COMPONENT}
+    return {what: read_spans_gbps(*_arrays(group), reps=reads, flush=flush)
+            for what, group in groups.items() if sum(s[3] for s in group) >= MIN_COMPONENT}
