@@ -127,6 +127,17 @@ def test_greedy_checks_the_logits_too(logits, says):
         sample(torch.zeros(2, 3), greedy, g)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_greedy_takes_the_first_maximum_in_every_dtype(dtype):
+    # fp32 on the CPU goes through NumPy's argmax, the rest through torch's: the same answer either way
+    greedy, g = SamplingParams(temperature=0), torch.Generator()
+    for row, want in (([1.0, 3.0, 3.0, 2.0], 1), ([0.0, math.inf, math.inf], 1), ([-math.inf, -5.0, -math.inf], 1),
+                      ([2.0, -1.0, 2.0], 0)):
+        assert sample(torch.tensor(row, dtype=dtype), greedy, g) == want
+    wide = torch.linspace(-3, 3, 1280)[torch.randperm(1280, generator=torch.Generator().manual_seed(0))]
+    assert sample(wide.to(dtype), greedy, g) == int(torch.argmax(wide.to(dtype)))
+
+
 def test_stop_matcher_every_split_point():
     from hybrid.model.sampling import StopMatcher
 
