@@ -39,6 +39,29 @@ def test_last_only_gives_the_last_row(tiny_path):
     e.close()
 
 
+def test_decode_rope_and_embedding_equal_the_direct_ones(tiny_path):
+    """A decode step's cos / sin from rope_rows' table and its embedding row widened in NumPy: bit for bit what rope
+    over the positions and torch's gather and conversion give (with K2's real frequencies too), across the
+    table's growth."""
+    from hybrid.checkpoint.config import ModelConfig
+    from hybrid.model.k2 import ROPE_BLOCK, yarn_inv_freq
+    from tests.conftest import REAL_CONFIG
+
+    e = hybrid.load(tiny_path)
+    m = e.model
+    k2 = yarn_inv_freq(ModelConfig.from_file(REAL_CONFIG))
+    for inv_freq in (m.inv_freq, k2):
+        m.inv_freq, m._rope_table = inv_freq, None
+        for s0 in [0, 1, 7, ROPE_BLOCK - 1, ROPE_BLOCK, 3 * ROPE_BLOCK + 5, 9000, 5, 65530]:
+            for T in (1, 3, 8):
+                got, want = m.rope_rows(s0, T), m.rope(torch.arange(s0, s0 + T))
+                assert all(torch.equal(g, w) for g, w in zip(got, want)), (s0, T)
+    table = m.weights.embed_tokens
+    ids = torch.tensor([0, 5, e.config.vocab_size - 1, 5])
+    assert table.dtype == torch.bfloat16
+    assert torch.equal(m.embed(ids), table[ids].to(torch.float32))
+
+
 def test_logits_rejects_bad_ids(tiny_path):
     e = hybrid.load(tiny_path)
     with pytest.raises(ValueError, match="token ids must lie"):

@@ -12,6 +12,7 @@ import math
 import time
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from kernels_cpu import step_ops
@@ -29,6 +30,8 @@ from hybrid.model.weights import MLPWeights, ModelWeights
 LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
 ABSORB_MAX_TOKENS = 8  # at or below this many new tokens, attend in the absorbed (latent) form
 CHUNKED_MIN_SCORES = 1 << 22  # T x S above this: the chunked kernel, never a whole [T, H, S] score matrix
+ROPE_ROWS_MAX = 8  # forward passes of at most this many tokens take cos and sin from rope_rows' table
+ROPE_BLOCK = 512  # positions a rope call when rope_rows fills its table (K2: 16 K elements, under torch's grain)
 NAIVE_MAX_KEYS = 8192  # and above this many keys (K2: each expanded per head is 64 KB in fp32, 32 KB in bf16)
 
 AttnMode = Literal["auto", "naive", "absorbed"]
@@ -149,6 +152,8 @@ class Model:
         self.device = self.weights.norm.device
         self.dtype = self.weights.norm.dtype  # the compute dtype of the GPU side
         self.inv_freq = yarn_inv_freq(cfg).to(self.device)
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # rope_rows' cos, sin of positions 0..n-1
+        self._embed_bits: tuple[torch.Tensor, Any] | None = None  # embed's table and a NumPy view of its bits
         self.times = Timers()  # seconds by part, for the bench's split
         self.defer_experts = defer_experts  # experts per token whose output is added one MoE layer late (0 = exact)
         self.prompt_math = "fp32"  # the math of prompt products on a CPU (linear.prompt_math); the engine sets it
@@ -169,7 +174,10 @@ class Model:
     def _forward(self, ids: torch.Tensor, cache: Cache, attn: AttnMode, last_only: bool) -> torch.Tensor:
         T, s0 = ids.shape[0], cache.length
         cache.prepare(s0, s0 + T)
-        cos, sin = self.rope(torch.arange(s0, s0 + T, device=self.device))
+        if T <= ROPE_ROWS_MAX:
+            cos, sin = self.rope_rows(s0, T)
+        else:
+            cos, sin = self.rope(torch.arange(s0, s0 + T, device=self.device))
         h = self.embed(ids)  # [T, D]
         if attn == "auto":
             attn = "absorbed" if T <= ABSORB_MAX_TOKENS else "naive"
@@ -208,12 +216,36 @@ class Model:
         """ids [T] -> their embedding rows [T, D] on the device in the compute dtype. The table may live
         in host RAM (the engine keeps it there: 2.35 GB for K2, of which a token needs one row)."""
         table = self.weights.embed_tokens
+        if table.dtype == torch.bfloat16 and self.dtype == torch.float32 and self.device.type == "cpu" and ids.is_cpu:
+            # a bf16 row widened exactly (its bits in a float's top half) in NumPy: a CPU decode step streams
+            # past the caches, and the Python after it runs cold; on k2-slice (2-core Xeon) torch's gather and
+            # conversion took 0.07-0.13 ms a token, this 0.10, and with rope_rows the forward's Python outside
+            # the layers' call went from 0.22 to 0.10 ms a token
+            bits = self._embed_bits
+            if bits is None or bits[0] is not table:
+                bits = self._embed_bits = table, table.view(torch.int16).numpy()
+            rows = bits[1][ids.numpy()].astype(np.int32)
+            rows <<= 16
+            return torch.from_numpy(rows.view(np.float32))
         return table[ids.to(table.device)].to(self.device, self.dtype)
 
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions [T] (any integer or float tensor on the device) -> cos, sin [T, R/2]."""
         ang = pos.float()[:, None] * self.inv_freq[None, :]
         return ang.cos(), ang.sin()
+
+    def rope_rows(self, s0: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """rope(positions s0..s0+T-1) as views of a table of positions 0..n-1, grown (doubled) as positions pass
+        its end (K2 at 256 K positions: 64 MB): the same values, since rope is elementwise and the table is made
+        ROPE_BLOCK positions a call, each call on one thread in torch's vector loop. For decode steps: after a
+        CPU step's stream, with the caches cold, rope's five torch ops took 0.08-0.11 ms a token, this 0.02
+        (k2-slice, 2-core Xeon)."""
+        end, table = s0 + T, self._rope_table
+        if table is None or table[0].shape[0] < end:
+            n = max(ROPE_BLOCK, 2 * (0 if table is None else table[0].shape[0]), -(-end // ROPE_BLOCK) * ROPE_BLOCK)
+            parts = [self.rope(torch.arange(p, p + ROPE_BLOCK, device=self.device)) for p in range(0, n, ROPE_BLOCK)]
+            table = self._rope_table = torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
+        return table[0][s0:end], table[1][s0:end]
 
     def attention_block(self, i: int, h: torch.Tensor, cache: Cache, s0: int | torch.Tensor, cos: torch.Tensor,
                         sin: torch.Tensor, mode: AttnMode, span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
