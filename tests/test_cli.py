@@ -484,6 +484,33 @@ def test_host_steal_reads_the_steal_column(tmp_path):
     assert host_steal_s(tmp_path / "missing") is None
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux's /proc/stat")
+def test_host_steal_rereads_proc_stat_through_its_descriptor():
+    from hybrid.runtime.probe import host_steal_s
+
+    def direct():
+        with open("/proc/stat", "rb") as f:
+            return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+
+    first = host_steal_s()
+    between = direct()
+    assert first is not None and first <= between <= host_steal_s() <= direct()  # the counter only grows
+
+
+def test_host_steal_sees_each_new_reading_through_its_open_descriptor(tmp_path, monkeypatch):
+    from hybrid.runtime import probe
+
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(probe, "_STAT", stat)  # the path host_steal_s keeps open
+    monkeypatch.setattr(probe, "_stat_fd", {})
+    tick = os.sysconf("SC_CLK_TCK")
+    for steal in (250, 251, 9000):  # rewritten in place, as procfs regenerates the file on each read
+        stat.write_text(f"cpu  4705 150 1120 16250 520 0 30 {steal} 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+        assert probe.host_steal_s(stat) == pytest.approx(steal / tick)
+    assert list(probe._stat_fd) == [stat]
+    os.close(probe._stat_fd[stat])
+
+
 def test_bench_puts_the_hosts_steal_on_the_tokens_it_fell_in(tiny_path, monkeypatch):
     """A steal counter that moves by 30 ms at every third reading: the tokens read after it moved are the
     ones hit, and the ms per token is the whole movement over the decoded tokens."""

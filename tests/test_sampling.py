@@ -130,10 +130,13 @@ def test_greedy_checks_the_logits_too(logits, says):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_greedy_takes_the_first_maximum_in_every_dtype(dtype):
     # fp32 on the CPU goes through NumPy's argmax, the rest through torch's: the same answer either way
+    from hybrid.runtime import token_loop
+
     greedy, g = SamplingParams(temperature=0), torch.Generator()
     for row, want in (([1.0, 3.0, 3.0, 2.0], 1), ([0.0, math.inf, math.inf], 1), ([-math.inf, -5.0, -math.inf], 1),
                       ([2.0, -1.0, 2.0], 0)):
         assert sample(torch.tensor(row, dtype=dtype), greedy, g) == want
+        assert token_loop.greedy(torch.tensor(row, dtype=dtype)) == want  # the engine's own greedy sampler
     wide = torch.linspace(-3, 3, 1280)[torch.randperm(1280, generator=torch.Generator().manual_seed(0))]
     assert sample(wide.to(dtype), greedy, g) == int(torch.argmax(wide.to(dtype)))
 
