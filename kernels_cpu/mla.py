@@ -50,7 +50,10 @@ MAX_TOKENS = 8
 # The walk is arithmetic on pages while RAM idles (k2-slice in the engine: ~0.75 us a position a layer, 0.61
 # ms a layer at 8-40 positions, 0.91 at 400-432). Its score and value tiles prefetching the value rows
 # _values reads next into L2 meanwhile (a line every other tile step, up to 1 MB a thread), three
-# interleaved runs a side: 0.70-0.77 -> 0.78-0.83 ms a layer at 128-160 positions, level at 400: not kept.
+# interleaved runs a side: 0.70-0.77 -> 0.78-0.83 ms a layer at 128-160 positions, level at 400: not kept. Again
+# with one line a step of each score tile's sum (the first 1 MB of a thread's value rows over a walk of 128-160
+# positions, the same bits): the attention math 2.96-3.12 -> 3.01-3.24 ms a token (k2-slice int8w, three
+# interleaved bench pairs): not kept either.
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
