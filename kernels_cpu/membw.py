@@ -23,7 +23,11 @@ after a 512 MB read, 5 shuffled rounds): its loop read 35.3 GB/s over 1 MB piece
 32.8 with its sums through a float add a step, 29.6 with zmm loads, 31.8 and 29.3 called on 64 KB and 4 KB
 spans (its streams restarting each call); another sitting, an L2 prefetch of every line in the loop -13 to
 -17%. The kernels need that prefetch and read ~30-31 there with it, with ymm or zmm loads, one stream or two
-(int8tiles.py, by ITEM_BLOCKS).
+(int8tiles.py, by ITEM_BLOCKS). Other loads and hints, a later sitting, the same matrices and flush, 5 rounds:
+the best shape 30.2 and 36.7 GB/s (two sittings), the kernels' order as a plain read (zmm, one stream, an L2
+prefetch 6 KB on) 28.1 / 29.4, that order with prefetchnta 12.0 (2 KB on: 18.4), with prefetcht0 26.9; AMX tile
+loads (tileloadd of 1 KB tiles, one or two streams a thread, prefetched or not, with or without a tdpbssd a
+tile) 27.7-28.8 against 36.7: no load or hint here reads like the best shape under a kernel's loop.
 """
 from __future__ import annotations
 

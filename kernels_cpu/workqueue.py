@@ -3,6 +3,13 @@
 Owns handing out work items to Numba's threads: each thread walks its own contiguous share in order
 (one memory stream per thread, like a static split) and, once done, takes items from the others' (a
 core busy elsewhere then holds back nobody). Pure Numba functions; imports nothing from hybrid/.
+
+Other splits of one token's routed experts, measured against moe.moe_into's (k2-slice's mapped experts, 8 of 48
+a layer, each call after a 512 MB read, 37-42 calls a variant interleaved in one process, the same output bits):
+whole experts a thread (gate and up, SiLU, down, no barrier between): 25.7 against 25.9 GB/s; both threads in
+the same expert at once, each in its half of the rows (as the in-place read moves): 25.7 against 26.5 (and a
+few calls far slower); the down projection in items of 128-512 rows instead of 64 (its streams restarting less
+often): +0.8% on its own copy, 28.0 against 27.8. None kept.
 """
 from __future__ import annotations
 
