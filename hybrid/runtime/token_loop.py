@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 import torch
 
 from hybrid.model.k2 import Cache, Model
+from hybrid.model.sampling import first_max
 
 Sampler = Callable[[torch.Tensor], int]  # logits [vocab] -> token id
 
@@ -26,11 +27,8 @@ class Step:
 
 
 def greedy(logits: torch.Tensor) -> int:
-    """The first maximum's index (NumPy's argmax for fp32 on the CPU: cheaper with the caches cold after a
-    decode step, as sampling's greedy)."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32:
-        return int(logits.detach().numpy().argmax())
-    return int(torch.argmax(logits))
+    """The first maximum's index (sampling.first_max), without sampling's refusals of broken logits."""
+    return first_max(logits)[0]
 
 
 @torch.inference_mode()
