@@ -52,7 +52,7 @@ def mem_read_gbps(nbytes: int = 1 << 30, reps: int = 5, threads: int | None = No
 
 
 _STAT = "/proc/stat"
-_stat_fd: dict[str, int] = {}  # host_steal_s' descriptor of _STAT, open for the process
+_stat_fd: int | None = None  # host_steal_s' descriptor of _STAT, open for the process
 
 
 def host_steal_s(stat: str | os.PathLike = _STAT) -> float | None:
@@ -62,15 +62,15 @@ def host_steal_s(stat: str | os.PathLike = _STAT) -> float | None:
     On a VM a token that the host interrupts takes the stolen time on top of its own: k2-slice bf16w on a
     2-core Xeon VM, the bench's slowest tokens (98-144 ms against a median of 78) came with 40-120 ms of
     steal each (summed over the two CPUs)."""
+    global _stat_fd
     try:
         # /proc/stat through one descriptor, read at offset 0 (procfs writes the file anew for each read): bench
         # asks once a token, with the caches cold after a decode step's stream, and an open, read and close took
         # ~0.15 ms there against ~0.05 (k2-slice, 2-core Xeon VM)
         if stat == _STAT:
-            fd = _stat_fd.get(stat)
-            if fd is None:
-                fd = _stat_fd[stat] = os.open(stat, os.O_RDONLY)
-            fields = os.pread(fd, 512, 0).split(b"\n", 1)[0].split()
+            if _stat_fd is None:
+                _stat_fd = os.open(stat, os.O_RDONLY)
+            fields = os.pread(_stat_fd, 512, 0).split(b"\n", 1)[0].split()
         else:
             with open(stat, "rb") as f:
                 fields = f.readline().split()
