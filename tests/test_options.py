@@ -55,7 +55,7 @@ def test_a_flag_refuses_what_python_refuses(flag, value):
 
 @pytest.mark.parametrize("opts, says", [
     (dict(backend="torch"), "backend 'torch' is not known; use 'numba', 'reference' or 'auto'"),
-    (dict(expert_mode="disk"), "expert_mode must be 'auto', 'mmap' or 'cache', got 'disk'"),
+    (dict(expert_mode="disk"), "expert_mode must be 'auto', 'mmap', 'ram' or 'cache', got 'disk'"),
     (dict(prefetch=2), "prefetch must be True, False or 'auto', got 2"),
     (dict(dtype="half"), "dtype must be one of auto, bfloat16, float32, got 'half'"),
     (dict(device="tpu"), "device must be one of auto, cuda, cpu, got 'tpu'"),

@@ -213,7 +213,7 @@ def _cluster(p, cfg: ModelConfig, proj: dict, nodes: int, mem_gbps: float, disk_
     side_s = proj["gpu_side_bytes"] / (mem_gbps * GB) if p.device == "cpu" else proj["gpu_s"] or 0.0
     try:
         return project_cluster(nodes, p.n_moe_layers, p.experts_per_layer, p.experts_per_token, cfg.hidden_size,
-                               p.expert_bytes, None if p.expert_mode == "mmap" else p.cache_slots, mem_gbps,
+                               p.expert_bytes, None if p.expert_mode != "cache" else p.cache_slots, mem_gbps,
                                disk_gbps, side_s, net_gbps, net_latency_us)
     except ValueError as e:
         raise UserError(f"--nodes {nodes}: {e} (--disk-gbps)") from None

@@ -1,8 +1,8 @@
 """build_backend: an expert backend built complete from a checkpoint and plain options.
 
 Owns turning ExpertOptions into a backend: the reference oracle, or the Numba Scheduler with its
-pieces (mmap tables or the RAM cache, CPU worker, prefetch, hot experts filled from saved routing
-counts, long-prompt upload, trace). Nothing is set on a backend after this returns. It validates no
+pieces (mmap tables, their copy in RAM or the RAM cache, CPU worker, prefetch, hot experts filled from
+saved routing counts, long-prompt upload, trace). Nothing is set on a backend after this returns. It validates no
 user options (the loader does) and knows nothing of plans or engines.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from hybrid.experts.cpu import CpuExperts
 from hybrid.experts.hot import HotExperts
 from hybrid.experts.mmap_tables import mmap_tables
 from hybrid.experts.prefetch import Prefetcher
+from hybrid.experts.ram_tables import ram_tables
 from hybrid.experts.reference import ReferenceExperts
 from hybrid.experts.routing_log import RoutingLog
 from hybrid.experts.scheduler import Scheduler
@@ -28,6 +29,7 @@ from hybrid.experts.upload import UPLOAD_GROUP, PromptUpload, measured_rule
 
 KINDS = ("numba", "reference")
 OFFLOADS = ("on", "measured", "off")
+MODES = ("mmap", "ram", "cache")
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class ExpertOptions:
 
     kind: str = "numba"  # 'numba' (INT4 kernels on the CPU, the rest below) or 'reference' (the oracle: ignores the rest)
     device: str = "cpu"  # the GPU side's device: where hot experts and long-prompt uploads live
-    expert_mode: str = "mmap"  # 'mmap' (tables over the shard maps) or 'cache' (RAM slots fed by reads)
+    expert_mode: str = "mmap"  # 'mmap' (tables over the shard maps), 'ram' (their copy) or 'cache' (RAM slots)
     cache_slots: int = 0  # cache mode: slots in the pool shared by all MoE layers
     io_threads: int = 2  # cache mode: read threads
     cache_policy: str = "lrfu"  # cache mode: eviction (hybrid.experts.policy)
@@ -49,9 +51,9 @@ class ExpertOptions:
     upload_group: int = UPLOAD_GROUP  # at most, experts per long-prompt upload (two groups live on the device)
 
     def __post_init__(self):
-        if self.kind not in KINDS or self.prefill_offload not in OFFLOADS or self.expert_mode not in ("mmap", "cache"):
+        if self.kind not in KINDS or self.prefill_offload not in OFFLOADS or self.expert_mode not in MODES:
             raise ValueError(f"ExpertOptions: kind {self.kind!r}, prefill_offload {self.prefill_offload!r} or "
-                             f"expert_mode {self.expert_mode!r} is not one of {KINDS}, {OFFLOADS}, ('mmap', 'cache')")
+                             f"expert_mode {self.expert_mode!r} is not one of {KINDS}, {OFFLOADS}, {MODES}")
 
 
 def build_backend(ckpt: Checkpoint, opts: ExpertOptions, predict: Predict | None = None,
@@ -66,7 +68,8 @@ def build_backend(ckpt: Checkpoint, opts: ExpertOptions, predict: Predict | None
         cache = ExpertCache(ckpt, opts.cache_slots, io_threads=opts.io_threads, policy=opts.cache_policy)
         cpu = CpuExperts(cache=cache, threads=opts.cpu_threads, on_caller=opts.device == "cpu")
     else:
-        cpu = CpuExperts(tables=mmap_tables(ckpt), threads=opts.cpu_threads, on_caller=opts.device == "cpu")
+        tables = ram_tables(ckpt) if opts.expert_mode == "ram" else mmap_tables(ckpt)
+        cpu = CpuExperts(tables=tables, threads=opts.cpu_threads, on_caller=opts.device == "cpu")
     trace = open(opts.trace, "w") if opts.trace else None  # noqa: SIM115 (closed by Scheduler.close)
     try:
         routing = RoutingLog(cfg.moe_layers, cfg.n_routed_experts, trace, route_counts)

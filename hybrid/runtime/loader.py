@@ -52,8 +52,9 @@ def load(model: str | Path = "tiny", *, backend: str = "auto", device: str = "au
     context: tokens the KV cache holds; None (the default): the plan's choice (hybrid.runtime.context: the
     longest of 4K-128K whose KV pages take <= 10% of the VRAM budget, or of the RAM available without a GPU,
     keeping bf16 weights where they fit), as engine.context and engine.plan.context_why say.
-    expert_mode: 'mmap', 'cache' (RAM slots fed by explicit reads; cache_slots overrides the
-    planned count) or 'auto' (the planner decides from RAM). ram_budget / gpu_memory in GB.
+    expert_mode: 'mmap' (the page cache holds the experts), 'ram' (copied at load: experts/ram_tables.py),
+    'cache' (RAM slots fed by explicit reads; cache_slots overrides the planned count) or 'auto' (mmap or
+    cache, as the planner finds RAM). ram_budget / gpu_memory in GB.
     prefetch: load the next layer's predicted experts during this layer (cache mode, decode): True,
     False, or 'auto' (on while at least 30% of what it loads gets used, measured as it runs).
     trace: write routing decisions as JSON lines to this file (scripts/replay_traces.py reads it).

@@ -96,8 +96,10 @@ class LoadOptions:
     # cache (Python callers may go lower)
     context: int | None = _opt(None, "int", "Tokens the KV cache holds.", low=1, optional=True, flag=True,
                                flag_low=16)
-    expert_mode: str = _opt("auto", "choice", "Routed experts from the page cache (mmap) or a RAM slot cache fed "
-                            "from disk.", choices=("auto", "mmap", "cache"), flag=True)
+    expert_mode: str = _opt("auto", "choice", "Routed experts from the page cache (mmap), copied into RAM at load "
+                            "on 2 MB pages (ram: faster decode, slower start), or a RAM slot cache fed from disk "
+                            "(cache); auto: mmap where they all fit, else cache.",
+                            choices=("auto", "mmap", "ram", "cache"), flag=True)
     cache_slots: int | None = _opt(None, "int", "RAM cache slots (implies expert_mode='cache').", low=1, optional=True)
     ram_budget: float | None = _opt(None, "gb", "GB of RAM for routed experts.", optional=True, flag=True)
     gpu_memory: float | None = _opt(None, "gb", "GB of VRAM the plan may use.", optional=True, flag=True)
@@ -173,10 +175,11 @@ class LoadOptions:
         if self.decode_graphs in ("on", "segments") and self.defer_experts:
             raise ValueError(f"decode_graphs={self.decode_graphs!r} does not combine with defer_experts (the deferred "
                              "sum crosses the graph segments); use one or the other")
-        if self.backend == "reference" and (self.cache_slots is not None or self.expert_mode == "cache" or self.trace
-                                            or self.hot_experts or self.routing_stats not in ("auto", None)):
+        if self.backend == "reference" and (self.cache_slots is not None or self.expert_mode in ("cache", "ram")
+                                            or self.trace or self.hot_experts
+                                            or self.routing_stats not in ("auto", None)):
             raise ValueError("the reference backend computes every expert itself from the checkpoint: cache_slots, "
-                             "expert_mode='cache', trace, hot_experts and routing_stats need backend='numba'")
+                             "expert_mode='cache' or 'ram', trace, hot_experts and routing_stats need backend='numba'")
         if self.trace is not None and not Path(self.trace).parent.is_dir():
             raise ValueError(f"trace: the folder of {self.trace} does not exist")
         self._check_cluster()
@@ -193,6 +196,9 @@ class LoadOptions:
             if self.listen is not None or self.token is not None:
                 raise ValueError("listen and token are for a cluster: give nodes >= 2 (--nodes) as well")
             return
+        if self.expert_mode == "ram":
+            raise ValueError(f"expert_mode='ram' copies every routed expert into this process, and with nodes="
+                             f"{self.nodes} the head computes only its share: use 'mmap', 'cache' or 'auto'")
         if self.listen is None:
             raise ValueError(f"nodes={self.nodes} needs listen='HOST:PORT' (--listen): the address on the trusted "
                              "network at which the nodes reach this head")
@@ -207,7 +213,7 @@ class LoadOptions:
         n_experts = cfg.n_routed_experts * len(cfg.moe_layers)
         if self.cache_slots is not None and self.cache_slots > n_experts:
             raise ValueError(f"cache_slots {self.cache_slots} exceeds the model's {n_experts} routed experts; "
-                             f"use at most {n_experts} (or expert_mode='mmap' when they all fit in RAM)")
+                             f"use at most {n_experts} (or expert_mode='mmap' or 'ram' when they all fit in RAM)")
         if not 0 <= self.defer_experts < cfg.num_experts_per_tok:
             raise ValueError(f"defer_experts must lie in 0..{cfg.num_experts_per_tok - 1}, got {self.defer_experts}")
         if self.hot_experts is not None and not 0 <= self.hot_experts <= cfg.n_routed_experts:

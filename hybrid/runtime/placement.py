@@ -60,7 +60,7 @@ class Plan:
     entries: tuple[Entry, ...]
     context: int  # tokens the KV cache holds (given, or chosen by runtime/context.py's rule)
     kv_bytes_per_token: int
-    expert_mode: str  # 'mmap': all routed experts resident in the page cache; 'cache': RAM slot cache
+    expert_mode: str  # 'mmap' / 'ram': all routed experts resident (page cache / a copy at load); 'cache': slots
     expert_bytes: int  # one routed expert as on disk (INT4 + bf16 scales); a hot expert takes the same
     slot_bytes: int  # one cache slot: expert_bytes rounded up to SLOT_ALIGN
     cache_slots: int  # TOTAL slots, one pool shared by all MoE layers; 0 in mmap mode
@@ -108,7 +108,7 @@ class Plan:
     def summary(self) -> str:
         side = (f"GPU side on GPU {self.gpu_index}" if self.device == "cuda" else
                 "no CUDA GPU: attention, router and shared experts on the CPU")
-        experts = ("mmap, all resident in RAM" if self.expert_mode == "mmap" else
+        experts = (f"{self.expert_mode}, all resident in RAM" if self.expert_mode != "cache" else
                    f"cache, {self.cache_slots:,} slots ({self.slots_per_layer:.1f}/layer) of "
                    f"{self.n_moe_layers * self.experts_per_layer:,}")
         gpu = f"{self.gpu_bytes / GB:.2f}/{self.gpu_budget / GB:.2f} GB VRAM, " if self.device == "cuda" else ""
@@ -196,10 +196,10 @@ def plan(cfg: ModelConfig, hw: Hardware, *, gpu_memory: float | None = None, ram
     needs = {e.what: e.nbytes for e in entries if e.where == "ram"}
     mode, budget, slots = _fit_ram(sizes, hw, needs, ram_budget, expert_mode, 2 * K * slot_bytes, slot_bytes, dev,
                                    precision)
-    detail = ("page cache, all resident" if mode == "mmap" else
+    detail = ("page cache, all resident" if mode == "mmap" else "copied at load, all resident" if mode == "ram" else
               f"{slots:,} slots of {n_moe * E:,}, {slots / max(1, n_moe):.1f}/layer")
     entries.append(Entry("routed_experts", mode, expert_dtype,
-                         sizes.routed_bytes if mode == "mmap" else slots * slot_bytes, detail))
+                         sizes.routed_bytes if mode != "cache" else slots * slot_bytes, detail))
 
     p = Plan(device=dev, gpu_precision=precision, entries=tuple(entries), context=context,
              kv_bytes_per_token=kv_per_token, expert_mode=mode, expert_bytes=expert_bytes, slot_bytes=slot_bytes,
@@ -341,9 +341,9 @@ def _fit_ram(sizes: ClassSizes, hw: Hardware, needs: dict[str, int], ram_budget:
                         f"--ram-budget {ram_budget:g} GB plus {_itemise(needs)} and the {_gb(reserve)} kept free "
                         f"exceeds the {_gb(avail)} available; {fix}")
     mode = want if want != "auto" else ("mmap" if sizes.routed_bytes <= budget else "cache")
-    if mode == "mmap" and sizes.routed_bytes > budget:
+    if mode != "cache" and sizes.routed_bytes > budget:
         raise PlanError("RAM", sizes.routed_bytes - budget,
-                        f"--expert-mode mmap needs all routed experts ({_gb(sizes.routed_bytes)}) resident but "
+                        f"--expert-mode {mode} needs all routed experts ({_gb(sizes.routed_bytes)}) resident but "
                         f"the expert budget is {_gb(max(0, budget))}; use --expert-mode cache (or auto){side_note}")
     if mode == "cache" and budget < min_cache:
         minimum = f"expert cache minimum ({min_cache // slot_bytes} slots)"
@@ -353,7 +353,7 @@ def _fit_ram(sizes: ClassSizes, hw: Hardware, needs: dict[str, int], ram_budget:
         parts = dict(needs, **{minimum: min_cache, "reserve": reserve})
         raise PlanError("RAM", min_cache - budget, f"needs {_itemise(parts)} = {_gb(sum(parts.values()))}, "
                         f"{_gb(avail)} available{side_note or '; free some RAM'}{ctx_note}")
-    slots = 0 if mode == "mmap" else min(sizes.n_experts, budget // slot_bytes)
+    slots = 0 if mode != "cache" else min(sizes.n_experts, budget // slot_bytes)
     return mode, max(0, budget), slots
 
 

@@ -51,7 +51,7 @@ def projected_decode_tps(plan: Plan, cfg: ModelConfig, mem_read_gbps: float, dis
     cpu_experts = int(routed * (1 - hot_frac))
     gpu_experts = routed - cpu_experts
     capacity = min(1.0, plan.cache_slots / (plan.n_moe_layers * plan.experts_per_layer))
-    hit = 1.0 if plan.expert_mode == "mmap" else capacity if hit_rate is None else hit_rate
+    hit = 1.0 if plan.expert_mode != "cache" else capacity if hit_rate is None else hit_rate
     if not 0 <= hit <= 1:
         raise ValueError(f"hit_rate must lie in 0..1, got {hit}")
     miss = int(cpu_experts * (1 - hit))

@@ -1,0 +1,70 @@
+"""Routed-expert storage in ram mode: every routed expert read into the process's own memory at load, on
+2 MB pages, and ExpertTables over that copy.
+
+Owns ram_tables (one arena a MoE layer, its experts one after another, each part on a cache line) and
+huge_arena (anonymous memory advised for transparent huge pages, 2 MB aligned). mmap mode holds the same
+bytes in the page cache and reads them through the shard maps; a file's page-cache pages are 2 MB ones
+only where the first map to fault them in was advised so and they stayed cached (reader.file_buffer), and on
+a VM a page-cache page may also sit in slower memory than the process's own (runtime/probe.py's tiers).
+Anonymous memory advised for huge pages gets them whatever the page cache holds: one translation for each
+2 MB a decode streams instead of up to 512, which a VM pays twice (its own page tables, then the host's).
+k2-slice's routed experts for one token (8 of 48 a layer, 595 MB), read in place after a 512 MB read, 2-core
+Xeon VM, one sitting: 30.3-30.7 GB/s through the shard maps (1.3 of their 3.6 GB mapped as huge pages), 31.2-31.6
+copied to 4 KB pages, 35.0 copied to 2 MB pages; `bench --device cpu`, two interleaved pairs a mode, int8w
+17.44 / 17.12 -> 18.72 / 18.49 tok/s, bf16w 11.86 / 11.68 -> 12.25 / 12.68 (the token's bytes read in place
+34.2-36.9 -> 37.3-39.6 GB/s, level with the probe's own buffer). The cost: the load reads every expert before
+the first token (what mmap mode's first tokens fault in), and the copy is the process's alone (another process
+over the same checkpoint does not share it, and the kernel cannot drop it under memory pressure, as it can page
+cache).
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+
+import numpy as np
+
+from kernels_cpu.table import ALIGN, ExpertTable
+
+from hybrid.checkpoint.reader import Checkpoint
+from hybrid.experts.mmap_tables import mmap_tables
+
+log = logging.getLogger(__name__)
+
+HUGE = 2 << 20  # x86-64's transparent huge page
+
+
+def huge_arena(nbytes: int) -> np.ndarray:
+    """A zeroed 1-D uint8 array of nbytes in anonymous memory of its own, 2 MB aligned and advised for
+    transparent huge pages (plain pages where the kernel has none). Its memory lives as long as the array."""
+    m = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages
+            pass
+    raw = np.frombuffer(m, np.uint8)  # holds the map: it is unmapped with the last view
+    skip = (-raw.ctypes.data) % HUGE
+    return raw[skip:skip + nbytes]
+
+
+def ram_tables(ckpt: Checkpoint) -> dict[int, ExpertTable]:
+    """One ExpertTable a MoE layer over a huge_arena holding a copy of its routed experts, read from the shard
+    files (validated by Checkpoint already) through their maps."""
+    tables = {}
+    for layer, src in mmap_tables(ckpt).items():
+        sizes = [int(n) for n in src.part_nbytes]
+        spans = [-(-n // ALIGN) * ALIGN for n in sizes]
+        per = sum(spans)
+        arena = huge_arena(src.num_experts * per)
+        loc = np.zeros_like(src.loc)
+        for e in range(src.num_experts):
+            at = e * per
+            for m, n in enumerate(sizes):
+                a, off = (int(v) for v in src.loc[e, m])
+                arena[at:at + n] = src.arenas[a][off:off + n]
+                loc[e, m] = (0, at)
+                at += spans[m]
+        tables[layer] = ExpertTable([arena], loc, src.hidden, src.inter, src.group)
+        log.debug("ram mode: layer %d's %d routed experts copied (%.2f GB)", layer, src.num_experts, arena.nbytes / 1e9)
+    return tables
