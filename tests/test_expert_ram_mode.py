@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 import hybrid
+from hybrid.checkpoint.host_memory import HUGE
 from hybrid.checkpoint.layout import expert_prefix
 from hybrid.checkpoint.reader import Checkpoint
 from hybrid.runtime.hardware import Hardware
@@ -41,16 +42,19 @@ def _mapping(addr: int) -> tuple[str, list[str]]:
     raise AssertionError(f"no mapping holds {addr:#x}")
 
 
-def test_ram_tables_hold_every_experts_bytes_as_the_shards_do(tiny_path):
+def test_ram_tables_hold_every_experts_bytes_as_the_shards_do(make_checkpoint):
     """Each part of each routed expert, read out of the copy, equals the tensor safetensors reads from the
-    shard; each lies on a cache line of one arena a layer, an arena of its own that is no shard's map."""
-    from hybrid.experts.ram_tables import HUGE, ram_tables
+    shard; each lies on a cache line of one arena a layer (experts enough for 3.5 MB: on huge pages), an
+    arena of its own that is no shard's map."""
+    from hybrid.experts.ram_tables import ram_tables
 
-    ckpt = Checkpoint(tiny_path)
+    path = make_checkpoint(n_routed_experts=32, moe_intermediate_size=512)
+    ckpt = Checkpoint(path)
     tables = ram_tables(ckpt)
     assert sorted(tables) == list(ckpt.config.moe_layers)
     for layer, table in tables.items():
-        assert len(table.arenas) == 1 and table.arenas[0].ctypes.data % HUGE == 0
+        assert len(table.arenas) == 1 and table.arenas[0].nbytes >= 3 << 20
+        assert table.arenas[0].ctypes.data % HUGE == 0
         arena, nbytes = table.arenas[0], table.part_nbytes
         for e in range(table.num_experts):
             for m, part in enumerate(PARTS):
@@ -62,7 +66,7 @@ def test_ram_tables_hold_every_experts_bytes_as_the_shards_do(tiny_path):
                 assert a == 0 and off % 64 == 0
                 np.testing.assert_array_equal(arena[off:off + int(nbytes[m])], want, err_msg=name)
     if os.path.exists("/proc/self/smaps"):
-        shards = {str(p) for p in Path(tiny_path).glob("*.safetensors")}
+        shards = {str(p) for p in Path(path).glob("*.safetensors")}
         for table in tables.values():
             path, flags = _mapping(table.arenas[0].ctypes.data)
             assert path not in shards and not path.endswith(".safetensors")

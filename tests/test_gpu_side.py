@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from hybrid.runtime.gpu_side import HUGE, gpu_side_weight, host_copy
+from hybrid.checkpoint.host_memory import HUGE
+from hybrid.runtime.gpu_side import gpu_side_weight, host_copy
 
 
 def _mapping(addr: int) -> tuple[str, int, list[str]]:

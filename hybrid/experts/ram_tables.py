@@ -1,8 +1,8 @@
 """Routed-expert storage in ram mode: every routed expert read into the process's own memory at load, on
 2 MB pages, and ExpertTables over that copy.
 
-Owns ram_tables (one arena a MoE layer, its experts one after another, each part on a cache line) and
-huge_arena (anonymous memory advised for transparent huge pages, 2 MB aligned). mmap mode holds the same
+Owns ram_tables: one arena a MoE layer (checkpoint/host_memory.py's huge_bytes), its experts one after
+another, each part on a cache line. mmap mode holds the same
 bytes in the page cache and reads them through the shard maps; a file's page-cache pages are 2 MB ones
 only where the first map to fault them in was advised so and they stayed cached (reader.file_buffer), and on
 a VM a page-cache page may also sit in slower memory than the process's own (runtime/probe.py's tiers).
@@ -20,33 +20,16 @@ cache).
 from __future__ import annotations
 
 import logging
-import mmap
 
 import numpy as np
 
 from kernels_cpu.table import ALIGN, ExpertTable
 
+from hybrid.checkpoint.host_memory import huge_bytes
 from hybrid.checkpoint.reader import Checkpoint
 from hybrid.experts.mmap_tables import mmap_tables
 
 log = logging.getLogger(__name__)
-
-HUGE = 2 << 20  # x86-64's transparent huge page
-
-
-def huge_arena(nbytes: int) -> np.ndarray:
-    """A zeroed 1-D uint8 array of nbytes in anonymous memory of its own, 2 MB aligned and advised for
-    transparent huge pages (plain pages where the kernel has none). Its memory lives as long as the array."""
-    m = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            m.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # a kernel without transparent huge pages
-            pass
-    raw = np.frombuffer(m, np.uint8)  # holds the map: it is unmapped with the last view
-    skip = (-raw.ctypes.data) % HUGE
-    return raw[skip:skip + nbytes]
-
 
 def ram_tables(ckpt: Checkpoint) -> dict[int, ExpertTable]:
     """One ExpertTable a MoE layer over a huge_arena holding a copy of its routed experts, read from the shard
@@ -56,7 +39,7 @@ def ram_tables(ckpt: Checkpoint) -> dict[int, ExpertTable]:
         sizes = [int(n) for n in src.part_nbytes]
         spans = [-(-n // ALIGN) * ALIGN for n in sizes]
         per = sum(spans)
-        arena = huge_arena(src.num_experts * per)
+        arena = huge_bytes(src.num_experts * per)
         loc = np.zeros_like(src.loc)
         for e in range(src.num_experts):
             at = e * per

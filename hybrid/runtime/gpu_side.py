@@ -16,53 +16,37 @@ in 4 KB pages (k2-slice int8w: kv_a, kv_b, q_a, q_b and the shared experts sat t
 """
 from __future__ import annotations
 
-import mmap
-
 import numpy as np
 import torch
 
 from kernels_cpu import int8tiles
 from kernels_gpu.int8 import quantize_int8
 
+from hybrid.checkpoint.host_memory import huge_bytes
 from hybrid.runtime.tensor_classes import int8_eligible, widen_eligible
 
 EMBED = "model.embed_tokens.weight"
-HUGE = 2 << 20  # a transparent huge page on x86-64; a copy smaller than one holds none, so it stays in numpy's memory
 
 
 def host_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """t converted to dtype (default: its own) in new host memory marked for transparent huge pages
-    (_huge_bytes), which the kernel gives where its setting allows ('always' or 'madvise'; with
+    (huge_bytes), which the kernel gives where its setting allows ('always' or 'madvise'; with
     'never' these are plain pages, as torch's would be). Shares nothing with t (a view of the
     checkpoint's maps stays behind)."""
     dtype = dtype or t.dtype
     size = t.numel() * dtype.itemsize
     if size == 0:
         return torch.empty(t.shape, dtype=dtype)
-    return torch.from_numpy(_huge_bytes(size)).view(dtype).view(t.shape).copy_(t)
+    return torch.from_numpy(huge_bytes(size)).view(dtype).view(t.shape).copy_(t)
 
 
 def host_tiles(q: torch.Tensor) -> torch.Tensor:
     """int8 codes [O, I] (int8tiles.usable) as int8tiles lays them out, 4-D, in new host memory on huge pages
     (as host_copy): a decode step's GEMV reads them in that order (int8tiles.py: +2-14% on K2's rows of 7 KB
     and longer, 2-core Xeon); a reader that was not taught tiles fails on the rank instead of misreading."""
-    tiles = _huge_bytes(q.numel()).view(np.int8).reshape(int8tiles.tiles_shape(*q.shape))
+    tiles = huge_bytes(q.numel()).view(np.int8).reshape(int8tiles.tiles_shape(*q.shape))
     int8tiles.tile_into(np.ascontiguousarray(q.numpy()), tiles)
     return torch.from_numpy(tiles)
-
-
-def _huge_bytes(size: int) -> np.ndarray:
-    """size bytes, untouched: from HUGE in a private anonymous mapping of their own, starting on a huge
-    page, its whole huge pages advised before any page of it is touched (the array holds the mapping; the
-    last part-filled one is not advised, so it costs no more than its bytes); smaller, or where the platform
-    has no such advice, numpy's memory."""
-    if size < HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return np.empty(size, np.uint8)
-    m = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    whole = np.frombuffer(m, np.uint8)
-    start = -whole.ctypes.data % HUGE
-    m.madvise(mmap.MADV_HUGEPAGE, start, size - size % HUGE)
-    return whole[start:start + size]
 
 
 def gpu_side_weight(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype, int8: bool = False,
