@@ -16,13 +16,17 @@ with the tiles, the same layer from RAM after a 700 MB read, 30-40 alternating c
 / 1,000 positions 0.70-0.72 / 0.82 / 0.91-0.94 / 1.18-1.28 / 1.95-1.98 -> 0.72-0.74 / 0.81 / 0.84-0.88 /
 1.02-1.07 / 1.49-1.56 ms (a thread's walk at 160 positions: scores 100 -> 46 us, value sums 67 -> 35;
 the order of each sum changes: the logits of k2-slice's greedy runs, 64-700 positions, moved up to 4e-6
-of their scale in bf16w and 3e-5 in int8w, with the same tokens). Past a few thousand positions the
-caller's gather and MKL GEMMs took over when this measured level with them (the k2-slice forward at
-2,000 positions, before the tiles: attention 16.7-19.7 against 19.2 ms a token): MAX_POSITIONS is where
-the caller switches. kv_b's rows stream with an L2 prefetch AHEAD rows ahead (160 positions: 1.51-1.55
--> 1.16-1.31 ms). In bf16 the value rows go through the bf16 GEMV's row_dot (bf16dot.py) against the
-value sum deinterleaved once a head: one K2 layer from RAM, 2-core Xeon, 1 / 160 / 1,000 positions
-0.81 / 0.98 / 2.03 -> 0.65 / 0.86 / 1.68 ms (the sums' order changes: ~5e-7 apart). Both halves of kv_b
+of their scale in bf16w and 3e-5 in int8w, with the same tokens). It takes any number of positions: the
+caller's other way (gather blocks of the pages widened, MKL GEMMs, softmax, a second gather) once took
+over past 2,048, where it measured level before the tiles; with them, k2-slice int8w decode after a
+2,560 / 8,192-token prompt (2-core Xeon, bench): attention math 18.2 -> 10.6 / 38.6 -> 26.2 ms a token,
+12.8 -> 15.4 / 10.0 -> 12.5 tok/s (the one call also keeps decode_layers' all-layers call). There the walk
+is arithmetic, ~0.73 us a position a layer on two threads (~57% of their fp32 FMA peak); libm's expf in the
+softmax is not what holds it (a vectorised polynomial measured level). kv_b's rows stream with an L2
+prefetch AHEAD rows ahead (160 positions: 1.51-1.55 -> 1.16-1.31 ms). In bf16 the value rows go through
+the bf16 GEMV's row_dot (bf16dot.py) against the value sum deinterleaved once a head: one K2 layer from
+RAM, 2-core Xeon, 1 / 160 / 1,000 positions 0.81 / 0.98 / 2.03 -> 0.65 / 0.86 / 1.68 ms (the sums' order
+changes: ~5e-7 apart). Both halves of kv_b
 go two heads a pass, row p of head h beside row p of head h + 1 (two streams 256 KB apart instead of
 one; each sum in the same order, so the same bits): one K2 layer from RAM, 1 / 160 positions, 0.66-0.69
 / 0.92 -> 0.57-0.60 / 0.78 ms; four heads a pass measured slower than two (0.63 ms at 1 position).
@@ -45,7 +49,6 @@ from kernels_cpu.step_ops import rms_norm_into
 from kernels_cpu.widen import widened3
 
 FASTMATH = {"reassoc", "contract"}  # a vectorised sum and FMA; NaN and inf keep their meaning
-MAX_POSITIONS = 2048  # at most this many positions per call (see the module doc); the caller checks
 MAX_TOKENS = 8
 # The walk is arithmetic on pages while RAM idles (k2-slice in the engine: ~0.75 us a position a layer, 0.61
 # ms a layer at 8-40 positions, 0.91 at 400-432). Its score and value tiles prefetching the value rows
@@ -299,9 +302,9 @@ def mla_decode(q: np.ndarray, cos: np.ndarray, sin: np.ndarray, kvb: np.ndarray,
                          f"needed, got {main.dtype}, {spill.dtype} and {kvb.dtype}")
     S, PG = s0 + T, main.shape[1]
     pages = -(-S // PG)
-    if S > MAX_POSITIONS or table.dtype != np.int32 or table.shape[0] < pages:
-        raise ValueError(f"mla_decode: {S} positions (at most {MAX_POSITIONS}) need an int32 table of >= {pages} "
-                         f"entries, got {table.dtype} {table.shape}")
+    if table.dtype != np.int32 or table.shape[0] < pages:
+        raise ValueError(f"mla_decode: {S} positions need an int32 table of >= {pages} entries, got {table.dtype} "
+                         f"{table.shape}")
     t = table[:pages]
     if int(t.max()) >= main.shape[0] or int(t.min()) < -spill.shape[0]:
         raise ValueError(f"mla_decode: a page id lies outside the pools ({main.shape[0]} and {spill.shape[0]} pages)")

@@ -988,6 +988,34 @@ def test_mla_decode_equals_the_float64_attention(dtype, L):
         mla_decode(q[:, :6].copy(), cos, sin, kvb[:6].copy(), main, spill, table, s0, 0.3, 2)
 
 
+def test_mla_decode_takes_thousands_of_positions():
+    """The one call at any context length (the engine no longer switches past 2,048 positions): 5,000
+    positions over 79 bf16 pages of 64, shuffled, the largest scores late so that the online softmax
+    rescales its sums after many pages, against float64."""
+    from kernels_cpu.mla import mla_decode
+
+    rng = np.random.default_rng(5)
+    H, P, R, V, L, PG, S = 8, 16, 8, 12, 32, 64, 5000
+    pages = -(-S // PG)
+    rows = rng.standard_normal((pages * PG, L + R)) * np.linspace(0.5, 2.0, pages * PG)[:, None]
+    main = bf16_bits(rows).reshape(pages, PG, L + R)
+    order = rng.permutation(pages).astype(np.int32)
+    pool = np.empty_like(main)
+    pool[order] = main  # page k of the sequence lives at pool[order[k]]
+    q = rng.standard_normal((1, H, P + R)).astype(np.float32)
+    cos, sin = np.ones((1, R // 2), np.float32), np.zeros((1, R // 2), np.float32)
+    kvb = bf16_bits(rng.standard_normal((H, P + V, L)) / 4)
+    o = mla_decode(q, cos, sin, kvb, pool, pool[:1], order, S - 1, 0.2, 2)
+    vals = (main.reshape(-1, L + R)[:S].astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    kvf = (kvb.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    ref = np.zeros((H, V))
+    for h in range(H):
+        sc = (vals[:, :L] @ (q[0, h, :P].astype(np.float64) @ kvf[h, :P]) + vals[:, L:] @ q[0, h, P:]) * 0.2
+        p = np.exp(sc - sc.max())
+        ref[h] = (p / p.sum()) @ vals[:, :L] @ kvf[h, P:].T
+    np.testing.assert_allclose(o[0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 # ---- the RAM read-bandwidth kernels (membw): each load shape reads the bytes it counts (a bandwidth is
 # those bytes over the time), and the probe reports every shape and takes the best; in this file so that
 # the AVX2 run checks them as built for that target too

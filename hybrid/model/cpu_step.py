@@ -23,7 +23,6 @@ from numba.core.errors import TypingError
 
 from kernels_cpu.attn_step import PARTS, attention_step
 from kernels_cpu.int8tiles import logical_shape
-from kernels_cpu.mla import MAX_POSITIONS as MLA_MAX_POSITIONS
 from kernels_cpu.mla import MAX_TOKENS as MLA_MAX_TOKENS
 from kernels_cpu.moe import kernel_options
 from kernels_cpu.moe_step import PARTS as MOE_PARTS
@@ -56,8 +55,8 @@ def layers(model: Any, h: torch.Tensor, cache: Any, s0: int, cos: torch.Tensor, 
     router, shared, experts_wait, lm_head) and the experts reported to the backend; None where a layer's
     one-call steps do not apply (the caller then goes layer by layer)."""
     n, T = model.cfg.num_hidden_layers, h.shape[0]
-    if not _decode_rows(h) or model.cpu_steps.get("token") is False or s0 + T > MLA_MAX_POSITIONS:
-        return None  # past the one-call MLA's positions every layer's step_pages says no: not worth asking
+    if not _decode_rows(h) or model.cpu_steps.get("token") is False:
+        return None
     attn, dense, moe, plan, threads = [], [], [], [], set()
     for i in range(n):  # the per-layer Python here runs back to back, in cache, before the layers stream
         if model.cfg.is_moe_layer(i):

@@ -17,7 +17,6 @@ import numba
 import numpy as np
 import torch
 
-from kernels_cpu.mla import MAX_POSITIONS as MLA_MAX_POSITIONS
 from kernels_cpu.mla import MAX_TOKENS as MLA_MAX_TOKENS
 from kernels_cpu.mla import mla_decode as cpu_mla_decode
 from kernels_cpu.paged import gather_rows
@@ -273,10 +272,10 @@ class PagedKVCache:
         """Layer i's pools as numpy (main, spill: a one-page dummy without a host tier) and the page table,
         for T new tokens at s0 attended in one Numba call over kv_b_heads [H, P + V, L] (kernels_cpu.mla,
         kernels_cpu.attn_step), with the cache bytes that call reads counted. None where that does not
-        apply: not a CPU computing in fp32, too many tokens or positions, heads not a multiple of 4,
+        apply: not a CPU computing in fp32, too many tokens, heads not a multiple of 4,
         kv_b_heads neither fp32 nor bf16 or not contiguous, a second parallel region not allowed."""
         S = s0 + T
-        if T > MLA_MAX_TOKENS or S > MLA_MAX_POSITIONS:
+        if T > MLA_MAX_TOKENS:
             return None
         main, spill = self.store.main.data, self.store.spill
         got = self._step_pools.get(i)  # per layer, while the pools and kv_b stay the same objects: each
