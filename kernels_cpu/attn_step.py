@@ -101,7 +101,7 @@ def _pair_into_impl(x, w1, s1, out1, w2, s2, out2, nt):
 
 
 @njit(nogil=True, cache=True)
-def attention_step(h, norms, eps, proj, kvb, main, spill, table, s0, cos, sin, scale, nt, mla_nt, clock):
+def attention_step(h, norms, eps, proj, kvb, main, spill, table, s0, cos, sin, scale, nt, mla_nt, amx, clock):
     """Layer's attention block for T new tokens at positions s0..: h f32 [T, D] -> (h + attention, the
     post-attention RMSNorm of that), as Model.attention_block computes it on the CPU.
 
@@ -109,7 +109,8 @@ def attention_step(h, norms, eps, proj, kvb, main, spill, table, s0, cos, sin, s
     f32; eps: (rms_norm_eps, the latent norms' eps), f32. proj: (q_a, its scales, kv_a, its scales, q_b,
     its scales, o_proj, its scales), each weight bf16 bits with empty scales or int8 codes with bf16 row
     scales. kvb, main, spill, table, s0, cos, sin, scale: as mla.mla_decode takes them (table: the
-    sequence's first pages); nt threads for the products, mla_nt for the MLA. clock int64 [PARTS]: cycle
+    sequence's first pages); nt threads for the products, mla_nt for the MLA, amx: mla_amx.usable for
+    its pools (mla.decode_into). clock int64 [PARTS]: cycle
     stamps at the start and after each step (norm, q_a and kv_a, norm, q_b, MLA, o_proj, residual and
     norm), so the caller can split its wall time."""
     T = h.shape[0]
@@ -134,7 +135,7 @@ def attention_step(h, norms, eps, proj, kvb, main, spill, table, s0, cos, sin, s
     clock[4] = cycles()
     o = np.empty((T, H, kvb.shape[1] - P), np.float32)
     decode_into(q.reshape(T, H, P + W - L), cos, sin, kvb, main, spill, table, s0, scale, P, o, mla_nt, kv, ln_kv,
-                eps[1])
+                eps[1], amx)
     clock[5] = cycles()
     y = np.empty_like(h)
     linear_into(o.reshape(T, -1), wo, so, y, nt)

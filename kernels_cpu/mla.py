@@ -44,6 +44,7 @@ from numba.extending import overload
 
 from kernels_cpu.bf16dot import PAIR, ahead_bytes, deinterleave, f32_to_bf16, row_dot
 from kernels_cpu.heads import AHEAD, prefetch_head_row
+from kernels_cpu.mla_amx import BLOCK, BLOCKS, HEADS, KSTEP, config, pack_queries, score_block, usable
 from kernels_cpu.mla_tiles import TILE, aligned, tile_add, tile_set
 from kernels_cpu.step_ops import rms_norm_into
 from kernels_cpu.widen import widened3
@@ -86,9 +87,10 @@ def _values(kvb, P, acc, den, o, t, h0, h1, accd):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
-def _score_page(src, page, n, buf, qt, st):
+def _score_page(src, page, n, buf, qt, st, qb, cfg):
     # st[r, c] = (page row r widened into buf) . (query c, column c of qt) for the page's n rows: four
-    # positions x TILE heads a tile (the last tile's rows past n zeroed, their scores unread)
+    # positions x TILE heads a tile (the last tile's rows past n zeroed, their scores unread); with qb
+    # (the queries packed for AMX, mla_amx.py) 16 positions x 16 heads a tile product, from the bf16 rows
     W, NH = buf.shape[1], qt.shape[1]
     for r in range(n):
         for w in range(W):
@@ -96,6 +98,13 @@ def _score_page(src, page, n, buf, qt, st):
     for r in range(n, n + (-n) % 4):
         for w in range(W):
             buf[r, w] = 0.0
+    if qb.shape[0]:
+        rows, stride = src.ctypes.data + page * src.strides[0], src.strides[1]
+        for r0 in range(0, n, BLOCK * BLOCKS):
+            for g in range(qb.shape[0]):
+                score_block(cfg.ctypes.data, rows + r0 * stride, stride, min(BLOCKS, (n - r0 + BLOCK - 1) // BLOCK),
+                            W // KSTEP, qb[g].ctypes.data, st.ctypes.data + 4 * (NH * r0 + HEADS * g), 4 * NH)
+        return
     for r in range(0, n, 4):
         for c in range(0, NH, TILE):
             tile_set(buf.ctypes.data + 4 * W * r, 4 * W, qt.ctypes.data + 4 * c, 4 * NH, W,
@@ -147,7 +156,8 @@ def _sum_page(st, scale, n, j, m, den, acc, sc, buf):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp, m, den, acc, sc, buf, qt, st, accd):
+def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp, m, den, acc, sc, buf, qt, st, accd,
+           qb, cfg):
     # heads h0..h1-1 (a multiple of 4 of them) for every token: q absorbed into the latent space, the
     # pages scored and summed, the values out. qa [nh, L], qp [nh, R], m / den [nh], acc [nh, L],
     # sc [4, PG], buf [PG4, W] (PG rounded up to 4 rows), qt [W, NH] (NH: nh rounded up to TILE, the
@@ -187,12 +197,14 @@ def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp
         for i in range(R):
             for j in range(h1 - h0):
                 qt[L + i, j] = qp[j, i]
+        if qb.shape[0]:
+            pack_queries(qt, h1 - h0, qb)
         for k in range((S + PG - 1) // PG):
             e = table[k]
             src = main if e >= 0 else spill
             page = e if e >= 0 else -1 - e
             n = min(PG, S - k * PG)
-            _score_page(src, page, n, buf, qt, st)
+            _score_page(src, page, n, buf, qt, st, qb, cfg)
             for j in range(0, h1 - h0, 4):
                 _sum_page(st, scale, n, j, m, den, acc, sc, buf)
         _values(kvb, P, acc, den, o, t, h0, h1, accd)
@@ -253,10 +265,11 @@ def _tile_queries(W, nh, NH):
 
 
 @njit(nogil=True, cache=True, parallel=True, fastmath=FASTMATH)
-def decode_into(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt, kv, nw, eps):
+def decode_into(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt, kv, nw, eps, amx):
     """mla_decode's kernel for @njit callers, o f32 [T, H, V] written, with no checks: q contiguous,
     table the sequence's first pages, nt threads (at most H / 4); kv [T, L + R], nw [L], eps: the new
-    rows to write first (_write_rows), or kv [0, *]: written already."""
+    rows to write first (_write_rows), or kv [0, *]: written already; amx: mla_amx.usable for these
+    pools (the scores of a thread with whole tiles of heads then go through AMX's tiles)."""
     H, L, PG = q.shape[1], kvb.shape[2], main.shape[1]
     R = main.shape[2] - L
     if kv.shape[0]:
@@ -266,10 +279,11 @@ def decode_into(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt, kv, n
         h0, h1 = 4 * (th * quads // nt), 4 * ((th + 1) * quads // nt)
         nh = h1 - h0
         NH, PG4 = nh + (-nh) % TILE, PG + (-PG) % 4
+        groups = nh // HEADS if amx and nh % HEADS == 0 else 0
         _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, np.empty((nh, L), np.float32),
                np.empty((nh, R), np.float32), np.empty(nh, np.float32), np.empty(nh, np.float32),
                aligned(nh, L), aligned(4, PG), aligned(PG4, L + R), _tile_queries(L + R, nh, NH), aligned(PG4, NH),
-               np.empty((2, L), np.float32))
+               np.empty((2, L), np.float32), np.empty((groups, (L + R) // KSTEP, 3, 16, 16), np.uint32), config())
 
 
 def mla_decode(q: np.ndarray, cos: np.ndarray, sin: np.ndarray, kvb: np.ndarray, main: np.ndarray,
@@ -316,5 +330,5 @@ def mla_decode(q: np.ndarray, cos: np.ndarray, sin: np.ndarray, kvb: np.ndarray,
     o = np.empty((T, H, kvb.shape[1] - P), np.float32)
     decode_into(np.ascontiguousarray(q), np.ascontiguousarray(cos), np.ascontiguousarray(sin), kvb, main, spill, t, s0,
             np.float32(scale), P, o, max(1, min(threads, H // 4)), np.ascontiguousarray(kv), np.ascontiguousarray(norm),
-            np.float32(eps))
+            np.float32(eps), usable(HEADS, W, PG, main.itemsize))
     return o

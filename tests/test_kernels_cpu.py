@@ -988,6 +988,50 @@ def test_mla_decode_equals_the_float64_attention(dtype, L):
         mla_decode(q[:, :6].copy(), cos, sin, kvb[:6].copy(), main, spill, table, s0, 0.3, 2)
 
 
+def test_mla_scores_through_amx_tiles_equal_the_float64_attention():
+    """Where AMX's bf16 tiles are granted (mla_amx.usable), a thread with whole tiles of heads (16 of 32 on two
+    threads) scores the pages through them: 1 and 3 new tokens over pages in any order, one in the host tier,
+    the last one part-filled, against float64 and against the fp32 register tiles (decode_into, amx off)."""
+    from kernels_cpu import mla_amx
+    from kernels_cpu.mla import decode_into, mla_decode
+
+    H, P, R, L, V, PG = 32, 16, 32, 32, 12, 16
+    if not mla_amx.usable(mla_amx.HEADS, L + R, PG, 2):
+        pytest.skip("AMX's bf16 tiles are not available here")
+    rng = np.random.default_rng(17)
+    for T, s0 in ((1, 150), (3, 37)):
+        main, spill = bf16_bits(rng.standard_normal((14, PG, L + R))), bf16_bits(rng.standard_normal((3, PG, L + R)))
+        pages = -(-(s0 + T) // PG)
+        table = rng.permutation(14)[:pages].astype(np.int32)
+        table[1] = -1 - 2  # that page lives in the host tier
+        q = rng.standard_normal((T, H, P + R)).astype(np.float32)
+        ang = rng.uniform(0, 6, (T, R // 2)).astype(np.float32)
+        cos, sin = np.cos(ang), np.sin(ang)
+        kvb = bf16_bits(rng.standard_normal((H, P + V, L)) / 4)
+        o = mla_decode(q, cos, sin, kvb, main, spill, table, s0, 0.3, 2)
+        tiles = np.empty_like(o)
+        decode_into(q, cos, sin, kvb, main, spill, table, s0, np.float32(0.3), P, tiles, 2,
+                    np.empty((0, L + R), np.float32), np.empty(L, np.float32), np.float32(0), False)
+        np.testing.assert_allclose(o, tiles, rtol=1e-5, atol=1e-5 * np.abs(tiles).max())
+
+        def row(pos):
+            e = table[pos // PG]
+            return ((main[e] if e >= 0 else spill[-1 - e])[pos % PG].astype(np.uint32) << 16).view(np.float32)
+
+        kvf = (kvb.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        for t in range(T):
+            rows = np.stack([row(p) for p in range(s0 + t + 1)]).astype(np.float64)
+            for h in range(H):
+                qp = q[t, h, P:].astype(np.float64)
+                rot = np.empty_like(qp)
+                rot[0::2] = qp[0::2] * cos[t] - qp[1::2] * sin[t]
+                rot[1::2] = qp[0::2] * sin[t] + qp[1::2] * cos[t]
+                sc = (rows[:, :L] @ (q[t, h, :P].astype(np.float64) @ kvf[h, :P]) + rows[:, L:] @ rot) * 0.3
+                p = np.exp(sc - sc.max())
+                want = (p / p.sum()) @ rows[:, :L] @ kvf[h, P:].T
+                np.testing.assert_allclose(o[t, h], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_mla_decode_takes_thousands_of_positions():
     """The one call at any context length (the engine no longer switches past 2,048 positions): 5,000
     positions over 79 bf16 pages of 64, shuffled, the largest scores late so that the online softmax

@@ -8,7 +8,7 @@ import torch
 
 from hybrid.checkpoint.config import ModelConfig
 from hybrid.model.k2 import Model
-from kernels_cpu import step_ops
+from kernels_cpu import mla_amx, step_ops
 from kernels_cpu.simd import host_has_avx2
 
 
@@ -106,7 +106,8 @@ def test_attention_step_equals_the_separate_kernels(kind):
         x_want = step_ops.rms_norm(h_want, norms[3], eps[0])
         clock = np.zeros(PARTS, np.int64)
         h_got, x_got = attention_step(h, norms, eps, (wa, sa, wk, sk, wb, sb, wo, so), kvb, main, spill, table, s0,
-                                      cos, sin, np.float32(0.3), 2, 2, clock)
+                                      cos, sin, np.float32(0.3), 2, 2,
+                                      mla_amx.usable(mla_amx.HEADS, main.shape[2], main.shape[1], main.itemsize), clock)
         np.testing.assert_array_equal(h_got, h_want)
         np.testing.assert_array_equal(x_got, x_want)
         assert (main == pools[0]).all() and (spill == pools[1]).all()  # the same new rows, in the same pages

@@ -22,6 +22,7 @@ import torch
 from numba.core.errors import TypingError
 
 from kernels_cpu.attn_step import PARTS, attention_step
+from kernels_cpu import mla_amx
 from kernels_cpu.int8tiles import logical_shape
 from kernels_cpu.mla import MAX_TOKENS as MLA_MAX_TOKENS
 from kernels_cpu.moe import kernel_options
@@ -80,6 +81,8 @@ def layers(model: Any, h: torch.Tensor, cache: Any, s0: int, cos: torch.Tensor, 
     out, cos_n, sin_n = np.ascontiguousarray(h.numpy()), cos.numpy(), sin.numpy()
     nt = numba.get_num_threads()
     mla_nt, ent = max(1, min(nt, attn[0][3].shape[0] // 4)), threads.pop()
+    main = attn[0][4]
+    amx = mla_amx.usable(mla_amx.HEADS, main.shape[2], main.shape[1], main.itemsize)
     head, hclock = _head_args(model, h, head_rows), np.zeros(2, np.int64)
     t0 = time.perf_counter()
     try:
@@ -91,7 +94,7 @@ def layers(model: Any, h: torch.Tensor, cache: Any, s0: int, cos: torch.Tensor, 
                 local.append((kind, len(own[kind])))
                 own[kind].append((dense if kind == DENSE else moe)[k])
             out = decode_layers(out, np.array(local, np.int64), tuple(attn[g0:g1]), tuple(own[DENSE] or [moe[0][3]]),
-                                tuple(own[MOE] or [moe[0]]), s0, cos_n, sin_n, nt, mla_nt, ent, aclock[g0:g1],
+                                tuple(own[MOE] or [moe[0]]), s0, cos_n, sin_n, nt, mla_nt, amx, ent, aclock[g0:g1],
                                 mclock[g0:g1], distinct[g0:g1], head if g1 == n else (*head[:4], head[4][:0]), hclock)
     except TypingError:  # layers held in ways that make no one tuple type: layer by layer
         model.cpu_steps["token"] = False
@@ -142,8 +145,10 @@ def attention(model: Any, i: int, h: torch.Tensor, cache: Any, s0: int, cos: tor
     *args, clock = args
     nt = numba.get_num_threads()
     t0 = time.perf_counter()
+    main = args[4]
     h2, x2 = attention_step(np.ascontiguousarray(h.numpy()), *args[:7], s0, cos.numpy(), sin.numpy(), args[7], nt,
-                            max(1, min(nt, args[3].shape[0] // 4)), clock)
+                            max(1, min(nt, args[3].shape[0] // 4)),
+                            mla_amx.usable(mla_amx.HEADS, main.shape[2], main.shape[1], main.itemsize), clock)
     wall = time.perf_counter() - t0
     c = clock.tolist()  # Python numbers: each NumPy call costs tens of us with the caches cold
     if c[-1] > c[0]:

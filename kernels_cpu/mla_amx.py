@@ -1,0 +1,110 @@
+"""AMX bf16 tiles for the MLA page walk's scores (mla.py), exact to fp32's summation as amx_gemm's products are.
+
+Owns usable (whether the walk may use them here), pack_queries (a token's queries as tdpbf16ps' B tiles, each
+fp32 value split into three bf16 parts: x1 = bf16(x), x2 = bf16(x - x1), x3 = bf16(x - x1 - x2)) and
+score_block (a page's scores for 16 heads, read from its bf16 rows in place). A cached row is bf16, so each
+product of a row value and a query part is exact in fp32 and tdpbf16ps sums them in fp32: the scores are
+the fp32 tiles' up to the order of their sums. Tiles (config: all 16 rows x 64 bytes): 0-3
+the fp32 scores of four blocks of 16 positions x 16 heads, 4 the block of page rows (32 columns of the
+latent and rope parts, the pool's row stride), 5-7 the three parts of the queries' 32 columns in pair
+layout (row kk: columns 2kk and 2kk + 1 of each of the 16 heads).
+Why: past a few hundred positions a decode step's attention is arithmetic, not bytes (mla.py): the fp32
+score tiles take 576 FMA lanes a position and head; a tile product takes 32 x 16 x 16 in one instruction.
+Pure functions on arrays and addresses; imports nothing from hybrid/.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from kernels_cpu.amx import TileOps, available, compiles_bf16
+from kernels_cpu.bf16dot import f32_to_bf16
+from kernels_cpu.simd import I64
+from kernels_cpu.widen import bf16_to_f32
+
+HEADS = 16  # heads a score tile holds
+KSTEP = 32  # columns of a page row a tile product takes
+BLOCK = 16  # positions a score tile holds
+BLOCKS = 4  # score tiles a call fills: 64 positions
+
+
+def usable(heads: int, width: int, page: int, itemsize: int) -> bool:
+    """Whether the walk's scores go through the tiles for a thread's `heads` heads, rows of `width` values of
+    `itemsize` bytes in pages of `page` positions: bf16 pages, whole tiles of heads, columns and positions,
+    and AMX's bf16 tiles granted to this process (amx.available)."""
+    return itemsize == 2 and heads % HEADS == 0 and width % KSTEP == 0 and page % BLOCK == 0 and available(bf16=True)
+
+
+@njit(nogil=True, cache=True)
+def config():
+    """The tile configuration score_block loads (palette 1, all eight tiles 16 rows x 64 bytes: as
+    amx_gemm.tile_config)."""
+    cfg = np.zeros(64, np.uint8)
+    cfg[0] = 1
+    for t in range(8):
+        cfg[16 + 2 * t] = 64  # bytes a row (uint16, little-endian)
+        cfg[48 + t] = 16  # rows
+    return cfg
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _pair(lo, hi):
+    return np.uint32(lo) | (np.uint32(hi) << np.uint32(16))
+
+
+@njit(nogil=True, cache=True)
+def pack_queries(qt, nh, qb):
+    """qt f32 [W, NH] (a token's queries, a column a head, as mla._heads builds them) -> qb uint32 [nh / 16,
+    W / 32, 3, 16, 16]: for head group g and step j, part s's B tile (row kk: the bf16 pair of rows 32 j +
+    2 kk and 32 j + 2 kk + 1 of column 16 g + n, low half first)."""
+    for g in range(nh // HEADS):
+        for j in range(qt.shape[0] // KSTEP):
+            for kk in range(16):
+                r = KSTEP * j + 2 * kk
+                for n in range(HEADS):
+                    lo, hi = qt[r, HEADS * g + n], qt[r + 1, HEADS * g + n]
+                    a1, b1 = f32_to_bf16(lo), f32_to_bf16(hi)
+                    ra, rb = lo - bf16_to_f32(a1), hi - bf16_to_f32(b1)
+                    a2, b2 = f32_to_bf16(ra), f32_to_bf16(rb)
+                    qb[g, j, 0, kk, n] = _pair(a1, b1)
+                    qb[g, j, 1, kk, n] = _pair(a2, b2)
+                    qb[g, j, 2, kk, n] = _pair(f32_to_bf16(ra - bf16_to_f32(a2)), f32_to_bf16(rb - bf16_to_f32(b2)))
+
+
+@intrinsic
+def score_block(typingctx, cfg, rows, rowstride, nblk, nk, qb, st, ststride):
+    """st f32 (row stride ststride bytes): rows 16 b.. 16 b + 15, 16 heads from st's address, = the page rows
+    at `rows` (bf16, row stride rowstride bytes; nk steps of 32 columns) . the queries of one head group (qb:
+    pack_queries' [nk, 3, 16, 16] for it), for the nblk (1-4) blocks b of 16 rows. Addresses."""
+    sig = types.void(*([types.intp] * 8))
+
+    def codegen(context, b, signature, args):
+        if not compiles_bf16():  # a target without AMX's bf16 tiles: never called there (usable)
+            return context.get_dummy_value()
+        cfg, rows, rowstride, nblk, nk, qb, st, ststride = args
+        t = TileOps(b, "tdpbf16ps")
+        c64 = ir.Constant(I64, 64)
+        t.ldcfg(cfg)
+        for c in range(BLOCKS):
+            t.zero(c)
+        with cgutils.for_range(b, nk) as loop:
+            k = loop.index
+            qk = b.add(qb, b.mul(k, ir.Constant(I64, 3 * 1024)))
+            for s in range(3):
+                t.load(5 + s, b.add(qk, ir.Constant(I64, 1024 * s)), c64)
+            for c in range(BLOCKS):
+                with b.if_then(b.icmp_signed(">", nblk, ir.Constant(I64, c))):
+                    at = b.add(b.add(rows, b.mul(ir.Constant(I64, BLOCK * c), rowstride)), b.mul(k, c64))
+                    t.load(4, at, rowstride)
+                    for s in range(3):
+                        t.dp(c, 4, 5 + s)
+        for c in range(BLOCKS):
+            with b.if_then(b.icmp_signed(">", nblk, ir.Constant(I64, c))):
+                t.store(c, b.add(st, b.mul(ir.Constant(I64, BLOCK * c), ststride)), ststride)
+        t.release()
+        return context.get_dummy_value()
+
+    return sig, codegen
