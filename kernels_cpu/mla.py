@@ -22,7 +22,11 @@ over past 2,048, where it measured level before the tiles; with them, k2-slice i
 2,560 / 8,192-token prompt (2-core Xeon, bench): attention math 18.2 -> 10.6 / 38.6 -> 26.2 ms a token,
 12.8 -> 15.4 / 10.0 -> 12.5 tok/s (the one call also keeps decode_layers' all-layers call). There the walk
 is arithmetic, ~0.73 us a position a layer on two threads (~57% of their fp32 FMA peak); libm's expf in the
-softmax is not what holds it (a vectorised polynomial measured level). kv_b's rows stream with an L2
+softmax is not what holds it (a vectorised polynomial measured level, with the fp32 tiles and with AMX's).
+Where AMX's bf16 tiles are granted (mla_amx.py), a thread with whole tiles of 16 heads takes the scores and
+the value sums through them, from the pages' bf16 rows (no widened copy; fp32's sums up to their order): one
+K2 layer, 2-core Xeon, 160 / 2,048 / 8,192 positions 0.46-0.49 / 1.6-1.9 / 5.7-6.5 -> 0.42-0.44 / 1.2-1.3 /
+3.7-3.8 ms (scores alone through them: 8,192 at 4.8-5.1). kv_b's rows stream with an L2
 prefetch AHEAD rows ahead (160 positions: 1.51-1.55 -> 1.16-1.31 ms). In bf16 the value rows go through
 the bf16 GEMV's row_dot (bf16dot.py) against the value sum deinterleaved once a head: one K2 layer from
 RAM, 2-core Xeon, 1 / 160 / 1,000 positions 0.81 / 0.98 / 2.03 -> 0.65 / 0.86 / 1.68 ms (the sums' order
@@ -44,7 +48,8 @@ from numba.extending import overload
 
 from kernels_cpu.bf16dot import PAIR, ahead_bytes, deinterleave, f32_to_bf16, row_dot
 from kernels_cpu.heads import AHEAD, prefetch_head_row
-from kernels_cpu.mla_amx import BLOCK, BLOCKS, HEADS, KSTEP, config, pack_queries, score_block, usable
+from kernels_cpu.mla_amx import (BLOCK, BLOCKS, HEADS, KSTEP, config, pack_queries, pair_page, score_block,
+                                 split_weights, usable, value_block)
 from kernels_cpu.mla_tiles import TILE, aligned, tile_add, tile_set
 from kernels_cpu.step_ops import rms_norm_into
 from kernels_cpu.widen import widened3
@@ -92,19 +97,19 @@ def _score_page(src, page, n, buf, qt, st, qb, cfg):
     # positions x TILE heads a tile (the last tile's rows past n zeroed, their scores unread); with qb
     # (the queries packed for AMX, mla_amx.py) 16 positions x 16 heads a tile product, from the bf16 rows
     W, NH = buf.shape[1], qt.shape[1]
-    for r in range(n):
-        for w in range(W):
-            buf[r, w] = widened3(src, page, r, w)
-    for r in range(n, n + (-n) % 4):
-        for w in range(W):
-            buf[r, w] = 0.0
-    if qb.shape[0]:
+    if qb.shape[0]:  # no widened copy: the value sums read the page's bf16 rows too (_values_amx)
         rows, stride = src.ctypes.data + page * src.strides[0], src.strides[1]
         for r0 in range(0, n, BLOCK * BLOCKS):
             for g in range(qb.shape[0]):
                 score_block(cfg.ctypes.data, rows + r0 * stride, stride, min(BLOCKS, (n - r0 + BLOCK - 1) // BLOCK),
                             W // KSTEP, qb[g].ctypes.data, st.ctypes.data + 4 * (NH * r0 + HEADS * g), 4 * NH)
         return
+    for r in range(n):
+        for w in range(W):
+            buf[r, w] = widened3(src, page, r, w)
+    for r in range(n, n + (-n) % 4):
+        for w in range(W):
+            buf[r, w] = 0.0
     for r in range(0, n, 4):
         for c in range(0, NH, TILE):
             tile_set(buf.ctypes.data + 4 * W * r, 4 * W, qt.ctypes.data + 4 * c, 4 * NH, W,
@@ -112,10 +117,11 @@ def _score_page(src, page, n, buf, qt, st, qb, cfg):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
-def _sum_page(st, scale, n, j, m, den, acc, sc, buf):
+def _sum_page(st, scale, n, j, m, den, acc, sc, buf, pa):
     # heads j..j+3 over the page's n scored rows (st, buf): the online softmax (running max m and sum den,
     # acc rescaled when the max grows), then acc += the rows' latents weighted: four heads x TILE latent
-    # columns a tile where L allows, else four rows a pass
+    # columns a tile where L allows, else four rows a pass; with pa (AMX's value tiles) only the weights
+    # into pa, as three bf16 parts
     L = acc.shape[1]
     for c in range(4):
         for r in range(n):
@@ -133,6 +139,9 @@ def _sum_page(st, scale, n, j, m, den, acc, sc, buf):
         for r in range(n):
             sc[c, r] = np.exp(sc[c, r] - top)
             den[j + c] += sc[c, r]
+    if pa.shape[1]:
+        split_weights(sc, n, j, pa)
+        return
     if L % TILE == 0:
         for l0 in range(0, L, TILE):
             tile_add(sc.ctypes.data, 4 * sc.shape[1], buf.ctypes.data + 4 * l0, 4 * buf.shape[1], n,
@@ -155,15 +164,28 @@ def _sum_page(st, scale, n, j, m, den, acc, sc, buf):
             acc[j + 3, l] += w3 * b
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _values_amx(rows, n, pa, vb, acc, cfg):
+    # acc += a page's weights (pa, split_weights') . its first n latent rows (rows: bf16 bits [PG, W]), through
+    # AMX's tiles, a group of 16 heads at a time (mla_amx.value_block)
+    pair_page(rows, n, vb)
+    nh, L = pa.shape[1], acc.shape[1]
+    for g in range(nh // HEADS):
+        value_block(cfg.ctypes.data, pa.ctypes.data + 2 * HEADS * g * pa.shape[2], 2 * nh * pa.shape[2],
+                    2 * pa.shape[2], vb.ctypes.data, vb.shape[0], L // HEADS, acc.ctypes.data + 4 * HEADS * g * L,
+                    4 * L)
+
+
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp, m, den, acc, sc, buf, qt, st, accd,
-           qb, cfg):
+           qb, pa, vb, cfg):
     # heads h0..h1-1 (a multiple of 4 of them) for every token: q absorbed into the latent space, the
     # pages scored and summed, the values out. qa [nh, L], qp [nh, R], m / den [nh], acc [nh, L],
     # sc [4, PG], buf [PG4, W] (PG rounded up to 4 rows), qt [W, NH] (NH: nh rounded up to TILE, the
     # columns past nh zero), st [PG4, NH], accd [2, L]: this thread's scratch (buf: the current page widened, in L2;
     # qt: the token's queries transposed for the score tiles; st: a page's scores, a row a position;
-    # accd: two heads' value sums deinterleaved for row_dot)
+    # accd: two heads' value sums deinterleaved for row_dot); qb, pa, vb: AMX's queries, weights and page rows
+    # (mla_amx.py; empty: the fp32 tiles), cfg its tile configuration
     T = q.shape[0]
     L, PG, W = kvb.shape[2], main.shape[1], main.shape[2]
     R = W - L
@@ -206,7 +228,9 @@ def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp
             n = min(PG, S - k * PG)
             _score_page(src, page, n, buf, qt, st, qb, cfg)
             for j in range(0, h1 - h0, 4):
-                _sum_page(st, scale, n, j, m, den, acc, sc, buf)
+                _sum_page(st, scale, n, j, m, den, acc, sc, buf, pa)
+            if pa.shape[1]:
+                _values_amx(src[page], n, pa, vb, acc, cfg)
         _values(kvb, P, acc, den, o, t, h0, h1, accd)
 
 
@@ -280,10 +304,13 @@ def decode_into(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt, kv, n
         nh = h1 - h0
         NH, PG4 = nh + (-nh) % TILE, PG + (-PG) % 4
         groups = nh // HEADS if amx and nh % HEADS == 0 else 0
+        PG32 = PG + (-PG) % 32 if groups else 0
         _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, np.empty((nh, L), np.float32),
                np.empty((nh, R), np.float32), np.empty(nh, np.float32), np.empty(nh, np.float32),
                aligned(nh, L), aligned(4, PG), aligned(PG4, L + R), _tile_queries(L + R, nh, NH), aligned(PG4, NH),
-               np.empty((2, L), np.float32), np.empty((groups, (L + R) // KSTEP, 3, 16, 16), np.uint32), config())
+               np.empty((2, L), np.float32), np.empty((groups, (L + R) // KSTEP, 3, 16, 16), np.uint32),
+               np.empty((3, nh if groups else 0, PG32), np.uint16),
+               np.empty((PG32 // 32, L // 16, 16, 16, 2), np.uint16), config())
 
 
 def mla_decode(q: np.ndarray, cos: np.ndarray, sin: np.ndarray, kvb: np.ndarray, main: np.ndarray,

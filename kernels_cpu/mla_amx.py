@@ -1,15 +1,19 @@
-"""AMX bf16 tiles for the MLA page walk's scores (mla.py), exact to fp32's summation as amx_gemm's products are.
+"""AMX bf16 tiles for the MLA page walk (mla.py), exact to fp32's summation as amx_gemm's products are.
 
 Owns usable (whether the walk may use them here), pack_queries (a token's queries as tdpbf16ps' B tiles, each
-fp32 value split into three bf16 parts: x1 = bf16(x), x2 = bf16(x - x1), x3 = bf16(x - x1 - x2)) and
-score_block (a page's scores for 16 heads, read from its bf16 rows in place). A cached row is bf16, so each
-product of a row value and a query part is exact in fp32 and tdpbf16ps sums them in fp32: the scores are
-the fp32 tiles' up to the order of their sums. Tiles (config: all 16 rows x 64 bytes): 0-3
+fp32 value split into three bf16 parts: x1 = bf16(x), x2 = bf16(x - x1), x3 = bf16(x - x1 - x2)),
+score_block (a page's scores for 16 heads, read from its bf16 rows in place), split_weights (the softmax
+weights of a page, likewise three bf16 parts), pair_page (a page's latent rows in pair layout) and
+value_block (the value sums of 16 heads += a page's weights . its latent rows). A cached row is bf16, so
+each product of a row value and a part is exact in fp32 and tdpbf16ps sums them in fp32: scores and value
+sums are the fp32 tiles' up to the order of their sums. Tiles (config: all 16 rows x 64 bytes). Scores: 0-3
 the fp32 scores of four blocks of 16 positions x 16 heads, 4 the block of page rows (32 columns of the
 latent and rope parts, the pool's row stride), 5-7 the three parts of the queries' 32 columns in pair
-layout (row kk: columns 2kk and 2kk + 1 of each of the 16 heads).
+layout (row kk: columns 2kk and 2kk + 1 of each of the 16 heads). Values: 0 the sums of 16 heads x 16
+latent columns, 1 the page's rows 2kk and 2kk + 1 of those columns in pair layout, 2-4 the three parts of
+the 16 heads' weights for the block's 32 positions.
 Why: past a few hundred positions a decode step's attention is arithmetic, not bytes (mla.py): the fp32
-score tiles take 576 FMA lanes a position and head; a tile product takes 32 x 16 x 16 in one instruction.
+tiles take 576 + 512 FMA lanes a position and head; a tile product takes 32 x 16 x 16 in one instruction.
 Pure functions on arrays and addresses; imports nothing from hybrid/.
 """
 from __future__ import annotations
@@ -21,8 +25,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kernels_cpu.amx import TileOps, available, compiles_bf16
-from kernels_cpu.bf16dot import f32_to_bf16
-from kernels_cpu.simd import I64
+from kernels_cpu.bf16dot import f32_bits, f32_to_bf16
+from kernels_cpu.simd import I16, I32, I64
 from kernels_cpu.widen import bf16_to_f32
 
 HEADS = 16  # heads a score tile holds
@@ -104,6 +108,100 @@ def score_block(typingctx, cfg, rows, rowstride, nblk, nk, qb, st, ststride):
         for c in range(BLOCKS):
             with b.if_then(b.icmp_signed(">", nblk, ir.Constant(I64, c))):
                 t.store(c, b.add(st, b.mul(ir.Constant(I64, BLOCK * c), ststride)), ststride)
+        t.release()
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _bf16(x):
+    # float32 -> bf16 bits, rounded to nearest even (a finite x: a softmax weight), no branch to vectorise
+    u = f32_bits(x)
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def split_weights(sc, n, j, pa):
+    """The weights sc f32 [4, *] of heads j..j+3 over a page's n positions -> pa uint16 [3, nh, PGp] rows j..j+3:
+    their three bf16 parts, zero past n."""
+    for c in range(4):
+        for r in range(n):
+            x = sc[c, r]
+            a1 = _bf16(x)
+            rest = x - bf16_to_f32(a1)
+            a2 = _bf16(rest)
+            pa[0, j + c, r] = a1
+            pa[1, j + c, r] = a2
+            pa[2, j + c, r] = _bf16(rest - bf16_to_f32(a2))
+        for s in range(3):
+            for r in range(n, pa.shape[2]):
+                pa[s, j + c, r] = 0
+
+
+@intrinsic
+def _interleave(typingctx, a, c, dst, ng):
+    """For g < ng: the 64 bytes at dst + 1024 g = the 16 bf16 values at a + 32 g and those at c + 32 g, one of
+    each in turn (tdpbf16ps' pair layout for one row of a B tile). Addresses."""
+    sig = types.void(*([types.intp] * 4))
+
+    def codegen(context, b, signature, args):
+        a, c, dst, ng = args
+        half, whole = ir.VectorType(I16, 16), ir.VectorType(I16, 32)
+        mask = ir.Constant(ir.VectorType(I32, 32), [k // 2 + 16 * (k % 2) for k in range(32)])
+        with cgutils.for_range(b, ng) as loop:
+            g = loop.index
+            off = b.mul(g, ir.Constant(I64, 32))
+            va = b.load(b.inttoptr(b.add(a, off), half.as_pointer()), align=2)
+            vc = b.load(b.inttoptr(b.add(c, off), half.as_pointer()), align=2)
+            out = b.inttoptr(b.add(dst, b.mul(g, ir.Constant(I64, 1024))), whole.as_pointer())
+            b.store(b.shuffle_vector(va, vc, mask), out, align=2)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def pair_page(rows, n, vb):
+    """A page's rows (uint16 bf16 bits [PG, W], the first n written) -> vb uint16 [PGp / 32, L / 16, 16, 16, 2]:
+    for each block of 32 positions and 16 latent columns, row kk holds rows 2kk and 2kk + 1 column by column
+    (rows past n zero)."""
+    ng = vb.shape[1]
+    zero = np.zeros(16 * ng, np.uint16)
+    at, stride = rows.ctypes.data, rows.strides[0]
+    for b in range(vb.shape[0]):
+        for kk in range(16):
+            r = 32 * b + 2 * kk
+            _interleave(at + r * stride if r < n else zero.ctypes.data,
+                        at + (r + 1) * stride if r + 1 < n else zero.ctypes.data,
+                        vb.ctypes.data + 64 * (16 * ng * b + kk), ng)
+
+
+@intrinsic
+def value_block(typingctx, cfg, pa, psplit, pstride, vb, nb, ng, acc, astride):
+    """acc f32 (row stride astride bytes; 16 heads x 16 ng columns from its address) += the weights of those
+    heads (pa: split_weights' part 0 for them, row stride pstride, parts psplit bytes apart) . the page's
+    latent rows (vb: pair_page's, nb blocks of 32 positions x ng groups of 16 columns). Addresses."""
+    sig = types.void(*([types.intp] * 9))
+
+    def codegen(context, b, signature, args):
+        if not compiles_bf16():
+            return context.get_dummy_value()
+        cfg, pa, psplit, pstride, vb, nb, ng, acc, astride = args
+        t = TileOps(b, "tdpbf16ps")
+        c64 = ir.Constant(I64, 64)
+        t.ldcfg(cfg)
+        with cgutils.for_range(b, ng) as groups:
+            g = groups.index
+            at = b.add(acc, b.mul(g, c64))
+            t.load(0, at, astride)
+            with cgutils.for_range(b, nb) as blocks:
+                k = blocks.index
+                t.load(1, b.add(vb, b.mul(b.add(b.mul(k, ng), g), ir.Constant(I64, 1024))), c64)
+                for s in range(3):
+                    t.load(2 + s, b.add(b.add(pa, b.mul(ir.Constant(I64, s), psplit)), b.mul(k, c64)), pstride)
+                    t.dp(0, 2 + s, 1)
+            t.store(0, at, astride)
         t.release()
         return context.get_dummy_value()
 
