@@ -12,7 +12,9 @@ k2-slice's routed experts for one token (8 of 48 a layer, 595 MB), read in place
 Xeon VM, one sitting: 30.3-30.7 GB/s through the shard maps (1.3 of their 3.6 GB mapped as huge pages), 31.2-31.6
 copied to 4 KB pages, 35.0 copied to 2 MB pages; `bench --device cpu`, two interleaved pairs a mode, int8w
 17.44 / 17.12 -> 18.72 / 18.49 tok/s, bf16w 11.86 / 11.68 -> 12.25 / 12.68 (the token's bytes read in place
-34.2-36.9 -> 37.3-39.6 GB/s, level with the probe's own buffer). The cost: the load reads every expert before
+34.2-36.9 -> 37.3-39.6 GB/s, level with the probe's own buffer); a later sitting, the shards' page cache
+re-read into faster memory by then, three rounds: int8w 17.54 / 17.07 / 17.55 -> 17.24 / 18.05 / 18.07, bf16w
+level (11.61-12.06 against 11.67-11.98). The cost: the load reads every expert before
 the first token (what mmap mode's first tokens fault in), and the copy is the process's alone (another process
 over the same checkpoint does not share it, and the kernel cannot drop it under memory pressure, as it can page
 cache).
