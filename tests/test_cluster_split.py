@@ -64,16 +64,18 @@ def test_split_refuses_what_it_cannot_do(tiny_path, share, args, says):
 
 
 @pytest.mark.skipif(not host_has_avx2(), reason="the Numba INT4 kernels need AVX2 + FMA")
-def test_a_node_on_its_share_gives_the_single_process_tokens(tiny_path, share):
+@pytest.mark.parametrize("mode", ["mmap", "ram"])
+def test_a_node_on_its_share_gives_the_single_process_tokens(tiny_path, share, mode):
+    """In mmap mode, and in ram mode (the share's experts copied at load, and only they)."""
     with hybrid.load(tiny_path, backend="numba", expert_mode="mmap") as e:
         tokens = [s.token for s in e.generate(PROMPT, N_NEW, temperature=0)]
     port = free_port()
-    with nodes(share, 1, port) as ((proc,), (log,)):
+    with nodes(share, 1, port, extra={0: ["--expert-mode", mode]}) as ((proc,), (log,)):
         with head(tiny_path, 2, port) as e:
             assert [s.token for s in e.generate(PROMPT, N_NEW, temperature=0)] == tokens
             st = e.stats()["cluster"]
         assert proc.wait(timeout=WAIT_S) == 0, output(log)
-        assert "mmap mode, a share" in " ".join(output(log).split())  # rich wraps its lines
+        assert f"{mode} mode, a share" in " ".join(output(log).split())  # rich wraps its lines
     assert st["experts_per_rank"][1] == st["held_per_rank"][1] == 16  # what its files hold, no more
     assert st["nodes"][0]["requests"] > 0
 

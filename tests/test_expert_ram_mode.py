@@ -75,6 +75,29 @@ def test_ram_tables_hold_every_experts_bytes_as_the_shards_do(make_checkpoint):
                 assert "hg" in flags  # advised for transparent huge pages
 
 
+def test_ram_tables_copy_only_the_experts_held(tiny_path):
+    """An expert node's share (held): only those experts copied, each as the shard holds it; the others point
+    at a copied expert of their layer (never computed), a layer holding none at its expert 0's copy."""
+    from hybrid.experts.ram_tables import ram_tables
+
+    ckpt = Checkpoint(tiny_path)
+    cfg = ckpt.config
+    full = ram_tables(ckpt)
+    held = np.zeros((len(cfg.moe_layers), cfg.n_routed_experts), bool)
+    held[0, [3, 5, 11]] = True  # the last MoE layer holds none
+    part = ram_tables(ckpt, held)
+    for i, layer in enumerate(cfg.moe_layers):
+        f, p = full[layer], part[layer]
+        per = f.arenas[0].nbytes // cfg.n_routed_experts
+        assert p.arenas[0].nbytes == per * max(1, int(held[i].sum()))
+        nbytes = p.part_nbytes
+        for e in range(cfg.n_routed_experts):
+            want = e if held[i, e] else (3 if i == 0 else 0)
+            for m in range(len(PARTS)):
+                got = p.arenas[0][p.loc[e, m, 1]:p.loc[e, m, 1] + nbytes[m]]
+                np.testing.assert_array_equal(got, f.arenas[0][f.loc[want, m, 1]:f.loc[want, m, 1] + nbytes[m]])
+
+
 @needs_avx2
 def test_ram_mode_decodes_what_mmap_mode_decodes(tiny_path):
     """The engine in ram mode: the plan says so, the tables are the copy's, and greedy decode gives mmap

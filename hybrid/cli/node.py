@@ -17,9 +17,9 @@ from hybrid.runtime.hardware import MAX_THREADS, detect
               help="This machine's copy of the head's checkpoint (directory, repo id in the local cache, or preset), "
               "or its share of it (kimi-hybrid split).")
 @click.option("--token", envvar=TOKEN_ENV, help=f"The head's shared secret [env {TOKEN_ENV}].")
-@click.option("--expert-mode", type=click.Choice(["auto", "mmap", "cache"]), default="auto", show_default=True,
-              help="This node's experts from the page cache (mmap) or a RAM slot cache fed from disk; auto: mmap "
-              "when its share fits the RAM budget.")
+@click.option("--expert-mode", type=click.Choice(["auto", "mmap", "ram", "cache"]), default="auto", show_default=True,
+              help="This node's experts from the page cache (mmap), its share copied into RAM at load on 2 MB pages "
+              "(ram), or a RAM slot cache fed from disk; auto: mmap when its share fits the RAM budget.")
 @click.option("--ram-budget", type=GB_SIZE, help="GB of RAM for this node's experts (default: 80% of RAM).")
 @click.option("--cpu-threads", type=click.IntRange(1, MAX_THREADS), help="Threads for the expert kernels.")
 @click.option("--backend", type=click.Choice(["auto", "numba", "reference"]), default="auto", show_default=True,

@@ -40,7 +40,8 @@ class NodeOptions:
     head: str  # 'HOST:PORT' the head listens on
     token: str
     kind: str = "numba"  # 'numba' or 'reference' (no AVX2)
-    expert_mode: str = "auto"  # 'mmap', 'cache' (RAM slots fed from disk) or 'auto' (mmap when the share fits)
+    expert_mode: str = "auto"  # 'mmap', 'ram' (the share copied at load), 'cache' (RAM slots fed from disk) or
+    # 'auto' (mmap when the share fits)
     ram_budget: int = 0  # bytes of RAM for this node's experts (0: 80% of ram_bytes)
     cpu_threads: int | None = None
     ram_bytes: int = 0  # what this machine has (reported at join)
@@ -48,7 +49,7 @@ class NodeOptions:
     gbps: float = 0.0  # read bandwidth reported for placement (0: measured at start, cluster.figures)
 
     def __post_init__(self):
-        if self.expert_mode not in ("auto", "mmap", "cache") or self.kind not in ("numba", "reference"):
+        if self.expert_mode not in ("auto", "mmap", "ram", "cache") or self.kind not in ("numba", "reference"):
             raise ValueError(f"expert_mode {self.expert_mode!r} or kind {self.kind!r} is not known")
 
 
@@ -77,7 +78,7 @@ def run_node(path, opts: NodeOptions, on_serving: Callable[[str], None] | None =
         hello, rank = join(store, secret, identity, problem, offer, opts.join_timeout_s)
         log.info("joined %s as node %d of %d; waiting for the plan", opts.head, rank, hello.world - 1)
         plan = _plan(store, rank, ckpt, holds, opts.join_timeout_s)
-        eopts = _expert_options(opts, ckpt, plan.held_of(rank))
+        eopts = _expert_options(opts, ckpt, plan.held_by(rank))
         try:
             local = build_backend(ckpt, eopts)
         except (CheckpointError, ValueError, OSError, MemoryError) as e:
@@ -88,7 +89,7 @@ def run_node(path, opts: NodeOptions, on_serving: Callable[[str], None] | None =
             timeout_s = hello.node_timeout_ms / 1000
             group = Group(store, rank, plan.world, me, max(timeout_s, 30.0))
             how = (f"cache mode, RAM for {eopts.cache_slots} of them" if eopts.expert_mode == "cache" else
-                   "mmap mode")
+                   f"{eopts.expert_mode} mode")
             said = (f"node {rank} of {plan.world - 1}: serving {plan.held_of(rank)} routed experts, the first choice "
                     f"for {plan.experts_of(rank)} ({how}{', a share' if holds is not None else ''})")
             log.info("%s for %s", said, opts.head)
@@ -105,10 +106,12 @@ def run_node(path, opts: NodeOptions, on_serving: Callable[[str], None] | None =
             ckpt.close()
 
 
-def _expert_options(opts: NodeOptions, ckpt: Checkpoint, share: int) -> ExpertOptions:
-    """mmap when this node's `share` of routed experts fits its RAM budget, else (or when asked) a RAM
-    cache of as many slots as the budget holds, never more than the share."""
+def _expert_options(opts: NodeOptions, ckpt: Checkpoint, held: np.ndarray) -> ExpertOptions:
+    """mmap when this node's share of routed experts (held: bool [MoE layers, E]) fits its RAM budget, else
+    (or when asked) a RAM cache of as many slots as the budget holds, never more than the share; ram (asked
+    for): the share copied at load."""
     cfg = ckpt.config
+    share = int(held.sum())
     slot = expert_span(ckpt, cfg.moe_layers[0], 0).length
     budget = opts.ram_budget or int(0.8 * opts.ram_bytes)
     mode = opts.expert_mode
@@ -118,7 +121,7 @@ def _expert_options(opts: NodeOptions, ckpt: Checkpoint, share: int) -> ExpertOp
     if mode == "cache":
         log.info("cache mode: %d slots for %d experts (%.1f GB)", slots, share, slots * slot / 1e9)
     return ExpertOptions(kind=opts.kind, expert_mode=mode, cache_slots=slots if mode == "cache" else 0,
-                         cpu_threads=opts.cpu_threads)
+                         cpu_threads=opts.cpu_threads, held=held if mode == "ram" else None)
 
 
 def _plan(store, rank: int, ckpt: Checkpoint, holds, timeout_s: float) -> ClusterPlan:

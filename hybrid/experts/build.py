@@ -8,7 +8,7 @@ user options (the loader does) and knows nothing of plans or engines.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ class ExpertOptions:
     hot_experts: int = 0  # per MoE layer on the GPU side, chosen from the routing counts
     prefill_offload: str = "off"  # long prompts on the GPU side: 'on' (every multi-token call), 'measured', 'off'
     upload_group: int = UPLOAD_GROUP  # at most, experts per long-prompt upload (two groups live on the device)
+    held: np.ndarray | None = field(default=None, compare=False)  # ram mode: bool [MoE layers, E] to copy (None: all)
 
     def __post_init__(self):
         if self.kind not in KINDS or self.prefill_offload not in OFFLOADS or self.expert_mode not in MODES:
@@ -68,7 +69,7 @@ def build_backend(ckpt: Checkpoint, opts: ExpertOptions, predict: Predict | None
         cache = ExpertCache(ckpt, opts.cache_slots, io_threads=opts.io_threads, policy=opts.cache_policy)
         cpu = CpuExperts(cache=cache, threads=opts.cpu_threads, on_caller=opts.device == "cpu")
     else:
-        tables = ram_tables(ckpt) if opts.expert_mode == "ram" else mmap_tables(ckpt)
+        tables = ram_tables(ckpt, opts.held) if opts.expert_mode == "ram" else mmap_tables(ckpt)
         cpu = CpuExperts(tables=tables, threads=opts.cpu_threads, on_caller=opts.device == "cpu")
     trace = open(opts.trace, "w") if opts.trace else None  # noqa: SIM115 (closed by Scheduler.close)
     try:

@@ -17,7 +17,7 @@ re-read into faster memory by then, three rounds: int8w 17.54 / 17.07 / 17.55 ->
 level (11.61-12.06 against 11.67-11.98). The cost: the load reads every expert before
 the first token (what mmap mode's first tokens fault in), and the copy is the process's alone (another process
 over the same checkpoint does not share it, and the kernel cannot drop it under memory pressure, as it can page
-cache).
+cache). An expert node (cluster/node.py) copies only its share (held).
 """
 from __future__ import annotations
 
@@ -33,23 +33,28 @@ from hybrid.experts.mmap_tables import mmap_tables
 
 log = logging.getLogger(__name__)
 
-def ram_tables(ckpt: Checkpoint) -> dict[int, ExpertTable]:
-    """One ExpertTable a MoE layer over a huge_arena holding a copy of its routed experts, read from the shard
-    files (validated by Checkpoint already) through their maps."""
+def ram_tables(ckpt: Checkpoint, held: np.ndarray | None = None) -> dict[int, ExpertTable]:
+    """One ExpertTable a MoE layer over a huge_bytes arena holding a copy of its routed experts, read from the
+    shard files (validated by Checkpoint already) through their maps. held: bool [MoE layers, E], the experts
+    to copy (an expert node's share); the others then point at a copied one of their layer (its first, or
+    expert 0's copy where the layer holds none), as a share's stand-ins do: never computed, never read."""
     tables = {}
-    for layer, src in mmap_tables(ckpt).items():
+    for i, (layer, src) in enumerate(mmap_tables(ckpt).items()):
         sizes = [int(n) for n in src.part_nbytes]
         spans = [-(-n // ALIGN) * ALIGN for n in sizes]
         per = sum(spans)
-        arena = huge_bytes(src.num_experts * per)
+        copied = np.flatnonzero(held[i]) if held is not None else np.arange(src.num_experts)
+        copied = copied if len(copied) else np.zeros(1, np.int64)
+        arena = huge_bytes(len(copied) * per)
         loc = np.zeros_like(src.loc)
-        for e in range(src.num_experts):
-            at = e * per
+        for slot, e in enumerate(copied):
+            at = slot * per
             for m, n in enumerate(sizes):
                 a, off = (int(v) for v in src.loc[e, m])
                 arena[at:at + n] = src.arenas[a][off:off + n]
                 loc[e, m] = (0, at)
                 at += spans[m]
+        loc[np.setdiff1d(np.arange(src.num_experts), copied)] = loc[copied[0]]
         tables[layer] = ExpertTable([arena], loc, src.hidden, src.inter, src.group)
-        log.debug("ram mode: layer %d's %d routed experts copied (%.2f GB)", layer, src.num_experts, arena.nbytes / 1e9)
+        log.debug("ram mode: layer %d's %d routed experts copied (%.2f GB)", layer, len(copied), arena.nbytes / 1e9)
     return tables
