@@ -41,11 +41,14 @@ TB = 32  # tokens per tile step (two B tiles)
 GROUP_PAIRS = 4  # token pairs whose panels a pass over the weights takes (4 x 192 KB: within a 2 MB L2)
 
 
-def tile_config() -> np.ndarray:
+@njit(nogil=True, cache=True)
+def tile_config():
+    """The tile configuration (palette 1, all eight tiles 16 rows x 64 bytes); also mla_amx's."""
     cfg = np.zeros(64, np.uint8)
     cfg[0] = 1
-    cfg[16:32].view(np.uint16)[:8] = 64
-    cfg[48:56] = 16
+    for t in range(8):
+        cfg[16 + 2 * t] = 64  # bytes a row (uint16, little-endian)
+        cfg[48 + t] = 16  # rows
     return cfg
 
 
@@ -101,9 +104,19 @@ def _tile_step(typingctx, cfg, w, wstride, xp, nk, y, ystride, first):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _pair(lo, hi):
-    # two bf16 bit patterns in one uint32: lo in the low half
+def pair(lo, hi):
+    """Two bf16 bit patterns in one uint32, lo in the low half: a row of tdpbf16ps' pair layout."""
     return np.uint32(lo) | (np.uint32(hi) << np.uint32(16))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def split3(x):
+    """fp32 x -> the bf16 bits of its three parts x1 = bf16(x), x2 = bf16(x - x1), x3 = bf16(x - x1 - x2),
+    whose sum is x exactly (the module doc)."""
+    a1 = f32_to_bf16(x)
+    r = x - bf16_to_f32(a1)
+    a2 = f32_to_bf16(r)
+    return a1, a2, f32_to_bf16(r - bf16_to_f32(a2))
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -120,15 +133,11 @@ def pack_x3(x, Tp):
         t2, tb, n = t // TB, (t % TB) // 16, t % 16
         for i in range(0, I, 2):
             c, k, kk = i // KC, (i % KC) // 32, (i % 32) // 2
-            lo, hi = x[t, i], x[t, i + 1]
-            a1, b1 = f32_to_bf16(lo), f32_to_bf16(hi)
-            ra, rb = lo - bf16_to_f32(a1), hi - bf16_to_f32(b1)
-            a2, b2 = f32_to_bf16(ra), f32_to_bf16(rb)
-            a3 = f32_to_bf16(ra - bf16_to_f32(a2))
-            b3 = f32_to_bf16(rb - bf16_to_f32(b2))
-            xp[c, t2, 0, k, tb, kk, n] = _pair(a1, b1)
-            xp[c, t2, 1, k, tb, kk, n] = _pair(a2, b2)
-            xp[c, t2, 2, k, tb, kk, n] = _pair(a3, b3)
+            a1, a2, a3 = split3(x[t, i])
+            b1, b2, b3 = split3(x[t, i + 1])
+            xp[c, t2, 0, k, tb, kk, n] = pair(a1, b1)
+            xp[c, t2, 1, k, tb, kk, n] = pair(a2, b2)
+            xp[c, t2, 2, k, tb, kk, n] = pair(a3, b3)
     return xp
 
 

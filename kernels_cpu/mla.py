@@ -48,8 +48,9 @@ from numba.extending import overload
 
 from kernels_cpu.bf16dot import PAIR, ahead_bytes, deinterleave, f32_to_bf16, row_dot
 from kernels_cpu.heads import AHEAD, prefetch_head_row
-from kernels_cpu.mla_amx import (BLOCK, BLOCKS, HEADS, KSTEP, config, pack_queries, pair_page, score_block,
-                                 split_weights, usable, value_block)
+from kernels_cpu.amx_gemm import tile_config
+from kernels_cpu.mla_amx import (BLOCK, BLOCKS, HEADS, KSTEP, pack_queries, pair_page, score_block, split_weights,
+                                 usable, value_block)
 from kernels_cpu.mla_tiles import TILE, aligned, tile_add, tile_set
 from kernels_cpu.step_ops import rms_norm_into
 from kernels_cpu.widen import widened3
@@ -165,10 +166,10 @@ def _sum_page(st, scale, n, j, m, den, acc, sc, buf, pa):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _values_amx(rows, n, pa, vb, acc, cfg):
+def _values_amx(rows, n, pa, vb, zero, acc, cfg):
     # acc += a page's weights (pa, split_weights') . its first n latent rows (rows: bf16 bits [PG, W]), through
-    # AMX's tiles, a group of 16 heads at a time (mla_amx.value_block)
-    pair_page(rows, n, vb)
+    # AMX's tiles, a group of 16 heads at a time (mla_amx.value_block); zero: a row of zeros (pair_page)
+    pair_page(rows, n, vb, zero)
     nh, L = pa.shape[1], acc.shape[1]
     for g in range(nh // HEADS):
         value_block(cfg.ctypes.data, pa.ctypes.data + 2 * HEADS * g * pa.shape[2], 2 * nh * pa.shape[2],
@@ -189,6 +190,7 @@ def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp
     T = q.shape[0]
     L, PG, W = kvb.shape[2], main.shape[1], main.shape[2]
     R = W - L
+    zero = np.zeros(L if pa.shape[1] else 0, np.uint16)
     for t in range(T):
         S = s0 + t + 1  # token t sees positions 0..s0+t
         for h in range(h0, h1, 2):  # two heads a pass: two streams of kv_b rows
@@ -230,7 +232,7 @@ def _heads(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, h0, h1, qa, qp
             for j in range(0, h1 - h0, 4):
                 _sum_page(st, scale, n, j, m, den, acc, sc, buf, pa)
             if pa.shape[1]:
-                _values_amx(src[page], n, pa, vb, acc, cfg)
+                _values_amx(src[page], n, pa, vb, zero, acc, cfg)
         _values(kvb, P, acc, den, o, t, h0, h1, accd)
 
 
@@ -293,7 +295,7 @@ def decode_into(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt, kv, n
     """mla_decode's kernel for @njit callers, o f32 [T, H, V] written, with no checks: q contiguous,
     table the sequence's first pages, nt threads (at most H / 4); kv [T, L + R], nw [L], eps: the new
     rows to write first (_write_rows), or kv [0, *]: written already; amx: mla_amx.usable for these
-    pools (the scores of a thread with whole tiles of heads then go through AMX's tiles)."""
+    pools (a thread with whole tiles of heads then takes its scores and value sums through AMX's tiles)."""
     H, L, PG = q.shape[1], kvb.shape[2], main.shape[1]
     R = main.shape[2] - L
     if kv.shape[0]:
@@ -310,7 +312,7 @@ def decode_into(q, cos, sin, kvb, main, spill, table, s0, scale, P, o, nt, kv, n
                aligned(nh, L), aligned(4, PG), aligned(PG4, L + R), _tile_queries(L + R, nh, NH), aligned(PG4, NH),
                np.empty((2, L), np.float32), np.empty((groups, (L + R) // KSTEP, 3, 16, 16), np.uint32),
                np.empty((3, nh if groups else 0, PG32), np.uint16),
-               np.empty((PG32 // 32, L // 16, 16, 16, 2), np.uint16), config())
+               np.empty((PG32 // 32, L // 16, 16, 16, 2), np.uint16), tile_config())
 
 
 def mla_decode(q: np.ndarray, cos: np.ndarray, sin: np.ndarray, kvb: np.ndarray, main: np.ndarray,
@@ -357,5 +359,5 @@ def mla_decode(q: np.ndarray, cos: np.ndarray, sin: np.ndarray, kvb: np.ndarray,
     o = np.empty((T, H, kvb.shape[1] - P), np.float32)
     decode_into(np.ascontiguousarray(q), np.ascontiguousarray(cos), np.ascontiguousarray(sin), kvb, main, spill, t, s0,
             np.float32(scale), P, o, max(1, min(threads, H // 4)), np.ascontiguousarray(kv), np.ascontiguousarray(norm),
-            np.float32(eps), usable(HEADS, W, PG, main.itemsize))
+            np.float32(eps), usable(main))
     return o

@@ -6,10 +6,10 @@ score_block (a page's scores for 16 heads, read from its bf16 rows in place), sp
 weights of a page, likewise three bf16 parts), pair_page (a page's latent rows in pair layout) and
 value_block (the value sums of 16 heads += a page's weights . its latent rows). A cached row is bf16, so
 each product of a row value and a part is exact in fp32 and tdpbf16ps sums them in fp32: scores and value
-sums are the fp32 tiles' up to the order of their sums. Tiles (config: all 16 rows x 64 bytes). Scores: 0-3
-the fp32 scores of four blocks of 16 positions x 16 heads, 4 the block of page rows (32 columns of the
-latent and rope parts, the pool's row stride), 5-7 the three parts of the queries' 32 columns in pair
-layout (row kk: columns 2kk and 2kk + 1 of each of the 16 heads). Values: 0 the sums of 16 heads x 16
+sums are the fp32 tiles' up to the order of their sums (amx_gemm.split3). Tiles (amx_gemm.tile_config: all 16
+rows x 64 bytes). Scores: 0-3 the fp32 scores of four blocks of 16 positions x 16 heads, 4 the block of page
+rows (32 columns of the latent and rope parts, the pool's row stride), 5-7 the three parts of the queries'
+32 columns in pair layout (row kk: columns 2kk and 2kk + 1 of each of the 16 heads). Values: 0 the sums of 16 heads x 16
 latent columns, 1 the page's rows 2kk and 2kk + 1 of those columns in pair layout, 2-4 the three parts of
 the 16 heads' weights for the block's 32 positions.
 Why: past a few hundred positions a decode step's attention is arithmetic, not bytes (mla.py): the fp32
@@ -18,16 +18,14 @@ Pure functions on arrays and addresses; imports nothing from hybrid/.
 """
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kernels_cpu.amx import TileOps, available, compiles_bf16
-from kernels_cpu.bf16dot import f32_bits, f32_to_bf16
+from kernels_cpu.amx_gemm import pair, split3
 from kernels_cpu.simd import I16, I32, I64
-from kernels_cpu.widen import bf16_to_f32
 
 HEADS = 16  # heads a score tile holds
 KSTEP = 32  # columns of a page row a tile product takes
@@ -35,28 +33,11 @@ BLOCK = 16  # positions a score tile holds
 BLOCKS = 4  # score tiles a call fills: 64 positions
 
 
-def usable(heads: int, width: int, page: int, itemsize: int) -> bool:
-    """Whether the walk's scores go through the tiles for a thread's `heads` heads, rows of `width` values of
-    `itemsize` bytes in pages of `page` positions: bf16 pages, whole tiles of heads, columns and positions,
-    and AMX's bf16 tiles granted to this process (amx.available)."""
-    return itemsize == 2 and heads % HEADS == 0 and width % KSTEP == 0 and page % BLOCK == 0 and available(bf16=True)
-
-
-@njit(nogil=True, cache=True)
-def config():
-    """The tile configuration score_block loads (palette 1, all eight tiles 16 rows x 64 bytes: as
-    amx_gemm.tile_config)."""
-    cfg = np.zeros(64, np.uint8)
-    cfg[0] = 1
-    for t in range(8):
-        cfg[16 + 2 * t] = 64  # bytes a row (uint16, little-endian)
-        cfg[48 + t] = 16  # rows
-    return cfg
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _pair(lo, hi):
-    return np.uint32(lo) | (np.uint32(hi) << np.uint32(16))
+def usable(pool) -> bool:
+    """Whether the walk may take the tiles over a layer's page pool [N, PG, W] (a numpy array): bf16 rows, whole
+    tiles of columns and positions, and AMX's bf16 tiles granted to this process (amx.available). A thread
+    also needs whole tiles of heads (mla.decode_into checks its own)."""
+    return pool.itemsize == 2 and pool.shape[2] % KSTEP == 0 and pool.shape[1] % BLOCK == 0 and available(bf16=True)
 
 
 @njit(nogil=True, cache=True)
@@ -69,13 +50,11 @@ def pack_queries(qt, nh, qb):
             for kk in range(16):
                 r = KSTEP * j + 2 * kk
                 for n in range(HEADS):
-                    lo, hi = qt[r, HEADS * g + n], qt[r + 1, HEADS * g + n]
-                    a1, b1 = f32_to_bf16(lo), f32_to_bf16(hi)
-                    ra, rb = lo - bf16_to_f32(a1), hi - bf16_to_f32(b1)
-                    a2, b2 = f32_to_bf16(ra), f32_to_bf16(rb)
-                    qb[g, j, 0, kk, n] = _pair(a1, b1)
-                    qb[g, j, 1, kk, n] = _pair(a2, b2)
-                    qb[g, j, 2, kk, n] = _pair(f32_to_bf16(ra - bf16_to_f32(a2)), f32_to_bf16(rb - bf16_to_f32(b2)))
+                    a1, a2, a3 = split3(qt[r, HEADS * g + n])
+                    b1, b2, b3 = split3(qt[r + 1, HEADS * g + n])
+                    qb[g, j, 0, kk, n] = pair(a1, b1)
+                    qb[g, j, 1, kk, n] = pair(a2, b2)
+                    qb[g, j, 2, kk, n] = pair(a3, b3)
 
 
 @intrinsic
@@ -115,25 +94,12 @@ def score_block(typingctx, cfg, rows, rowstride, nblk, nk, qb, st, ststride):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _bf16(x):
-    # float32 -> bf16 bits, rounded to nearest even (a finite x: a softmax weight), no branch to vectorise
-    u = f32_bits(x)
-    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-
-
-@njit(nogil=True, cache=True, inline="always")
 def split_weights(sc, n, j, pa):
     """The weights sc f32 [4, *] of heads j..j+3 over a page's n positions -> pa uint16 [3, nh, PGp] rows j..j+3:
     their three bf16 parts, zero past n."""
     for c in range(4):
         for r in range(n):
-            x = sc[c, r]
-            a1 = _bf16(x)
-            rest = x - bf16_to_f32(a1)
-            a2 = _bf16(rest)
-            pa[0, j + c, r] = a1
-            pa[1, j + c, r] = a2
-            pa[2, j + c, r] = _bf16(rest - bf16_to_f32(a2))
+            pa[0, j + c, r], pa[1, j + c, r], pa[2, j + c, r] = split3(sc[c, r])
         for s in range(3):
             for r in range(n, pa.shape[2]):
                 pa[s, j + c, r] = 0
@@ -162,12 +128,11 @@ def _interleave(typingctx, a, c, dst, ng):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def pair_page(rows, n, vb):
+def pair_page(rows, n, vb, zero):
     """A page's rows (uint16 bf16 bits [PG, W], the first n written) -> vb uint16 [PGp / 32, L / 16, 16, 16, 2]:
     for each block of 32 positions and 16 latent columns, row kk holds rows 2kk and 2kk + 1 column by column
-    (rows past n zero)."""
+    (rows past n: zero, uint16 [>= L] of zeros)."""
     ng = vb.shape[1]
-    zero = np.zeros(16 * ng, np.uint16)
     at, stride = rows.ctypes.data, rows.strides[0]
     for b in range(vb.shape[0]):
         for kk in range(16):

@@ -37,9 +37,10 @@ def decode_layers(h, plan, attn, dense, moe, s0, cos, sin, nt, mla_nt, amx, ent,
     is then not read). s0, cos, sin: the tokens' positions; nt threads for the products, mla_nt for
     the MLA (amx: mla_amx.usable for its pools), ent for the routed experts. aclock int64 [n,
     attn_step.PARTS], mclock int64 [n, moe_step.PARTS]: each call's cycle stamps (a dense layer's: its
-    start in columns 0-3, its end in 4); distinct int64 [n]: the distinct experts each MoE layer computed. head: (norm f32 [D], eps f32,
-    lm_head as linear_into takes it (w, s), logits f32 [N, V]): where N > 0, logits = lm_head(RMSNorm(the
-    output's last N rows)), stamped in hclock int64 [2] (start, end); N = 0: no head in this call."""
+    start in columns 0-3, its end in 4); distinct int64 [n]: the distinct experts each MoE layer computed.
+    head: (norm f32 [D], eps f32, lm_head as linear_into takes it (w, s), logits f32 [N, V]): where N > 0,
+    logits = lm_head(RMSNorm(the output's last N rows)), stamped in hclock int64 [2] (start, end); N = 0: no
+    head in this call."""
     for l in range(plan.shape[0]):
         norms, eps, proj, kvb, main, spill, table, scale = attn[l]
         h, x = attention_step(h, norms, eps, proj, kvb, main, spill, table, s0, cos, sin, scale, nt, mla_nt, amx,

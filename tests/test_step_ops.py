@@ -106,8 +106,7 @@ def test_attention_step_equals_the_separate_kernels(kind):
         x_want = step_ops.rms_norm(h_want, norms[3], eps[0])
         clock = np.zeros(PARTS, np.int64)
         h_got, x_got = attention_step(h, norms, eps, (wa, sa, wk, sk, wb, sb, wo, so), kvb, main, spill, table, s0,
-                                      cos, sin, np.float32(0.3), 2, 2,
-                                      mla_amx.usable(mla_amx.HEADS, main.shape[2], main.shape[1], main.itemsize), clock)
+                                      cos, sin, np.float32(0.3), 2, 2, mla_amx.usable(main), clock)
         np.testing.assert_array_equal(h_got, h_want)
         np.testing.assert_array_equal(x_got, x_want)
         assert (main == pools[0]).all() and (spill == pools[1]).all()  # the same new rows, in the same pages

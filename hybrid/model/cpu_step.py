@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from numba.core.errors import TypingError
 
-from kernels_cpu.attn_step import PARTS, attention_step
 from kernels_cpu import mla_amx
+from kernels_cpu.attn_step import PARTS, attention_step
 from kernels_cpu.int8tiles import logical_shape
 from kernels_cpu.mla import MAX_TOKENS as MLA_MAX_TOKENS
 from kernels_cpu.moe import kernel_options
@@ -81,8 +81,7 @@ def layers(model: Any, h: torch.Tensor, cache: Any, s0: int, cos: torch.Tensor, 
     out, cos_n, sin_n = np.ascontiguousarray(h.numpy()), cos.numpy(), sin.numpy()
     nt = numba.get_num_threads()
     mla_nt, ent = max(1, min(nt, attn[0][3].shape[0] // 4)), threads.pop()
-    main = attn[0][4]
-    amx = mla_amx.usable(mla_amx.HEADS, main.shape[2], main.shape[1], main.itemsize)
+    amx = mla_amx.usable(attn[0][4])
     head, hclock = _head_args(model, h, head_rows), np.zeros(2, np.int64)
     t0 = time.perf_counter()
     try:
@@ -145,10 +144,8 @@ def attention(model: Any, i: int, h: torch.Tensor, cache: Any, s0: int, cos: tor
     *args, clock = args
     nt = numba.get_num_threads()
     t0 = time.perf_counter()
-    main = args[4]
     h2, x2 = attention_step(np.ascontiguousarray(h.numpy()), *args[:7], s0, cos.numpy(), sin.numpy(), args[7], nt,
-                            max(1, min(nt, args[3].shape[0] // 4)),
-                            mla_amx.usable(mla_amx.HEADS, main.shape[2], main.shape[1], main.itemsize), clock)
+                            max(1, min(nt, args[3].shape[0] // 4)), mla_amx.usable(args[4]), clock)
     wall = time.perf_counter() - t0
     c = clock.tolist()  # Python numbers: each NumPy call costs tens of us with the caches cold
     if c[-1] > c[0]:
