@@ -21,7 +21,10 @@ work item apart (two streams again); with many it is an integer
 GEMM that measured 1.6x torch's fp32 matmul (AVX-512 kernels) and 1.1x (AVX2 kernels) on the
 development machine, so there is no separate "dequantise a tile to fp32, then sgemm" path (its matmul
 part alone would be bounded by the fp32 figure). No repacked layout either: the kernels read the
-checkpoint's bytes where the table points.
+checkpoint's bytes where the table points. Copies on 2 MB pages in another layout read slower in decode (one
+token, 8 of 48 experts a layer, flushed, 36 calls a variant in one sitting, the same bits; in place 35.6 GB/s,
+probe 36.4): as stored 26.8 GB/s, gate row i beside up row i (scales likewise) 25.4, each row [packed | scales]
+-8 to -10%; the down projection as four streams instead of two 27.2 (level).
 On ymm vectors without VNNI (AVX2: Zen 3, Haswell to Skylake desktop) an expert with
 PANEL_MIN_TOKENS or more in a call goes through panel.py instead: its rows unpacked once per call
 into a panel in L1 that all its tokens read, int32 sums over whole groups (one K2 MoE layer at 64
