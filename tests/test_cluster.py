@@ -109,6 +109,38 @@ def test_a_cluster_gives_the_single_process_tokens_and_logits(tiny_path, single,
             assert "the head closed the session" in output(log)
 
 
+def test_the_head_in_ram_mode_copies_its_share_and_reads_the_rest_in_place(tiny_path, single, monkeypatch):
+    """expert_mode='ram' on the head: the share the plan gives it (a RAM budget of 12 experts here) is copied into
+    its memory, every other expert stays in the shard maps; the cluster gives the single process's tokens, and so
+    does the head alone once its node is lost (it then computes the experts it did not copy, in place)."""
+    from hybrid.checkpoint.reader import Checkpoint
+    from hybrid.cluster import head as cluster_head
+    from hybrid.experts.mmap_tables import mmap_tables
+
+    tokens, _ = single
+    ck = Checkpoint(tiny_path)
+    per = next(iter(mmap_tables(ck).values())).expert_nbytes
+    ck.close()
+    monkeypatch.setattr(cluster_head, "head_budget", lambda ckpt: 12 * per)
+    port = free_port()
+    with nodes(tiny_path, 1, port) as ((proc,), _):
+        with hybrid.load(tiny_path, backend="numba", expert_mode="ram", nodes=2, listen=f"127.0.0.1:{port}",
+                         token=TOKEN, join_timeout=JOIN_S, node_timeout=2.0) as e:
+            cluster = e.model.experts
+            held = cluster.plan.held_by(0)
+            assert 0 < held.sum() < held.size
+            for i, (layer, t) in enumerate(sorted(cluster.local.mapped_tables.items())):
+                for ex in range(held.shape[1]):
+                    a, off = (int(v) for v in t.loc[ex, 0])
+                    assert (a == 0) == held[i, ex], (layer, ex)  # arena 0: the copy; the others: the maps
+            assert [s.token for s in e.generate(PROMPT, N_NEW, temperature=0)] == tokens
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=WAIT_S)
+            with pytest.raises(NodeLost):
+                list(e.generate(PROMPT[:-1], N_NEW, temperature=0))
+            assert [s.token for s in e.generate(PROMPT, N_NEW, temperature=0)] == tokens
+
+
 @pytest.mark.parametrize("how", ["kill", "stop"])
 def test_a_node_lost_mid_generation_fails_the_request_then_the_head_carries_on(tiny_path, single, how):
     tokens, _ = single

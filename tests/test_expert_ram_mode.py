@@ -98,6 +98,42 @@ def test_ram_tables_copy_only_the_experts_held(tiny_path):
                 np.testing.assert_array_equal(got, f.arenas[0][f.loc[want, m, 1]:f.loc[want, m, 1] + nbytes[m]])
 
 
+
+def test_ram_tables_map_the_rest_where_the_head_of_a_cluster_asks(tiny_path):
+    """The head's share (mapped_rest): its experts copied as the shard holds them, on one arena a layer; every
+    other expert where mmap mode reads it (the same address in the same shard map), a layer holding none too;
+    copy_share swaps them into a backend's own dict in place."""
+    from hybrid.experts.mmap_tables import mmap_tables
+    from hybrid.experts.ram_tables import copy_share, ram_tables
+
+    ckpt = Checkpoint(tiny_path)
+    cfg = ckpt.config
+    mapped = mmap_tables(ckpt)
+    held = np.zeros((len(cfg.moe_layers), cfg.n_routed_experts), bool)
+    held[0, [2, 9]] = True  # the last MoE layer holds none
+    tables = ram_tables(ckpt, held, mapped_rest=True)
+    for i, layer in enumerate(cfg.moe_layers):
+        t, m = tables[layer], mapped[layer]
+        base, _ = t.arena_addresses()
+        mbase, _ = m.arena_addresses()
+        nbytes = t.part_nbytes
+        for e in range(cfg.n_routed_experts):
+            for k in range(len(PARTS)):
+                a, off = (int(v) for v in t.loc[e, k])
+                ma, moff = (int(v) for v in m.loc[e, k])
+                want = m.arenas[ma][moff:moff + nbytes[k]]
+                np.testing.assert_array_equal(t.arenas[a][off:off + nbytes[k]], want)
+                if held[i, e]:
+                    assert a == 0  # the copy
+                else:
+                    assert a >= 1 and base[a] + off == mbase[ma] + moff  # the map, in place
+        t.check_experts(np.arange(cfg.n_routed_experts))
+    own = dict(mapped)
+    kept = own
+    copy_share(own, ckpt, held)
+    assert own is kept and all(own[layer] is not mapped[layer] for layer in cfg.moe_layers)
+    assert own[cfg.moe_layers[0]].loc[2, 0, 0] == 0 and own[cfg.moe_layers[0]].loc[3, 0, 0] >= 1
+
 @needs_avx2
 def test_ram_mode_decodes_what_mmap_mode_decodes(tiny_path):
     """The engine in ram mode: the plan says so, the tables are the copy's, and greedy decode gives mmap
@@ -139,5 +175,3 @@ def test_ram_mode_plans_as_mmap_mode_and_names_itself_when_refused(tiny_path):
     assert ei.value.budget == "RAM"
     with pytest.raises(ValueError, match="expert_mode='cache' or 'ram'"):
         hybrid.load(tiny_path, backend="reference", expert_mode="ram")
-    with pytest.raises(ValueError, match="expert_mode='ram' copies every routed expert"):
-        hybrid.load(tiny_path, expert_mode="ram", nodes=2, listen="127.0.0.1:1", token="x" * 32)

@@ -17,11 +17,13 @@ re-read into faster memory by then, three rounds: int8w 17.54 / 17.07 / 17.55 ->
 level (11.61-12.06 against 11.67-11.98). The cost: the load reads every expert before
 the first token (what mmap mode's first tokens fault in), and the copy is the process's alone (another process
 over the same checkpoint does not share it, and the kernel cannot drop it under memory pressure, as it can page
-cache). An expert node (cluster/node.py) copies only its share (held).
+cache). An expert node (cluster/node.py) copies only its share (held); the head of a cluster copies its own
+share once the nodes have joined (copy_share), the rest read through the shard maps.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableMapping
 
 import numpy as np
 
@@ -33,19 +35,20 @@ from hybrid.experts.mmap_tables import mmap_tables
 
 log = logging.getLogger(__name__)
 
-def ram_tables(ckpt: Checkpoint, held: np.ndarray | None = None) -> dict[int, ExpertTable]:
+def ram_tables(ckpt: Checkpoint, held: np.ndarray | None = None, mapped_rest: bool = False) -> dict[int, ExpertTable]:
     """One ExpertTable a MoE layer over a huge_bytes arena holding a copy of its routed experts, read from the
     shard files (validated by Checkpoint already) through their maps. held: bool [MoE layers, E], the experts
-    to copy (an expert node's share); the others then point at a copied one of their layer (its first, or
-    expert 0's copy where the layer holds none), as a share's stand-ins do: never computed, never read."""
+    to copy (a cluster rank's share). The others: with mapped_rest, where mmap mode reads them (the shard maps,
+    after the copy among the table's arenas); else they point at a copied one of their layer (its first, or
+    expert 0's copy where the layer holds none), as a node's stand-ins do: never computed, never read."""
     tables = {}
     for i, (layer, src) in enumerate(mmap_tables(ckpt).items()):
         sizes = [int(n) for n in src.part_nbytes]
         spans = [-(-n // ALIGN) * ALIGN for n in sizes]
         per = sum(spans)
         copied = np.flatnonzero(held[i]) if held is not None else np.arange(src.num_experts)
-        copied = copied if len(copied) else np.zeros(1, np.int64)
-        arena = huge_bytes(len(copied) * per)
+        copied = copied if len(copied) or mapped_rest else np.zeros(1, np.int64)
+        arena = huge_bytes(max(1, len(copied) * per))
         loc = np.zeros_like(src.loc)
         for slot, e in enumerate(copied):
             at = slot * per
@@ -54,7 +57,23 @@ def ram_tables(ckpt: Checkpoint, held: np.ndarray | None = None) -> dict[int, Ex
                 arena[at:at + n] = src.arenas[a][off:off + n]
                 loc[e, m] = (0, at)
                 at += spans[m]
-        loc[np.setdiff1d(np.arange(src.num_experts), copied)] = loc[copied[0]]
-        tables[layer] = ExpertTable([arena], loc, src.hidden, src.inter, src.group)
-        log.debug("ram mode: layer %d's %d routed experts copied (%.2f GB)", layer, len(copied), arena.nbytes / 1e9)
+        rest = np.setdiff1d(np.arange(src.num_experts), copied)
+        if mapped_rest:
+            loc[rest] = src.loc[rest]
+            loc[rest, :, 0] += 1  # the maps follow the copy among the arenas
+        else:
+            loc[rest] = loc[copied[0]]
+        tables[layer] = ExpertTable([arena] + (list(src.arenas) if mapped_rest else []), loc, src.hidden, src.inter,
+                                    src.group)
+        log.debug("ram mode: layer %d's %d routed experts copied (%.2f GB)", layer, len(copied),
+                  len(copied) * per / 1e9)
     return tables
+
+
+def copy_share(tables: MutableMapping[int, ExpertTable], ckpt: Checkpoint, held: np.ndarray) -> None:
+    """ram mode on the head of a cluster: replace a backend's mmap tables (its CpuExperts' own dict, which its
+    long-prompt upload shares) in place by ram_tables of the head's share (held: bool [MoE layers, E], the plan's
+    once the nodes have joined), the rest read through the maps as before: the head computes those only once its
+    nodes are lost."""
+    tables.update(ram_tables(ckpt, held, mapped_rest=True))
+    log.info("ram mode: the head's %d routed experts copied into this process", int(held.sum()))

@@ -21,6 +21,7 @@ from hybrid.cluster.figures import measure_gbps
 from hybrid.cluster.head import connect
 from hybrid.experts.backend import ExpertBackend
 from hybrid.experts.build import ExpertOptions, build_backend
+from hybrid.experts.ram_tables import copy_share
 from hybrid.experts.upload import UPLOAD_GROUP
 from hybrid.runtime.options import DEFAULT_KEEP, SPECS, LoadOptions
 from hybrid.runtime.kv_store import KVSizes, KVStore
@@ -133,7 +134,9 @@ def _engine(ckpt: Checkpoint, plan: Plan, options: LoadOptions, backend: str, ho
     backend: 'numba' or 'reference' ('auto' resolved); hot: hot experts per MoE layer (plan or option)."""
     stats_path, saved = _routing_stats(ckpt, plan, options.routing_stats, backend, hot)
     offload, group = _prefill_offload(plan, backend, options.prefill_offload)
-    opts = ExpertOptions(kind=backend, device=plan.device, expert_mode=plan.expert_mode,
+    # the head of a cluster copies its share in ram mode, known once the nodes have joined (_cluster): mmap till then
+    head_ram = options.nodes > 1 and plan.expert_mode == "ram"
+    opts = ExpertOptions(kind=backend, device=plan.device, expert_mode="mmap" if head_ram else plan.expert_mode,
                          cache_slots=options.cache_slots or plan.cache_slots, io_threads=options.io_threads,
                          cache_policy=options.cache_policy, cpu_threads=plan.cpu_threads,
                          prefetch=options.prefetch if options.nodes == 1 else False,
@@ -157,7 +160,7 @@ def _engine(ckpt: Checkpoint, plan: Plan, options: LoadOptions, backend: str, ho
         ckpt.close()
         raise
     if options.nodes > 1:
-        experts = _cluster(ckpt, experts, options)
+        experts = _cluster(ckpt, experts, options, head_ram)
     try:
         engine = Engine(ckpt, experts, device=plan.device, dtype=dtype, context=plan.context,
                         int8=plan.gpu_precision in ("int8", "int8w"), bf16w=plan.gpu_precision in ("bf16w", "int8w"),
@@ -187,15 +190,20 @@ def _kv_store(ckpt: Checkpoint, plan: Plan, options: LoadOptions, compute_dtype:
                    disk)
 
 
-def _cluster(ckpt: Checkpoint, local: ExpertBackend, options: LoadOptions) -> ExpertBackend:
+def _cluster(ckpt: Checkpoint, local: ExpertBackend, options: LoadOptions, ram: bool) -> ExpertBackend:
     """The head's backend over options.nodes machines (local computes the head's share); waits for the
-    nodes to join. A failure closes local and the checkpoint."""
+    nodes to join. ram: then copy the head's share of the plan into this process (ram_tables.copy_share). A
+    failure closes what was built and the checkpoint."""
+    cluster = None
     try:
         # the head's read speed on the threads its experts get: placement weighs it against the nodes'
-        return connect(ckpt, local, options.nodes, options.listen, options.token, options.node_timeout,
-                       options.join_timeout, options.listen_any, head_gbps=measure_gbps(options.cpu_threads))
+        cluster = connect(ckpt, local, options.nodes, options.listen, options.token, options.node_timeout,
+                          options.join_timeout, options.listen_any, head_gbps=measure_gbps(options.cpu_threads))
+        if ram:
+            copy_share(local.mapped_tables, ckpt, cluster.plan.held_by(0))
+        return cluster
     except BaseException:
-        local.close()
+        (cluster or local).close()
         ckpt.close()
         raise
 

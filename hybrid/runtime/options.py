@@ -196,10 +196,6 @@ class LoadOptions:
             if self.listen is not None or self.token is not None:
                 raise ValueError("listen and token are for a cluster: give nodes >= 2 (--nodes) as well")
             return
-        if self.expert_mode == "ram":
-            raise ValueError(f"expert_mode='ram' copies every routed expert into this process, and with nodes="
-                             f"{self.nodes} the head computes only its share: use 'mmap', 'cache' or 'auto' here "
-                             "(a node takes --expert-mode ram for its own share)")
         if self.listen is None:
             raise ValueError(f"nodes={self.nodes} needs listen='HOST:PORT' (--listen): the address on the trusted "
                              "network at which the nodes reach this head")
