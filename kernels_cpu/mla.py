@@ -65,10 +65,13 @@ MAX_TOKENS = 8
 # positions, the same bits): the attention math 2.96-3.12 -> 3.01-3.24 ms a token (k2-slice int8w, three
 # interleaved bench pairs): not kept either. Where a K2 layer's 0.67 ms goes at 128 positions after a 512 MB read
 # (stamped inside Numba, 14 rounds; kv_b read in place 0.415 ms): setup 0.05-0.07 (cold scratch), the absorb and
-# the value rows ~0.3 each (either alone from cache 0.2: the loops' arithmetic, not their bytes), the walk ~0.07.
+# the value rows ~0.3 each (either alone, run again at once, 0.2), the walk ~0.07. The absorb as an LLVM kernel
+# with its sums in registers (128 columns x 2 heads a pass, the next pair's rows prefetched 256 KB ahead; the same
+# bits): no faster after the read (0.64 against 0.59, 0.474 against 0.475 ms, two runs).
 # The value rows through AMX tiles instead (tileloadd from kv_b, 4 blocks of 16 rows, three bf16 parts of the value
-# sum as B's columns, the next 64 KB prefetched): 0.27-0.29 against 0.20-0.22 ms from cache, 0.36-0.38 against
-# 0.25-0.30 after the read: tile loads from the rows stream worse than row_dot (as membw.py found). Not kept.
+# sums as B's columns; with and without the next 64 KB prefetched), a thread's 32 heads, three runs: 0.26-0.29
+# against 0.19-0.22 ms from cache, 0.33-0.38 against 0.25-0.30 after the read: tile loads from the rows stream
+# worse than row_dot (as membw.py found for tileloadd). Not kept.
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
