@@ -23,7 +23,7 @@ share once the nodes have joined (copy_share), the rest read through the shard m
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 import numpy as np
 
@@ -35,14 +35,30 @@ from hybrid.experts.mmap_tables import mmap_tables
 
 log = logging.getLogger(__name__)
 
-def ram_tables(ckpt: Checkpoint, held: np.ndarray | None = None, mapped_rest: bool = False) -> dict[int, ExpertTable]:
+
+def ram_tables(ckpt: Checkpoint, held: np.ndarray | None = None) -> dict[int, ExpertTable]:
     """One ExpertTable a MoE layer over a huge_bytes arena holding a copy of its routed experts, read from the
     shard files (validated by Checkpoint already) through their maps. held: bool [MoE layers, E], the experts
-    to copy (a cluster rank's share). The others: with mapped_rest, where mmap mode reads them (the shard maps,
-    after the copy among the table's arenas); else they point at a copied one of their layer (its first, or
-    expert 0's copy where the layer holds none), as a node's stand-ins do: never computed, never read."""
+    to copy (an expert node's share); the others then point at a copied one of their layer (its first, or
+    expert 0's copy where the layer holds none), as a share's stand-ins do: never computed, never read."""
+    return _copied(mmap_tables(ckpt), held, mapped_rest=False)
+
+
+def copy_share(tables: MutableMapping[int, ExpertTable], held: np.ndarray) -> None:
+    """ram mode on the head of a cluster: a backend's mmap tables (its CpuExperts' own dict, which its long-prompt
+    upload shares) replaced in place by tables whose held experts (bool [MoE layers, E], the plan's share once
+    the nodes have joined) are copied as ram_tables copies them, every other expert read through the same maps
+    as before: the head computes those only once its nodes are lost."""
+    tables.update(_copied(tables, held, mapped_rest=True))
+    log.info("ram mode: the head's %d routed experts copied into this process", int(held.sum()))
+
+
+def _copied(src_tables: Mapping[int, ExpertTable], held: np.ndarray | None,
+            mapped_rest: bool) -> dict[int, ExpertTable]:
+    """src_tables (over the shard maps) with the held experts (None: all) copied; the rest per mapped_rest: in
+    place in the maps (kept after the copy among the arenas), else stand-ins (ram_tables)."""
     tables = {}
-    for i, (layer, src) in enumerate(mmap_tables(ckpt).items()):
+    for i, (layer, src) in enumerate(sorted(src_tables.items())):
         sizes = [int(n) for n in src.part_nbytes]
         spans = [-(-n // ALIGN) * ALIGN for n in sizes]
         per = sum(spans)
@@ -68,12 +84,3 @@ def ram_tables(ckpt: Checkpoint, held: np.ndarray | None = None, mapped_rest: bo
         log.debug("ram mode: layer %d's %d routed experts copied (%.2f GB)", layer, len(copied),
                   len(copied) * per / 1e9)
     return tables
-
-
-def copy_share(tables: MutableMapping[int, ExpertTable], ckpt: Checkpoint, held: np.ndarray) -> None:
-    """ram mode on the head of a cluster: replace a backend's mmap tables (its CpuExperts' own dict, which its
-    long-prompt upload shares) in place by ram_tables of the head's share (held: bool [MoE layers, E], the plan's
-    once the nodes have joined), the rest read through the maps as before: the head computes those only once its
-    nodes are lost."""
-    tables.update(ram_tables(ckpt, held, mapped_rest=True))
-    log.info("ram mode: the head's %d routed experts copied into this process", int(held.sum()))

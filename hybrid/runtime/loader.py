@@ -200,7 +200,7 @@ def _cluster(ckpt: Checkpoint, local: ExpertBackend, options: LoadOptions, ram: 
         cluster = connect(ckpt, local, options.nodes, options.listen, options.token, options.node_timeout,
                           options.join_timeout, options.listen_any, head_gbps=measure_gbps(options.cpu_threads))
         if ram:
-            copy_share(local.mapped_tables, ckpt, cluster.plan.held_by(0))
+            copy_share(local.mapped_tables, cluster.plan.held_by(0))
         return cluster
     except BaseException:
         (cluster or local).close()
